@@ -1,0 +1,250 @@
+"""The hsmkms error tree. Every error the service raises carries its AWS KMS ``__type``.
+
+::
+
+    KMSError                              root; ``code`` is the AWS __type, ``status`` the HTTP status
+    ├── ClientError (400)                 the caller's mistake
+    │   ├── NotFoundException
+    │   ├── DisabledException
+    │   ├── KMSInvalidStateException
+    │   ├── InvalidCiphertextException     every decryption failure; never carries detail
+    │   ├── IncorrectKeyException
+    │   ├── InvalidKeyUsageException
+    │   ├── ValidationException
+    │   ├── AlreadyExistsException
+    │   ├── LimitExceededException
+    │   ├── InvalidAliasNameException
+    │   ├── InvalidArnException
+    │   ├── InvalidMarkerException
+    │   ├── MalformedPolicyDocumentException
+    │   ├── TagException
+    │   ├── UnsupportedOperationException
+    │   ├── ConflictException
+    │   ├── AccessDeniedException
+    │   ├── DryRunOperationException
+    │   ├── InvalidGrantTokenException, InvalidGrantIdException
+    │   ├── UnknownOperationException, SerializationException
+    │   └── UnrecognizedClientException, InvalidSignatureException,
+    │       IncompleteSignatureException, MissingAuthenticationTokenException
+    └── ServerError (500)                 never shows internal detail to the caller
+        ├── KMSInternalException
+        ├── KeyUnavailableException
+        ├── DependencyTimeoutException (503)
+        └── KeystoreError                 the PKCS#11 layer (``hsmkms.keystore``); tree in
+            │                             ``hsmkms.keystore.errors``
+            └── ...
+
+Status codes follow what AWS KMS sends on the wire (reference/aws-kms-api.md §2.2: 400 for
+every client error), not the Smithy model's httpError values.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KMSError(Exception):
+    """Root of every hsmkms error. ``code`` is the AWS ``__type``; ``status`` the HTTP status."""
+
+    code: ClassVar[str] = "KMSInternalException"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class ClientError(KMSError):
+    """The request cannot succeed as sent (HTTP 400)."""
+
+    code = "ValidationException"
+    status = 400
+
+
+class ServerError(KMSError):
+    """hsmkms could not serve a valid request (HTTP 5xx); the caller sees no detail."""
+
+    code = "KMSInternalException"
+    status = 500
+
+
+class NotFoundException(ClientError):
+    """The key, alias or resource does not exist."""
+
+    code = "NotFoundException"
+
+
+class DisabledException(ClientError):
+    """The key is disabled."""
+
+    code = "DisabledException"
+
+
+class KMSInvalidStateException(ClientError):
+    """The key's state does not allow the operation."""
+
+    code = "KMSInvalidStateException"
+
+
+class InvalidCiphertextException(ClientError):
+    """The ciphertext, its encryption context or its key is wrong. Carries no detail, on purpose."""
+
+    code = "InvalidCiphertextException"
+
+    def __init__(self, message: str = "") -> None:
+        # spec: AWS KMS answers InvalidCiphertextException with an empty message (reference §8).
+        super().__init__("")
+
+
+class IncorrectKeyException(ClientError):
+    """The KeyId given does not identify the key that encrypted the ciphertext."""
+
+    code = "IncorrectKeyException"
+
+
+class InvalidKeyUsageException(ClientError):
+    """The key's usage does not allow the operation."""
+
+    code = "InvalidKeyUsageException"
+
+
+class ValidationException(ClientError):
+    """A request parameter is missing, of the wrong type or out of range."""
+
+    code = "ValidationException"
+
+
+class AlreadyExistsException(ClientError):
+    """The resource (for example an alias) already exists."""
+
+    code = "AlreadyExistsException"
+
+
+class LimitExceededException(ClientError):
+    """A quota or length limit is exceeded."""
+
+    code = "LimitExceededException"
+
+
+class InvalidAliasNameException(ClientError):
+    """The alias name is malformed or reserved."""
+
+    code = "InvalidAliasNameException"
+
+
+class InvalidArnException(ClientError):
+    """The ARN is malformed."""
+
+    code = "InvalidArnException"
+
+
+class InvalidMarkerException(ClientError):
+    """The pagination marker is not one this service issued."""
+
+    code = "InvalidMarkerException"
+
+
+class MalformedPolicyDocumentException(ClientError):
+    """The key policy is not valid JSON or not a valid policy."""
+
+    code = "MalformedPolicyDocumentException"
+
+
+class TagException(ClientError):
+    """A tag key or value is invalid, reserved or duplicated."""
+
+    code = "TagException"
+
+
+class UnsupportedOperationException(ClientError):
+    """The operation is not supported for this key."""
+
+    code = "UnsupportedOperationException"
+
+
+class ConflictException(ClientError):
+    """The request conflicts with the key's current state (for example a rotation in progress)."""
+
+    code = "ConflictException"
+
+
+class AccessDeniedException(ClientError):
+    """The caller is not authorized for the operation on this resource."""
+
+    code = "AccessDeniedException"
+
+
+class DryRunOperationException(ClientError):
+    """The request would have succeeded, but DryRun was set."""
+
+    code = "DryRunOperationException"
+
+
+class InvalidGrantTokenException(ClientError):
+    """The grant token is not valid."""
+
+    code = "InvalidGrantTokenException"
+
+
+class InvalidGrantIdException(ClientError):
+    """The grant id is not valid."""
+
+    code = "InvalidGrantIdException"
+
+
+class UnknownOperationException(ClientError):
+    """The X-Amz-Target names no operation this service knows."""
+
+    code = "UnknownOperationException"
+
+
+class SerializationException(ClientError):
+    """The request body is not a JSON object of the expected shape."""
+
+    code = "SerializationException"
+
+
+class UnrecognizedClientException(ClientError):
+    """The access key id is unknown."""
+
+    code = "UnrecognizedClientException"
+
+
+class InvalidSignatureException(ClientError):
+    """The request signature does not match, or the request is too old or too new."""
+
+    code = "InvalidSignatureException"
+
+
+class IncompleteSignatureException(ClientError):
+    """The Authorization header is malformed or lacks a required part."""
+
+    code = "IncompleteSignatureException"
+
+
+class MissingAuthenticationTokenException(ClientError):
+    """The request carries no Authorization header."""
+
+    code = "MissingAuthenticationTokenException"
+
+
+class KMSInternalException(ServerError):
+    """An internal fault; retryable."""
+
+    code = "KMSInternalException"
+
+
+class KeyUnavailableException(ServerError):
+    """The key's material cannot be reached right now (for example the HSM is away); retryable."""
+
+    code = "KeyUnavailableException"
+
+
+class DependencyTimeoutException(ServerError):
+    """A dependency (the HSM, the database) did not answer in time; retryable."""
+
+    code = "DependencyTimeoutException"
+    status = 503

@@ -1,0 +1,118 @@
+"""The keystore seam: what the service needs from a token, as a Protocol.
+
+The only implementation is :class:`hsmkms.keystore.pkcs11.Pkcs11Keystore`; the Protocol exists
+so the layers above never import ``pkcs11``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from hsmkms.profiles import MechanismProfile
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMaterialRef:
+    """Names the token object(s) holding one key version. Stored in the metadata store.
+
+    ``object_ids`` are the ``CKA_ID`` values (hex) of the objects, in profile order:
+    ``[aes]`` for AES_256_GCM, ``[aes, hmac]`` for AES_256_CBC_HMAC_SHA_256. No secret here.
+    """
+
+    profile: MechanismProfile
+    object_ids: tuple[str, ...]
+
+    def to_str(self) -> str:
+        """Serialized form for the metadata store: ``PROFILE:id[,id]``."""
+        return f"{self.profile.value}:{','.join(self.object_ids)}"
+
+    @classmethod
+    def from_str(cls, value: str) -> KeyMaterialRef:
+        """Parse :meth:`to_str` output; ``ValueError`` when malformed."""
+        profile, _, ids = value.partition(":")
+        object_ids = tuple(i for i in ids.split(",") if i)
+        prof = MechanismProfile(profile)
+        expected = 1 if prof is MechanismProfile.AES_256_GCM else 2
+        if len(object_ids) != expected:
+            raise ValueError("wrong number of object ids for profile")
+        return cls(prof, object_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sealed:
+    """Output of :meth:`Keystore.encrypt`: the IV and ``ciphertext || tag``."""
+
+    iv: bytes
+    body: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenObject:
+    """One object of this project on the token (from :meth:`Keystore.list_objects`)."""
+
+    object_id: str
+    label: str
+    key_type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """What the token and module say about themselves."""
+
+    module: str
+    library_description: str
+    manufacturer: str
+    model: str
+    serial: str
+    label: str
+    mechanisms: tuple[str, ...]
+    profile: MechanismProfile
+
+
+class Keystore(Protocol):
+    """A token holding root keys. Every method is safe to call from any thread."""
+
+    @property
+    def profile(self) -> MechanismProfile:
+        """The profile new key versions get (probed, or forced by configuration)."""
+        ...
+
+    def info(self) -> TokenInfo:
+        """Module, token and mechanism information."""
+        ...
+
+    def create_key(
+        self, key_id: str, version: int, profile: MechanismProfile | None = None
+    ) -> KeyMaterialRef:
+        """Generate the token object(s) for one key version: token, private, sensitive,
+        non-extractable, only the capabilities the profile needs. Returns their reference."""
+        ...
+
+    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
+        """Encrypt inside the token with a fresh IV from the token's generator."""
+        ...
+
+    def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
+        """Decrypt and authenticate. Raises ``DecryptionFailed`` on any mismatch."""
+        ...
+
+    def random(self, n: int) -> bytes:
+        """``n`` bytes from the token's random generator."""
+        ...
+
+    def destroy(self, ref: KeyMaterialRef) -> None:
+        """Destroy the token object(s); objects already gone are not an error."""
+        ...
+
+    def exists(self, ref: KeyMaterialRef) -> bool:
+        """Whether every object of ``ref`` is on the token."""
+        ...
+
+    def list_objects(self) -> list[TokenObject]:
+        """Every object on the token that this project created."""
+        ...
+
+    def close(self) -> None:
+        """Log out and release the module (end of process)."""
+        ...
