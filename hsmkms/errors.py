@@ -2,7 +2,7 @@
 
 ::
 
-    KMSError                              root; ``code`` is the AWS __type, ``status`` the HTTP status
+    KMSError                              root: ``code`` = AWS __type, ``status`` = HTTP status
     ├── ClientError (400)                 the caller's mistake
     │   ├── NotFoundException
     │   ├── DisabledException

@@ -1,0 +1,29 @@
+"""How to reach a token: the resolved settings the PKCS#11 keystore opens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hsmkms.profiles import MechanismProfile
+
+
+@dataclasses.dataclass(frozen=True)
+class KeystoreConfig:
+    """Everything needed to open one token. ``pin`` never shows in ``repr``.
+
+    Exactly how these are derived (PKCS#11 URI, settings, the embedded SoftHSM2 default) is
+    :mod:`hsmkms.config`'s business; the keystore only consumes this.
+    """
+
+    module_path: str
+    pin: str = dataclasses.field(repr=False)
+    token_label: str | None = None
+    token_serial: str | None = None
+    slot_id: int | None = None
+    # None: probe the token and choose; a value forces that profile for new key versions.
+    profile: MechanismProfile | None = None
+    # For SoftHSM2: the config file the module must read (exported as SOFTHSM2_CONF).
+    softhsm2_conf: str | None = None
+    # How long to retry token discovery at start (SoftHSM2 can briefly hide a token that
+    # another process is writing; reference/pkcs11-facts.md §2.5).
+    discovery_timeout: float = 3.0

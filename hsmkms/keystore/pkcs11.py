@@ -1,0 +1,556 @@
+"""The PKCS#11 keystore: root keys as non-extractable token objects, used through python-pkcs11.
+
+The only module of hsmkms that imports ``pkcs11``. Its process model follows measured facts
+(``ARCHITECTURE.md``, ``reference/pkcs11-facts.md``):
+
+- **One process-wide lock around every PKCS#11 call.** python-pkcs11 calls ``C_Initialize(NULL)``
+  and releases the GIL inside calls, so SoftHSM2 and the YubiHSM module run without locks of
+  their own; two threads in the module at once crash the process. Parallelism comes from
+  processes.
+- **Login once per process.** One "anchor" session is opened with the PIN and kept open for the
+  life of the process (closing it logs every session out); work happens on a second session
+  opened without a PIN.
+- **Lazy, fork-aware.** Nothing is loaded until first use; a forked child notices the new pid,
+  re-initializes the module and logs in again before its first call.
+- **Cached handles.** Objects are enumerated once at open (``CKA_ID -> key``), looked up on a
+  miss (another process may have created them) and evicted when the token says a handle is
+  invalid. SoftHSM2's lookup is a linear scan of every object file.
+- **Reconnect.** After ``CKR_DEVICE_REMOVED``, ``CKR_SESSION_HANDLE_INVALID``,
+  ``CKR_USER_NOT_LOGGED_IN`` and their kin, sessions are reopened, the user logs in again and
+  the operation is retried once.
+
+Object naming: ``CKA_ID`` is 16 random bytes (2 bytes on a YubiHSM 2, whose object ids are
+16-bit); ``CKA_LABEL`` is ``hsmkms:<first 20 hex of the key id>:<version>:<role>`` (at most 40
+bytes, the YubiHSM 2 limit). The metadata store keeps the authoritative mapping from key version
+to ``CKA_ID`` (:class:`~hsmkms.keystore.base.KeyMaterialRef`); labels are for humans and for
+finding this project's objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+
+from hsmkms.keystore.base import KeyMaterialRef, Sealed, TokenInfo, TokenObject
+from hsmkms.keystore.config import KeystoreConfig
+from hsmkms.keystore.errors import (
+    RECONNECT_ERRORS,
+    STALE_HANDLE_ERRORS,
+    DecryptionFailed,
+    KeyMaterialMissing,
+    KeystoreError,
+    ModuleLoadError,
+    MultipleTokens,
+    PinIncorrect,
+    PinLocked,
+    TokenConfigError,
+    TokenNotFound,
+    TokenRejected,
+    TokenUnavailable,
+    UnsupportedByToken,
+    map_pkcs11_error,
+)
+from hsmkms.profiles import MechanismProfile
+
+LABEL_PREFIX = "hsmkms:"
+_T = TypeVar("_T")
+
+# The process-wide lock. Re-created in a forked child: a thread of the parent may have held it
+# at fork time, and that thread does not exist in the child.
+_LOCK = threading.RLock()
+
+
+# Module path -> pid of the process that last initialized it.
+_INITIALIZED_IN: dict[str, int] = {}
+
+
+def _reset_lock_after_fork() -> None:
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
+
+
+def process_lock() -> threading.RLock:
+    """The lock that serializes every PKCS#11 call of this process (benchmarks share it)."""
+    return _LOCK
+
+
+_AES_TEMPLATE: dict[Any, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.MODIFIABLE: False,
+}
+
+
+@dataclasses.dataclass
+class _Connection:
+    """Everything that belongs to one initialization of the module in one process."""
+
+    pid: int
+    lib: Any
+    token: Any
+    anchor: Any  # the session logged in with the PIN; never closed before shutdown
+    session: Any  # the work session, opened without a PIN
+    handles: dict[bytes, Any]
+    short_ids: bool
+
+
+class Pkcs11Keystore:
+    """A :class:`~hsmkms.keystore.base.Keystore` on a PKCS#11 token. Thread-safe; fork-aware.
+
+    Security contract: key material is generated inside the token as token objects with
+    ``CKA_SENSITIVE`` true and ``CKA_EXTRACTABLE`` false and never leaves it; the PIN is held
+    only in ``config`` and never logged or shown in ``repr``.
+    """
+
+    def __init__(self, config: KeystoreConfig, *, sleep: Callable[[float], None] = time.sleep):
+        self._config = config
+        self._sleep = sleep
+        self._conn: _Connection | None = None
+        self._profile: MechanismProfile | None = None
+        self._mechanisms: tuple[str, ...] = ()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Keystore(module={self._config.module_path!r}, token={self._token_desc()!r})"
+
+    # -- connection management -------------------------------------------------------------
+
+    def _token_desc(self) -> str:
+        c = self._config
+        if c.token_label is not None:
+            return f"label={c.token_label}"
+        if c.token_serial is not None:
+            return f"serial={c.token_serial}"
+        if c.slot_id is not None:
+            return f"slot-id={c.slot_id}"
+        return "the only token"
+
+    def _connection(self) -> _Connection:
+        """The live connection of this process; opens (or reopens after fork) under the lock."""
+        conn = self._conn
+        if conn is not None and conn.pid == os.getpid():
+            return conn
+        if self._closed:
+            raise TokenUnavailable("keystore is closed")
+        conn = self._open()
+        self._conn = conn
+        return conn
+
+    def _load_lib(self) -> Any:
+        if self._config.softhsm2_conf is not None:
+            conf = self._config.softhsm2_conf
+            if not os.access(conf, os.R_OK):
+                raise TokenConfigError(f"cannot read SoftHSM2 configuration {conf}")
+            # Always the project's own config, never the system one.
+            os.environ["SOFTHSM2_CONF"] = conf
+        path = self._config.module_path
+        if not os.path.exists(path):
+            raise ModuleLoadError(f"PKCS#11 module not found: {path}")
+        try:
+            lib = pkcs11.lib(path)
+            pid = os.getpid()
+            if _INITIALIZED_IN.setdefault(path, pid) != pid:
+                # A forked child: the module state is a copy of the parent's. Initialize anew
+                # (once per process and module; usage guide v2.40 §6.5.1).
+                lib.reinitialize()
+                _INITIALIZED_IN[path] = pid
+        except p11e.GeneralError as exc:
+            # SoftHSM2 reports a missing or unreadable softhsm2.conf as CKR_GENERAL_ERROR.
+            where = os.environ.get("SOFTHSM2_CONF", "its configuration file")
+            raise TokenConfigError(
+                f"PKCS#11 module {path} failed to initialize (check {where})"
+            ) from exc
+        except p11e.PKCS11Error as exc:
+            if type(exc) is p11e.PKCS11Error and "loading" in str(exc):
+                raise ModuleLoadError(f"cannot load PKCS#11 module {path}") from exc
+            if "Should never see this" in str(exc):  # CKR_CRYPTOKI_ALREADY_INITIALIZED
+                lib.reinitialize()
+                return lib
+            raise map_pkcs11_error(exc, "initializing the module") from exc
+        return lib
+
+    def _find_token(self, lib: Any) -> Any:
+        c = self._config
+        if c.slot_id is not None:
+            for slot in lib.get_slots(token_present=True):
+                if slot.slot_id == c.slot_id:
+                    token = slot.get_token()
+                    if c.token_label is None or token.label == c.token_label:
+                        return token
+            raise TokenNotFound(f"no token in slot {c.slot_id}")
+        kwargs: dict[str, Any] = {}
+        if c.token_label is not None:
+            kwargs["token_label"] = c.token_label
+        if c.token_serial is not None:
+            kwargs["token_serial"] = c.token_serial.encode()
+        try:
+            return lib.get_token(**kwargs)
+        except p11e.NoSuchToken:
+            raise TokenNotFound(f"no token matches {self._token_desc()}") from None
+        except p11e.MultipleTokensReturned:
+            raise MultipleTokens(
+                f"several tokens match {self._token_desc()}: configure a serial or slot-id"
+            ) from None
+
+    def _open(self) -> _Connection:
+        lib = self._load_lib()
+        # SoftHSM2 can briefly hide a token while another process writes it, and only sees
+        # tokens created after C_Initialize once re-initialized (pkcs11-facts.md §2.4, §2.5).
+        deadline = time.monotonic() + self._config.discovery_timeout
+        while True:
+            try:
+                token = self._find_token(lib)
+                anchor = self._login(token)
+                break
+            except (TokenNotFound, p11e.SlotIDInvalid, p11e.UserPinNotInitialized):
+                if time.monotonic() >= deadline:
+                    raise
+                self._sleep(0.1)
+                lib.reinitialize()
+        try:
+            session = token.open(rw=True)
+            short_ids = token.manufacturer_id.startswith("Yubico")
+            conn = _Connection(os.getpid(), lib, token, anchor, session, {}, short_ids)
+            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                if str(obj.label).startswith(LABEL_PREFIX):
+                    conn.handles[bytes(obj.id)] = obj
+        except p11e.PKCS11Error as exc:
+            raise map_pkcs11_error(exc, "opening a session") from exc
+        if self._profile is None:
+            self._profile = self._choose_profile(conn)
+        return conn
+
+    def _login(self, token: Any) -> Any:
+        try:
+            return token.open(rw=True, user_pin=self._config.pin)
+        except p11e.PinIncorrect:
+            raise PinIncorrect(f"wrong PIN for token {token.label!r}") from None
+        except p11e.PinLenRange:
+            raise PinIncorrect(f"wrong PIN for token {token.label!r} (bad length)") from None
+        except p11e.PinLocked:
+            raise PinLocked(f"PIN of token {token.label!r} is locked") from None
+        except p11e.UserAlreadyLoggedIn:
+            # Another session of this process is logged in already: login state is per process.
+            return token.open(rw=True)
+
+    def _drop_connection(self) -> None:
+        """Forget the sessions and handles (after a device or session failure)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.pid == os.getpid():
+            for sess in (conn.session, conn.anchor):
+                with contextlib.suppress(p11e.PKCS11Error):
+                    sess.close()
+
+    def _call(
+        self, action: str, fn: Callable[[_Connection], _T], *, decrypting: bool = False
+    ) -> _T:
+        """Run ``fn`` under the process lock; map errors; reconnect and retry once if the
+        device or session went away."""
+        with _LOCK:
+            for attempt in (0, 1):
+                try:
+                    return fn(self._connection())
+                except RECONNECT_ERRORS as exc:
+                    if attempt:
+                        raise TokenUnavailable(f"{action}: token unavailable") from exc
+                    # Sessions and handles are stale: the next _connection() reopens and logs in.
+                    self._drop_connection()
+                except p11e.PKCS11Error as exc:
+                    raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- profiles ----------------------------------------------------------------------------
+
+    def _choose_profile(self, conn: _Connection) -> MechanismProfile:
+        mechanisms = conn.token.slot.get_mechanisms()
+        self._mechanisms = tuple(sorted(_mech_name(m) for m in mechanisms))
+        portable_ok = {Mechanism.AES_CBC_PAD, Mechanism.SHA256_HMAC} <= set(mechanisms)
+        forced = self._config.profile
+        if forced is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
+            if not portable_ok:
+                raise UnsupportedByToken("token lacks CKM_AES_CBC_PAD or CKM_SHA256_HMAC")
+            return forced
+        if Mechanism.AES_GCM in mechanisms and self._gcm_round_trip(conn):
+            return MechanismProfile.AES_256_GCM
+        if forced is MechanismProfile.AES_256_GCM:
+            raise UnsupportedByToken("token does not perform AES-GCM")
+        if not portable_ok:
+            raise UnsupportedByToken("token offers neither AES-GCM nor AES-CBC-PAD + HMAC-SHA256")
+        return MechanismProfile.AES_256_CBC_HMAC_SHA_256
+
+    @staticmethod
+    def _gcm_round_trip(conn: _Connection) -> bool:
+        """Probe GCM with a real round trip: some tokens list CKM_AES_GCM yet fail single-part
+        GCM through python-pkcs11 (NSS softokn, pkcs11-facts.md §6)."""
+        try:
+            key = conn.session.generate_key(
+                KeyType.AES, 256, store=False,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+            )  # fmt: skip
+            try:
+                params = pkcs11.GCMParams(b"\x00" * 12, b"probe", 128)
+                ct = key.encrypt(
+                    b"hsmkms-probe", mechanism=Mechanism.AES_GCM, mechanism_param=params
+                )
+                pt = key.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+                return bool(pt == b"hsmkms-probe")
+            finally:
+                key.destroy()
+        except p11e.PKCS11Error:
+            return False
+
+    @property
+    def profile(self) -> MechanismProfile:
+        """The profile new key versions get (probed at first open, or forced by configuration)."""
+        if self._profile is None:
+            self._call("opening the token", lambda conn: None)
+        assert self._profile is not None
+        return self._profile
+
+    # -- operations --------------------------------------------------------------------------
+
+    def info(self) -> TokenInfo:
+        """Module, token and mechanism information."""
+
+        def work(conn: _Connection) -> TokenInfo:
+            token = conn.token
+            return TokenInfo(
+                module=self._config.module_path,
+                library_description=str(conn.lib.library_description),
+                manufacturer=str(token.manufacturer_id),
+                model=str(token.model),
+                serial=bytes(token.serial).decode("ascii", "replace").strip(),
+                label=str(token.label),
+                mechanisms=self._mechanisms,
+                profile=self.profile,
+            )
+
+        return self._call("reading token information", work)
+
+    def _new_object_id(self, conn: _Connection) -> bytes:
+        if not conn.short_ids:
+            return bytes(conn.session.generate_random(128))
+        # YubiHSM 2: 16-bit object ids; avoid ids already present.
+        for _ in range(32):
+            candidate = bytes(conn.session.generate_random(16))
+            if candidate not in conn.handles and not list(
+                conn.session.get_objects({Attribute.ID: candidate})
+            ):
+                return candidate
+        raise TokenRejected("no free object id")
+
+    def create_key(
+        self, key_id: str, version: int, profile: MechanismProfile | None = None
+    ) -> KeyMaterialRef:
+        """Generate the token object(s) of one key version (see the module docstring for the
+        naming scheme). Objects are hardened: token, private, sensitive, non-extractable, not
+        modifiable, and only the capabilities the profile needs. On failure, objects created
+        so far are destroyed."""
+        chosen = profile or self.profile
+        label_base = f"{LABEL_PREFIX}{key_id.replace('-', '')[:20]}:{version}"
+
+        def work(conn: _Connection) -> KeyMaterialRef:
+            created: list[Any] = []
+            try:
+                aes_id = self._new_object_id(conn)
+                aes = conn.session.generate_key(
+                    KeyType.AES, 256, id=aes_id, label=f"{label_base}:a", store=True,
+                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    template=_AES_TEMPLATE,
+                )  # fmt: skip
+                created.append(aes)
+                conn.handles[aes_id] = aes
+                ids = [aes_id]
+                if chosen is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
+                    mac_id = self._new_object_id(conn)
+                    mac = conn.session.generate_key(
+                        KeyType.GENERIC_SECRET, 256, id=mac_id, label=f"{label_base}:h",
+                        store=True, mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                        capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                        template=_AES_TEMPLATE,
+                    )  # fmt: skip
+                    created.append(mac)
+                    conn.handles[mac_id] = mac
+                    ids.append(mac_id)
+                return KeyMaterialRef(chosen, tuple(i.hex() for i in ids))
+            except BaseException:
+                for obj in created:
+                    conn.handles.pop(bytes(obj.id), None)
+                    with contextlib.suppress(p11e.PKCS11Error):
+                        obj.destroy()
+                raise
+
+        return self._call("creating a key", work)
+
+    def _key(self, conn: _Connection, object_id: str) -> Any:
+        raw = bytes.fromhex(object_id)
+        key = conn.handles.get(raw)
+        if key is None:
+            try:
+                key = conn.session.get_key(object_class=ObjectClass.SECRET_KEY, id=raw)
+            except p11e.NoSuchKey:
+                raise KeyMaterialMissing(f"token object {object_id} not found") from None
+            except p11e.MultipleObjectsReturned:
+                raise KeyMaterialMissing(f"token object id {object_id} is ambiguous") from None
+            conn.handles[raw] = key
+        return key
+
+    def _with_keys(
+        self, action: str, ref: KeyMaterialRef, fn: Callable[[_Connection, list[Any]], _T],
+        *, decrypting: bool = False,
+    ) -> _T:  # fmt: skip
+        """Run ``fn`` with the ref's key objects; on a stale handle, evict and retry once."""
+
+        def work(conn: _Connection) -> _T:
+            try:
+                return fn(conn, [self._key(conn, i) for i in ref.object_ids])
+            except STALE_HANDLE_ERRORS:
+                for i in ref.object_ids:
+                    conn.handles.pop(bytes.fromhex(i), None)
+                return fn(conn, [self._key(conn, i) for i in ref.object_ids])
+
+        return self._call(action, work, decrypting=decrypting)
+
+    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
+        """Encrypt inside the token under ``ref`` with a fresh IV from the token's generator;
+        ``aad`` is authenticated, not encrypted."""
+        if ref.profile is MechanismProfile.AES_256_GCM:
+
+            def gcm(conn: _Connection, keys: list[Any]) -> Sealed:
+                iv = bytes(conn.session.generate_random(96))
+                body = keys[0].encrypt(
+                    plaintext, mechanism=Mechanism.AES_GCM,
+                    mechanism_param=pkcs11.GCMParams(iv, aad or None, 128),
+                )  # fmt: skip
+                return Sealed(iv, bytes(body))
+
+            return self._with_keys("encrypting", ref, gcm)
+
+        def cbc_hmac(conn: _Connection, keys: list[Any]) -> Sealed:
+            iv = bytes(conn.session.generate_random(128))
+            ct = bytes(
+                keys[0].encrypt(plaintext, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv)
+            )
+            tag = bytes(keys[1].sign(_mac_input(aad, iv, ct), mechanism=Mechanism.SHA256_HMAC))
+            return Sealed(iv, ct + tag)
+
+        return self._with_keys("encrypting", ref, cbc_hmac)
+
+    def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
+        """Authenticate and decrypt inside the token. Any mismatch of key, IV, AAD or body
+        raises :class:`DecryptionFailed`, and nothing else about it."""
+        profile = ref.profile
+        if len(iv) != profile.iv_length or len(body) < profile.tag_length:
+            raise DecryptionFailed("decryption failed")
+        if profile is MechanismProfile.AES_256_GCM:
+
+            def gcm(conn: _Connection, keys: list[Any]) -> bytes:
+                params = pkcs11.GCMParams(iv, aad or None, 128)
+                return bytes(
+                    keys[0].decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+                )
+
+            return self._with_keys("decrypting", ref, gcm, decrypting=True)
+
+        ct, tag = body[: -profile.tag_length], body[-profile.tag_length :]
+        if not ct or len(ct) % 16:
+            raise DecryptionFailed("decryption failed")
+
+        def cbc_hmac(conn: _Connection, keys: list[Any]) -> bytes:
+            # Encrypt-then-MAC: verify inside the token before decrypting anything.
+            if not keys[1].verify(_mac_input(aad, iv, ct), tag, mechanism=Mechanism.SHA256_HMAC):
+                raise DecryptionFailed("decryption failed")
+            return bytes(keys[0].decrypt(ct, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv))
+
+        return self._with_keys("decrypting", ref, cbc_hmac, decrypting=True)
+
+    def random(self, n: int) -> bytes:
+        """``n`` bytes from the token's random generator."""
+        if n < 1:
+            raise TokenRejected("random: length must be positive")
+        return self._call(
+            "generating random bytes", lambda c: bytes(c.session.generate_random(n * 8))
+        )
+
+    def destroy(self, ref: KeyMaterialRef) -> None:
+        """Destroy the token object(s) of ``ref``; objects already gone are not an error."""
+
+        def work(conn: _Connection) -> None:
+            for object_id in ref.object_ids:
+                raw = bytes.fromhex(object_id)
+                conn.handles.pop(raw, None)
+                for obj in list(conn.session.get_objects({Attribute.ID: raw})):
+                    obj.destroy()
+
+        self._call("destroying a key", work)
+
+    def exists(self, ref: KeyMaterialRef) -> bool:
+        """Whether every object of ``ref`` is on the token (asks the token, not the cache)."""
+
+        def work(conn: _Connection) -> bool:
+            return all(
+                list(conn.session.get_objects({Attribute.ID: bytes.fromhex(i)}))
+                for i in ref.object_ids
+            )
+
+        return self._call("looking up a key", work)
+
+    def list_objects(self) -> list[TokenObject]:
+        """Every secret-key object on the token whose label marks it as this project's."""
+
+        def work(conn: _Connection) -> list[TokenObject]:
+            found = []
+            for obj in list(conn.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})):
+                label = str(obj.label)
+                if label.startswith(LABEL_PREFIX):
+                    key_type = obj[Attribute.KEY_TYPE]
+                    found.append(TokenObject(bytes(obj.id).hex(), label, _key_type_name(key_type)))
+            return found
+
+        return self._call("listing objects", work)
+
+    def attributes(self, object_id: str, names: list[str]) -> dict[str, Any]:
+        """Read attributes of one of this project's objects (``CKA_`` names without prefix).
+        Reading ``VALUE`` of a key fails: that is the point (tests check it)."""
+
+        def work(conn: _Connection) -> dict[str, Any]:
+            key = self._key(conn, object_id)
+            return {name: key[Attribute[name]] for name in names}
+
+        return self._call("reading attributes", work)
+
+    def close(self) -> None:
+        """Close the work and anchor sessions (the latter logs the process out)."""
+        with _LOCK:
+            self._drop_connection()
+            self._closed = True
+
+
+def _mac_input(aad: bytes, iv: bytes, ct: bytes) -> bytes:
+    return len(aad).to_bytes(8, "big") + aad + iv + ct
+
+
+def _mech_name(mechanism: Any) -> str:
+    return getattr(mechanism, "name", None) or f"0x{int(mechanism):08x}"
+
+
+def _key_type_name(key_type: Any) -> str:
+    return getattr(key_type, "name", None) or str(key_type)
+
+
+__all__ = ["DecryptionFailed", "KeystoreError", "Pkcs11Keystore", "process_lock"]

@@ -1,0 +1,122 @@
+"""The embedded SoftHSM2 token: a config file, a token directory and random PINs in a data dir.
+
+Mirrors ``softhsm/init-token.sh`` (which exists for users' own CI without Python). Layout::
+
+    <data_dir>/softhsm2.conf   tokendir = <data_dir>/tokens; hsmkms always exports SOFTHSM2_CONF
+    <data_dir>/tokens/         token files (0700)
+    <data_dir>/user.pin        random user PIN (0600)
+    <data_dir>/so.pin          random SO PIN (0600)
+
+:func:`ensure_token` is idempotent and safe when several processes call it at once (a lock file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from hsmkms.errors import KMSInternalException
+
+DEFAULT_LABEL = "hsmkms"
+MODULE_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+CONF_TEMPLATE = """\
+# SoftHSM2 configuration for one hsmkms data directory (written by hsmkms).
+directories.tokendir = {token_dir}
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+"""
+
+
+class SoftHSMSetupError(KMSInternalException):
+    """The embedded SoftHSM2 token could not be set up; the message names the cause."""
+
+
+def find_module() -> str:
+    """Path of the SoftHSM2 PKCS#11 module; the first candidate when none exists."""
+    for candidate in MODULE_CANDIDATES:
+        if os.path.exists(candidate):
+            return candidate
+    return MODULE_CANDIDATES[0]
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    with open(data_dir / ".init.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_private(path: Path, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
+
+
+def _token_exists(conf: Path, label: str) -> bool:
+    out = _softhsm2_util(conf, "--show-slots").stdout
+    return any(_label_line(line) == label for line in out.splitlines())
+
+
+def _label_line(line: str) -> str | None:
+    key, sep, value = line.strip().partition(":")
+    return value.strip() if sep and key.strip() == "Label" else None
+
+
+def _softhsm2_util(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        raise SoftHSMSetupError("softhsm2-util not found: install the softhsm2 package")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    proc = subprocess.run(
+        [util, *args], env=env, capture_output=True, text=True, check=False, timeout=60
+    )
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise SoftHSMSetupError(
+            f"softhsm2-util {args[0]} failed: {detail[-1] if detail else proc.returncode}"
+        )
+    return proc
+
+
+def ensure_token(data_dir: Path, label: str = DEFAULT_LABEL) -> Path:
+    """Create the data directory, config, PIN files and token when missing. Returns the
+    path of ``softhsm2.conf``. Does nothing (but check) when the token already exists."""
+    data_dir = data_dir.absolute()
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token_dir = data_dir / "tokens"
+    conf = data_dir / "softhsm2.conf"
+    with _locked(data_dir):
+        token_dir.mkdir(mode=0o700, exist_ok=True)
+        if not conf.exists():
+            _write_private(conf, CONF_TEMPLATE.format(token_dir=token_dir))
+        if _token_exists(conf, label):
+            if not (data_dir / "user.pin").exists():
+                raise SoftHSMSetupError(
+                    f"token {label!r} exists but {data_dir / 'user.pin'} is missing"
+                )
+            return conf
+        for name in ("user.pin", "so.pin"):
+            if not (data_dir / name).exists():
+                _write_private(data_dir / name, secrets.token_hex(16))
+        user_pin = (data_dir / "user.pin").read_text().strip()
+        so_pin = (data_dir / "so.pin").read_text().strip()
+        # softhsm2-util takes PINs only as arguments or from a terminal; the window is this call.
+        _softhsm2_util(
+            conf, "--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", user_pin
+        )
+    return conf

@@ -1,0 +1,71 @@
+"""Shared fixtures: real SoftHSM2 tokens made fresh for each test run, in a temporary directory.
+
+Tokens are created before any keystore opens: SoftHSM2 only sees tokens that existed at
+``C_Initialize`` (reference/pkcs11-facts.md §2.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hsmkms.keystore.config import KeystoreConfig
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.profiles import MechanismProfile
+from hsmkms.softhsm import ensure_token, find_module
+
+GCM_LABEL = "hsmkms"
+PORTABLE_LABEL = "hsmkms-portable"
+SCRATCH_LABEL = "hsmkms-scratch"
+
+
+@pytest.fixture(scope="session")
+def softhsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory with three fresh tokens (GCM, portable, scratch) sharing one PIN."""
+    data_dir = tmp_path_factory.mktemp("softhsm")
+    for label in (GCM_LABEL, PORTABLE_LABEL, SCRATCH_LABEL):
+        ensure_token(data_dir, label)
+    return data_dir
+
+
+def token_config(
+    data_dir: Path, label: str, profile: MechanismProfile | None = None, **overrides: object
+) -> KeystoreConfig:
+    """A KeystoreConfig for a token made by :func:`ensure_token` in ``data_dir``."""
+    values: dict[str, object] = {
+        "module_path": find_module(),
+        "pin": (data_dir / "user.pin").read_text().strip(),
+        "token_label": label,
+        "profile": profile,
+        "softhsm2_conf": str(data_dir / "softhsm2.conf"),
+    }
+    values.update(overrides)
+    return KeystoreConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def keystore(softhsm_dir: Path) -> Iterator[Pkcs11Keystore]:
+    """The keystore on the GCM token (profile probed: AES_256_GCM on SoftHSM2)."""
+    ks = Pkcs11Keystore(token_config(softhsm_dir, GCM_LABEL))
+    yield ks
+    ks.close()
+
+
+@pytest.fixture(scope="session")
+def portable_keystore(softhsm_dir: Path) -> Iterator[Pkcs11Keystore]:
+    """A keystore on its own token with the portable AES_256_CBC_HMAC_SHA_256 profile forced."""
+    ks = Pkcs11Keystore(
+        token_config(softhsm_dir, PORTABLE_LABEL, MechanismProfile.AES_256_CBC_HMAC_SHA_256)
+    )
+    yield ks
+    ks.close()
+
+
+@pytest.fixture(params=["gcm", "portable"])
+def any_keystore(
+    request: pytest.FixtureRequest, keystore: Pkcs11Keystore, portable_keystore: Pkcs11Keystore
+) -> Pkcs11Keystore:
+    """Each test using this runs once per mechanism profile."""
+    return keystore if request.param == "gcm" else portable_keystore
