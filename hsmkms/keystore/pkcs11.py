@@ -269,6 +269,13 @@ class Pkcs11Keystore:
                         raise TokenUnavailable(f"{action}: token unavailable") from exc
                     # Sessions and handles are stale: the next _connection() reopens and logs in.
                     self._drop_connection()
+                except KeyMaterialMissing:
+                    # After a logout (another session of the process closed, a device reset)
+                    # private objects are invisible rather than reported: log in again and
+                    # look once more before saying the object is gone.
+                    if attempt:
+                        raise
+                    self._drop_connection()
                 except p11e.PKCS11Error as exc:
                     raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
         raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,277 @@
+"""The versioned ciphertext blob returned by Encrypt / GenerateDataKey and taken by Decrypt.
+
+Version 1 layout (all integers big-endian)::
+
+    offset      size  field
+    0           1     format version, 0x01
+    1           16    key id: the UUID's 16 raw bytes
+    17          4     key version: u32, >= 1
+    21          1     profile: MechanismProfile.wire_id (1 = AES_256_GCM,
+                      2 = AES_256_CBC_HMAC_SHA_256)
+    22          n     IV; n = profile.iv_length (12 for GCM, 16 for CBC-HMAC)
+    22 + n      rest  body = ciphertext || tag (tag = profile.tag_length bytes)
+
+The *header* is every byte before the body. The associated data bound by the AEAD is::
+
+    aad = blob[0:22] || encode_encryption_context(encryption_context)
+
+that is the version, key id, key version and profile, then the canonical encryption context.
+The IV is not part of the AAD because the keystore draws it inside the encrypt call, after the
+AAD has been fixed; it is authenticated by the AEAD itself (the GCM tag depends on the IV; the
+CBC-HMAC profile MACs ``iv || ciphertext``). So every byte of the blob is authenticated.
+
+Canonical encryption context: the pairs sorted by the UTF-8 bytes of the key, then
+``count:u16 || (len:u16 || key || len:u16 || value) * count``. An empty context is ``00 00``.
+
+Parsing is strict: 1..MAX_CIPHERTEXT_BLOB bytes, a known version and profile, the exact IV
+length, a body of at least one tag (for CBC-HMAC a positive multiple of 16 before the tag), no
+longer than the profile produces for MAX_PLAINTEXT bytes. Every parse is canonical
+(``parse(b).to_bytes() == b``), and every failure is the same bare
+:class:`~hsmkms.errors.InvalidCiphertextException`.
+
+Versioning: a changed layout gets a new version byte; every released version stays parseable
+forever (frozen vectors in ``tests/test_ciphertext.py``). See ``docs/ciphertext.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import uuid
+from collections.abc import Mapping
+from typing import Final
+
+from hsmkms.errors import InvalidCiphertextException, ValidationException
+from hsmkms.profiles import MechanismProfile
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_CIPHERTEXT_BLOB",
+    "MAX_PLAINTEXT",
+    "CiphertextBlob",
+    "aad_for",
+    "encode_encryption_context",
+]
+
+FORMAT_VERSION: Final = 0x01
+"""The version byte this module writes (and the only one it reads so far)."""
+
+# spec: AWS KMS CiphertextType is 1-6144 bytes, PlaintextType 1-4096 bytes.
+MAX_CIPHERTEXT_BLOB: Final = 6144
+MAX_PLAINTEXT: Final = 4096
+
+_U16_MAX: Final = 0xFFFF
+_U32_MAX: Final = 0xFFFF_FFFF
+_U16: Final = struct.Struct(">H")
+# version, key id, key version, profile id: the authenticated prefix of the header.
+_PREFIX: Final = struct.Struct(">B16sIB")
+_CBC_BLOCK: Final = 16
+
+
+class _Malformed(ValueError):
+    """Internal: the bytes are not a valid blob. Never leaves :meth:`CiphertextBlob.parse`."""
+
+
+class _Reader:
+    """Reads fields off the front of a byte string, refusing to read past its end."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise _Malformed
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self.take(4))[0]
+        return value
+
+    def rest(self) -> bytes:
+        chunk = self._data[self._pos :]
+        self._pos = len(self._data)
+        return chunk
+
+
+def _key_id_bytes(key_id: str) -> bytes:
+    """The 16 raw bytes of a key id; ``ValueError`` unless it is a canonical lowercase UUID."""
+    if not isinstance(key_id, str):
+        raise TypeError("key_id must be a str")
+    parsed = uuid.UUID(key_id)
+    if str(parsed) != key_id:
+        raise ValueError("key_id must be a canonical lowercase UUID string")
+    return parsed.bytes
+
+
+def _check_key_version(key_version: int) -> None:
+    if isinstance(key_version, bool) or not isinstance(key_version, int):
+        raise TypeError("key_version must be an int")
+    if not 1 <= key_version <= _U32_MAX:
+        raise ValueError("key_version must be in 1..2**32-1")
+
+
+def _check_body(profile: MechanismProfile, body: bytes) -> None:
+    tag = profile.tag_length
+    if not tag <= len(body) <= profile.max_body_length(MAX_PLAINTEXT):
+        raise ValueError("body length out of range for the profile")
+    if profile is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
+        # PKCS#7 padding always produces at least one whole block.
+        ciphertext_length = len(body) - tag
+        if ciphertext_length == 0 or ciphertext_length % _CBC_BLOCK:
+            raise ValueError("CBC ciphertext must be a positive multiple of the block size")
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationException(
+            "encryption context keys and values must be valid Unicode (no lone surrogates)"
+        ) from None
+
+
+def encode_encryption_context(ctx: Mapping[str, str]) -> bytes:
+    """The canonical, order-independent encoding of an encryption context.
+
+    Pairs sorted by the UTF-8 bytes of the key; ``count:u16``, then each key and value as
+    ``len:u16 || utf8``. Equal contexts (in any order) give equal bytes; different contexts give
+    different bytes. Raises ``ValidationException`` for non-str keys or values, an empty key,
+    more than 65535 pairs, a key or value over 65535 UTF-8 bytes, or a lone surrogate.
+    """
+    if not isinstance(ctx, Mapping):
+        raise ValidationException("encryption context must be a map of strings to strings")
+    if len(ctx) > _U16_MAX:
+        raise ValidationException(f"encryption context must have at most {_U16_MAX} pairs")
+    pairs: list[tuple[bytes, bytes]] = []
+    for key, value in ctx.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValidationException("encryption context keys and values must be strings")
+        if not key:
+            raise ValidationException("encryption context keys must not be empty")
+        key_bytes, value_bytes = _utf8(key), _utf8(value)
+        if len(key_bytes) > _U16_MAX or len(value_bytes) > _U16_MAX:
+            raise ValidationException(
+                f"encryption context keys and values must be at most {_U16_MAX} UTF-8 bytes"
+            )
+        pairs.append((key_bytes, value_bytes))
+    # Keys of a mapping are distinct strings, so their UTF-8 encodings are distinct too.
+    pairs.sort(key=lambda pair: pair[0])
+    out = bytearray(_U16.pack(len(pairs)))
+    for key_bytes, value_bytes in pairs:
+        out += _U16.pack(len(key_bytes))
+        out += key_bytes
+        out += _U16.pack(len(value_bytes))
+        out += value_bytes
+    return bytes(out)
+
+
+def aad_for(
+    key_id: str,
+    key_version: int,
+    profile: MechanismProfile,
+    encryption_context: Mapping[str, str],
+) -> bytes:
+    """The associated data to encrypt under, before the IV exists.
+
+    ``version || key id || key version || profile id || encode_encryption_context(ctx)``; the
+    blob built from the result has ``blob.aad(ctx) == aad_for(...)``. ``ValueError`` for a
+    non-canonical key id or a key version outside 1..2**32-1; ``ValidationException`` for a bad
+    encryption context.
+    """
+    _check_key_version(key_version)
+    prefix = _PREFIX.pack(FORMAT_VERSION, _key_id_bytes(key_id), key_version, profile.wire_id)
+    return prefix + encode_encryption_context(encryption_context)
+
+
+@dataclasses.dataclass(frozen=True)
+class CiphertextBlob:
+    """One parsed (or about to be serialized) ciphertext blob, format version 1.
+
+    Construction checks every invariant :meth:`parse` checks (``ValueError``/``TypeError``
+    otherwise), so any instance serializes to bytes that parse back to an equal instance.
+    The body is left out of ``repr``.
+    """
+
+    key_id: str
+    """The key id, a canonical lowercase UUID string."""
+    key_version: int
+    """The key version that encrypted the body, 1..2**32-1."""
+    profile: MechanismProfile
+    """The mechanism profile that encrypted the body."""
+    iv: bytes
+    """The IV, ``profile.iv_length`` bytes."""
+    body: bytes = dataclasses.field(repr=False)
+    """``ciphertext || tag``."""
+
+    def __post_init__(self) -> None:
+        _key_id_bytes(self.key_id)
+        _check_key_version(self.key_version)
+        if not isinstance(self.profile, MechanismProfile):
+            raise TypeError("profile must be a MechanismProfile")
+        if not isinstance(self.iv, bytes) or not isinstance(self.body, bytes):
+            raise TypeError("iv and body must be bytes")
+        if len(self.iv) != self.profile.iv_length:
+            raise ValueError("iv length does not match the profile")
+        _check_body(self.profile, self.body)
+
+    def _prefix(self) -> bytes:
+        return _PREFIX.pack(
+            FORMAT_VERSION, uuid.UUID(self.key_id).bytes, self.key_version, self.profile.wire_id
+        )
+
+    def header(self) -> bytes:
+        """Every byte of the blob before the body (version .. IV)."""
+        return self._prefix() + self.iv
+
+    def to_bytes(self) -> bytes:
+        """The wire form: ``header() || body``."""
+        return self.header() + self.body
+
+    def aad(self, encryption_context: Mapping[str, str]) -> bytes:
+        """The associated data the body was sealed with, given the caller's encryption context.
+
+        Same as :func:`aad_for` with this blob's fields: the header without the IV, then the
+        canonical encryption context.
+        """
+        return self._prefix() + encode_encryption_context(encryption_context)
+
+    @classmethod
+    def parse(cls, data: bytes) -> CiphertextBlob:
+        """Parse a blob strictly. Any failure raises a bare ``InvalidCiphertextException``.
+
+        The exception carries no message, cause or context, so the reason a blob was refused
+        cannot reach the caller (or a traceback shown to it).
+        """
+        blob: CiphertextBlob | None
+        try:
+            blob = cls._parse(data)
+        except ValueError:
+            blob = None
+        if blob is None:
+            # Raised outside the except block, so not even __context__ points at the reason.
+            raise InvalidCiphertextException() from None
+        return blob
+
+    @classmethod
+    def _parse(cls, data: bytes) -> CiphertextBlob:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise _Malformed
+        data = bytes(data)
+        if not 1 <= len(data) <= MAX_CIPHERTEXT_BLOB:
+            raise _Malformed
+        reader = _Reader(data)
+        if reader.u8() != FORMAT_VERSION:
+            raise _Malformed
+        key_id = str(uuid.UUID(bytes=reader.take(16)))
+        key_version = reader.u32()
+        profile = MechanismProfile.from_wire_id(reader.u8())
+        iv = reader.take(profile.iv_length)
+        # __post_init__ checks key version, body length and block alignment (ValueError).
+        return cls(key_id, key_version, profile, iv, reader.rest())

@@ -1,0 +1,54 @@
+"""Every python-pkcs11 exception maps to a keystore error, in one place."""
+
+from __future__ import annotations
+
+import inspect
+
+import pkcs11.exceptions as p11e
+import pytest
+
+from hsmkms.errors import KMSError
+from hsmkms.keystore.errors import (
+    PKCS11_ERROR_MAP,
+    DecryptionFailed,
+    DeviceFailure,
+    KeystoreError,
+    map_pkcs11_error,
+)
+
+
+def _pkcs11_exception_classes() -> list[type[Exception]]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(p11e, inspect.isclass)
+        if issubclass(cls, Exception) and cls.__module__ == p11e.__name__
+    ]
+
+
+def test_every_pkcs11_exception_class_is_mapped() -> None:
+    """Fails when python-pkcs11 grows an exception class that nobody decided about."""
+    unmapped = [c.__name__ for c in _pkcs11_exception_classes() if c not in PKCS11_ERROR_MAP]
+    assert unmapped == []
+
+
+def test_mapped_errors_are_kms_errors_without_internal_detail() -> None:
+    for cls in _pkcs11_exception_classes():
+        mapped = map_pkcs11_error(cls(), "doing something")
+        assert isinstance(mapped, KeystoreError)
+        assert isinstance(mapped, KMSError)
+        assert mapped.status >= 500
+        assert mapped.message == f"doing something: {cls.__name__}"
+
+
+def test_general_error_is_a_device_fault_except_while_decrypting() -> None:
+    """SoftHSM 2.6.1 answers a failed GCM tag check with CKR_GENERAL_ERROR."""
+    assert type(map_pkcs11_error(p11e.GeneralError(), "x")) is DeviceFailure
+    assert type(map_pkcs11_error(p11e.GeneralError(), "x", decrypting=True)) is DecryptionFailed
+
+
+@pytest.mark.parametrize(
+    "cls", [p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange, p11e.SignatureInvalid]
+)
+def test_authentication_failures_map_to_decryption_failed(cls: type[Exception]) -> None:
+    assert type(map_pkcs11_error(cls(), "x")) is DecryptionFailed
+    assert map_pkcs11_error(cls(), "x", decrypting=True).message == "decryption failed"
