@@ -104,6 +104,8 @@ def ensure_token(data_dir: Path, label: str = DEFAULT_LABEL) -> Path:
         token_dir.mkdir(mode=0o700, exist_ok=True)
         if not conf.exists():
             _write_private(conf, CONF_TEMPLATE.format(token_dir=token_dir))
+        if not conf.is_file() or not os.access(conf, os.R_OK):
+            raise SoftHSMSetupError(f"cannot read SoftHSM2 configuration {conf}")
         if _token_exists(conf, label):
             if not (data_dir / "user.pin").exists():
                 raise SoftHSMSetupError(

@@ -7,6 +7,7 @@ so the layers above never import ``pkcs11``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 from hsmkms.profiles import MechanismProfile
@@ -22,6 +23,11 @@ class KeyMaterialRef:
 
     profile: MechanismProfile
     object_ids: tuple[str, ...]
+
+    @functools.cached_property
+    def raw_ids(self) -> tuple[bytes, ...]:
+        """``object_ids`` as bytes (``CKA_ID`` values)."""
+        return tuple(bytes.fromhex(i) for i in self.object_ids)
 
     def to_str(self) -> str:
         """Serialized form for the metadata store: ``PROFILE:id[,id]``."""

@@ -46,6 +46,7 @@ from hsmkms.keystore.errors import (
     RECONNECT_ERRORS,
     STALE_HANDLE_ERRORS,
     DecryptionFailed,
+    DeviceFailure,
     KeyMaterialMissing,
     KeystoreError,
     ModuleLoadError,
@@ -69,13 +70,17 @@ _T = TypeVar("_T")
 _LOCK = threading.RLock()
 
 
+# This process's pid, kept current across fork without a system call per operation.
+_PID = os.getpid()
+
 # Module path -> pid of the process that last initialized it.
 _INITIALIZED_IN: dict[str, int] = {}
 
 
 def _reset_lock_after_fork() -> None:
-    global _LOCK
+    global _LOCK, _PID
     _LOCK = threading.RLock()
+    _PID = os.getpid()
 
 
 os.register_at_fork(after_in_child=_reset_lock_after_fork)
@@ -142,7 +147,7 @@ class Pkcs11Keystore:
     def _connection(self) -> _Connection:
         """The live connection of this process; opens (or reopens after fork) under the lock."""
         conn = self._conn
-        if conn is not None and conn.pid == os.getpid():
+        if conn is not None and conn.pid == _PID:
             return conn
         if self._closed:
             raise TokenUnavailable("keystore is closed")
@@ -372,35 +377,11 @@ class Pkcs11Keystore:
         label_base = f"{LABEL_PREFIX}{key_id.replace('-', '')[:20]}:{version}"
 
         def work(conn: _Connection) -> KeyMaterialRef:
-            created: list[Any] = []
-            try:
-                aes_id = self._new_object_id(conn)
-                aes = conn.session.generate_key(
-                    KeyType.AES, 256, id=aes_id, label=f"{label_base}:a", store=True,
-                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                    template=_AES_TEMPLATE,
-                )  # fmt: skip
-                created.append(aes)
-                conn.handles[aes_id] = aes
-                ids = [aes_id]
-                if chosen is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
-                    mac_id = self._new_object_id(conn)
-                    mac = conn.session.generate_key(
-                        KeyType.GENERIC_SECRET, 256, id=mac_id, label=f"{label_base}:h",
-                        store=True, mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-                        capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                        template=_AES_TEMPLATE,
-                    )  # fmt: skip
-                    created.append(mac)
-                    conn.handles[mac_id] = mac
-                    ids.append(mac_id)
-                return KeyMaterialRef(chosen, tuple(i.hex() for i in ids))
-            except BaseException:
-                for obj in created:
-                    conn.handles.pop(bytes(obj.id), None)
-                    with contextlib.suppress(p11e.PKCS11Error):
-                        obj.destroy()
-                raise
+            ids = [self._new_object_id(conn) for _ in range(_objects_per_profile(chosen))]
+            keys = _generate(conn, chosen, label_base, ids, store=True)
+            for raw, key in zip(ids, keys, strict=True):
+                conn.handles[raw] = key
+            return KeyMaterialRef(chosen, tuple(raw.hex() for raw in ids))
 
         return self._call("creating a key", work)
 
@@ -421,70 +402,74 @@ class Pkcs11Keystore:
         self, action: str, ref: KeyMaterialRef, fn: Callable[[_Connection, list[Any]], _T],
         *, decrypting: bool = False,
     ) -> _T:  # fmt: skip
-        """Run ``fn`` with the ref's key objects; on a stale handle, evict and retry once."""
+        """Run ``fn`` with the ref's key objects. The fast path uses cached handles; on a miss
+        or a stale handle it looks the objects up, reconnecting if the session went away."""
+        with _LOCK:
+            conn = self._conn
+            if conn is not None and conn.pid == _PID:
+                keys = [conn.handles.get(raw) for raw in ref.raw_ids]
+                if None not in keys:
+                    try:
+                        return fn(conn, keys)
+                    except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
+                        pass  # the slow path below evicts, reconnects and retries
+                    except p11e.PKCS11Error as exc:
+                        raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
 
-        def work(conn: _Connection) -> _T:
-            try:
-                return fn(conn, [self._key(conn, i) for i in ref.object_ids])
-            except STALE_HANDLE_ERRORS:
-                for i in ref.object_ids:
-                    conn.handles.pop(bytes.fromhex(i), None)
-                return fn(conn, [self._key(conn, i) for i in ref.object_ids])
+            def work(conn: _Connection) -> _T:
+                try:
+                    return fn(conn, [self._key(conn, i) for i in ref.object_ids])
+                except STALE_HANDLE_ERRORS:
+                    for raw in ref.raw_ids:
+                        conn.handles.pop(raw, None)
+                    return fn(conn, [self._key(conn, i) for i in ref.object_ids])
 
-        return self._call(action, work, decrypting=decrypting)
+            return self._call(action, work, decrypting=decrypting)
 
     def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
         """Encrypt inside the token under ``ref`` with a fresh IV from the token's generator;
         ``aad`` is authenticated, not encrypted."""
-        if ref.profile is MechanismProfile.AES_256_GCM:
-
-            def gcm(conn: _Connection, keys: list[Any]) -> Sealed:
-                iv = bytes(conn.session.generate_random(96))
-                body = keys[0].encrypt(
-                    plaintext, mechanism=Mechanism.AES_GCM,
-                    mechanism_param=pkcs11.GCMParams(iv, aad or None, 128),
-                )  # fmt: skip
-                return Sealed(iv, bytes(body))
-
-            return self._with_keys("encrypting", ref, gcm)
-
-        def cbc_hmac(conn: _Connection, keys: list[Any]) -> Sealed:
-            iv = bytes(conn.session.generate_random(128))
-            ct = bytes(
-                keys[0].encrypt(plaintext, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv)
-            )
-            tag = bytes(keys[1].sign(_mac_input(aad, iv, ct), mechanism=Mechanism.SHA256_HMAC))
-            return Sealed(iv, ct + tag)
-
-        return self._with_keys("encrypting", ref, cbc_hmac)
+        profile = ref.profile
+        return self._with_keys(
+            "encrypting", ref, lambda conn, keys: _seal(conn, profile, keys, plaintext, aad)
+        )
 
     def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
         """Authenticate and decrypt inside the token. Any mismatch of key, IV, AAD or body
         raises :class:`DecryptionFailed`, and nothing else about it."""
         profile = ref.profile
-        if len(iv) != profile.iv_length or len(body) < profile.tag_length:
-            raise DecryptionFailed("decryption failed")
-        if profile is MechanismProfile.AES_256_GCM:
+        _check_shape(profile, iv, body)
+        return self._with_keys(
+            "decrypting", ref, lambda _, keys: _unseal(profile, keys, iv, body, aad),
+            decrypting=True,
+        )  # fmt: skip
 
-            def gcm(conn: _Connection, keys: list[Any]) -> bytes:
-                params = pkcs11.GCMParams(iv, aad or None, 128)
-                return bytes(
-                    keys[0].decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-                )
+    def self_test(self) -> None:
+        """Round trip through the token with temporary session keys of the current profile:
+        encrypt, decrypt, and check that a tampered ciphertext is refused. Raises on failure."""
+        profile = self.profile
 
-            return self._with_keys("decrypting", ref, gcm, decrypting=True)
+        def work(conn: _Connection) -> None:
+            keys = _generate(conn, profile, "hsmkms-selftest", [b"", b""], store=False)
+            try:
+                sealed = _seal(conn, profile, keys, b"hsmkms self-test", b"self-test aad")
+                if _unseal(profile, keys, sealed.iv, sealed.body, b"self-test aad") != (
+                    b"hsmkms self-test"
+                ):
+                    raise DeviceFailure("self-test: round trip returned other bytes")
+                tampered = bytes([sealed.body[0] ^ 1]) + sealed.body[1:]
+                try:
+                    _unseal(profile, keys, sealed.iv, tampered, b"self-test aad")
+                except (DecryptionFailed, p11e.PKCS11Error):
+                    pass
+                else:
+                    raise DeviceFailure("self-test: a tampered ciphertext was accepted")
+            finally:
+                for key in keys:
+                    with contextlib.suppress(p11e.PKCS11Error):
+                        key.destroy()
 
-        ct, tag = body[: -profile.tag_length], body[-profile.tag_length :]
-        if not ct or len(ct) % 16:
-            raise DecryptionFailed("decryption failed")
-
-        def cbc_hmac(conn: _Connection, keys: list[Any]) -> bytes:
-            # Encrypt-then-MAC: verify inside the token before decrypting anything.
-            if not keys[1].verify(_mac_input(aad, iv, ct), tag, mechanism=Mechanism.SHA256_HMAC):
-                raise DecryptionFailed("decryption failed")
-            return bytes(keys[0].decrypt(ct, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv))
-
-        return self._with_keys("decrypting", ref, cbc_hmac, decrypting=True)
+        self._call("self-test", work, decrypting=False)
 
     def random(self, n: int) -> bytes:
         """``n`` bytes from the token's random generator."""
@@ -548,7 +533,81 @@ class Pkcs11Keystore:
             self._closed = True
 
 
+def _objects_per_profile(profile: MechanismProfile) -> int:
+    return 1 if profile is MechanismProfile.AES_256_GCM else 2
+
+
+def _generate(
+    conn: _Connection, profile: MechanismProfile, label_base: str, ids: list[bytes], *, store: bool
+) -> list[Any]:
+    """Generate the key object(s) of ``profile``: an AES-256 key (encrypt/decrypt only) and, for
+    the portable profile, a 256-bit generic secret for HMAC (sign/verify only). Hardened
+    template; on failure the objects made so far are destroyed."""
+    created: list[Any] = []
+    template = _AES_TEMPLATE if store else {**_AES_TEMPLATE, Attribute.TOKEN: False}
+    try:
+        created.append(
+            conn.session.generate_key(
+                KeyType.AES, 256, id=ids[0], label=f"{label_base}:a", store=store,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT, template=template,
+            )
+        )  # fmt: skip
+        if profile is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
+            created.append(
+                conn.session.generate_key(
+                    KeyType.GENERIC_SECRET, 256, id=ids[1], label=f"{label_base}:h",
+                    store=store, mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY, template=template,
+                )
+            )  # fmt: skip
+    except BaseException:
+        for obj in created:
+            with contextlib.suppress(p11e.PKCS11Error):
+                obj.destroy()
+        raise
+    return created
+
+
+def _seal(
+    conn: _Connection, profile: MechanismProfile, keys: list[Any], plaintext: bytes, aad: bytes
+) -> Sealed:
+    if profile is MechanismProfile.AES_256_GCM:
+        iv = bytes(conn.session.generate_random(96))
+        body = keys[0].encrypt(
+            plaintext, mechanism=Mechanism.AES_GCM,
+            mechanism_param=pkcs11.GCMParams(iv, aad or None, 128),
+        )  # fmt: skip
+        return Sealed(iv, bytes(body))
+    iv = bytes(conn.session.generate_random(128))
+    ct = bytes(keys[0].encrypt(plaintext, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv))
+    tag = bytes(keys[1].sign(_mac_input(aad, iv, ct), mechanism=Mechanism.SHA256_HMAC))
+    return Sealed(iv, ct + tag)
+
+
+def _check_shape(profile: MechanismProfile, iv: bytes, body: bytes) -> None:
+    if len(iv) != profile.iv_length or len(body) < profile.tag_length:
+        raise DecryptionFailed("decryption failed")
+    if profile is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
+        ct_len = len(body) - profile.tag_length
+        if ct_len == 0 or ct_len % 16:
+            raise DecryptionFailed("decryption failed")
+
+
+def _unseal(
+    profile: MechanismProfile, keys: list[Any], iv: bytes, body: bytes, aad: bytes
+) -> bytes:
+    if profile is MechanismProfile.AES_256_GCM:
+        params = pkcs11.GCMParams(iv, aad or None, 128)
+        return bytes(keys[0].decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+    ct, tag = body[: -profile.tag_length], body[-profile.tag_length :]
+    # Encrypt-then-MAC: verify inside the token before decrypting anything.
+    if not keys[1].verify(_mac_input(aad, iv, ct), tag, mechanism=Mechanism.SHA256_HMAC):
+        raise DecryptionFailed("decryption failed")
+    return bytes(keys[0].decrypt(ct, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv))
+
+
 def _mac_input(aad: bytes, iv: bytes, ct: bytes) -> bytes:
+    # len64 counts bytes of AAD, big-endian (documented in hsmkms.profiles).
     return len(aad).to_bytes(8, "big") + aad + iv + ct
 
 

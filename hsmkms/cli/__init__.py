@@ -1,0 +1,1 @@
+"""The ``hsmkms`` command."""

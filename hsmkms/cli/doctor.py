@@ -1,0 +1,81 @@
+"""``hsmkms doctor``: check the module, the token, login and the crypto path, and say what is
+wrong in one line when something is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from hsmkms.config import Settings, keystore_config, pin_file_is_private
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.softhsm import ensure_token
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hsmkms.cli.main import add_data_dir
+
+    parser = sub.add_parser(
+        "doctor",
+        help="check the PKCS#11 module, token, login and a self-test",
+        description="Print the module, token, mechanisms and chosen profile; check login; run "
+        "an encrypt/decrypt self-test with temporary session keys. On the embedded default, "
+        "create the data directory and token when missing.",
+    )
+    add_data_dir(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def diagnose(settings: Settings) -> dict[str, Any]:
+    """Everything doctor reports, as a dict. Raises a KMSError naming the first problem."""
+    report: dict[str, Any] = {"data_dir": str(settings.data_dir)}
+    if settings.is_embedded:
+        ensure_token(settings.data_dir)
+        report["softhsm2_conf"] = str(settings.softhsm2_conf)
+        report["user_pin_file"] = str(settings.user_pin_file)
+    config = keystore_config(settings)
+    keystore = Pkcs11Keystore(config)
+    try:
+        info = keystore.info()  # opens the module, finds the token and logs in
+        keystore.self_test()
+    finally:
+        keystore.close()
+    report.update(
+        module=info.module,
+        library=info.library_description,
+        manufacturer=info.manufacturer,
+        model=info.model,
+        token_label=info.label,
+        token_serial=info.serial,
+        profile=info.profile.value,
+        mechanisms=list(info.mechanisms),
+        login="ok",
+        self_test="ok",
+    )
+    warnings = []
+    pin_file = settings.user_pin_file if settings.is_embedded else settings.pin_file
+    if pin_file is not None and not pin_file_is_private(pin_file):
+        warnings.append(f"PIN file {pin_file} is readable by group or others")
+    report["warnings"] = warnings
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    report = diagnose(Settings.load(args.data_dir))
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    width = 16
+    for key in ("data_dir", "softhsm2_conf", "user_pin_file", "module", "library",
+                "manufacturer", "model", "token_label", "token_serial", "profile", "login",
+                "self_test"):  # fmt: skip
+        if key in report:
+            print(f"{key + ':':<{width}} {report[key]}")
+    print(
+        f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
+    )
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0

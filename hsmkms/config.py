@@ -1,0 +1,798 @@
+"""Settings, RFC 7512 PKCS#11 URIs, PIN sources, and their resolution into a KeystoreConfig.
+
+Everything an operator configures arrives here: environment variables (prefix ``HSMKMS_``)
+become :class:`Settings`; :func:`keystore_config` resolves the settings, the optional PKCS#11
+URI and the embedded SoftHSM2 default into the :class:`~hsmkms.keystore.config.KeystoreConfig`
+the keystore opens. ``docs/configuration.md`` is the operator's view of the same rules.
+
+Precedence, highest first (explicit settings always beat the URI):
+
+* module:  ``HSMKMS_MODULE_PATH`` > URI ``module-path`` > URI ``module-name`` (searched in
+  :data:`MODULE_SEARCH_DIRS`) > the embedded SoftHSM2 module (only when neither
+  ``HSMKMS_PKCS11_URI`` nor ``HSMKMS_MODULE_PATH`` is set)
+* token:   ``HSMKMS_TOKEN_LABEL`` > URI ``token`` > ``hsmkms`` (embedded only); likewise
+  ``HSMKMS_TOKEN_SERIAL`` > URI ``serial`` and ``HSMKMS_SLOT_ID`` > URI ``slot-id``
+* PIN:     ``HSMKMS_PIN_FILE`` > ``HSMKMS_PIN_ENV`` > URI ``pin-source`` > URI ``pin-value`` >
+  ``<data_dir>/user.pin`` (embedded only). Never from the command line.
+
+Security contract: a PIN never appears in an exception message, a ``repr`` or ``str`` of any
+object defined here (:class:`Pkcs11Uri`, :class:`PinSource`, :class:`Settings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import stat
+import sysconfig
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from hsmkms import softhsm
+from hsmkms.errors import ClientError
+from hsmkms.keystore.config import KeystoreConfig
+from hsmkms.profiles import MechanismProfile
+
+__all__ = [
+    "EMBEDDED_TOKEN_LABEL",
+    "MODULE_SEARCH_DIRS",
+    "OBJECT_TYPES",
+    "SOFTHSM2_MODULE_CANDIDATES",
+    "ConfigError",
+    "PinSource",
+    "Pkcs11Uri",
+    "Settings",
+    "embedded_module_path",
+    "find_module_by_name",
+    "format_pkcs11_uri",
+    "keystore_config",
+    "parse_pkcs11_uri",
+    "pin_file_is_private",
+    "read_pin",
+    "redact_pkcs11_uri",
+    "resolve_pin_source",
+]
+
+
+class ConfigError(ClientError):
+    """The configuration (settings, PKCS#11 URI, PIN source) is invalid or incomplete.
+
+    The message is one line naming the problem; it never contains a PIN.
+    """
+
+    code = "ValidationException"
+
+
+# --------------------------------------------------------------------------------------------
+# RFC 7512 PKCS#11 URI
+# --------------------------------------------------------------------------------------------
+
+_SCHEME = "pkcs11"
+_MAX_URI_LENGTH = 8192
+_MAX_PIN_FILE_BYTES = 4096
+_CK_ULONG_MAX = 2**64 - 1
+
+# RFC 7512 §2.3: pk11-attr names, mapped to Pkcs11Uri field names. Order = formatting order.
+_PATH_ATTRS: dict[str, str] = {
+    "token": "token",
+    "manufacturer": "manufacturer",
+    "serial": "serial",
+    "model": "model",
+    "library-manufacturer": "library_manufacturer",
+    "library-description": "library_description",
+    "library-version": "library_version",
+    "slot-description": "slot_description",
+    "slot-manufacturer": "slot_manufacturer",
+    "slot-id": "slot_id",
+    "object": "object",
+    "id": "id",
+    "type": "type",
+}
+_QUERY_ATTRS: dict[str, str] = {
+    "module-name": "module_name",
+    "module-path": "module_path",
+    "pin-source": "pin_source",
+    "pin-value": "pin_value",
+}
+# p11-kit's legacy aliases (uri.c) and likely confusions: refused with a pointer to the
+# standard name rather than silently ignored as vendor attributes.
+_LEGACY_ALIASES: dict[str, str] = {
+    "pinfile": "pin-source",
+    "objecttype": "type",
+    "object-type": "type",
+    "label": "token",
+    "slot": "slot-id",
+    "pin": "pin-source",
+}
+OBJECT_TYPES = frozenset({"cert", "data", "private", "public", "secret-key"})
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_RES_AVAIL = frozenset(":[]@!$'()*+,=")
+# pk11-pchar / pk11-qchar without pct-encoded: what may appear unencoded in a value.
+_PATH_CHARS = _UNRESERVED | _RES_AVAIL | {"&"}
+_QUERY_CHARS = _UNRESERVED | _RES_AVAIL | {"/", "?", "|"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+_ATTR_NAME = re.compile(r"[A-Za-z0-9_-]+")  # pk11-v-attr-nm-char
+_DECIMAL = re.compile(r"[0-9]+")
+_LIBRARY_VERSION = re.compile(r"([0-9]{1,3})(?:\.([0-9]{1,3}))?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pkcs11Uri:
+    """A parsed RFC 7512 PKCS#11 URI. Field names are the attribute names with ``_``.
+
+    ``None`` means the attribute is absent; ``""`` means present and empty (``serial=``).
+    Construction validates every field, so any instance formats to a URI that parses back to
+    an equal instance. ``pin_value`` never shows in ``repr``/``str``.
+    """
+
+    token: str | None = None
+    manufacturer: str | None = None
+    serial: str | None = None
+    model: str | None = None
+    library_manufacturer: str | None = None
+    library_description: str | None = None
+    library_version: tuple[int, int] | None = None
+    slot_description: str | None = None
+    slot_manufacturer: str | None = None
+    slot_id: int | None = None
+    object: str | None = None
+    id: bytes | None = None
+    type: str | None = None
+    module_name: str | None = None
+    module_path: str | None = None
+    pin_source: str | None = None
+    pin_value: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, str):
+                _check_encodable(value, field.name)
+        if self.slot_id is not None and (
+            isinstance(self.slot_id, bool) or not 0 <= self.slot_id <= _CK_ULONG_MAX
+        ):
+            raise ConfigError("PKCS#11 URI: slot-id must be a decimal number from 0 to 2^64-1")
+        if self.library_version is not None and not (
+            len(self.library_version) == 2
+            and all(not isinstance(n, bool) and 0 <= n <= 255 for n in self.library_version)
+        ):
+            raise ConfigError("PKCS#11 URI: library-version must be M or M.m with 0 <= M, m <= 255")
+        if self.type is not None and self.type not in OBJECT_TYPES:
+            raise ConfigError(
+                f"PKCS#11 URI: type must be one of {', '.join(sorted(OBJECT_TYPES))}, "
+                f"not {self.type!r}"
+            )
+        if self.module_path is not None and (
+            not self.module_path.startswith("/") or "\0" in self.module_path
+        ):
+            raise ConfigError("PKCS#11 URI: module-path must be an absolute path")
+        if self.module_name is not None and (
+            not self.module_name or "/" in self.module_name or "\0" in self.module_name
+        ):
+            raise ConfigError(
+                "PKCS#11 URI: module-name must be a bare library name such as 'softhsm2' "
+                "(use module-path for a path)"
+            )
+        if self.pin_source is not None:
+            _pin_source_path(self.pin_source)
+        if self.pin_value is not None and not self.pin_value:
+            raise ConfigError("PKCS#11 URI: pin-value is empty")
+        if self.pin_source is not None and self.pin_value is not None:
+            # RFC 7512 §2.3: a URI with both pin-source and pin-value should be refused.
+            raise ConfigError("PKCS#11 URI: pin-source and pin-value cannot both be given")
+
+    def __repr__(self) -> str:
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            shown = "<redacted>" if field.name == "pin_value" else repr(value)
+            parts.append(f"{field.name}={shown}")
+        return f"Pkcs11Uri({', '.join(parts)})"
+
+    __str__ = __repr__
+
+
+def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
+    """Parse an RFC 7512 ``pkcs11:`` URI.
+
+    Values are percent-decoded as UTF-8 (``id`` as bytes). Standard attribute names are
+    case-sensitive; a standard attribute given twice, in the wrong component (``pin-value``
+    before ``?``), misspelt by case or separator (``Token``, ``slot_id``, ``x-token``), or a
+    p11-kit legacy alias (``pinfile``) is an error. Any other well-formed name is a vendor
+    attribute and ignored. Raises only :class:`ConfigError`, whose message never contains a
+    value of ``pin-value``.
+    """
+    if not isinstance(uri, str):
+        raise ConfigError("PKCS#11 URI: must be a string")
+    if len(uri) > _MAX_URI_LENGTH:
+        raise ConfigError(f"PKCS#11 URI: longer than {_MAX_URI_LENGTH} characters")
+    scheme, colon, rest = uri.partition(":")
+    if not colon or scheme.lower() != _SCHEME:
+        raise ConfigError("PKCS#11 URI: must start with 'pkcs11:'")
+    path, _, query = rest.partition("?")
+    fields: dict[str, Any] = {}
+    seen: set[str] = set()
+    if path:
+        for index, segment in enumerate(path.split(";"), start=1):
+            _parse_attribute(segment, index, "path", fields, seen)
+    if query:
+        for index, segment in enumerate(query.split("&"), start=1):
+            _parse_attribute(segment, index, "query", fields, seen)
+    return Pkcs11Uri(**fields)
+
+
+def _parse_attribute(
+    segment: str,
+    index: int,
+    component: Literal["path", "query"],
+    fields: dict[str, Any],
+    seen: set[str],
+) -> None:
+    where = f"PKCS#11 URI: {component} attribute {index}"
+    name, equals, raw = segment.partition("=")
+    if not segment:
+        raise ConfigError(f"{where} is empty (stray ';' or '&'?)")
+    if not equals:
+        raise ConfigError(f"{where} has no '=' (expected name=value)")
+    if not _ATTR_NAME.fullmatch(name):
+        raise ConfigError(f"{where} has an invalid name (letters, digits, '-' and '_' only)")
+    own, other = (_PATH_ATTRS, _QUERY_ATTRS) if component == "path" else (_QUERY_ATTRS, _PATH_ATTRS)
+    allowed = _PATH_CHARS if component == "path" else _QUERY_CHARS
+    if name in other:
+        place = "before '?'" if component == "query" else "after '?'"
+        raise ConfigError(
+            f"PKCS#11 URI: {name!r} is a {_other(component)} attribute; put it {place}"
+        )
+    if name not in own:
+        standard = _misspelt_standard_name(name)
+        if standard is not None:
+            raise ConfigError(
+                f"PKCS#11 URI: unknown attribute {name!r}; did you mean {standard!r}? "
+                "(attribute names are case-sensitive)"
+            )
+        # RFC 7512 §2.3: a vendor attribute; still has to be well-formed, but is not used.
+        _percent_decode(raw, name, allowed, secret=False)
+        return
+    if name in seen:
+        raise ConfigError(f"PKCS#11 URI: attribute {name!r} is given more than once")
+    seen.add(name)
+    data = _percent_decode(raw, name, allowed, secret=name == "pin-value")
+    fields[own[name]] = _convert(name, data)
+
+
+def _other(component: str) -> str:
+    return "query" if component == "path" else "path"
+
+
+def _misspelt_standard_name(name: str) -> str | None:
+    """The standard name ``name`` looks like a variant of, or ``None`` for a vendor name."""
+    lowered = name.lower()
+    if lowered in _LEGACY_ALIASES:
+        return _LEGACY_ALIASES[lowered]
+    lowered = lowered.removeprefix("x-").removeprefix("x_")
+    squashed = lowered.replace("-", "").replace("_", "")
+    for standard in (*_PATH_ATTRS, *_QUERY_ATTRS):
+        if squashed == standard.replace("-", ""):
+            return standard
+    return None
+
+
+def _percent_decode(raw: str, name: str, allowed: frozenset[str], *, secret: bool) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        char = raw[i]
+        if char == "%":
+            digits = raw[i + 1 : i + 3]
+            if len(digits) != 2 or not all(d in _HEX for d in digits):
+                raise ConfigError(
+                    f"PKCS#11 URI: bad percent-encoding in {name!r} "
+                    "('%' must be followed by two hex digits)"
+                )
+            out.append(int(digits, 16))
+            i += 3
+        elif char in allowed:
+            out.append(ord(char))
+            i += 1
+        else:
+            shown = "a character" if secret else repr(char)
+            raise ConfigError(
+                f"PKCS#11 URI: {name!r} contains {shown} that must be percent-encoded"
+            )
+    return bytes(out)
+
+
+def _convert(name: str, data: bytes) -> Any:
+    if name == "id":
+        return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"PKCS#11 URI: {name!r} is not valid UTF-8 once decoded") from None
+    if name == "slot-id":
+        if not _DECIMAL.fullmatch(text) or len(text) > 20:
+            raise ConfigError("PKCS#11 URI: slot-id must be a decimal number")
+        return int(text)
+    if name == "library-version":
+        match = _LIBRARY_VERSION.fullmatch(text)
+        if match is None:
+            raise ConfigError("PKCS#11 URI: library-version must be M or M.m (decimal)")
+        return (int(match.group(1)), int(match.group(2) or 0))
+    return text
+
+
+def _check_encodable(value: str, field_name: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"PKCS#11 URI: {field_name.replace('_', '-')!r} is not encodable as UTF-8"
+        ) from None
+
+
+def _percent_encode(data: bytes, unencoded: frozenset[str]) -> str:
+    return "".join(chr(b) if chr(b) in unencoded else f"%{b:02X}" for b in data)
+
+
+def format_pkcs11_uri(uri: Pkcs11Uri) -> str:
+    """The canonical RFC 7512 text of ``uri``; ``parse_pkcs11_uri`` gives back an equal value.
+
+    Attributes come in a fixed order, ``id`` is fully percent-encoded, other values only where
+    RFC 7512 requires it. The result contains ``pin-value`` if ``uri`` has one: do not log it.
+    """
+    path: list[str] = []
+    for name, field_name in _PATH_ATTRS.items():
+        value = getattr(uri, field_name)
+        if value is None:
+            continue
+        if name == "id":
+            encoded = _percent_encode(value, frozenset())
+        elif name == "library-version":
+            encoded = f"{value[0]}.{value[1]}"
+        elif name == "slot-id":
+            encoded = str(value)
+        else:
+            encoded = _percent_encode(value.encode("utf-8"), _PATH_CHARS - {"&"})
+        path.append(f"{name}={encoded}")
+    query: list[str] = []
+    for name, field_name in _QUERY_ATTRS.items():
+        value = getattr(uri, field_name)
+        if value is not None:
+            query.append(f"{name}={_percent_encode(value.encode('utf-8'), _QUERY_CHARS)}")
+    text = f"{_SCHEME}:{';'.join(path)}"
+    return f"{text}?{'&'.join(query)}" if query else text
+
+
+_PIN_VALUE_IN_TEXT = re.compile(r"(pin-value=)[^;&]*")
+
+
+def redact_pkcs11_uri(uri: str) -> str:
+    """``uri`` with any ``pin-value`` replaced by ``***``; works on unparseable text too."""
+    return _PIN_VALUE_IN_TEXT.sub(r"\1***", uri)
+
+
+def _pin_source_path(pin_source: str) -> Path:
+    """The file a ``pin-source`` names: ``file:/abs``, ``file:///abs``, or ``/abs``."""
+    if pin_source.startswith("|"):
+        raise ConfigError(
+            "PKCS#11 URI: pin-source commands ('|...') are not supported; "
+            "use pin-source=file:/path/to/pin"
+        )
+    path = pin_source
+    if path.startswith("file:"):
+        path = path.removeprefix("file:")
+        if path.startswith("//"):
+            authority, slash, rest = path[2:].partition("/")
+            if authority not in ("", "localhost"):
+                raise ConfigError("PKCS#11 URI: pin-source must be a local file (file:/path)")
+            path = slash + rest
+    elif ":" in path.split("/", 1)[0]:
+        raise ConfigError("PKCS#11 URI: pin-source supports only file: URIs and absolute paths")
+    if not path.startswith("/") or "\0" in path:
+        raise ConfigError("PKCS#11 URI: pin-source must name an absolute path (file:/path)")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+EMBEDDED_TOKEN_LABEL = softhsm.DEFAULT_LABEL
+_ENV_PREFIX = "HSMKMS_"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REGION = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+_ACCOUNT_ID = re.compile(r"[0-9]{12}")
+
+
+class Settings(BaseSettings):
+    """hsmkms settings, read from ``HSMKMS_*`` environment variables (no ``.env`` file).
+
+    An empty variable counts as unset. ``data_dir`` is made absolute at load time. Prefer
+    :meth:`load`, which turns validation failures into :class:`ConfigError`. The ``repr``
+    redacts a ``pin-value`` inside ``pkcs11_uri``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=_ENV_PREFIX,
+        env_ignore_empty=True,
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,  # pkcs11_uri may carry a pin-value
+    )
+
+    data_dir: Path = Path(".hsmkms")
+    pkcs11_uri: str | None = None
+    module_path: str | None = None
+    token_label: str | None = None
+    token_serial: str | None = None
+    slot_id: int | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+    profile: Literal["auto", "AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"] = "auto"
+    region: str = "us-east-1"
+    account_id: str = "111122223333"
+    database_url: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Constructor arguments and the environment only: no .env, no secrets directory.
+        return (init_settings, env_settings)
+
+    @classmethod
+    def load(cls, data_dir: Path | None = None) -> Settings:
+        """Read the settings from the environment; ``data_dir`` overrides ``HSMKMS_DATA_DIR``.
+
+        Raises :class:`ConfigError` with a one-line message naming the variable at fault.
+        """
+        try:
+            return cls() if data_dir is None else cls(data_dir=data_dir)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from exc
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("pkcs11_uri")
+    @classmethod
+    def _valid_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_pkcs11_uri(value)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("slot_id")
+    @classmethod
+    def _valid_slot_id(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= _CK_ULONG_MAX:
+            raise ValueError("must be a slot number from 0 to 2^64-1")
+        return value
+
+    @field_validator("pin_env")
+    @classmethod
+    def _valid_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError("must be the name of an environment variable")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _valid_region(cls, value: str) -> str:
+        if len(value) > 32 or not _REGION.fullmatch(value):
+            raise ValueError("must look like an AWS region name, such as us-east-1")
+        return value
+
+    @field_validator("account_id")
+    @classmethod
+    def _valid_account_id(cls, value: str) -> str:
+        if not _ACCOUNT_ID.fullmatch(value):
+            raise ValueError("must be exactly 12 digits")
+        return value
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name == "pkcs11_uri" and isinstance(value, str):
+                yield name, redact_pkcs11_uri(value)
+            else:
+                yield name, value
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when neither a PKCS#11 URI nor a module path is set: use the SoftHSM2 default."""
+        return self.pkcs11_uri is None and self.module_path is None
+
+    @property
+    def parsed_uri(self) -> Pkcs11Uri | None:
+        """``pkcs11_uri`` parsed, or ``None`` when unset."""
+        return None if self.pkcs11_uri is None else parse_pkcs11_uri(self.pkcs11_uri)
+
+    @property
+    def softhsm2_conf(self) -> Path:
+        """The SoftHSM2 config file of the embedded default."""
+        return self.data_dir / "softhsm2.conf"
+
+    @property
+    def token_dir(self) -> Path:
+        """The SoftHSM2 token directory of the embedded default."""
+        return self.data_dir / "tokens"
+
+    @property
+    def user_pin_file(self) -> Path:
+        """The user PIN file of the embedded default (owner-only)."""
+        return self.data_dir / "user.pin"
+
+    @property
+    def so_pin_file(self) -> Path:
+        """The security-officer PIN file of the embedded default (owner-only)."""
+        return self.data_dir / "so.pin"
+
+    @property
+    def sqlite_url(self) -> str:
+        """SQLAlchemy URL of the default SQLite database, ``<data_dir>/hsmkms.db``."""
+        return f"sqlite:///{(self.data_dir / 'hsmkms.db').as_posix()}"
+
+    @property
+    def effective_database_url(self) -> str:
+        """``database_url`` if set, else :attr:`sqlite_url`."""
+        return self.database_url if self.database_url is not None else self.sqlite_url
+
+
+def _one_line(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if not errors:  # pragma: no cover - pydantic always reports at least one
+        return "invalid settings"
+    first = errors[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    message = str(first["msg"]).removeprefix("Value error, ")
+    where = f"{_ENV_PREFIX}{field.upper()}" if field else "settings"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"invalid {where}: {message}{more}"
+
+
+# --------------------------------------------------------------------------------------------
+# PINs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PinSource:
+    """Where the user PIN comes from. ``value`` (only for ``kind="value"``) never shows.
+
+    ``location`` is the file path, the variable name, or ``"pin-value"``; ``origin`` says which
+    setting chose it (for messages and ``hsmkms doctor``).
+    """
+
+    kind: Literal["file", "env", "value"]
+    location: str
+    origin: str
+    value: str | None = dataclasses.field(default=None, repr=False)
+
+
+def resolve_pin_source(settings: Settings) -> PinSource:
+    """Choose the PIN source by precedence: ``pin_file`` > ``pin_env`` > URI ``pin-source`` >
+    URI ``pin-value`` > ``<data_dir>/user.pin`` (embedded default only).
+
+    Raises :class:`ConfigError` when no source applies.
+    """
+    if settings.pin_file is not None:
+        return PinSource("file", str(settings.pin_file), f"{_ENV_PREFIX}PIN_FILE")
+    if settings.pin_env is not None:
+        return PinSource("env", settings.pin_env, f"{_ENV_PREFIX}PIN_ENV")
+    uri = settings.parsed_uri
+    if uri is not None and uri.pin_source is not None:
+        path = _pin_source_path(uri.pin_source)
+        return PinSource("file", str(path), "pin-source in HSMKMS_PKCS11_URI")
+    if uri is not None and uri.pin_value is not None:
+        return PinSource("value", "pin-value", "pin-value in HSMKMS_PKCS11_URI", uri.pin_value)
+    if settings.is_embedded:
+        return PinSource("file", str(settings.user_pin_file), "embedded default")
+    raise ConfigError(
+        "no PIN source: set HSMKMS_PIN_FILE or HSMKMS_PIN_ENV, "
+        "or add pin-source=file:/path to the PKCS#11 URI"
+    )
+
+
+def read_pin(source: PinSource) -> str:
+    """Read the PIN from ``source``. One trailing newline (``\\n`` or ``\\r\\n``) is stripped
+    from a file. Missing, unreadable, oversized or empty sources raise :class:`ConfigError`
+    naming the file or variable, never the PIN. File permissions are not enforced here; see
+    :func:`pin_file_is_private`.
+    """
+    if source.kind == "value":
+        if not source.value:
+            raise ConfigError(f"the PIN from {source.origin} is empty")
+        return source.value
+    if source.kind == "env":
+        pin = os.environ.get(source.location)
+        if pin is None:
+            raise ConfigError(
+                f"environment variable {source.location} (named by {source.origin}) is not set"
+            )
+        if not pin:
+            raise ConfigError(f"environment variable {source.location} is empty")
+        return pin
+    return _read_pin_file(Path(source.location), source.origin)
+
+
+def _read_pin_file(path: Path, origin: str) -> str:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_PIN_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"PIN file {path} (from {origin}) does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"PIN file {path} (from {origin}) is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"PIN file {path} (from {origin}) is not readable") from None
+    except OSError as exc:
+        raise ConfigError(f"PIN file {path} cannot be read: {exc.strerror}") from None
+    if len(data) > _MAX_PIN_FILE_BYTES:
+        raise ConfigError(f"PIN file {path} is larger than {_MAX_PIN_FILE_BYTES} bytes")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise ConfigError(f"PIN file {path} is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"PIN file {path} is not valid UTF-8") from None
+
+
+def pin_file_is_private(path: Path) -> bool:
+    """True when ``path`` grants no permission to group or others (mode ``0o600`` or tighter).
+
+    A PIN file open to others still works; ``hsmkms doctor`` uses this to warn. Raises
+    :class:`ConfigError` when the file cannot be examined.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"PIN file {path} cannot be examined: {exc.strerror}") from None
+    return stat.S_IMODE(mode) & 0o077 == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Module discovery and resolution into a KeystoreConfig
+# --------------------------------------------------------------------------------------------
+
+
+def _multiarch_triplets() -> tuple[str, ...]:
+    detected = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    return tuple(dict.fromkeys((str(detected), "x86_64-linux-gnu")))
+
+
+_TRIPLETS = _multiarch_triplets()
+
+MODULE_SEARCH_DIRS: tuple[Path, ...] = (
+    Path("/usr/lib"),
+    *(Path("/usr/lib") / t for t in _TRIPLETS),
+    *(Path("/usr/lib") / t / "pkcs11" for t in _TRIPLETS),
+    Path("/usr/lib/pkcs11"),
+    Path("/usr/lib/softhsm"),
+    *(Path("/usr/lib") / t / "softhsm" for t in _TRIPLETS),
+    Path("/usr/local/lib"),
+)
+"""Where a URI's ``module-name`` is looked up, in order, as ``lib<name>.so`` then ``<name>.so``."""
+
+SOFTHSM2_MODULE_CANDIDATES: tuple[Path, ...] = tuple(Path(p) for p in softhsm.MODULE_CANDIDATES)
+"""The embedded default's SoftHSM2 module: the first that exists (else the first)."""
+
+
+def find_module_by_name(name: str, search_dirs: Sequence[Path] | None = None) -> Path:
+    """Find the PKCS#11 library for a URI ``module-name`` (``softhsm2`` -> ``libsofthsm2.so``).
+
+    Looks for ``lib<name>.so`` then ``<name>.so`` in each of ``search_dirs`` (default
+    :data:`MODULE_SEARCH_DIRS`). Raises :class:`ConfigError` when none exists.
+    """
+    if not name or "/" in name or "\0" in name:
+        raise ConfigError("module-name must be a bare library name such as 'softhsm2'")
+    dirs = MODULE_SEARCH_DIRS if search_dirs is None else tuple(search_dirs)
+    for directory in dirs:
+        for filename in (f"lib{name}.so", f"{name}.so"):
+            candidate = directory / filename
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(
+        f"PKCS#11 module-name {name!r} not found as lib{name}.so or {name}.so in "
+        f"{', '.join(str(d) for d in dirs)}; give module-path instead"
+    )
+
+
+def embedded_module_path(candidates: Sequence[Path] | None = None) -> Path:
+    """The SoftHSM2 module of the embedded default: the first candidate that exists.
+
+    When none exists the first candidate is returned, and opening the keystore reports it.
+    """
+    paths = SOFTHSM2_MODULE_CANDIDATES if candidates is None else tuple(candidates)
+    for path in paths:
+        if path.is_file():
+            return path
+    return paths[0]
+
+
+def _resolve_module(settings: Settings, uri: Pkcs11Uri | None) -> str:
+    if settings.module_path is not None:
+        return settings.module_path
+    if uri is not None and uri.module_path is not None:
+        module_path = Path(uri.module_path)
+        # RFC 7512 §2.3: module-path may name a directory; then module-name picks the file.
+        if module_path.is_dir():
+            if uri.module_name is None:
+                raise ConfigError(
+                    f"PKCS#11 URI: module-path {module_path} is a directory; "
+                    "add module-name or name the library file"
+                )
+            return str(find_module_by_name(uri.module_name, [module_path]))
+        return uri.module_path
+    if uri is not None and uri.module_name is not None:
+        return str(find_module_by_name(uri.module_name))
+    if settings.is_embedded:
+        return str(embedded_module_path())
+    raise ConfigError(
+        "no PKCS#11 module: add module-path or module-name to HSMKMS_PKCS11_URI, "
+        "or set HSMKMS_MODULE_PATH"
+    )
+
+
+def _check_token_field(value: str | None, what: str, limit: int) -> str | None:
+    # An empty URI value ("serial=") selects nothing useful: treat it as unset.
+    if not value:
+        return None
+    if len(value.encode("utf-8")) > limit:
+        raise ConfigError(
+            f"{what} is longer than {limit} bytes, the PKCS#11 maximum, so no token can match"
+        )
+    return value
+
+
+def keystore_config(settings: Settings) -> KeystoreConfig:
+    """Resolve ``settings`` (and its PKCS#11 URI) into the keystore's :class:`KeystoreConfig`.
+
+    Explicit settings win over the URI; the embedded SoftHSM2 default fills the rest when
+    :attr:`Settings.is_embedded`. Reads the PIN. Does not check that the module exists.
+    Raises :class:`ConfigError`.
+    """
+    uri = settings.parsed_uri
+    module_path = _resolve_module(settings, uri)
+    label = settings.token_label
+    if label is None and uri is not None:
+        label = uri.token
+    if label is None and settings.is_embedded:
+        label = EMBEDDED_TOKEN_LABEL
+    serial = settings.token_serial
+    if serial is None and uri is not None:
+        serial = uri.serial
+    slot_id = settings.slot_id
+    if slot_id is None and uri is not None:
+        slot_id = uri.slot_id
+    pin = read_pin(resolve_pin_source(settings))
+    return KeystoreConfig(
+        module_path=module_path,
+        pin=pin,
+        token_label=_check_token_field(label, "the token label", 32),
+        token_serial=_check_token_field(serial, "the token serial", 16),
+        slot_id=slot_id,
+        profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
+        softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
+    )
