@@ -10,7 +10,7 @@ bootstrap:
 	@ci/bootstrap.sh
 
 run: bootstrap
-	$(BIN)/hsmkms serve
+	$(BIN)/hsmkms doctor
 
 test: bootstrap
 	$(BIN)/ruff check .
