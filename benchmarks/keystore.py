@@ -128,15 +128,24 @@ def _run(worker: Callable[[Path, float], dict[str, float]], data_dir: Path, seco
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best kept")
     args = parser.parse_args(argv)
+    raw: dict[str, float] = dict.fromkeys(OPS, 0.0)
+    one, two = dict(raw), dict(raw)
     with tempfile.TemporaryDirectory(prefix="hsmkms-bench-") as tmp:
         data_dir = Path(tmp)
         ensure_token(data_dir)
-        raw = _run(raw_worker, data_dir, args.seconds, 1)
-        one = _run(keystore_worker, data_dir, args.seconds, 1)
-        two = _run(keystore_worker, data_dir, args.seconds, 2)
-    print(f"SoftHSM2 ({find_module()}), AES_256_GCM token key, {args.seconds:.1f} s per cell")
+        # Alternate the contenders so that load from elsewhere hits both alike; keep the best.
+        for _ in range(args.rounds):
+            for best, worker, procs in ((raw, raw_worker, 1), (one, keystore_worker, 1),
+                                        (two, keystore_worker, 2)):  # fmt: skip
+                for op, rate in _run(worker, data_dir, args.seconds, procs).items():
+                    best[op] = max(best[op], rate)
+    print(
+        f"SoftHSM2 ({find_module()}), AES_256_GCM token key, {args.seconds:.1f} s per cell, "
+        f"best of {args.rounds} alternating rounds"
+    )
     header = f"{'operation':<15}{'raw ops/s':>12}{'keystore':>12}{'ratio':>8}"
     print(header + f"{'2 procs':>12}{'2p/1p':>8}")
     for op in OPS:

@@ -475,6 +475,15 @@ class Pkcs11Keystore:
         """``n`` bytes from the token's random generator."""
         if n < 1:
             raise TokenRejected("random: length must be positive")
+        with _LOCK:
+            conn = self._conn
+            if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry frame
+                try:
+                    return bytes(conn.session.generate_random(n * 8))
+                except RECONNECT_ERRORS:
+                    pass  # the slow path below reconnects and retries
+                except p11e.PKCS11Error as exc:
+                    raise map_pkcs11_error(exc, "generating random bytes") from exc
         return self._call(
             "generating random bytes", lambda c: bytes(c.session.generate_random(n * 8))
         )
