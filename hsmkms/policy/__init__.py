@@ -1,0 +1,84 @@
+"""Key policies, identity policies and grants: a pure authorization engine (no I/O).
+
+``parse_policy`` / ``parse_identity_policy`` turn AWS policy JSON into frozen documents;
+``evaluate_key_access`` decides a request the way AWS KMS does (explicit Deny wins, then a
+direct key-policy Allow, then delegation to identity policies, else implicit deny);
+``access_denied_message`` words the refusal as AWS does; ``grant_allows`` decides grants. The
+model is described in docs/key-policies.md.
+"""
+
+from __future__ import annotations
+
+from hsmkms.policy.actions import ACCOUNT_ACTIONS, KEY_RESOURCE_ACTIONS
+from hsmkms.policy.conditions import BASE_OPERATORS, ConditionClause, SetQualifier
+from hsmkms.policy.context import ConditionContext, ContextInput, ContextValue, request_context
+from hsmkms.policy.document import (
+    MAX_POLICY_BYTES,
+    Effect,
+    PolicyDocument,
+    PolicyKind,
+    Principals,
+    Statement,
+    default_key_policy,
+    parse_identity_policy,
+    parse_policy,
+    root_arn,
+)
+from hsmkms.policy.evaluate import (
+    LOCKOUT_MESSAGE,
+    AccessRequest,
+    Decision,
+    Outcome,
+    PolicySource,
+    access_denied_message,
+    evaluate,
+    evaluate_identity_access,
+    evaluate_key_access,
+    lockout_check,
+)
+from hsmkms.policy.grants import (
+    ENCRYPTION_CONTEXT_OPERATIONS,
+    GRANT_OPERATIONS,
+    SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS,
+    GrantConstraints,
+    grant_allows,
+    valid_grant_operations,
+)
+
+__all__ = [
+    "ACCOUNT_ACTIONS",
+    "BASE_OPERATORS",
+    "ENCRYPTION_CONTEXT_OPERATIONS",
+    "GRANT_OPERATIONS",
+    "KEY_RESOURCE_ACTIONS",
+    "LOCKOUT_MESSAGE",
+    "MAX_POLICY_BYTES",
+    "SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS",
+    "AccessRequest",
+    "ConditionClause",
+    "ConditionContext",
+    "ContextInput",
+    "ContextValue",
+    "Decision",
+    "Effect",
+    "GrantConstraints",
+    "Outcome",
+    "PolicyDocument",
+    "PolicyKind",
+    "PolicySource",
+    "Principals",
+    "SetQualifier",
+    "Statement",
+    "access_denied_message",
+    "default_key_policy",
+    "evaluate",
+    "evaluate_identity_access",
+    "evaluate_key_access",
+    "grant_allows",
+    "lockout_check",
+    "parse_identity_policy",
+    "parse_policy",
+    "request_context",
+    "root_arn",
+    "valid_grant_operations",
+]
