@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GCM_LABEL, SCRATCH_LABEL, token_config
-from hsmkms.keystore.base import KeyMaterialRef
+from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef
 from hsmkms.keystore.errors import (
     DecryptionFailed,
     KeyMaterialMissing,
@@ -335,3 +335,24 @@ def test_info_describes_module_and_token(keystore: Pkcs11Keystore) -> None:
     assert "AES_GCM" in info.mechanisms
     assert info.profile is MechanismProfile.AES_256_GCM
     assert info.serial
+
+
+def test_mac_keys_compute_and_verify_inside_the_token(keystore: Pkcs11Keystore) -> None:
+    ref = keystore.create_mac_key(f"test-{uuid.uuid4().hex[:8]}")
+    assert MacKeyRef.from_str(ref.to_str()) == ref
+    attrs = keystore.attributes(ref.object_id, ["SIGN", "VERIFY", "ENCRYPT", "EXTRACTABLE"])
+    assert attrs == {"SIGN": True, "VERIFY": True, "ENCRYPT": False, "EXTRACTABLE": False}
+    tag = keystore.mac(ref, b"record 1")
+    assert len(tag) == 32
+    assert keystore.mac(ref, b"record 1") == tag
+    assert keystore.verify_mac(ref, b"record 1", tag)
+    assert not keystore.verify_mac(ref, b"record 2", tag)
+    assert not keystore.verify_mac(ref, b"record 1", tag[:-1] + bytes([tag[-1] ^ 1]))
+    assert not keystore.verify_mac(ref, b"record 1", tag[:16])
+    other = keystore.create_mac_key(f"test-{uuid.uuid4().hex[:8]}")
+    assert keystore.mac(other, b"record 1") != tag
+
+
+def test_mac_key_names_must_fit_a_label(keystore: Pkcs11Keystore) -> None:
+    with pytest.raises(TokenRejected):
+        keystore.create_mac_key("x" * 40)

@@ -46,6 +46,32 @@ class KeyMaterialRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class MacKeyRef:
+    """Names one HMAC-SHA-256 key object in the token (``CKA_ID`` hex). No secret here.
+
+    Used for keys that authenticate rather than encrypt: the audit trail's seal, integrity tags
+    on security-relevant database rows.
+    """
+
+    object_id: str
+
+    PREFIX = "HMAC_SHA_256"
+
+    def to_str(self) -> str:
+        """Serialized form for the metadata store: ``HMAC_SHA_256:id``."""
+        return f"{self.PREFIX}:{self.object_id}"
+
+    @classmethod
+    def from_str(cls, value: str) -> MacKeyRef:
+        """Parse :meth:`to_str` output; ``ValueError`` when malformed."""
+        prefix, _, object_id = value.partition(":")
+        if prefix != cls.PREFIX or not object_id:
+            raise ValueError("not a MAC key reference")
+        bytes.fromhex(object_id)
+        return cls(object_id)
+
+
+@dataclasses.dataclass(frozen=True)
 class Sealed:
     """Output of :meth:`Keystore.encrypt`: the IV and ``ciphertext || tag``."""
 
@@ -105,6 +131,19 @@ class Keystore(Protocol):
 
     def random(self, n: int) -> bytes:
         """``n`` bytes from the token's random generator."""
+        ...
+
+    def create_mac_key(self, name: str) -> MacKeyRef:
+        """Generate a non-extractable HMAC-SHA-256 token key (sign/verify only), labelled
+        ``hsmkms:<name>``."""
+        ...
+
+    def mac(self, ref: MacKeyRef, data: bytes) -> bytes:
+        """HMAC-SHA-256 of ``data`` computed inside the token (32 bytes)."""
+        ...
+
+    def verify_mac(self, ref: MacKeyRef, data: bytes, tag: bytes) -> bool:
+        """Whether ``tag`` is the HMAC-SHA-256 of ``data``, checked inside the token."""
         ...
 
     def destroy(self, ref: KeyMaterialRef) -> None:

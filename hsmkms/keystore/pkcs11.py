@@ -40,7 +40,7 @@ import pkcs11
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsmkms.keystore.base import KeyMaterialRef, Sealed, TokenInfo, TokenObject
+from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, TokenObject
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.errors import (
     RECONNECT_ERRORS,
@@ -510,6 +510,47 @@ class Pkcs11Keystore:
             )
 
         return self._call("looking up a key", work)
+
+    def create_mac_key(self, name: str) -> MacKeyRef:
+        """Generate a non-extractable HMAC-SHA-256 token key (generic secret, 256 bits, sign and
+        verify only), labelled ``hsmkms:<name>`` (at most 40 bytes)."""
+        label = f"{LABEL_PREFIX}{name}"
+        if len(label.encode()) > 40:
+            raise TokenRejected("MAC key name too long for a token label")
+
+        def work(conn: _Connection) -> MacKeyRef:
+            raw = self._new_object_id(conn)
+            key = conn.session.generate_key(
+                KeyType.GENERIC_SECRET, 256, id=raw, label=label, store=True,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY, template=_AES_TEMPLATE,
+            )  # fmt: skip
+            conn.handles[raw] = key
+            return MacKeyRef(raw.hex())
+
+        return self._call("creating a MAC key", work)
+
+    def mac(self, ref: MacKeyRef, data: bytes) -> bytes:
+        """HMAC-SHA-256 of ``data`` computed inside the token."""
+        as_key = KeyMaterialRef(MechanismProfile.AES_256_GCM, (ref.object_id,))
+        return self._with_keys(
+            "computing a MAC", as_key,
+            lambda _, keys: bytes(keys[0].sign(data, mechanism=Mechanism.SHA256_HMAC)),
+        )  # fmt: skip
+
+    def verify_mac(self, ref: MacKeyRef, data: bytes, tag: bytes) -> bool:
+        """Whether ``tag`` is the HMAC-SHA-256 of ``data`` (verified inside the token)."""
+        if len(tag) != 32:
+            return False
+        as_key = KeyMaterialRef(MechanismProfile.AES_256_GCM, (ref.object_id,))
+        try:
+            return self._with_keys(
+                "verifying a MAC", as_key,
+                lambda _, keys: bool(keys[0].verify(data, tag, mechanism=Mechanism.SHA256_HMAC)),
+                decrypting=True,
+            )  # fmt: skip
+        except DecryptionFailed:
+            return False
 
     def list_objects(self) -> list[TokenObject]:
         """Every secret-key object on the token whose label marks it as this project's."""
