@@ -82,7 +82,8 @@ def test_round_trip(any_keystore: Pkcs11Keystore, size: int) -> None:
     plaintext = os.urandom(size)
     sealed = any_keystore.encrypt(ref, plaintext, AAD)
     assert len(sealed.iv) == ref.profile.iv_length
-    assert plaintext not in sealed.body
+    if size >= 16:  # shorter strings can occur in random ciphertext by chance
+        assert plaintext not in sealed.body
     assert any_keystore.decrypt(ref, sealed.iv, sealed.body, AAD) == plaintext
 
 

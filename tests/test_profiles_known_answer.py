@@ -32,7 +32,6 @@ MAC = {Attribute.SIGN: True, Attribute.VERIFY: True}
 
 def _import_secret(ks: Pkcs11Keystore, key_type: Any, value: bytes, caps: dict[Any, bool]) -> str:
     object_id = os.urandom(16)
-    session = ks._connection().session
     with_caps = {
         Attribute.CLASS: ObjectClass.SECRET_KEY,
         Attribute.KEY_TYPE: key_type,
@@ -44,7 +43,8 @@ def _import_secret(ks: Pkcs11Keystore, key_type: Any, value: bytes, caps: dict[A
         Attribute.SENSITIVE: True,
         **caps,
     }
-    session.create_object(with_caps)
+    # Through the keystore's own call path, so a stale session is reopened like anywhere else.
+    ks._call("importing a test key", lambda conn: conn.session.create_object(with_caps))
     return object_id.hex()
 
 

@@ -1,0 +1,239 @@
+"""AWS member constraints declared on the models, and the validator that enforces them.
+
+Constraints ride in ``Annotated`` metadata (``KeyId: Annotated[str, Length(1, 2048)]``), where
+pydantic ignores them; :func:`validate_request` walks a model and raises one
+:class:`~hsmkms.errors.ValidationException` worded like AWS::
+
+    1 validation error detected: Value '1025' at 'numberOfBytes' failed to satisfy constraint:
+    Member must have value less than or equal to 1024
+
+Blob values are never echoed (AWS says ``Value at 'plaintext'``), so no secret reaches a message.
+Several failures are joined with ``; `` under ``N validation errors detected:``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from hsmkms.errors import ValidationException
+
+
+@dataclasses.dataclass(frozen=True)
+class Length:
+    """Length bounds: characters of a string, bytes of a blob, items of a list or map."""
+
+    min: int | None = None
+    max: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of an integer member."""
+
+    min: int | None = None
+    max: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A regular expression the whole string must match (AWS model ``pattern``)."""
+
+    regex: str
+
+    def matches(self, value: str) -> bool:
+        return re.fullmatch(self.regex, value) is not None
+
+
+_CONSTRAINTS = (Length, Range, Pattern)
+
+
+def member_path(name: str) -> str:
+    """The AWS path of a member: its name in lowerCamelCase (``NumberOfBytes`` ->
+    ``numberOfBytes``)."""
+    return name[:1].lower() + name[1:]
+
+
+def _show(value: Any) -> str | None:
+    """The value as AWS echoes it, or ``None`` for blobs (never echoed)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def constraint_error(path: str, value: Any, constraint: str) -> str:
+    """One AWS validation clause: ``Value 'x' at 'path' failed to satisfy constraint: ...``."""
+    shown = _show(value)
+    head = "Value" if shown is None else f"Value '{shown}'"
+    return f"{head} at '{path}' failed to satisfy constraint: {constraint}"
+
+
+def validation_exception(clauses: Sequence[str]) -> ValidationException:
+    """The ValidationException carrying ``clauses`` in AWS's wording."""
+    n = len(clauses)
+    noun = "error" if n == 1 else "errors"
+    return ValidationException(f"{n} validation {noun} detected: " + "; ".join(clauses))
+
+
+def _check(path: str, value: Any, metadata: Sequence[Any], out: list[str]) -> None:
+    for item in metadata:
+        if isinstance(item, Length):
+            size = len(value)
+            if item.min is not None and size < item.min:
+                out.append(
+                    constraint_error(
+                        path, value, f"Member must have length greater than or equal to {item.min}"
+                    )
+                )
+            elif item.max is not None and size > item.max:
+                out.append(
+                    constraint_error(
+                        path, value, f"Member must have length less than or equal to {item.max}"
+                    )
+                )
+        elif isinstance(item, Range):
+            if item.min is not None and value < item.min:
+                out.append(
+                    constraint_error(
+                        path, value, f"Member must have value greater than or equal to {item.min}"
+                    )
+                )
+            elif item.max is not None and value > item.max:
+                out.append(
+                    constraint_error(
+                        path, value, f"Member must have value less than or equal to {item.max}"
+                    )
+                )
+        elif isinstance(item, Pattern) and isinstance(value, str) and not item.matches(value):
+            out.append(
+                constraint_error(
+                    path, value, f"Member must satisfy regular expression pattern: {item.regex}"
+                )
+            )
+
+
+def _strip_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _split_annotated(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
+    if typing.get_origin(annotation) is typing.Annotated:
+        args = typing.get_args(annotation)
+        return _strip_optional(args[0]), tuple(args[1:])
+    return annotation, ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _MemberPlan:
+    """What to check on one member, worked out once per model class."""
+
+    name: str
+    path: str
+    metadata: tuple[Any, ...]
+    is_list: bool
+    element_metadata: tuple[Any, ...]
+
+
+@functools.cache
+def _plan(model_type: type[BaseModel]) -> tuple[_MemberPlan, ...]:
+    plans = []
+    for name, field in model_type.model_fields.items():
+        # ``X | None`` around an ``Annotated`` alias keeps the metadata inside the union.
+        annotation, inner_meta = _split_annotated(_strip_optional(field.annotation))
+        is_list = typing.get_origin(annotation) is list
+        element_meta: tuple[Any, ...] = ()
+        if is_list:
+            _element, element_meta = _split_annotated(typing.get_args(annotation)[0])
+        plans.append(
+            _MemberPlan(
+                name,
+                member_path(name),
+                tuple(m for m in (*field.metadata, *inner_meta) if isinstance(m, _CONSTRAINTS)),
+                is_list,
+                element_meta,
+            )
+        )
+    return tuple(plans)
+
+
+def _walk(model: BaseModel, prefix: str, out: list[str]) -> None:
+    for plan in _plan(type(model)):
+        value = getattr(model, plan.name)
+        if value is None:
+            continue
+        path = prefix + plan.path
+        if plan.metadata:
+            _check(path, value, plan.metadata, out)
+        if plan.is_list and isinstance(value, list):
+            for index, item in enumerate(value, start=1):
+                item_path = f"{path}.{index}.member"
+                if plan.element_metadata:
+                    _check(item_path, item, plan.element_metadata, out)
+                if isinstance(item, BaseModel):
+                    _walk(item, item_path + ".", out)
+        elif isinstance(value, BaseModel):
+            _walk(value, path + ".", out)
+
+
+def validate_request(model: BaseModel) -> None:
+    """Check every declared constraint of ``model`` (recursively); raise one AWS-worded
+    :class:`~hsmkms.errors.ValidationException` listing every failure."""
+    clauses: list[str] = []
+    _walk(model, "", clauses)
+    if clauses:
+        raise validation_exception(clauses)
+
+
+def from_pydantic_error(exc: PydanticValidationError) -> ValidationException:
+    """Turn a pydantic error raised while building a request into AWS's wording.
+
+    For the protocol layer: a missing required member becomes ``Value null at 'keyId' failed to
+    satisfy constraint: Member must not be null``; an enum mismatch lists the allowed values.
+    """
+    clauses: list[str] = []
+    for error in exc.errors(include_url=False, include_input=True):
+        loc = error.get("loc", ())
+        parts: list[str] = []
+        for part in loc:
+            if isinstance(part, int):
+                parts.append(f"{part + 1}.member")
+            else:
+                parts.append(member_path(str(part)))
+        path = ".".join(parts) or "body"
+        kind = error.get("type", "")
+        if kind == "missing":
+            clauses.append(
+                f"Value null at '{path}' failed to satisfy constraint: Member must not be null"
+            )
+        elif kind == "enum":
+            expected = error.get("ctx", {}).get("expected", "")
+            allowed = "[" + ", ".join(re.findall(r"'([^']*)'", str(expected))) + "]"
+            clauses.append(
+                constraint_error(
+                    path,
+                    error.get("input"),
+                    f"Member must satisfy enum value set: {allowed}",
+                )
+            )
+        else:
+            clauses.append(
+                f"Value at '{path}' failed to satisfy constraint: Member must be of the right type"
+            )
+    return validation_exception(clauses or ["Value at 'body' failed to satisfy constraint"])

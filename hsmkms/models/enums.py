@@ -1,0 +1,116 @@
+"""AWS KMS enumerations (reference/aws-kms-api.md §3.2), with AWS's exact spellings."""
+
+from __future__ import annotations
+
+import enum
+
+
+class KeyState(enum.StrEnum):
+    """Key states as AWS names them (hsmkms uses Enabled, Disabled and PendingDeletion)."""
+
+    Creating = "Creating"
+    Enabled = "Enabled"
+    Disabled = "Disabled"
+    PendingDeletion = "PendingDeletion"
+    PendingImport = "PendingImport"
+    PendingReplicaDeletion = "PendingReplicaDeletion"
+    Unavailable = "Unavailable"
+    Updating = "Updating"
+
+
+class KeyUsage(enum.StrEnum):
+    """What a key may be used for."""
+
+    SIGN_VERIFY = "SIGN_VERIFY"
+    ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
+    GENERATE_VERIFY_MAC = "GENERATE_VERIFY_MAC"
+    KEY_AGREEMENT = "KEY_AGREEMENT"
+
+
+class KeySpec(enum.StrEnum):
+    """The type of key material (hsmkms creates SYMMETRIC_DEFAULT only, so far)."""
+
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    ECC_NIST_P256 = "ECC_NIST_P256"
+    ECC_NIST_P384 = "ECC_NIST_P384"
+    ECC_NIST_P521 = "ECC_NIST_P521"
+    ECC_SECG_P256K1 = "ECC_SECG_P256K1"
+    ECC_NIST_EDWARDS25519 = "ECC_NIST_EDWARDS25519"
+    SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+    HMAC_224 = "HMAC_224"
+    HMAC_256 = "HMAC_256"
+    HMAC_384 = "HMAC_384"
+    HMAC_512 = "HMAC_512"
+    SM2 = "SM2"
+    ML_DSA_44 = "ML_DSA_44"
+    ML_DSA_65 = "ML_DSA_65"
+    ML_DSA_87 = "ML_DSA_87"
+
+
+class OriginType(enum.StrEnum):
+    """Where the key material comes from."""
+
+    AWS_KMS = "AWS_KMS"
+    EXTERNAL = "EXTERNAL"
+    AWS_CLOUDHSM = "AWS_CLOUDHSM"
+    EXTERNAL_KEY_STORE = "EXTERNAL_KEY_STORE"
+
+
+class KeyManager(enum.StrEnum):
+    """Who manages the key."""
+
+    AWS = "AWS"
+    CUSTOMER = "CUSTOMER"
+
+
+class DataKeySpec(enum.StrEnum):
+    """GenerateDataKey key lengths."""
+
+    AES_256 = "AES_256"
+    AES_128 = "AES_128"
+
+    @property
+    def length(self) -> int:
+        """The data key length in bytes."""
+        return 32 if self is DataKeySpec.AES_256 else 16
+
+
+class EncryptionAlgorithmSpec(enum.StrEnum):
+    """Encryption algorithms; symmetric keys use SYMMETRIC_DEFAULT only."""
+
+    SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+    RSAES_OAEP_SHA_1 = "RSAES_OAEP_SHA_1"
+    RSAES_OAEP_SHA_256 = "RSAES_OAEP_SHA_256"
+    SM2PKE = "SM2PKE"
+
+
+class RotationType(enum.StrEnum):
+    """How a key version came to be (ListKeyRotations)."""
+
+    AUTOMATIC = "AUTOMATIC"
+    ON_DEMAND = "ON_DEMAND"
+
+
+class IncludeKeyMaterial(enum.StrEnum):
+    """ListKeyRotations: list only rotations, or the original key material too."""
+
+    ALL_KEY_MATERIAL = "ALL_KEY_MATERIAL"
+    ROTATIONS_ONLY = "ROTATIONS_ONLY"
+
+
+class KeyMaterialState(enum.StrEnum):
+    """State of one key material (version) in ListKeyRotations."""
+
+    CURRENT = "CURRENT"
+    NON_CURRENT = "NON_CURRENT"
+    PENDING_ROTATION = "PENDING_ROTATION"
+    PENDING_MULTI_REGION_IMPORT_AND_ROTATION = "PENDING_MULTI_REGION_IMPORT_AND_ROTATION"
+
+
+class ExpirationModel(enum.StrEnum):
+    """Whether imported key material expires (always KEY_MATERIAL_DOES_NOT_EXPIRE here)."""
+
+    KEY_MATERIAL_EXPIRES = "KEY_MATERIAL_EXPIRES"
+    KEY_MATERIAL_DOES_NOT_EXPIRE = "KEY_MATERIAL_DOES_NOT_EXPIRE"

@@ -1,0 +1,8 @@
+"""The KMS service: AWS KMS operations over the keystore and the metadata store."""
+
+from __future__ import annotations
+
+from hsmkms.service.kms import DueTaskReport, Inconsistencies, KmsService
+from hsmkms.service.operations import OPERATIONS, Operation
+
+__all__ = ["OPERATIONS", "DueTaskReport", "Inconsistencies", "KmsService", "Operation"]

@@ -1,0 +1,296 @@
+"""The shared machinery of :class:`~hsmkms.service.KmsService`: key resolution, state checks,
+sealing and opening ciphertexts, creating key versions crash-safely.
+
+The operation classes in this package build on it; each public operation follows one template:
+validate -> (authorize: a later issue) -> resolve the key -> check its state -> private worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from hsmkms.ciphertext import CiphertextBlob, aad_for
+from hsmkms.errors import (
+    DryRunOperationException,
+    InvalidCiphertextException,
+    InvalidKeyUsageException,
+    NotFoundException,
+    ServerError,
+)
+from hsmkms.keystore.base import KeyMaterialRef, Keystore
+from hsmkms.keystore.errors import DecryptionFailed
+from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, KeyUsage, RotationType
+from hsmkms.service.identifiers import Arns
+from hsmkms.service.states import Access, check_state
+from hsmkms.store import (
+    DELETING,
+    KeyRecord,
+    KeyVersionRecord,
+    MetadataStore,
+    VersionConflict,
+)
+from hsmkms.types import Clock, utc_now
+
+log = structlog.get_logger(__name__)
+
+DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
+
+
+@functools.lru_cache(maxsize=8192)
+def material_ref(value: str) -> KeyMaterialRef:
+    """The parsed :class:`KeyMaterialRef` of a stored string (immutable, so cached)."""
+    return KeyMaterialRef.from_str(value)
+
+
+class RotationNotDue(Exception):
+    """Internal: a scheduled rotation found the key no longer due (someone else rotated)."""
+
+
+class ServiceCore:
+    """State and helpers shared by every operation group."""
+
+    def __init__(
+        self,
+        keystore: Keystore,
+        store: MetadataStore,
+        *,
+        region: str,
+        account_id: str,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._keystore = keystore
+        self._store = store
+        self._clock = clock
+        self.arns = Arns(region, account_id)
+        self.region = region
+        self.account_id = account_id
+
+    @property
+    def store(self) -> MetadataStore:
+        """The metadata store (for administrative tools and tests)."""
+        return self._store
+
+    @property
+    def keystore(self) -> Keystore:
+        """The keystore (for administrative tools and tests)."""
+        return self._keystore
+
+    # -- resolution -----------------------------------------------------------------------------
+
+    def _gone(self, key: KeyRecord, now: dt.datetime) -> bool:
+        """Whether a key no longer exists for callers: being purged, or its deletion date has
+        come (the purge may not have run yet)."""
+        if key.state == DELETING:
+            return True
+        return (
+            key.state == KeyState.PendingDeletion
+            and key.deletion_date is not None
+            and key.deletion_date <= now
+        )
+
+    def _not_found(self, key_id: str) -> NotFoundException:
+        return NotFoundException(f"Key '{self.arns.key(key_id)}' does not exist")
+
+    def _resolve_id(self, identifier: str, *, aliases: bool) -> str:
+        """The key id named by ``identifier`` (without checking the key exists, for key ids)."""
+        name = self.arns.parse(identifier, aliases=aliases)
+        if name.key_id is not None:
+            return name.key_id
+        assert name.alias is not None
+        alias = self._store.get_alias(name.alias)
+        if alias is None:
+            raise NotFoundException(f"Alias {self.arns.alias(name.alias)} is not found.")
+        return alias.key_id
+
+    def _resolve(self, identifier: str, *, aliases: bool, access: Access) -> KeyRecord:
+        """Resolve ``identifier`` to an existing key and check its state for ``access``."""
+        key_id = self._resolve_id(identifier, aliases=aliases)
+        key = self._store.get_key(key_id)
+        if key is None or self._gone(key, self._clock()):
+            raise self._not_found(key_id)
+        check_state(access, key)
+        return key
+
+    def _resolve_current(
+        self, identifier: str, *, aliases: bool = True
+    ) -> tuple[KeyRecord, KeyVersionRecord]:
+        """For encryption: the usable key and its current version, rotating first when an
+        automatic rotation is due (rotation is checked on use)."""
+        key_id = self._resolve_id(identifier, aliases=aliases)
+        found = self._store.get_key_and_version(key_id)
+        now = self._clock()
+        if found is None or self._gone(found[0], now):
+            raise self._not_found(key_id)
+        key, version = found
+        check_state(Access.USE, key)
+        self._check_usage(key)
+        if self._rotation_due(key, now):
+            try:
+                self._rotate(key, RotationType.AUTOMATIC)
+            except ServerError:
+                # A failed rotation must not stop encryption: keep the current version; the
+                # periodic task (run_due_tasks) tries again.
+                log.warning("rotation_on_use_failed", key_id=key_id)
+            found = self._store.get_key_and_version(key_id)
+            if found is None:
+                raise self._not_found(key_id)
+            key, version = found
+            check_state(Access.USE, key)
+        if version is None:  # the row of the current version must exist (same transaction)
+            raise self._not_found(key_id)
+        return key, version
+
+    def _check_usage(self, key: KeyRecord) -> None:
+        if key.key_usage != KeyUsage.ENCRYPT_DECRYPT:
+            raise InvalidKeyUsageException(
+                f"{key.arn} key usage is {key.key_usage} which is not valid for this operation."
+            )
+
+    @staticmethod
+    def _check_algorithm(algorithm: EncryptionAlgorithmSpec | None) -> EncryptionAlgorithmSpec:
+        if algorithm is None or algorithm is EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT:
+            return EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT
+        raise InvalidKeyUsageException(
+            f"Algorithm {algorithm} is incompatible with key spec SYMMETRIC_DEFAULT."
+        )
+
+    @staticmethod
+    def _dry_run(flag: bool | None) -> None:
+        if flag:
+            raise DryRunOperationException(DRY_RUN_MESSAGE)
+
+    # -- sealing --------------------------------------------------------------------------------
+
+    def _seal(
+        self,
+        key: KeyRecord,
+        version: KeyVersionRecord,
+        plaintext: bytes,
+        context: Mapping[str, str],
+    ) -> bytes:
+        """Encrypt ``plaintext`` under one key version inside the token; the blob bytes."""
+        ref = material_ref(version.material_ref)
+        aad = aad_for(key.key_id, version.version, ref.profile, context)
+        sealed = self._keystore.encrypt(ref, plaintext, aad)
+        blob = CiphertextBlob(key.key_id, version.version, ref.profile, sealed.iv, sealed.body)
+        return blob.to_bytes()
+
+    def _open(
+        self,
+        data: bytes,
+        context: Mapping[str, str],
+        expected_key_id: str | None,
+        incorrect_key: Callable[[], Exception],
+    ) -> tuple[KeyRecord, KeyVersionRecord, bytes]:
+        """Decrypt a blob with the key version it names (never by trial). Every failure of the
+        blob is one InvalidCiphertextException; a known key in a refusing state gives its state
+        error, as AWS."""
+        blob = CiphertextBlob.parse(data)
+        if expected_key_id is not None and expected_key_id != blob.key_id:
+            # spec: AWS KMS Decrypt — IncorrectKeyException when KeyId does not match.
+            raise incorrect_key()
+        found = self._store.get_key_and_version(blob.key_id, blob.key_version)
+        if found is None or self._gone(found[0], self._clock()):
+            raise InvalidCiphertextException()
+        key, version = found
+        check_state(Access.USE, key)
+        self._check_usage(key)
+        if version is None:
+            raise InvalidCiphertextException()
+        ref = material_ref(version.material_ref)
+        if ref.profile is not blob.profile:
+            raise InvalidCiphertextException()
+        plaintext: bytes | None
+        try:
+            plaintext = self._keystore.decrypt(ref, blob.iv, blob.body, blob.aad(context))
+        except DecryptionFailed:
+            plaintext = None
+        if plaintext is None:
+            # Raised outside the handler: no cause or context reaches the caller.
+            raise InvalidCiphertextException()
+        return key, version, plaintext
+
+    # -- versions -------------------------------------------------------------------------------
+
+    def _rotation_due(self, key: KeyRecord, now: dt.datetime) -> bool:
+        return (
+            key.state == KeyState.Enabled
+            and key.rotation_enabled
+            and key.next_rotation_date is not None
+            and key.next_rotation_date <= now
+        )
+
+    def _destroy_quietly(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
+        try:
+            self._keystore.destroy(ref)
+        except Exception:  # the orphan check (hsmkms doctor) reports what is left
+            log.warning("destroy_failed", key_id=key_id, version=version)
+
+    def _committed(self, key_id: str, version: int, ref: KeyMaterialRef) -> bool:
+        """Whether the store holds ``ref`` for this version (a commit that reported failure
+        may still have happened: never destroy material the store refers to)."""
+        try:
+            row = self._store.get_version(key_id, version)
+        except Exception:
+            return True  # cannot tell: keep the object; the orphan check will tell
+        return row is not None and row.material_ref == ref.to_str()
+
+    def _rotate(
+        self,
+        key: KeyRecord,
+        rotation_type: RotationType,
+        precondition: Callable[[KeyRecord], None] | None = None,
+    ) -> KeyRecord | None:
+        """Make a new key version current. Crash-safe order: token object first, then the row
+        (one transaction); on failure the object is destroyed.
+
+        Returns the updated key, or ``None`` when another writer changed the current version
+        first (or, for an automatic rotation, the key is no longer due): nothing was rotated.
+        """
+        now = self._clock()
+        new_version = key.current_version + 1
+        ref = self._keystore.create_key(key.key_id, new_version, self._keystore.profile)
+        record = KeyVersionRecord(
+            key_id=key.key_id,
+            version=new_version,
+            material_ref=ref.to_str(),
+            profile=ref.profile.value,
+            created_at=now,
+            rotation_type=rotation_type.value,
+        )
+        next_date: dt.datetime | None = None
+        check: Callable[[KeyRecord], None] | None = precondition
+        if rotation_type is RotationType.AUTOMATIC:
+            period = key.rotation_period_days or 365
+            next_date = now + dt.timedelta(days=period)
+
+            def due(current: KeyRecord) -> None:
+                if not self._rotation_due(current, now):
+                    raise RotationNotDue
+                if precondition is not None:
+                    precondition(current)
+
+            check = due
+        try:
+            updated = self._store.add_version(
+                record,
+                precondition=check,
+                next_rotation_date=next_date,
+                on_demand=rotation_type is RotationType.ON_DEMAND,
+            )
+        except (VersionConflict, RotationNotDue):
+            # Another writer rotated first: our object is surplus.
+            self._destroy_quietly(ref, key.key_id, new_version)
+            return None
+        except BaseException:
+            if not self._committed(key.key_id, new_version, ref):
+                self._destroy_quietly(ref, key.key_id, new_version)
+            raise
+        log.info(
+            "key_rotated", key_id=key.key_id, version=new_version, rotation_type=rotation_type.value
+        )
+        return updated

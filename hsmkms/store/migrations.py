@@ -1,0 +1,60 @@
+"""A tiny ordered migration runner.
+
+``MIGRATIONS`` is an append-only list of ``(version, name, function)``; each function receives a
+connection inside the runner's transaction and must use dialect-neutral DDL. The runner records
+every applied version in ``schema_migrations`` and skips those already there, so running it again
+(or from two processes at once: the runner holds the write lock) is harmless.
+
+Rule for the future: once a release ships, a migration function is frozen. When the schema
+changes, write the new DDL as a new migration and update :mod:`hsmkms.store.schema` to match;
+``tests/test_store.py`` checks that a migrated database matches the declared schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from sqlalchemy import Connection, select
+
+from hsmkms.store import schema
+from hsmkms.types import Clock
+
+Migration = tuple[int, str, Callable[[Connection], None]]
+
+
+def _v1_initial(conn: Connection) -> None:
+    # Before the first release the declared schema is version 1.
+    schema.metadata.create_all(conn, tables=list(schema.APPLICATION_TABLES), checkfirst=True)
+
+
+MIGRATIONS: Final[list[Migration]] = [
+    (1, "initial schema: keys, key_versions, aliases, tags", _v1_initial),
+]
+
+
+def applied_versions(conn: Connection) -> list[int]:
+    """The migration versions recorded in ``conn``'s database, ascending."""
+    rows = conn.execute(
+        select(schema.schema_migrations.c.version).order_by(schema.schema_migrations.c.version)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def run_migrations(conn: Connection, clock: Clock) -> list[int]:
+    """Apply every pending migration in order, inside the caller's transaction.
+
+    Returns the versions applied by this call (empty when the schema was already current).
+    """
+    schema.schema_migrations.create(conn, checkfirst=True)
+    done = set(applied_versions(conn))
+    newly: list[int] = []
+    for version, name, function in MIGRATIONS:
+        if version in done:
+            continue
+        function(conn)
+        conn.execute(
+            schema.schema_migrations.insert().values(version=version, name=name, applied_at=clock())
+        )
+        newly.append(version)
+    return newly

@@ -1,0 +1,75 @@
+"""Typed records the metadata store reads and writes. Plain values: no secrets, no policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+DELETING = "Deleting"
+"""Internal key state (never shown to callers): the purge has started destroying token objects.
+
+A key in this state is gone for every caller; the purge finishes it on its next run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    """One KMS key's metadata. ``state`` is an AWS key state name or :data:`DELETING`."""
+
+    key_id: str
+    arn: str
+    description: str
+    key_usage: str
+    key_spec: str
+    origin: str
+    state: str
+    created_at: dt.datetime
+    policy: str
+    current_version: int
+    deletion_date: dt.datetime | None = None
+    pending_window_days: int | None = None
+    rotation_enabled: bool = False
+    rotation_period_days: int | None = None
+    next_rotation_date: dt.datetime | None = None
+    on_demand_rotations: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyVersionRecord:
+    """One version of a key: where its material lives on the token, and how it came to be.
+
+    ``material_ref`` is :meth:`hsmkms.keystore.base.KeyMaterialRef.to_str` output (object ids,
+    never key bytes). ``rotation_type`` is ``None`` for version 1, else AUTOMATIC or ON_DEMAND.
+    """
+
+    key_id: str
+    version: int
+    material_ref: str
+    profile: str
+    created_at: dt.datetime
+    rotation_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasRecord:
+    """An alias name (``alias/...``) pointing at a key id."""
+
+    name: str
+    key_id: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing. ``next_marker`` is opaque and set only when more items follow."""
+
+    items: list[T]
+    next_marker: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """Whether another page follows."""
+        return self.next_marker is not None

@@ -1,0 +1,128 @@
+"""The metadata schema, as SQLAlchemy Core tables. Dialect-neutral: SQLite and PostgreSQL.
+
+The store never holds a secret: key versions are named by their token object ids
+(:meth:`hsmkms.keystore.base.KeyMaterialRef.to_str`), never by their bytes.
+
+Tables::
+
+    keys             one row per KMS key (metadata, state, rotation and deletion schedule, policy)
+    key_versions     one row per key version: (key_id, version) -> token object ids + profile
+    aliases          alias name -> key id
+    tags             (key_id, tag_key) -> tag_value
+    schema_migrations  applied migrations (see :mod:`hsmkms.store.migrations`)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """An aware UTC timestamp on every dialect.
+
+    SQLite has no time zone type: values are stored as naive UTC and read back as aware UTC.
+    PostgreSQL gets ``TIMESTAMP WITH TIME ZONE``. Naive datetimes are refused on the way in.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime) or value.tzinfo is None:
+            raise ValueError("timestamps must be aware datetimes")
+        utc = value.astimezone(dt.UTC)
+        if dialect.name == "sqlite":
+            return utc.replace(tzinfo=None)
+        return utc
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+metadata = MetaData()
+
+keys = Table(
+    "keys",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("arn", String(256), nullable=False, unique=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("key_usage", String(32), nullable=False),
+    Column("key_spec", String(32), nullable=False),
+    Column("origin", String(32), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("deletion_date", UTCDateTime, nullable=True),
+    Column("pending_window_days", Integer, nullable=True),
+    Column("policy", Text, nullable=False),
+    Column("rotation_enabled", Boolean, nullable=False, default=False),
+    Column("rotation_period_days", Integer, nullable=True),
+    Column("next_rotation_date", UTCDateTime, nullable=True),
+    Column("current_version", Integer, nullable=False),
+    Column("on_demand_rotations", Integer, nullable=False, default=0),
+)
+Index("ix_keys_state_deletion", keys.c.state, keys.c.deletion_date)
+Index("ix_keys_rotation", keys.c.rotation_enabled, keys.c.next_rotation_date)
+
+key_versions = Table(
+    "key_versions",
+    metadata,
+    Column("key_id", String(36), ForeignKey("keys.id"), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("material_ref", Text, nullable=False),
+    Column("profile", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("rotation_type", String(16), nullable=True),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("name", String(256), primary_key=True),
+    Column("key_id", String(36), ForeignKey("keys.id"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+Index("ix_aliases_key_id", aliases.c.key_id)
+
+tags = Table(
+    "tags",
+    metadata,
+    Column("key_id", String(36), ForeignKey("keys.id"), primary_key=True),
+    Column("tag_key", String(128), primary_key=True),
+    Column("tag_value", String(256), nullable=False),
+)
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(128), nullable=False),
+    Column("applied_at", UTCDateTime, nullable=False),
+)
+
+APPLICATION_TABLES = (keys, key_versions, aliases, tags)
+"""The tables migration 1 creates, in dependency order."""
