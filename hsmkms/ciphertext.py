@@ -36,6 +36,7 @@ forever (frozen vectors in ``tests/test_ciphertext.py``). See ``docs/ciphertext.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import uuid
 from collections.abc import Mapping
@@ -50,6 +51,8 @@ __all__ = [
     "MAX_PLAINTEXT",
     "CiphertextBlob",
     "aad_for",
+    "blob_bytes",
+    "blob_prefix",
     "encode_encryption_context",
 ]
 
@@ -104,6 +107,18 @@ def _key_id_bytes(key_id: str) -> bytes:
     """The 16 raw bytes of a key id; ``ValueError`` unless it is a canonical lowercase UUID."""
     if not isinstance(key_id, str):
         raise TypeError("key_id must be a str")
+    return _canonical_uuid_bytes(key_id)
+
+
+@functools.lru_cache(maxsize=8192)
+def _key_id_str(raw: bytes) -> str:
+    # Cached for Decrypt, like _canonical_uuid_bytes for Encrypt.
+    return str(uuid.UUID(bytes=raw))
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical_uuid_bytes(key_id: str) -> bytes:
+    # Cached: the hot path (every Encrypt/Decrypt) converts the same few key ids over and over.
     parsed = uuid.UUID(key_id)
     if str(parsed) != key_id:
         raise ValueError("key_id must be a canonical lowercase UUID string")
@@ -128,6 +143,9 @@ def _check_body(profile: MechanismProfile, body: bytes) -> None:
             raise ValueError("CBC ciphertext must be a positive multiple of the block size")
 
 
+_EMPTY_CONTEXT = b"\x00\x00"
+
+
 def _utf8(text: str) -> bytes:
     try:
         return text.encode("utf-8")
@@ -147,6 +165,8 @@ def encode_encryption_context(ctx: Mapping[str, str]) -> bytes:
     """
     if not isinstance(ctx, Mapping):
         raise ValidationException("encryption context must be a map of strings to strings")
+    if not ctx:
+        return _EMPTY_CONTEXT
     if len(ctx) > _U16_MAX:
         raise ValidationException(f"encryption context must have at most {_U16_MAX} pairs")
     pairs: list[tuple[bytes, bytes]] = []
@@ -185,9 +205,26 @@ def aad_for(
     non-canonical key id or a key version outside 1..2**32-1; ``ValidationException`` for a bad
     encryption context.
     """
+    return blob_prefix(key_id, key_version, profile) + encode_encryption_context(encryption_context)
+
+
+@functools.lru_cache(maxsize=8192)
+def blob_prefix(key_id: str, key_version: int, profile: MechanismProfile) -> bytes:
+    """``version || key id || key version || profile id``: the first bytes of every blob of one
+    key version, and the start of its AAD. Cached (every Encrypt needs it). ``ValueError`` for a
+    non-canonical key id or a key version outside 1..2**32-1."""
     _check_key_version(key_version)
-    prefix = _PREFIX.pack(FORMAT_VERSION, _key_id_bytes(key_id), key_version, profile.wire_id)
-    return prefix + encode_encryption_context(encryption_context)
+    return _PREFIX.pack(FORMAT_VERSION, _key_id_bytes(key_id), key_version, profile.wire_id)
+
+
+def blob_bytes(prefix: bytes, profile: MechanismProfile, iv: bytes, body: bytes) -> bytes:
+    """The wire form of a blob from its :func:`blob_prefix` and the keystore's IV and body,
+    without building a :class:`CiphertextBlob` (the Encrypt hot path). Checks the same length
+    invariants (``ValueError``)."""
+    if len(iv) != profile.iv_length:
+        raise ValueError("iv length does not match the profile")
+    _check_body(profile, body)
+    return prefix + iv + body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,9 +259,7 @@ class CiphertextBlob:
         _check_body(self.profile, self.body)
 
     def _prefix(self) -> bytes:
-        return _PREFIX.pack(
-            FORMAT_VERSION, uuid.UUID(self.key_id).bytes, self.key_version, self.profile.wire_id
-        )
+        return blob_prefix(self.key_id, self.key_version, self.profile)
 
     def header(self) -> bytes:
         """Every byte of the blob before the body (version .. IV)."""
@@ -269,7 +304,7 @@ class CiphertextBlob:
         reader = _Reader(data)
         if reader.u8() != FORMAT_VERSION:
             raise _Malformed
-        key_id = str(uuid.UUID(bytes=reader.take(16)))
+        key_id = _key_id_str(reader.take(16))
         key_version = reader.u32()
         profile = MechanismProfile.from_wire_id(reader.u8())
         iv = reader.take(profile.iv_length)

@@ -13,7 +13,12 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from hsmkms.ciphertext import CiphertextBlob, aad_for
+from hsmkms.ciphertext import (
+    CiphertextBlob,
+    blob_bytes,
+    blob_prefix,
+    encode_encryption_context,
+)
 from hsmkms.errors import (
     DryRunOperationException,
     InvalidCiphertextException,
@@ -174,10 +179,9 @@ class ServiceCore:
     ) -> bytes:
         """Encrypt ``plaintext`` under one key version inside the token; the blob bytes."""
         ref = material_ref(version.material_ref)
-        aad = aad_for(key.key_id, version.version, ref.profile, context)
-        sealed = self._keystore.encrypt(ref, plaintext, aad)
-        blob = CiphertextBlob(key.key_id, version.version, ref.profile, sealed.iv, sealed.body)
-        return blob.to_bytes()
+        prefix = blob_prefix(key.key_id, version.version, ref.profile)
+        sealed = self._keystore.encrypt(ref, plaintext, prefix + encode_encryption_context(context))
+        return blob_bytes(prefix, ref.profile, sealed.iv, sealed.body)
 
     def _open(
         self,
