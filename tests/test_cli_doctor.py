@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -9,6 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from hsmkms.config import Settings
+from hsmkms.keystore.base import KeyMaterialRef
+from hsmkms.models import CreateKeyRequest, ScheduleKeyDeletionRequest
+from hsmkms.service.kms import KmsService
+from hsmkms.service.local import open_service
+from hsmkms.service.testing import ManualClock
+from hsmkms.types import Clock, utc_now
 
 pytestmark = pytest.mark.hsm
 
@@ -103,3 +112,65 @@ def test_doctor_unreadable_softhsm_config(tmp_path: Path) -> None:
 def test_doctor_bad_setting(tmp_path: Path) -> None:
     proc = doctor(tmp_path, HSMKMS_ACCOUNT_ID="12")
     assert_one_line_failure(proc, "HSMKMS_ACCOUNT_ID")
+
+
+def _service(data_dir: Path, clock: Clock = utc_now) -> KmsService:
+    return open_service(Settings.load(data_dir), clock=clock)
+
+
+def _material(service: KmsService, key_id: str) -> KeyMaterialRef:
+    found = service.store.get_key_and_version(key_id)
+    assert found is not None
+    assert found[1] is not None
+    return KeyMaterialRef.from_str(found[1].material_ref)
+
+
+def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None:
+    """An object no key refers to is listed; a key version whose object is gone fails doctor."""
+    assert doctor(tmp_path).returncode == 0
+    service = _service(tmp_path)
+    try:
+        orphan = service.keystore.create_key("0badc0de-0000-4000-8000-000000000000", 1)
+        key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
+        material = _material(service, key_id)
+    finally:
+        service.close()
+    report = json.loads(doctor(tmp_path, "--json").stdout)
+    assert report["orphans"] == [
+        {"object_id": orphan.object_ids[0], "label": "hsmkms:0badc0de000040008000:1:a"}
+    ]
+    assert report["missing"] == []
+
+    service = _service(tmp_path)
+    try:
+        service.keystore.destroy(material)
+    finally:
+        service.close()
+    assert_one_line_failure(doctor(tmp_path), f"key {key_id} version 1: token object missing")
+
+
+def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
+    """`hsmkms purge` destroys the token objects of keys whose deletion date has passed."""
+    # Schedule the deletion on a clock 8 days behind, so the 7-day window is over now.
+    service = _service(tmp_path, ManualClock(dt.datetime.now(dt.UTC) - dt.timedelta(days=8)))
+    try:
+        key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
+        material = _material(service, key_id)
+        service.schedule_key_deletion(
+            ScheduleKeyDeletionRequest(KeyId=key_id, PendingWindowInDays=7)
+        )
+    finally:
+        service.close()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "purge", "--data-dir", str(tmp_path)],
+        env=clean, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"deleted {key_id}" in proc.stdout
+    service = _service(tmp_path)
+    try:
+        assert not service.keystore.exists(material)
+        assert service.store.get_key(key_id) is None
+    finally:
+        service.close()

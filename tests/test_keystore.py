@@ -357,3 +357,25 @@ def test_mac_keys_compute_and_verify_inside_the_token(keystore: Pkcs11Keystore) 
 def test_mac_key_names_must_fit_a_label(keystore: Pkcs11Keystore) -> None:
     with pytest.raises(TokenRejected):
         keystore.create_mac_key("x" * 40)
+
+
+def test_two_softhsm_configurations_in_one_process(
+    softhsm_dir: Path, keystore: Pkcs11Keystore, tmp_path: Path
+) -> None:
+    """SoftHSM2 reads SOFTHSM2_CONF only at C_Initialize: a keystore on another data directory
+    re-initializes the module for its own config (and must not reach the first one's token,
+    whose label is the same); the first keystore reconnects to its own token afterwards."""
+    from hsmkms.softhsm import ensure_token
+
+    ref = new_ref(keystore)
+    sealed = keystore.encrypt(ref, b"first", AAD)
+    first_serial = keystore.info().serial
+    ensure_token(tmp_path)  # another token labelled "hsmkms", with another PIN
+    other = Pkcs11Keystore(token_config(tmp_path, GCM_LABEL))
+    try:
+        assert other.info().serial != first_serial
+        assert not set(ref.object_ids) & {o.object_id for o in other.list_objects()}
+    finally:
+        other.close()
+    assert keystore.info().serial == first_serial
+    assert keystore.decrypt(ref, sealed.iv, sealed.body, AAD) == b"first"

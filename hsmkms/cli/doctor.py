@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from hsmkms.config import Settings, keystore_config, pin_file_is_private
-from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.errors import KMSInternalException
+from hsmkms.service.local import open_service
 from hsmkms.softhsm import ensure_token
 
 
@@ -35,13 +36,14 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         ensure_token(settings.data_dir)
         report["softhsm2_conf"] = str(settings.softhsm2_conf)
         report["user_pin_file"] = str(settings.user_pin_file)
-    config = keystore_config(settings)
-    keystore = Pkcs11Keystore(config)
+    keystore_config(settings)  # configuration errors first, with their own message
+    service = open_service(settings)
     try:
-        info = keystore.info()  # opens the module, finds the token and logs in
-        keystore.self_test()
+        info = service.keystore.info()  # opens the module, finds the token and logs in
+        service.keystore.self_test()
+        found = service.find_inconsistencies()
     finally:
-        keystore.close()
+        service.close()
     report.update(
         module=info.module,
         library=info.library_description,
@@ -53,6 +55,8 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         mechanisms=list(info.mechanisms),
         login="ok",
         self_test="ok",
+        orphans=[{"object_id": o.object_id, "label": o.label} for o in found.orphans],
+        missing=[{"key_id": key_id, "version": version} for key_id, version in found.missing],
     )
     warnings = []
     pin_file = settings.user_pin_file if settings.is_embedded else settings.pin_file
@@ -64,8 +68,11 @@ def diagnose(settings: Settings) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     report = diagnose(Settings.load(args.data_dir))
+    missing = report["missing"]
     if args.json:
         print(json.dumps(report, sort_keys=True))
+        if missing:
+            raise KMSInternalException(_missing_message(missing))
         return 0
     width = 16
     for key in ("data_dir", "softhsm2_conf", "user_pin_file", "module", "library",
@@ -76,6 +83,20 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
     )
+    print(f"{'orphans:':<{width}} {len(report['orphans'])}")
+    for orphan in report["orphans"]:
+        print(f"  token object {orphan['object_id']} ({orphan['label']}) belongs to no key")
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
+    if missing:
+        raise KMSInternalException(_missing_message(missing))
     return 0
+
+
+def _missing_message(missing: list[dict[str, Any]]) -> str:
+    first = missing[0]
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return (
+        f"key {first['key_id']} version {first['version']}: token object missing{more}; "
+        "its ciphertexts cannot be decrypted"
+    )

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Protocol
 
 from hsmkms.profiles import MechanismProfile
+
+_KEY_VERSION_LABEL = re.compile(r"hsmkms:[0-9a-f]{20}:[0-9]{1,10}:[ah]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,13 @@ class TokenObject:
     label: str
     key_type: str
 
+    @property
+    def is_key_version(self) -> bool:
+        """Whether the label marks a KMS key version's object
+        (``hsmkms:<20 hex of the key id>:<version>:<a|h>``), as opposed to a service key such
+        as the audit or credentials key."""
+        return _KEY_VERSION_LABEL.fullmatch(self.label) is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenInfo:
@@ -156,6 +166,10 @@ class Keystore(Protocol):
 
     def list_objects(self) -> list[TokenObject]:
         """Every object on the token that this project created."""
+        ...
+
+    def self_test(self) -> None:
+        """Round trip with temporary keys of the current profile; raises on any failure."""
         ...
 
     def close(self) -> None:

@@ -73,8 +73,8 @@ _LOCK = threading.RLock()
 # This process's pid, kept current across fork without a system call per operation.
 _PID = os.getpid()
 
-# Module path -> pid of the process that last initialized it.
-_INITIALIZED_IN: dict[str, int] = {}
+# Module path -> (pid, SoftHSM2 config) of the last initialization of the module.
+_INITIALIZED_IN: dict[str, tuple[int, str | None]] = {}
 
 
 def _reset_lock_after_fork() -> None:
@@ -167,12 +167,15 @@ class Pkcs11Keystore:
             raise ModuleLoadError(f"PKCS#11 module not found: {path}")
         try:
             lib = pkcs11.lib(path)
-            pid = os.getpid()
-            if _INITIALIZED_IN.setdefault(path, pid) != pid:
-                # A forked child: the module state is a copy of the parent's. Initialize anew
-                # (once per process and module; usage guide v2.40 §6.5.1).
+            wanted = (os.getpid(), self._config.softhsm2_conf)
+            if _INITIALIZED_IN.setdefault(path, wanted) != wanted:
+                # A forked child: the module state is a copy of the parent's (usage guide v2.40
+                # §6.5.1). Or another SoftHSM2 configuration: SoftHSM2 reads SOFTHSM2_CONF only
+                # in C_Initialize, so without this a second data directory in one process would
+                # silently reach the first one's tokens. Other keystores of this process on the
+                # module lose their sessions and reconnect (re-initializing for their own config).
                 lib.reinitialize()
-                _INITIALIZED_IN[path] = pid
+                _INITIALIZED_IN[path] = wanted
         except p11e.GeneralError as exc:
             # SoftHSM2 reports a missing or unreadable softhsm2.conf as CKR_GENERAL_ERROR.
             where = os.environ.get("SOFTHSM2_CONF", "its configuration file")

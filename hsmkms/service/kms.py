@@ -881,7 +881,8 @@ class KmsService(ServiceCore):
             referenced.update(ref.object_ids)
             if state != DELETING and not all(oid in present for oid in ref.object_ids):
                 missing.append((version.key_id, version.version))
-        orphans = [o for o in objects if o.object_id not in referenced]
+        # Service keys (audit seal, credentials) are not key versions and never orphans here.
+        orphans = [o for o in objects if o.is_key_version and o.object_id not in referenced]
         return Inconsistencies(orphans=orphans, missing=missing)
 
     def start_background(self, interval: float = 60.0) -> None:
@@ -906,3 +907,9 @@ class KmsService(ServiceCore):
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def close(self) -> None:
+        """Stop background work, close the store and log the keystore out (end of process)."""
+        self.stop()
+        self._store.close()
+        self._keystore.close()
