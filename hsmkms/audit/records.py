@@ -1,0 +1,560 @@
+"""CloudTrail-shaped audit records (reference/aws-kms-api.md §5.2) and their canonical JSON.
+
+A record is a plain JSON object (``dict``) shaped like an AWS CloudTrail event for KMS. The
+builders :func:`api_call_record` and :func:`service_event_record` make every record; nothing else
+should.
+
+Security contract: no record holds plaintext, data keys, ciphertext blobs or other secrets.
+What goes in is decided by allow-lists, never by a deny-list:
+
+* ``requestParameters`` keeps only request members named in :data:`REQUEST_FIELDS`, each checked
+  against its declared shape (a string member holding ``bytes`` is dropped, a map must be
+  string to string, ...). Every other member — ``Plaintext``, ``CiphertextBlob``,
+  ``GrantTokens``, anything added to the API later — is left out.
+* ``responseElements`` is ``null`` for read-only operations (every cryptographic operation is
+  one) and otherwise keeps only the members in :data:`RESPONSE_FIELDS`.
+* ``additionalEventData`` and ``serviceEventDetails`` take only the names in
+  :data:`ADDITIONAL_EVENT_DATA_FIELDS` / :data:`SERVICE_EVENT_DETAIL_FIELDS`, with scalar
+  values; anything else is a programming error (``ValueError``).
+* ``errorMessage`` has any value of an omitted request member (and its base64) cut out, in case
+  an error echoes its input.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+from pydantic import BaseModel
+
+from hsmkms.types import utc_now
+
+__all__ = [
+    "ADDITIONAL_EVENT_DATA_FIELDS",
+    "EVENT_VERSION",
+    "READ_ONLY_OPERATIONS",
+    "REQUEST_FIELDS",
+    "RESPONSE_FIELDS",
+    "SERVICE_EVENT_DETAIL_FIELDS",
+    "AuditRecord",
+    "UserIdentity",
+    "api_call_record",
+    "canonical_json",
+    "format_event_time",
+    "key_id_of",
+    "lower_camel",
+    "request_parameters",
+    "response_elements",
+    "service_event_record",
+]
+
+AuditRecord = dict[str, Any]
+"""One audit record: a JSON object in the CloudTrail event shape."""
+
+EVENT_VERSION: Final = "1.08"
+EVENT_SOURCE: Final = "kms.amazonaws.com"
+KEY_RESOURCE_TYPE: Final = "AWS::KMS::Key"
+_OMITTED: Final = "[omitted]"
+# Values of omitted members shorter than this are not cut out of error messages: too likely to
+# match ordinary words.
+_MIN_SCRUB_LENGTH: Final = 6
+
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical JSON encoding hashed by the trail: sorted keys, no whitespace, ASCII only
+    (``\\uXXXX`` escapes), no NaN or infinities. ``TypeError``/``ValueError`` for anything that is
+    not plain JSON — in particular ``bytes`` can never reach a record."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def format_event_time(when: dt.datetime) -> str:
+    """CloudTrail's ``eventTime``: ISO-8601 UTC to the second with a ``Z`` (naive = refused)."""
+    if when.tzinfo is None:
+        raise ValueError("event times must be aware datetimes")
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def lower_camel(name: str) -> str:
+    """``KeyId`` -> ``keyId``; ``AWSAccountId`` -> ``aWSAccountId`` (what CloudTrail writes)."""
+    return name[:1].lower() + name[1:]
+
+
+def key_id_of(key: str) -> str:
+    """The key id in a key ARN (``arn:aws:kms:r:a:key/<id>`` -> ``<id>``); other values as is."""
+    prefix, sep, rest = key.partition(":key/")
+    return rest if sep and prefix.startswith("arn:") else key
+
+
+# --------------------------------------------------------------------------------------------
+# Field shapes: each returns the sanitized value, or _DROP when the value has another shape.
+# --------------------------------------------------------------------------------------------
+
+
+class _Drop:
+    pass
+
+
+_DROP: Final = _Drop()
+_Shape = Callable[[Any], Any]
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _str(value: Any) -> Any:
+    value = _plain(value)
+    return value if isinstance(value, str) else _DROP
+
+
+def _int(value: Any) -> Any:
+    value = _plain(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else _DROP
+
+
+def _bool(value: Any) -> Any:
+    return value if isinstance(value, bool) else _DROP
+
+
+def _str_map(value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        return _DROP
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return _DROP
+    return dict(value)
+
+
+def _str_list(value: Any) -> Any:
+    if not isinstance(value, list | tuple):
+        return _DROP
+    items = [_plain(v) for v in value]
+    return items if all(isinstance(v, str) for v in items) else _DROP
+
+
+def _time(value: Any) -> Any:
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            when = dt.datetime.fromtimestamp(value, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            return _DROP
+        return when.isoformat().replace("+00:00", "Z")
+    return _DROP
+
+
+def _structure(fields: Mapping[str, _Shape]) -> _Shape:
+    def shape(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_none=True)
+        if not isinstance(value, Mapping):
+            return _DROP
+        return _select(value, fields)
+
+    return shape
+
+
+def _list_of(item: _Shape) -> _Shape:
+    def shape(value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            return _DROP
+        items = [item(v) for v in value]
+        return _DROP if any(i is _DROP for i in items) else items
+
+    return shape
+
+
+def _select(values: Mapping[str, Any], fields: Mapping[str, _Shape]) -> dict[str, Any]:
+    """The allow-listed members of ``values``, lowerCamelCased; ``None`` members are skipped."""
+    out: dict[str, Any] = {}
+    for name, shape in fields.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        kept = shape(value)
+        if kept is not _DROP:
+            out[lower_camel(name)] = kept
+    return out
+
+
+_TAG = _structure({"TagKey": _str, "TagValue": _str})
+_CONSTRAINTS = _structure(
+    {"EncryptionContextEquals": _str_map, "EncryptionContextSubset": _str_map}
+)
+
+REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
+    # keys, aliases, grants: identifiers and settings, never secret
+    "KeyId": _str,
+    "SourceKeyId": _str,
+    "DestinationKeyId": _str,
+    "TargetKeyId": _str,
+    "AliasName": _str,
+    "GrantId": _str,
+    "GranteePrincipal": _str,
+    "RetiringPrincipal": _str,
+    "Operations": _str_list,
+    "Constraints": _CONSTRAINTS,
+    "Name": _str,
+    # cryptographic parameters (spec: §5.1 — the encryption context is not secret, AWS logs it)
+    "EncryptionContext": _str_map,
+    "SourceEncryptionContext": _str_map,
+    "DestinationEncryptionContext": _str_map,
+    "EncryptionAlgorithm": _str,
+    "SourceEncryptionAlgorithm": _str,
+    "DestinationEncryptionAlgorithm": _str,
+    "KeySpec": _str,
+    "KeyPairSpec": _str,
+    "NumberOfBytes": _int,
+    "SigningAlgorithm": _str,
+    "MessageType": _str,
+    "MacAlgorithm": _str,
+    "KeyAgreementAlgorithm": _str,
+    "Recipient": _structure({"KeyEncryptionAlgorithm": _str}),
+    "DryRun": _bool,
+    "DryRunModifiers": _str_list,
+    # key creation and lifecycle
+    "Description": _str,
+    "KeyUsage": _str,
+    "CustomerMasterKeySpec": _str,
+    "Origin": _str,
+    "CustomKeyStoreId": _str,
+    "XksKeyId": _str,
+    "MultiRegion": _bool,
+    "BypassPolicyLockoutSafetyCheck": _bool,
+    "Policy": _str,
+    "PolicyName": _str,
+    "Tags": _list_of(_TAG),
+    "TagKeys": _str_list,
+    "PendingWindowInDays": _int,
+    "RotationPeriodInDays": _int,
+    "IncludeKeyMaterial": _str,
+    # pagination
+    "Limit": _int,
+    "Marker": _str,
+}
+"""Request members that may be copied into ``requestParameters``, with their shapes.
+
+``Plaintext``, ``CiphertextBlob``, ``Message``, ``Mac``, ``Signature``, ``GrantTokens``,
+``GrantToken``, ``PublicKey``, import material and any unknown member are absent on purpose.
+"""
+
+_KEY_METADATA = _structure(
+    {
+        "AWSAccountId": _str,
+        "KeyId": _str,
+        "Arn": _str,
+        "CreationDate": _time,
+        "Enabled": _bool,
+        "Description": _str,
+        "KeyUsage": _str,
+        "KeyState": _str,
+        "DeletionDate": _time,
+        "ValidTo": _time,
+        "Origin": _str,
+        "KeyManager": _str,
+        "CustomerMasterKeySpec": _str,
+        "KeySpec": _str,
+        "EncryptionAlgorithms": _str_list,
+        "SigningAlgorithms": _str_list,
+        "MacAlgorithms": _str_list,
+        "MultiRegion": _bool,
+        "PendingDeletionWindowInDays": _int,
+        "CurrentKeyMaterialId": _str,
+    }
+)
+
+RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
+    "KeyMetadata": _KEY_METADATA,
+    "KeyId": _str,
+    "KeyState": _str,
+    "DeletionDate": _time,
+    "PendingWindowInDays": _int,
+    "GrantId": _str,
+    "KeyMaterialId": _str,
+}
+"""Response members that may be copied into ``responseElements`` (non-read-only operations).
+``GrantToken`` is absent on purpose: it is a bearer token."""
+
+ADDITIONAL_EVENT_DATA_FIELDS: Final = frozenset(
+    {
+        "keyVersion",
+        "sourceKeyVersion",
+        "destinationKeyVersion",
+        "keyMaterialId",
+        "mechanismProfile",
+        "customKeyStoreId",
+        "grantId",
+        "failureReason",
+        "authorization",
+        "dryRun",
+    }
+)
+"""Names allowed in ``additionalEventData`` (values: str, int, float, bool or null)."""
+
+SERVICE_EVENT_DETAIL_FIELDS: Final = frozenset(
+    {"keyId", "keyVersion", "keyMaterialId", "rotationType", "deletionDate", "keyState"}
+)
+"""Names allowed in ``serviceEventDetails`` (values: str, int, float, bool or null)."""
+
+READ_ONLY_OPERATIONS: Final = frozenset(
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateRandom",
+        "Sign",
+        "Verify",
+        "GenerateMac",
+        "VerifyMac",
+        "DeriveSharedSecret",
+        "GetPublicKey",
+        "DescribeKey",
+        "DescribeCustomKeyStores",
+        "GetKeyPolicy",
+        "GetKeyRotationStatus",
+        "GetKeyLastUsage",
+        "GetParametersForImport",
+        "ListAliases",
+        "ListGrants",
+        "ListKeyPolicies",
+        "ListKeyRotations",
+        "ListKeys",
+        "ListResourceTags",
+        "ListRetirableGrants",
+    }
+)
+"""Operations CloudTrail marks ``readOnly: true``; their ``responseElements`` are ``null``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UserIdentity:
+    """Who made a call: CloudTrail's ``userIdentity``. No secret here (never a secret key).
+
+    ``type`` is ``Root`` (the account's root credential), ``IAMUser`` (a credential made with
+    ``hsmkms credentials``) or ``Unknown`` (the caller could not be authenticated).
+    """
+
+    type: str
+    principal_id: str | None = None
+    arn: str | None = None
+    account_id: str | None = None
+    access_key_id: str | None = None
+    user_name: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        """The ``userIdentity`` object; absent parts are left out."""
+        values = {
+            "type": self.type,
+            "principalId": self.principal_id,
+            "arn": self.arn,
+            "accountId": self.account_id,
+            "accessKeyId": self.access_key_id,
+            "userName": self.user_name,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def _members(value: Mapping[str, Any] | BaseModel | None) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        # Python mode: blobs stay ``bytes`` (so no shape accepts them), enums stay enums.
+        return value.model_dump(exclude_none=True)
+    return value
+
+
+def request_parameters(
+    event_name: str, request: Mapping[str, Any] | BaseModel | None
+) -> dict[str, Any] | None:
+    """``requestParameters``: the allow-listed request members, lowerCamelCased, or ``None``."""
+    params = _select(_members(request), REQUEST_FIELDS)
+    if event_name == "Decrypt":
+        # spec: §5.2 — Decrypt entries always include encryptionAlgorithm, even if not sent.
+        params.setdefault("encryptionAlgorithm", "SYMMETRIC_DEFAULT")
+    return params or None
+
+
+def response_elements(
+    event_name: str, response: Mapping[str, Any] | BaseModel | None
+) -> dict[str, Any] | None:
+    """``responseElements``: ``None`` for read-only operations (spec: §5.2 — null for crypto
+    operations), else the allow-listed response members."""
+    if event_name in READ_ONLY_OPERATIONS:
+        return None
+    return _select(_members(response), RESPONSE_FIELDS) or None
+
+
+def _omitted_values(members: Mapping[str, Any]) -> set[str]:
+    """Text forms of every value the record leaves out, to cut out of error messages."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        value = _plain(value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            raw = bytes(value)
+            found.add(base64.b64encode(raw).decode())
+            found.add(raw.decode("utf-8", "ignore"))
+            found.add(raw.hex())
+        elif isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+
+    for name, value in members.items():
+        if name not in REQUEST_FIELDS or REQUEST_FIELDS[name](value) is _DROP:
+            walk(value)
+    return {v for v in found if len(v) >= _MIN_SCRUB_LENGTH}
+
+
+def _scrub(message: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, _OMITTED)
+    return message
+
+
+def _scalars(values: Mapping[str, Any] | None, allowed: frozenset[str], what: str) -> Any:
+    if not values:
+        return None
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in allowed:
+            raise ValueError(f"{what}: {name!r} is not an allowed member")
+        value = _plain(value)
+        if isinstance(value, dt.datetime):
+            value = _time(value)
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise ValueError(f"{what}: {name!r} must be a string, number, boolean or null")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{what}: {name!r} must be a finite number")
+        out[name] = value
+    return out
+
+
+def _resources(key_arns: Sequence[str], account_id: str) -> list[dict[str, str]]:
+    out = []
+    for arn in dict.fromkeys(key_arns):  # unique, in order
+        parts = arn.split(":")
+        owner = parts[4] if len(parts) > 5 and parts[0] == "arn" and parts[4] else account_id
+        out.append({"accountId": owner, "type": KEY_RESOURCE_TYPE, "ARN": arn})
+    return out
+
+
+def api_call_record(
+    event_name: str,
+    *,
+    identity: UserIdentity,
+    account_id: str,
+    region: str,
+    request_id: str,
+    request: Mapping[str, Any] | BaseModel | None = None,
+    response: Mapping[str, Any] | BaseModel | None = None,
+    key_arns: Sequence[str] = (),
+    source_ip: str | None = None,
+    user_agent: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    additional_event_data: Mapping[str, Any] | None = None,
+    event_time: dt.datetime | None = None,
+    event_id: str | None = None,
+) -> AuditRecord:
+    """The record of one API call (``eventType`` ``AwsApiCall``), allowed or denied, successful
+    or failed.
+
+    ``request``/``response`` are the operation's request and response (a wire model or a dict
+    with the AWS PascalCase member names); only allow-listed members are copied (see the module
+    docstring). ``key_arns`` are the ARNs of the keys the call used or named (``resources``).
+    ``error_code`` is the AWS ``__type`` when the call failed. ``additional_event_data`` carries
+    what the service knows beyond the wire (``keyVersion``, ``failureReason``, ...).
+    """
+    members = _members(request)
+    record: AuditRecord = {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": identity.to_dict(),
+        "eventTime": format_event_time(event_time or utc_now()),
+        "eventSource": EVENT_SOURCE,
+        "eventName": event_name,
+        "awsRegion": region,
+        "sourceIPAddress": source_ip,
+        "userAgent": user_agent,
+        "requestParameters": request_parameters(event_name, members),
+        "responseElements": None if error_code else response_elements(event_name, response),
+        "requestID": request_id,
+        "eventID": event_id or str(uuid.uuid4()),
+        "readOnly": event_name in READ_ONLY_OPERATIONS,
+        "resources": _resources(key_arns, account_id),
+        "eventType": "AwsApiCall",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+    }
+    if error_code is not None:
+        record["errorCode"] = error_code
+        record["errorMessage"] = _scrub(error_message or "", _omitted_values(members))
+    extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
+    if extra is not None:
+        record["additionalEventData"] = extra
+    return record
+
+
+def service_event_record(
+    event_name: str,
+    *,
+    account_id: str,
+    region: str,
+    key_arn: str,
+    details: Mapping[str, Any] | None = None,
+    additional_event_data: Mapping[str, Any] | None = None,
+    event_time: dt.datetime | None = None,
+    event_id: str | None = None,
+) -> AuditRecord:
+    """The record of something the service did by itself (``eventType`` ``AwsServiceEvent``):
+    ``RotateKey`` (automatic rotation), ``DeleteKey`` (end of the deletion waiting period).
+
+    ``details`` becomes ``serviceEventDetails`` (default ``{"keyId": <key id>}``).
+    """
+    service_details = _scalars(
+        details if details is not None else {"keyId": key_id_of(key_arn)},
+        SERVICE_EVENT_DETAIL_FIELDS,
+        "serviceEventDetails",
+    )
+    record: AuditRecord = {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": {"accountId": account_id, "invokedBy": EVENT_SOURCE},
+        "eventTime": format_event_time(event_time or utc_now()),
+        "eventSource": EVENT_SOURCE,
+        "eventName": event_name,
+        "awsRegion": region,
+        "sourceIPAddress": EVENT_SOURCE,
+        "userAgent": EVENT_SOURCE,
+        "requestParameters": None,
+        "responseElements": None,
+        "eventID": event_id or str(uuid.uuid4()),
+        "readOnly": False,
+        "resources": _resources([key_arn], account_id),
+        "eventType": "AwsServiceEvent",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+        "serviceEventDetails": service_details,
+    }
+    extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
+    if extra is not None:
+        record["additionalEventData"] = extra
+    return record

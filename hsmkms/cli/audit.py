@@ -1,0 +1,169 @@
+"""``hsmkms audit``: verify the audit trail against the token, show its tail, search it.
+
+``verify`` exits 0 when the trail is intact, 1 when it finds tampering (naming the first bad
+record) or no trail, 3 when the trail is stale (the newest seal is overdue: a removed tail or a
+writer that stopped sealing). ``tail`` and ``search`` print one JSON record per line and need
+no token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from hsmkms.audit.records import canonical_json
+from hsmkms.audit.trail import AuditTrail, VerifyStatus
+from hsmkms.config import Settings, keystore_config
+from hsmkms.errors import ClientError
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+
+EXIT_OK = 0
+EXIT_TAMPERED = 1
+EXIT_STALE = 3
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hsmkms.cli.main import add_data_dir
+
+    parser = sub.add_parser(
+        "audit",
+        help="verify, tail and search the tamper-evident audit trail",
+        description="The audit trail holds one CloudTrail-shaped record per API call and "
+        "service event, hash-chained and sealed by an HMAC key inside the token.",
+    )
+    actions = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    verify = actions.add_parser(
+        "verify",
+        help="check the trail against the token's audit key",
+        description="Check every seal (inside the token), the hash chain of every record and "
+        "that the newest seal is not overdue. Exit 0: intact; 1: tampering found (the first "
+        "bad record is named) or no trail; 3: stale (the newest seal is overdue).",
+    )
+    add_data_dir(verify)
+    verify.add_argument(
+        "--expect-seal",
+        type=_expected_seal,
+        metavar="N:TAG",
+        help="a seal (number:tag hex) printed by an earlier verify and kept outside the "
+        "database; fail when the trail no longer holds it (rolled back)",
+    )
+    verify.set_defaults(run=run_verify)
+
+    tail = actions.add_parser("tail", help="print the newest records, one JSON per line")
+    add_data_dir(tail)
+    tail.add_argument("-n", type=int, default=10, metavar="N", help="how many (default 10)")
+    tail.set_defaults(run=run_tail)
+
+    search = actions.add_parser(
+        "search",
+        help="print matching records, oldest first, one JSON per line",
+        description="Every filter given must match. Results are not proof of integrity: run "
+        "'hsmkms audit verify' for that.",
+    )
+    add_data_dir(search)
+    search.add_argument("--key-id", help="a key id or key ARN the call used")
+    search.add_argument("--principal", help="the caller's ARN or access key id")
+    search.add_argument("--event-name", help="the operation, e.g. Decrypt")
+    search.add_argument("--since", type=_when, help="ISO-8601 time, inclusive (UTC if no zone)")
+    search.add_argument("--until", type=_when, help="ISO-8601 time, inclusive (UTC if no zone)")
+    search.add_argument("--limit", type=int, default=None, help="at most this many records")
+    search.set_defaults(run=run_search)
+
+
+def _when(value: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {value!r}") from None
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+
+
+def _expected_seal(value: str) -> tuple[int, bytes]:
+    number, _, tag = value.partition(":")
+    try:
+        parsed = (int(number), bytes.fromhex(tag))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not N:TAG (tag in hex): {value!r}") from None
+    if len(parsed[1]) != 32:
+        raise argparse.ArgumentTypeError("the tag is 64 hex digits")
+    return parsed
+
+
+def _database_url(settings: Settings) -> str:
+    """The database URL; a SQLite file that does not exist is an error (not a new database)."""
+    url = settings.effective_database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database or "")
+        if not path.is_file():
+            raise ClientError(f"no database at {path}")
+    return url
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    settings = Settings.load(args.data_dir)
+    url = _database_url(settings)
+    keystore = Pkcs11Keystore(keystore_config(settings))
+    try:
+        trail = AuditTrail(url, keystore, create=False)
+        try:
+            result = trail.verify(expect_seal=args.expect_seal)
+        finally:
+            trail.close()
+    finally:
+        keystore.close()
+    for gap in result.gaps:
+        print(
+            f"warning: no seal for {gap.seconds:.0f} s after seal {gap.after_seal} (at most "
+            f"{gap.allowed:g} s expected): an unclean stop, or records and seals removed from "
+            "the tail at that time",
+            file=sys.stderr,
+        )
+    if result.status is VerifyStatus.OK:
+        seal = result.newest_seal
+        newest = f"{seal.seal_seq}:{seal.tag.hex()} at {seal.sealed_at}" if seal else "-"
+        print(
+            f"audit trail intact: {result.records} records, {result.seals} seals, sealed "
+            f"through record {result.sealed_through} ({result.unsealed} unsealed), newest "
+            f"seal {newest}"
+        )
+        return EXIT_OK
+    print(f"hsmkms audit verify: {result.problem}", file=sys.stderr)
+    return EXIT_STALE if result.status is VerifyStatus.STALE else EXIT_TAMPERED
+
+
+def _reader(args: argparse.Namespace) -> AuditTrail:
+    settings = Settings.load(args.data_dir)
+    return AuditTrail(_database_url(settings), None, create=False)
+
+
+def run_tail(args: argparse.Namespace) -> int:
+    trail = _reader(args)
+    try:
+        for record in trail.tail(args.n):
+            print(canonical_json(record).decode())
+    finally:
+        trail.close()
+    return EXIT_OK
+
+
+def run_search(args: argparse.Namespace) -> int:
+    trail = _reader(args)
+    try:
+        for record in trail.search(
+            key_id=args.key_id,
+            principal=args.principal,
+            event_name=args.event_name,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        ):
+            print(canonical_json(record).decode())
+    finally:
+        trail.close()
+    return EXIT_OK
