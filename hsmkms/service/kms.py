@@ -97,9 +97,9 @@ from hsmkms.models.enums import (
     OriginType,
     RotationType,
 )
+from hsmkms.policy import default_key_policy, parse_policy
 from hsmkms.service.core import ServiceCore, log
 from hsmkms.service.identifiers import ALIAS_PREFIX, RESERVED_ALIAS_PREFIX, key_material_id
-from hsmkms.service.policy_document import check_policy, default_policy
 from hsmkms.service.states import Access
 from hsmkms.store import (
     DELETING,
@@ -225,7 +225,7 @@ class KmsService(ServiceCore):
         if request.MultiRegion:
             raise UnsupportedOperationException("Multi-Region keys are not supported.")
         if request.Policy is not None:
-            check_policy(request.Policy)
+            parse_policy(request.Policy)  # validates: size, grammar, conditions
         tags = self._check_tags(request.Tags or [])
 
         now = self._clock()
@@ -240,7 +240,7 @@ class KmsService(ServiceCore):
             origin=origin.value,
             state=KeyState.Enabled.value,
             created_at=now,
-            policy=request.Policy or default_policy(self.account_id),
+            policy=request.Policy or default_key_policy(self.account_id),
             current_version=1,
         )
         version = KeyVersionRecord(key_id, 1, ref.to_str(), ref.profile.value, now, None)
@@ -808,7 +808,7 @@ class KmsService(ServiceCore):
         validate_request(request)
         self._check_policy_name(request.PolicyName)
         key = self._resolve(request.KeyId, aliases=False, access=Access.READ)
-        check_policy(request.Policy)
+        parse_policy(request.Policy)  # validates: size, grammar, conditions
         if not self._store.set_policy(key.key_id, request.Policy):
             raise self._not_found(key.key_id)
         return EmptyResponse()
