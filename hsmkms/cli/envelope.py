@@ -1,0 +1,334 @@
+"""``hsmkms encrypt-file``, ``decrypt-file`` and ``rewrap``: envelope encryption of files and
+streams (:mod:`hsmkms.envelope`).
+
+Data keys come from the local data directory (the KMS service in this process) or, with
+``--endpoint-url``, from any KMS endpoint through boto3 (credentials and region from the usual
+AWS environment variables or profile). ``-`` means stdin or stdout.
+
+Output files are written atomically: nothing appears under the output name unless the whole
+operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
+Decrypting to stdout writes nothing until every segment has authenticated (stdin is spooled as
+ciphertext to an anonymous temporary file for that), unless ``--stream-unverified``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import signal
+import stat
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, BinaryIO
+
+from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
+from hsmkms.envelope.files import atomic_output
+from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
+from hsmkms.envelope.stream import Progress
+from hsmkms.errors import ValidationException
+
+STDIO = "-"
+PROGRESS_MIN_BYTES = 64 << 20
+_PROGRESS_INTERVAL = 0.1
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hsmkms.cli.main import add_data_dir
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        add_data_dir(parser)
+        parser.add_argument(
+            "--endpoint-url",
+            metavar="URL",
+            help="use this KMS endpoint (an hsmkms server or AWS KMS) through boto3 instead of "
+            "the local data directory",
+        )
+        parser.add_argument("--region", help="AWS region for --endpoint-url")
+        parser.add_argument(
+            "--no-fsync",
+            dest="fsync",
+            action="store_false",
+            help="do not wait for the output to reach the disk",
+        )
+
+    encrypt = sub.add_parser(
+        "encrypt-file",
+        help="encrypt a file or stream under a new data key",
+        description="Encrypt IN to OUT (- for stdin/stdout) as segmented AES-256-GCM under a "
+        "fresh data key from KEY; the output carries the encrypted data key.",
+    )
+    encrypt.add_argument("input", metavar="IN")
+    encrypt.add_argument("output", metavar="OUT")
+    encrypt.add_argument("--key-id", required=True, help="key id, key ARN, alias or alias ARN")
+    encrypt.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="encryption context pair (repeatable); needed again to decrypt",
+    )
+    encrypt.add_argument(
+        "--segment-size", type=int, default=DEFAULT_SEGMENT_SIZE, help=argparse.SUPPRESS
+    )
+    common(encrypt)
+    encrypt.set_defaults(run=run_encrypt)
+
+    decrypt = sub.add_parser(
+        "decrypt-file",
+        help="decrypt a file or stream made by encrypt-file",
+        description="Decrypt IN to OUT (- for stdin/stdout). The key comes from IN's header. "
+        "OUT (mode 0600) appears only if the whole input authenticates.",
+    )
+    decrypt.add_argument("input", metavar="IN")
+    decrypt.add_argument("output", metavar="OUT")
+    decrypt.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="require this encryption context pair (repeatable)",
+    )
+    decrypt.add_argument("--key-id", help="require the input to be encrypted under this key")
+    decrypt.add_argument(
+        "--stream-unverified",
+        action="store_true",
+        help="to stdout: write each segment as soon as it authenticates, in one pass; a "
+        "truncated input is then detected only at its end, after output was written "
+        "(the exit status is non-zero: discard the output)",
+    )
+    common(decrypt)
+    decrypt.set_defaults(run=run_decrypt)
+
+    rewrap = sub.add_parser(
+        "rewrap",
+        help="re-encrypt a file's data key under another key",
+        description="Re-encrypt FILE's data key under KEY (KMS ReEncrypt) and replace FILE "
+        "atomically. The payload is copied as it is, never decrypted.",
+    )
+    rewrap.add_argument("file", metavar="FILE")
+    rewrap.add_argument("--key-id", required=True, help="the new key")
+    common(rewrap)
+    rewrap.set_defaults(run=run_rewrap)
+
+
+def parse_context(pairs: Sequence[str]) -> dict[str, str]:
+    """``["k=v", ...]`` as a dict; ``ValidationException`` for a malformed or repeated key."""
+    context: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValidationException(f"--context needs KEY=VALUE, got {pair!r}")
+        if key in context:
+            raise ValidationException(f"--context key {key!r} given twice")
+        context[key] = value
+    return context
+
+
+@contextlib.contextmanager
+def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
+    segment_size = getattr(args, "segment_size", DEFAULT_SEGMENT_SIZE)
+    if args.endpoint_url:
+        yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
+        return
+    with _local_service(args.data_dir) as service:
+        yield EnvelopeClient(ServiceProvider(service), segment_size=segment_size)
+
+
+def _boto3_client(args: argparse.Namespace) -> Any:
+    try:
+        import boto3
+        from botocore import exceptions as boto_errors
+    except ImportError:
+        raise ValidationException("--endpoint-url needs boto3: pip install boto3") from None
+    from hsmkms.envelope.providers import map_boto_error
+
+    try:
+        return boto3.client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
+    except (boto_errors.BotoCoreError, ValueError) as exc:
+        if isinstance(exc, ValueError):
+            raise ValidationException(f"invalid --endpoint-url: {args.endpoint_url}") from None
+        raise map_boto_error(exc) from exc
+
+
+@contextlib.contextmanager
+def _local_service(data_dir: Path | None) -> Iterator[Any]:
+    """A KmsService on the data directory (the embedded token is created when missing)."""
+    from hsmkms.config import Settings
+    from hsmkms.log import configure_logging
+    from hsmkms.service.local import open_service
+
+    # stdout may carry the data: service logs go to stderr, warnings and errors only.
+    configure_logging("WARNING")
+    service = open_service(Settings.load(data_dir))
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+class _ProgressBar:
+    """``[#####.....]  42%  430/1024 MiB  1.2 GB/s`` on stderr, redrawn at most 10 times a
+    second."""
+
+    def __init__(self, total: int) -> None:
+        self._total = max(total, 1)
+        self._start = time.monotonic()
+        self._drawn = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self._drawn < _PROGRESS_INTERVAL and done < self._total:
+            return
+        self._drawn = now
+        fraction = min(done / self._total, 1.0)
+        filled = int(fraction * 30)
+        rate = done / max(now - self._start, 1e-6) / 1e9
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  "
+            f"{done >> 20}/{self._total >> 20} MiB  {rate:.1f} GB/s"
+        )
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _progress(path: str) -> Iterator[Progress | None]:
+    """A progress bar when stderr is a terminal and ``path`` is a large regular file."""
+    size = 0
+    if path != STDIO and sys.stderr.isatty():
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            if stat.S_ISREG(info.st_mode):
+                size = info.st_size
+    if size < PROGRESS_MIN_BYTES:
+        yield None
+        return
+    bar = _ProgressBar(size)
+    try:
+        yield bar
+    finally:
+        bar.finish()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so that cleanup runs (no partial output)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _InterruptibleInput:
+    """Reads a pipe or terminal with one ``read`` per call, after ``poll`` says data is there.
+
+    A signal that arrives just before a blocking ``read`` would otherwise leave it blocked
+    with the Python handler never run (and ``BufferedReader`` loops over several reads in C,
+    widening that window): here ``read`` never blocks, and ``poll`` wakes up every
+    half second, so SIGTERM and Ctrl-C always take effect."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        while not self._poll.poll(500):
+            pass
+        return os.readv(self._fd, [buffer])
+
+
+@contextlib.contextmanager
+def _open_input(path: str) -> Iterator[tuple[Readable, int | None]]:
+    """The source and, for a regular file, its length."""
+    if path == STDIO:
+        fd = sys.stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # a redirected file: read it as one
+            with open(fd, "rb", buffering=0, closefd=False) as source:
+                yield source, None
+            return
+        yield _InterruptibleInput(fd), None
+        return
+    with open(path, "rb", buffering=0) as source:
+        info = os.fstat(source.fileno())
+        yield source, info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+@contextlib.contextmanager
+def _open_output(path: str, mode: int, fsync: bool) -> Iterator[tuple[BinaryIO, bool]]:
+    """The sink, and whether it is atomic (a regular file, linked into place on success).
+    stdout, ``/dev/null`` or a FIFO are written in place."""
+    if path == STDIO:
+        yield sys.stdout.buffer, False
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(target.stat().st_mode):
+            with open(target, "wb", buffering=0) as sink:
+                yield sink, False
+            return
+    with atomic_output(target, mode=mode, fsync=fsync) as sink:
+        yield sink, True
+
+
+def run_encrypt(args: argparse.Namespace) -> int:
+    context = parse_context(args.context)
+    with (
+        _terminate_as_interrupt(),
+        _client(args) as client,
+        _progress(args.input) as progress,
+        _open_input(args.input) as (source, length),
+        _open_output(args.output, 0o666, args.fsync) as (sink, _),
+    ):
+        client.encrypt(
+            source, sink, args.key_id, context, plaintext_length=length, progress=progress
+        )
+    return 0
+
+
+def run_decrypt(args: argparse.Namespace) -> int:
+    context = parse_context(args.context)
+    with (
+        _terminate_as_interrupt(),
+        _client(args) as client,
+        _progress(args.input) as progress,
+        _open_input(args.input) as (source, _),
+        _open_output(args.output, 0o600, args.fsync) as (sink, atomic),
+    ):
+        # An atomic output is never seen unless complete; any other must not receive a byte
+        # before the whole input has authenticated.
+        client.decrypt(
+            source,
+            sink,
+            context,
+            key_id=args.key_id,
+            authenticate_first=not atomic and not args.stream_unverified,
+            progress=progress,
+        )
+    return 0
+
+
+def run_rewrap(args: argparse.Namespace) -> int:
+    if args.file == STDIO:
+        raise ValidationException("rewrap needs a file, not -")
+    with _terminate_as_interrupt(), _client(args) as client:
+        client.rewrap_file(args.file, args.key_id, fsync=args.fsync)
+    return 0
