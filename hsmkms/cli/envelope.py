@@ -144,7 +144,9 @@ def _boto3_client(args: argparse.Namespace) -> Any:
         import boto3
         from botocore import exceptions as boto_errors
     except ImportError:
-        raise ValidationException("--endpoint-url needs boto3: pip install boto3") from None
+        raise ValidationException(
+            "--endpoint-url needs boto3: pip install 'hsmkms[client]'"
+        ) from None
     from hsmkms.envelope.providers import map_boto_error
 
     try:
