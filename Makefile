@@ -10,7 +10,7 @@ bootstrap:
 	@ci/bootstrap.sh
 
 run: bootstrap
-	$(BIN)/hsmkms doctor
+	$(BIN)/hsmkms serve
 
 test: bootstrap
 	$(BIN)/ruff check .

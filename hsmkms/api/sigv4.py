@@ -41,7 +41,7 @@ import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
@@ -52,6 +52,7 @@ from hsmkms.errors import (
     MissingAuthenticationTokenException,
     UnrecognizedClientException,
 )
+from hsmkms.types import Credential
 
 __all__ = [
     "ALGORITHM",
@@ -100,15 +101,6 @@ class SignedRequest:
     query: str
     headers: Sequence[tuple[str, str]]
     body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """An access key: its id, its secret (never shown by ``repr``) and the principal it names."""
-
-    access_key_id: str
-    secret: str = field(repr=False)
-    principal_arn: str
 
 
 @dataclass(frozen=True, slots=True)

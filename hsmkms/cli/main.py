@@ -9,12 +9,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hsmkms.cli import audit, doctor, envelope, purge
+from hsmkms.cli import audit, credentials, doctor, envelope, purge, serve
 from hsmkms.errors import KMSError
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
-COMMANDS = (doctor, purge, envelope, audit)
+COMMANDS = (doctor, serve, purge, credentials, envelope, audit)
 
 EXIT_FAILURE = 1
 EXIT_INTERNAL = 70

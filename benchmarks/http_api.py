@@ -1,0 +1,271 @@
+"""HTTP API load test: pre-signed GenerateDataKey and Decrypt against hsmkms and moto_server.
+
+Usage::
+
+    .venv/bin/python benchmarks/http_api.py [--connections 16] [--seconds 10] [--workers 2]
+        [--no-moto] [--endpoint URL --access-key-id K --secret S --key-id ID]
+
+Without ``--endpoint`` it starts ``hsmkms serve`` on a fresh temporary data directory (and,
+unless ``--no-moto``, ``moto_server``), creates a key in each, and loads both in the same run.
+
+The load generator is one asyncio (uvloop) process with raw keep-alive HTTP/1.1 connections
+and requests signed once in advance (SigV4 allows replay within 5 minutes; KMS is designed for
+it), so no signing or client library runs in the loop. It runs in its own process pinned away
+from nothing in particular: on a 2-core machine it competes with the server for CPU, so the
+figures are a lower bound for the server.
+
+Prints requests/s, p50 and p99 latency per target and operation, and the hsmkms/moto ratio.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the standard library's http package: keep its directory off the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+from hsmkms.api.sigv4 import Credential, SignedRequest, sign
+
+REGION = "us-east-1"
+
+
+def presign(
+    endpoint: str, credential: Credential, target: str, body: Mapping[str, object]
+) -> bytes:
+    """The bytes of one complete signed HTTP/1.1 request."""
+    host = urlsplit(endpoint).netloc
+    data = json.dumps(body).encode()
+    headers = [
+        ("Host", host),
+        ("Content-Type", "application/x-amz-json-1.1"),
+        ("X-Amz-Target", f"TrentService.{target}"),
+    ]
+    signed = sign(
+        SignedRequest("POST", "/", "", headers, data),
+        credential,
+        region=REGION,
+        when=datetime.now(UTC),
+    )
+    lines = ["POST / HTTP/1.1", *(f"{n}: {v}" for n, v in signed.headers)]
+    lines.append(f"Content-Length: {len(data)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+def call(
+    endpoint: str, credential: Credential, target: str, body: dict[str, object]
+) -> dict[str, object]:
+    """One signed request through urllib (setup only)."""
+    raw = presign(endpoint, credential, target, body)
+    head, _, data = raw.partition(b"\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    headers.pop("Content-Length")
+    request = urllib.request.Request(  # noqa: S310 (loopback)
+        endpoint + "/", data=data, headers=headers, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (loopback)
+        result: dict[str, object] = json.loads(resp.read() or b"{}")
+        return result
+
+
+async def _connection(
+    host: str, port: int, request: bytes, stop_at: float, latencies: list[float], errors: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            match = re.search(rb"(?i)content-length: *(\d+)", head)
+            if match:
+                await reader.readexactly(int(match.group(1)))
+            else:  # no length: the body runs to the end of the connection
+                await asyncio.wait_for(reader.read(), 30)
+            latencies.append(time.perf_counter() - start)
+            if not re.match(rb"HTTP/1\.[01] 200", head):
+                errors.append(1)
+            if (
+                not match
+                or head.startswith(b"HTTP/1.0")
+                or re.search(rb"(?i)connection: *close", head)
+            ):
+                # HTTP/1.0 servers (Werkzeug, behind moto_server) close after each response.
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+    finally:
+        writer.close()
+
+
+async def _load(
+    endpoint: str, request: bytes, connections: int, seconds: float
+) -> tuple[list[float], int]:
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    latencies: list[float] = []
+    errors: list[int] = []
+    stop_at = time.perf_counter() + seconds
+    await asyncio.gather(
+        *(_connection(host, port, request, stop_at, latencies, errors) for _ in range(connections))
+    )
+    return latencies, len(errors)
+
+
+def load(endpoint: str, request: bytes, connections: int, seconds: float) -> dict[str, float]:
+    try:
+        import uvloop
+
+        latencies, errors = uvloop.run(_load(endpoint, request, connections, seconds))
+    except ImportError:  # pragma: no cover
+        latencies, errors = asyncio.run(_load(endpoint, request, connections, seconds))
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "requests": n,
+        "errors": errors,
+        "rps": n / seconds,
+        "p50_ms": 1000 * statistics.median(latencies) if n else float("nan"),
+        "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)  # noqa: S310 (loopback)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def start_hsmkms(data_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, Credential]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsmkms.cli.main", "serve", "--data-dir", str(data_dir),
+         "--port", "0", "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    endpoint = ""
+    for line in proc.stdout:
+        found = re.search(rb"serving the KMS API on (\S+)", line)
+        if found:
+            endpoint = found.group(1).decode()
+            break
+    root = json.loads((data_dir / "root-credentials.json").read_text())
+    wait_http(endpoint + "/healthz")
+    return proc, endpoint, Credential(root["AccessKeyId"], root["SecretAccessKey"], root["Arn"])
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    moto = str(Path(sys.executable).with_name("moto_server"))
+    if not Path(moto).exists():
+        moto = shutil.which("moto_server") or moto
+    proc = subprocess.Popen(
+        [moto, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_http(endpoint + "/")
+    return proc, endpoint
+
+
+def bench_target(
+    name: str, endpoint: str, credential: Credential, connections: int, seconds: float
+) -> dict[str, dict[str, float]]:
+    key_id = str(call(endpoint, credential, "CreateKey", {})["KeyMetadata"]["KeyId"])  # type: ignore[index]
+    context = {"bench": "1"}
+    gdk: dict[str, object] = {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context}
+    blob = call(endpoint, credential, "GenerateDataKey", gdk)["CiphertextBlob"]
+    decrypt: dict[str, object] = {"CiphertextBlob": blob, "EncryptionContext": context}
+    results = {}
+    for op, body in (("GenerateDataKey", gdk), ("Decrypt", decrypt)):
+        request = presign(endpoint, credential, op, body)
+        load(endpoint, request, connections, 1.0)  # warm-up
+        results[op] = load(endpoint, request, connections, seconds)
+        r = results[op]
+        print(
+            f"{name:<7} {op:<16} {r['rps']:>9.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+            f"p99 {r['p99_ms']:6.2f} ms  errors {int(r['errors'])}",
+            flush=True,
+        )
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-moto", action="store_true")
+    parser.add_argument("--endpoint")
+    parser.add_argument("--access-key-id")
+    parser.add_argument("--secret")
+    args = parser.parse_args()
+
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = tempfile.TemporaryDirectory(prefix="hsmkms-bench-")
+    try:
+        if args.endpoint:
+            endpoint = args.endpoint
+            credential = Credential(args.access_key_id, args.secret, "")
+        else:
+            proc, endpoint, credential = start_hsmkms(Path(tmp.name) / "data", args.workers)
+            procs.append(proc)
+        ours = bench_target("hsmkms", endpoint, credential, args.connections, args.seconds)
+        if not args.no_moto:
+            moto_proc, moto_endpoint = start_moto()
+            procs.append(moto_proc)
+            theirs = bench_target(
+                "moto",
+                moto_endpoint,
+                Credential("test", "test", ""),
+                args.connections,
+                args.seconds,
+            )
+            for op in ours:
+                ratio = ours[op]["rps"] / max(theirs[op]["rps"], 1e-9)
+                print(f"ratio   {op:<16} hsmkms/moto = {ratio:.1f}x")
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

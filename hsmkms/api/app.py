@@ -1,0 +1,339 @@
+"""The ASGI application: AWS KMS JSON 1.1 over HTTP with SigV4 on every request.
+
+Routes::
+
+    POST /          a KMS operation (X-Amz-Target), SigV4-authenticated
+    GET  /healthz   deep health check, unauthenticated: 200 or 503
+    GET  /metrics   Prometheus text, unauthenticated
+
+Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (the pid of the
+worker that answered). Operations are dispatched generically through
+:data:`hsmkms.service.OPERATIONS`, so a new operation needs no change here.
+
+Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
+operations (:data:`INLINE_OPERATIONS`) run inline on the event loop: they take a fraction of a
+millisecond, PKCS#11 calls are serialized per process anyway, and a thread hop would cost as
+much as the work. Everything else (key administration, which writes the database and may
+wait on SQLite's write lock) runs on one worker thread, so a slow write does not stall the
+crypto fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import functools
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from hsmkms.api import protocol, sigv4
+from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
+from hsmkms.errors import KMSError, KMSInternalException, UnknownOperationException
+from hsmkms.service import OPERATIONS
+
+__all__ = ["INLINE_OPERATIONS", "Backend", "KmsApp", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+INLINE_OPERATIONS = frozenset(
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateRandom",
+        "GenerateMac",
+        "VerifyMac",
+        "Sign",
+        "Verify",
+    }
+)
+"""Operations run on the event loop; all others run on the worker thread."""
+
+DEFAULT_TASK_INTERVAL = 60.0
+
+log = structlog.get_logger(__name__)
+
+_PID = str(os.getpid()).encode()
+_JSON_HEADERS = [(b"content-type", protocol.CONTENT_TYPE.encode())]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Backend(Protocol):
+    """What the app needs from a worker's runtime (:class:`hsmkms.api.runtime.Runtime`)."""
+
+    @property
+    def service(self) -> Any:
+        """The KMS service: one method per operation, named in ``OPERATIONS``."""
+
+    @property
+    def region(self) -> str: ...
+
+    def lookup(self, access_key_id: str) -> sigv4.Credential | None:
+        """The SigV4 credential of an access key id, or None."""
+
+    def warm_up(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def run_due_tasks(self) -> object: ...
+
+    def close(self) -> None: ...
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class KmsApp:
+    """The ASGI callable. ``runtime_factory`` builds the worker's runtime at lifespan startup
+    (in the worker process, after spawn); see :class:`hsmkms.api.runtime.Runtime`."""
+
+    def __init__(
+        self,
+        runtime_factory: Callable[[], Backend],
+        *,
+        max_body: int = protocol.MAX_BODY,
+        task_interval: float = DEFAULT_TASK_INTERVAL,
+    ) -> None:
+        self._factory = runtime_factory
+        self._runtime: Backend | None = None
+        self._max_body = max_body
+        self._task_interval = task_interval
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsmkms")
+        self._tasks: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- lifespan ---------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                loop = asyncio.get_running_loop()
+                try:
+                    self._runtime = await loop.run_in_executor(self._executor, self._open)
+                except Exception as exc:
+                    text = exc.message if isinstance(exc, KMSError) else type(exc).__name__
+                    print(f"hsmkms serve: worker cannot start: {text}", file=sys.stderr)
+                    await send({"type": "lifespan.startup.failed", "message": text})
+                    return
+                if self._task_interval > 0:
+                    self._tasks = asyncio.create_task(self._periodic())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._tasks is not None:
+                    self._tasks.cancel()
+                loop = asyncio.get_running_loop()
+                if self._runtime is not None:
+                    await loop.run_in_executor(self._executor, self._runtime.close)
+                self._executor.shutdown(wait=True)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _open(self) -> Backend:
+        runtime = self._factory()
+        runtime.warm_up()
+        return runtime
+
+    @property
+    def runtime(self) -> Backend:
+        """The worker's runtime (after lifespan startup)."""
+        if self._runtime is None:
+            raise KMSInternalException("the worker has not started")
+        return self._runtime
+
+    async def _periodic(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._task_interval)
+            try:
+                await loop.run_in_executor(self._executor, self.runtime.run_due_tasks)
+            except Exception:
+                log.exception("due_tasks_failed")
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    async def _respond(
+        self,
+        send: Send,
+        status: int,
+        body: bytes,
+        request_id: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        all_headers = [
+            (b"x-amzn-requestid", request_id.encode()),
+            (b"x-hsmkms-worker", _PID),
+            (b"content-length", str(len(body)).encode()),
+            *(headers if headers is not None else _JSON_HEADERS),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": all_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _error(self, send: Send, exc: BaseException, request_id: str) -> str:
+        status, body = protocol.encode_error(exc)
+        await self._respond(send, status, body, request_id)
+        return exc.code if isinstance(exc, KMSError) else "KMSInternalException"
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self._max_body:
+                    raise _BodyTooLarge
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = str(uuid.uuid4())
+        path = scope["path"]
+        method = scope["method"]
+        if path == "/healthz" or path == "/metrics":
+            await self._internal(path, method, send, request_id)
+            return
+        if path != "/":
+            exc: KMSError = UnknownOperationException(
+                "hsmkms serves the KMS API at / (POST), /healthz and /metrics."
+            )
+            _, body = protocol.encode_error(exc)
+            await self._respond(send, 404, body, request_id)
+            return
+        if method != "POST":
+            exc = UnknownOperationException("The KMS API takes POST requests at /.")
+            _, body = protocol.encode_error(exc)
+            headers = [*_JSON_HEADERS, (b"allow", b"POST")]
+            await self._respond(send, 405, body, request_id, headers)
+            return
+        start = time.perf_counter()
+        operation = NO_OPERATION
+        try:
+            try:
+                body = await self._read_body(scope, receive)
+            except _BodyTooLarge:
+                raise protocol.oversize_error(self._max_body) from None
+            caller = self._authenticate(scope, body)
+            operation = protocol.operation_name(_header(scope, b"x-amz-target"), OPERATIONS)
+            protocol.check_content_type(_header(scope, b"content-type"))
+            op = OPERATIONS[operation]
+            request = protocol.decode_request(op.request_model, body)
+            method_fn = getattr(self.runtime.service, op.method)
+            if operation in INLINE_OPERATIONS:
+                response = method_fn(request, caller=caller)
+            else:
+                loop = asyncio.get_running_loop()
+                response = await loop.run_in_executor(
+                    self._executor, functools.partial(method_fn, request, caller=caller)
+                )
+            payload = protocol.encode_response(response)
+        except KMSError as exc:
+            if exc.status >= 500:
+                # The caller sees no detail; the operator gets the class and message.
+                log.error(
+                    "server_fault",
+                    operation=operation,
+                    request_id=request_id,
+                    error=type(exc).__name__,
+                    detail=exc.message,
+                )
+            code = await self._error(send, exc, request_id)
+        except Exception:
+            log.exception("request_failed", operation=operation, request_id=request_id)
+            code = await self._error(send, KMSError(), request_id)
+        else:
+            await self._respond(send, 200, payload, request_id)
+            code = "OK"
+        observe_request(operation, code, time.perf_counter() - start)
+
+    def _authenticate(self, scope: Scope, body: bytes) -> str:
+        """SigV4-verify the request; the caller's principal ARN."""
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        request = sigv4.SignedRequest(
+            method=scope["method"],
+            path=path,
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            body=body,
+        )
+        credential = sigv4.verify(
+            request,
+            self.runtime.lookup,
+            region=self.runtime.region,
+            now=dt.datetime.now(dt.UTC),
+        )
+        return credential.principal_arn
+
+    async def _internal(self, path: str, method: str, send: Send, request_id: str) -> None:
+        if method not in ("GET", "HEAD"):
+            exc = UnknownOperationException(f"{path} takes GET requests.")
+            _, body = protocol.encode_error(exc)
+            await self._respond(send, 405, body, request_id, [*_JSON_HEADERS, (b"allow", b"GET")])
+            return
+        loop = asyncio.get_running_loop()
+        if path == "/metrics":
+            text = await loop.run_in_executor(None, exposition)
+            headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+            await self._respond(send, 200, text, request_id, headers)
+            return
+        try:
+            report = await loop.run_in_executor(self._executor, self.runtime.health)
+        except Exception as exc:  # the check itself failed
+            report = {"status": "fail", "error": type(exc).__name__}
+        status = 200 if report.get("status") == "ok" else 503
+        body = json.dumps(report, separators=(",", ":")).encode()
+        await self._respond(
+            send, status, body, request_id, [(b"content-type", b"application/json")]
+        )
+
+
+def create_app(
+    data_dir: Path | None = None, task_interval: float = DEFAULT_TASK_INTERVAL
+) -> KmsApp:
+    """The application for one worker (uvicorn factory). Settings come from the environment
+    (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``."""
+    from hsmkms.api.bootstrap import configure_logging
+    from hsmkms.api.runtime import Runtime
+    from hsmkms.config import Settings
+
+    configure_logging()
+    settings = Settings.load(data_dir)
+    return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval)

@@ -1,0 +1,158 @@
+"""Data-directory initialization and the credentials store, for the parent of ``hsmkms serve``
+and the ``hsmkms credentials`` command (which need no service and no HTTP).
+
+:func:`initialize` creates the embedded SoftHSM2 token when needed, migrates the database, and
+creates the account root identity, writing freshly generated root credentials to
+``<data_dir>/root-credentials.json`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from hsmkms.config import Settings, keystore_config
+from hsmkms.identity import ROOT_NAME, CredentialStore, IssuedCredential
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.softhsm import ensure_token
+from hsmkms.store import MetadataStore
+
+__all__ = [
+    "ROOT_CREDENTIALS_FILE",
+    "ROOT_KEY_ENV",
+    "ROOT_SECRET_ENV",
+    "InitReport",
+    "configure_logging",
+    "initialize",
+    "open_credentials",
+]
+
+ROOT_CREDENTIALS_FILE = "root-credentials.json"
+ROOT_KEY_ENV = "HSMKMS_ROOT_ACCESS_KEY_ID"
+ROOT_SECRET_ENV = "HSMKMS_ROOT_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send structlog output to stderr (stdout carries command output), filtered by level."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data directory initialization
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InitReport:
+    """What :func:`initialize` found or did."""
+
+    data_dir: Path
+    root_access_key_id: str
+    root_credentials_file: Path | None  # None when the root identity comes from the environment
+    root_created: bool
+
+
+def _root_from_env() -> tuple[str | None, str | None]:
+    key = os.environ.get(ROOT_KEY_ENV) or None
+    secret = os.environ.get(ROOT_SECRET_ENV) or None
+    return key, secret
+
+
+def _write_root_file(path: Path, issued: IssuedCredential, region: str) -> None:
+    content = json.dumps(
+        {
+            "AccessKeyId": issued.access_key_id,
+            "SecretAccessKey": issued.secret_access_key,
+            "Arn": issued.principal_arn,
+            "Region": region,
+        },
+        indent=2,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _init_lock(data_dir: Path) -> Iterator[None]:
+    with open(data_dir / ".serve-init.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def initialize(settings: Settings) -> InitReport:
+    """Create what the data directory lacks: the embedded token (when embedded), the database
+    schema, the identity tables and the root identity. Idempotent; safe across processes.
+
+    Root credentials: ``HSMKMS_ROOT_ACCESS_KEY_ID`` / ``HSMKMS_ROOT_SECRET_ACCESS_KEY`` when set
+    (nothing is written to disk then), else generated once and written to
+    ``<data_dir>/root-credentials.json`` (0600).
+    """
+    data_dir = settings.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if settings.is_embedded:
+        ensure_token(data_dir)
+    root_file = data_dir / ROOT_CREDENTIALS_FILE
+    env_key, env_secret = _root_from_env()
+    with _init_lock(data_dir), open_credentials(settings) as (_, credentials):
+        issued = credentials.ensure_root(env_key, env_secret)
+        if issued is not None and env_key is None:
+            _write_root_file(root_file, issued, settings.region)
+        elif issued is not None:
+            # The environment now defines root: a file of an earlier generated root is stale.
+            with contextlib.suppress(FileNotFoundError):
+                root_file.unlink()
+        root = next(c for c in credentials.list() if c.name == ROOT_NAME)
+    return InitReport(
+        data_dir=data_dir,
+        root_access_key_id=root.access_key_id,
+        root_credentials_file=root_file if root_file.exists() else None,
+        root_created=issued is not None,
+    )
+
+
+@contextlib.contextmanager
+def open_credentials(settings: Settings) -> Iterator[tuple[MetadataStore, CredentialStore]]:
+    """The metadata store (migrated) and the credentials store over a fresh keystore; all
+    closed on exit. For the parent process and the CLI, never for workers."""
+    keystore = Pkcs11Keystore(keystore_config(settings))
+    store: MetadataStore | None = None
+    credentials: CredentialStore | None = None
+    try:
+        store = MetadataStore(settings.effective_database_url)
+        credentials = CredentialStore(
+            settings.effective_database_url, keystore, account_id=settings.account_id
+        )
+        yield store, credentials
+    finally:
+        if credentials is not None:
+            credentials.close()
+        if store is not None:
+            store.close()
+        keystore.close()

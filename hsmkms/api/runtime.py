@@ -1,0 +1,213 @@
+"""What one server worker runs on: the keystore, the metadata store, the service and the
+credentials store, opened from the settings (data-directory initialization, which runs once in
+the parent, is :mod:`hsmkms.api.bootstrap`).
+
+:class:`Runtime` is opened in each worker process after it has been spawned, so that every
+worker initializes PKCS#11 itself. Every keystore call goes through :class:`TimedKeystore`,
+which records its latency in ``hsmkms_hsm_call_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import text
+
+from hsmkms.api.metrics import DUE_TASK_RUNS, timed_hsm_call
+from hsmkms.api.sigv4 import Credential
+from hsmkms.config import Settings, keystore_config
+from hsmkms.errors import KMSError
+from hsmkms.identity import CredentialStore
+from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, TokenObject
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.profiles import MechanismProfile
+from hsmkms.service import DueTaskReport, KmsService
+from hsmkms.store import MetadataStore
+
+__all__ = ["Runtime", "TimedKeystore", "run_exclusively"]
+
+TASKS_LOCK_FILE = "tasks.lock"
+SELF_TEST_INTERVAL = 5.0
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+
+
+class TimedKeystore:
+    """A keystore that records the latency of each call of the one it wraps."""
+
+    def __init__(self, inner: Pkcs11Keystore) -> None:
+        self._inner = inner
+
+    @property
+    def profile(self) -> MechanismProfile:
+        return self._inner.profile
+
+    def info(self) -> TokenInfo:
+        return timed_hsm_call("info", self._inner.info)
+
+    def create_key(
+        self, key_id: str, version: int, profile: MechanismProfile | None = None
+    ) -> KeyMaterialRef:
+        return timed_hsm_call(
+            "create_key", lambda: self._inner.create_key(key_id, version, profile)
+        )
+
+    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
+        return timed_hsm_call("encrypt", lambda: self._inner.encrypt(ref, plaintext, aad))
+
+    def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
+        return timed_hsm_call("decrypt", lambda: self._inner.decrypt(ref, iv, body, aad))
+
+    def random(self, n: int) -> bytes:
+        return timed_hsm_call("random", lambda: self._inner.random(n))
+
+    def create_mac_key(self, name: str) -> MacKeyRef:
+        return timed_hsm_call("create_mac_key", lambda: self._inner.create_mac_key(name))
+
+    def mac(self, ref: MacKeyRef, data: bytes) -> bytes:
+        return timed_hsm_call("mac", lambda: self._inner.mac(ref, data))
+
+    def verify_mac(self, ref: MacKeyRef, data: bytes, tag: bytes) -> bool:
+        return timed_hsm_call("verify_mac", lambda: self._inner.verify_mac(ref, data, tag))
+
+    def destroy(self, ref: KeyMaterialRef) -> None:
+        timed_hsm_call("destroy", lambda: self._inner.destroy(ref))
+
+    def exists(self, ref: KeyMaterialRef) -> bool:
+        return timed_hsm_call("exists", lambda: self._inner.exists(ref))
+
+    def list_objects(self) -> list[TokenObject]:
+        return timed_hsm_call("list_objects", self._inner.list_objects)
+
+    def self_test(self) -> None:
+        timed_hsm_call("self_test", self._inner.self_test)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
+    """Run ``fn`` while holding an exclusive fcntl lock on ``lock_path``; when another process
+    (or thread) holds it, return None at once without running ``fn``."""
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        try:
+            return fn()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-worker runtime
+# --------------------------------------------------------------------------------------------
+
+
+class Runtime:
+    """The service objects of one worker process. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keystore: TimedKeystore,
+        store: MetadataStore,
+        credentials: CredentialStore,
+        service: KmsService,
+    ) -> None:
+        self.settings = settings
+        self.keystore = keystore
+        self.store = store
+        self.credentials = credentials
+        self.service = service
+        self._health_lock = threading.Lock()
+        self._self_test_at = -SELF_TEST_INTERVAL
+        self._self_test_error: str | None = None
+
+    @classmethod
+    def open(cls, settings: Settings) -> Runtime:
+        """Open the keystore (lazily: PKCS#11 loads on first use), store and services."""
+        keystore = TimedKeystore(Pkcs11Keystore(keystore_config(settings)))
+        store = MetadataStore(settings.effective_database_url)
+        try:
+            credentials = CredentialStore(
+                settings.effective_database_url, keystore, account_id=settings.account_id
+            )
+        except BaseException:
+            store.close()
+            raise
+        service = KmsService(
+            keystore, store, region=settings.region, account_id=settings.account_id
+        )
+        return cls(settings, keystore, store, credentials, service)
+
+    @property
+    def region(self) -> str:
+        """The region requests must be signed for."""
+        return self.settings.region
+
+    def lookup(self, access_key_id: str) -> Credential | None:
+        """The SigV4 lookup: the credentials store's answer."""
+        return self.credentials.lookup(access_key_id)
+
+    def warm_up(self) -> None:
+        """Initialize PKCS#11 and log in now rather than on the first request."""
+        self.keystore.info()
+
+    def health(self) -> dict[str, Any]:
+        """Deep check: token self-test (at most every few seconds) and ``SELECT 1``.
+
+        Returns ``{"status": "ok"|"fail", "keystore": ..., "database": ...}``; a failed part
+        shows the error's code only.
+        """
+        report: dict[str, Any] = {"pid": os.getpid()}
+        with self._health_lock:
+            now = time.monotonic()
+            if now - self._self_test_at >= SELF_TEST_INTERVAL:
+                try:
+                    self.keystore.self_test()
+                    self._self_test_error = None
+                except KMSError as exc:
+                    self._self_test_error = exc.code
+                except Exception as exc:
+                    self._self_test_error = type(exc).__name__
+                self._self_test_at = now
+            report["keystore"] = (
+                "ok" if self._self_test_error is None else f"fail: {self._self_test_error}"
+            )
+        try:
+            with self.store.engine.connect() as conn:
+                conn.execute(text("SELECT 1")).scalar()
+            report["database"] = "ok"
+        except Exception as exc:
+            report["database"] = f"fail: {type(exc).__name__}"
+        ok = report["keystore"] == "ok" and report["database"] == "ok"
+        report["status"] = "ok" if ok else "fail"
+        return report
+
+    def run_due_tasks(self) -> DueTaskReport | None:
+        """Run the service's periodic work unless another worker is running it (an fcntl lock
+        on ``<data_dir>/tasks.lock``). Returns None when skipped."""
+        report = run_exclusively(
+            self.settings.data_dir / TASKS_LOCK_FILE, self.service.run_due_tasks
+        )
+        DUE_TASK_RUNS.labels("skipped" if report is None else "ran").inc()
+        if report is not None and (report.rotated or report.purged):
+            log.info("due_tasks", rotated=len(report.rotated), purged=len(report.purged))
+        return report
+
+    def close(self) -> None:
+        """Close everything (end of the worker)."""
+        self.service.stop()
+        self.credentials.close()
+        self.store.close()
+        self.keystore.close()

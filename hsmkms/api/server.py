@@ -1,0 +1,157 @@
+"""Running the API: initialize the data directory, bind, and supervise N uvicorn workers.
+
+The parent process initializes (token, database, root identity), binds the listening socket,
+then starts the workers with the *spawn* method (uvicorn's supervisor): each is a fresh
+interpreter that opens PKCS#11 itself. The parent never serves; it restarts a worker that
+dies and, on SIGTERM or SIGINT, asks every worker to finish its in-flight requests and stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hsmkms.api.metrics import MULTIPROC_ENV
+from hsmkms.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from hsmkms.api.bootstrap import InitReport
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServeOptions", "default_workers", "serve"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+# In-flight KMS requests take milliseconds; the bound matters for idle TLS keep-alive
+# connections, whose close waits for the client's close_notify.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on (PKCS#11 is serialized per process)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """The options of ``hsmkms serve``."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    workers: int = 1
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    task_interval: float = 60.0
+    log_level: str = "warning"
+
+
+def _check_tls(options: ServeOptions) -> None:
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    for path in (options.tls_cert, options.tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"TLS file {path} is not readable")
+
+
+def _prepare_metrics_dir(data_dir: Path) -> Path:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = data_dir / "prometheus"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    return directory
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket (bound here, in the parent, and inherited by every worker)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings, options: ServeOptions) -> int:
+    """Initialize, bind and serve until SIGTERM/SIGINT. Returns the exit code."""
+    if options.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    _check_tls(options)
+    # Before anything imports prometheus-client in a worker (and, to be safe, here).
+    _prepare_metrics_dir(settings.data_dir)
+
+    from hsmkms.api.bootstrap import initialize
+
+    sock = _bind(options.host, options.port)
+    try:
+        return _run(settings, options, sock, initialize(settings))
+    finally:
+        sock.close()
+
+
+def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report: InitReport) -> int:
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    from hsmkms.api.app import create_app
+
+    os.environ["HSMKMS_DATA_DIR"] = str(settings.data_dir)
+    config = uvicorn.Config(
+        functools.partial(create_app, settings.data_dir, options.task_interval),
+        factory=True,
+        host=options.host,
+        port=options.port,
+        workers=options.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=options.log_level,
+        ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
+        ssl_keyfile=str(options.tls_key) if options.tls_key else None,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+    )
+    port = sock.getsockname()[1]
+    scheme = "https" if options.tls_cert else "http"
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    print(f"hsmkms: serving the KMS API on {scheme}://{host}:{port}", flush=True)
+    print(
+        f"hsmkms: data directory {report.data_dir}; {options.workers} worker(s); "
+        f"region {settings.region}; account {settings.account_id}",
+        flush=True,
+    )
+    if report.root_credentials_file is not None:
+        print(f"hsmkms: root credentials in {report.root_credentials_file}", flush=True)
+    else:
+        print(
+            f"hsmkms: root access key {report.root_access_key_id} (from HSMKMS_ROOT_ACCESS_KEY_ID)",
+            flush=True,
+        )
+    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor.run()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        print("hsmkms serve: a worker failed to start (see above)", file=sys.stderr)
+        return 1
+    return 0
