@@ -25,6 +25,6 @@ fi
 
 if [ ! -f .venv/.synced ] || [ pyproject.toml -nt .venv/.synced ] || [ uv.lock -nt .venv/.synced ]; then
     echo "bootstrap: syncing Python dependencies into .venv" >&2
-    UV_PROJECT_ENVIRONMENT=.venv .cache/uv-venv/bin/uv sync --frozen --quiet --all-extras --python python3
+    UV_PROJECT_ENVIRONMENT=.venv .cache/uv-venv/bin/uv sync --frozen --quiet --all-extras --compile-bytecode --python python3
     touch .venv/.synced
 fi
