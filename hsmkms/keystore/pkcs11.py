@@ -45,6 +45,7 @@ from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.errors import (
     RECONNECT_ERRORS,
     STALE_HANDLE_ERRORS,
+    TRANSIENT_CREATE_ERRORS,
     DecryptionFailed,
     DeviceFailure,
     KeyMaterialMissing,
@@ -63,6 +64,22 @@ from hsmkms.keystore.errors import (
 from hsmkms.profiles import MechanismProfile
 
 LABEL_PREFIX = "hsmkms:"
+_CREATE_ATTEMPTS = 3
+_ENUMERATION_ATTEMPTS = 5
+# Opening the token is retried on these (within the discovery timeout), never on PIN errors.
+_TRANSIENT_OPEN_ERRORS: tuple[type[Exception], ...] = (
+    TokenNotFound,
+    p11e.SlotIDInvalid,
+    p11e.UserPinNotInitialized,
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.DeviceError,
+    p11e.SessionHandleInvalid,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+)
 _T = TypeVar("_T")
 
 # The process-wide lock. Re-created in a forked child: a thread of the parent may have held it
@@ -216,28 +233,34 @@ class Pkcs11Keystore:
 
     def _open(self) -> _Connection:
         lib = self._load_lib()
-        # SoftHSM2 can briefly hide a token while another process writes it, and only sees
-        # tokens created after C_Initialize once re-initialized (pkcs11-facts.md §2.4, §2.5).
+        # SoftHSM2 can briefly hide a token, or fail a call, while another process writes it,
+        # and only sees tokens created after C_Initialize once re-initialized
+        # (pkcs11-facts.md §2.4, §2.5): retry the whole opening, re-initializing in between.
+        # Never on a PIN error (a real HSM locks the PIN after a few wrong attempts).
         deadline = time.monotonic() + self._config.discovery_timeout
         while True:
+            anchor = None
             try:
                 token = self._find_token(lib)
                 anchor = self._login(token)
+                session = token.open(rw=True)
+                short_ids = token.manufacturer_id.startswith("Yubico")
+                conn = _Connection(os.getpid(), lib, token, anchor, session, {}, short_ids)
+                for raw, _label, obj in _project_objects(session):
+                    conn.handles[raw] = obj
                 break
-            except (TokenNotFound, p11e.SlotIDInvalid, p11e.UserPinNotInitialized):
+            except _TRANSIENT_OPEN_ERRORS as exc:
+                if anchor is not None:
+                    with contextlib.suppress(p11e.PKCS11Error):
+                        anchor.close()
                 if time.monotonic() >= deadline:
-                    raise
+                    if isinstance(exc, KeystoreError):
+                        raise
+                    raise map_pkcs11_error(exc, "opening the token") from exc
                 self._sleep(0.1)
                 lib.reinitialize()
-        try:
-            session = token.open(rw=True)
-            short_ids = token.manufacturer_id.startswith("Yubico")
-            conn = _Connection(os.getpid(), lib, token, anchor, session, {}, short_ids)
-            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-                if str(obj.label).startswith(LABEL_PREFIX):
-                    conn.handles[bytes(obj.id)] = obj
-        except p11e.PKCS11Error as exc:
-            raise map_pkcs11_error(exc, "opening a session") from exc
+            except p11e.PKCS11Error as exc:
+                raise map_pkcs11_error(exc, "opening the token") from exc
         if self._profile is None:
             self._profile = self._choose_profile(conn)
         return conn
@@ -380,8 +403,16 @@ class Pkcs11Keystore:
         label_base = f"{LABEL_PREFIX}{key_id.replace('-', '')[:20]}:{version}"
 
         def work(conn: _Connection) -> KeyMaterialRef:
-            ids = [self._new_object_id(conn) for _ in range(_objects_per_profile(chosen))]
-            keys = _generate(conn, chosen, label_base, ids, store=True)
+            for attempt in range(_CREATE_ATTEMPTS):
+                ids = [self._new_object_id(conn) for _ in range(_objects_per_profile(chosen))]
+                try:
+                    keys = _generate(conn, chosen, label_base, ids, store=True)
+                    break
+                except TRANSIENT_CREATE_ERRORS:
+                    # _generate destroyed what it made; try again with fresh ids.
+                    if attempt == _CREATE_ATTEMPTS - 1:
+                        raise
+                    self._sleep(0.005 * (attempt + 1))
             for raw, key in zip(ids, keys, strict=True):
                 conn.handles[raw] = key
             return KeyMaterialRef(chosen, tuple(raw.hex() for raw in ids))
@@ -559,13 +590,10 @@ class Pkcs11Keystore:
         """Every secret-key object on the token whose label marks it as this project's."""
 
         def work(conn: _Connection) -> list[TokenObject]:
-            found = []
-            for obj in list(conn.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})):
-                label = str(obj.label)
-                if label.startswith(LABEL_PREFIX):
-                    key_type = obj[Attribute.KEY_TYPE]
-                    found.append(TokenObject(bytes(obj.id).hex(), label, _key_type_name(key_type)))
-            return found
+            return [
+                TokenObject(raw.hex(), label, _key_type_name(obj.key_type))
+                for raw, label, obj in _project_objects(conn.session)
+            ]
 
         return self._call("listing objects", work)
 
@@ -584,6 +612,25 @@ class Pkcs11Keystore:
         with _LOCK:
             self._drop_connection()
             self._closed = True
+
+
+def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
+    """``(CKA_ID, label, object)`` of every secret key labelled as this project's.
+
+    Another process may destroy an object between C_FindObjects and the attribute reads; the
+    enumeration then starts over (a few times) rather than failing."""
+    for attempt in range(_ENUMERATION_ATTEMPTS):
+        try:
+            found = []
+            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                label = str(obj.label)
+                if label.startswith(LABEL_PREFIX):
+                    found.append((bytes(obj.id), label, obj))
+            return found
+        except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
+            if attempt == _ENUMERATION_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _objects_per_profile(profile: MechanismProfile) -> int:
