@@ -61,7 +61,6 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    event,
     inspect,
     or_,
     select,
@@ -73,6 +72,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from hsmkms.audit.records import AuditRecord, canonical_json, format_event_time, key_id_of
 from hsmkms.errors import DependencyTimeoutException, KMSError, KMSInternalException
 from hsmkms.keystore.base import Keystore, MacKeyRef
+from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, utc_now
 
 __all__ = [
@@ -408,30 +408,17 @@ class AuditTrail:
         placeholder = _PLACEHOLDERS.get(self._engine.dialect.paramstyle)
         self._driver_insert = None if placeholder is None else _DRIVER_INSERT.format(p=placeholder)
         if self._engine.dialect.name == "sqlite":
-            self._install_sqlite_hooks(busy_timeout_ms, "FULL" if durable else "NORMAL")
+            install_sqlite_hooks(
+                self._engine,
+                busy_timeout_ms=busy_timeout_ms,
+                write_option=_WRITE,
+                synchronous="FULL" if durable else "NORMAL",
+                foreign_keys=False,
+            )
         if create:
             self._initialize()
 
     # -- connections ----------------------------------------------------------------------------
-
-    def _install_sqlite_hooks(self, busy_timeout_ms: int, synchronous: str) -> None:
-        @event.listens_for(self._engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Driver autocommit: transactions are begun below, so writes can BEGIN IMMEDIATE
-            # (take the write lock before reading the chain head).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            try:
-                cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-                cur.execute("PRAGMA journal_mode = WAL")
-                cur.execute(f"PRAGMA synchronous = {synchronous}")
-            finally:
-                cur.close()
-
-        @event.listens_for(self._engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            write = conn.get_execution_options().get(_WRITE, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def _check_fork(self) -> None:
         pid = os.getpid()

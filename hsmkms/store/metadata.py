@@ -33,7 +33,6 @@ from sqlalchemy import (
     and_,
     create_engine,
     delete,
-    event,
     func,
     or_,
     select,
@@ -50,6 +49,7 @@ from hsmkms.errors import (
 from hsmkms.store import schema
 from hsmkms.store.migrations import MIGRATIONS, applied_versions, run_migrations
 from hsmkms.store.records import DELETING, AliasRecord, KeyRecord, KeyVersionRecord, Page
+from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, utc_now
 
 
@@ -205,7 +205,7 @@ class MetadataStore:
         self._cache_token: int | None = None
         self._pid = os.getpid()
         if self._engine.dialect.name == "sqlite":
-            self._install_sqlite_hooks(busy_timeout_ms)
+            install_sqlite_hooks(self._engine, busy_timeout_ms=busy_timeout_ms, write_option=_WRITE)
         with self._write() as conn:
             run_migrations(conn, clock)
         self._open_probe()
@@ -247,26 +247,6 @@ class MetadataStore:
             busy_timeout_ms=busy_timeout_ms,
             cache_check_interval=cache_check_interval,
         )
-
-    def _install_sqlite_hooks(self, busy_timeout_ms: int) -> None:
-        @event.listens_for(self._engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            # Autocommit at the driver level: transactions are begun explicitly below, so that
-            # writes can use BEGIN IMMEDIATE (pysqlite's implicit BEGIN is DEFERRED).
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            try:
-                cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-                cur.execute("PRAGMA foreign_keys = ON")
-                cur.execute("PRAGMA journal_mode = WAL")
-                cur.execute("PRAGMA synchronous = FULL")
-            finally:
-                cur.close()
-
-        @event.listens_for(self._engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            write = conn.get_execution_options().get(_WRITE, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     @property
     def engine(self) -> Engine:
