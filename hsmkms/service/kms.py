@@ -145,6 +145,16 @@ class Inconsistencies:
     missing: list[tuple[str, int]]
 
 
+def _required_blob(blob: bytes | None) -> bytes:
+    """CiphertextBlob is optional in the model (DryRun with IGNORE_CIPHERTEXT) but required for
+    the operation itself."""
+    if blob is None:
+        raise validation_exception(
+            ["Value null at 'ciphertextBlob' failed to satisfy constraint: Member must not be null"]
+        )
+    return blob
+
+
 def _limit(value: int | None, default: int) -> int:
     return default if value is None else value
 
@@ -539,15 +549,8 @@ class KmsService(ServiceCore):
             if expected is not None:
                 self._resolve(expected, aliases=False, access=Access.USE)
             self._dry_run(True)
-        if request.CiphertextBlob is None:
-            raise validation_exception(
-                [
-                    "Value null at 'ciphertextBlob' failed to satisfy constraint: "
-                    "Member must not be null"
-                ]
-            )
         key, version, plaintext = self._open(
-            request.CiphertextBlob,
+            _required_blob(request.CiphertextBlob),
             request.EncryptionContext or {},
             expected,
             lambda: IncorrectKeyException(INCORRECT_KEY_MESSAGE),
@@ -573,15 +576,8 @@ class KmsService(ServiceCore):
         destination, destination_version = self._resolve_current(request.DestinationKeyId)
         if request.DryRun and "IGNORE_CIPHERTEXT" in (request.DryRunModifiers or []):
             self._dry_run(True)
-        if request.CiphertextBlob is None:
-            raise validation_exception(
-                [
-                    "Value null at 'ciphertextBlob' failed to satisfy constraint: "
-                    "Member must not be null"
-                ]
-            )
         source, source_version, plaintext = self._open(
-            request.CiphertextBlob,
+            _required_blob(request.CiphertextBlob),
             request.SourceEncryptionContext or {},
             expected,
             lambda: IncorrectKeyException(INCORRECT_KEY_MESSAGE),
