@@ -20,7 +20,6 @@ import argparse
 import multiprocessing
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,25 +27,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import rate
+
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.softhsm import ensure_token, find_module
 
 AAD = b"benchmark-aad-0123456789"
 OPS = ("encrypt 32 B", "encrypt 4 KiB", "decrypt 32 B", "random 32 B")
-
-
-def _rate(fn: Callable[[], object], seconds: float) -> float:
-    fn()  # warm up (handle lookups, first-call costs)
-    count, start = 0, time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(50):
-            fn()
-        count += 50
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
 
 
 def _config(data_dir: Path) -> KeystoreConfig:
@@ -89,10 +77,10 @@ def raw_worker(data_dir: Path, seconds: float) -> dict[str, float]:
 
     try:
         return {
-            OPS[0]: _rate(lambda: enc(small), seconds),
-            OPS[1]: _rate(lambda: enc(large), seconds),
-            OPS[2]: _rate(dec, seconds),
-            OPS[3]: _rate(lambda: session.generate_random(256), seconds),
+            OPS[0]: rate(lambda: enc(small), seconds),
+            OPS[1]: rate(lambda: enc(large), seconds),
+            OPS[2]: rate(dec, seconds),
+            OPS[3]: rate(lambda: session.generate_random(256), seconds),
         }
     finally:
         key.destroy()
@@ -107,10 +95,10 @@ def keystore_worker(data_dir: Path, seconds: float) -> dict[str, float]:
     sealed = ks.encrypt(ref, small, AAD)
     try:
         return {
-            OPS[0]: _rate(lambda: ks.encrypt(ref, small, AAD), seconds),
-            OPS[1]: _rate(lambda: ks.encrypt(ref, large, AAD), seconds),
-            OPS[2]: _rate(lambda: ks.decrypt(ref, sealed.iv, sealed.body, AAD), seconds),
-            OPS[3]: _rate(lambda: ks.random(32), seconds),
+            OPS[0]: rate(lambda: ks.encrypt(ref, small, AAD), seconds),
+            OPS[1]: rate(lambda: ks.encrypt(ref, large, AAD), seconds),
+            OPS[2]: rate(lambda: ks.decrypt(ref, sealed.iv, sealed.body, AAD), seconds),
+            OPS[3]: rate(lambda: ks.random(32), seconds),
         }
     finally:
         ks.destroy(ref)

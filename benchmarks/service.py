@@ -24,31 +24,19 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import rate
+
 from hsmkms.softhsm import ensure_token, find_module
 
 LABEL = "hsmkms"
 AAD = b"benchmark-aad-" + b"x" * 40  # about the size of the service's header + a small context
 CONTEXT = {"purpose": "benchmark"}
-
-
-def _rate(fn: Callable[[], object], seconds: float) -> float:
-    fn()  # warm up: handle lookups, caches
-    count, start = 0, time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(50):
-            fn()
-        count += 50
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
 
 
 def raw_worker(data_dir: Path, seconds: float) -> dict[str, float]:
@@ -82,9 +70,9 @@ def raw_worker(data_dir: Path, seconds: float) -> dict[str, float]:
 
     try:
         return {
-            "encrypt": _rate(encrypt, seconds),
-            "decrypt": _rate(decrypt, seconds),
-            "encrypt_token_key": _rate(lambda: encrypt(token_key), seconds),
+            "encrypt": rate(encrypt, seconds),
+            "decrypt": rate(decrypt, seconds),
+            "encrypt_token_key": rate(lambda: encrypt(token_key), seconds),
         }
     finally:
         token_key.destroy()
@@ -140,10 +128,10 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
 
     try:
         return {
-            "keystore_encrypt": _rate(lambda: keystore.encrypt(ref, plaintext, AAD), seconds),
-            "encrypt": _rate(encrypt, seconds),
-            "decrypt": _rate(decrypt, seconds),
-            "generate_data_key": _rate(generate_data_key, seconds),
+            "keystore_encrypt": rate(lambda: keystore.encrypt(ref, plaintext, AAD), seconds),
+            "encrypt": rate(encrypt, seconds),
+            "decrypt": rate(decrypt, seconds),
+            "generate_data_key": rate(generate_data_key, seconds),
         }
     finally:
         store.close()
