@@ -31,3 +31,30 @@ class Credential:
     access_key_id: str
     secret: str = field(repr=False)
     principal_arn: str
+    identity_policy: str | None = field(default=None, repr=False)
+    """The principal's identity policy (IAM JSON), or None: it allows nothing."""
+
+
+@dataclass(eq=False, slots=True)
+class Caller:
+    """Who makes one request, and from where: built by the API for each request from the
+    SigV4-verified credential and passed to every service operation as ``caller``.
+
+    ``caller=None`` means the service's own operator (the local CLI, tests): no authorization.
+    The service records the keys a call used in ``keys_used`` (key ARN -> key version, None
+    when no version was involved), which the API copies into the call's audit record.
+    """
+
+    principal_arn: str
+    account_id: str
+    identity_policy: str | None = field(default=None, repr=False)
+    access_key_id: str | None = None
+    source_ip: str | None = None
+    secure_transport: bool = False
+    user_agent: str | None = None
+    keys_used: dict[str, int | None] = field(default_factory=dict)
+
+    def note_key(self, key_arn: str, version: int | None = None) -> None:
+        """Record that the call named or used ``key_arn`` (and which version)."""
+        if version is not None or key_arn not in self.keys_used:
+            self.keys_used[key_arn] = version

@@ -38,7 +38,9 @@ import structlog
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
 from hsmkms.errors import KMSError, KMSInternalException, UnknownOperationException
+from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
+from hsmkms.types import Caller
 
 __all__ = ["INLINE_OPERATIONS", "Backend", "KmsApp", "create_app"]
 
@@ -283,8 +285,8 @@ class KmsApp:
             code = "OK"
         observe_request(operation, code, time.perf_counter() - start)
 
-    def _authenticate(self, scope: Scope, body: bytes) -> str:
-        """SigV4-verify the request; the caller's principal ARN."""
+    def _authenticate(self, scope: Scope, body: bytes) -> Caller:
+        """SigV4-verify the request; the caller (identity, identity policy, origin)."""
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         request = sigv4.SignedRequest(
@@ -300,7 +302,16 @@ class KmsApp:
             region=self.runtime.region,
             now=dt.datetime.now(dt.UTC),
         )
-        return credential.principal_arn
+        client = scope.get("client")
+        return Caller(
+            principal_arn=credential.principal_arn,
+            account_id=account_of(credential.principal_arn),
+            identity_policy=credential.identity_policy,
+            access_key_id=credential.access_key_id,
+            source_ip=client[0] if client else None,
+            secure_transport=scope.get("scheme") == "https",
+            user_agent=_header(scope, b"user-agent"),
+        )
 
     async def _internal(self, path: str, method: str, send: Send, request_id: str) -> None:
         if method not in ("GET", "HEAD"):

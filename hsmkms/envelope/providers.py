@@ -20,7 +20,7 @@ from hsmkms import errors
 from hsmkms.envelope.format import DATA_KEY_LENGTH
 from hsmkms.models.crypto import DecryptRequest, GenerateDataKeyRequest, ReEncryptRequest
 from hsmkms.models.enums import DataKeySpec
-from hsmkms.types import EncryptionContext
+from hsmkms.types import Caller, EncryptionContext
 
 if TYPE_CHECKING:
     from hsmkms.service import KmsService
@@ -104,7 +104,7 @@ def _owned(plaintext: bytes, encrypted: bytes, key_arn: str) -> DataKey:
 class ServiceProvider:
     """Data keys from a :class:`~hsmkms.service.KmsService` in this process."""
 
-    def __init__(self, service: KmsService, *, caller: str | None = None) -> None:
+    def __init__(self, service: KmsService, *, caller: Caller | None = None) -> None:
         self._service = service
         self._caller = caller
 

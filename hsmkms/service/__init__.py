@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from hsmkms.service.core import EventSink, ServiceEvent
 from hsmkms.service.kms import DueTaskReport, Inconsistencies, KmsService
 from hsmkms.service.operations import OPERATIONS, Operation
 
-__all__ = ["OPERATIONS", "DueTaskReport", "Inconsistencies", "KmsService", "Operation"]
+__all__ = [
+    "OPERATIONS",
+    "DueTaskReport",
+    "EventSink",
+    "Inconsistencies",
+    "KmsService",
+    "Operation",
+    "ServiceEvent",
+]

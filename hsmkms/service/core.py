@@ -7,6 +7,7 @@ validate -> (authorize: a later issue) -> resolve the key -> check its state -> 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable, Mapping
@@ -51,6 +52,21 @@ def material_ref(value: str) -> KeyMaterialRef:
     return KeyMaterialRef.from_str(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class ServiceEvent:
+    """Something the service did by itself, for the audit trail: ``RotateKey`` (an automatic
+    rotation; ``key_version`` is the new version) or ``DeleteKey`` (a purge at the end of the
+    waiting period)."""
+
+    name: str
+    key_arn: str
+    time: dt.datetime
+    key_version: int | None = None
+
+
+EventSink = Callable[[ServiceEvent], None]
+
+
 class RotationNotDue(Exception):
     """Internal: a scheduled rotation found the key no longer due (someone else rotated)."""
 
@@ -66,13 +82,24 @@ class ServiceCore:
         region: str,
         account_id: str,
         clock: Clock = utc_now,
+        on_event: EventSink | None = None,
     ) -> None:
         self._keystore = keystore
+        self._on_event = on_event
         self._store = store
         self._clock = clock
         self.arns = Arns(region, account_id)
         self.region = region
         self.account_id = account_id
+
+    def _emit(self, name: str, key_arn: str, key_version: int | None = None) -> None:
+        """Report a service event; a failing sink is logged, never fatal to the work."""
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(ServiceEvent(name, key_arn, self._clock(), key_version))
+        except Exception:
+            log.exception("service_event_failed", event=name, key_arn=key_arn)
 
     @property
     def store(self) -> MetadataStore:
@@ -297,4 +324,8 @@ class ServiceCore:
         log.info(
             "key_rotated", key_id=key.key_id, version=new_version, rotation_type=rotation_type.value
         )
+        if rotation_type is RotationType.AUTOMATIC:
+            # spec: §5.2 — automatic rotations are RotateKey service events; on-demand ones are
+            # the RotateKeyOnDemand API call's own record.
+            self._emit("RotateKey", key.arn, new_version)
         return updated

@@ -98,7 +98,7 @@ from hsmkms.models.enums import (
     RotationType,
 )
 from hsmkms.policy import default_key_policy, parse_policy
-from hsmkms.service.core import ServiceCore, log
+from hsmkms.service.core import EventSink, ServiceCore, log
 from hsmkms.service.identifiers import ALIAS_PREFIX, RESERVED_ALIAS_PREFIX, key_material_id
 from hsmkms.service.states import Access
 from hsmkms.store import (
@@ -110,7 +110,7 @@ from hsmkms.store import (
     LimitReached,
     MetadataStore,
 )
-from hsmkms.types import Clock, utc_now
+from hsmkms.types import Caller, Clock, utc_now
 
 MAX_TAGS_PER_KEY = 50
 MAX_ALIASES_PER_KEY = 50
@@ -171,8 +171,11 @@ class KmsService(ServiceCore):
         region: str,
         account_id: str,
         clock: Clock = utc_now,
+        on_event: EventSink | None = None,
     ) -> None:
-        super().__init__(keystore, store, region=region, account_id=account_id, clock=clock)
+        super().__init__(
+            keystore, store, region=region, account_id=account_id, clock=clock, on_event=on_event
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -212,7 +215,9 @@ class KmsService(ServiceCore):
             raise TagException("Too many tags")
         return seen
 
-    def create_key(self, request: CreateKeyRequest, caller: str | None = None) -> CreateKeyResponse:
+    def create_key(
+        self, request: CreateKeyRequest, caller: Caller | None = None
+    ) -> CreateKeyResponse:
         """CreateKey: a symmetric encryption key (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT) whose first
         version is generated inside the token."""
         validate_request(request)
@@ -264,14 +269,14 @@ class KmsService(ServiceCore):
         return CreateKeyResponse(KeyMetadata=self._metadata(key))
 
     def describe_key(
-        self, request: DescribeKeyRequest, caller: str | None = None
+        self, request: DescribeKeyRequest, caller: Caller | None = None
     ) -> DescribeKeyResponse:
         """DescribeKey: the key's metadata, in every state; aliases accepted."""
         validate_request(request)
         key = self._resolve(request.KeyId, aliases=True, access=Access.READ)
         return DescribeKeyResponse(KeyMetadata=self._metadata(key))
 
-    def list_keys(self, request: ListKeysRequest, caller: str | None = None) -> ListKeysResponse:
+    def list_keys(self, request: ListKeysRequest, caller: Caller | None = None) -> ListKeysResponse:
         """ListKeys: key ids and ARNs, Limit 1-1000 (default 100), opaque Marker."""
         validate_request(request)
         page = self._store.list_keys(_limit(request.Limit, 100), request.Marker, now=self._clock())
@@ -282,7 +287,7 @@ class KmsService(ServiceCore):
         )
 
     def update_key_description(
-        self, request: UpdateKeyDescriptionRequest, caller: str | None = None
+        self, request: UpdateKeyDescriptionRequest, caller: Caller | None = None
     ) -> EmptyResponse:
         """UpdateKeyDescription (0-8192 characters); refused while pending deletion."""
         validate_request(request)
@@ -318,7 +323,7 @@ class KmsService(ServiceCore):
                 return  # a concurrent request did the same: EnableKey/DisableKey are idempotent
             raise KMSInvalidStateException(f"{key.arn} changed state; retry the request.")
 
-    def enable_key(self, request: EnableKeyRequest, caller: str | None = None) -> EmptyResponse:
+    def enable_key(self, request: EnableKeyRequest, caller: Caller | None = None) -> EmptyResponse:
         """EnableKey: Disabled -> Enabled (no-op when Enabled). A key whose automatic rotation
         fell due while disabled rotates at once."""
         validate_request(request)
@@ -330,7 +335,9 @@ class KmsService(ServiceCore):
             self._rotate(current, RotationType.AUTOMATIC)
         return EmptyResponse()
 
-    def disable_key(self, request: DisableKeyRequest, caller: str | None = None) -> EmptyResponse:
+    def disable_key(
+        self, request: DisableKeyRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
         """DisableKey: Enabled -> Disabled (no-op when Disabled)."""
         validate_request(request)
         key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
@@ -339,7 +346,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def schedule_key_deletion(
-        self, request: ScheduleKeyDeletionRequest, caller: str | None = None
+        self, request: ScheduleKeyDeletionRequest, caller: Caller | None = None
     ) -> ScheduleKeyDeletionResponse:
         """ScheduleKeyDeletion: PendingDeletion for 7-30 days (default 30); then the purge
         destroys every token object of every version."""
@@ -364,7 +371,7 @@ class KmsService(ServiceCore):
         )
 
     def cancel_key_deletion(
-        self, request: CancelKeyDeletionRequest, caller: str | None = None
+        self, request: CancelKeyDeletionRequest, caller: Caller | None = None
     ) -> CancelKeyDeletionResponse:
         """CancelKeyDeletion: PendingDeletion -> Disabled (always Disabled, as AWS)."""
         validate_request(request)
@@ -394,7 +401,9 @@ class KmsService(ServiceCore):
                 f"{name} is not a valid alias name: alias/aws/ is reserved for AWS managed keys."
             )
 
-    def create_alias(self, request: CreateAliasRequest, caller: str | None = None) -> EmptyResponse:
+    def create_alias(
+        self, request: CreateAliasRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
         """CreateAlias: a new name for a key (at most 50 per key; ``alias/aws/`` reserved)."""
         validate_request(request)
         self._check_alias_name(request.AliasName, creating=True)
@@ -415,7 +424,9 @@ class KmsService(ServiceCore):
             raise self._not_found(key.key_id) from None
         return EmptyResponse()
 
-    def update_alias(self, request: UpdateAliasRequest, caller: str | None = None) -> EmptyResponse:
+    def update_alias(
+        self, request: UpdateAliasRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
         """UpdateAlias: point an existing alias at another key of the same type and usage."""
         validate_request(request)
         self._check_alias_name(request.AliasName, creating=False)
@@ -442,7 +453,9 @@ class KmsService(ServiceCore):
             raise NotFoundException(f"Alias {self.arns.alias(request.AliasName)} is not found.")
         return EmptyResponse()
 
-    def delete_alias(self, request: DeleteAliasRequest, caller: str | None = None) -> EmptyResponse:
+    def delete_alias(
+        self, request: DeleteAliasRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
         """DeleteAlias: in every key state."""
         validate_request(request)
         self._check_alias_name(request.AliasName, creating=False)
@@ -451,7 +464,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def list_aliases(
-        self, request: ListAliasesRequest, caller: str | None = None
+        self, request: ListAliasesRequest, caller: Caller | None = None
     ) -> ListAliasesResponse:
         """ListAliases: every alias, or those of one key; Limit 1-100 (default 50)."""
         validate_request(request)
@@ -476,7 +489,9 @@ class KmsService(ServiceCore):
 
     # == tags ==================================================================================
 
-    def tag_resource(self, request: TagResourceRequest, caller: str | None = None) -> EmptyResponse:
+    def tag_resource(
+        self, request: TagResourceRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
         """TagResource: add or overwrite tags (at most 50 per key; ``aws:`` reserved)."""
         validate_request(request)
         key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
@@ -490,7 +505,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def untag_resource(
-        self, request: UntagResourceRequest, caller: str | None = None
+        self, request: UntagResourceRequest, caller: Caller | None = None
     ) -> EmptyResponse:
         """UntagResource: remove tags; absent tag keys are ignored."""
         validate_request(request)
@@ -502,7 +517,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def list_resource_tags(
-        self, request: ListResourceTagsRequest, caller: str | None = None
+        self, request: ListResourceTagsRequest, caller: Caller | None = None
     ) -> ListResourceTagsResponse:
         """ListResourceTags: Limit 1-50 (default 50), sorted by tag key."""
         validate_request(request)
@@ -516,7 +531,7 @@ class KmsService(ServiceCore):
 
     # == cryptographic operations ==============================================================
 
-    def encrypt(self, request: EncryptRequest, caller: str | None = None) -> EncryptResponse:
+    def encrypt(self, request: EncryptRequest, caller: Caller | None = None) -> EncryptResponse:
         """Encrypt 1-4096 bytes under the key's current version, inside the token.
 
         Security contract: the plaintext is only passed to the token; it is never logged or
@@ -532,7 +547,7 @@ class KmsService(ServiceCore):
             CiphertextBlob=blob, KeyId=key.arn, EncryptionAlgorithm=algorithm
         )
 
-    def decrypt(self, request: DecryptRequest, caller: str | None = None) -> DecryptResponse:
+    def decrypt(self, request: DecryptRequest, caller: Caller | None = None) -> DecryptResponse:
         """Decrypt with the key and version the blob names (never trial decryption). A KeyId,
         when given, must identify that key (IncorrectKeyException otherwise)."""
         validate_request(request)
@@ -564,7 +579,9 @@ class KmsService(ServiceCore):
             KeyMaterialId=key_material_id(key.key_id, version.version),
         )
 
-    def re_encrypt(self, request: ReEncryptRequest, caller: str | None = None) -> ReEncryptResponse:
+    def re_encrypt(
+        self, request: ReEncryptRequest, caller: Caller | None = None
+    ) -> ReEncryptResponse:
         """ReEncrypt: decrypt with the source key version the blob names and encrypt under the
         destination key's current version; the plaintext never leaves the service."""
         validate_request(request)
@@ -612,7 +629,7 @@ class KmsService(ServiceCore):
         return number_of_bytes
 
     def generate_data_key(
-        self, request: GenerateDataKeyRequest, caller: str | None = None
+        self, request: GenerateDataKeyRequest, caller: Caller | None = None
     ) -> GenerateDataKeyResponse:
         """GenerateDataKey: a fresh data key from the token's generator, returned in plaintext
         and encrypted under the key's current version.
@@ -637,7 +654,7 @@ class KmsService(ServiceCore):
         )
 
     def generate_data_key_without_plaintext(
-        self, request: GenerateDataKeyWithoutPlaintextRequest, caller: str | None = None
+        self, request: GenerateDataKeyWithoutPlaintextRequest, caller: Caller | None = None
     ) -> GenerateDataKeyWithoutPlaintextResponse:
         """GenerateDataKeyWithoutPlaintext: as GenerateDataKey, returning only the encrypted
         data key."""
@@ -656,7 +673,7 @@ class KmsService(ServiceCore):
         )
 
     def generate_random(
-        self, request: GenerateRandomRequest, caller: str | None = None
+        self, request: GenerateRandomRequest, caller: Caller | None = None
     ) -> GenerateRandomResponse:
         """GenerateRandom: 1-1024 bytes from the token's random generator."""
         validate_request(request)
@@ -671,7 +688,7 @@ class KmsService(ServiceCore):
     # == rotation ==============================================================================
 
     def enable_key_rotation(
-        self, request: EnableKeyRotationRequest, caller: str | None = None
+        self, request: EnableKeyRotationRequest, caller: Caller | None = None
     ) -> EmptyResponse:
         """EnableKeyRotation: rotate every RotationPeriodInDays (90-2560, default 365); the first
         rotation comes one period after this call."""
@@ -687,7 +704,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def disable_key_rotation(
-        self, request: DisableKeyRotationRequest, caller: str | None = None
+        self, request: DisableKeyRotationRequest, caller: Caller | None = None
     ) -> EmptyResponse:
         """DisableKeyRotation: no more automatic rotations (existing versions stay)."""
         validate_request(request)
@@ -698,7 +715,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def get_key_rotation_status(
-        self, request: GetKeyRotationStatusRequest, caller: str | None = None
+        self, request: GetKeyRotationStatusRequest, caller: Caller | None = None
     ) -> GetKeyRotationStatusResponse:
         """GetKeyRotationStatus: in every state; reads disabled while pending deletion (the
         setting comes back on cancel, as AWS)."""
@@ -715,7 +732,7 @@ class KmsService(ServiceCore):
         )
 
     def rotate_key_on_demand(
-        self, request: RotateKeyOnDemandRequest, caller: str | None = None
+        self, request: RotateKeyOnDemandRequest, caller: Caller | None = None
     ) -> RotateKeyOnDemandResponse:
         """RotateKeyOnDemand: a new key version now (at most 25 per key); the automatic
         schedule is unchanged."""
@@ -750,7 +767,7 @@ class KmsService(ServiceCore):
         raise ConflictException(f"{key.arn} is being rotated concurrently; try again later.")
 
     def list_key_rotations(
-        self, request: ListKeyRotationsRequest, caller: str | None = None
+        self, request: ListKeyRotationsRequest, caller: Caller | None = None
     ) -> ListKeyRotationsResponse:
         """ListKeyRotations: the rotations (AUTOMATIC / ON_DEMAND, with dates); with
         ALL_KEY_MATERIAL also the original material."""
@@ -788,7 +805,7 @@ class KmsService(ServiceCore):
             raise NotFoundException(f"No such policy exists: {name}. The only policy is default.")
 
     def get_key_policy(
-        self, request: GetKeyPolicyRequest, caller: str | None = None
+        self, request: GetKeyPolicyRequest, caller: Caller | None = None
     ) -> GetKeyPolicyResponse:
         """GetKeyPolicy: the key policy document (PolicyName ``default`` only)."""
         validate_request(request)
@@ -797,7 +814,7 @@ class KmsService(ServiceCore):
         return GetKeyPolicyResponse(Policy=key.policy, PolicyName=DEFAULT_POLICY_NAME)
 
     def put_key_policy(
-        self, request: PutKeyPolicyRequest, caller: str | None = None
+        self, request: PutKeyPolicyRequest, caller: Caller | None = None
     ) -> EmptyResponse:
         """PutKeyPolicy: replace the policy (JSON, at most 32 KB). Enforcement is the
         authorization layer's."""
@@ -810,7 +827,7 @@ class KmsService(ServiceCore):
         return EmptyResponse()
 
     def list_key_policies(
-        self, request: ListKeyPoliciesRequest, caller: str | None = None
+        self, request: ListKeyPoliciesRequest, caller: Caller | None = None
     ) -> ListKeyPoliciesResponse:
         """ListKeyPolicies: always ``["default"]``."""
         validate_request(request)
@@ -855,6 +872,7 @@ class KmsService(ServiceCore):
                 log.exception("purge_failed", key_id=key.key_id)
                 continue
             log.info("key_deleted", key_id=key.key_id)
+            self._emit("DeleteKey", key.arn)
             purged.append(key.key_id)
         return purged
 
