@@ -7,6 +7,7 @@
     │   ├── NotFoundException
     │   ├── DisabledException
     │   ├── KMSInvalidStateException
+    │   │   └── KeyIntegrityError         the key's metadata row failed its token MAC check
     │   ├── InvalidCiphertextException     every decryption failure; never carries detail
     │   ├── IncorrectKeyException
     │   ├── InvalidKeyUsageException
@@ -87,6 +88,23 @@ class KMSInvalidStateException(ClientError):
     """The key's state does not allow the operation."""
 
     code = "KMSInvalidStateException"
+
+
+class KeyIntegrityError(KMSInvalidStateException):
+    """The key's metadata (its row, a version or a grant) was changed outside hsmkms: its MAC,
+    computed inside the token, does not match. The key is unusable until an operator restores
+    the rows (``hsmkms doctor`` lists them). The message names the key, never the row's content.
+    """
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"The metadata of key {key_id} failed its integrity check: it was changed outside "
+            "hsmkms. The key cannot be used until an operator restores it (see hsmkms doctor)."
+        )
+        self.key_id = key_id
+
+    def __reduce__(self) -> tuple[type[KeyIntegrityError], tuple[str]]:
+        return (type(self), (self.key_id,))
 
 
 class InvalidCiphertextException(ClientError):

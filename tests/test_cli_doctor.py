@@ -5,18 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hsmkms import models as m
 from hsmkms.config import Settings
 from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.models import CreateKeyRequest, ScheduleKeyDeletionRequest
 from hsmkms.service.kms import KmsService
 from hsmkms.service.local import open_service
 from hsmkms.service.testing import ManualClock
+from hsmkms.store import GrantRecord
 from hsmkms.types import Clock, utc_now
 
 pytestmark = pytest.mark.hsm
@@ -174,3 +177,93 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
         assert service.store.get_key(key_id) is None
     finally:
         service.close()
+
+
+# -- integrity of the metadata (docs/metadata-store.md) -------------------------------------
+
+ALICE = "arn:aws:iam::111122223333:user/alice"
+MALLORY = "arn:aws:iam::111122223333:user/mallory"
+
+
+def _grant(key_id: str, grantee: str, n: int = 1) -> GrantRecord:
+    return GrantRecord(
+        grant_id=f"{n:064x}",
+        key_id=key_id,
+        name=None,
+        grantee_principal=grantee,
+        retiring_principal=None,
+        operations=("Decrypt", "Encrypt"),
+        constraints=None,
+        issuing_account="111122223333",
+        created_at=dt.datetime.now(dt.UTC),
+    )
+
+
+def test_doctor_reports_each_tampered_row_and_fails(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    try:
+        keys = [service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId for _ in range(6)]
+        service.disable_key(m.DisableKeyRequest(KeyId=keys[0]))
+        service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=keys[4]))
+        service.store.create_grant(_grant(keys[3], ALICE))
+    finally:
+        service.close()
+    clean = doctor(tmp_path, "--json")
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["integrity"] == []
+    assert "integrity:       ok" in doctor(tmp_path).stdout
+
+    db = sqlite3.connect(tmp_path / "hsmkms.db", isolation_level=None)
+    try:
+        db.execute("UPDATE keys SET state = 'Enabled' WHERE id = ?", (keys[0],))
+        db.execute("UPDATE keys SET policy = '{}' WHERE id = ?", (keys[1],))
+        refs = dict(db.execute("SELECT key_id, material_ref FROM key_versions").fetchall())
+        db.execute(
+            "UPDATE key_versions SET material_ref = ? WHERE key_id = ?", (refs[keys[5]], keys[2])
+        )
+        db.execute(
+            "INSERT INTO grants SELECT ?, key_id, name, ?, retiring_principal, operations, "
+            "constraints, issuing_account, created_at, mac FROM grants",
+            (f"{2:064x}", MALLORY),
+        )
+        db.execute("UPDATE key_versions SET key_id = ? WHERE key_id = ? AND version = 2",
+                   (keys[5], keys[4]))  # fmt: skip
+        db.execute("UPDATE keys SET mac = NULL WHERE id = ?", (keys[5],))
+    finally:
+        db.close()
+
+    proc = doctor(tmp_path)
+    assert_one_line_failure(proc, "6 rows failed their integrity check")
+    lines = proc.stdout.splitlines()
+    assert "integrity:       6 bad rows" in lines
+    expected = [
+        f"  keys row of key {keys[0]}: MAC does not match the row",
+        f"  keys row of key {keys[1]}: MAC does not match the row",
+        f"  key_versions row of key {keys[2]}: version 1: MAC does not match the row",
+        f"  grants row of key {keys[3]}: grant {2:064x}: MAC does not match the row",
+        f"  key_versions row of key {keys[5]}: version 2: MAC does not match the row",
+        f"  keys row of key {keys[5]}: MAC missing",
+    ]
+    for line in expected:
+        assert line in lines, proc.stdout
+    assert "orphans:         not checked (rows failed their integrity check)" in lines
+
+    report = doctor(tmp_path, "--json")
+    assert report.returncode != 0
+    found = json.loads(report.stdout)["integrity"]
+    assert len(found) == 6
+    assert {"table": "keys", "key_id": keys[5], "detail": "MAC missing"} in found
+
+
+def test_doctor_on_an_untouched_database_reports_nothing(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    try:
+        key_id = service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+        service.store.create_grant(_grant(key_id, ALICE))
+        service.disable_key(m.DisableKeyRequest(KeyId=key_id))
+        service.enable_key(m.EnableKeyRequest(KeyId=key_id))
+    finally:
+        service.close()
+    proc = doctor(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "integrity:       ok" in proc.stdout

@@ -1,9 +1,10 @@
-"""``hsmkms doctor``: check the module, the token, login and the crypto path, and say what is
-wrong in one line when something is."""
+"""``hsmkms doctor``: check the module, the token, login, the crypto path and the metadata's
+integrity MACs, and say what is wrong in one line when something is."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "doctor",
         help="check the PKCS#11 module, token, login and a self-test",
         description="Print the module, token, mechanisms and chosen profile; check login; run "
-        "an encrypt/decrypt self-test with temporary session keys. On the embedded default, "
+        "an encrypt/decrypt self-test with temporary session keys; check the integrity MAC of "
+        "every key, key version and grant row in the database. On the embedded default, "
         "create the data directory and token when missing.",
     )
     add_data_dir(parser)
@@ -41,7 +43,9 @@ def diagnose(settings: Settings) -> dict[str, Any]:
     try:
         info = service.keystore.info()  # opens the module, finds the token and logs in
         service.keystore.self_test()
-        found = service.find_inconsistencies()
+        integrity = service.store.integrity_problems()
+        # Comparing the token with rows that failed their check would trust them: skip it.
+        found = None if integrity else service.find_inconsistencies()
     finally:
         service.close()
     report.update(
@@ -55,9 +59,14 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         mechanisms=list(info.mechanisms),
         login="ok",
         self_test="ok",
-        orphans=[{"object_id": o.object_id, "label": o.label} for o in found.orphans],
-        missing=[{"key_id": key_id, "version": version} for key_id, version in found.missing],
-    )
+        integrity=[dataclasses.asdict(p) for p in integrity],
+        orphans=[] if found is None else [
+            {"object_id": o.object_id, "label": o.label} for o in found.orphans
+        ],
+        missing=[] if found is None else [
+            {"key_id": key_id, "version": version} for key_id, version in found.missing
+        ],
+    )  # fmt: skip
     warnings = []
     pin_file = settings.user_pin_file if settings.is_embedded else settings.pin_file
     if pin_file is not None and not pin_file_is_private(pin_file):
@@ -69,10 +78,10 @@ def diagnose(settings: Settings) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     report = diagnose(Settings.load(args.data_dir))
     missing = report["missing"]
+    integrity = report["integrity"]
     if args.json:
         print(json.dumps(report, sort_keys=True))
-        if missing:
-            raise KMSInternalException(_missing_message(missing))
+        _raise_for(missing, integrity)
         return 0
     width = 16
     for key in ("data_dir", "softhsm2_conf", "user_pin_file", "module", "library",
@@ -83,14 +92,35 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
     )
-    print(f"{'orphans:':<{width}} {len(report['orphans'])}")
+    print(f"{'integrity:':<{width}} {'ok' if not integrity else f'{len(integrity)} bad rows'}")
+    for problem in integrity:
+        print(f"  {problem['table']} row of key {problem['key_id']}: {problem['detail']}")
+    if integrity:
+        print(f"{'orphans:':<{width}} not checked (rows failed their integrity check)")
+    else:
+        print(f"{'orphans:':<{width}} {len(report['orphans'])}")
     for orphan in report["orphans"]:
         print(f"  token object {orphan['object_id']} ({orphan['label']}) belongs to no key")
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
+    _raise_for(missing, integrity)
+    return 0
+
+
+def _raise_for(missing: list[dict[str, Any]], integrity: list[dict[str, Any]]) -> None:
+    if integrity:
+        raise KMSInternalException(_integrity_message(integrity))
     if missing:
         raise KMSInternalException(_missing_message(missing))
-    return 0
+
+
+def _integrity_message(integrity: list[dict[str, Any]]) -> str:
+    keys = sorted({p["key_id"] for p in integrity})
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return (
+        f"key {keys[0]}{more}: metadata changed outside hsmkms ({len(integrity)} rows failed "
+        "their integrity check); the keys are refused until the rows are restored"
+    )
 
 
 def _missing_message(missing: list[dict[str, Any]]) -> str:

@@ -175,3 +175,26 @@ class Keystore(Protocol):
     def close(self) -> None:
         """Log out and release the module (end of process)."""
         ...
+
+
+def mac_key_label(name: str) -> str:
+    """The token label :meth:`Keystore.create_mac_key` gives the key created as ``name``."""
+    return f"hsmkms:{name}"
+
+
+def checked_mac_key(keystore: Keystore, ref_text: str, name: str) -> MacKeyRef:
+    """Parse a MAC key reference read from the (untrusted) database and check, on the
+    (trusted) token, that it names the key created as ``create_mac_key(name)``.
+
+    Raises ``ValueError`` naming the problem: malformed, no such object, or an object with
+    another label (a reference swapped for another service key's). One token listing per call:
+    callers check once and remember the result.
+    """
+    ref = MacKeyRef.from_str(ref_text)
+    labels = {o.object_id: o.label for o in keystore.list_objects()}
+    label = labels.get(ref.object_id)
+    if label is None:
+        raise ValueError(f"the {name} key reference names no object on the token")
+    if label != mac_key_label(name):
+        raise ValueError(f"the {name} key reference names a token object labelled {label!r}")
+    return ref

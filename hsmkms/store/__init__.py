@@ -1,7 +1,9 @@
-"""The metadata store: key metadata, versions, aliases and tags in SQL. Never a secret."""
+"""The metadata store: key metadata, versions, aliases, tags and grants in SQL. Never a secret;
+never trusted either: rows that decide security carry a token MAC (:mod:`.integrity`)."""
 
 from __future__ import annotations
 
+from hsmkms.store.integrity import IntegrityProblem, RowSealer, TokenRowSealer
 from hsmkms.store.metadata import (
     DuplicateAlias,
     KeyMissing,
@@ -10,18 +12,29 @@ from hsmkms.store.metadata import (
     StoreError,
     VersionConflict,
 )
-from hsmkms.store.records import DELETING, AliasRecord, KeyRecord, KeyVersionRecord, Page
+from hsmkms.store.records import (
+    DELETING,
+    AliasRecord,
+    GrantRecord,
+    KeyRecord,
+    KeyVersionRecord,
+    Page,
+)
 
 __all__ = [
     "DELETING",
     "AliasRecord",
     "DuplicateAlias",
+    "GrantRecord",
+    "IntegrityProblem",
     "KeyMissing",
     "KeyRecord",
     "KeyVersionRecord",
     "LimitReached",
     "MetadataStore",
     "Page",
+    "RowSealer",
     "StoreError",
+    "TokenRowSealer",
     "VersionConflict",
 ]

@@ -1,4 +1,4 @@
-"""The metadata store: keys, key versions, aliases and tags in SQL (SQLAlchemy Core).
+"""The metadata store: keys, key versions, aliases, tags and grants in SQL (SQLAlchemy Core).
 
 SQLite is the embedded default: WAL journal, ``foreign_keys=ON`` and a busy timeout on every
 connection, ``synchronous=FULL`` (a committed key version must survive a power cut: a caller may
@@ -8,6 +8,12 @@ read-check-write sequence is atomic across processes; the same code takes row lo
 
 The store holds no secret and makes no policy decision: the service passes limits and
 preconditions in, and maps the store's own exceptions to AWS errors.
+
+The database is not trusted: with a :class:`~hsmkms.store.integrity.RowSealer` (the service
+always passes one), every write to a ``keys``, ``key_versions`` or ``grants`` row recomputes the
+row's token MAC in the same transaction, and every read the service decides on verifies it,
+raising :class:`~hsmkms.errors.KeyIntegrityError` (fail closed). Without a sealer (tests of the
+store alone) MACs are neither written nor checked.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -24,12 +31,16 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
+import structlog
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Row,
+    Select,
+    Table,
     and_,
     create_engine,
     delete,
@@ -43,12 +54,26 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from hsmkms.errors import (
     DependencyTimeoutException,
     InvalidMarkerException,
+    KeyIntegrityError,
     KMSError,
     KMSInternalException,
 )
 from hsmkms.store import schema
+from hsmkms.store.integrity import (
+    IntegrityProblem,
+    RowSealer,
+    RowVerifier,
+    safe_key_id,
+)
 from hsmkms.store.migrations import MIGRATIONS, applied_versions, run_migrations
-from hsmkms.store.records import DELETING, AliasRecord, KeyRecord, KeyVersionRecord, Page
+from hsmkms.store.records import (
+    DELETING,
+    AliasRecord,
+    GrantRecord,
+    KeyRecord,
+    KeyVersionRecord,
+    Page,
+)
 from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, utc_now
 
@@ -73,6 +98,9 @@ class KeyMissing(StoreError):
     """The key row is not there (deleted meanwhile)."""
 
 
+log = structlog.get_logger(__name__)
+
+_R = TypeVar("_R")
 _WRITE = "hsmkms_write"
 _CACHE_MAX = 10_000
 
@@ -142,6 +170,65 @@ def _alias_from_row(row: Row[Any]) -> AliasRecord:
     )
 
 
+def _grant_from_row(row: Row[Any]) -> GrantRecord:
+    m = row._mapping
+    return GrantRecord(
+        grant_id=m["id"],
+        key_id=m["key_id"],
+        name=m["name"],
+        grantee_principal=m["grantee_principal"],
+        retiring_principal=m["retiring_principal"],
+        operations=tuple(o for o in m["operations"].split(",") if o),
+        constraints=m["constraints"],
+        issuing_account=m["issuing_account"],
+        created_at=m["created_at"],
+    )
+
+
+def _grant_values(grant: GrantRecord) -> dict[str, Any]:
+    return {
+        "id": grant.grant_id,
+        "key_id": grant.key_id,
+        "name": grant.name,
+        "grantee_principal": grant.grantee_principal,
+        "retiring_principal": grant.retiring_principal,
+        "operations": ",".join(grant.operations),
+        "constraints": grant.constraints,
+        "issuing_account": grant.issuing_account,
+        "created_at": grant.created_at,
+    }
+
+
+def _same_grant(a: GrantRecord, b: GrantRecord) -> bool:
+    """Whether two grants on one key match for CreateGrant's idempotency by Name."""
+    return (
+        a.name == b.name
+        and a.grantee_principal == b.grantee_principal
+        and a.retiring_principal == b.retiring_principal
+        and a.operations == b.operations
+        and a.constraints == b.constraints
+    )
+
+
+def _encode_grant_marker(kind: str, last: GrantRecord) -> str:
+    return _encode_marker(kind, f"{last.created_at.isoformat()} {last.grant_id}")
+
+
+def _decode_grant_marker(kind: str, marker: str | None) -> tuple[dt.datetime, str] | None:
+    """The (created_at, grant_id) of the last grant of the previous page."""
+    value = _decode_marker(kind, marker, str)
+    if value is None:
+        return None
+    when, _, grant_id = value.partition(" ")
+    try:
+        created_at = dt.datetime.fromisoformat(when)
+    except ValueError as exc:
+        raise InvalidMarkerException("The marker is not valid.") from exc
+    if created_at.tzinfo is None or not grant_id:
+        raise InvalidMarkerException("The marker is not valid.")
+    return created_at, grant_id
+
+
 def _key_values(key: KeyRecord) -> dict[str, Any]:
     return {
         "id": key.key_id,
@@ -178,6 +265,42 @@ _K = schema.keys
 _V = schema.key_versions
 _A = schema.aliases
 _T = schema.tags
+_G = schema.grants
+_S = schema.store_settings
+_MISSING: Any = object()
+_INTEGRITY_KEY = "integrity_key"
+_SEALED_TABLES = (_K, _V, _G)
+# get_key_and_version's version columns, labelled apart from the key's.
+_V_LABELS = {
+    "version": "v_version",
+    "material_ref": "material_ref",
+    "profile": "profile",
+    "created_at": "v_created_at",
+    "rotation_type": "rotation_type",
+    "mac": "v_mac",
+}
+
+
+def _pk(table: Table, m: Mapping[Any, Any]) -> tuple[Any, ...]:
+    return tuple(m[c.name] for c in table.primary_key.columns)
+
+
+def _pk_clause(table: Table, pk: tuple[Any, ...]) -> ColumnElement[bool]:
+    return and_(*(c == v for c, v in zip(table.primary_key.columns, pk, strict=True)))
+
+
+def _owner(table: Table, m: Mapping[Any, Any]) -> Any:
+    """The key a sealed row belongs to."""
+    return m["id"] if table is _K else m["key_id"]
+
+
+def _describe(table: Table, m: Mapping[Any, Any], problem: str) -> str:
+    if table is _V:
+        version = m["version"]
+        return f"version {version if isinstance(version, int) else '?'}: {problem}"
+    if table is _G:
+        return f"grant {safe_key_id(m['id'])}: {problem}"
+    return problem
 
 
 class MetadataStore:
@@ -194,20 +317,25 @@ class MetadataStore:
         clock: Clock = utc_now,
         busy_timeout_ms: int = 10_000,
         cache_check_interval: float = 0.001,
+        sealer: RowSealer | None = None,
     ) -> None:
         self._clock = clock
+        self._verifier = None if sealer is None else RowVerifier(sealer)
         self._cache_check_interval = cache_check_interval
         self._cache_checked_at = -math.inf
         self._engine: Engine = create_engine(url)
         self._probe: sqlite3.Connection | None = None
         self._cache_lock = threading.Lock()
-        self._cache: dict[tuple[str, int | None], tuple[KeyRecord, KeyVersionRecord | None]] = {}
+        # ("key", key_id, version) -> (key, version); ("grants", key_id, grantee) -> tuple
+        self._cache: dict[tuple[Any, ...], Any] = {}
         self._cache_token: int | None = None
         self._pid = os.getpid()
         if self._engine.dialect.name == "sqlite":
             install_sqlite_hooks(self._engine, busy_timeout_ms=busy_timeout_ms, write_option=_WRITE)
         with self._write() as conn:
             run_migrations(conn, clock)
+            if self._verifier is not None:
+                self._start_integrity(conn, self._verifier)
         self._open_probe()
 
     def _open_probe(self) -> None:
@@ -239,6 +367,7 @@ class MetadataStore:
         clock: Clock = utc_now,
         busy_timeout_ms: int = 10_000,
         cache_check_interval: float = 0.001,
+        sealer: RowSealer | None = None,
     ) -> MetadataStore:
         """Open (creating when missing) the SQLite database at ``path``."""
         return cls(
@@ -246,6 +375,7 @@ class MetadataStore:
             clock=clock,
             busy_timeout_ms=busy_timeout_ms,
             cache_check_interval=cache_check_interval,
+            sealer=sealer,
         )
 
     @property
@@ -286,6 +416,28 @@ class MetadataStore:
             self._cache_token = token
         return True
 
+    def _cached(self, cache_key: tuple[Any, ...], load: Callable[[], _R]) -> _R:
+        """``load()``, answered from the read cache when the database has not changed since
+        it was cached. ``None`` answers are not cached; callers cache immutable values only."""
+        self._after_fork()
+        with self._cache_lock:
+            if self._cache_valid():
+                hit = self._cache.get(cache_key, _MISSING)
+                if hit is not _MISSING:
+                    return cast(_R, hit)
+                token = self._cache_token
+            else:
+                token = None
+        found = load()
+        if found is not None and token is not None:
+            with self._cache_lock:
+                # Only keep the answer if nothing changed while it was read.
+                if self._cache_valid() and self._cache_token == token:
+                    if len(self._cache) >= _CACHE_MAX:
+                        self._cache.clear()
+                    self._cache[cache_key] = found
+        return found
+
     # -- transactions ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -322,10 +474,93 @@ class MetadataStore:
             yield conn
 
     def _lock_key(self, conn: Connection, key_id: str) -> KeyRecord:
+        key = self._lock_key_if_there(conn, key_id)
+        if key is None:
+            raise KeyMissing(key_id)
+        return key
+
+    def _lock_key_if_there(self, conn: Connection, key_id: str) -> KeyRecord | None:
+        """The key row, locked and verified (a write never re-seals a tampered row)."""
         row = conn.execute(select(_K).where(_K.c.id == key_id).with_for_update()).first()
         if row is None:
-            raise KeyMissing(key_id)
+            return None
+        self._verify(_K, row._mapping)
         return _key_from_row(row)
+
+    # -- integrity ------------------------------------------------------------------------------
+
+    def _start_integrity(self, conn: Connection, verifier: RowVerifier) -> None:
+        """At open, in the migration's transaction: use the stored integrity key, or create it
+        and adopt the database as it is (the only time rows without a MAC are sealed)."""
+        reference = conn.execute(select(_S.c.value).where(_S.c.name == _INTEGRITY_KEY)).scalar()
+        if reference is not None:
+            verifier.sealer.use_key(reference)
+            return
+        for table in _SEALED_TABLES:
+            if conn.execute(select(table.c.mac).where(table.c.mac.is_not(None)).limit(1)).first():
+                # Sealed rows but no key reference: it was removed. Re-sealing would bless
+                # whatever the database now holds.
+                raise KMSInternalException(
+                    "The metadata store has sealed rows but no integrity key reference (removed "
+                    "from store_settings?); restore it or the database (docs/metadata-store.md)."
+                )
+        conn.execute(_S.insert().values(name=_INTEGRITY_KEY, value=verifier.sealer.create_key()))
+        adopted = 0
+        for table in _SEALED_TABLES:
+            for row in conn.execute(select(table)).all():
+                pk = _pk(table, row._mapping)
+                tag = verifier.seal(table.name, pk, row._mapping)
+                conn.execute(update(table).where(_pk_clause(table, pk)).values(mac=tag))
+                adopted += 1
+        if adopted:
+            log.warning("metadata_rows_adopted", rows=adopted)
+
+    def _verify(self, table: Table, m: Mapping[Any, Any]) -> None:
+        """Raise :class:`KeyIntegrityError` unless the row's MAC is right (no-op without a
+        sealer). ``m`` holds the row's columns (``mac`` included) under their own names."""
+        if self._verifier is None:
+            return
+        problem = self._verifier.verify(table.name, _pk(table, m), m, m["mac"])
+        if problem is not None:
+            key_id = safe_key_id(_owner(table, m))
+            log.error("metadata_integrity_failed", table=table.name, key_id=key_id, problem=problem)
+            raise KeyIntegrityError(key_id)
+
+    def _reseal(self, conn: Connection, table: Table, pk: tuple[Any, ...]) -> None:
+        """Recompute a row's MAC after a write, in the write's transaction."""
+        if self._verifier is None:
+            if conn.execute(select(_S.c.name).where(_S.c.name == _INTEGRITY_KEY)).first():
+                raise KMSInternalException(
+                    "The metadata store's rows are sealed: open it with the keystore's sealer "
+                    "to change keys, versions or grants."
+                )
+            return
+        row = conn.execute(select(table).where(_pk_clause(table, pk))).one()
+        tag = self._verifier.seal(table.name, pk, row._mapping)
+        conn.execute(update(table).where(_pk_clause(table, pk)).values(mac=tag))
+
+    def integrity_problems(self) -> list[IntegrityProblem]:
+        """Check the MAC of every ``keys``, ``key_versions`` and ``grants`` row (``hsmkms
+        doctor``). Empty when every row is intact, or when the store has no sealer."""
+        if self._verifier is None:
+            return []
+        with self._read() as conn:
+            tables = [
+                (t, conn.execute(select(t).order_by(*t.primary_key.columns)).all())
+                for t in _SEALED_TABLES
+            ]
+        problems: list[IntegrityProblem] = []
+        for table, rows in tables:
+            for row in rows:
+                m = row._mapping
+                problem = self._verifier.verify(table.name, _pk(table, m), m, m["mac"])
+                if problem is not None:
+                    problems.append(
+                        IntegrityProblem(
+                            table.name, safe_key_id(_owner(table, m)), _describe(table, m, problem)
+                        )
+                    )
+        return problems
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -349,6 +584,8 @@ class MetadataStore:
         with self._write() as conn:
             conn.execute(_K.insert().values(**_key_values(key)))
             conn.execute(_V.insert().values(**_version_values(first_version)))
+            self._reseal(conn, _K, (key.key_id,))
+            self._reseal(conn, _V, (first_version.key_id, first_version.version))
             if tags:
                 conn.execute(
                     _T.insert(),
@@ -359,7 +596,10 @@ class MetadataStore:
         """The key, or ``None`` when there is no such row (a key being purged is returned)."""
         with self._read() as conn:
             row = conn.execute(select(_K).where(_K.c.id == key_id)).first()
-        return None if row is None else _key_from_row(row)
+        if row is None:
+            return None
+        self._verify(_K, row._mapping)
+        return _key_from_row(row)
 
     def get_key_and_version(
         self, key_id: str, version: int | None = None
@@ -371,54 +611,35 @@ class MetadataStore:
         connection commits a change to the database (SQLite). Writes through this store are
         seen at once; commits by other processes within ``cache_check_interval`` (1 ms).
         """
-        cache_key = (key_id, version)
-        self._after_fork()
-        with self._cache_lock:
-            if self._cache_valid():
-                hit = self._cache.get(cache_key)
-                if hit is not None:
-                    return hit
-                token = self._cache_token
-            else:
-                token = None
-        found = self._get_key_and_version(key_id, version)
-        if found is not None and token is not None:
-            with self._cache_lock:
-                # Only keep the answer if nothing changed while it was read.
-                if self._cache_valid() and self._cache_token == token:
-                    if len(self._cache) >= _CACHE_MAX:
-                        self._cache.clear()
-                    self._cache[cache_key] = found
-        return found
+        return self._cached(
+            ("key", key_id, version), lambda: self._get_key_and_version(key_id, version)
+        )
 
     def _get_key_and_version(
         self, key_id: str, version: int | None
     ) -> tuple[KeyRecord, KeyVersionRecord | None] | None:
         version_col = _K.c.current_version if version is None else version
         j = _K.outerjoin(_V, and_(_V.c.key_id == _K.c.id, _V.c.version == version_col))
-        stmt = select(
-            _K,
-            _V.c.version.label("v_version"),
-            _V.c.material_ref,
-            _V.c.profile,
-            _V.c.created_at.label("v_created_at"),
-            _V.c.rotation_type,
-        ).select_from(j)
+        stmt = select(_K, *(_V.c[name].label(label) for name, label in _V_LABELS.items()))
         with self._read() as conn:
-            row = conn.execute(stmt.where(_K.c.id == key_id)).first()
+            row = conn.execute(stmt.select_from(j).where(_K.c.id == key_id)).first()
         if row is None:
             return None
-        key = _key_from_row(row)
         m = row._mapping
+        self._verify(_K, m)
+        key = _key_from_row(row)
         if m["v_version"] is None:
             return key, None
+        values = {name: m[label] for name, label in _V_LABELS.items()}
+        values["key_id"] = m["id"]  # the join's condition
+        self._verify(_V, values)
         ver = KeyVersionRecord(
             key_id=key.key_id,
-            version=int(m["v_version"]),
-            material_ref=m["material_ref"],
-            profile=m["profile"],
-            created_at=m["v_created_at"],
-            rotation_type=m["rotation_type"],
+            version=int(values["version"]),
+            material_ref=values["material_ref"],
+            profile=values["profile"],
+            created_at=values["created_at"],
+            rotation_type=values["rotation_type"],
         )
         return key, ver
 
@@ -447,15 +668,28 @@ class MetadataStore:
 
     def set_description(self, key_id: str, description: str) -> bool:
         """Replace the description. ``False`` when the key is missing."""
-        with self._write() as conn:
-            res = conn.execute(update(_K).where(_K.c.id == key_id).values(description=description))
-        return res.rowcount > 0
+        return self._update_key(key_id, description=description)
 
     def set_policy(self, key_id: str, policy: str) -> bool:
         """Replace the key policy document. ``False`` when the key is missing."""
+        return self._update_key(key_id, policy=policy)
+
+    def _update_key(
+        self, key_id: str, condition: ColumnElement[bool] | None = None, **values: Any
+    ) -> bool:
+        """Set columns of a key row when ``condition`` holds (compare-and-set), verifying the
+        row before and re-sealing it after, in one transaction. ``False`` when the key is
+        missing or the condition does not hold."""
+        stmt = update(_K).where(_K.c.id == key_id).values(**values)
+        if condition is not None:
+            stmt = stmt.where(condition)
         with self._write() as conn:
-            res = conn.execute(update(_K).where(_K.c.id == key_id).values(policy=policy))
-        return res.rowcount > 0
+            if self._lock_key_if_there(conn, key_id) is None:
+                return False
+            if conn.execute(stmt).rowcount == 0:
+                return False
+            self._reseal(conn, _K, (key_id,))
+        return True
 
     def transition(
         self,
@@ -472,21 +706,16 @@ class MetadataStore:
         ``deletion_after``: also require a deletion date later than this (so a key whose
         deletion date has come cannot be taken back from the purge).
         ``False`` when the key was not in an expected state."""
-        condition = and_(_K.c.id == key_id, _K.c.state.in_(list(from_states)))
+        condition: ColumnElement[bool] = _K.c.state.in_(list(from_states))
         if deletion_after is not None:
             condition = and_(condition, _K.c.deletion_date > deletion_after)
-        stmt = (
-            update(_K)
-            .where(condition)
-            .values(
-                state=to_state,
-                deletion_date=deletion_date,
-                pending_window_days=pending_window_days,
-            )
+        return self._update_key(
+            key_id,
+            condition,
+            state=to_state,
+            deletion_date=deletion_date,
+            pending_window_days=pending_window_days,
         )
-        with self._write() as conn:
-            res = conn.execute(stmt)
-        return res.rowcount > 0
 
     def set_rotation(
         self,
@@ -497,18 +726,12 @@ class MetadataStore:
         next_rotation_date: dt.datetime | None,
     ) -> bool:
         """Set the automatic rotation schedule. ``False`` when the key is missing."""
-        stmt = (
-            update(_K)
-            .where(_K.c.id == key_id)
-            .values(
-                rotation_enabled=enabled,
-                rotation_period_days=period_days,
-                next_rotation_date=next_rotation_date,
-            )
+        return self._update_key(
+            key_id,
+            rotation_enabled=enabled,
+            rotation_period_days=period_days,
+            next_rotation_date=next_rotation_date,
         )
-        with self._write() as conn:
-            res = conn.execute(stmt)
-        return res.rowcount > 0
 
     # -- versions -------------------------------------------------------------------------------
 
@@ -540,6 +763,8 @@ class MetadataStore:
             if on_demand:
                 values["on_demand_rotations"] = _K.c.on_demand_rotations + 1
             conn.execute(update(_K).where(_K.c.id == key.key_id).values(**values))
+            self._reseal(conn, _V, (version.key_id, version.version))
+            self._reseal(conn, _K, (key.key_id,))
             row = conn.execute(select(_K).where(_K.c.id == key.key_id)).one()
         return _key_from_row(row)
 
@@ -548,7 +773,10 @@ class MetadataStore:
         stmt = select(_V).where(_V.c.key_id == key_id, _V.c.version == version)
         with self._read() as conn:
             row = conn.execute(stmt).first()
-        return None if row is None else _version_from_row(row)
+        if row is None:
+            return None
+        self._verify(_V, row._mapping)
+        return _version_from_row(row)
 
     def list_versions(
         self,
@@ -571,6 +799,8 @@ class MetadataStore:
             stmt = stmt.limit(limit + 1)
         with self._read() as conn:
             rows = conn.execute(stmt).all()
+        for r in rows if limit is None else rows[:limit]:
+            self._verify(_V, r._mapping)
         if limit is None:
             return Page([_version_from_row(r) for r in rows])
         items = [_version_from_row(r) for r in rows[:limit]]
@@ -581,10 +811,15 @@ class MetadataStore:
 
     def all_versions(self) -> list[tuple[KeyVersionRecord, str]]:
         """Every key version with its key's state (for the consistency check)."""
-        stmt = select(_V, _K.c.state).select_from(_V.join(_K, _K.c.id == _V.c.key_id))
+        key_columns = [c.label(f"k_{c.name}") for c in _K.c]
+        stmt = select(_V, *key_columns).select_from(_V.join(_K, _K.c.id == _V.c.key_id))
         with self._read() as conn:
             rows = conn.execute(stmt.order_by(_V.c.key_id, _V.c.version)).all()
-        return [(_version_from_row(r), r._mapping["state"]) for r in rows]
+        for r in rows:
+            m = r._mapping
+            self._verify(_K, {c.name: m[f"k_{c.name}"] for c in _K.c})
+            self._verify(_V, m)
+        return [(_version_from_row(r), r._mapping["k_state"]) for r in rows]
 
     # -- rotation and deletion schedules ---------------------------------------------------------
 
@@ -595,8 +830,7 @@ class MetadataStore:
             _K.c.rotation_enabled.is_(True),
             _K.c.next_rotation_date <= now,
         )
-        with self._read() as conn:
-            return [_key_from_row(r) for r in conn.execute(stmt.order_by(_K.c.id))]
+        return self._verified_keys(stmt)
 
     def keys_to_purge(self, now: dt.datetime) -> list[KeyRecord]:
         """Keys whose deletion date has passed, and keys whose purge was interrupted."""
@@ -606,30 +840,37 @@ class MetadataStore:
                 and_(_K.c.state == "PendingDeletion", _K.c.deletion_date <= now),
             )
         )
+        return self._verified_keys(stmt)
+
+    def _verified_keys(self, stmt: Select[Any]) -> list[KeyRecord]:
+        """The keys of a periodic task's query. A row that fails its integrity check is left
+        out (and logged; ``hsmkms doctor`` reports it): one tampered key must not stop the
+        rotation or purge of every other key."""
         with self._read() as conn:
-            return [_key_from_row(r) for r in conn.execute(stmt.order_by(_K.c.id))]
+            rows = conn.execute(stmt.order_by(_K.c.id)).all()
+        keys = []
+        for r in rows:
+            try:
+                self._verify(_K, r._mapping)
+            except KeyIntegrityError:
+                log.error("key_integrity_failed", key_id=r._mapping[_K.c.id])
+                continue
+            keys.append(_key_from_row(r))
+        return keys
 
     def mark_deleting(self, key_id: str, now: dt.datetime) -> bool:
         """Start purging a key whose deletion date has passed (PendingDeletion -> Deleting).
         ``True`` also when the key was already Deleting (a purge to finish)."""
-        stmt = (
-            update(_K)
-            .where(
-                _K.c.id == key_id,
-                or_(
-                    _K.c.state == DELETING,
-                    and_(_K.c.state == "PendingDeletion", _K.c.deletion_date <= now),
-                ),
-            )
-            .values(state=DELETING)
+        condition = or_(
+            _K.c.state == DELETING,
+            and_(_K.c.state == "PendingDeletion", _K.c.deletion_date <= now),
         )
-        with self._write() as conn:
-            res = conn.execute(stmt)
-        return res.rowcount > 0
+        return self._update_key(key_id, condition, state=DELETING)
 
     def delete_key(self, key_id: str) -> None:
-        """Delete the key's rows: tags, aliases, versions, then the key itself."""
+        """Delete the key's rows: grants, tags, aliases, versions, then the key itself."""
         with self._write() as conn:
+            conn.execute(delete(_G).where(_G.c.key_id == key_id))
             conn.execute(delete(_T).where(_T.c.key_id == key_id))
             conn.execute(delete(_A).where(_A.c.key_id == key_id))
             conn.execute(delete(_V).where(_V.c.key_id == key_id))
@@ -696,7 +937,10 @@ class MetadataStore:
         stmt = select(_K).select_from(_A.join(_K, _K.c.id == _A.c.key_id)).where(_A.c.name == name)
         with self._read() as conn:
             row = conn.execute(stmt).first()
-        return None if row is None else _key_from_row(row)
+        if row is None:
+            return None
+        self._verify(_K, row._mapping)
+        return _key_from_row(row)
 
     def list_aliases(
         self, limit: int, marker: str | None = None, *, key_id: str | None = None
@@ -768,3 +1012,125 @@ class MetadataStore:
         items = [(str(r[0]), str(r[1])) for r in rows[:limit]]
         more = len(rows) > limit
         return Page(items, _encode_marker(kind, items[-1][0]) if more else None)
+
+    # -- grants ---------------------------------------------------------------------------------
+
+    def create_grant(self, grant: GrantRecord, *, max_per_key: int = 50000) -> GrantRecord:
+        """Insert a grant and return it, in one transaction.
+
+        Idempotent by name (spec: AWS KMS CreateGrant — a retried request with the same Name and
+        parameters returns the existing grant): when ``grant.name`` is set and the key already
+        has a grant with that name, grantee, retiring principal, operations and constraints,
+        nothing is written and that grant is returned. :class:`KeyMissing` when the key row is
+        gone, :class:`LimitReached` when the key already has ``max_per_key`` grants.
+        """
+        grant = dataclasses.replace(grant, operations=tuple(sorted(grant.operations)))
+        with self._write() as conn:
+            self._lock_key(conn, grant.key_id)
+            if grant.name is not None:
+                named = conn.execute(
+                    select(_G)
+                    .where(_G.c.key_id == grant.key_id, _G.c.name == grant.name)
+                    .order_by(_G.c.created_at, _G.c.id)
+                ).all()
+                for row in named:
+                    self._verify(_G, row._mapping)
+                    existing = _grant_from_row(row)
+                    if _same_grant(existing, grant):
+                        return existing
+            count = conn.execute(
+                select(func.count()).select_from(_G).where(_G.c.key_id == grant.key_id)
+            ).scalar_one()
+            if count >= max_per_key:
+                raise LimitReached("grants")
+            conn.execute(_G.insert().values(**_grant_values(grant)))
+            self._reseal(conn, _G, (grant.grant_id,))
+        return grant
+
+    def get_grant(self, key_id: str, grant_id: str) -> GrantRecord | None:
+        """One grant of a key, or ``None``."""
+        stmt = select(_G).where(_G.c.id == grant_id, _G.c.key_id == key_id)
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return None
+        self._verify(_G, row._mapping)
+        return _grant_from_row(row)
+
+    def grants_for(self, key_id: str, grantee_principal: str) -> list[GrantRecord]:
+        """Every grant of a key to one grantee principal, oldest first.
+
+        On the authorization path of every request: one indexed query, answers cached like
+        :meth:`get_key_and_version`'s (a revoked grant stops working at once in this process,
+        within ``cache_check_interval`` in others).
+        """
+        found = self._cached(
+            ("grants", key_id, grantee_principal),
+            lambda: self._grants_for(key_id, grantee_principal),
+        )
+        return list(found)
+
+    def _grants_for(self, key_id: str, grantee_principal: str) -> tuple[GrantRecord, ...]:
+        stmt = (
+            select(_G)
+            .where(_G.c.key_id == key_id, _G.c.grantee_principal == grantee_principal)
+            .order_by(_G.c.created_at, _G.c.id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        for r in rows:
+            self._verify(_G, r._mapping)
+        return tuple(_grant_from_row(r) for r in rows)
+
+    def list_grants(
+        self,
+        key_id: str,
+        limit: int,
+        marker: str | None,
+        *,
+        grant_id: str | None = None,
+        grantee_principal: str | None = None,
+    ) -> Page[GrantRecord]:
+        """A key's grants ordered by creation time then grant id, optionally only one grant id
+        and/or one grantee principal."""
+        stmt = select(_G).where(_G.c.key_id == key_id)
+        if grant_id is not None:
+            stmt = stmt.where(_G.c.id == grant_id)
+        if grantee_principal is not None:
+            stmt = stmt.where(_G.c.grantee_principal == grantee_principal)
+        return self._grant_page(stmt, "grants:" + key_id, limit, marker)
+
+    def list_retirable_grants(
+        self, retiring_principal: str, limit: int, marker: str | None
+    ) -> Page[GrantRecord]:
+        """Grants (of any key) naming ``retiring_principal`` as their retiring principal, ordered
+        by creation time then grant id."""
+        stmt = select(_G).where(_G.c.retiring_principal == retiring_principal)
+        return self._grant_page(stmt, "retirable:" + retiring_principal, limit, marker)
+
+    def _grant_page(
+        self, stmt: Select[Any], kind: str, limit: int, marker: str | None
+    ) -> Page[GrantRecord]:
+        after = _decode_grant_marker(kind, marker)
+        if after is not None:
+            created_at, last_id = after
+            stmt = stmt.where(
+                or_(
+                    _G.c.created_at > created_at,
+                    and_(_G.c.created_at == created_at, _G.c.id > last_id),
+                )
+            )
+        stmt = stmt.order_by(_G.c.created_at, _G.c.id).limit(limit + 1)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        for r in rows[:limit]:
+            self._verify(_G, r._mapping)
+        items = [_grant_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, _encode_grant_marker(kind, items[-1]) if more else None)
+
+    def delete_grant(self, key_id: str, grant_id: str) -> bool:
+        """Delete one grant of a key (retire or revoke). ``False`` when it does not exist."""
+        with self._write() as conn:
+            res = conn.execute(delete(_G).where(_G.c.id == grant_id, _G.c.key_id == key_id))
+        return res.rowcount > 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, LargeBinary, inspect, select, text
 
 from hsmkms.store import schema
 from hsmkms.types import Clock
@@ -28,8 +28,25 @@ def _v1_initial(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=list(schema.APPLICATION_TABLES), checkfirst=True)
 
 
+def _v2_grants(conn: Connection) -> None:
+    schema.grants.create(conn, checkfirst=True)
+
+
+def _v3_row_macs(conn: Connection) -> None:
+    # A database made by migration 1 of this code already has the columns; one made by an
+    # earlier hsmkms gets them here. Existing rows keep mac NULL until the store adopts them.
+    blob = LargeBinary().compile(dialect=conn.dialect)
+    for table in ("keys", "key_versions"):
+        columns = {c["name"] for c in inspect(conn).get_columns(table)}
+        if "mac" not in columns:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN mac {blob}"))
+    schema.store_settings.create(conn, checkfirst=True)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     (1, "initial schema: keys, key_versions, aliases, tags", _v1_initial),
+    (2, "grants", _v2_grants),
+    (3, "integrity MACs on keys and key_versions; store_settings", _v3_row_macs),
 ]
 
 

@@ -63,6 +63,26 @@ class AliasRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrantRecord:
+    """One grant on a key: who may use it for which operations, under which constraints.
+
+    ``grant_id`` is 64 lowercase hex characters (made by the service). ``operations`` is sorted
+    (``("Decrypt", "Encrypt")``). ``constraints`` is the canonical JSON text the service wrote
+    (``{"EncryptionContextEquals":{"a":"b"}}``), or ``None``.
+    """
+
+    grant_id: str
+    key_id: str
+    name: str | None
+    grantee_principal: str
+    retiring_principal: str | None
+    operations: tuple[str, ...]
+    constraints: str | None
+    issuing_account: str
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
 class Page(Generic[T]):
     """One page of a listing. ``next_marker`` is opaque and set only when more items follow."""
 

@@ -9,6 +9,11 @@ Tables::
     key_versions     one row per key version: (key_id, version) -> token object ids + profile
     aliases          alias name -> key id
     tags             (key_id, tag_key) -> tag_value
+    grants           one row per grant: key, grantee, retiring principal, operations, constraints
+    store_settings   name -> value (``integrity_key``: the token MAC key's reference)
+
+``keys``, ``key_versions`` and ``grants`` rows carry ``mac``, a token HMAC over the row
+(:mod:`hsmkms.store.integrity`).
     schema_migrations  applied migrations (see :mod:`hsmkms.store.migrations`)
 """
 
@@ -25,6 +30,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -83,6 +89,7 @@ keys = Table(
     Column("next_rotation_date", UTCDateTime, nullable=True),
     Column("current_version", Integer, nullable=False),
     Column("on_demand_rotations", Integer, nullable=False, default=0),
+    Column("mac", LargeBinary, nullable=True),  # see hsmkms.store.integrity
 )
 Index("ix_keys_state_deletion", keys.c.state, keys.c.deletion_date)
 Index("ix_keys_rotation", keys.c.rotation_enabled, keys.c.next_rotation_date)
@@ -96,6 +103,7 @@ key_versions = Table(
     Column("profile", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("rotation_type", String(16), nullable=True),
+    Column("mac", LargeBinary, nullable=True),
 )
 
 aliases = Table(
@@ -114,6 +122,32 @@ tags = Table(
     Column("key_id", String(36), ForeignKey("keys.id"), primary_key=True),
     Column("tag_key", String(128), primary_key=True),
     Column("tag_value", String(256), nullable=False),
+)
+
+grants = Table(
+    "grants",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(36), ForeignKey("keys.id"), nullable=False),
+    Column("name", String(256), nullable=True),
+    Column("grantee_principal", String(256), nullable=False),
+    Column("retiring_principal", String(256), nullable=True),
+    Column("operations", Text, nullable=False),  # sorted names joined by ","
+    Column("constraints", Text, nullable=True),  # canonical JSON written by the service
+    Column("issuing_account", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("mac", LargeBinary, nullable=True),  # see hsmkms.store.integrity
+)
+# (key_id, grantee_principal) serves both the authorization hot path and a key's listing.
+Index("ix_grants_key_grantee", grants.c.key_id, grants.c.grantee_principal)
+Index("ix_grants_grantee", grants.c.grantee_principal)
+Index("ix_grants_retiring", grants.c.retiring_principal)
+
+store_settings = Table(
+    "store_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 schema_migrations = Table(

@@ -1,0 +1,245 @@
+"""Integrity tags on the metadata rows that decide security: the database is not trusted.
+
+Every ``keys``, ``key_versions`` and ``grants`` row carries ``mac``: HMAC-SHA-256, computed
+inside the token with a dedicated non-extractable key (label ``hsmkms:metadata-integrity``),
+over the row's canonical bytes::
+
+    b"hsmkms-row-v1" || field(table name) || field(value) for each column of SEALED_COLUMNS[table]
+
+    field(b)          = 4-byte big-endian length of b || b
+    value None        = b"N"
+    value bool        = b"B0" | b"B1"
+    value int         = b"I" || ASCII decimal
+    value str         = b"S" || UTF-8
+    value datetime    = b"T" || "YYYY-MM-DDTHH:MM:SS.ffffffZ" (UTC)
+
+The table name and every column (the primary key among them) are inside, so a row edited,
+copied to another key, or moved to another table fails its check. The column lists are part of
+the format: a column added to a sealed table later needs a new format version and a re-seal.
+
+:class:`RowSealer` is the seam the store sees (the store never imports ``pkcs11``);
+:class:`TokenRowSealer` is the implementation over a :class:`~hsmkms.keystore.base.Keystore`.
+What is and is not detected: ``docs/metadata-store.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+from hsmkms.errors import KMSInternalException
+from hsmkms.keystore.base import Keystore, MacKeyRef, checked_mac_key
+
+__all__ = [
+    "INTEGRITY_KEY_NAME",
+    "SEALED_COLUMNS",
+    "IntegrityProblem",
+    "RowSealer",
+    "RowVerifier",
+    "TokenRowSealer",
+    "canonical_row",
+    "safe_key_id",
+]
+
+INTEGRITY_KEY_NAME: Final = "metadata-integrity"
+_DOMAIN: Final = b"hsmkms-row-v1"
+
+SEALED_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
+    "keys": (
+        "id", "arn", "description", "key_usage", "key_spec", "origin", "state", "created_at",
+        "deletion_date", "pending_window_days", "policy", "rotation_enabled",
+        "rotation_period_days", "next_rotation_date", "current_version", "on_demand_rotations",
+    ),
+    "key_versions": ("key_id", "version", "material_ref", "profile", "created_at",
+                     "rotation_type"),
+    "grants": (
+        "id", "key_id", "name", "grantee_principal", "retiring_principal", "operations",
+        "constraints", "issuing_account", "created_at",
+    ),
+}  # fmt: skip
+"""Per sealed table, the columns a MAC covers, in order: every column but ``mac``."""
+
+_SAFE_KEY_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+class RowSealer(Protocol):
+    """Computes and checks row MACs with a key the database cannot forge.
+
+    The store keeps the key's reference (never a secret) in its ``store_settings`` table: it
+    calls :meth:`create_key` once, when the database has no reference yet, and
+    :meth:`use_key` with the stored reference on every later open.
+    """
+
+    def create_key(self) -> str:
+        """Make a new sealing key and use it; returns its reference for the store to keep."""
+        ...
+
+    def use_key(self, reference: str) -> None:
+        """Use the key ``reference`` names (as :meth:`create_key` returned it). May check it
+        lazily: then the first :meth:`seal` or :meth:`verify` raises when it names no sealing
+        key."""
+        ...
+
+    def seal(self, data: bytes) -> bytes:
+        """The MAC of ``data``."""
+        ...
+
+    def verify(self, data: bytes, tag: bytes) -> bool:
+        """Whether ``tag`` is the MAC of ``data``."""
+        ...
+
+
+class TokenRowSealer:
+    """A :class:`RowSealer` over the keystore: HMAC-SHA-256 inside the token, with a dedicated
+    non-extractable key created by :meth:`Keystore.create_mac_key`. Thread-safe.
+
+    A stored reference is checked against the (trusted) token on first use — the object must
+    exist and carry this key's label — so a reference swapped for another key's fails closed
+    (``KMSInternalException``).
+    """
+
+    def __init__(self, keystore: Keystore) -> None:
+        self._keystore = keystore
+        self._lock = threading.Lock()
+        self._reference: str | None = None
+        self._key: MacKeyRef | None = None
+
+    def create_key(self) -> str:
+        key = self._keystore.create_mac_key(INTEGRITY_KEY_NAME)
+        with self._lock:
+            self._key, self._reference = key, key.to_str()
+        return key.to_str()
+
+    def use_key(self, reference: str) -> None:
+        with self._lock:
+            if reference != self._reference:
+                self._key, self._reference = None, reference
+
+    def _checked(self) -> MacKeyRef:
+        key = self._key
+        if key is not None:
+            return key
+        with self._lock:
+            if self._key is None:
+                if self._reference is None:
+                    raise KMSInternalException("The metadata store has no integrity key.")
+                try:
+                    self._key = checked_mac_key(self._keystore, self._reference, INTEGRITY_KEY_NAME)
+                except ValueError as exc:
+                    raise KMSInternalException(
+                        f"The metadata store's integrity key is wrong: {exc}."
+                    ) from exc
+            return self._key
+
+    def seal(self, data: bytes) -> bytes:
+        return self._keystore.mac(self._checked(), data)
+
+    def verify(self, data: bytes, tag: bytes) -> bool:
+        return self._keystore.verify_mac(self._checked(), data, tag)
+
+
+def _encode_value(value: Any) -> bytes:
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"B1" if value else b"B0"
+    if isinstance(value, int):
+        return b"I" + str(value).encode("ascii")
+    if isinstance(value, str):
+        return b"S" + value.encode("utf-8")
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError("sealed timestamps must be aware")
+        utc = value.astimezone(dt.UTC)
+        return b"T" + utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode("ascii")
+    raise TypeError(f"cannot seal a {type(value).__name__}")
+
+
+def _field(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def canonical_row(table: str, values: Mapping[Any, Any]) -> bytes:
+    """The bytes a row's MAC covers (layout in the module docstring). ``values`` maps column
+    names to values as the store reads them back (aware datetimes, bools, ints, strs)."""
+    parts = [_DOMAIN, _field(table.encode("ascii"))]
+    parts += [_field(_encode_value(values[c])) for c in SEALED_COLUMNS[table]]
+    return b"".join(parts)
+
+
+def safe_key_id(key_id: Any) -> str:
+    """``key_id`` for a message, or ``"(unreadable id)"`` when the (untrusted) row's value does
+    not look like a key id: error messages and logs never carry row content."""
+    if isinstance(key_id, str) and _SAFE_KEY_ID.fullmatch(key_id):
+        return key_id
+    return "(unreadable id)"
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrityProblem:
+    """One row that failed its integrity check. ``detail`` names the row (version number,
+    grant id) and what is wrong, never the row's content."""
+
+    table: str
+    key_id: str
+    detail: str
+
+
+class RowVerifier:
+    """Seals and checks rows through a :class:`RowSealer`, remembering successful checks.
+
+    A check of a row costs one token call; the store re-reads the same rows constantly (every
+    commit anywhere empties its read cache). So the last verified ``(sha256 of the canonical
+    bytes, tag)`` of each ``(table, primary key)`` is kept in a bounded dict, and a re-read of
+    an unchanged row costs no token call. Only successes are remembered. Thread-safe.
+    """
+
+    def __init__(self, sealer: RowSealer, *, max_entries: int = 100_000) -> None:
+        self.sealer = sealer
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._verified: dict[tuple[str, tuple[Any, ...]], tuple[bytes, bytes]] = {}
+
+    def _remember(self, slot: tuple[str, tuple[Any, ...]], digest: bytes, tag: bytes) -> None:
+        with self._lock:
+            if len(self._verified) >= self._max:
+                self._verified.clear()
+            self._verified[slot] = (digest, tag)
+
+    def seal(self, table: str, pk: tuple[Any, ...], values: Mapping[Any, Any]) -> bytes:
+        """The MAC of a row (a token call); the pair is remembered as verified."""
+        data = canonical_row(table, values)
+        tag = self.sealer.seal(data)
+        self._remember((table, pk), hashlib.sha256(data).digest(), tag)
+        return tag
+
+    def verify(
+        self, table: str, pk: tuple[Any, ...], values: Mapping[Any, Any], tag: bytes | None
+    ) -> str | None:
+        """``None`` when the row's MAC ``tag`` is right, else what is wrong (no row content)."""
+        if tag is None:
+            return "MAC missing"
+        tag = bytes(tag)
+        try:
+            data = canonical_row(table, values)
+        except (TypeError, ValueError):
+            return "row unreadable"
+        digest = hashlib.sha256(data).digest()
+        slot = (table, pk)
+        with self._lock:
+            if self._verified.get(slot) == (digest, tag):
+                return None
+        if not self.sealer.verify(data, tag):
+            return "MAC does not match the row"
+        self._remember(slot, digest, tag)
+        return None
+
+    def forget(self) -> None:
+        """Drop every remembered check."""
+        with self._lock:
+            self._verified.clear()
