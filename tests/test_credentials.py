@@ -1,11 +1,14 @@
 """The credentials store (secrets sealed by the token) and ``hsmkms credentials`` against a
-running server: new keys work at once, deleted keys stop at once, no secret is stored in clear."""
+running server: new keys work at once, deleted keys stop at once, a key whose identity policy
+was edited in the database stops at once, no secret is stored in clear. (Identity policies in
+detail: test_credential_policies.py.)"""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,8 +185,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield srv
 
 
+# Without an identity policy a user may do nothing the default key policy does not grant it
+# by name; these users may do everything.
+ALLOW_ALL = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", '
+ALLOW_ALL += '"Resource": "*"}]}'
+
+
 def create(server: RunningServer, name: str) -> dict[str, str]:
-    proc = server.cli("credentials", "create", "--name", name, "--json")
+    policy_file = server.data_dir.parent / "allow-all.json"
+    policy_file.write_text(ALLOW_ALL)
+    proc = server.cli(
+        "credentials", "create", "--name", name, "--policy-file", str(policy_file), "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     issued: dict[str, str] = json.loads(proc.stdout)
     return issued
@@ -229,7 +242,36 @@ def test_list_shows_keys_and_never_secrets(server: RunningServer) -> None:
     assert server.secret_access_key not in proc.stdout
     listing = json.loads(server.cli("credentials", "list", "--json").stdout)
     assert {e["Name"] for e in listing} >= {"root", "app3"}
-    assert all(set(e) == {"AccessKeyId", "Name", "Arn", "CreatedAt"} for e in listing)
+    assert all(set(e) == {"AccessKeyId", "Name", "Arn", "CreatedAt", "HasPolicy"} for e in listing)
+    assert {e["Name"]: e["HasPolicy"] for e in listing if e["Name"] in ("root", "app3")} == {
+        "root": False,
+        "app3": True,
+    }
+
+
+@pytest.mark.server
+def test_key_whose_policy_was_edited_in_the_database_fails_at_once(server: RunningServer) -> None:
+    """Fail closed: the policy is sealed with the secret, so the edited row does not open and
+    the running server refuses the key as unknown."""
+    issued = create(server, "app6")
+    client = server.client(issued["AccessKeyId"], issued["SecretAccessKey"])
+    client.list_keys()
+    conn = sqlite3.connect(server.data_dir / "hsmkms.db")
+    try:
+        with conn:
+            conn.execute(
+                "UPDATE identity_credentials SET policy = ? WHERE name = 'app6'",
+                (ALLOW_ALL.replace("kms:*", "kms:Decrypt"),),
+            )
+    finally:
+        conn.close()
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        client.list_keys()
+    assert info.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    warnings = [x for x in server.log().splitlines() if "credential_integrity_failed" in x]
+    assert warnings
+    assert all(issued["AccessKeyId"] in x for x in warnings)
+    assert server.client().list_keys()
 
 
 @pytest.mark.server

@@ -1,16 +1,33 @@
-"""``hsmkms credentials create|list|delete``: the access keys the API accepts.
+"""``hsmkms credentials create|list|delete|set-policy|get-policy``: the access keys the API
+accepts, and the identity policies attached to them.
 
 Changes take effect at once in a running server (each request consults the store). A secret is
 printed once, at creation, and never again.
+
+A policy file (``--policy-file F``, ``-`` for stdin) is read and checked before anything is
+opened: a file that cannot be read, is not UTF-8 or is not a valid identity policy is one line
+on stderr and exit code 2 (as for a usage error), and nothing is stored.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
+import sys
 
 from hsmkms.config import Settings
+from hsmkms.errors import LimitExceededException, MalformedPolicyDocumentException
+from hsmkms.policy import MAX_POLICY_BYTES, parse_identity_policy
+
+EXIT_BAD_POLICY = 2
+"""A policy file that cannot be used (argparse's exit code for a usage error)."""
+STDIN = "-"
+
+
+class PolicyFileError(Exception):
+    """A ``--policy-file`` that cannot be used; the message names the file and the problem."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,9 +35,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     parser = sub.add_parser(
         "credentials",
-        help="create, list and delete API access keys",
-        description="Manage the access keys (SigV4 credentials) of the KMS API. Secrets are "
-        "stored sealed by a key in the token and shown only once, at creation.",
+        help="create, list and delete API access keys; set their identity policies",
+        description="Manage the access keys (SigV4 credentials) of the KMS API and the identity "
+        "policies attached to them. Secrets are stored sealed by a key in the token and shown "
+        "only once, at creation.",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -28,10 +46,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "create",
         help="add a user principal with a new access key",
         description="Add arn:aws:iam::<account>:user/NAME with a new access key and print "
-        "the key id and secret (once).",
+        "the key id and secret (once). Without --policy-file the user has no identity policy: "
+        "it may do only what key policies allow it by name.",
     )
     add_data_dir(create)
     create.add_argument("--name", required=True, help="user name (1-64 of A-Za-z0-9+=,.@_-)")
+    add_policy_file(create, "attach this identity policy (IAM JSON; - for stdin)")
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(run=run_create)
 
@@ -44,6 +64,74 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_data_dir(remove)
     remove.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
     remove.set_defaults(run=run_delete)
+
+    set_policy = actions.add_parser(
+        "set-policy",
+        help="replace or remove a user's identity policy; effective at once",
+        description="Attach the identity policy in --policy-file to a user credential "
+        "(replacing any earlier one), or remove it with --clear. The account root is not "
+        "governed by identity policies.",
+    )
+    add_data_dir(set_policy)
+    set_policy.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
+    choice = set_policy.add_mutually_exclusive_group(required=True)
+    add_policy_file(choice, "the identity policy (IAM JSON; - for stdin)")
+    choice.add_argument("--clear", action="store_true", help="remove the identity policy")
+    set_policy.set_defaults(run=run_set_policy)
+
+    get_policy = actions.add_parser(
+        "get-policy",
+        help="print a user's identity policy",
+        description="Print the identity policy of a credential exactly as stored. A "
+        "credential without one prints nothing on stdout, a note on stderr, and exits 0.",
+    )
+    add_data_dir(get_policy)
+    get_policy.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
+    get_policy.set_defaults(run=run_get_policy)
+
+
+def add_policy_file(
+    parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, help_text: str
+) -> None:
+    parser.add_argument("--policy-file", metavar="FILE", default=None, help=help_text)
+
+
+def read_policy_file(path: str) -> str:
+    """The identity policy in ``path`` (``-``: stdin), exactly as written (less a UTF-8 byte
+    order mark), checked with the same grammar and size limit as the store applies.
+
+    Raises PolicyFileError naming the file and what is wrong with it.
+    """
+    shown = "<stdin>" if path == STDIN else repr(path)
+    most = MAX_POLICY_BYTES + len(codecs.BOM_UTF8)
+    try:
+        if path == STDIN:
+            data = sys.stdin.buffer.read(most + 1)
+        else:
+            with open(path, "rb") as file:
+                data = file.read(most + 1)
+    except OSError as exc:
+        raise PolicyFileError(
+            f"cannot read policy file {shown}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if len(data) > most:
+        raise PolicyFileError(
+            f"policy file {shown} is larger than the maximum of {MAX_POLICY_BYTES} bytes"
+        )
+    try:
+        policy = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PolicyFileError(f"policy file {shown} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        parse_identity_policy(policy)
+    except (MalformedPolicyDocumentException, LimitExceededException) as exc:
+        raise PolicyFileError(f"policy file {shown}: {exc.message}") from None
+    return policy
+
+
+def _bad_policy(message: str) -> int:
+    print(f"hsmkms credentials: {message}", file=sys.stderr)
+    return EXIT_BAD_POLICY
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -58,9 +146,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def run_create(args: argparse.Namespace) -> int:
     from hsmkms.api.bootstrap import open_credentials
 
+    try:
+        policy = None if args.policy_file is None else read_policy_file(args.policy_file)
+    except PolicyFileError as exc:
+        return _bad_policy(str(exc))
     settings = _settings(args)
     with open_credentials(settings) as (_, store):
-        issued = store.create(args.name)
+        try:
+            issued = store.create(args.name, policy)
+        except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
+            return _bad_policy(exc.message)
     if args.json:
         print(
             json.dumps(
@@ -75,12 +170,17 @@ def run_create(args: argparse.Namespace) -> int:
         print(f"Arn:             {issued.principal_arn}")
         print(f"AccessKeyId:     {issued.access_key_id}")
         print(f"SecretAccessKey: {issued.secret_access_key}")
+        if policy is None:
+            print("IdentityPolicy:  none (only what key policies or grants give it by name)")
+        else:
+            print("IdentityPolicy:  attached")
         print("The secret is shown only now; store it safely.")
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
     from hsmkms.api.bootstrap import open_credentials
+    from hsmkms.identity import ROOT_NAME
 
     settings = _settings(args)
     with open_credentials(settings) as (_, store):
@@ -94,6 +194,7 @@ def run_list(args: argparse.Namespace) -> int:
                         "Name": e.name,
                         "Arn": e.principal_arn,
                         "CreatedAt": e.created_at,
+                        "HasPolicy": e.has_policy,
                     }
                     for e in entries
                 ]
@@ -101,7 +202,11 @@ def run_list(args: argparse.Namespace) -> int:
         )
         return 0
     for e in entries:
-        print(f"{e.access_key_id:<24} {e.name:<24} {e.created_at:<26} {e.principal_arn}")
+        # The root is not governed by identity policies: "-", not "none".
+        policy = "-" if e.name == ROOT_NAME else "policy" if e.has_policy else "none"
+        print(
+            f"{e.access_key_id:<24} {e.name:<24} {e.created_at:<26} {policy:<7} {e.principal_arn}"
+        )
     return 0
 
 
@@ -112,4 +217,44 @@ def run_delete(args: argparse.Namespace) -> int:
     with open_credentials(settings) as (_, store):
         removed = store.delete(args.credential)
     print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
+    return 0
+
+
+def run_set_policy(args: argparse.Namespace) -> int:
+    from hsmkms.api.bootstrap import open_credentials
+
+    try:
+        policy = None if args.clear else read_policy_file(args.policy_file)
+    except PolicyFileError as exc:
+        return _bad_policy(str(exc))
+    settings = _settings(args)
+    with open_credentials(settings) as (_, store):
+        try:
+            info = store.set_policy(args.credential, policy)
+        except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
+            return _bad_policy(exc.message)
+    done = "set on" if info.has_policy else "removed from"
+    print(f"identity policy {done} {info.access_key_id} ({info.principal_arn})")
+    return 0
+
+
+def run_get_policy(args: argparse.Namespace) -> int:
+    from hsmkms.api.bootstrap import open_credentials
+    from hsmkms.identity import ROOT_NAME
+
+    settings = _settings(args)
+    with open_credentials(settings) as (_, store):
+        info, policy = store.get_policy(args.credential)
+    if policy is None:
+        why = (
+            "is the account root, not governed by identity policies"
+            if info.name == ROOT_NAME
+            else "has no identity policy"
+        )
+        print(
+            f"hsmkms credentials: {info.access_key_id} ({info.principal_arn}) {why}",
+            file=sys.stderr,
+        )
+        return 0
+    sys.stdout.write(policy if policy.endswith("\n") else policy + "\n")
     return 0
