@@ -19,6 +19,7 @@ Prints ops/s and service/raw ratios (target: >= 0.8 of raw ``C_Encrypt``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -89,6 +90,8 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
     from hsmkms.keystore.pkcs11 import Pkcs11Keystore
     from hsmkms.service import KmsService
     from hsmkms.store import MetadataStore
+    from hsmkms.store.integrity import TokenRowSealer
+    from hsmkms.types import Caller
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     keystore = Pkcs11Keystore(
@@ -99,7 +102,10 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
             softhsm2_conf=str(data_dir / "softhsm2.conf"),
         )
     )
-    store = MetadataStore.open_sqlite(data_dir / f"bench-{os.getpid()}.db")
+    # As served: rows sealed, and verified on read, with the token's integrity key.
+    store = MetadataStore.open_sqlite(
+        data_dir / f"bench-{os.getpid()}.db", sealer=TokenRowSealer(keystore)
+    )
     service = KmsService(keystore, store, region="us-east-1", account_id="111122223333")
     key_id = service.create_key(m.CreateKeyRequest(Description="benchmark")).KeyMetadata.KeyId
     plaintext = b"p" * 32
@@ -114,6 +120,24 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
     def decrypt() -> object:
         request = m.DecryptRequest(CiphertextBlob=blob, EncryptionContext=CONTEXT)
         return service.decrypt(request)
+
+    key_arn = service.arns.key(key_id)
+    user_policy = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": key_arn}
+            ],
+        }
+    )
+
+    def encrypt_as(principal_arn: str, policy: str | None) -> Callable[[], object]:
+        def run() -> object:
+            request = m.EncryptRequest(KeyId=key_id, Plaintext=plaintext, EncryptionContext=CONTEXT)
+            who = Caller(principal_arn, "111122223333", identity_policy=policy)
+            return service.encrypt(request, caller=who)
+
+        return run
 
     def generate_data_key() -> object:
         request = m.GenerateDataKeyRequest(
@@ -130,6 +154,10 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
         return {
             "keystore_encrypt": rate(lambda: keystore.encrypt(ref, plaintext, AAD), seconds),
             "encrypt": rate(encrypt, seconds),
+            "encrypt_root": rate(encrypt_as("arn:aws:iam::111122223333:root", None), seconds),
+            "encrypt_user": rate(
+                encrypt_as("arn:aws:iam::111122223333:user/app", user_policy), seconds
+            ),
             "decrypt": rate(decrypt, seconds),
             "generate_data_key": rate(generate_data_key, seconds),
         }
@@ -174,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         ("(raw, same on a token key)", raw["encrypt_token_key"]),
         ("(Pkcs11Keystore.encrypt, token key)", svc["keystore_encrypt"]),
         ("KmsService.encrypt", svc["encrypt"]),
+        ("  authorized: account root", svc["encrypt_root"]),
+        ("  authorized: user, identity policy", svc["encrypt_user"]),
         ("KmsService.decrypt", svc["decrypt"]),
         ("KmsService.generate_data_key (AES_256)", svc["generate_data_key"]),
     ]

@@ -278,6 +278,30 @@ def test_key_policies(kms: Any, key_id: str) -> None:
     raises("MalformedPolicyDocumentException", kms.put_key_policy, KeyId=key_id, Policy="{not json")
 
 
+def test_grants(kms: Any, key_id: str) -> None:
+    root = kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"].split(":")[4]
+    user = f"arn:aws:iam::{root}:user/app"
+    created = kms.create_grant(
+        KeyId=key_id,
+        GranteePrincipal=user,
+        RetiringPrincipal=user,
+        Operations=["Encrypt", "Decrypt"],
+        Constraints={"EncryptionContextSubset": {"app": "x"}},
+        Name="g1",
+    )
+    listed = kms.list_grants(KeyId=key_id)["Grants"]
+    assert [g["GrantId"] for g in listed] == [created["GrantId"]]
+    assert listed[0]["Constraints"] == {"EncryptionContextSubset": {"app": "x"}}
+    retirable = kms.list_retirable_grants(RetiringPrincipal=user)["Grants"]
+    assert [g["GrantId"] for g in retirable] == [created["GrantId"]]
+    kms.retire_grant(GrantToken=created["GrantToken"])  # the account root may retire
+    assert kms.list_grants(KeyId=key_id)["Grants"] == []
+    again = kms.create_grant(KeyId=key_id, GranteePrincipal=user, Operations=["Decrypt"])
+    kms.revoke_grant(KeyId=key_id, GrantId=again["GrantId"])
+    raises("NotFoundException", kms.revoke_grant, KeyId=key_id, GrantId=again["GrantId"])
+    raises("InvalidGrantTokenException", kms.retire_grant, GrantToken="nope")
+
+
 # -- other clients --------------------------------------------------------------------------
 
 

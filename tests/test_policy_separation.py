@@ -1,4 +1,6 @@
-"""The separation-of-duties example of docs/key-policies.md, evaluated across every KMS action.
+"""The separation-of-duties example of docs/key-policies.md, evaluated across every KMS action
+by the pure engine (the same text through the real server and boto3:
+tests/test_api_authorization.py).
 
 Key administrators can manage the key but never use it; key users can use it but never
 manage it (in particular never schedule its deletion).
@@ -7,10 +9,13 @@ manage it (in particular never schedule its deletion).
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
+from policy_docs import EXAMPLE_ACCOUNT as ACCOUNT
+from policy_docs import EXAMPLE_ADMIN as ADMIN
+from policy_docs import EXAMPLE_ROOT as ROOT
+from policy_docs import EXAMPLE_USER as USER
+from policy_docs import separation_of_duties
 
 from hsmkms.errors import MalformedPolicyDocumentException
 from hsmkms.policy import (
@@ -24,11 +29,6 @@ from hsmkms.policy import (
     parse_policy,
 )
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "key-policies.md"
-ACCOUNT = "111122223333"
-ROOT = f"arn:aws:iam::{ACCOUNT}:root"
-ADMIN = f"arn:aws:iam::{ACCOUNT}:role/KeyAdmin"
-USER = f"arn:aws:iam::{ACCOUNT}:role/KeyUser"
 OTHER = f"arn:aws:iam::{ACCOUNT}:user/someone"
 KEY = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 EVERYTHING = parse_identity_policy(
@@ -87,15 +87,7 @@ ADMIN_BY_KEY_POLICY = {
 }
 
 
-def example_policy() -> PolicyDocument:
-    """The JSON block after the separation-of-duties marker in the docs."""
-    text = DOC.read_text()
-    match = re.search(r"<!-- separation-of-duties -->\s*```json\n(.*?)\n```", text, re.DOTALL)
-    assert match is not None, "the example is missing from docs/key-policies.md"
-    return parse_policy(match.group(1))
-
-
-POLICY = example_policy()
+POLICY: PolicyDocument = parse_policy(separation_of_duties())
 
 
 def allowed(principal: str, action: str, with_identity_policy: bool) -> bool:

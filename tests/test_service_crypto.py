@@ -20,6 +20,7 @@ from hsmkms.errors import (
     DryRunOperationException,
     IncorrectKeyException,
     InvalidCiphertextException,
+    InvalidGrantTokenException,
     InvalidKeyUsageException,
     KMSError,
     NotFoundException,
@@ -185,7 +186,17 @@ def test_encrypt_algorithm(service: KmsService, key: m.KeyMetadata) -> None:
 
 
 def test_encrypt_grant_tokens_limits(service: KmsService, key: m.KeyMetadata) -> None:
-    service.encrypt(m.EncryptRequest(KeyId=key.KeyId, Plaintext=b"x", GrantTokens=["t"] * 10))
+    token = service.create_grant(
+        m.CreateGrantRequest(
+            KeyId=key.KeyId,
+            GranteePrincipal="arn:aws:iam::111122223333:user/u",
+            Operations=["Encrypt"],
+        )
+    ).GrantToken
+    assert token is not None
+    service.encrypt(m.EncryptRequest(KeyId=key.KeyId, Plaintext=b"x", GrantTokens=[token] * 10))
+    with pytest.raises(InvalidGrantTokenException):
+        service.encrypt(m.EncryptRequest(KeyId=key.KeyId, Plaintext=b"x", GrantTokens=["t"]))
     with pytest.raises(ValidationException):
         service.encrypt(m.EncryptRequest(KeyId=key.KeyId, Plaintext=b"x", GrantTokens=["t"] * 11))
     with pytest.raises(ValidationException):

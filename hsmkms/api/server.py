@@ -127,6 +127,9 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # aws:SourceIp, aws:SecureTransport and the audit trail's sourceIPAddress come from
+        # the connection itself: forwarding headers are client-controlled, never trusted.
+        proxy_headers=False,
         log_level=options.log_level,
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
         ssl_keyfile=str(options.tls_key) if options.tls_key else None,

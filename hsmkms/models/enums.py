@@ -114,3 +114,25 @@ class ExpirationModel(enum.StrEnum):
 
     KEY_MATERIAL_EXPIRES = "KEY_MATERIAL_EXPIRES"
     KEY_MATERIAL_DOES_NOT_EXPIRE = "KEY_MATERIAL_DOES_NOT_EXPIRE"
+
+
+class GrantOperation(enum.StrEnum):
+    """The operations a grant can allow (reference §3.2)."""
+
+    Decrypt = "Decrypt"
+    Encrypt = "Encrypt"
+    GenerateDataKey = "GenerateDataKey"
+    GenerateDataKeyWithoutPlaintext = "GenerateDataKeyWithoutPlaintext"
+    ReEncryptFrom = "ReEncryptFrom"
+    ReEncryptTo = "ReEncryptTo"
+    Sign = "Sign"
+    Verify = "Verify"
+    GetPublicKey = "GetPublicKey"
+    CreateGrant = "CreateGrant"
+    RetireGrant = "RetireGrant"
+    DescribeKey = "DescribeKey"
+    GenerateDataKeyPair = "GenerateDataKeyPair"
+    GenerateDataKeyPairWithoutPlaintext = "GenerateDataKeyPairWithoutPlaintext"
+    GenerateMac = "GenerateMac"
+    VerifyMac = "VerifyMac"
+    DeriveSharedSecret = "DeriveSharedSecret"

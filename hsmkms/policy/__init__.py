@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from hsmkms.policy.actions import ACCOUNT_ACTIONS, KEY_RESOURCE_ACTIONS
 from hsmkms.policy.conditions import BASE_OPERATORS, ConditionClause, SetQualifier
-from hsmkms.policy.context import ConditionContext, ContextInput, ContextValue, request_context
+from hsmkms.policy.context import (
+    ConditionContext,
+    ContextInput,
+    ContextValue,
+    deferred_request_context,
+    request_context,
+)
 from hsmkms.policy.document import (
     MAX_POLICY_BYTES,
     Effect,
@@ -73,6 +79,7 @@ __all__ = [
     "access_denied_message",
     "account_of",
     "default_key_policy",
+    "deferred_request_context",
     "evaluate",
     "evaluate_identity_access",
     "evaluate_key_access",

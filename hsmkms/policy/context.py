@@ -9,8 +9,8 @@ Two request keys that differ only by case (an encryption context with both ``Dep
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping, Sequence, Set
-from typing import TypeAlias
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from typing import Any, TypeAlias
 
 ContextValue: TypeAlias = str | bool | int | dt.datetime | tuple[str, ...]
 """A stored context value. Multi-valued keys hold a tuple of strings."""
@@ -43,40 +43,64 @@ def _merge(old: ContextValue, new: ContextValue) -> ContextValue:
 
 
 class ConditionContext(Mapping[str, ContextValue]):
-    """An immutable, case-insensitive mapping of condition keys to request values."""
+    """An immutable, case-insensitive mapping of condition keys to request values.
 
-    __slots__ = ("_items",)
+    :meth:`deferred` builds the values on first use: most statements carry no condition, so
+    most requests never need them.
+    """
+
+    __slots__ = ("_factory", "_items")
 
     def __init__(self, values: Mapping[str, ContextInput] | None = None) -> None:
+        self._factory: Callable[[], Mapping[str, ContextInput]] | None = None
+        self._items = self._build(values)
+
+    @classmethod
+    def deferred(cls, factory: Callable[[], Mapping[str, ContextInput]]) -> ConditionContext:
+        """A context whose values ``factory`` returns, called at most once, when first read."""
+        context = cls.__new__(cls)
+        context._factory = factory
+        return context
+
+    @staticmethod
+    def _build(values: Mapping[str, ContextInput] | None) -> dict[str, ContextValue]:
         items: dict[str, ContextValue] = {}
         for key, raw in (values or {}).items():
             folded = key.lower()
             value = _normalize(raw)
             items[folded] = _merge(items[folded], value) if folded in items else value
-        self._items = items
+        return items
+
+    def _values(self) -> dict[str, ContextValue]:
+        try:
+            return self._items
+        except AttributeError:
+            assert self._factory is not None
+            self._items = self._build(self._factory())
+            return self._items
 
     def __getitem__(self, key: str) -> ContextValue:
-        return self._items[key.lower()]
+        return self._values()[key.lower()]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._items
+        return isinstance(key, str) and key.lower() in self._values()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+        return iter(self._values())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._values())
 
     def __repr__(self) -> str:
-        return f"ConditionContext({self._items!r})"
+        return f"ConditionContext({self._values()!r})"
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ConditionContext):
-            return self._items == other._items
+            return self._values() == other._values()
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(frozenset(self._items.items()))
+        return hash(frozenset(self._values().items()))
 
 
 def request_context(
@@ -149,3 +173,8 @@ def request_context(
     # ``Dept`` and ``dept`` in one encryption context are distinct keys here and are merged
     # into one multi-valued entry by ConditionContext.
     return ConditionContext(values)
+
+
+def deferred_request_context(**kwargs: Any) -> ConditionContext:
+    """:func:`request_context` with the same arguments, built only if a condition reads it."""
+    return ConditionContext.deferred(lambda: request_context(**kwargs))

@@ -18,6 +18,7 @@ The model (reference §4.2, documented in docs/key-policies.md):
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -129,11 +130,14 @@ def _not_principal_applies(principals: Principals, request: AccessRequest) -> bo
     return not (listed and account_listed)
 
 
+@functools.lru_cache(maxsize=16384)
+def _match(pattern: str, value: str, ignore_case: bool) -> bool:
+    # Cached: the same few actions and key ARNs meet the same statements on every request.
+    return pattern == "*" or wildcard_match(pattern, value, ignore_case=ignore_case)
+
+
 def _matches_any(patterns: tuple[str, ...], value: str, *, ignore_case: bool) -> bool:
-    return any(
-        pattern == "*" or wildcard_match(pattern, value, ignore_case=ignore_case)
-        for pattern in patterns
-    )
+    return any(_match(pattern, value, ignore_case) for pattern in patterns)
 
 
 def action_matches(statement: Statement, action: str) -> bool:

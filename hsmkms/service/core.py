@@ -2,7 +2,7 @@
 sealing and opening ciphertexts, creating key versions crash-safely.
 
 The operation classes in this package build on it; each public operation follows one template:
-validate -> (authorize: a later issue) -> resolve the key -> check its state -> private worker.
+validate -> resolve the key -> authorize the caller -> check its state -> private worker.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
@@ -30,7 +30,9 @@ from hsmkms.errors import (
 from hsmkms.keystore.base import KeyMaterialRef, Keystore
 from hsmkms.keystore.errors import DecryptionFailed
 from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, KeyUsage, RotationType
-from hsmkms.service.identifiers import Arns
+from hsmkms.policy import ContextInput
+from hsmkms.service.authorize import Authorizer, GrantCheck
+from hsmkms.service.identifiers import Arns, parse_grant_token
 from hsmkms.service.states import Access, check_state
 from hsmkms.store import (
     DELETING,
@@ -39,9 +41,11 @@ from hsmkms.store import (
     MetadataStore,
     VersionConflict,
 )
-from hsmkms.types import Clock, utc_now
+from hsmkms.types import Caller, Clock, utc_now
 
 log = structlog.get_logger(__name__)
+
+SYMMETRIC_DEFAULT = EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT.value
 
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
@@ -86,6 +90,7 @@ class ServiceCore:
     ) -> None:
         self._keystore = keystore
         self._on_event = on_event
+        self._authz = Authorizer(lambda key_id, who: store.grants_for(key_id, who), clock=clock)
         self._store = store
         self._clock = clock
         self.arns = Arns(region, account_id)
@@ -127,37 +132,74 @@ class ServiceCore:
     def _not_found(self, key_id: str) -> NotFoundException:
         return NotFoundException(f"Key '{self.arns.key(key_id)}' does not exist")
 
-    def _resolve_id(self, identifier: str, *, aliases: bool) -> str:
-        """The key id named by ``identifier`` (without checking the key exists, for key ids)."""
+    def _resolve_name(self, identifier: str, *, aliases: bool) -> tuple[str, str | None]:
+        """The key id named by ``identifier`` (without checking the key exists, for key ids),
+        and the alias name when the request used an alias (``kms:RequestAlias``)."""
         name = self.arns.parse(identifier, aliases=aliases)
         if name.key_id is not None:
-            return name.key_id
+            return name.key_id, None
         assert name.alias is not None
         alias = self._store.get_alias(name.alias)
         if alias is None:
             raise NotFoundException(f"Alias {self.arns.alias(name.alias)} is not found.")
-        return alias.key_id
+        return alias.key_id, name.alias
 
-    def _resolve(self, identifier: str, *, aliases: bool, access: Access) -> KeyRecord:
-        """Resolve ``identifier`` to an existing key and check its state for ``access``."""
-        key_id = self._resolve_id(identifier, aliases=aliases)
+    def _resolve_id(self, identifier: str, *, aliases: bool) -> str:
+        """The key id named by ``identifier`` (without checking the key exists, for key ids)."""
+        return self._resolve_name(identifier, aliases=aliases)[0]
+
+    def _resolve(
+        self,
+        identifier: str,
+        *,
+        aliases: bool,
+        access: Access,
+        caller: Caller | None = None,
+        action: str = "",
+        extra: Mapping[str, ContextInput] | None = None,
+        grant_check: GrantCheck | None = None,
+    ) -> KeyRecord:
+        """Resolve ``identifier`` to an existing key, authorize ``caller`` for ``action`` on it
+        (key policy, identity policy, grants), then check its state for ``access``."""
+        key_id, alias = self._resolve_name(identifier, aliases=aliases)
         key = self._store.get_key(key_id)
         if key is None or self._gone(key, self._clock()):
             raise self._not_found(key_id)
+        if caller is not None:
+            caller.note_key(key.arn)
+            self._authz.check_key(
+                caller, action, key, request_alias=alias, extra=extra, grant_check=grant_check
+            )
         check_state(access, key)
         return key
 
     def _resolve_current(
-        self, identifier: str, *, aliases: bool = True
+        self,
+        identifier: str,
+        *,
+        caller: Caller | None,
+        action: str,
+        encryption_context: Mapping[str, str] | None,
     ) -> tuple[KeyRecord, KeyVersionRecord]:
         """For encryption: the usable key and its current version, rotating first when an
-        automatic rotation is due (rotation is checked on use)."""
-        key_id = self._resolve_id(identifier, aliases=aliases)
+        automatic rotation is due (rotation is checked on use). Authorizes ``caller`` for
+        ``action`` with the request's encryption context."""
+        key_id, alias = self._resolve_name(identifier, aliases=True)
         found = self._store.get_key_and_version(key_id)
         now = self._clock()
         if found is None or self._gone(found[0], now):
             raise self._not_found(key_id)
         key, version = found
+        if caller is not None:
+            caller.note_key(key.arn)
+            self._authz.check_key(
+                caller,
+                action,
+                key,
+                encryption_context=encryption_context,
+                encryption_algorithm=SYMMETRIC_DEFAULT,
+                request_alias=alias,
+            )
         check_state(Access.USE, key)
         self._check_usage(key)
         if self._rotation_due(key, now):
@@ -174,6 +216,8 @@ class ServiceCore:
             check_state(Access.USE, key)
         if version is None:  # the row of the current version must exist (same transaction)
             raise self._not_found(key_id)
+        if caller is not None:
+            caller.note_key(key.arn, version.version)
         return key, version
 
     def _check_usage(self, key: KeyRecord) -> None:
@@ -189,6 +233,14 @@ class ServiceCore:
         raise InvalidKeyUsageException(
             f"Algorithm {algorithm} is incompatible with key spec SYMMETRIC_DEFAULT."
         )
+
+    @staticmethod
+    def _check_grant_tokens(tokens: Sequence[str] | None) -> None:
+        """spec: §1.8 — a GrantTokens member that is not a grant token of ours is refused
+        (InvalidGrantTokenException). Grants are strongly consistent here, so a valid token
+        adds nothing to the decision."""
+        for token in tokens or ():
+            parse_grant_token(token)
 
     @staticmethod
     def _dry_run(flag: bool | None) -> None:
@@ -216,10 +268,15 @@ class ServiceCore:
         context: Mapping[str, str],
         expected_key_id: str | None,
         incorrect_key: Callable[[], Exception],
+        *,
+        caller: Caller | None = None,
+        action: str = "kms:Decrypt",
+        given_context: Mapping[str, str] | None = None,
     ) -> tuple[KeyRecord, KeyVersionRecord, bytes]:
         """Decrypt a blob with the key version it names (never by trial). Every failure of the
         blob is one InvalidCiphertextException; a known key in a refusing state gives its state
-        error, as AWS."""
+        error, as AWS. ``caller`` is authorized for ``action`` on the key the blob names, with
+        ``given_context`` (the context as the request carried it, None when absent)."""
         blob = CiphertextBlob.parse(data)
         if expected_key_id is not None and expected_key_id != blob.key_id:
             # spec: AWS KMS Decrypt — IncorrectKeyException when KeyId does not match.
@@ -228,6 +285,15 @@ class ServiceCore:
         if found is None or self._gone(found[0], self._clock()):
             raise InvalidCiphertextException()
         key, version = found
+        if caller is not None:
+            caller.note_key(key.arn, blob.key_version)
+            self._authz.check_key(
+                caller,
+                action,
+                key,
+                encryption_context=given_context,
+                encryption_algorithm=SYMMETRIC_DEFAULT,
+            )
         check_state(Access.USE, key)
         self._check_usage(key)
         if version is None:

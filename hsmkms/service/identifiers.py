@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import functools
 import hashlib
 import re
+import secrets
+import uuid
 
-from hsmkms.errors import InvalidArnException, NotFoundException
+from hsmkms.errors import InvalidArnException, InvalidGrantTokenException, NotFoundException
 
 ALIAS_PREFIX = "alias/"
 RESERVED_ALIAS_PREFIX = "alias/aws/"
@@ -95,3 +99,40 @@ def key_material_id(key_id: str, version: int) -> str:
     Derived from the key id and version (not from any secret), so it is stable and public.
     """
     return hashlib.sha256(f"hsmkms:key-material:{key_id}:{version}".encode()).hexdigest()
+
+
+_TOKEN_VERSION = 1
+_TOKEN_LENGTH = 1 + 16 + 32 + 16
+
+
+def grant_token(key_id: str, grant_id: str) -> str:
+    """A fresh token naming ``grant_id`` on ``key_id`` (a new one on every CreateGrant).
+
+    Grant token (opaque to callers; base64url without padding)::
+
+        0   1   version (1)
+        1   16  key id (UUID bytes)
+        17  32  grant id (the 64 hex digits of GrantId, as bytes)
+        49  16  random
+
+    The token names the grant; it is not a secret and grants nothing by itself: RetireGrant by
+    token still checks that the caller may retire the grant.
+    """
+    raw = (
+        bytes([_TOKEN_VERSION])
+        + uuid.UUID(key_id).bytes
+        + bytes.fromhex(grant_id)
+        + secrets.token_bytes(16)
+    )
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def parse_grant_token(token: str) -> tuple[str, str]:
+    """(key id, grant id) of a token; InvalidGrantTokenException when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != _TOKEN_LENGTH or raw[0] != _TOKEN_VERSION:
+        raise InvalidGrantTokenException("The grant token is not valid.")
+    return str(uuid.UUID(bytes=raw[1:17])), raw[17:49].hex()

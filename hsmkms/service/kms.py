@@ -1,10 +1,11 @@
 """KmsService: the AWS KMS operations over a keystore (root keys in the token) and a metadata
 store. Every public operation takes its request model and returns its response model.
 
-Template of every operation: validate (AWS-worded ValidationException) -> authorize (the
-``caller`` argument, reserved for the authorization issue) -> resolve the key (key id, key ARN,
-and alias name / alias ARN where AWS accepts them) -> check the key state against the operation
-x state matrix (:mod:`hsmkms.service.states`) -> private worker.
+Template of every operation: validate (AWS-worded ValidationException) -> resolve the key (key
+id, key ARN, and alias name / alias ARN where AWS accepts them; NotFoundException) -> authorize
+the ``caller`` (key policy, identity policy, grants: AccessDeniedException) -> check the key
+state against the operation x state matrix (:mod:`hsmkms.service.states`) -> private worker.
+The API writes the call's audit record from the result (:mod:`hsmkms.api.app`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import datetime as dt
 import threading
 import uuid
+from collections.abc import Mapping
 
 from hsmkms.errors import (
     AlreadyExistsException,
@@ -97,8 +99,17 @@ from hsmkms.models.enums import (
     OriginType,
     RotationType,
 )
-from hsmkms.policy import default_key_policy, parse_policy
-from hsmkms.service.core import EventSink, ServiceCore, log
+from hsmkms.policy import (
+    ContextInput,
+    PolicyDocument,
+    default_key_policy,
+    lockout_check,
+    parse_policy,
+    request_context,
+)
+from hsmkms.service.authorize import identity_policy
+from hsmkms.service.core import EventSink, log
+from hsmkms.service.grants import GrantService
 from hsmkms.service.identifiers import ALIAS_PREFIX, RESERVED_ALIAS_PREFIX, key_material_id
 from hsmkms.service.states import Access
 from hsmkms.store import (
@@ -155,13 +166,22 @@ def _required_blob(blob: bytes | None) -> bytes:
     return blob
 
 
+def _tag_conditions(tags: Mapping[str, str]) -> dict[str, ContextInput]:
+    """``aws:RequestTag/<k>`` and ``aws:TagKeys`` of a request carrying tags."""
+    values: dict[str, ContextInput] = {f"aws:RequestTag/{k}": v for k, v in tags.items()}
+    values["aws:TagKeys"] = list(tags)
+    return values
+
+
 def _limit(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-class KmsService(ServiceCore):
+class KmsService(GrantService):
     """The KMS facade. Thread-safe (the keystore serializes token calls; the store pools
-    connections). ``caller`` is reserved for authorization and ignored for now."""
+    connections). Every operation takes the request's ``caller`` (None: the local operator,
+    not authorized) and authorizes it against the key policy, its identity policy and grants
+    (:mod:`hsmkms.service.authorize`)."""
 
     def __init__(
         self,
@@ -239,12 +259,26 @@ class KmsService(ServiceCore):
             raise UnsupportedOperationException("Custom key stores are not supported.")
         if request.MultiRegion:
             raise UnsupportedOperationException("Multi-Region keys are not supported.")
+        document = None
         if request.Policy is not None:
-            parse_policy(request.Policy)  # validates: size, grammar, conditions
+            document = parse_policy(request.Policy)  # validates: size, grammar, conditions
         tags = self._check_tags(request.Tags or [])
+        bypass = bool(request.BypassPolicyLockoutSafetyCheck)
+        conditions: dict[str, ContextInput] = {
+            "kms:KeySpec": spec.value,
+            "kms:KeyUsage": usage.value,
+            "kms:KeyOrigin": origin.value,
+            "kms:MultiRegion": False,
+            "kms:BypassPolicyLockoutSafetyCheck": bypass,
+        }
+        if tags:
+            conditions.update(_tag_conditions(tags))
+        self._authz.check_account(caller, "kms:CreateKey", extra=conditions)
 
         now = self._clock()
         key_id = str(uuid.uuid4())
+        if document is not None and caller is not None and not bypass:
+            self._lockout_check(document, caller, self.arns.key(key_id))
         ref = self._keystore.create_key(key_id, 1, self._keystore.profile)
         key = KeyRecord(
             key_id=key_id,
@@ -273,12 +307,20 @@ class KmsService(ServiceCore):
     ) -> DescribeKeyResponse:
         """DescribeKey: the key's metadata, in every state; aliases accepted."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=True, access=Access.READ)
+        self._check_grant_tokens(request.GrantTokens)
+        key = self._resolve(
+            request.KeyId,
+            aliases=True,
+            access=Access.READ,
+            caller=caller,
+            action="kms:DescribeKey",
+        )
         return DescribeKeyResponse(KeyMetadata=self._metadata(key))
 
     def list_keys(self, request: ListKeysRequest, caller: Caller | None = None) -> ListKeysResponse:
         """ListKeys: key ids and ARNs, Limit 1-1000 (default 100), opaque Marker."""
         validate_request(request)
+        self._authz.check_account(caller, "kms:ListKeys")
         page = self._store.list_keys(_limit(request.Limit, 100), request.Marker, now=self._clock())
         return ListKeysResponse(
             Keys=[KeyListEntry(KeyId=k.key_id, KeyArn=k.arn) for k in page.items],
@@ -291,7 +333,13 @@ class KmsService(ServiceCore):
     ) -> EmptyResponse:
         """UpdateKeyDescription (0-8192 characters); refused while pending deletion."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:UpdateKeyDescription",
+        )
         if not self._store.set_description(key.key_id, request.Description):
             raise self._not_found(key.key_id)
         return EmptyResponse()
@@ -327,7 +375,13 @@ class KmsService(ServiceCore):
         """EnableKey: Disabled -> Enabled (no-op when Enabled). A key whose automatic rotation
         fell due while disabled rotates at once."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:EnableKey",
+        )
         if key.state != KeyState.Enabled:
             self._transition(key, (KeyState.Disabled,), KeyState.Enabled, Access.MANAGE)
         current = self._store.get_key(key.key_id)
@@ -340,7 +394,13 @@ class KmsService(ServiceCore):
     ) -> EmptyResponse:
         """DisableKey: Enabled -> Disabled (no-op when Disabled)."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:DisableKey",
+        )
         if key.state != KeyState.Disabled:
             self._transition(key, (KeyState.Enabled,), KeyState.Disabled, Access.MANAGE)
         return EmptyResponse()
@@ -351,8 +411,15 @@ class KmsService(ServiceCore):
         """ScheduleKeyDeletion: PendingDeletion for 7-30 days (default 30); then the purge
         destroys every token object of every version."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
         days = _limit(request.PendingWindowInDays, DEFAULT_PENDING_WINDOW_DAYS)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:ScheduleKeyDeletion",
+            extra={"kms:ScheduleKeyDeletionPendingWindowInDays": days},
+        )
         deletion_date = self._clock() + dt.timedelta(days=days)
         self._transition(
             key,
@@ -375,7 +442,13 @@ class KmsService(ServiceCore):
     ) -> CancelKeyDeletionResponse:
         """CancelKeyDeletion: PendingDeletion -> Disabled (always Disabled, as AWS)."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.CANCEL_DELETION)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.CANCEL_DELETION,
+            caller=caller,
+            action="kms:CancelKeyDeletion",
+        )
         self._transition(
             key,
             (KeyState.PendingDeletion,),
@@ -407,7 +480,13 @@ class KmsService(ServiceCore):
         """CreateAlias: a new name for a key (at most 50 per key; ``alias/aws/`` reserved)."""
         validate_request(request)
         self._check_alias_name(request.AliasName, creating=True)
-        key = self._resolve(request.TargetKeyId, aliases=False, access=Access.MANAGE)
+        key = self._resolve(
+            request.TargetKeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:CreateAlias",
+        )
         try:
             self._store.create_alias(
                 request.AliasName, key.key_id, self._clock(), max_per_key=MAX_ALIASES_PER_KEY
@@ -433,8 +512,18 @@ class KmsService(ServiceCore):
         alias = self._store.get_alias(request.AliasName)
         if alias is None:
             raise NotFoundException(f"Alias {self.arns.alias(request.AliasName)} is not found.")
-        key = self._resolve(request.TargetKeyId, aliases=False, access=Access.MANAGE)
         old = self._store.get_key(alias.key_id)
+        if old is not None and caller is not None:
+            # spec: UpdateAlias needs kms:UpdateAlias on the current and on the new key (§1.4).
+            caller.note_key(old.arn)
+            self._authz.check_key(caller, "kms:UpdateAlias", old)
+        key = self._resolve(
+            request.TargetKeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:UpdateAlias",
+        )
         if old is not None and (old.key_spec, old.key_usage) != (key.key_spec, key.key_usage):
             raise ValidationException(
                 "The new target key must have the same key spec and key usage as the current one."
@@ -459,6 +548,12 @@ class KmsService(ServiceCore):
         """DeleteAlias: in every key state."""
         validate_request(request)
         self._check_alias_name(request.AliasName, creating=False)
+        if caller is not None:
+            alias = self._store.get_alias(request.AliasName)
+            target = self._store.get_key(alias.key_id) if alias is not None else None
+            if target is not None:
+                caller.note_key(target.arn)
+                self._authz.check_key(caller, "kms:DeleteAlias", target)
         if not self._store.delete_alias(request.AliasName):
             raise NotFoundException(f"Alias {self.arns.alias(request.AliasName)} is not found.")
         return EmptyResponse()
@@ -468,6 +563,8 @@ class KmsService(ServiceCore):
     ) -> ListAliasesResponse:
         """ListAliases: every alias, or those of one key; Limit 1-100 (default 50)."""
         validate_request(request)
+        # spec: ListAliases is an account-level action, decided by identity policies (§4.2).
+        self._authz.check_account(caller, "kms:ListAliases")
         key_id = None
         if request.KeyId is not None:
             key_id = self._resolve(request.KeyId, aliases=False, access=Access.READ).key_id
@@ -494,8 +591,15 @@ class KmsService(ServiceCore):
     ) -> EmptyResponse:
         """TagResource: add or overwrite tags (at most 50 per key; ``aws:`` reserved)."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
         tags = self._check_tags(request.Tags)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:TagResource",
+            extra=_tag_conditions(tags),
+        )
         try:
             self._store.put_tags(key.key_id, tags, max_tags=MAX_TAGS_PER_KEY)
         except LimitReached:
@@ -509,7 +613,14 @@ class KmsService(ServiceCore):
     ) -> EmptyResponse:
         """UntagResource: remove tags; absent tag keys are ignored."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.MANAGE)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:UntagResource",
+            extra={"aws:TagKeys": list(request.TagKeys)},
+        )
         for tag_key in request.TagKeys:
             if tag_key.lower().startswith("aws:"):
                 raise TagException("Tags beginning with aws: are reserved")
@@ -521,7 +632,13 @@ class KmsService(ServiceCore):
     ) -> ListResourceTagsResponse:
         """ListResourceTags: Limit 1-50 (default 50), sorted by tag key."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.READ)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:ListResourceTags",
+        )
         page = self._store.list_tags(key.key_id, _limit(request.Limit, 50), request.Marker)
         return ListResourceTagsResponse(
             Tags=[Tag(TagKey=k, TagValue=v) for k, v in page.items],
@@ -538,8 +655,14 @@ class KmsService(ServiceCore):
         stored. The encryption context is bound as AAD and must be given again to decrypt.
         """
         validate_request(request)
+        self._check_grant_tokens(request.GrantTokens)
         algorithm = self._check_algorithm(request.EncryptionAlgorithm)
-        key, version = self._resolve_current(request.KeyId)
+        key, version = self._resolve_current(
+            request.KeyId,
+            caller=caller,
+            action="kms:Encrypt",
+            encryption_context=request.EncryptionContext,
+        )
         self._dry_run(request.DryRun)
         blob = self._seal(key, version, request.Plaintext, request.EncryptionContext or {})
         # Built from trusted values: skip re-validation on the hot path.
@@ -551,6 +674,7 @@ class KmsService(ServiceCore):
         """Decrypt with the key and version the blob names (never trial decryption). A KeyId,
         when given, must identify that key (IncorrectKeyException otherwise)."""
         validate_request(request)
+        self._check_grant_tokens(request.GrantTokens)
         algorithm = self._check_algorithm(request.EncryptionAlgorithm)
         if request.Recipient is not None:
             raise UnsupportedOperationException("Recipient (attestation) is not supported.")
@@ -562,13 +686,21 @@ class KmsService(ServiceCore):
         )
         if ignore_ciphertext:
             if expected is not None:
-                self._resolve(expected, aliases=False, access=Access.USE)
+                self._resolve(
+                    expected,
+                    aliases=False,
+                    access=Access.USE,
+                    caller=caller,
+                    action="kms:Decrypt",
+                )
             self._dry_run(True)
         key, version, plaintext = self._open(
             _required_blob(request.CiphertextBlob),
             request.EncryptionContext or {},
             expected,
             lambda: IncorrectKeyException(INCORRECT_KEY_MESSAGE),
+            caller=caller,
+            given_context=request.EncryptionContext,
         )
         self._dry_run(request.DryRun)
         # Built from trusted values: skip re-validation on the hot path.
@@ -585,12 +717,18 @@ class KmsService(ServiceCore):
         """ReEncrypt: decrypt with the source key version the blob names and encrypt under the
         destination key's current version; the plaintext never leaves the service."""
         validate_request(request)
+        self._check_grant_tokens(request.GrantTokens)
         source_algorithm = self._check_algorithm(request.SourceEncryptionAlgorithm)
         destination_algorithm = self._check_algorithm(request.DestinationEncryptionAlgorithm)
         expected = None
         if request.SourceKeyId is not None:
             expected = self._resolve_id(request.SourceKeyId, aliases=True)
-        destination, destination_version = self._resolve_current(request.DestinationKeyId)
+        destination, destination_version = self._resolve_current(
+            request.DestinationKeyId,
+            caller=caller,
+            action="kms:ReEncryptTo",
+            encryption_context=request.DestinationEncryptionContext,
+        )
         if request.DryRun and "IGNORE_CIPHERTEXT" in (request.DryRunModifiers or []):
             self._dry_run(True)
         source, source_version, plaintext = self._open(
@@ -598,6 +736,9 @@ class KmsService(ServiceCore):
             request.SourceEncryptionContext or {},
             expected,
             lambda: IncorrectKeyException(INCORRECT_KEY_MESSAGE),
+            caller=caller,
+            action="kms:ReEncryptFrom",
+            given_context=request.SourceEncryptionContext,
         )
         self._dry_run(request.DryRun)
         blob = self._seal(
@@ -638,10 +779,16 @@ class KmsService(ServiceCore):
         never logged or stored.
         """
         validate_request(request)
+        self._check_grant_tokens(request.GrantTokens)
         length = self._data_key_length(request.KeySpec, request.NumberOfBytes)
         if request.Recipient is not None:
             raise UnsupportedOperationException("Recipient (attestation) is not supported.")
-        key, version = self._resolve_current(request.KeyId)
+        key, version = self._resolve_current(
+            request.KeyId,
+            caller=caller,
+            action="kms:GenerateDataKey",
+            encryption_context=request.EncryptionContext,
+        )
         self._dry_run(request.DryRun)
         data_key = self._keystore.random(length)
         blob = self._seal(key, version, data_key, request.EncryptionContext or {})
@@ -659,8 +806,14 @@ class KmsService(ServiceCore):
         """GenerateDataKeyWithoutPlaintext: as GenerateDataKey, returning only the encrypted
         data key."""
         validate_request(request)
+        self._check_grant_tokens(request.GrantTokens)
         length = self._data_key_length(request.KeySpec, request.NumberOfBytes)
-        key, version = self._resolve_current(request.KeyId)
+        key, version = self._resolve_current(
+            request.KeyId,
+            caller=caller,
+            action="kms:GenerateDataKeyWithoutPlaintext",
+            encryption_context=request.EncryptionContext,
+        )
         self._dry_run(request.DryRun)
         blob = self._seal(
             key, version, self._keystore.random(length), request.EncryptionContext or {}
@@ -679,6 +832,7 @@ class KmsService(ServiceCore):
         validate_request(request)
         if request.NumberOfBytes is None:
             raise ValidationException("NumberOfBytes is required.")
+        self._authz.check_account(caller, "kms:GenerateRandom")
         if request.CustomKeyStoreId is not None:
             raise UnsupportedOperationException("Custom key stores are not supported.")
         if request.Recipient is not None:
@@ -693,8 +847,15 @@ class KmsService(ServiceCore):
         """EnableKeyRotation: rotate every RotationPeriodInDays (90-2560, default 365); the first
         rotation comes one period after this call."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.USE)
         period = _limit(request.RotationPeriodInDays, DEFAULT_ROTATION_PERIOD_DAYS)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.USE,
+            caller=caller,
+            action="kms:EnableKeyRotation",
+            extra={"kms:RotationPeriodInDays": period},
+        )
         self._store.set_rotation(
             key.key_id,
             enabled=True,
@@ -708,7 +869,13 @@ class KmsService(ServiceCore):
     ) -> EmptyResponse:
         """DisableKeyRotation: no more automatic rotations (existing versions stay)."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.USE)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.USE,
+            caller=caller,
+            action="kms:DisableKeyRotation",
+        )
         self._store.set_rotation(
             key.key_id, enabled=False, period_days=None, next_rotation_date=None
         )
@@ -720,7 +887,13 @@ class KmsService(ServiceCore):
         """GetKeyRotationStatus: in every state; reads disabled while pending deletion (the
         setting comes back on cancel, as AWS)."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.READ)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:GetKeyRotationStatus",
+        )
         enabled = key.rotation_enabled and key.state != KeyState.PendingDeletion
         if not enabled:
             return GetKeyRotationStatusResponse(KeyRotationEnabled=False, KeyId=key.arn)
@@ -737,7 +910,13 @@ class KmsService(ServiceCore):
         """RotateKeyOnDemand: a new key version now (at most 25 per key); the automatic
         schedule is unchanged."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.USE)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.USE,
+            caller=caller,
+            action="kms:RotateKeyOnDemand",
+        )
         now = self._clock()
 
         def allowed(current: KeyRecord) -> None:
@@ -772,7 +951,13 @@ class KmsService(ServiceCore):
         """ListKeyRotations: the rotations (AUTOMATIC / ON_DEMAND, with dates); with
         ALL_KEY_MATERIAL also the original material."""
         validate_request(request)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.READ)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:ListKeyRotations",
+        )
         everything = request.IncludeKeyMaterial is IncludeKeyMaterial.ALL_KEY_MATERIAL
         page = self._store.list_versions(
             key.key_id,
@@ -804,24 +989,52 @@ class KmsService(ServiceCore):
         if name is not None and name != DEFAULT_POLICY_NAME:
             raise NotFoundException(f"No such policy exists: {name}. The only policy is default.")
 
+    def _lockout_check(self, document: PolicyDocument, caller: Caller, key_arn: str) -> None:
+        """spec: §4.1 — the new policy must let the caller call PutKeyPolicy later."""
+        identity = identity_policy(caller.identity_policy) if caller.identity_policy else None
+        context = request_context(
+            principal_arn=caller.principal_arn,
+            caller_account=caller.account_id,
+            secure_transport=caller.secure_transport,
+            source_ip=caller.source_ip,
+            current_time=self._clock(),
+        )
+        lockout_check(document, caller.principal_arn, identity, key_arn=key_arn, context=context)
+
     def get_key_policy(
         self, request: GetKeyPolicyRequest, caller: Caller | None = None
     ) -> GetKeyPolicyResponse:
         """GetKeyPolicy: the key policy document (PolicyName ``default`` only)."""
         validate_request(request)
         self._check_policy_name(request.PolicyName)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.READ)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:GetKeyPolicy",
+        )
         return GetKeyPolicyResponse(Policy=key.policy, PolicyName=DEFAULT_POLICY_NAME)
 
     def put_key_policy(
         self, request: PutKeyPolicyRequest, caller: Caller | None = None
     ) -> EmptyResponse:
-        """PutKeyPolicy: replace the policy (JSON, at most 32 KB). Enforcement is the
-        authorization layer's."""
+        """PutKeyPolicy: replace the policy (JSON, at most 32 KB), refused when the new policy
+        would lock the caller out of PutKeyPolicy unless BypassPolicyLockoutSafetyCheck."""
         validate_request(request)
         self._check_policy_name(request.PolicyName)
-        key = self._resolve(request.KeyId, aliases=False, access=Access.READ)
-        parse_policy(request.Policy)  # validates: size, grammar, conditions
+        bypass = bool(request.BypassPolicyLockoutSafetyCheck)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:PutKeyPolicy",
+            extra={"kms:BypassPolicyLockoutSafetyCheck": bypass},
+        )
+        document = parse_policy(request.Policy)  # validates: size, grammar, conditions
+        if caller is not None and not bypass:
+            self._lockout_check(document, caller, key.arn)
         if not self._store.set_policy(key.key_id, request.Policy):
             raise self._not_found(key.key_id)
         return EmptyResponse()
@@ -833,7 +1046,13 @@ class KmsService(ServiceCore):
         validate_request(request)
         if request.Marker is not None:
             raise InvalidMarkerException("The marker is not valid.")
-        self._resolve(request.KeyId, aliases=False, access=Access.READ)
+        self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:ListKeyPolicies",
+        )
         return ListKeyPoliciesResponse(PolicyNames=[DEFAULT_POLICY_NAME], Truncated=False)
 
     # == maintenance ===========================================================================

@@ -120,6 +120,16 @@ OPERATIONS: dict[str, Operation] = {
             m.ListKeyPoliciesResponse,
             "list_key_policies",
         ),
+        _op("CreateGrant", m.CreateGrantRequest, m.CreateGrantResponse, "create_grant"),
+        _op("ListGrants", m.ListGrantsRequest, m.ListGrantsResponse, "list_grants"),
+        _op(
+            "ListRetirableGrants",
+            m.ListRetirableGrantsRequest,
+            m.ListGrantsResponse,
+            "list_retirable_grants",
+        ),
+        _op("RetireGrant", m.RetireGrantRequest, m.EmptyResponse, "retire_grant"),
+        _op("RevokeGrant", m.RevokeGrantRequest, m.EmptyResponse, "revoke_grant"),
     )
 }
 

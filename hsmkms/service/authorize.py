@@ -1,0 +1,272 @@
+"""Authorization of one request (reference §4.2): the caller's identity policy, the key's
+policy and the key's grants, decided by the pure engine in :mod:`hsmkms.policy`.
+
+The order is AWS's: an explicit Deny in any policy wins; then an Allow from the key policy
+(directly, or by delegation to the caller's identity policy); then a grant to the caller that
+covers the operation (grants only add permissions); else an implicit deny. Account-level
+actions (CreateKey, ListKeys, ListAliases, GenerateRandom, ListRetirableGrants) are decided by
+the identity policy alone. ``caller=None`` is the local operator and is never asked.
+
+Parsed policies and grant constraints are cached by their text: a key's policy is parsed once
+per process, not once per request.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable, Mapping
+
+from hsmkms.errors import AccessDeniedException
+from hsmkms.policy import (
+    AccessRequest,
+    ConditionContext,
+    ContextInput,
+    Decision,
+    GrantConstraints,
+    Outcome,
+    PolicyDocument,
+    access_denied_message,
+    deferred_request_context,
+    evaluate_identity_access,
+    evaluate_key_access,
+    grant_allows,
+    parse_identity_policy,
+    parse_policy,
+)
+from hsmkms.store import GrantRecord, KeyRecord
+from hsmkms.types import Caller, Clock
+
+__all__ = [
+    "Authorizer",
+    "constraints_from_text",
+    "constraints_to_text",
+]
+
+
+@functools.lru_cache(maxsize=4096)
+def key_policy(text: str) -> PolicyDocument:
+    """The parsed key policy of a stored policy text (validated when it was stored)."""
+    return parse_policy(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_policy(text: str) -> PolicyDocument:
+    """The parsed identity policy of a credential."""
+    return parse_identity_policy(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unconditional(text: str, kind: str) -> bool:
+    """Whether no statement of a policy has a Condition (its decisions depend on who, what
+    and which key only, so they can be cached)."""
+    document = key_policy(text) if kind == "key" else identity_policy(text)
+    return all(not statement.conditions for statement in document.statements)
+
+
+@functools.lru_cache(maxsize=65536)
+def _static_decision(
+    policy: str, identity: str | None, principal: str, account: str, action: str, resource: str
+) -> Decision:
+    request = AccessRequest(principal, account, action, resource, ConditionContext())
+    identity_doc = identity_policy(identity) if identity is not None else None
+    return evaluate_key_access(key_policy(policy), identity_doc, request)
+
+
+@functools.lru_cache(maxsize=4096)
+def constraints_from_text(text: str | None) -> GrantConstraints | None:
+    """The constraints of a stored grant (canonical JSON, see :func:`constraints_to_text`)."""
+    if text is None:
+        return None
+    raw = json.loads(text)
+    return GrantConstraints(
+        encryption_context_equals=raw.get("EncryptionContextEquals"),
+        encryption_context_subset=raw.get("EncryptionContextSubset"),
+    )
+
+
+def constraints_to_text(
+    equals: Mapping[str, str] | None, subset: Mapping[str, str] | None
+) -> str | None:
+    """Canonical JSON of grant constraints (sorted keys), or None when there are none."""
+    raw: dict[str, Mapping[str, str]] = {}
+    if equals is not None:
+        raw["EncryptionContextEquals"] = dict(equals)
+    if subset is not None:
+        raw["EncryptionContextSubset"] = dict(subset)
+    if not raw:
+        return None
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+GrantCheck = Callable[[GrantRecord], bool]
+"""Decides whether one grant allows the request, instead of the default operation and
+encryption-context test (CreateGrant: the grant carries CreateGrant and the child grant is no
+broader)."""
+
+
+class Authorizer:
+    """Decides requests for one account. ``grants_for(key_id, principal)`` is the store's query
+    (asked only when the policies alone do not allow)."""
+
+    def __init__(
+        self,
+        grants_for: Callable[[str, str], list[GrantRecord]],
+        *,
+        clock: Clock,
+    ) -> None:
+        self._grants_for = grants_for
+        self._clock = clock
+
+    def _request(
+        self,
+        caller: Caller,
+        action: str,
+        key: KeyRecord | None,
+        *,
+        encryption_context: Mapping[str, str] | None,
+        encryption_algorithm: str | None,
+        request_alias: str | None,
+        extra: Mapping[str, ContextInput] | None,
+    ) -> AccessRequest:
+        context = deferred_request_context(
+            principal_arn=caller.principal_arn,
+            caller_account=caller.account_id,
+            encryption_context=encryption_context,
+            encryption_algorithm=encryption_algorithm,
+            request_alias=request_alias,
+            key_spec=key.key_spec if key is not None else None,
+            key_usage=key.key_usage if key is not None else None,
+            secure_transport=caller.secure_transport,
+            source_ip=caller.source_ip,
+            current_time=self._clock(),
+            extra=extra,
+        )
+        return AccessRequest(
+            principal_arn=caller.principal_arn,
+            principal_account=caller.account_id,
+            action=action,
+            resource=key.arn if key is not None else "*",
+            context=context,
+        )
+
+    def key_decision(
+        self,
+        caller: Caller,
+        action: str,
+        key: KeyRecord,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        encryption_algorithm: str | None = None,
+        request_alias: str | None = None,
+        extra: Mapping[str, ContextInput] | None = None,
+    ) -> Decision:
+        """The policies' decision (grants not consulted)."""
+        identity_text = caller.identity_policy
+        if _unconditional(key.policy, "key") and (
+            identity_text is None or _unconditional(identity_text, "identity")
+        ):
+            return _static_decision(
+                key.policy, identity_text, caller.principal_arn, caller.account_id, action, key.arn
+            )
+        request = self._request(
+            caller,
+            action,
+            key,
+            encryption_context=encryption_context,
+            encryption_algorithm=encryption_algorithm,
+            request_alias=request_alias,
+            extra=extra,
+        )
+        identity = identity_policy(caller.identity_policy) if caller.identity_policy else None
+        return evaluate_key_access(key_policy(key.policy), identity, request)
+
+    def check_key(
+        self,
+        caller: Caller | None,
+        action: str,
+        key: KeyRecord,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        encryption_algorithm: str | None = None,
+        request_alias: str | None = None,
+        extra: Mapping[str, ContextInput] | None = None,
+        grant_check: GrantCheck | None = None,
+    ) -> None:
+        """Raise AccessDeniedException unless ``caller`` may do ``action`` (``kms:Decrypt``)
+        on ``key``.
+
+        Security contract: allowed only when no applicable statement denies and either the
+        key policy allows (directly or through the caller's identity policy) or a grant to the
+        caller on this key covers the operation, its constraints and ``grant_check``.
+        """
+        if caller is None:
+            return
+        decision = self.key_decision(
+            caller,
+            action,
+            key,
+            encryption_context=encryption_context,
+            encryption_algorithm=encryption_algorithm,
+            request_alias=request_alias,
+            extra=extra,
+        )
+        if decision.allowed:
+            return
+        if decision.outcome is Outcome.IMPLICIT_DENY and self._granted(
+            self._grants_for(key.key_id, caller.principal_arn),
+            action,
+            encryption_context,
+            grant_check,
+        ):
+            return
+        raise AccessDeniedException(
+            access_denied_message(caller.principal_arn, action, key.arn, decision)
+        )
+
+    @staticmethod
+    def _granted(
+        grants: Iterable[GrantRecord],
+        action: str,
+        encryption_context: Mapping[str, str] | None,
+        grant_check: GrantCheck | None,
+    ) -> bool:
+        for grant in grants:
+            if grant_check is not None:
+                if grant_check(grant):
+                    return True
+            elif grant_allows(
+                grant.operations,
+                constraints_from_text(grant.constraints),
+                action,
+                encryption_context,
+            ):
+                return True
+        return False
+
+    def check_account(
+        self,
+        caller: Caller | None,
+        action: str,
+        *,
+        extra: Mapping[str, ContextInput] | None = None,
+    ) -> None:
+        """Raise AccessDeniedException unless the caller's identity policy allows an
+        account-level action (the account root may do anything not explicitly denied)."""
+        if caller is None:
+            return
+        request = self._request(
+            caller,
+            action,
+            None,
+            encryption_context=None,
+            encryption_algorithm=None,
+            request_alias=None,
+            extra=extra,
+        )
+        identity = identity_policy(caller.identity_policy) if caller.identity_policy else None
+        decision = evaluate_identity_access(identity, request)
+        if not decision.allowed:
+            raise AccessDeniedException(
+                access_denied_message(caller.principal_arn, action, "*", decision)
+            )

@@ -1,0 +1,309 @@
+"""Grant operations: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant
+(reference §1.5, §4.4).
+
+A grant lets its grantee principal do some operations on one key, optionally only with certain
+encryption contexts; it takes part in every authorization decision
+(:mod:`hsmkms.service.authorize`). Grants here are strongly consistent: a grant is usable as
+soon as CreateGrant returns, with or without its grant token.
+
+Grant tokens: :func:`hsmkms.service.identifiers.grant_token`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+
+from hsmkms.errors import (
+    AccessDeniedException,
+    InvalidGrantIdException,
+    LimitExceededException,
+    NotFoundException,
+    UnsupportedOperationException,
+    ValidationException,
+)
+from hsmkms.models import (
+    CreateGrantRequest,
+    CreateGrantResponse,
+    EmptyResponse,
+    GrantConstraints,
+    GrantListEntry,
+    GrantOperation,
+    ListGrantsRequest,
+    ListGrantsResponse,
+    ListRetirableGrantsRequest,
+    RetireGrantRequest,
+    RevokeGrantRequest,
+    validate_request,
+)
+from hsmkms.policy import (
+    ContextInput,
+    grant_allows,
+    root_arn,
+    valid_grant_operations,
+)
+from hsmkms.policy import GrantConstraints as PolicyGrantConstraints
+from hsmkms.service.authorize import constraints_from_text, constraints_to_text
+from hsmkms.service.core import ServiceCore
+from hsmkms.service.identifiers import grant_token, parse_grant_token
+from hsmkms.service.states import Access
+from hsmkms.store import GrantRecord, KeyMissing, LimitReached
+from hsmkms.types import Caller
+
+MAX_GRANTS_PER_KEY = 50_000
+MAX_CONSTRAINT_PAIRS = 8
+MAX_CONSTRAINT_VALUE = 384
+_GRANT_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_grant_id(grant_id: str) -> None:
+    if not _GRANT_ID.fullmatch(grant_id):
+        raise InvalidGrantIdException("The grant ID is not valid.")
+
+
+def _check_context_constraint(name: str, context: Mapping[str, str] | None) -> None:
+    if context is None:
+        return
+    # spec: §4.4 — each constraint holds at most 8 pairs, values at most 384 characters.
+    if len(context) > MAX_CONSTRAINT_PAIRS:
+        raise ValidationException(
+            f"Constraints.{name} has {len(context)} pairs; at most {MAX_CONSTRAINT_PAIRS}."
+        )
+    for value in context.values():
+        if len(value) > MAX_CONSTRAINT_VALUE:
+            raise ValidationException(
+                f"Constraints.{name} values must be at most {MAX_CONSTRAINT_VALUE} characters."
+            )
+
+
+class GrantService(ServiceCore):
+    """The grant operations of :class:`~hsmkms.service.KmsService`."""
+
+    def _entry(self, grant: GrantRecord) -> GrantListEntry:
+        constraints = None
+        parsed = constraints_from_text(grant.constraints)
+        if parsed is not None:
+            constraints = GrantConstraints(
+                EncryptionContextEquals=(
+                    dict(parsed.encryption_context_equals)
+                    if parsed.encryption_context_equals is not None
+                    else None
+                ),
+                EncryptionContextSubset=(
+                    dict(parsed.encryption_context_subset)
+                    if parsed.encryption_context_subset is not None
+                    else None
+                ),
+            )
+        return GrantListEntry(
+            KeyId=self.arns.key(grant.key_id),
+            GrantId=grant.grant_id,
+            Name=grant.name,
+            CreationDate=grant.created_at,
+            GranteePrincipal=grant.grantee_principal,
+            RetiringPrincipal=grant.retiring_principal,
+            IssuingAccount=root_arn(grant.issuing_account),
+            Operations=[GrantOperation(op) for op in grant.operations],
+            Constraints=constraints,
+        )
+
+    def create_grant(
+        self, request: CreateGrantRequest, caller: Caller | None = None
+    ) -> CreateGrantResponse:
+        """CreateGrant: allow ``GranteePrincipal`` the listed operations on one key, optionally
+        only under encryption-context constraints. Idempotent with ``Name``: the same request
+        again returns the same GrantId (and a new token).
+
+        Security contract: a caller allowed only by a grant carrying CreateGrant may create
+        grants with at most that grant's operations and constraints at least as strict.
+        """
+        validate_request(request)
+        if request.GranteeServicePrincipal is not None or request.RetiringServicePrincipal:
+            raise UnsupportedOperationException("Service principals are not supported.")
+        if request.GranteePrincipal is None:
+            raise ValidationException("GranteePrincipal is required.")
+        if not request.Operations:
+            raise ValidationException(
+                "1 validation error detected: Value '[]' at 'operations' failed to satisfy "
+                "constraint: Member must have length greater than or equal to 1"
+            )
+        self._check_grant_tokens(request.GrantTokens)
+        operations = tuple(sorted({op.value for op in request.Operations}))
+        equals = subset = None
+        if request.Constraints is not None:
+            equals = request.Constraints.EncryptionContextEquals
+            subset = request.Constraints.EncryptionContextSubset
+            _check_context_constraint("EncryptionContextEquals", equals)
+            _check_context_constraint("EncryptionContextSubset", subset)
+        constraints_text = constraints_to_text(equals, subset)
+        child = PolicyGrantConstraints(
+            encryption_context_equals=equals, encryption_context_subset=subset
+        )
+
+        conditions: dict[str, ContextInput] = {
+            "kms:GrantOperations": list(operations),
+            "kms:GranteePrincipal": request.GranteePrincipal,
+            "kms:GrantIsForAWSResource": False,
+        }
+        if request.RetiringPrincipal is not None:
+            conditions["kms:RetiringPrincipal"] = request.RetiringPrincipal
+        constraint_context = equals if equals is not None else subset
+        if constraint_context is not None:
+            conditions["kms:GrantConstraintType"] = (
+                "EncryptionContextEquals" if equals is not None else "EncryptionContextSubset"
+            )
+            conditions["kms:EncryptionContextKeys"] = list(constraint_context)
+            for name, value in constraint_context.items():
+                conditions[f"kms:EncryptionContext:{name}"] = value
+
+        def no_broader(parent: GrantRecord) -> bool:
+            # spec: §4.4 — a grant allowing CreateGrant permits only child grants with no more
+            # operations and equally or more strict constraints.
+            return set(operations) <= set(parent.operations) and grant_allows(
+                parent.operations,
+                constraints_from_text(parent.constraints),
+                "CreateGrant",
+                None,
+                child_constraints=child,
+            )
+
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.MANAGE,
+            caller=caller,
+            action="kms:CreateGrant",
+            extra=conditions,
+            grant_check=no_broader,
+        )
+        invalid = sorted(set(operations) - valid_grant_operations(key.key_spec, key.key_usage))
+        if invalid:
+            raise ValidationException(
+                f"Grant operations {invalid} are not valid for a {key.key_spec} key with key "
+                f"usage {key.key_usage}."
+            )
+        self._dry_run(request.DryRun)
+        record = GrantRecord(
+            grant_id=secrets.token_hex(32),
+            key_id=key.key_id,
+            name=request.Name,
+            grantee_principal=request.GranteePrincipal,
+            retiring_principal=request.RetiringPrincipal,
+            operations=operations,
+            constraints=constraints_text,
+            issuing_account=caller.account_id if caller is not None else self.account_id,
+            created_at=self._clock(),
+        )
+        try:
+            stored = self._store.create_grant(record, max_per_key=MAX_GRANTS_PER_KEY)
+        except KeyMissing:
+            raise self._not_found(key.key_id) from None
+        except LimitReached:
+            raise LimitExceededException(
+                f"Too many grants for {key.arn}: at most {MAX_GRANTS_PER_KEY} per key."
+            ) from None
+        return CreateGrantResponse(
+            GrantToken=grant_token(key.key_id, stored.grant_id), GrantId=stored.grant_id
+        )
+
+    def list_grants(
+        self, request: ListGrantsRequest, caller: Caller | None = None
+    ) -> ListGrantsResponse:
+        """ListGrants: the grants of one key (Limit 1-100, default 50), optionally one GrantId
+        or one GranteePrincipal; in every key state."""
+        validate_request(request)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:ListGrants",
+        )
+        page = self._store.list_grants(
+            key.key_id,
+            request.Limit if request.Limit is not None else 50,
+            request.Marker,
+            grant_id=request.GrantId,
+            grantee_principal=request.GranteePrincipal,
+        )
+        return ListGrantsResponse(
+            Grants=[self._entry(g) for g in page.items],
+            NextMarker=page.next_marker,
+            Truncated=page.truncated,
+        )
+
+    def list_retirable_grants(
+        self, request: ListRetirableGrantsRequest, caller: Caller | None = None
+    ) -> ListGrantsResponse:
+        """ListRetirableGrants: grants (on any key of the account) naming this retiring
+        principal. An account-level action, decided by identity policies."""
+        validate_request(request)
+        self._authz.check_account(caller, "kms:ListRetirableGrants")
+        page = self._store.list_retirable_grants(
+            request.RetiringPrincipal,
+            request.Limit if request.Limit is not None else 50,
+            request.Marker,
+        )
+        return ListGrantsResponse(
+            Grants=[self._entry(g) for g in page.items],
+            NextMarker=page.next_marker,
+            Truncated=page.truncated,
+        )
+
+    def retire_grant(
+        self, request: RetireGrantRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
+        """RetireGrant: by GrantToken, or by KeyId + GrantId. Allowed to the grant's retiring
+        principal, to its grantee when the grant includes RetireGrant, and to the root of the
+        account that created it (spec: §4.4); key policies do not give this permission."""
+        validate_request(request)
+        if request.GrantToken is not None:
+            key_id, grant_id = parse_grant_token(request.GrantToken)
+        elif request.KeyId is not None and request.GrantId is not None:
+            key_id = self._resolve_id(request.KeyId, aliases=False)
+            grant_id = request.GrantId
+            _check_grant_id(grant_id)
+        else:
+            raise ValidationException("Specify either GrantToken or both KeyId and GrantId.")
+        key = self._resolve(key_id, aliases=False, access=Access.READ)
+        grant = self._store.get_grant(key.key_id, grant_id)
+        if grant is None:
+            raise NotFoundException(f"Grant {grant_id} on {key.arn} does not exist.")
+        if caller is not None:
+            caller.note_key(key.arn)
+            who = caller.principal_arn
+            allowed = (
+                who == grant.retiring_principal
+                or (who == grant.grantee_principal and "RetireGrant" in grant.operations)
+                or who == root_arn(grant.issuing_account)
+            )
+            if not allowed:
+                raise AccessDeniedException(
+                    f"User: {who} is not authorized to perform: kms:RetireGrant on resource: "
+                    f"{key.arn} because the grant does not name it as retiring principal or "
+                    "as grantee allowed to retire it"
+                )
+        self._dry_run(request.DryRun)
+        if not self._store.delete_grant(key.key_id, grant_id):
+            raise NotFoundException(f"Grant {grant_id} on {key.arn} does not exist.")
+        return EmptyResponse()
+
+    def revoke_grant(
+        self, request: RevokeGrantRequest, caller: Caller | None = None
+    ) -> EmptyResponse:
+        """RevokeGrant: delete a grant (kms:RevokeGrant in the key policy: an administrator's
+        action); in every key state."""
+        validate_request(request)
+        _check_grant_id(request.GrantId)
+        key = self._resolve(
+            request.KeyId,
+            aliases=False,
+            access=Access.READ,
+            caller=caller,
+            action="kms:RevokeGrant",
+        )
+        self._dry_run(request.DryRun)
+        if not self._store.delete_grant(key.key_id, request.GrantId):
+            raise NotFoundException(f"Grant {request.GrantId} on {key.arn} does not exist.")
+        return EmptyResponse()

@@ -1,0 +1,594 @@
+"""Authorization in KmsService: key policies, identity policies and grants decide every
+operation for a caller (real SoftHSM2 token, real SQLite file). End-to-end checks through boto3
+are in tests/test_api_authorization.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hsmkms import models as m
+from hsmkms.errors import (
+    AccessDeniedException,
+    DryRunOperationException,
+    InvalidGrantIdException,
+    InvalidGrantTokenException,
+    KMSInvalidStateException,
+    MalformedPolicyDocumentException,
+    NotFoundException,
+    ValidationException,
+)
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.service import KmsService
+from hsmkms.service.testing import ManualClock
+from hsmkms.store import MetadataStore
+from hsmkms.types import Caller
+
+pytestmark = pytest.mark.hsm
+
+REGION = "us-east-2"
+ACCOUNT = "111122223333"
+OTHER_ACCOUNT = "444455556666"
+ROOT = f"arn:aws:iam::{ACCOUNT}:root"
+ALICE = f"arn:aws:iam::{ACCOUNT}:user/alice"
+BOB = f"arn:aws:iam::{ACCOUNT}:user/bob"
+MALLORY = f"arn:aws:iam::{OTHER_ACCOUNT}:user/mallory"
+T0 = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
+
+
+def caller(arn: str, policy: dict[str, Any] | None = None, **kwargs: Any) -> Caller:
+    return Caller(
+        principal_arn=arn,
+        account_id=arn.split(":")[4],
+        identity_policy=json.dumps(policy) if policy is not None else None,
+        **kwargs,
+    )
+
+
+def allow(actions: list[str] | str, resource: str = "*", **extra: Any) -> dict[str, Any]:
+    statement: dict[str, Any] = {"Effect": "Allow", "Action": actions, "Resource": resource}
+    statement.update(extra)
+    return {"Version": "2012-10-17", "Statement": [statement]}
+
+
+def key_policy(*statements: dict[str, Any]) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+ROOT_ALL = {"Effect": "Allow", "Principal": {"AWS": ROOT}, "Action": "kms:*", "Resource": "*"}
+
+
+@pytest.fixture
+def service(keystore: Pkcs11Keystore, tmp_path: Path) -> Iterator[KmsService]:
+    clock = ManualClock(T0)
+    store = MetadataStore.open_sqlite(tmp_path / "kms.db", clock=clock)
+    svc = KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
+    yield svc
+    store.close()
+
+
+def new_key(service: KmsService, policy: str | None = None, **kwargs: Any) -> str:
+    request = m.CreateKeyRequest(Policy=policy, **kwargs)
+    return service.create_key(request, caller=caller(ROOT)).KeyMetadata.KeyId
+
+
+def encrypt(service: KmsService, key_id: str, who: Caller, **context: str) -> bytes:
+    request = m.EncryptRequest(KeyId=key_id, Plaintext=b"secret", EncryptionContext=context or None)
+    blob = service.encrypt(request, caller=who).CiphertextBlob
+    assert blob is not None
+    return blob
+
+
+def decrypt(service: KmsService, blob: bytes, who: Caller, **context: str) -> bytes:
+    request = m.DecryptRequest(CiphertextBlob=blob, EncryptionContext=context or None)
+    plaintext = service.decrypt(request, caller=who).Plaintext
+    assert plaintext is not None
+    return plaintext
+
+
+# == key policies and identity policies =========================================================
+
+
+def test_root_may_do_everything_under_the_default_policy(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    assert decrypt(service, encrypt(service, key_id, root), root) == b"secret"
+    service.disable_key(m.DisableKeyRequest(KeyId=key_id), caller=root)
+    service.schedule_key_deletion(m.ScheduleKeyDeletionRequest(KeyId=key_id), caller=root)
+
+
+def test_a_user_without_identity_policy_may_do_nothing(service: KmsService) -> None:
+    key_id = new_key(service)
+    arn = service.arns.key(key_id)
+    with pytest.raises(AccessDeniedException) as info:
+        encrypt(service, key_id, caller(ALICE))
+    assert info.value.message == (
+        f"User: {ALICE} is not authorized to perform: kms:Encrypt on resource: {arn} "
+        "because no identity-based policy allows the kms:Encrypt action"
+    )
+    with pytest.raises(AccessDeniedException):
+        service.describe_key(m.DescribeKeyRequest(KeyId=key_id), caller=caller(ALICE))
+    with pytest.raises(AccessDeniedException):
+        service.list_keys(m.ListKeysRequest(), caller=caller(ALICE))
+    with pytest.raises(AccessDeniedException):
+        service.create_key(m.CreateKeyRequest(), caller=caller(ALICE))
+    with pytest.raises(AccessDeniedException):
+        service.generate_random(m.GenerateRandomRequest(NumberOfBytes=8), caller=caller(ALICE))
+
+
+def test_identity_policy_allows_what_it_names_on_the_key_it_names(service: KmsService) -> None:
+    key_id = new_key(service)
+    other = new_key(service)
+    alice = caller(ALICE, allow(["kms:Encrypt", "kms:Decrypt"], service.arns.key(key_id)))
+    assert decrypt(service, encrypt(service, key_id, alice), alice) == b"secret"
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, other, alice)
+    with pytest.raises(AccessDeniedException):
+        service.schedule_key_deletion(m.ScheduleKeyDeletionRequest(KeyId=key_id), caller=alice)
+    with pytest.raises(AccessDeniedException):
+        service.generate_data_key(
+            m.GenerateDataKeyRequest(KeyId=key_id, KeySpec=m.DataKeySpec.AES_256), caller=alice
+        )
+
+
+def test_explicit_deny_in_the_key_policy_beats_an_identity_allow(service: KmsService) -> None:
+    deny = {
+        "Sid": "NoDecryptForAlice",
+        "Effect": "Deny",
+        "Principal": {"AWS": ALICE},
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+    }
+    key_id = new_key(service, key_policy(ROOT_ALL, deny))
+    alice = caller(ALICE, allow("kms:*"))
+    blob = encrypt(service, key_id, alice)
+    with pytest.raises(AccessDeniedException) as info:
+        decrypt(service, blob, alice)
+    assert info.value.message.endswith("with an explicit deny in a resource-based policy")
+
+
+def test_explicit_deny_in_the_identity_policy(service: KmsService) -> None:
+    key_id = new_key(service)
+    policy = allow("kms:*")
+    policy["Statement"].append({"Effect": "Deny", "Action": "kms:Decrypt", "Resource": "*"})
+    alice = caller(ALICE, policy)
+    blob = encrypt(service, key_id, alice)
+    with pytest.raises(AccessDeniedException) as info:
+        decrypt(service, blob, alice)
+    assert info.value.message.endswith("with an explicit deny in an identity-based policy")
+
+
+def test_a_key_policy_naming_a_user_needs_no_identity_policy(service: KmsService) -> None:
+    bob_uses = {
+        "Effect": "Allow",
+        "Principal": {"AWS": BOB},
+        "Action": ["kms:Encrypt", "kms:Decrypt"],
+        "Resource": "*",
+    }
+    key_id = new_key(service, key_policy(ROOT_ALL, bob_uses))
+    bob = caller(BOB)
+    assert decrypt(service, encrypt(service, key_id, bob), bob) == b"secret"
+
+
+def test_without_the_account_statement_identity_policies_are_ineffective(
+    service: KmsService,
+) -> None:
+    admin_only = {"Effect": "Allow", "Principal": {"AWS": BOB}, "Action": "kms:*", "Resource": "*"}
+    key_id = new_key(service, key_policy(admin_only), BypassPolicyLockoutSafetyCheck=True)
+    with pytest.raises(AccessDeniedException) as info:
+        encrypt(service, key_id, caller(ALICE, allow("kms:*")))
+    assert info.value.message.endswith(
+        "because no resource-based policy allows the kms:Encrypt action"
+    )
+
+
+def test_another_account_is_denied_by_the_default_policy(service: KmsService) -> None:
+    key_id = new_key(service)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, service.arns.key(key_id), caller(MALLORY, allow("kms:*")))
+
+
+def test_encryption_context_conditions(service: KmsService) -> None:
+    key_id = new_key(service)
+    condition = {"StringEquals": {"kms:EncryptionContext:dept": "finance"}}
+    alice = caller(ALICE, allow(["kms:Encrypt", "kms:Decrypt"], Condition=condition))
+    blob = encrypt(service, key_id, alice, dept="finance")
+    assert decrypt(service, blob, alice, dept="finance") == b"secret"
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice, dept="sales")
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+
+
+def test_request_alias_condition(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    service.create_alias(m.CreateAliasRequest(AliasName="alias/app", TargetKeyId=key_id), root)
+    condition = {"StringEquals": {"kms:RequestAlias": "alias/app"}}
+    alice = caller(ALICE, allow("kms:Encrypt", Condition=condition))
+    encrypt(service, "alias/app", alice)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+
+
+def test_source_ip_and_secure_transport_conditions(service: KmsService) -> None:
+    key_id = new_key(service)
+    policy = allow(
+        "kms:Encrypt",
+        Condition={
+            "IpAddress": {"aws:SourceIp": "10.0.0.0/8"},
+            "Bool": {"aws:SecureTransport": "true"},
+        },
+    )
+    encrypt(service, key_id, caller(ALICE, policy, source_ip="10.1.2.3", secure_transport=True))
+    with pytest.raises(AccessDeniedException):
+        encrypt(
+            service, key_id, caller(ALICE, policy, source_ip="192.0.2.1", secure_transport=True)
+        )
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, caller(ALICE, policy, source_ip="10.1.2.3"))
+
+
+def test_rotation_period_and_deletion_window_conditions(service: KmsService) -> None:
+    key_id = new_key(service)
+    rotation = allow(
+        "kms:EnableKeyRotation",
+        Condition={"NumericLessThanEquals": {"kms:RotationPeriodInDays": "180"}},
+    )
+    deletion = allow(
+        "kms:ScheduleKeyDeletion",
+        Condition={
+            "NumericGreaterThanEquals": {"kms:ScheduleKeyDeletionPendingWindowInDays": "30"}
+        },
+    )
+    policy = {"Version": "2012-10-17", "Statement": rotation["Statement"] + deletion["Statement"]}
+    alice = caller(ALICE, policy)
+    with pytest.raises(AccessDeniedException):  # the default period, 365, is checked
+        service.enable_key_rotation(m.EnableKeyRotationRequest(KeyId=key_id), caller=alice)
+    service.enable_key_rotation(
+        m.EnableKeyRotationRequest(KeyId=key_id, RotationPeriodInDays=90), caller=alice
+    )
+    with pytest.raises(AccessDeniedException):
+        service.schedule_key_deletion(
+            m.ScheduleKeyDeletionRequest(KeyId=key_id, PendingWindowInDays=7), caller=alice
+        )
+    service.schedule_key_deletion(m.ScheduleKeyDeletionRequest(KeyId=key_id), caller=alice)
+
+
+def test_create_key_conditions_and_account_actions(service: KmsService) -> None:
+    policy = allow(
+        "kms:CreateKey", Condition={"StringEquals": {"kms:KeySpec": "SYMMETRIC_DEFAULT"}}
+    )
+    policy["Statement"].append({"Effect": "Allow", "Action": "kms:ListKeys", "Resource": "*"})
+    alice = caller(ALICE, policy)
+    created = service.create_key(m.CreateKeyRequest(), caller=alice).KeyMetadata
+    # The default key policy delegates to alice's identity policy, which allows no kms:Encrypt.
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, created.KeyId, alice)
+    assert service.list_keys(m.ListKeysRequest(), caller=alice).Keys
+
+
+def test_authorization_comes_before_the_key_state(service: KmsService) -> None:
+    key_id = new_key(service)
+    service.disable_key(m.DisableKeyRequest(KeyId=key_id), caller=caller(ROOT))
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, caller(ALICE))
+
+
+def test_unknown_key_is_not_found_before_authorization(service: KmsService) -> None:
+    with pytest.raises(NotFoundException):
+        encrypt(service, "0b1c2d3e-0000-4000-8000-000000000000", caller(ALICE))
+
+
+def test_dry_run_checks_permission(service: KmsService) -> None:
+    key_id = new_key(service)
+    request = m.EncryptRequest(KeyId=key_id, Plaintext=b"x", DryRun=True)
+    with pytest.raises(AccessDeniedException):
+        service.encrypt(request, caller=caller(ALICE))
+    with pytest.raises(DryRunOperationException):
+        service.encrypt(request, caller=caller(ROOT))
+
+
+def test_re_encrypt_needs_from_on_the_source_and_to_on_the_destination(
+    service: KmsService,
+) -> None:
+    source, destination = new_key(service), new_key(service)
+    blob = encrypt(service, source, caller(ROOT))
+    request = m.ReEncryptRequest(CiphertextBlob=blob, DestinationKeyId=destination)
+    only_to = caller(ALICE, allow("kms:ReEncryptTo"))
+    with pytest.raises(AccessDeniedException) as info:
+        service.re_encrypt(request, caller=only_to)
+    assert "kms:ReEncryptFrom" in info.value.message
+    both = caller(ALICE, allow("kms:ReEncrypt*"))
+    assert service.re_encrypt(request, caller=both).KeyId == service.arns.key(destination)
+
+
+def test_the_caller_records_the_keys_and_versions_used(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    blob = encrypt(service, key_id, root)
+    assert root.keys_used == {service.arns.key(key_id): 1}
+    denied = caller(ALICE)
+    with pytest.raises(AccessDeniedException):
+        decrypt(service, blob, denied)
+    assert denied.keys_used == {service.arns.key(key_id): 1}
+
+
+# == lockout safety check ======================================================================
+
+
+def test_put_key_policy_refuses_a_policy_that_locks_the_caller_out(service: KmsService) -> None:
+    key_id = new_key(service)
+    bob_only = key_policy(
+        {"Effect": "Allow", "Principal": {"AWS": BOB}, "Action": "kms:*", "Resource": "*"}
+    )
+    root = caller(ROOT)
+    with pytest.raises(MalformedPolicyDocumentException) as info:
+        service.put_key_policy(m.PutKeyPolicyRequest(KeyId=key_id, Policy=bob_only), root)
+    assert "will not allow you to update the key policy" in info.value.message
+    assert "kms:*" in service.get_key_policy(m.GetKeyPolicyRequest(KeyId=key_id), root).Policy
+    service.put_key_policy(
+        m.PutKeyPolicyRequest(KeyId=key_id, Policy=bob_only, BypassPolicyLockoutSafetyCheck=True),
+        root,
+    )
+    with pytest.raises(AccessDeniedException):  # as AWS: the root is locked out now
+        service.get_key_policy(m.GetKeyPolicyRequest(KeyId=key_id), root)
+    assert service.get_key_policy(m.GetKeyPolicyRequest(KeyId=key_id), caller(BOB)).Policy
+
+
+def test_create_key_with_a_lockout_policy_creates_nothing(
+    service: KmsService, keystore: Pkcs11Keystore
+) -> None:
+    bob_only = key_policy(
+        {"Effect": "Allow", "Principal": {"AWS": BOB}, "Action": "kms:*", "Resource": "*"}
+    )
+    objects = len(keystore.list_objects())
+    keys = service.list_keys(m.ListKeysRequest()).Keys
+    with pytest.raises(MalformedPolicyDocumentException):
+        service.create_key(m.CreateKeyRequest(Policy=bob_only), caller=caller(ROOT))
+    assert len(keystore.list_objects()) == objects
+    assert service.list_keys(m.ListKeysRequest()).Keys == keys
+
+
+def test_lockout_check_counts_the_callers_identity_policy(service: KmsService) -> None:
+    key_id = new_key(service)
+    alice = caller(ALICE, allow(["kms:PutKeyPolicy", "kms:GetKeyPolicy"]))
+    # The default policy delegates to the account, and alice's policy allows PutKeyPolicy.
+    default = service.get_key_policy(m.GetKeyPolicyRequest(KeyId=key_id), alice).Policy
+    assert default is not None
+    service.put_key_policy(m.PutKeyPolicyRequest(KeyId=key_id, Policy=default), alice)
+    bob_only = key_policy(ROOT_ALL | {"Principal": {"AWS": BOB}})
+    with pytest.raises(MalformedPolicyDocumentException):
+        service.put_key_policy(m.PutKeyPolicyRequest(KeyId=key_id, Policy=bob_only), alice)
+
+
+# == grants =====================================================================================
+
+
+def create_grant(
+    service: KmsService, key_id: str, who: Caller, **kwargs: Any
+) -> m.CreateGrantResponse:
+    kwargs.setdefault("GranteePrincipal", ALICE)
+    kwargs.setdefault("Operations", ["Encrypt", "Decrypt"])
+    return service.create_grant(m.CreateGrantRequest(KeyId=key_id, **kwargs), caller=who)
+
+
+def test_a_grant_allows_its_operations_at_once_and_revoking_ends_it(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    alice = caller(ALICE)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+    grant = create_grant(service, key_id, root)
+    assert grant.GrantId is not None
+    assert len(grant.GrantId) == 64
+    assert decrypt(service, encrypt(service, key_id, alice), alice) == b"secret"
+    with pytest.raises(AccessDeniedException):  # not a grant operation it carries
+        service.generate_data_key(
+            m.GenerateDataKeyRequest(KeyId=key_id, NumberOfBytes=32), caller=alice
+        )
+    with pytest.raises(AccessDeniedException):  # grants are per grantee
+        encrypt(service, key_id, caller(BOB))
+    service.revoke_grant(m.RevokeGrantRequest(KeyId=key_id, GrantId=grant.GrantId), root)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+
+
+def test_an_explicit_deny_beats_a_grant(service: KmsService) -> None:
+    key_id = new_key(service)
+    create_grant(service, key_id, caller(ROOT))
+    deny_all = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Action": "kms:*", "Resource": "*"}],
+    }
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, caller(ALICE, deny_all))
+
+
+def test_constrained_grants(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    create_grant(
+        service,
+        key_id,
+        root,
+        Constraints=m.GrantConstraints(EncryptionContextEquals={"app": "billing"}),
+    )
+    create_grant(
+        service,
+        key_id,
+        root,
+        GranteePrincipal=BOB,
+        Constraints=m.GrantConstraints(EncryptionContextSubset={"app": "billing"}),
+    )
+    alice, bob = caller(ALICE), caller(BOB)
+    blob = encrypt(service, key_id, alice, app="billing")
+    assert decrypt(service, blob, alice, app="billing") == b"secret"
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice, app="billing", extra="1")
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+    encrypt(service, key_id, bob, app="billing", extra="1")
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, bob, app="payroll")
+
+
+def test_create_grant_through_a_grant_is_no_broader(service: KmsService) -> None:
+    key_id = new_key(service)
+    create_grant(
+        service,
+        key_id,
+        caller(ROOT),
+        Operations=["CreateGrant", "Decrypt"],
+        Constraints=m.GrantConstraints(EncryptionContextSubset={"app": "billing"}),
+    )
+    alice = caller(ALICE)
+    narrower = m.GrantConstraints(EncryptionContextSubset={"app": "billing", "team": "a"})
+    create_grant(
+        service, key_id, alice, GranteePrincipal=BOB, Operations=["Decrypt"], Constraints=narrower
+    )
+    with pytest.raises(AccessDeniedException):  # an operation alice's grant lacks
+        create_grant(
+            service,
+            key_id,
+            alice,
+            GranteePrincipal=BOB,
+            Operations=["Encrypt"],
+            Constraints=narrower,
+        )
+    with pytest.raises(AccessDeniedException):  # no constraint: broader than alice's grant
+        create_grant(service, key_id, alice, GranteePrincipal=BOB, Operations=["Decrypt"])
+
+
+def test_create_grant_is_idempotent_with_a_name(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    first = create_grant(service, key_id, root, Name="app-1")
+    again = create_grant(service, key_id, root, Name="app-1")
+    assert first.GrantId == again.GrantId
+    assert first.GrantToken != again.GrantToken
+    other = create_grant(service, key_id, root, Name="app-1", Operations=["Decrypt"])
+    assert other.GrantId != first.GrantId
+    grants = service.list_grants(m.ListGrantsRequest(KeyId=key_id), root).Grants
+    assert grants is not None
+    assert len(grants) == 2
+
+
+def test_grant_operations_must_suit_the_key(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    with pytest.raises(ValidationException):
+        create_grant(service, key_id, root, Operations=["Sign"])
+    with pytest.raises(ValidationException):
+        create_grant(service, key_id, root, Operations=[])
+    with pytest.raises(ValidationException):
+        create_grant(
+            service,
+            key_id,
+            root,
+            Constraints=m.GrantConstraints(
+                EncryptionContextEquals={f"k{i}": "v" for i in range(9)}
+            ),
+        )
+
+
+def test_list_grants_and_list_retirable_grants(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    grant = create_grant(service, key_id, root, RetiringPrincipal=BOB, Name="n1")
+    create_grant(service, key_id, root, GranteePrincipal=BOB)
+    listed = service.list_grants(m.ListGrantsRequest(KeyId=key_id, GranteePrincipal=ALICE), root)
+    assert listed.Grants is not None
+    assert len(listed.Grants) == 1
+    entry = listed.Grants[0]
+    assert entry.GrantId == grant.GrantId
+    assert entry.KeyId == service.arns.key(key_id)
+    assert entry.IssuingAccount == ROOT
+    assert entry.RetiringPrincipal == BOB
+    assert entry.Name == "n1"
+    assert {op.value for op in entry.Operations or []} == {"Encrypt", "Decrypt"}
+    retirable = service.list_retirable_grants(
+        m.ListRetirableGrantsRequest(RetiringPrincipal=BOB), root
+    )
+    assert [g.GrantId for g in retirable.Grants or []] == [grant.GrantId]
+    with pytest.raises(AccessDeniedException):
+        service.list_grants(m.ListGrantsRequest(KeyId=key_id), caller(ALICE))
+    with pytest.raises(AccessDeniedException):
+        service.list_retirable_grants(
+            m.ListRetirableGrantsRequest(RetiringPrincipal=BOB), caller(ALICE)
+        )
+
+
+def test_who_may_retire_a_grant(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    plain = create_grant(service, key_id, root, RetiringPrincipal=BOB)
+    assert plain.GrantToken is not None
+    assert plain.GrantId is not None
+    with pytest.raises(AccessDeniedException):  # the grantee, without RetireGrant
+        service.retire_grant(m.RetireGrantRequest(GrantToken=plain.GrantToken), caller(ALICE))
+    service.retire_grant(m.RetireGrantRequest(GrantToken=plain.GrantToken), caller(BOB))
+    with pytest.raises(NotFoundException):
+        service.retire_grant(m.RetireGrantRequest(GrantToken=plain.GrantToken), caller(BOB))
+    self_retiring = create_grant(service, key_id, root, Operations=["Decrypt", "RetireGrant"])
+    assert self_retiring.GrantId is not None
+    service.retire_grant(
+        m.RetireGrantRequest(KeyId=service.arns.key(key_id), GrantId=self_retiring.GrantId),
+        caller(ALICE),
+    )
+    by_account = create_grant(service, key_id, root)
+    assert by_account.GrantId is not None
+    service.retire_grant(m.RetireGrantRequest(KeyId=key_id, GrantId=by_account.GrantId), root)
+    assert service.list_grants(m.ListGrantsRequest(KeyId=key_id), root).Grants == []
+
+
+def test_malformed_grant_tokens_and_ids(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    with pytest.raises(InvalidGrantTokenException):
+        service.retire_grant(m.RetireGrantRequest(GrantToken="not-a-token"), root)
+    with pytest.raises(InvalidGrantTokenException):
+        create_grant(service, key_id, root, GrantTokens=["bogus"])
+    with pytest.raises(InvalidGrantIdException):
+        service.revoke_grant(m.RevokeGrantRequest(KeyId=key_id, GrantId="nope"), root)
+    with pytest.raises(NotFoundException):
+        service.revoke_grant(m.RevokeGrantRequest(KeyId=key_id, GrantId="a" * 64), root)
+    with pytest.raises(ValidationException):
+        service.retire_grant(m.RetireGrantRequest(KeyId=key_id), root)
+
+
+def test_grants_follow_the_key_state(service: KmsService) -> None:
+    key_id = new_key(service)
+    root = caller(ROOT)
+    grant = create_grant(service, key_id, root)
+    service.disable_key(m.DisableKeyRequest(KeyId=key_id), root)
+    create_grant(service, key_id, root, GranteePrincipal=BOB)  # allowed while disabled
+    service.schedule_key_deletion(m.ScheduleKeyDeletionRequest(KeyId=key_id), root)
+    with pytest.raises(KMSInvalidStateException):
+        create_grant(service, key_id, root)
+    assert grant.GrantId is not None
+    service.revoke_grant(m.RevokeGrantRequest(KeyId=key_id, GrantId=grant.GrantId), root)
+
+
+def test_create_grant_conditions(service: KmsService) -> None:
+    key_id = new_key(service)
+    policy = allow(
+        "kms:CreateGrant",
+        Condition={"ForAllValues:StringEquals": {"kms:GrantOperations": ["Encrypt", "Decrypt"]}},
+    )
+    alice = caller(ALICE, policy)
+    create_grant(service, key_id, alice, GranteePrincipal=BOB, Operations=["Decrypt"])
+    with pytest.raises(AccessDeniedException):
+        create_grant(service, key_id, alice, GranteePrincipal=BOB, Operations=["ReEncryptFrom"])
+
+
+def test_describe_key_through_a_grant(service: KmsService) -> None:
+    key_id = new_key(service)
+    create_grant(service, key_id, caller(ROOT), Operations=["DescribeKey"])
+    described = service.describe_key(m.DescribeKeyRequest(KeyId=key_id), caller(ALICE))
+    assert described.KeyMetadata.KeyId == key_id
