@@ -10,6 +10,12 @@ Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (th
 worker that answered). Operations are dispatched generically through
 :data:`hsmkms.service.OPERATIONS`, so a new operation needs no change here.
 
+Audit: every ``POST /`` — allowed or denied, successful or failed, authenticated or not —
+produces exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), queued through
+:meth:`Backend.audit` before the response is sent; a request whose record cannot be queued is
+answered with that error instead of its result. ``/healthz``, ``/metrics`` and requests to
+other paths or with other methods are not audited (``docs/audit.md``).
+
 Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
 operations (:data:`INLINE_OPERATIONS`) run inline on the event loop: they take a fraction of a
 millisecond, PKCS#11 calls are serialized per process anyway, and a thread hop would cost as
@@ -26,6 +32,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -34,15 +41,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+from pydantic import BaseModel
 
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
+from hsmkms.audit import AuditRecord, PreparedRecord, UserIdentity, prepare_api_call
 from hsmkms.errors import KMSError, KMSInternalException, UnknownOperationException
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
 from hsmkms.types import Caller
 
-__all__ = ["INLINE_OPERATIONS", "Backend", "KmsApp", "create_app"]
+__all__ = ["INLINE_OPERATIONS", "UNKNOWN_EVENT_NAME", "Backend", "KmsApp", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -69,6 +78,17 @@ INLINE_OPERATIONS = frozenset(
 
 DEFAULT_TASK_INTERVAL = 60.0
 
+UNKNOWN_EVENT_NAME = "UnknownOperation"
+"""The ``eventName`` of a request whose ``X-Amz-Target`` is missing or is not
+``TrentService.<Name>`` with a plausible operation name (letters and digits, at most 64)."""
+
+_TARGET_NAME = re.compile(r"TrentService\.([A-Za-z][A-Za-z0-9]{0,63})")
+# An access key id as AWS shapes them (uppercase letters and digits): only such a value from an
+# unverified Authorization header goes into a record, so a secret pasted there by mistake never
+# does.
+_CLAIMED_KEY = re.compile(r"Credential=([A-Z0-9]{16,128})/")
+_MAX_USER_AGENT = 1024
+
 log = structlog.get_logger(__name__)
 
 _PID = str(os.getpid()).encode()
@@ -89,8 +109,15 @@ class Backend(Protocol):
     @property
     def region(self) -> str: ...
 
+    @property
+    def account_id(self) -> str:
+        """The account the service's keys belong to (``recipientAccountId``)."""
+
     def lookup(self, access_key_id: str) -> sigv4.Credential | None:
         """The SigV4 credential of an access key id, or None."""
+
+    def audit(self, record: AuditRecord | PreparedRecord) -> None:
+        """Queue one audit record; a :class:`KMSError` when it cannot be queued."""
 
     def warm_up(self) -> None: ...
 
@@ -106,6 +133,42 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _event_name(target: str | None) -> str:
+    """The operation a request named, for its audit record, even when unknown or unusable."""
+    found = _TARGET_NAME.fullmatch(target) if target is not None else None
+    return found.group(1) if found else UNKNOWN_EVENT_NAME
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity(principal_arn: str, account_id: str, access_key_id: str | None) -> UserIdentity:
+    """CloudTrail's ``userIdentity`` of an authenticated caller: ``Root`` for the account's
+    root principal, else ``IAMUser`` (the only two kinds of principal hsmkms has)."""
+    if principal_arn.endswith(":root"):
+        return UserIdentity("Root", account_id, principal_arn, account_id, access_key_id)
+    user_name = principal_arn.rpartition("/")[2] or None
+    return UserIdentity(
+        "IAMUser", None, principal_arn, account_id, access_key_id, user_name=user_name
+    )
+
+
+def _unknown_identity(scope: Scope) -> UserIdentity:
+    """``userIdentity`` of a caller that did not authenticate: type ``Unknown``, with the
+    access key id the ``Authorization`` header claimed when it has the shape of one."""
+    authorization = _header(scope, b"authorization")
+    found = _CLAIMED_KEY.search(authorization) if authorization else None
+    return UserIdentity("Unknown", access_key_id=found.group(1) if found else None)
+
+
+def _error_fields(failure: BaseException) -> tuple[str, str]:
+    """(errorCode, errorMessage) as the caller saw them: a server fault's message is the
+    generic one, never its internal detail."""
+    if isinstance(failure, KMSError):
+        if failure.status < 500:
+            return failure.code, failure.message
+        return failure.code, protocol.SERVER_FAULT_MESSAGE
+    return KMSInternalException.code, protocol.SERVER_FAULT_MESSAGE
 
 
 class KmsApp:
@@ -247,25 +310,32 @@ class KmsApp:
             return
         start = time.perf_counter()
         operation = NO_OPERATION
+        target = _header(scope, b"x-amz-target")
+        caller: Caller | None = None
+        request: BaseModel | None = None
+        response: BaseModel | None = None
+        failure: BaseException | None = None
+        payload = b""
         try:
             try:
                 body = await self._read_body(scope, receive)
             except _BodyTooLarge:
                 raise protocol.oversize_error(self._max_body) from None
             caller = self._authenticate(scope, body)
-            operation = protocol.operation_name(_header(scope, b"x-amz-target"), OPERATIONS)
+            operation = protocol.operation_name(target, OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
             op = OPERATIONS[operation]
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.method)
             if operation in INLINE_OPERATIONS:
-                response = method_fn(request, caller=caller)
+                result = method_fn(request, caller=caller)
             else:
                 loop = asyncio.get_running_loop()
-                response = await loop.run_in_executor(
+                result = await loop.run_in_executor(
                     self._executor, functools.partial(method_fn, request, caller=caller)
                 )
-            payload = protocol.encode_response(response)
+            payload = protocol.encode_response(result)
+            response = result
         except KMSError as exc:
             if exc.status >= 500:
                 # The caller sees no detail; the operator gets the class and message.
@@ -276,14 +346,78 @@ class KmsApp:
                     error=type(exc).__name__,
                     detail=exc.message,
                 )
-            code = await self._error(send, exc, request_id)
-        except Exception:
+            failure = exc
+        except Exception as exc:
             log.exception("request_failed", operation=operation, request_id=request_id)
-            code = await self._error(send, KMSError(), request_id)
-        else:
+            failure = exc
+        try:
+            name = operation if operation != NO_OPERATION else _event_name(target)
+            record = self._record(scope, name, request_id, caller, request, response, failure)
+            self.runtime.audit(record)
+        except Exception as exc:
+            # No record, no result: the caller gets the error instead of an unaudited answer.
+            if isinstance(exc, KMSError):
+                error = type(exc).__name__
+                log.error("audit_failed", operation=operation, request_id=request_id, error=error)
+            else:
+                log.exception("audit_failed", operation=operation, request_id=request_id)
+            failure = exc
+        if failure is None:
             await self._respond(send, 200, payload, request_id)
             code = "OK"
+        else:
+            code = await self._error(send, failure, request_id)
         observe_request(operation, code, time.perf_counter() - start)
+
+    def _record(
+        self,
+        scope: Scope,
+        event_name: str,
+        request_id: str,
+        caller: Caller | None,
+        request: BaseModel | None,
+        response: BaseModel | None,
+        failure: BaseException | None,
+    ) -> PreparedRecord:
+        """The audit record of one ``POST /`` (see ``docs/audit.md``, "What is recorded")."""
+        runtime = self.runtime
+        extra: dict[str, Any] | None = None
+        key_arns: list[str] = []
+        if caller is not None:
+            identity = _identity(caller.principal_arn, caller.account_id, caller.access_key_id)
+            source_ip, user_agent = caller.source_ip, caller.user_agent
+            used = caller.keys_used
+            if used:
+                key_arns = list(used)
+                versions = [v for v in used.values() if v is not None]
+                if len(versions) == 1:
+                    extra = {"keyVersion": versions[0]}
+        else:
+            identity = _unknown_identity(scope)
+            client = scope.get("client")
+            source_ip = client[0] if client else None
+            user_agent = _header(scope, b"user-agent")
+        if user_agent is not None and len(user_agent) > _MAX_USER_AGENT:
+            user_agent = user_agent[:_MAX_USER_AGENT]
+        error_code = error_message = None
+        if failure is not None:
+            error_code, error_message = _error_fields(failure)
+            response = None
+        return prepare_api_call(
+            event_name,
+            identity=identity,
+            account_id=runtime.account_id,
+            region=runtime.region,
+            request_id=request_id,
+            request=request,
+            response=response,
+            key_arns=key_arns,
+            source_ip=source_ip,
+            user_agent=user_agent,
+            error_code=error_code,
+            error_message=error_message,
+            additional_event_data=extra,
+        )
 
     def _authenticate(self, scope: Scope, body: bytes) -> Caller:
         """SigV4-verify the request; the caller (identity, identity policy, origin)."""

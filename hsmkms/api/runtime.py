@@ -1,6 +1,6 @@
-"""What one server worker runs on: the keystore, the metadata store, the service and the
-credentials store, opened from the settings (data-directory initialization, which runs once in
-the parent, is :mod:`hsmkms.api.bootstrap`).
+"""What one server worker runs on: the keystore, the metadata store, the service, the
+credentials store and the audit trail with its writer, opened from the settings
+(data-directory initialization, which runs once in the parent, is :mod:`hsmkms.api.bootstrap`).
 
 :class:`Runtime` is opened in each worker process after it has been spawned, so that every
 worker initializes PKCS#11 itself. Every keystore call goes through :class:`TimedKeystore`,
@@ -13,7 +13,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,9 @@ from sqlalchemy import text
 
 from hsmkms.api.metrics import DUE_TASK_RUNS, timed_hsm_call
 from hsmkms.api.sigv4 import Credential
+from hsmkms.audit import AuditRecord, AuditTrail, PreparedRecord, service_event_record
+from hsmkms.audit.records import key_id_of
+from hsmkms.audit.writer import AuditWriter
 from hsmkms.config import Settings, keystore_config
 from hsmkms.errors import KMSError
 from hsmkms.identity import CredentialStore
@@ -29,9 +32,11 @@ from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, T
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.profiles import MechanismProfile
 from hsmkms.service import DueTaskReport, KmsService
+from hsmkms.service.core import EventSink, ServiceEvent
 from hsmkms.store import MetadataStore
+from hsmkms.store.integrity import TokenRowSealer
 
-__all__ = ["Runtime", "TimedKeystore", "run_exclusively"]
+__all__ = ["Runtime", "TimedKeystore", "run_exclusively", "service_event_sink"]
 
 TASKS_LOCK_FILE = "tasks.lock"
 SELF_TEST_INTERVAL = 5.0
@@ -108,13 +113,41 @@ def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def service_event_sink(
+    submit: Callable[[AuditRecord], object], *, region: str, account_id: str
+) -> EventSink:
+    """The service's ``on_event``: each :class:`ServiceEvent` becomes a service-event audit
+    record (``RotateKey`` with the new ``keyVersion``, ``DeleteKey``) handed to ``submit``."""
+
+    def on_event(event: ServiceEvent) -> None:
+        extra: Mapping[str, object] | None = None
+        if event.key_version is not None:
+            extra = {"keyVersion": event.key_version}
+        submit(
+            service_event_record(
+                event.name,
+                account_id=account_id,
+                region=region,
+                key_arn=event.key_arn,
+                details={"keyId": key_id_of(event.key_arn)},
+                additional_event_data=extra,
+                event_time=event.time,
+            )
+        )
+
+    return on_event
+
+
 # --------------------------------------------------------------------------------------------
 # The per-worker runtime
 # --------------------------------------------------------------------------------------------
 
 
 class Runtime:
-    """The service objects of one worker process. Thread-safe."""
+    """The service objects of one worker process. Thread-safe.
+
+    Every record goes through :meth:`audit` to the worker's :class:`AuditWriter`, which
+    appends in batches from its own thread to the trail in the metadata database."""
 
     def __init__(
         self,
@@ -123,51 +156,80 @@ class Runtime:
         store: MetadataStore,
         credentials: CredentialStore,
         service: KmsService,
+        trail: AuditTrail,
+        writer: AuditWriter,
     ) -> None:
         self.settings = settings
         self.keystore = keystore
         self.store = store
         self.credentials = credentials
         self.service = service
+        self.trail = trail
+        self.writer = writer
         self._health_lock = threading.Lock()
         self._self_test_at = -SELF_TEST_INTERVAL
         self._self_test_error: str | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
-        """Open the keystore (lazily: PKCS#11 loads on first use), store and services."""
+        """Open the keystore (lazily: PKCS#11 loads on first use), store, credentials, the
+        audit trail (in the same database: what ``hsmkms audit`` reads; a ``start`` seal) and
+        its writer, and the service reporting its events to the trail."""
         keystore = TimedKeystore(Pkcs11Keystore(keystore_config(settings)))
-        store = MetadataStore(settings.effective_database_url)
+        url = settings.effective_database_url
+        store = MetadataStore(url, sealer=TokenRowSealer(keystore))
+        opened: list[Callable[[], object]] = [store.close]
         try:
-            credentials = CredentialStore(
-                settings.effective_database_url, keystore, account_id=settings.account_id
-            )
+            credentials = CredentialStore(url, keystore, account_id=settings.account_id)
+            opened.append(credentials.close)
+            trail = AuditTrail(url, keystore)
+            opened.append(trail.close)
+            writer = AuditWriter(trail)
         except BaseException:
-            store.close()
+            for close in reversed(opened):
+                close()
             raise
-        service = KmsService(
-            keystore, store, region=settings.region, account_id=settings.account_id
+        on_event = service_event_sink(
+            writer.submit, region=settings.region, account_id=settings.account_id
         )
-        return cls(settings, keystore, store, credentials, service)
+        service = KmsService(
+            keystore,
+            store,
+            region=settings.region,
+            account_id=settings.account_id,
+            on_event=on_event,
+        )
+        return cls(settings, keystore, store, credentials, service, trail, writer)
 
     @property
     def region(self) -> str:
         """The region requests must be signed for."""
         return self.settings.region
 
+    @property
+    def account_id(self) -> str:
+        """The account the keys belong to."""
+        return self.settings.account_id
+
     def lookup(self, access_key_id: str) -> Credential | None:
         """The SigV4 lookup: the credentials store's answer."""
         return self.credentials.lookup(access_key_id)
+
+    def audit(self, record: AuditRecord | PreparedRecord) -> None:
+        """Queue one audit record (returns at once; see :meth:`AuditWriter.submit` for a full
+        queue: ``DependencyTimeoutException``)."""
+        self.writer.submit(record)
 
     def warm_up(self) -> None:
         """Initialize PKCS#11 and log in now rather than on the first request."""
         self.keystore.info()
 
     def health(self) -> dict[str, Any]:
-        """Deep check: token self-test (at most every few seconds) and ``SELECT 1``.
+        """Deep check: token self-test (at most every few seconds), ``SELECT 1``, and whether
+        the audit writer's appends succeed.
 
-        Returns ``{"status": "ok"|"fail", "keystore": ..., "database": ...}``; a failed part
-        shows the error's code only.
+        Returns ``{"status": "ok"|"fail", "keystore": ..., "database": ..., "audit": ...}``; a
+        failed part shows the error's code only.
         """
         report: dict[str, Any] = {"pid": os.getpid()}
         with self._health_lock:
@@ -190,7 +252,9 @@ class Runtime:
             report["database"] = "ok"
         except Exception as exc:
             report["database"] = f"fail: {type(exc).__name__}"
-        ok = report["keystore"] == "ok" and report["database"] == "ok"
+        audit_error = self.writer.error
+        report["audit"] = "ok" if audit_error is None else f"fail: {audit_error}"
+        ok = report["keystore"] == "ok" and report["database"] == "ok" and audit_error is None
         report["status"] = "ok" if ok else "fail"
         return report
 
@@ -206,8 +270,13 @@ class Runtime:
         return report
 
     def close(self) -> None:
-        """Close everything (end of the worker)."""
+        """Close everything (end of the worker): the audit writer appends what is queued and
+        the trail writes its ``shutdown`` seal before the token session closes."""
         self.service.stop()
-        self.credentials.close()
-        self.store.close()
-        self.keystore.close()
+        try:
+            self.writer.close()
+            self.trail.close()
+        finally:
+            self.credentials.close()
+            self.store.close()
+            self.keystore.close()

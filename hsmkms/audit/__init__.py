@@ -1,8 +1,9 @@
 """The audit trail: CloudTrail-shaped records of every API call and service event, stored as a
 hash chain sealed by a token HMAC (see ``docs/audit.md``).
 
-The service builds a record with :func:`api_call_record` / :func:`service_event_record` and
-hands it to an :class:`AuditSink` (an :class:`AuditTrail`); ``hsmkms audit`` verifies, tails
+Records are built with :func:`api_call_record` / :func:`service_event_record` (or, on the API's
+hot path, encoded directly by :func:`prepare_api_call`) and appended to an :class:`AuditTrail` —
+by a server through its :class:`AuditWriter`, which batches; ``hsmkms audit`` verifies, tails
 and searches the trail.
 """
 
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 from hsmkms.audit.records import (
     AuditRecord,
+    PreparedRecord,
     UserIdentity,
     api_call_record,
     canonical_json,
+    prepare_api_call,
+    prepare_record,
     service_event_record,
 )
 from hsmkms.audit.trail import (
@@ -24,11 +28,14 @@ from hsmkms.audit.trail import (
     VerifyResult,
     VerifyStatus,
 )
+from hsmkms.audit.writer import AuditWriter
 
 __all__ = [
     "AuditRecord",
     "AuditSink",
     "AuditTrail",
+    "AuditWriter",
+    "PreparedRecord",
     "Seal",
     "SealGap",
     "SealReason",
@@ -37,5 +44,7 @@ __all__ = [
     "VerifyStatus",
     "api_call_record",
     "canonical_json",
+    "prepare_api_call",
+    "prepare_record",
     "service_event_record",
 ]

@@ -18,6 +18,11 @@ What goes in is decided by allow-lists, never by a deny-list:
   values; anything else is a programming error (``ValueError``).
 * ``errorMessage`` has any value of an omitted request member (and its base64) cut out, in case
   an error echoes its input.
+
+The trail stores a record as a :class:`PreparedRecord`: its canonical JSON and its search
+columns (:func:`prepare_record`). The API's hot path builds that directly with
+:func:`prepare_api_call`, byte for byte what ``prepare_record(api_call_record(...))`` gives,
+without the intermediate object and with what repeats between calls encoded once.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import base64
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import json
 import math
+import os
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -42,16 +50,22 @@ __all__ = [
     "READ_ONLY_OPERATIONS",
     "REQUEST_FIELDS",
     "RESPONSE_FIELDS",
+    "SEARCH_COLUMNS",
     "SERVICE_EVENT_DETAIL_FIELDS",
     "AuditRecord",
+    "PreparedRecord",
     "UserIdentity",
     "api_call_record",
     "canonical_json",
     "format_event_time",
     "key_id_of",
     "lower_camel",
+    "prepare_api_call",
+    "prepare_record",
+    "record_key_ids",
     "request_parameters",
     "response_elements",
+    "search_columns",
     "service_event_record",
 ]
 
@@ -71,18 +85,51 @@ def canonical_json(value: Any) -> bytes:
     """The canonical JSON encoding hashed by the trail: sorted keys, no whitespace, ASCII only
     (``\\uXXXX`` escapes), no NaN or infinities. ``TypeError``/``ValueError`` for anything that is
     not plain JSON — in particular ``bytes`` can never reach a record."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
+    return _encode(value).encode("ascii")
+
+
+# The same settings as canonical_json; ``encode`` of a whole value equals the composition of the
+# encodings of its parts, which prepare_api_call relies on.
+_encoder: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
+_encode: Final = _encoder.encode
+_encode_str: Final = json.encoder.encode_basestring_ascii
+# The C encoder JSONEncoder.encode builds on every call, built once: without the circular
+# reference check (``markers``), which changes no output. None where the C module is missing.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_c_encoder: Final = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(None, _encoder.default, _encode_str, None, ":", ",", True, False, False)
+)
+
+
+def _json(value: Any) -> str:
+    """``_encode(value)``, faster (the API's hot path)."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _encode_str(value)
+    if _c_encoder is None:  # pragma: no cover - CPython always has the C encoder
+        return _encode(value)
+    return "".join(_c_encoder(value, 0))
 
 
 def format_event_time(when: dt.datetime) -> str:
     """CloudTrail's ``eventTime``: ISO-8601 UTC to the second with a ``Z`` (naive = refused)."""
     if when.tzinfo is None:
         raise ValueError("event times must be aware datetimes")
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _second_text(when.astimezone(dt.UTC).replace(microsecond=0))
 
 
+@functools.lru_cache(maxsize=8)
+def _second_text(second: dt.datetime) -> str:
+    # Cached: every record of the same second has the same eventTime (a record per request).
+    return second.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@functools.lru_cache(maxsize=512)
 def lower_camel(name: str) -> str:
     """``KeyId`` -> ``keyId``; ``AWSAccountId`` -> ``aWSAccountId`` (what CloudTrail writes)."""
     return name[:1].lower() + name[1:]
@@ -112,6 +159,8 @@ def _plain(value: Any) -> Any:
 
 
 def _str(value: Any) -> Any:
+    if type(value) is str:  # the common case, first
+        return value
     value = _plain(value)
     return value if isinstance(value, str) else _DROP
 
@@ -176,9 +225,9 @@ def _list_of(item: _Shape) -> _Shape:
 def _select(values: Mapping[str, Any], fields: Mapping[str, _Shape]) -> dict[str, Any]:
     """The allow-listed members of ``values``, lowerCamelCased; ``None`` members are skipped."""
     out: dict[str, Any] = {}
-    for name, shape in fields.items():
-        value = values.get(name)
-        if value is None:
+    for name, value in values.items():
+        shape = fields.get(name)
+        if shape is None or value is None:
             continue
         kept = shape(value)
         if kept is not _DROP:
@@ -200,7 +249,9 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "AliasName": _str,
     "GrantId": _str,
     "GranteePrincipal": _str,
+    "GranteeServicePrincipal": _str,
     "RetiringPrincipal": _str,
+    "RetiringServicePrincipal": _str,
     "Operations": _str_list,
     "Constraints": _CONSTRAINTS,
     "Name": _str,
@@ -376,11 +427,21 @@ def _members(value: Mapping[str, Any] | BaseModel | None) -> Mapping[str, Any]:
     return value
 
 
+@functools.cache
+def _listed_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(name for name in model.model_fields if name in REQUEST_FIELDS)
+
+
 def request_parameters(
     event_name: str, request: Mapping[str, Any] | BaseModel | None
 ) -> dict[str, Any] | None:
     """``requestParameters``: the allow-listed request members, lowerCamelCased, or ``None``."""
-    params = _select(_members(request), REQUEST_FIELDS)
+    if isinstance(request, BaseModel):
+        # Only the allow-listed fields are read: what model_dump would give for them.
+        values = {name: getattr(request, name) for name in _listed_fields(type(request))}
+        params = _select(values, REQUEST_FIELDS)
+    else:
+        params = _select(_members(request), REQUEST_FIELDS)
     if event_name == "Decrypt":
         # spec: §5.2 — Decrypt entries always include encryptionAlgorithm, even if not sent.
         params.setdefault("encryptionAlgorithm", "SYMMETRIC_DEFAULT")
@@ -448,12 +509,13 @@ def _scalars(values: Mapping[str, Any] | None, allowed: frozenset[str], what: st
 
 
 def _resources(key_arns: Sequence[str], account_id: str) -> list[dict[str, str]]:
-    out = []
-    for arn in dict.fromkeys(key_arns):  # unique, in order
-        parts = arn.split(":")
-        owner = parts[4] if len(parts) > 5 and parts[0] == "arn" and parts[4] else account_id
-        out.append({"accountId": owner, "type": KEY_RESOURCE_TYPE, "ARN": arn})
-    return out
+    return [_resource(arn, account_id) for arn in dict.fromkeys(key_arns)]  # unique, in order
+
+
+def _resource(arn: str, account_id: str) -> dict[str, str]:
+    parts = arn.split(":")
+    owner = parts[4] if len(parts) > 5 and parts[0] == "arn" and parts[4] else account_id
+    return {"accountId": owner, "type": KEY_RESOURCE_TYPE, "ARN": arn}
 
 
 def api_call_record(
@@ -558,3 +620,175 @@ def service_event_record(
     if extra is not None:
         record["additionalEventData"] = extra
     return record
+
+
+# --------------------------------------------------------------------------------------------
+# Records as the trail stores them
+# --------------------------------------------------------------------------------------------
+
+SEARCH_COLUMNS: Final = ("event_time", "event_name", "principal", "access_key_id", "key_ids")
+"""The trail's search columns, copied from each record (never trusted: see ``trail.py``)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A record as the trail stores it: its canonical JSON (``body``) and its search columns
+    (``columns``, in :data:`SEARCH_COLUMNS` order)."""
+
+    body: bytes
+    columns: tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _event_time_column(when: str) -> str:
+    # Cached: the records of one second share their eventTime.
+    parsed = dt.datetime.fromisoformat(when)
+    if parsed.tzinfo is None:
+        raise ValueError("an audit record's eventTime needs a zone")
+    return format_event_time(parsed)
+
+
+def record_key_ids(record: Mapping[str, Any]) -> set[str]:
+    """The key ids of the ARNs among a record's ``resources``."""
+    ids = set()
+    resources = record.get("resources")
+    for res in resources if isinstance(resources, list) else []:
+        arn = res.get("ARN") if isinstance(res, Mapping) else None
+        if isinstance(arn, str):
+            ids.add(key_id_of(arn))
+    return ids
+
+
+def _key_ids_column(key_ids: set[str]) -> str:
+    # Space-delimited with a space at each end, so ``LIKE '% <id> %'`` finds whole ids.
+    return " " + " ".join(sorted(key_ids)) + " "
+
+
+def search_columns(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The search columns of ``record`` (:data:`SEARCH_COLUMNS` order): ``ValueError`` when it
+    lacks what every record has (a non-empty ``eventName``, an ``eventTime`` with a zone)."""
+    name = record.get("eventName")
+    if not isinstance(name, str) or not name:
+        raise ValueError("an audit record needs an eventName")
+    when = record.get("eventTime")
+    if not isinstance(when, str):
+        raise ValueError("an audit record needs an eventTime")
+    identity = record.get("userIdentity")
+    identity = identity if isinstance(identity, Mapping) else {}
+    principal = identity.get("arn")
+    access_key = identity.get("accessKeyId")
+    return (
+        _event_time_column(when),
+        name,
+        principal if isinstance(principal, str) else None,
+        access_key if isinstance(access_key, str) else None,
+        _key_ids_column(record_key_ids(record)),
+    )
+
+
+def prepare_record(record: AuditRecord) -> PreparedRecord:
+    """Encode ``record`` for the trail: everything an append does that needs no lock.
+    ``ValueError``/``TypeError`` when it is not a valid record (see :func:`search_columns`; a
+    value that is not plain JSON, such as ``bytes``)."""
+    return PreparedRecord(canonical_json(record), search_columns(record))
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_json(identity: UserIdentity) -> str:
+    return _json(identity.to_dict())
+
+
+@functools.lru_cache(maxsize=4096)
+def _resources_json(key_arns: tuple[str, ...], account_id: str) -> tuple[str, str]:
+    resources = _resources(key_arns, account_id)
+    return _json(resources), _key_ids_column(record_key_ids({"resources": resources}))
+
+
+class _Second:
+    """The current second's ``eventTime`` text, formatted once per second."""
+
+    second = -1
+    text = ""
+
+
+def _now_text() -> str:
+    """``format_event_time(utc_now())``, formatted once per second (the same clock)."""
+    now = time.time()
+    second = int(now)
+    if second != _Second.second:
+        _Second.text = format_event_time(dt.datetime.fromtimestamp(second, dt.UTC))
+        _Second.second = second
+    return _Second.text
+
+
+def _uuid4_text() -> str:
+    """``str(uuid.uuid4())``, in half the time."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def prepare_api_call(
+    event_name: str,
+    *,
+    identity: UserIdentity,
+    account_id: str,
+    region: str,
+    request_id: str,
+    request: Mapping[str, Any] | BaseModel | None = None,
+    response: Mapping[str, Any] | BaseModel | None = None,
+    key_arns: Sequence[str] = (),
+    source_ip: str | None = None,
+    user_agent: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    additional_event_data: Mapping[str, Any] | None = None,
+    event_time: dt.datetime | None = None,
+    event_id: str | None = None,
+) -> PreparedRecord:
+    """``prepare_record(api_call_record(...))`` with the same arguments, byte for byte (a test
+    holds the two together), at a fraction of the cost: the record's members are encoded one by
+    one — the caller's ``userIdentity`` and the ``resources`` of a set of keys once, then from
+    a cache — and joined in sorted order, which is what canonical JSON of the whole is."""
+    if not isinstance(event_name, str) or not event_name:
+        raise ValueError("an audit record needs an eventName")
+    when = format_event_time(event_time) if event_time is not None else _now_text()
+    resources, key_ids = _resources_json(tuple(key_arns), account_id)
+    params = _json(request_parameters(event_name, request))
+    if error_code is None:
+        errors = ""
+        elements = _json(response_elements(event_name, response))
+    else:
+        message = _json(_scrub(error_message or "", _omitted_values(_members(request))))
+        errors = f'"errorCode":{_json(error_code)},"errorMessage":{message},'
+        elements = "null" if error_code else _json(response_elements(event_name, response))
+    extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
+    head = "" if extra is None else f'"additionalEventData":{_json(extra)},'
+    read_only = "true" if event_name in READ_ONLY_OPERATIONS else "false"
+    # The members in sorted order (canonical JSON); the property test checks the order too.
+    body = (
+        f'{{{head}"awsRegion":{_json(region)},{errors}"eventCategory":"Management",'
+        f'"eventID":{_json(event_id or _uuid4_text())},"eventName":{_json(event_name)},'
+        f'"eventSource":{_EVENT_SOURCE_JSON},"eventTime":{_json(when)},'
+        f'"eventType":"AwsApiCall","eventVersion":{_EVENT_VERSION_JSON},'
+        f'"managementEvent":true,"readOnly":{read_only},'
+        f'"recipientAccountId":{_json(account_id)},"requestID":{_json(request_id)},'
+        f'"requestParameters":{params},"resources":{resources},"responseElements":{elements},'
+        f'"sourceIPAddress":{_json(source_ip)},"userAgent":{_json(user_agent)},'
+        f'"userIdentity":{_identity_json(identity)}}}'
+    )
+    principal, access_key = identity.arn, identity.access_key_id
+    columns = (
+        _event_time_column(when),
+        event_name,
+        principal if isinstance(principal, str) else None,
+        access_key if isinstance(access_key, str) else None,
+        key_ids,
+    )
+    return PreparedRecord(body.encode("ascii"), columns)
+
+
+_EVENT_SOURCE_JSON: Final = _json(EVENT_SOURCE)
+_EVENT_VERSION_JSON: Final = _json(EVENT_VERSION)

@@ -26,10 +26,11 @@ within ``max_unsealed`` records and within ``interval_ms`` (unless ``reason`` is
 Threat model: the database is not trusted (anyone may edit it); the token and its audit key
 are. What :meth:`AuditTrail.verify` can and cannot prove is in ``docs/audit.md``.
 
-Concurrency: every append is one transaction that takes the write lock first (SQLite
-``BEGIN IMMEDIATE``; PostgreSQL a transaction-scoped advisory lock), reads the last
-sequence number and hash, inserts, and seals when due — so any number of processes may append
-and the sequence stays gap-free.
+Concurrency: every append (of one record or of a batch) is one transaction that takes the
+write lock first (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-scoped advisory lock),
+reads the last sequence number and hash, inserts, and seals when due — so any number of
+processes may append and the sequence stays gap-free. Servers append through
+:class:`hsmkms.audit.writer.AuditWriter`, which batches.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 import hmac
 import itertools
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
@@ -69,7 +71,17 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from hsmkms.audit.records import AuditRecord, canonical_json, format_event_time, key_id_of
+from hsmkms.audit.records import (
+    SEARCH_COLUMNS,
+    AuditRecord,
+    PreparedRecord,
+    canonical_json,
+    format_event_time,
+    key_id_of,
+    prepare_record,
+    record_key_ids,
+    search_columns,
+)
 from hsmkms.errors import DependencyTimeoutException, KMSError, KMSInternalException
 from hsmkms.keystore.base import Keystore, MacKeyRef
 from hsmkms.store.sqlite import install_sqlite_hooks
@@ -154,18 +166,26 @@ _INSERT_SEAL = _S.insert()
 _SEAL_COLUMNS = (
     "seal_seq, record_seq, chain_hash, sealed_at, reason, max_unsealed, interval_ms, prev_tag, tag"
 )
-_RECORD_COLUMNS = ("seq", "event_time", "event_name", "principal", "access_key_id", "key_ids",
-                   "record", "hash")  # fmt: skip
+_RECORD_COLUMNS = ("seq", *SEARCH_COLUMNS, "record", "hash")
 # The append's statements in the driver's own SQL, run on the transaction's DBAPI cursor:
 # compiling and wrapping Core statements cost about four times what SQLite spends on them, and
 # the write lock is held meanwhile. Only for drivers whose placeholder is ``?`` or ``%s``.
 _DRIVER_HEAD = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
 _DRIVER_NEWEST_SEAL = f"SELECT {_SEAL_COLUMNS} FROM audit_seals ORDER BY seal_seq DESC LIMIT 1"  # noqa: S608
-_DRIVER_INSERT = (
-    f"INSERT INTO audit_records ({', '.join(_RECORD_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('{p}' for _ in _RECORD_COLUMNS)})"
-)
+_DRIVER_INSERT = f"INSERT INTO audit_records ({', '.join(_RECORD_COLUMNS)}) VALUES "  # noqa: S608
 _PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+# A batch is inserted by multi-row INSERTs of up to this many rows (8 parameters each: under
+# every SQLite's limit of 999). One statement is one step inside the driver, so the appending
+# thread gives the GIL up and takes it back once per chunk rather than once per row — taking
+# it back from a busy event loop costs up to the interpreter's switch interval (5 ms) each time.
+_ROWS_PER_INSERT = 100
+
+
+@functools.lru_cache(maxsize=16)
+def _multi_insert(placeholder: str, rows: int) -> str:
+    """The driver SQL inserting ``rows`` audit records at once."""
+    one = "(" + ", ".join(placeholder for _ in _RECORD_COLUMNS) + ")"
+    return _DRIVER_INSERT + ", ".join(one for _ in range(rows))
 
 
 class AuditSink(Protocol):
@@ -291,39 +311,9 @@ def _parse_time(value: str) -> dt.datetime:
 
 
 def _index_values(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The search columns of ``record`` (``ValueError`` when it lacks what every record has)."""
-    name = record.get("eventName")
-    if not isinstance(name, str) or not name:
-        raise ValueError("an audit record needs an eventName")
-    when = record.get("eventTime")
-    if not isinstance(when, str):
-        raise ValueError("an audit record needs an eventTime")
-    identity = record.get("userIdentity")
-    identity = identity if isinstance(identity, Mapping) else {}
-    principal = identity.get("arn")
-    access_key = identity.get("accessKeyId")
-    return {
-        "event_time": format_event_time(_parse_time(when)),
-        "event_name": name,
-        "principal": principal if isinstance(principal, str) else None,
-        "access_key_id": access_key if isinstance(access_key, str) else None,
-        "key_ids": _key_ids_column(record),
-    }
-
-
-def _record_key_ids(record: Mapping[str, Any]) -> set[str]:
-    ids = set()
-    resources = record.get("resources")
-    for res in resources if isinstance(resources, list) else []:
-        arn = res.get("ARN") if isinstance(res, Mapping) else None
-        if isinstance(arn, str):
-            ids.add(key_id_of(arn))
-    return ids
-
-
-def _key_ids_column(record: Mapping[str, Any]) -> str:
-    # Space-delimited with a space at each end, so ``LIKE '% <id> %'`` finds whole ids.
-    return " " + " ".join(sorted(_record_key_ids(record))) + " "
+    """The search columns of ``record`` by name (``ValueError`` when it lacks what every record
+    has)."""
+    return dict(zip(SEARCH_COLUMNS, search_columns(record), strict=True))
 
 
 def _matches(
@@ -337,7 +327,7 @@ def _matches(
     """The search filter, applied to the record itself (the search columns are untrusted)."""
     if event_name is not None and record.get("eventName") != event_name:
         return False
-    if key_id is not None and key_id_of(key_id) not in _record_key_ids(record):
+    if key_id is not None and key_id_of(key_id) not in record_key_ids(record):
         return False
     if principal is not None:
         identity = record.get("userIdentity")
@@ -405,8 +395,7 @@ class AuditTrail:
         self._pid_lock = threading.Lock()
         self._key: MacKeyRef | None = None
         self._driver_error: type[Exception] = self._engine.dialect.loaded_dbapi.Error
-        placeholder = _PLACEHOLDERS.get(self._engine.dialect.paramstyle)
-        self._driver_insert = None if placeholder is None else _DRIVER_INSERT.format(p=placeholder)
+        self._placeholder = _PLACEHOLDERS.get(self._engine.dialect.paramstyle)
         if self._engine.dialect.name == "sqlite":
             install_sqlite_hooks(
                 self._engine,
@@ -476,6 +465,12 @@ class AuditTrail:
         """The trail's own engine (for tests and diagnostics)."""
         return self._engine
 
+    @property
+    def seal_interval(self) -> float:
+        """Seconds between seals when records keep coming; :meth:`seal_if_due` is owed at
+        least every half of it."""
+        return self._interval_ms / 1000
+
     # -- setup ----------------------------------------------------------------------------------
 
     def _initialize(self) -> None:
@@ -536,42 +531,77 @@ class AuditTrail:
     def append(self, record: AuditRecord) -> int:
         """Append one record (made by :func:`~hsmkms.audit.records.api_call_record` or
         :func:`~hsmkms.audit.records.service_event_record`); returns its sequence number.
+        :meth:`append_many` with one record."""
+        return self.append_many((record,))
 
-        One transaction: take the write lock, read the chain head, insert, seal when due. A
-        failure to seal is logged and leaves the record stored (the next seal covers it); a
-        database failure raises :class:`~hsmkms.errors.KMSError`.
+    def append_many(self, records: Iterable[AuditRecord]) -> int:
+        """Append ``records`` in order, in one transaction; returns the sequence number of the
+        last one (the chain head when ``records`` is empty). Every record is encoded first
+        (``ValueError``/``TypeError`` for one that is not valid: then nothing is written);
+        then :meth:`append_prepared`."""
+        return self.append_prepared([prepare_record(r) for r in records])
+
+    def append_prepared(self, prepared: Sequence[PreparedRecord]) -> int:
+        """Append records encoded by :func:`prepare_record`, in order, in one transaction;
+        returns the sequence number of the last one (the chain head when there is none).
+
+        The transaction takes the write lock, reads the chain head and the newest seal,
+        chains and inserts every record, and seals wherever a seal falls due (every
+        ``seal_every`` records, so a batch gets the same seals as its records appended one by
+        one). Either every record is stored, chained, or none is. A failure to seal is logged
+        and leaves the records stored (the next seal covers them); a database failure raises
+        :class:`~hsmkms.errors.KMSError`.
         """
-        body = canonical_json(record)
-        index = _index_values(record)
+        if not prepared:
+            with self._read() as conn:
+                return self._head(conn)[0] if self._exists(conn) else 0
         with self._write() as conn:
-            if self._driver_insert is not None:
-                cursor = conn.connection.cursor()
-                try:
+            cursor = None if self._placeholder is None else conn.connection.cursor()
+            try:
+                if cursor is not None:
                     cursor.execute(_DRIVER_HEAD)
                     row = cursor.fetchone()
-                    last, prev = (0, _GENESIS) if row is None else (row[0], bytes(row[1]))
-                    seq = last + 1
-                    digest = hashlib.sha256(prev + body).digest()
-                    index.update(seq=seq, record=body, hash=digest)
-                    cursor.execute(self._driver_insert, [index[c] for c in _RECORD_COLUMNS])
+                    seq, digest = (0, _GENESIS) if row is None else (row[0], bytes(row[1]))
                     cursor.execute(_DRIVER_NEWEST_SEAL)
                     row = cursor.fetchone()
                     newest = None if row is None else _seal_from_values(row)
-                finally:
+                else:
+                    seq, digest = self._head(conn)
+                    newest = self._newest_seal(conn)
+                rows: list[tuple[Any, ...]] = []
+                # The time is read once per batch: an interval seal, when due, covers the
+                # batch's first record; then a count seal every ``seal_every`` records.
+                reason = self._due(newest, seq + 1)
+                next_seal = seq + 1 if reason is not None else self._count_due(newest)
+                for item in prepared:
+                    seq += 1
+                    digest = hashlib.sha256(digest + item.body).digest()
+                    rows.append((seq, *item.columns, item.body, digest))
+                    if seq == next_seal:
+                        try:
+                            newest = self._seal(
+                                conn, reason or SealReason.COUNT, head=(seq, digest), newest=newest
+                            )
+                        except KMSError as exc:
+                            # Token away: no further seal in this batch; the next one covers it.
+                            log.warning("audit seal failed", error=type(exc).__name__, seq=seq)
+                            next_seal = 0
+                        else:
+                            next_seal = seq + self._every
+                        reason = None
+                if cursor is not None:
+                    assert self._placeholder is not None
+                    for at in range(0, len(rows), _ROWS_PER_INSERT):
+                        chunk = rows[at : at + _ROWS_PER_INSERT]
+                        sql = _multi_insert(self._placeholder, len(chunk))
+                        cursor.execute(sql, [value for row in chunk for value in row])
+                else:
+                    conn.execute(
+                        _INSERT_RECORD, [dict(zip(_RECORD_COLUMNS, r, strict=True)) for r in rows]
+                    )
+            finally:
+                if cursor is not None:
                     cursor.close()
-            else:
-                last, prev = self._head(conn)
-                seq = last + 1
-                digest = hashlib.sha256(prev + body).digest()
-                index.update(seq=seq, record=body, hash=digest)
-                conn.execute(_INSERT_RECORD, index)
-                newest = self._newest_seal(conn)
-            reason = self._due(newest, seq)
-            if reason is not None:
-                try:
-                    self._seal(conn, reason, head=(seq, digest), newest=newest)
-                except KMSError as exc:
-                    log.warning("audit seal failed", error=type(exc).__name__, seq=seq)
         return seq
 
     def seal(self, reason: str = SealReason.DEMAND) -> Seal:
@@ -596,6 +626,10 @@ class AuditTrail:
         finally:
             self._key = None
             self._engine.dispose()
+
+    def _count_due(self, newest: Seal | None) -> int:
+        """The sequence number at which a ``count`` seal falls due after ``newest``."""
+        return 1 if newest is None else newest.record_seq + self._every
 
     def _due(self, newest: Seal | None, seq: int, *, heartbeat: bool = False) -> SealReason | None:
         if newest is None:
