@@ -555,6 +555,16 @@ class Settings(BaseSettings):
         """``database_url`` if set, else :attr:`sqlite_url`."""
         return self.database_url if self.database_url is not None else self.sqlite_url
 
+    @property
+    def audit_database_url(self) -> str:
+        """Where the audit trail lives: ``database_url`` if set, else its own SQLite file
+        ``<data_dir>/audit.db``. A separate file keeps the trail's frequent commits from
+        invalidating the metadata and credential caches (which watch SQLite's
+        ``data_version``, a per-file counter), and lets the trail be shipped on its own."""
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'audit.db').as_posix()}"
+
 
 def _one_line(exc: ValidationError) -> str:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)

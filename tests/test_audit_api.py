@@ -55,7 +55,7 @@ class Workload:
 
     @property
     def database(self) -> Path:
-        return self.server.data_dir / "hsmkms.db"
+        return self.server.data_dir / "audit.db"
 
     def records(self) -> list[dict[str, Any]]:
         with sqlite3.connect(self.database) as conn:
@@ -202,6 +202,9 @@ def test_successful_calls_carry_identity_parameters_and_key(workload: Workload) 
     assert create["readOnly"] is False
     assert create["requestParameters"] == {"description": "audited"}
     assert create["responseElements"]["keyMetadata"]["arn"] == workload.key_arn
+    assert create["resources"] == [
+        {"accountId": ACCOUNT, "type": "AWS::KMS::Key", "ARN": workload.key_arn}
+    ]
     assert gdk["requestParameters"] == {
         "keyId": workload.key_arn.rpartition("/")[2], "keySpec": "AES_256",
         "encryptionContext": CONTEXT,
@@ -247,7 +250,8 @@ def _forms(secret: bytes) -> list[bytes]:
 
 
 def test_no_secret_in_the_database_or_the_search_output(workload: Workload) -> None:
-    stored = b"".join(p.read_bytes() for p in workload.database.parent.glob("hsmkms.db*"))
+    # Every database file of the data directory: the trail, the metadata and credentials.
+    stored = b"".join(p.read_bytes() for p in workload.database.parent.glob("*.db*"))
     search = workload.server.cli("audit", "search")
     assert search.returncode == 0, search.stderr
     output = search.stdout.encode()
@@ -264,7 +268,7 @@ def test_no_secret_in_the_database_or_the_search_output(workload: Workload) -> N
 
 def test_a_tampered_record_is_named_by_verify(workload: Workload, tmp_path: Path) -> None:
     """Last in the module: it edits the database (and puts it back)."""
-    backup = tmp_path / "hsmkms.db"
+    backup = tmp_path / "audit.db"
     shutil.copy(workload.database, backup)
     decrypt_id = workload.calls[2].request_id
     try:
@@ -313,7 +317,7 @@ def test_two_workers_record_every_request_once_in_each_workers_order(tmp_path: P
                 sequential.append(one())  # each on a new connection
             concurrent_ids = [rid for rid, _ in background]
     assert srv.process.returncode == 0
-    with sqlite3.connect(srv.data_dir / "hsmkms.db") as conn:
+    with sqlite3.connect(srv.data_dir / "audit.db") as conn:
         rows = conn.execute("SELECT record FROM audit_records ORDER BY seq").fetchall()
     conn.close()
     trail = [json.loads(body)["requestID"] for (body,) in rows]

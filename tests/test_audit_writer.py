@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from hsmkms import models as m
-from hsmkms.api.runtime import service_event_sink
 from hsmkms.audit import AuditTrail, UserIdentity, api_call_record
 from hsmkms.audit.records import PreparedRecord
 from hsmkms.audit.writer import AuditWriter
 from hsmkms.errors import DependencyTimeoutException
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service import KmsService
+from hsmkms.service.local import service_event_sink
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
 

@@ -177,6 +177,15 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
         assert service.store.get_key(key_id) is None
     finally:
         service.close()
+    search = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "audit", "search", "--event-name", "DeleteKey",
+         "--data-dir", str(tmp_path)],
+        env=clean, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr
+    (record,) = [json.loads(line) for line in search.stdout.splitlines()]
+    assert record["eventType"] == "AwsServiceEvent"
+    assert record["serviceEventDetails"] == {"keyId": key_id}
 
 
 # -- integrity of the metadata (docs/metadata-store.md) -------------------------------------

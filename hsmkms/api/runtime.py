@@ -13,7 +13,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,8 +22,7 @@ from sqlalchemy import text
 
 from hsmkms.api.metrics import DUE_TASK_RUNS, timed_hsm_call
 from hsmkms.api.sigv4 import Credential
-from hsmkms.audit import AuditRecord, AuditTrail, PreparedRecord, service_event_record
-from hsmkms.audit.records import key_id_of
+from hsmkms.audit import AuditRecord, AuditTrail, PreparedRecord
 from hsmkms.audit.writer import AuditWriter
 from hsmkms.config import Settings, keystore_config
 from hsmkms.errors import KMSError
@@ -32,7 +31,7 @@ from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, T
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.profiles import MechanismProfile
 from hsmkms.service import DueTaskReport, KmsService
-from hsmkms.service.core import EventSink, ServiceEvent
+from hsmkms.service.local import service_event_sink
 from hsmkms.store import MetadataStore
 from hsmkms.store.integrity import TokenRowSealer
 
@@ -113,31 +112,6 @@ def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def service_event_sink(
-    submit: Callable[[AuditRecord], object], *, region: str, account_id: str
-) -> EventSink:
-    """The service's ``on_event``: each :class:`ServiceEvent` becomes a service-event audit
-    record (``RotateKey`` with the new ``keyVersion``, ``DeleteKey``) handed to ``submit``."""
-
-    def on_event(event: ServiceEvent) -> None:
-        extra: Mapping[str, object] | None = None
-        if event.key_version is not None:
-            extra = {"keyVersion": event.key_version}
-        submit(
-            service_event_record(
-                event.name,
-                account_id=account_id,
-                region=region,
-                key_arn=event.key_arn,
-                details={"keyId": key_id_of(event.key_arn)},
-                additional_event_data=extra,
-                event_time=event.time,
-            )
-        )
-
-    return on_event
-
-
 # --------------------------------------------------------------------------------------------
 # The per-worker runtime
 # --------------------------------------------------------------------------------------------
@@ -173,8 +147,8 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
         """Open the keystore (lazily: PKCS#11 loads on first use), store, credentials, the
-        audit trail (in the same database: what ``hsmkms audit`` reads; a ``start`` seal) and
-        its writer, and the service reporting its events to the trail."""
+        audit trail (``Settings.audit_database_url``, which ``hsmkms audit`` reads; a ``start``
+        seal) and its writer, and the service reporting its events to the trail."""
         keystore = TimedKeystore(Pkcs11Keystore(keystore_config(settings)))
         url = settings.effective_database_url
         store = MetadataStore(url, sealer=TokenRowSealer(keystore))
@@ -182,7 +156,7 @@ class Runtime:
         try:
             credentials = CredentialStore(url, keystore, account_id=settings.account_id)
             opened.append(credentials.close)
-            trail = AuditTrail(url, keystore)
+            trail = AuditTrail(settings.audit_database_url, keystore)
             opened.append(trail.close)
             writer = AuditWriter(trail)
         except BaseException:

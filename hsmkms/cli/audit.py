@@ -96,7 +96,7 @@ def _expected_seal(value: str) -> tuple[int, bytes]:
 
 def _database_url(settings: Settings) -> str:
     """The database URL; a SQLite file that does not exist is an error (not a new database)."""
-    url = settings.effective_database_url
+    url = settings.audit_database_url
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database or "")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from hsmkms.audit import AuditTrail
 from hsmkms.config import Settings
-from hsmkms.service.local import open_service
+from hsmkms.service import ServiceEvent
+from hsmkms.service.local import open_service, service_event_sink
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,9 +26,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    service = open_service(Settings.load(args.data_dir))
+    settings = Settings.load(args.data_dir)
+    events: list[ServiceEvent] = []
+    service = open_service(settings, on_event=events.append)
     try:
         purged = service.purge_due()
+        if events:  # one DeleteKey service event per purged key, as the server records them
+            trail = AuditTrail(settings.audit_database_url, service.keystore)
+            try:
+                record = service_event_sink(
+                    trail.append, region=settings.region, account_id=settings.account_id
+                )
+                for event in events:
+                    record(event)
+            finally:
+                trail.close()
     finally:
         service.close()
     for key_id in purged:

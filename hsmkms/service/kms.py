@@ -300,6 +300,8 @@ class KmsService(GrantService):
                 self._destroy_quietly(ref, key_id, 1)
             raise
         log.info("key_created", key_id=key_id, profile=ref.profile.value)
+        if caller is not None:
+            caller.note_key(key.arn, 1)  # spec: §5.2 — the CreateKey record names the new key
         return CreateKeyResponse(KeyMetadata=self._metadata(key))
 
     def describe_key(
