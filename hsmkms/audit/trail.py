@@ -83,7 +83,7 @@ from hsmkms.audit.records import (
     search_columns,
 )
 from hsmkms.errors import DependencyTimeoutException, KMSError, KMSInternalException
-from hsmkms.keystore.base import Keystore, MacKeyRef
+from hsmkms.keystore.base import Keystore, MacKeyRef, checked_mac_key
 from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, utc_now
 
@@ -104,7 +104,6 @@ log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION: Final = 1
 AUDIT_KEY_NAME: Final = "audit"
-_AUDIT_KEY_LABEL: Final = f"hsmkms:{AUDIT_KEY_NAME}"
 _GENESIS: Final = bytes(32)
 _SEAL_DOMAIN: Final = b"hsmkms-audit-seal-v1\n"
 # A seal promises the next one within its interval; verify allows this factor of slack.
@@ -506,14 +505,7 @@ class AuditTrail:
     def _checked_key(self, ref_text: str) -> MacKeyRef:
         """Parse a stored key reference and check, on the (trusted) token, that it names an
         audit key. ``ValueError`` naming the problem."""
-        ref = MacKeyRef.from_str(ref_text)
-        labels = {o.object_id: o.label for o in self.keystore.list_objects()}
-        label = labels.get(ref.object_id)
-        if label is None:
-            raise ValueError("the audit key reference names no object on the token")
-        if label != _AUDIT_KEY_LABEL:
-            raise ValueError(f"the audit key reference names a token object labelled {label!r}")
-        return ref
+        return checked_mac_key(self.keystore, ref_text, AUDIT_KEY_NAME)
 
     def _audit_key(self, conn: Connection) -> MacKeyRef:
         if self._key is None:
