@@ -39,8 +39,11 @@ from hsmkms.types import Caller, Clock
 
 __all__ = [
     "Authorizer",
+    "GrantCheck",
     "constraints_from_text",
     "constraints_to_text",
+    "identity_policy",
+    "key_policy",
 ]
 
 
