@@ -249,10 +249,15 @@ def test_close_appends_everything_queued(trail: CountingTrail) -> None:
 
 def test_writer_seals_on_its_own_cadence(db: Path, keystore: Pkcs11Keystore) -> None:
     """The heartbeat: with no record at all, the writer keeps the trail from going stale."""
-    trail = AuditTrail(f"sqlite:///{db}", keystore, seal_interval=0.2)
+    clock = ManualClock(dt.datetime(2026, 7, 1, tzinfo=dt.UTC))
+    # The trail's time is the manual clock; the writer checks every seal_interval / 4 = 50 ms.
+    trail = AuditTrail(f"sqlite:///{db}", keystore, clock=clock, seal_interval=0.2)
     writer = AuditWriter(trail)
     try:
-        time.sleep(0.6)
+        clock.advance(dt.timedelta(seconds=1))  # the heartbeat seal is due now
+        deadline = time.monotonic() + 10
+        while len(seal_positions(db)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         writer.close()
     reasons = [reason for _, reason in seal_positions(db)]
