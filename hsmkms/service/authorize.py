@@ -31,6 +31,7 @@ from hsmkms.policy import (
     evaluate_identity_access,
     evaluate_key_access,
     grant_allows,
+    lockout_check,
     parse_identity_policy,
     parse_policy,
 )
@@ -40,6 +41,7 @@ from hsmkms.types import Caller, Clock
 __all__ = [
     "Authorizer",
     "GrantCheck",
+    "caller_identity_policy",
     "constraints_from_text",
     "constraints_to_text",
     "identity_policy",
@@ -57,6 +59,11 @@ def key_policy(text: str) -> PolicyDocument:
 def identity_policy(text: str) -> PolicyDocument:
     """The parsed identity policy of a credential."""
     return parse_identity_policy(text)
+
+
+def caller_identity_policy(caller: Caller) -> PolicyDocument | None:
+    """The caller's parsed identity policy; None when it has none (it allows nothing)."""
+    return identity_policy(caller.identity_policy) if caller.identity_policy else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,7 +188,7 @@ class Authorizer:
             request_alias=request_alias,
             extra=extra,
         )
-        identity = identity_policy(caller.identity_policy) if caller.identity_policy else None
+        identity = caller_identity_policy(caller)
         return evaluate_key_access(key_policy(key.policy), identity, request)
 
     def check_key(
@@ -247,6 +254,29 @@ class Authorizer:
                 return True
         return False
 
+    def check_lockout(self, caller: Caller | None, document: PolicyDocument, key_arn: str) -> None:
+        """spec: §4.1 — MalformedPolicyDocumentException unless the new key policy
+        ``document`` lets the caller call PutKeyPolicy on the key later (the check
+        BypassPolicyLockoutSafetyCheck skips). The condition context is the caller's own."""
+        if caller is None:
+            return
+        request = self._request(
+            caller,
+            "kms:PutKeyPolicy",
+            None,
+            encryption_context=None,
+            encryption_algorithm=None,
+            request_alias=None,
+            extra=None,
+        )
+        lockout_check(
+            document,
+            caller.principal_arn,
+            caller_identity_policy(caller),
+            key_arn=key_arn,
+            context=request.context,
+        )
+
     def check_account(
         self,
         caller: Caller | None,
@@ -267,7 +297,7 @@ class Authorizer:
             request_alias=None,
             extra=extra,
         )
-        identity = identity_policy(caller.identity_policy) if caller.identity_policy else None
+        identity = caller_identity_policy(caller)
         decision = evaluate_identity_access(identity, request)
         if not decision.allowed:
             raise AccessDeniedException(

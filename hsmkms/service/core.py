@@ -90,7 +90,7 @@ class ServiceCore:
     ) -> None:
         self._keystore = keystore
         self._on_event = on_event
-        self._authz = Authorizer(lambda key_id, who: store.grants_for(key_id, who), clock=clock)
+        self._authz = Authorizer(store.grants_for, clock=clock)
         self._store = store
         self._clock = clock
         self.arns = Arns(region, account_id)

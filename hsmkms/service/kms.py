@@ -101,13 +101,9 @@ from hsmkms.models.enums import (
 )
 from hsmkms.policy import (
     ContextInput,
-    PolicyDocument,
     default_key_policy,
-    lockout_check,
     parse_policy,
-    request_context,
 )
-from hsmkms.service.authorize import identity_policy
 from hsmkms.service.core import EventSink, log
 from hsmkms.service.grants import GrantService
 from hsmkms.service.identifiers import ALIAS_PREFIX, RESERVED_ALIAS_PREFIX, key_material_id
@@ -277,8 +273,8 @@ class KmsService(GrantService):
 
         now = self._clock()
         key_id = str(uuid.uuid4())
-        if document is not None and caller is not None and not bypass:
-            self._lockout_check(document, caller, self.arns.key(key_id))
+        if document is not None and not bypass:
+            self._authz.check_lockout(caller, document, self.arns.key(key_id))
         ref = self._keystore.create_key(key_id, 1, self._keystore.profile)
         key = KeyRecord(
             key_id=key_id,
@@ -991,18 +987,6 @@ class KmsService(GrantService):
         if name is not None and name != DEFAULT_POLICY_NAME:
             raise NotFoundException(f"No such policy exists: {name}. The only policy is default.")
 
-    def _lockout_check(self, document: PolicyDocument, caller: Caller, key_arn: str) -> None:
-        """spec: §4.1 — the new policy must let the caller call PutKeyPolicy later."""
-        identity = identity_policy(caller.identity_policy) if caller.identity_policy else None
-        context = request_context(
-            principal_arn=caller.principal_arn,
-            caller_account=caller.account_id,
-            secure_transport=caller.secure_transport,
-            source_ip=caller.source_ip,
-            current_time=self._clock(),
-        )
-        lockout_check(document, caller.principal_arn, identity, key_arn=key_arn, context=context)
-
     def get_key_policy(
         self, request: GetKeyPolicyRequest, caller: Caller | None = None
     ) -> GetKeyPolicyResponse:
@@ -1035,8 +1019,8 @@ class KmsService(GrantService):
             extra={"kms:BypassPolicyLockoutSafetyCheck": bypass},
         )
         document = parse_policy(request.Policy)  # validates: size, grammar, conditions
-        if caller is not None and not bypass:
-            self._lockout_check(document, caller, key.arn)
+        if not bypass:
+            self._authz.check_lockout(caller, document, key.arn)
         if not self._store.set_policy(key.key_id, request.Policy):
             raise self._not_found(key.key_id)
         return EmptyResponse()
