@@ -81,21 +81,12 @@ class GrantService(ServiceCore):
     """The grant operations of :class:`~hsmkms.service.KmsService`."""
 
     def _entry(self, grant: GrantRecord) -> GrantListEntry:
-        constraints = None
-        parsed = constraints_from_text(grant.constraints)
-        if parsed is not None:
-            constraints = GrantConstraints(
-                EncryptionContextEquals=(
-                    dict(parsed.encryption_context_equals)
-                    if parsed.encryption_context_equals is not None
-                    else None
-                ),
-                EncryptionContextSubset=(
-                    dict(parsed.encryption_context_subset)
-                    if parsed.encryption_context_subset is not None
-                    else None
-                ),
-            )
+        # The stored constraints are the wire shape's JSON (constraints_to_text).
+        constraints = (
+            GrantConstraints.model_validate_json(grant.constraints)
+            if grant.constraints is not None
+            else None
+        )
         return GrantListEntry(
             KeyId=self.arns.key(grant.key_id),
             GrantId=grant.grant_id,
