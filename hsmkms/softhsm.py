@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,8 @@ MODULE_CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
     "/usr/local/lib/softhsm/libsofthsm2.so",
 )
+# How long to wait for SoftHSM2 to read every token in the token directory (seconds).
+CONSISTENT_VIEW_TIMEOUT = 30.0
 CONF_TEMPLATE = """\
 # SoftHSM2 configuration for one hsmkms data directory (written by hsmkms).
 directories.tokendir = {token_dir}
@@ -67,14 +70,41 @@ def _write_private(path: Path, content: str) -> None:
         handle.write(content)
 
 
-def _token_exists(conf: Path, label: str) -> bool:
-    out = _softhsm2_util(conf, "--show-slots").stdout
-    return any(_label_line(line) == label for line in out.splitlines())
+def _token_exists(conf: Path, token_dir: Path, label: str) -> bool:
+    """Whether a token labelled ``label`` exists. SoftHSM2 leaves out a token whose files it
+    cannot read at that moment, which happens while another process writes the token: then
+    fewer tokens are shown than ``token_dir`` holds, and the answer waits for a consistent
+    view (initializing a second token with the same label would break every later opening)."""
+    deadline = time.monotonic() + CONSISTENT_VIEW_TIMEOUT
+    while True:
+        labels = _initialized_labels(_softhsm2_util(conf, "--show-slots").stdout)
+        if label in labels:
+            return True
+        on_disk = sum(1 for d in token_dir.iterdir() if (d / "token.object").is_file())
+        if len(labels) >= on_disk:
+            return False
+        if time.monotonic() >= deadline:
+            raise SoftHSMSetupError(
+                f"{token_dir} holds {on_disk} token(s) but SoftHSM2 could read only "
+                f"{len(labels)}: check the token files"
+            )
+        time.sleep(0.1)
 
 
-def _label_line(line: str) -> str | None:
-    key, sep, value = line.strip().partition(":")
-    return value.strip() if sep and key.strip() == "Label" else None
+def _initialized_labels(show_slots: str) -> list[str]:
+    """The labels of the initialized tokens in ``softhsm2-util --show-slots`` output."""
+    labels: list[str] = []
+    initialized = False
+    for line in show_slots.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if not sep:
+            continue
+        if key.strip() == "Initialized":
+            initialized = value.strip() == "yes"
+        elif key.strip() == "Label" and initialized:
+            labels.append(value.strip())
+            initialized = False
+    return labels
 
 
 def _softhsm2_util(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -106,7 +136,7 @@ def ensure_token(data_dir: Path, label: str = DEFAULT_LABEL) -> Path:
             _write_private(conf, CONF_TEMPLATE.format(token_dir=token_dir))
         if not conf.is_file() or not os.access(conf, os.R_OK):
             raise SoftHSMSetupError(f"cannot read SoftHSM2 configuration {conf}")
-        if _token_exists(conf, label):
+        if _token_exists(conf, token_dir, label):
             if not (data_dir / "user.pin").exists():
                 raise SoftHSMSetupError(
                     f"token {label!r} exists but {data_dir / 'user.pin'} is missing"

@@ -25,10 +25,25 @@ if [ ! -f "$conf" ]; then
 fi
 export SOFTHSM2_CONF="$conf"
 
-if softhsm2-util --show-slots 2>/dev/null | grep -Eq "^[[:space:]]*Label:[[:space:]]*$label[[:space:]]*$"; then
-    echo "export SOFTHSM2_CONF=$conf"
-    exit 0
-fi
+# One set-up at a time per data directory (the same lock file as hsmkms's embedded default).
+exec 9>>"$data_dir/.init.lock"
+flock 9
+
+# SoftHSM2 leaves out a token whose files it cannot read at that moment (another process is
+# writing it): wait until it shows as many initialized tokens as the directory holds, so that
+# a busy token is never mistaken for a missing one and initialized twice.
+for _ in $(seq 300); do
+    slots=$(softhsm2-util --show-slots 2>/dev/null)
+    if grep -Eq "^[[:space:]]*Label:[[:space:]]*$label[[:space:]]*$" <<<"$slots"; then
+        echo "export SOFTHSM2_CONF=$conf"
+        exit 0
+    fi
+    shown=$(grep -Ec "^[[:space:]]*Initialized:[[:space:]]*yes" <<<"$slots" || true)
+    on_disk=$(find "$data_dir/tokens" -mindepth 2 -maxdepth 2 -name token.object | wc -l)
+    [ "$shown" -ge "$on_disk" ] && break
+    sleep 0.1
+done
+[ "$shown" -ge "$on_disk" ] || { echo "init-token: $data_dir/tokens holds $on_disk token(s) but SoftHSM2 could read only $shown" >&2; exit 1; }
 
 for f in user.pin so.pin; do
     if [ ! -s "$data_dir/$f" ]; then

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import token_config
+from hsmkms import softhsm
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.softhsm import SoftHSMSetupError, ensure_token
 
@@ -66,3 +68,55 @@ def test_embedded_default_refuses_a_token_without_its_pin_file(tmp_path: Path) -
     os.remove(tmp_path / "user.pin")
     with pytest.raises(SoftHSMSetupError, match=r"user\.pin is missing"):
         ensure_token(tmp_path)
+
+
+def _unreadable_for_a_moment(data_dir: Path, seconds: float) -> threading.Timer:
+    """Make the token's main file unreadable to SoftHSM2 — as it is to a process reading it
+    while another one rewrites it — and restore it after ``seconds``."""
+    (token_object,) = (data_dir / "tokens").glob("*/token.object")
+    original = token_object.read_bytes()
+    token_object.write_bytes(b"\0" * 7)
+    shown = subprocess.run(
+        ["softhsm2-util", "--show-slots"],
+        env={**os.environ, "SOFTHSM2_CONF": str(data_dir / "softhsm2.conf")},
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "Initialized:      yes" not in shown  # SoftHSM2 now shows no initialized token
+    timer = threading.Timer(seconds, token_object.write_bytes, (original,))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("how", ["embedded", "script"])
+def test_a_token_busy_in_another_process_is_not_initialized_twice(tmp_path: Path, how: str) -> None:
+    # Seen in CI: six `hsmkms credentials create` at once; one saw no token while another
+    # wrote it, initialized a second "hsmkms" token, and every later opening failed.
+    ensure_token(tmp_path)
+    files = _token_files(tmp_path)
+    timer = _unreadable_for_a_moment(tmp_path, 0.3)
+    if how == "embedded":
+        ensure_token(tmp_path)
+    else:
+        _init(tmp_path)
+    timer.join()
+    assert _token_files(tmp_path) == files
+    ks = Pkcs11Keystore(token_config(tmp_path, "hsmkms"))
+    try:
+        assert ks.info().label == "hsmkms"
+    finally:
+        ks.close()
+
+
+def test_a_token_that_stays_unreadable_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ensure_token(tmp_path)
+    files = _token_files(tmp_path)
+    monkeypatch.setattr(softhsm, "CONSISTENT_VIEW_TIMEOUT", 0.2)
+    timer = _unreadable_for_a_moment(tmp_path, 0.5)
+    with pytest.raises(
+        SoftHSMSetupError, match=r"holds 1 token\(s\) but SoftHSM2 could read only 0"
+    ):
+        ensure_token(tmp_path)
+    timer.join()
+    assert _token_files(tmp_path) == files
