@@ -263,11 +263,6 @@ class KmsApp:
         await send({"type": "http.response.start", "status": status, "headers": all_headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _error(self, send: Send, exc: BaseException, request_id: str) -> str:
-        status, body = protocol.encode_error(exc)
-        await self._respond(send, status, body, request_id)
-        return exc.code if isinstance(exc, KMSError) else "KMSInternalException"
-
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_body:
@@ -363,11 +358,14 @@ class KmsApp:
                 log.exception("audit_failed", operation=operation, request_id=request_id)
             failure = exc
         if failure is None:
-            await self._respond(send, 200, payload, request_id)
-            code = "OK"
+            status, answer, code = 200, payload, "OK"
         else:
-            code = await self._error(send, failure, request_id)
+            status, answer = protocol.encode_error(failure)
+            code = failure.code if isinstance(failure, KMSError) else "KMSInternalException"
+        # Counted before the answer leaves, so a client that reads /metrics right after its
+        # request (from either worker) finds it counted.
         observe_request(operation, code, time.perf_counter() - start)
+        await self._respond(send, status, answer, request_id)
 
     def _record(
         self,
