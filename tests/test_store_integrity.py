@@ -1,6 +1,6 @@
 """The database is not trusted: rows that decide security carry a token HMAC, and an edit made
 directly in the SQLite file is refused (fail closed); ``hsmkms doctor``'s report of it is tested in
-tests/test_cli_doctor.py.
+tests/test_cli_doctor.py, aliases and tags through boto3 in tests/test_store_integrity_api.py.
 
 Real parts: the session SoftHSM2 token, a real SQLite file, edits with the ``sqlite3`` module.
 """
@@ -110,6 +110,23 @@ class Env:
     def decrypt(self, blob: bytes) -> bytes:
         return self.service.decrypt(m.DecryptRequest(CiphertextBlob=blob)).Plaintext
 
+    def alias(self, name: str, key_id: str) -> None:
+        self.service.create_alias(m.CreateAliasRequest(AliasName=name, TargetKeyId=key_id))
+
+    def tag(self, key_id: str, **tags: str) -> None:
+        request = m.TagResourceRequest(
+            KeyId=key_id, Tags=[m.Tag(TagKey=k, TagValue=v) for k, v in tags.items()]
+        )
+        self.service.tag_resource(request)
+
+    def tags(self, key_id: str) -> dict[str, str]:
+        response = self.service.list_resource_tags(m.ListResourceTagsRequest(KeyId=key_id))
+        return {t.TagKey: t.TagValue for t in response.Tags}
+
+    def aliases(self, key_id: str | None = None) -> dict[str, str | None]:
+        response = self.service.list_aliases(m.ListAliasesRequest(KeyId=key_id))
+        return {a.AliasName: a.TargetKeyId for a in response.Aliases}
+
 
 @pytest.fixture
 def env(keystore: Pkcs11Keystore, tmp_path: Path) -> Iterator[Env]:
@@ -150,7 +167,7 @@ def _grant(key_id: str, grantee: str, n: int = 1) -> GrantRecord:
 
 def test_every_column_but_mac_is_covered() -> None:
     """A column added to a sealed table must be added to the (versioned) format on purpose."""
-    for table in (schema.keys, schema.key_versions, schema.grants):
+    for table in (schema.keys, schema.key_versions, schema.grants, schema.aliases, schema.tags):
         assert SEALED_COLUMNS[table.name] == tuple(c.name for c in table.columns if c.name != "mac")
 
 
@@ -168,11 +185,13 @@ def test_canonical_bytes_bind_the_table_and_are_unambiguous() -> None:
 
 
 def test_every_sealed_row_gets_a_mac_and_an_untouched_database_is_clean(env: Env) -> None:
-    key_id = env.key(Description="d")
+    key_id = env.key(Description="d", Tags=[m.Tag(TagKey="at-create", TagValue="1")])
     env.service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key_id))
     assert env.store is not None
     env.store.create_grant(_grant(key_id, ALICE))
-    for table in ("keys", "key_versions", "grants"):
+    env.alias("alias/one", key_id)
+    env.tag(key_id, Project="p")
+    for table in ("keys", "key_versions", "grants", "aliases", "tags"):
         macs = env.fetch(f"SELECT mac FROM {table}")  # noqa: S608
         assert macs
         assert all(isinstance(mac, bytes) and len(mac) == 32 for (mac,) in macs)
@@ -233,6 +252,8 @@ def test_upgrade_from_a_database_without_mac_columns(
     plain = MetadataStore.open_sqlite(path)
     service = KmsService(keystore, plain, region=REGION, account_id=ACCOUNT)
     key_id = service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+    plain.create_alias("alias/old", key_id, T0)
+    plain.put_tags(key_id, {"old": "yes"})
     plain.close()
     conn = sqlite3.connect(path, isolation_level=None)
     for statement in (
@@ -240,6 +261,8 @@ def test_upgrade_from_a_database_without_mac_columns(
         "DROP TABLE store_settings",
         "ALTER TABLE keys DROP COLUMN mac",
         "ALTER TABLE key_versions DROP COLUMN mac",
+        "ALTER TABLE aliases DROP COLUMN mac",
+        "ALTER TABLE tags DROP COLUMN mac",
         "DELETE FROM schema_migrations WHERE version > 1",
     ):
         conn.execute(statement)
@@ -257,6 +280,8 @@ def test_upgrade_from_a_database_without_mac_columns(
         found = store.get_key_and_version(key_id)
         assert found is not None
         assert found[1] is not None
+        assert store.resolve_alias("alias/old") == found[0]
+        assert store.list_tags(key_id, 10).items == [("old", "yes")]
     finally:
         store.close()
 
@@ -284,6 +309,10 @@ def test_a_store_without_sealer_refuses_to_write_sealed_rows(env: Env) -> None:
     try:
         with pytest.raises(KMSInternalException, match="sealed"):
             plain.set_description(key_id, "unsealed")
+        with pytest.raises(KMSInternalException, match="sealed"):
+            plain.create_alias("alias/unsealed", key_id, T0)
+        with pytest.raises(KMSInternalException, match="sealed"):
+            plain.put_tags(key_id, {"unsealed": "1"})
         assert plain.get_key(key_id) is not None  # reads work, unchecked
     finally:
         plain.close()
@@ -459,3 +488,193 @@ def test_a_tampered_key_does_not_stop_the_rotation_of_the_others(env: Env) -> No
     env.sql("UPDATE keys SET description = 'edited' WHERE id = ?", bad)
     env.clock.advance(dt.timedelta(days=91))
     assert env.service.rotate_due() == [good]
+
+
+# -- aliases and tags -------------------------------------------------------------------------
+
+
+def test_an_alias_repointed_in_the_database_is_refused(env: Env) -> None:
+    """alias/prod pointed by hand at a key the attacker controls: every use of the alias fails
+    closed, naming the alias and not the key id written into the row."""
+    prod, attacker = env.key(), env.key()
+    env.alias("alias/prod", prod)
+    blob = env.encrypt("alias/prod")
+    assert env.sql("UPDATE aliases SET key_id = ? WHERE name = 'alias/prod'", attacker) == 1
+    error = _refused(lambda: env.encrypt("alias/prod"), "alias/prod")
+    assert attacker not in error.message
+    assert env.store is not None
+    _refused(lambda: env.store.get_alias("alias/prod"), "alias/prod")  # type: ignore[union-attr]
+    _refused(lambda: env.store.resolve_alias("alias/prod"), "alias/prod")  # type: ignore[union-attr]
+    _refused(lambda: env.aliases(), "alias/prod")  # ListAliases: the page fails, like ListGrants
+    _refused(lambda: env.aliases(attacker), "alias/prod")
+    _refused(lambda: env.store.aliases_of(attacker), "alias/prod")  # type: ignore[union-attr]
+    # A write never re-seals the tampered row.
+    _refused(
+        lambda: env.service.update_alias(
+            m.UpdateAliasRequest(AliasName="alias/prod", TargetKeyId=attacker)
+        ),
+        "alias/prod",
+    )
+    with pytest.raises(KeyIntegrityError):
+        env.store.update_alias("alias/prod", attacker, T0)
+    (problem,) = env.store.integrity_problems()
+    assert (problem.table, problem.key_id) == ("aliases", attacker)
+    assert problem.detail == "alias alias/prod: MAC does not match the row"
+    # The key itself, by id, is untouched; restored by hand, the alias works again.
+    assert env.decrypt(env.encrypt(prod)) == b"secret"
+    env.sql("UPDATE aliases SET key_id = ? WHERE name = 'alias/prod'", prod)
+    assert env.decrypt(env.encrypt("alias/prod")) == b"secret"
+    assert env.decrypt(blob) == b"secret"
+    assert env.store.integrity_problems() == []
+
+
+def test_an_alias_inserted_in_the_database_is_refused(env: Env) -> None:
+    """Neither a new row without a MAC nor a copy of another alias's row (with its valid MAC)
+    resolves."""
+    prod, attacker = env.key(), env.key()
+    env.alias("alias/prod", prod)
+    env.sql(
+        "INSERT INTO aliases SELECT 'alias/copied', ?, created_at, updated_at, mac FROM aliases",
+        attacker,
+    )
+    env.sql(
+        "INSERT INTO aliases (name, key_id, created_at, updated_at) "
+        "VALUES ('alias/new', ?, '2026-03-01 09:00:00.000000', '2026-03-01 09:00:00.000000')",
+        attacker,
+    )
+    _refused(lambda: env.encrypt("alias/copied"), "alias/copied")
+    _refused(lambda: env.encrypt("alias/new"), "alias/new")
+    assert env.store is not None
+    problems = {(p.table, p.key_id, p.detail) for p in env.store.integrity_problems()}
+    assert problems == {
+        ("aliases", attacker, "alias alias/copied: MAC does not match the row"),
+        ("aliases", attacker, "alias alias/new: MAC missing"),
+    }
+    assert env.decrypt(env.encrypt("alias/prod")) == b"secret"
+
+
+def test_a_bad_alias_name_is_not_echoed(env: Env) -> None:
+    """A row whose name is not an alias name is reported as unreadable, never printed."""
+    key_id = env.key()
+    env.sql(
+        "INSERT INTO aliases (name, key_id, created_at, updated_at) "
+        "VALUES ('alias/x\x1b[2J', ?, '2026-03-01 09:00:00.000000', '2026-03-01 09:00:00.000000')",
+        key_id,
+    )
+    _refused(lambda: env.aliases(), "(unreadable alias)")
+    assert env.store is not None
+    (problem,) = env.store.integrity_problems()
+    assert problem.detail == "alias (unreadable alias): MAC missing"
+
+
+def test_a_tag_edited_in_the_database_is_refused(env: Env) -> None:
+    """Tags will decide aws:ResourceTag conditions: an edited, moved or inserted tag row makes
+    reading the key's tags fail closed."""
+    a, b = env.key(), env.key()
+    env.tag(a, Project="alpha", Team="blue")
+    assert env.sql("UPDATE tags SET tag_value = 'owned' WHERE key_id = ? AND tag_key = 'Team'",
+                   a) == 1  # fmt: skip
+    error = _refused(lambda: env.tags(a), a)
+    assert "owned" not in error.message
+    assert env.store is not None
+    _refused(lambda: env.store.list_tags(a, 50), a)  # type: ignore[union-attr]
+    (problem,) = env.store.integrity_problems()
+    assert (problem.table, problem.key_id, problem.detail) == (
+        "tags",
+        a,
+        "tag Team: MAC does not match the row",
+    )
+    assert "owned" not in repr(problem)
+    # Overwriting the tag through the API re-seals the whole row: nothing of the edit is kept.
+    env.tag(a, Team="blue")
+    assert env.tags(a) == {"Project": "alpha", "Team": "blue"}
+
+    env.sql("UPDATE tags SET key_id = ? WHERE key_id = ? AND tag_key = 'Project'", b, a)
+    _refused(lambda: env.tags(b), b)
+    env.sql("INSERT INTO tags (key_id, tag_key, tag_value) VALUES (?, 'Env', 'prod')", a)
+    _refused(lambda: env.tags(a), a)
+    problems = {(p.table, p.key_id, p.detail) for p in env.store.integrity_problems()}
+    assert problems == {
+        ("tags", b, "tag Project: MAC does not match the row"),
+        ("tags", a, "tag Env: MAC missing"),
+    }
+
+
+def test_alias_and_tag_operations_seal_what_they_write(env: Env) -> None:
+    """The ordinary operations keep working and leave a database without problems; resolving
+    an alias again costs no token call."""
+    a = env.key(Tags=[m.Tag(TagKey="made", TagValue="at-create")])
+    b = env.key()
+    env.alias("alias/app", a)
+    env.alias("alias/other", a)
+    env.tag(a, Project="alpha")
+    env.tag(a, Project="beta")  # overwrite
+    env.service.untag_resource(m.UntagResourceRequest(KeyId=a, TagKeys=["made"]))
+    assert env.tags(a) == {"Project": "beta"}
+    env.service.update_alias(m.UpdateAliasRequest(AliasName="alias/app", TargetKeyId=b))
+    assert env.aliases() == {"alias/app": b, "alias/other": a}
+    assert env.aliases(a) == {"alias/other": a}
+    env.service.delete_alias(m.DeleteAliasRequest(AliasName="alias/other"))
+    assert env.store is not None
+    assert [x.name for x in env.store.aliases_of(b)] == ["alias/app"]
+    resolved = env.store.resolve_alias("alias/app")
+    assert resolved is not None
+    assert resolved.key_id == b
+    assert env.store.resolve_alias("alias/other") is None
+    assert env.store.integrity_problems() == []
+
+    env.encrypt("alias/app")
+    before = env.sealer.verifies
+    for _ in range(5):
+        env.encrypt("alias/app")
+        env.store.resolve_alias("alias/app")
+        env.tag(b, Round="again")  # a commit: empties the read cache
+        env.tags(b)
+    assert env.sealer.verifies == before
+
+
+def test_a_database_sealed_before_aliases_and_tags_adopts_them_once(env: Env) -> None:
+    """A database from before migration 4 (keys sealed, aliases and tags without a mac column)
+    is migrated by an open without a sealer (the server's parent), and its alias and tag rows
+    are adopted by the first open with one; after that a NULL MAC is tampering."""
+    key_id = env.key()
+    env.alias("alias/legacy", key_id)
+    env.tag(key_id, Project="old")
+    assert env.store is not None
+    env.store.close()
+    env.store = None
+    for statement in (
+        "ALTER TABLE aliases DROP COLUMN mac",
+        "ALTER TABLE tags DROP COLUMN mac",
+        "DELETE FROM schema_migrations WHERE version = 4",
+        "DELETE FROM store_settings WHERE name = 'sealed_tables'",
+    ):
+        env.sql(statement)
+
+    parent = MetadataStore.open_sqlite(env.path)  # migrates, seals nothing
+    parent.close()
+    assert env.fetch("SELECT mac FROM aliases") == [(None,)]
+    assert env.fetch("SELECT mac FROM tags") == [(None,)]
+
+    env.open()
+    assert env.store is not None
+    assert env.sealer.seals == 2  # the alias and the tag; the sealed tables are not re-sealed
+    assert env.store.integrity_problems() == []
+    assert env.decrypt(env.encrypt("alias/legacy")) == b"secret"
+    assert env.tags(key_id) == {"Project": "old"}
+    (record,) = env.fetch("SELECT value FROM store_settings WHERE name = 'sealed_tables'")
+    assert record == ("aliases,grants,key_versions,keys,tags",)
+
+    env.sql("UPDATE aliases SET mac = NULL")
+    env.open()
+    assert env.sealer.seals == 0
+    _refused(lambda: env.encrypt("alias/legacy"), "alias/legacy")
+
+
+def test_removing_the_adoption_record_is_refused_at_open(env: Env) -> None:
+    """Without the record the sealed alias rows would look like a database to adopt."""
+    key_id = env.key()
+    env.alias("alias/prod", key_id)
+    env.sql("DELETE FROM store_settings WHERE name = 'sealed_tables'")
+    with pytest.raises(KMSInternalException, match="sealed aliases rows but does not record"):
+        env.open()

@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="check the PKCS#11 module, token, login and a self-test",
         description="Print the module, token, mechanisms and chosen profile; check login; run "
         "an encrypt/decrypt self-test with temporary session keys; check the integrity MAC of "
-        "every key, key version and grant row in the database. On the embedded default, "
-        "create the data directory and token when missing.",
+        "every key, key version, grant, alias and tag row in the database. On the embedded "
+        "default, create the data directory and token when missing.",
     )
     add_data_dir(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,6 +1,7 @@
 """Integrity tags on the metadata rows that decide security: the database is not trusted.
 
-Every ``keys``, ``key_versions`` and ``grants`` row carries ``mac``: HMAC-SHA-256, computed
+Every ``keys``, ``key_versions``, ``grants``, ``aliases`` and ``tags`` row carries ``mac``:
+HMAC-SHA-256, computed
 inside the token with a dedicated non-extractable key (label ``hsmkms:metadata-integrity``),
 over the row's canonical bytes::
 
@@ -14,8 +15,11 @@ over the row's canonical bytes::
     value datetime    = b"T" || "YYYY-MM-DDTHH:MM:SS.ffffffZ" (UTC)
 
 The table name and every column (the primary key among them) are inside, so a row edited,
-copied to another key, or moved to another table fails its check. The column lists are part of
-the format: a column added to a sealed table later needs a new format version and a re-seal.
+copied to another key (an alias repointed, a tag moved), or moved to another table fails its
+check. The column lists are part of the format: a column added to a sealed table later needs a
+new format version and a re-seal. A table added to :data:`SEALED_COLUMNS` later leaves every
+existing row's bytes unchanged, but its own existing rows have no MAC: the store adopts them
+once (``aliases`` and ``tags`` joined this way, with migration 4).
 
 :class:`RowSealer` is the seam the store sees (the store never imports ``pkcs11``);
 :class:`TokenRowSealer` is the implementation over a :class:`~hsmkms.keystore.base.Keystore`.
@@ -43,7 +47,9 @@ __all__ = [
     "RowVerifier",
     "TokenRowSealer",
     "canonical_row",
+    "safe_alias_name",
     "safe_key_id",
+    "safe_tag_key",
 ]
 
 INTEGRITY_KEY_NAME: Final = "metadata-integrity"
@@ -61,10 +67,14 @@ SEALED_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
         "id", "key_id", "name", "grantee_principal", "retiring_principal", "operations",
         "constraints", "issuing_account", "created_at",
     ),
+    "aliases": ("name", "key_id", "created_at", "updated_at"),
+    "tags": ("key_id", "tag_key", "tag_value"),
 }  # fmt: skip
 """Per sealed table, the columns a MAC covers, in order: every column but ``mac``."""
 
 _SAFE_KEY_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+_SAFE_ALIAS_NAME = re.compile(r"alias/[A-Za-z0-9:/_-]{1,250}")
+_SAFE_TAG_KEY = re.compile(r"[A-Za-z0-9 _.:/=+@-]{1,128}")
 
 
 class RowSealer(Protocol):
@@ -180,10 +190,28 @@ def safe_key_id(key_id: Any) -> str:
     return "(unreadable id)"
 
 
+def safe_alias_name(name: Any) -> str:
+    """An (untrusted) row's alias ``name`` for a message, or ``"(unreadable alias)"`` when it is
+    not a valid alias name."""
+    if isinstance(name, str) and _SAFE_ALIAS_NAME.fullmatch(name):
+        return name
+    return "(unreadable alias)"
+
+
+def safe_tag_key(tag_key: Any) -> str:
+    """An (untrusted) row's ``tag_key`` for a message, or ``"(unreadable tag key)"`` when it
+    holds anything but letters, digits and ``_.:/=+@-`` or spaces (no control characters reach a
+    terminal or a log)."""
+    if isinstance(tag_key, str) and _SAFE_TAG_KEY.fullmatch(tag_key):
+        return tag_key
+    return "(unreadable tag key)"
+
+
 @dataclasses.dataclass(frozen=True)
 class IntegrityProblem:
-    """One row that failed its integrity check. ``detail`` names the row (version number,
-    grant id) and what is wrong, never the row's content."""
+    """One row that failed its integrity check. ``key_id`` is the key the row names; ``detail``
+    names the row (version number, grant id, alias name, tag key) and what is wrong, never the
+    row's other content."""
 
     table: str
     key_id: str

@@ -10,10 +10,10 @@ The store holds no secret and makes no policy decision: the service passes limit
 preconditions in, and maps the store's own exceptions to AWS errors.
 
 The database is not trusted: with a :class:`~hsmkms.store.integrity.RowSealer` (the service
-always passes one), every write to a ``keys``, ``key_versions`` or ``grants`` row recomputes the
-row's token MAC in the same transaction, and every read the service decides on verifies it,
-raising :class:`~hsmkms.errors.KeyIntegrityError` (fail closed). Without a sealer (tests of the
-store alone) MACs are neither written nor checked.
+always passes one), every write to a ``keys``, ``key_versions``, ``grants``, ``aliases`` or
+``tags`` row recomputes the row's token MAC in the same transaction, and every read the service
+decides on verifies it, raising :class:`~hsmkms.errors.KeyIntegrityError` (fail closed). Without a
+sealer (tests of the store alone) MACs are neither written nor checked.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ from hsmkms.store.integrity import (
     IntegrityProblem,
     RowSealer,
     RowVerifier,
+    safe_alias_name,
     safe_key_id,
+    safe_tag_key,
 )
 from hsmkms.store.migrations import MIGRATIONS, applied_versions, run_migrations
 from hsmkms.store.records import (
@@ -269,7 +271,11 @@ _G = schema.grants
 _S = schema.store_settings
 _MISSING: Any = object()
 _INTEGRITY_KEY = "integrity_key"
-_SEALED_TABLES = (_K, _V, _G)
+_SEALED_TABLES = (_K, _V, _G, _A, _T)
+# store_settings: the sealed tables whose rows were adopted, sorted and joined by ",". Missing
+# beside an integrity key: a database sealed before migration 4, which adopted these.
+_ADOPTED = "sealed_tables"
+_ADOPTED_BEFORE_ALIASES = frozenset({"keys", "key_versions", "grants"})
 # get_key_and_version's version columns, labelled apart from the key's.
 _V_LABELS = {
     "version": "v_version",
@@ -290,8 +296,16 @@ def _pk_clause(table: Table, pk: tuple[Any, ...]) -> ColumnElement[bool]:
 
 
 def _owner(table: Table, m: Mapping[Any, Any]) -> Any:
-    """The key a sealed row belongs to."""
+    """The key a sealed row belongs to (for an alias: the key it points at)."""
     return m["id"] if table is _K else m["key_id"]
+
+
+def _subject(table: Table, m: Mapping[Any, Any]) -> str:
+    """What a failed check's error names: the alias for an alias row (whose key id is the
+    suspect column), else the row's key. Never other row content."""
+    if table is _A:
+        return safe_alias_name(m["name"])
+    return safe_key_id(_owner(table, m))
 
 
 def _describe(table: Table, m: Mapping[Any, Any], problem: str) -> str:
@@ -300,6 +314,10 @@ def _describe(table: Table, m: Mapping[Any, Any], problem: str) -> str:
         return f"version {version if isinstance(version, int) else '?'}: {problem}"
     if table is _G:
         return f"grant {safe_key_id(m['id'])}: {problem}"
+    if table is _A:
+        return f"alias {safe_alias_name(m['name'])}: {problem}"
+    if table is _T:
+        return f"tag {safe_tag_key(m['tag_key'])}: {problem}"
     return problem
 
 
@@ -490,30 +508,55 @@ class MetadataStore:
     # -- integrity ------------------------------------------------------------------------------
 
     def _start_integrity(self, conn: Connection, verifier: RowVerifier) -> None:
-        """At open, in the migration's transaction: use the stored integrity key, or create it
-        and adopt the database as it is (the only time rows without a MAC are sealed)."""
-        reference = conn.execute(select(_S.c.value).where(_S.c.name == _INTEGRITY_KEY)).scalar()
-        if reference is not None:
-            verifier.sealer.use_key(reference)
+        """At open, in the migration's transaction: use the stored integrity key, or create it;
+        then adopt every sealed table not adopted before — seal its rows as they are, the only
+        time rows without a MAC are sealed. A database without a key is adopted whole; one
+        sealed before migration 4 has its ``aliases`` and ``tags`` adopted. ``store_settings``
+        records the adopted tables, so each is adopted once: after that a ``NULL`` MAC is
+        tampering."""
+        settings: dict[str, str] = dict(conn.execute(select(_S.c.name, _S.c.value)).all())
+        reference = settings.get(_INTEGRITY_KEY)
+        if reference is None:
+            adopted_before: frozenset[str] = frozenset()
+        elif _ADOPTED in settings:
+            adopted_before = frozenset(settings[_ADOPTED].split(","))
+        else:
+            adopted_before = _ADOPTED_BEFORE_ALIASES
+        pending = [t for t in _SEALED_TABLES if t.name not in adopted_before]
+        if not pending:
+            verifier.sealer.use_key(cast(str, reference))
             return
-        for table in _SEALED_TABLES:
+        for table in pending:
             if conn.execute(select(table.c.mac).where(table.c.mac.is_not(None)).limit(1)).first():
-                # Sealed rows but no key reference: it was removed. Re-sealing would bless
-                # whatever the database now holds.
+                # Sealed rows in a table never adopted: the key reference or the record of
+                # adopted tables was removed. Re-sealing would bless whatever the table holds.
                 raise KMSInternalException(
                     "The metadata store has sealed rows but no integrity key reference (removed "
                     "from store_settings?); restore it or the database (docs/metadata-store.md)."
+                    if reference is None
+                    else f"The metadata store has sealed {table.name} rows but does not record "
+                    "adopting them (store_settings changed?); restore the database "
+                    "(docs/metadata-store.md)."
                 )
-        conn.execute(_S.insert().values(name=_INTEGRITY_KEY, value=verifier.sealer.create_key()))
+        if reference is None:
+            reference = verifier.sealer.create_key()
+            conn.execute(_S.insert().values(name=_INTEGRITY_KEY, value=reference))
+        else:
+            verifier.sealer.use_key(reference)
         adopted = 0
-        for table in _SEALED_TABLES:
+        for table in pending:
             for row in conn.execute(select(table)).all():
                 pk = _pk(table, row._mapping)
                 tag = verifier.seal(table.name, pk, row._mapping)
                 conn.execute(update(table).where(_pk_clause(table, pk)).values(mac=tag))
                 adopted += 1
+        record = ",".join(sorted(adopted_before | {t.name for t in pending}))
+        if _ADOPTED in settings:
+            conn.execute(update(_S).where(_S.c.name == _ADOPTED).values(value=record))
+        else:
+            conn.execute(_S.insert().values(name=_ADOPTED, value=record))
         if adopted:
-            log.warning("metadata_rows_adopted", rows=adopted)
+            log.warning("metadata_rows_adopted", rows=adopted, tables=[t.name for t in pending])
 
     def _verify(self, table: Table, m: Mapping[Any, Any]) -> None:
         """Raise :class:`KeyIntegrityError` unless the row's MAC is right (no-op without a
@@ -522,9 +565,10 @@ class MetadataStore:
             return
         problem = self._verifier.verify(table.name, _pk(table, m), m, m["mac"])
         if problem is not None:
-            key_id = safe_key_id(_owner(table, m))
-            log.error("metadata_integrity_failed", table=table.name, key_id=key_id, problem=problem)
-            raise KeyIntegrityError(key_id)
+            subject = _subject(table, m)
+            names = {"alias" if table is _A else "key_id": subject}
+            log.error("metadata_integrity_failed", table=table.name, problem=problem, **names)
+            raise KeyIntegrityError(subject)
 
     def _reseal(self, conn: Connection, table: Table, pk: tuple[Any, ...]) -> None:
         """Recompute a row's MAC after a write, in the write's transaction."""
@@ -532,7 +576,7 @@ class MetadataStore:
             if conn.execute(select(_S.c.name).where(_S.c.name == _INTEGRITY_KEY)).first():
                 raise KMSInternalException(
                     "The metadata store's rows are sealed: open it with the keystore's sealer "
-                    "to change keys, versions or grants."
+                    "to change keys, versions, grants, aliases or tags."
                 )
             return
         row = conn.execute(select(table).where(_pk_clause(table, pk))).one()
@@ -540,8 +584,9 @@ class MetadataStore:
         conn.execute(update(table).where(_pk_clause(table, pk)).values(mac=tag))
 
     def integrity_problems(self) -> list[IntegrityProblem]:
-        """Check the MAC of every ``keys``, ``key_versions`` and ``grants`` row (``hsmkms
-        doctor``). Empty when every row is intact, or when the store has no sealer."""
+        """Check the MAC of every ``keys``, ``key_versions``, ``grants``, ``aliases`` and
+        ``tags`` row (``hsmkms doctor``). Empty when every row is intact, or when the store has
+        no sealer."""
         if self._verifier is None:
             return []
         with self._read() as conn:
@@ -591,6 +636,8 @@ class MetadataStore:
                     _T.insert(),
                     [{"key_id": key.key_id, "tag_key": k, "tag_value": v} for k, v in tags.items()],
                 )
+                for tag_key in tags:
+                    self._reseal(conn, _T, (key.key_id, tag_key))
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         """The key, or ``None`` when there is no such row (a key being purged is returned)."""
@@ -900,11 +947,14 @@ class MetadataStore:
                 )
             except IntegrityError as exc:  # lost a race on PostgreSQL
                 raise DuplicateAlias(name) from exc
+            self._reseal(conn, _A, (name,))
 
     def update_alias(
         self, name: str, key_id: str, now: dt.datetime, *, max_per_key: int | None = None
     ) -> bool:
-        """Point an existing alias at another key. ``False`` when the alias does not exist."""
+        """Point an existing alias at another key. ``False`` when the alias does not exist.
+        The alias row is verified first: its ``created_at`` is kept, and a tampered row is
+        never re-sealed."""
         with self._write() as conn:
             self._lock_key(conn, key_id)
             if max_per_key is not None:
@@ -915,10 +965,13 @@ class MetadataStore:
                 ).scalar_one()
                 if count >= max_per_key:
                     raise LimitReached("aliases")
-            res = conn.execute(
-                update(_A).where(_A.c.name == name).values(key_id=key_id, updated_at=now)
-            )
-        return res.rowcount > 0
+            row = conn.execute(select(_A).where(_A.c.name == name).with_for_update()).first()
+            if row is None:
+                return False
+            self._verify(_A, row._mapping)
+            conn.execute(update(_A).where(_A.c.name == name).values(key_id=key_id, updated_at=now))
+            self._reseal(conn, _A, (name,))
+        return True
 
     def delete_alias(self, name: str) -> bool:
         """Delete an alias. ``False`` when it does not exist."""
@@ -927,25 +980,46 @@ class MetadataStore:
         return res.rowcount > 0
 
     def get_alias(self, name: str) -> AliasRecord | None:
-        """The alias, or ``None``."""
+        """The alias (its row verified), or ``None``.
+
+        On the path of every request that names a key by alias: a re-read of an unchanged row
+        costs no token call (the verifier remembers it)."""
         with self._read() as conn:
             row = conn.execute(select(_A).where(_A.c.name == name)).first()
-        return None if row is None else _alias_from_row(row)
+        if row is None:
+            return None
+        self._verify(_A, row._mapping)
+        return _alias_from_row(row)
 
     def resolve_alias(self, name: str) -> KeyRecord | None:
-        """The key an alias points at, in one query; ``None`` when the alias does not exist."""
-        stmt = select(_K).select_from(_A.join(_K, _K.c.id == _A.c.key_id)).where(_A.c.name == name)
+        """The key an alias points at, in one query, the alias row and the key row verified;
+        ``None`` when the alias or its key does not exist."""
+        alias_columns = [c.label(f"a_{c.name}") for c in _A.c]
+        stmt = (
+            select(_K, *alias_columns)
+            .select_from(_A.outerjoin(_K, _K.c.id == _A.c.key_id))
+            .where(_A.c.name == name)
+        )
         with self._read() as conn:
             row = conn.execute(stmt).first()
         if row is None:
             return None
-        self._verify(_K, row._mapping)
+        m = row._mapping
+        self._verify(_A, {c.name: m[f"a_{c.name}"] for c in _A.c})
+        if m["id"] is None:
+            return None
+        self._verify(_K, m)
         return _key_from_row(row)
 
     def list_aliases(
         self, limit: int, marker: str | None = None, *, key_id: str | None = None
     ) -> Page[AliasRecord]:
-        """Aliases ordered by name (only those of ``key_id`` when given)."""
+        """Aliases ordered by name (only those of ``key_id`` when given).
+
+        Every listed row is verified, like :meth:`list_grants`: one bad row fails the page with
+        :class:`KeyIntegrityError` naming the alias, rather than show callers a target key id
+        written into the database (``ListKeys`` can skip verification: it shows a key's own id
+        and ARN, and every use of the key verifies its row)."""
         kind = "aliases" if key_id is None else "aliases:" + key_id
         after = _decode_marker(kind, marker, str)
         stmt = select(_A).order_by(_A.c.name).limit(limit + 1)
@@ -955,23 +1029,29 @@ class MetadataStore:
             stmt = stmt.where(_A.c.name > after)
         with self._read() as conn:
             rows = conn.execute(stmt).all()
+        for r in rows[:limit]:
+            self._verify(_A, r._mapping)
         items = [_alias_from_row(r) for r in rows[:limit]]
         more = len(rows) > limit
         return Page(items, _encode_marker(kind, items[-1].name) if more else None)
 
     def aliases_of(self, key_id: str) -> list[AliasRecord]:
-        """Every alias of a key, by name."""
+        """Every alias of a key, by name (each row verified)."""
         stmt = select(_A).where(_A.c.key_id == key_id).order_by(_A.c.name)
         with self._read() as conn:
-            return [_alias_from_row(r) for r in conn.execute(stmt)]
+            rows = conn.execute(stmt).all()
+        for r in rows:
+            self._verify(_A, r._mapping)
+        return [_alias_from_row(r) for r in rows]
 
     # -- tags -----------------------------------------------------------------------------------
 
     def put_tags(
         self, key_id: str, tags: Mapping[str, str], *, max_tags: int | None = None
     ) -> None:
-        """Add or overwrite tags. :class:`LimitReached` when the key would hold more than
-        ``max_tags`` tags (nothing is written then)."""
+        """Add or overwrite tags, each row sealed. :class:`LimitReached` when the key would hold
+        more than ``max_tags`` tags (nothing is written then). An overwritten row is not verified
+        first: every column it keeps is its primary key, so re-sealing launders nothing."""
         with self._write() as conn:
             self._lock_key(conn, key_id)
             existing = {
@@ -990,6 +1070,7 @@ class MetadataStore:
                     conn.execute(
                         _T.insert().values(key_id=key_id, tag_key=tag_key, tag_value=tag_value)
                     )
+                self._reseal(conn, _T, (key_id, tag_key))
 
     def remove_tags(self, key_id: str, tag_keys: Sequence[str]) -> None:
         """Remove tags; keys that are not there are ignored."""
@@ -1001,15 +1082,18 @@ class MetadataStore:
     def list_tags(
         self, key_id: str, limit: int, marker: str | None = None
     ) -> Page[tuple[str, str]]:
-        """A key's tags as ``(key, value)`` ordered by key."""
+        """A key's tags as ``(key, value)`` ordered by key. Every listed row is verified: one
+        bad row fails the page with :class:`KeyIntegrityError` naming the key."""
         kind = "tags:" + key_id
         after = _decode_marker(kind, marker, str)
-        stmt = select(_T.c.tag_key, _T.c.tag_value).where(_T.c.key_id == key_id)
+        stmt = select(_T).where(_T.c.key_id == key_id)
         if after is not None:
             stmt = stmt.where(_T.c.tag_key > after)
         with self._read() as conn:
             rows = conn.execute(stmt.order_by(_T.c.tag_key).limit(limit + 1)).all()
-        items = [(str(r[0]), str(r[1])) for r in rows[:limit]]
+        for r in rows[:limit]:
+            self._verify(_T, r._mapping)
+        items = [(str(r.tag_key), str(r.tag_value)) for r in rows[:limit]]
         more = len(rows) > limit
         return Page(items, _encode_marker(kind, items[-1][0]) if more else None)
 

@@ -10,11 +10,12 @@ Tables::
     aliases          alias name -> key id
     tags             (key_id, tag_key) -> tag_value
     grants           one row per grant: key, grantee, retiring principal, operations, constraints
-    store_settings   name -> value (``integrity_key``: the token MAC key's reference)
-
-``keys``, ``key_versions`` and ``grants`` rows carry ``mac``, a token HMAC over the row
-(:mod:`hsmkms.store.integrity`).
+    store_settings   name -> value (``integrity_key``: the token MAC key's reference;
+                     ``sealed_tables``: the tables whose rows the store has adopted)
     schema_migrations  applied migrations (see :mod:`hsmkms.store.migrations`)
+
+``keys``, ``key_versions``, ``grants``, ``aliases`` and ``tags`` rows carry ``mac``, a token HMAC
+over the row (:mod:`hsmkms.store.integrity`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ aliases = Table(
     Column("key_id", String(36), ForeignKey("keys.id"), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("mac", LargeBinary, nullable=True),  # see hsmkms.store.integrity
 )
 Index("ix_aliases_key_id", aliases.c.key_id)
 
@@ -122,6 +124,7 @@ tags = Table(
     Column("key_id", String(36), ForeignKey("keys.id"), primary_key=True),
     Column("tag_key", String(128), primary_key=True),
     Column("tag_value", String(256), nullable=False),
+    Column("mac", LargeBinary, nullable=True),  # see hsmkms.store.integrity
 )
 
 grants = Table(
