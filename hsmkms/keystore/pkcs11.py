@@ -409,7 +409,9 @@ class Pkcs11Keystore:
                     keys = _generate(conn, chosen, label_base, ids, store=True)
                     break
                 except TRANSIENT_CREATE_ERRORS:
-                    # _generate destroyed what it made; try again with fresh ids.
+                    # _generate destroyed what it returned; an object the token made but whose
+                    # handle went stale before python-pkcs11 read it back is found by its id.
+                    _destroy_by_id(conn, ids)
                     if attempt == _CREATE_ATTEMPTS - 1:
                         raise
                     self._sleep(0.005 * (attempt + 1))
@@ -666,6 +668,16 @@ def _generate(
                 obj.destroy()
         raise
     return created
+
+
+def _destroy_by_id(conn: _Connection, ids: list[bytes]) -> None:
+    """Best effort: destroy every object holding one of ``ids`` (fresh random ids, so only
+    what a failed creation left behind)."""
+    for raw in ids:
+        with contextlib.suppress(p11e.PKCS11Error):
+            for obj in list(conn.session.get_objects({Attribute.ID: raw})):
+                with contextlib.suppress(p11e.PKCS11Error):
+                    obj.destroy()
 
 
 def _seal(
