@@ -11,7 +11,10 @@ process (PKCS#11 login state belongs to a process):
   ``Pkcs11Keystore.encrypt`` on the key's version;
 - the service: ``KmsService.encrypt`` (32 B, with an encryption context), ``decrypt`` of that
   ciphertext, and ``generate_data_key`` (AES_256) — request model in, response model out, with
-  validation, key resolution from the SQLite metadata store, state checks, the ciphertext blob.
+  validation, key resolution from the SQLite metadata store, state checks, the ciphertext blob;
+  ``encrypt`` also as callers whose identity policy is unconditional (decisions cached), tests
+  ``kms:EncryptionContext:<k>`` (evaluated per request, no tag query) and tests
+  ``aws:ResourceTag/<k>`` (evaluated per request, one query for the key's tags).
 
 Prints ops/s and service/raw ratios (target: >= 0.8 of raw ``C_Encrypt``).
 """
@@ -107,7 +110,11 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
         data_dir / f"bench-{os.getpid()}.db", sealer=TokenRowSealer(keystore)
     )
     service = KmsService(keystore, store, region="us-east-1", account_id="111122223333")
-    key_id = service.create_key(m.CreateKeyRequest(Description="benchmark")).KeyMetadata.KeyId
+    key_id = service.create_key(
+        m.CreateKeyRequest(
+            Description="benchmark", Tags=[m.Tag(TagKey="Project", TagValue="bench")]
+        )
+    ).KeyMetadata.KeyId
     plaintext = b"p" * 32
     blob = service.encrypt(
         m.EncryptRequest(KeyId=key_id, Plaintext=plaintext, EncryptionContext=CONTEXT)
@@ -122,14 +129,22 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
         return service.decrypt(request)
 
     key_arn = service.arns.key(key_id)
-    user_policy = json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": key_arn}
-            ],
+
+    def identity_policy(condition: dict[str, Any] | None = None) -> str:
+        statement: dict[str, Any] = {
+            "Effect": "Allow",
+            "Action": ["kms:Encrypt", "kms:Decrypt"],
+            "Resource": key_arn,
         }
+        if condition is not None:
+            statement["Condition"] = condition
+        return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+
+    user_policy = identity_policy()
+    context_policy = identity_policy(
+        {"StringEquals": {"kms:EncryptionContext:purpose": "benchmark"}}
     )
+    tag_policy = identity_policy({"StringEquals": {"aws:ResourceTag/Project": "bench"}})
 
     def encrypt_as(principal_arn: str, policy: str | None) -> Callable[[], object]:
         def run() -> object:
@@ -157,6 +172,12 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
             "encrypt_root": rate(encrypt_as("arn:aws:iam::111122223333:root", None), seconds),
             "encrypt_user": rate(
                 encrypt_as("arn:aws:iam::111122223333:user/app", user_policy), seconds
+            ),
+            "encrypt_user_context": rate(
+                encrypt_as("arn:aws:iam::111122223333:user/app", context_policy), seconds
+            ),
+            "encrypt_user_tag": rate(
+                encrypt_as("arn:aws:iam::111122223333:user/app", tag_policy), seconds
             ),
             "decrypt": rate(decrypt, seconds),
             "generate_data_key": rate(generate_data_key, seconds),
@@ -204,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         ("KmsService.encrypt", svc["encrypt"]),
         ("  authorized: account root", svc["encrypt_root"]),
         ("  authorized: user, identity policy", svc["encrypt_user"]),
+        ("  user, kms:EncryptionContext condition", svc["encrypt_user_context"]),
+        ("  user, aws:ResourceTag condition", svc["encrypt_user_tag"]),
         ("KmsService.decrypt", svc["decrypt"]),
         ("KmsService.generate_data_key (AES_256)", svc["generate_data_key"]),
     ]

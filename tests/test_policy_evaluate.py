@@ -14,6 +14,8 @@ from hsmkms.errors import MalformedPolicyDocumentException
 from hsmkms.policy import (
     KEY_RESOURCE_ACTIONS,
     LOCKOUT_MESSAGE,
+    RESOURCE_ALIASES_QUOTA,
+    UNEVALUABLE,
     AccessRequest,
     ConditionContext,
     Decision,
@@ -22,6 +24,7 @@ from hsmkms.policy import (
     PolicySource,
     access_denied_message,
     default_key_policy,
+    deferred_request_context,
     evaluate,
     evaluate_identity_access,
     evaluate_key_access,
@@ -584,6 +587,134 @@ def test_context_mapping_behaviour() -> None:
     assert object() not in a
     assert "ConditionContext" in repr(a)
     assert a != {"aws:sourceip": "1.2.3.4"}
+
+
+# -- Resource tags and aliases (ABAC) --------------------------------------------------------
+
+
+class Loads:
+    """Loaders of a key's tags and aliases that count how often they are called."""
+
+    def __init__(self, tags: dict[str, str], aliases: list[str]) -> None:
+        self.tags, self.aliases = tags, aliases
+        self.calls: list[str] = []
+
+    def load_tags(self) -> dict[str, str]:
+        self.calls.append("tags")
+        return self.tags
+
+    def load_aliases(self) -> list[str]:
+        self.calls.append("aliases")
+        return self.aliases
+
+    def context(self, **values: Any) -> ConditionContext:
+        return deferred_request_context(
+            resource_tags=self.load_tags, resource_aliases=self.load_aliases, **values
+        )
+
+
+def abac_request(context: ConditionContext, action: str = "kms:Encrypt") -> AccessRequest:
+    return AccessRequest(ALICE, ACCOUNT, action, KEY, context)
+
+
+def test_resource_tags_and_aliases_load_only_when_a_condition_reads_them() -> None:
+    """A condition on the encryption context reads neither the key's tags nor its aliases; one
+    on aws:ResourceTag/<k> loads the tags once (not the aliases); kms:ResourceAliases the
+    aliases; iterating the context loads everything."""
+    on_context = identity_policy(
+        stmt(action="kms:Encrypt", Condition={"StringEquals": {"kms:EncryptionContext:a": "b"}})
+    )
+    loads = Loads({"Project": "blue"}, ["alias/app"])
+    request_ = abac_request(loads.context(encryption_context={"a": "b"}))
+    assert evaluate(on_context, request_).outcome is ALLOW
+    assert loads.calls == []
+
+    on_tags = identity_policy(
+        stmt(action="kms:Encrypt", Condition={"StringEquals": {"aws:ResourceTag/Project": "x"}}),
+        stmt(action="kms:Encrypt", Condition={"StringEquals": {"aws:ResourceTag/Project": "blue"}}),
+        stmt(action="kms:Encrypt", Condition={"Null": {"aws:ResourceTag/Other": "false"}}),
+    )
+    request_ = abac_request(loads.context())
+    assert evaluate(on_tags, request_).outcome is ALLOW
+    assert loads.calls == ["tags"]
+
+    on_aliases = identity_policy(
+        stmt(
+            action="kms:Encrypt",
+            Condition={"ForAnyValue:StringLike": {"kms:ResourceAliases": "alias/a*"}},
+        )
+    )
+    loads.calls.clear()
+    request_ = abac_request(loads.context())
+    assert evaluate(on_aliases, request_).outcome is ALLOW
+    assert loads.calls == ["aliases"]
+
+    loads.calls.clear()
+    context = loads.context(principal_arn=ALICE)
+    assert dict(context) == {
+        "aws:principalarn": ALICE,
+        "aws:resourcetag/project": "blue",
+        "kms:resourcealiases": ("alias/app",),
+    }
+    assert sorted(loads.calls) == ["aliases", "tags"]
+
+
+def test_resource_tag_condition_keys_are_case_insensitive() -> None:
+    """aws:resourcetag/project finds the tag Project; the tag's value compares by the
+    operator (StringEquals: exactly)."""
+    policy = identity_policy(
+        stmt(action="kms:Encrypt", Condition={"StringEquals": {"aws:resourcetag/project": "blue"}})
+    )
+    assert outcome(policy, abac_request(Loads({"Project": "blue"}, []).context())) is ALLOW
+    assert outcome(policy, abac_request(Loads({"PROJECT": "blue"}, []).context())) is ALLOW
+    assert outcome(policy, abac_request(Loads({"Project": "Blue"}, []).context())) is IMPLICIT
+    assert outcome(policy, abac_request(Loads({}, []).context())) is IMPLICIT
+
+
+def test_a_failed_load_is_not_taken_for_an_absent_key() -> None:
+    """A loader that raises raises again on the next read, never leaving the key 'missing'
+    (which would make a negated Deny condition silently true or false)."""
+    calls = 0
+
+    def broken() -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("store down")
+
+    context = deferred_request_context(resource_tags=broken)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            context.get("aws:ResourceTag/Project")
+    assert calls == 2
+
+
+def test_resource_aliases_beyond_the_quota_satisfy_no_condition() -> None:
+    """spec: kms:ResourceAliases is effective only while the key is within the aliases quota:
+    beyond it every condition reading the key is false, whatever its operator."""
+    within = [f"alias/a{i}" for i in range(RESOURCE_ALIASES_QUOTA)]
+    beyond = [*within, "alias/one-too-many"]
+    assert request_context(resource_aliases=within)["kms:ResourceAliases"] == tuple(within)
+    assert request_context(resource_aliases=beyond)["kms:ResourceAliases"] is UNEVALUABLE
+    operators = [
+        {"ForAnyValue:StringEquals": {"kms:ResourceAliases": "alias/a0"}},
+        {"ForAllValues:StringLike": {"kms:ResourceAliases": "alias/*"}},
+        {"ForAnyValue:StringNotEquals": {"kms:ResourceAliases": "alias/none"}},
+        {"StringNotLikeIfExists": {"kms:ResourceAliases": "alias/none"}},
+        {"Null": {"kms:ResourceAliases": "true"}},
+        {"Null": {"kms:ResourceAliases": "false"}},
+    ]
+    for condition in operators:
+        policy = identity_policy(stmt(action="kms:Encrypt", Condition=condition))
+        assert outcome(policy, abac_request(Loads({}, beyond).context())) is IMPLICIT, condition
+        deny = identity_policy(
+            stmt(action="kms:Encrypt"), stmt("Deny", action="kms:Encrypt", Condition=condition)
+        )
+        assert outcome(deny, abac_request(Loads({}, beyond).context())) is ALLOW, condition
+    allowed = identity_policy(stmt(action="kms:Encrypt", Condition=operators[0]))
+    assert outcome(allowed, abac_request(Loads({}, within).context())) is ALLOW
+    merged = ConditionContext({"kms:ResourceAliases": UNEVALUABLE, "KMS:ResourceAliases": ["x"]})
+    assert merged["kms:resourcealiases"] is UNEVALUABLE
+    assert repr(UNEVALUABLE) == "UNEVALUABLE"
 
 
 # -- Properties -------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 
 from hsmkms import models as m
 from hsmkms.errors import (
@@ -18,7 +20,9 @@ from hsmkms.errors import (
     DryRunOperationException,
     InvalidGrantIdException,
     InvalidGrantTokenException,
+    KeyIntegrityError,
     KMSInvalidStateException,
+    LimitExceededException,
     MalformedPolicyDocumentException,
     NotFoundException,
     ValidationException,
@@ -26,7 +30,7 @@ from hsmkms.errors import (
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
-from hsmkms.store import MetadataStore
+from hsmkms.store import MetadataStore, TokenRowSealer
 from hsmkms.types import Caller
 
 pytestmark = pytest.mark.hsm
@@ -592,3 +596,277 @@ def test_describe_key_through_a_grant(service: KmsService) -> None:
     create_grant(service, key_id, caller(ROOT), Operations=["DescribeKey"])
     described = service.describe_key(m.DescribeKeyRequest(KeyId=key_id), caller(ALICE))
     assert described.KeyMetadata.KeyId == key_id
+
+
+# == the key's tags and aliases (ABAC: aws:ResourceTag/<k>, kms:ResourceAliases) ================
+
+BLUE_ONLY = {"StringEquals": {"aws:ResourceTag/Project": "blue"}}
+
+
+def tag(service: KmsService, key_id: str, who: Caller | None = None, **tags: str) -> None:
+    request = m.TagResourceRequest(
+        KeyId=key_id, Tags=[m.Tag(TagKey=k, TagValue=v) for k, v in tags.items()]
+    )
+    service.tag_resource(request, caller=who or caller(ROOT))
+
+
+def untag(service: KmsService, key_id: str, *keys: str, who: Caller | None = None) -> None:
+    request = m.UntagResourceRequest(KeyId=key_id, TagKeys=list(keys))
+    service.untag_resource(request, caller=who or caller(ROOT))
+
+
+def test_identity_policy_resource_tag_condition(service: KmsService) -> None:
+    """An identity policy allowing Encrypt only on keys tagged Project=blue: allowed on such a
+    key, denied on an untagged key and on Project=red; the next request after a TagResource or
+    UntagResource follows the new tags (no decision or read cache keeps the old ones)."""
+    blue = new_key(service, Tags=[m.Tag(TagKey="Project", TagValue="blue")])
+    untagged = new_key(service)
+    red = new_key(service, Tags=[m.Tag(TagKey="Project", TagValue="red")])
+    alice = caller(ALICE, allow("kms:Encrypt", Condition=BLUE_ONLY))
+    encrypt(service, blue, alice)
+    for key_id in (untagged, red):
+        with pytest.raises(AccessDeniedException) as info:
+            encrypt(service, key_id, alice)
+        assert info.value.message.endswith(
+            "because no identity-based policy allows the kms:Encrypt action"
+        )
+
+    tag(service, red, Project="blue")
+    encrypt(service, red, alice)
+    tag(service, blue, Project="red")
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, blue, alice)
+    tag(service, untagged, Project="blue")
+    encrypt(service, untagged, alice)
+    untag(service, untagged, "Project")
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, untagged, alice)
+
+
+def test_key_policy_resource_tag_condition_with_a_lower_case_key_name(
+    service: KmsService,
+) -> None:
+    """The same in a key policy naming alice (who has no identity policy), with the condition
+    key written aws:resourcetag/Project: condition key names are case-insensitive."""
+    statement = {
+        "Effect": "Allow",
+        "Principal": {"AWS": ALICE},
+        "Action": "kms:Encrypt",
+        "Resource": "*",
+        "Condition": {"StringEquals": {"aws:resourcetag/Project": "blue"}},
+    }
+    policy = key_policy(ROOT_ALL, statement)
+    key_id = new_key(service, policy, Tags=[m.Tag(TagKey="Project", TagValue="blue")])
+    alice = caller(ALICE)
+    encrypt(service, key_id, alice)
+    tag(service, key_id, Project="red")
+    with pytest.raises(AccessDeniedException) as info:
+        encrypt(service, key_id, alice)
+    # ROOT_ALL delegates to identity policies, and alice's allows nothing.
+    assert info.value.message.endswith(
+        "because no identity-based policy allows the kms:Encrypt action"
+    )
+    untagged = new_key(service, policy)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, untagged, alice)
+
+
+def test_a_resource_tag_deny_beats_an_allow_and_a_grant(service: KmsService) -> None:
+    """A Deny on keys tagged Classification=restricted, in the key policy or in the identity
+    policy, beats an identity policy allowing kms:* and a grant for Encrypt; the grant itself
+    knows nothing of tags."""
+    deny = {
+        "Effect": "Deny",
+        "Principal": {"AWS": "*"},
+        "Action": "kms:Encrypt",
+        "Resource": "*",
+        "Condition": {"StringEquals": {"aws:ResourceTag/Classification": "restricted"}},
+    }
+    key_id = new_key(service, key_policy(ROOT_ALL, deny))
+    alice = caller(ALICE, allow("kms:*"))
+    create_grant(service, key_id, caller(ROOT), GranteePrincipal=BOB, Operations=["Encrypt"])
+    bob = caller(BOB)
+    encrypt(service, key_id, alice)
+    encrypt(service, key_id, bob)
+    tag(service, key_id, Classification="restricted")
+    for who in (alice, bob, caller(ROOT)):
+        with pytest.raises(AccessDeniedException) as info:
+            encrypt(service, key_id, who)
+        assert info.value.message.endswith("with an explicit deny in a resource-based policy")
+
+    other = new_key(service, Tags=[m.Tag(TagKey="Classification", TagValue="restricted")])
+    identity_deny = {
+        "Effect": "Deny",
+        "Action": "kms:*",
+        "Resource": "*",
+        "Condition": {"StringEquals": {"aws:ResourceTag/Classification": "restricted"}},
+    }
+    everything = {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}
+    wary = caller(ALICE, {"Version": "2012-10-17", "Statement": [everything, identity_deny]})
+    with pytest.raises(AccessDeniedException) as info:
+        encrypt(service, other, wary)
+    assert info.value.message.endswith("with an explicit deny in an identity-based policy")
+    encrypt(service, new_key(service), wary)
+
+
+def test_tag_and_untag_resource_are_decided_on_the_tags_before_the_request(
+    service: KmsService,
+) -> None:
+    """spec: resource conditions see the key as it is: alice may change the tags of keys tagged
+    Owner=alice; retagging Owner=bob succeeds (decided on Owner=alice) and then locks her out;
+    removing Owner likewise."""
+    mine = {"StringEquals": {"aws:ResourceTag/Owner": "alice"}}
+    alice = caller(ALICE, allow(["kms:TagResource", "kms:UntagResource"], Condition=mine))
+    key_id = new_key(service, Tags=[m.Tag(TagKey="Owner", TagValue="alice")])
+    tag(service, key_id, alice, Owner="bob")
+    with pytest.raises(AccessDeniedException):
+        tag(service, key_id, alice, Owner="alice")
+    tag(service, key_id, Owner="alice")
+    untag(service, key_id, "Owner", who=alice)
+    with pytest.raises(AccessDeniedException):
+        untag(service, key_id, "Owner", who=alice)
+    # CreateKey has no resource yet: aws:ResourceTag is absent, the tags are aws:RequestTag.
+    create = caller(ALICE, allow("kms:CreateKey", Condition=mine))
+    with pytest.raises(AccessDeniedException):
+        service.create_key(
+            m.CreateKeyRequest(Tags=[m.Tag(TagKey="Owner", TagValue="alice")]), caller=create
+        )
+
+
+def test_resource_aliases_condition_follows_the_aliases(service: KmsService) -> None:
+    """ForAnyValue:StringEquals kms:ResourceAliases ["alias/app"] allows using the key through
+    its key id once the alias exists, and no longer after UpdateAlias moves the alias to
+    another key (which it then allows) or DeleteAlias removes it."""
+    root = caller(ROOT)
+    key_id, other = new_key(service), new_key(service)
+    condition = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": ["alias/app"]}}
+    alice = caller(ALICE, allow(["kms:Encrypt", "kms:DescribeKey"], Condition=condition))
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+    service.create_alias(m.CreateAliasRequest(AliasName="alias/other", TargetKeyId=key_id), root)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+    service.create_alias(m.CreateAliasRequest(AliasName="alias/app", TargetKeyId=key_id), root)
+    encrypt(service, key_id, alice)
+    encrypt(service, service.arns.key(key_id), alice)
+    service.describe_key(m.DescribeKeyRequest(KeyId=key_id), caller=alice)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, other, alice)
+
+    service.update_alias(m.UpdateAliasRequest(AliasName="alias/app", TargetKeyId=other), root)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+    encrypt(service, other, alice)
+    encrypt(service, "alias/app", alice)
+
+    service.delete_alias(m.DeleteAliasRequest(AliasName="alias/app"), root)
+    for key in (key_id, other):
+        with pytest.raises(AccessDeniedException):
+            encrypt(service, key, alice)
+
+
+def test_resource_aliases_in_a_deny_and_in_decrypt(service: KmsService) -> None:
+    """A Deny on keys whose aliases match alias/legacy-* stops Decrypt of a blob made before
+    the alias was added (the key is found from the blob, not from a KeyId)."""
+    deny = {
+        "Effect": "Deny",
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+        "Condition": {"ForAnyValue:StringLike": {"kms:ResourceAliases": "alias/legacy-*"}},
+    }
+    everything = {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}
+    alice = caller(ALICE, {"Version": "2012-10-17", "Statement": [everything, deny]})
+    key_id = new_key(service)
+    blob = encrypt(service, key_id, alice)
+    assert decrypt(service, blob, alice) == b"secret"
+    service.create_alias(
+        m.CreateAliasRequest(AliasName="alias/legacy-billing", TargetKeyId=key_id), caller(ROOT)
+    )
+    with pytest.raises(AccessDeniedException) as info:
+        decrypt(service, blob, alice)
+    assert info.value.message.endswith("with an explicit deny in an identity-based policy")
+
+
+def test_resource_aliases_beyond_the_quota_allow_nothing(service: KmsService) -> None:
+    """spec: kms:ResourceAliases is effective only for keys within the 50-aliases quota. The
+    service never lets a key exceed it; a key that does anyway (its rows written past the
+    service) is denied to principals that the condition would have allowed."""
+    key_id = new_key(service)
+    for i in range(50):
+        service.store.create_alias(f"alias/app-{i:02}", key_id, T0)
+    condition = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": "alias/app-00"}}
+    alice = caller(ALICE, allow("kms:Encrypt", Condition=condition))
+    encrypt(service, key_id, alice)
+    with pytest.raises(LimitExceededException):
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/app-50", TargetKeyId=key_id), caller(ROOT)
+        )
+    service.store.create_alias("alias/app-50", key_id, T0)
+    with pytest.raises(AccessDeniedException):
+        encrypt(service, key_id, alice)
+    encrypt(service, key_id, caller(ROOT))
+
+
+def test_conditions_on_other_keys_read_no_tags_or_aliases(service: KmsService) -> None:
+    """Cost: with a policy whose conditions test only the encryption context, an authorized
+    Encrypt runs no query on the tags or aliases tables; one testing aws:ResourceTag queries
+    the tags (once) and not the aliases."""
+    key_id = new_key(service, Tags=[m.Tag(TagKey="Project", TagValue="blue")])
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.lower())
+
+    engine = service.store.engine
+    sqlalchemy.event.listen(engine, "before_cursor_execute", record)
+    try:
+        on_context = caller(
+            ALICE,
+            allow("kms:Encrypt", Condition={"StringEquals": {"kms:EncryptionContext:a": "b"}}),
+        )
+        encrypt(service, key_id, on_context, a="b")
+        assert not [s for s in statements if "tags" in s or "aliases" in s]
+        statements.clear()
+        encrypt(service, key_id, caller(ALICE, allow("kms:Encrypt", Condition=BLUE_ONLY)))
+        assert len([s for s in statements if "from tags" in s]) == 1
+        assert not [s for s in statements if "aliases" in s]
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_the_lockout_check_of_put_key_policy_sees_the_keys_tags(service: KmsService) -> None:
+    """PutKeyPolicy's lockout check evaluates the new policy on the existing key: a policy
+    letting the root manage only keys tagged Team=ops passes on such a key, and is refused
+    on an untagged one (unless the check is bypassed)."""
+    ops_only = dict(ROOT_ALL, Condition={"StringEquals": {"aws:ResourceTag/Team": "ops"}})
+    root = caller(ROOT)
+    tagged = new_key(service, Tags=[m.Tag(TagKey="Team", TagValue="ops")])
+    request = m.PutKeyPolicyRequest(KeyId=tagged, Policy=key_policy(ops_only))
+    service.put_key_policy(request, caller=root)
+    service.describe_key(m.DescribeKeyRequest(KeyId=tagged), caller=root)
+    untagged = new_key(service)
+    with pytest.raises(MalformedPolicyDocumentException):
+        service.put_key_policy(
+            m.PutKeyPolicyRequest(KeyId=untagged, Policy=key_policy(ops_only)), caller=root
+        )
+
+
+def test_an_edited_tag_row_fails_a_tag_condition_closed(
+    keystore: Pkcs11Keystore, tmp_path: Path
+) -> None:
+    """With rows sealed by the token (as served), a tag value edited in the database neither
+    grants nor denies through aws:ResourceTag: the request that reads it fails with
+    KeyIntegrityError. A policy that never reads the tags does not touch them."""
+    path = tmp_path / "sealed.db"
+    store = MetadataStore.open_sqlite(path, sealer=TokenRowSealer(keystore))
+    try:
+        service = KmsService(keystore, store, region=REGION, account_id=ACCOUNT)
+        key_id = new_key(service, Tags=[m.Tag(TagKey="Project", TagValue="red")])
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE tags SET tag_value = 'blue' WHERE key_id = ?", (key_id,))
+        with pytest.raises(KeyIntegrityError):
+            encrypt(service, key_id, caller(ALICE, allow("kms:Encrypt", Condition=BLUE_ONLY)))
+        on_context = {"StringEquals": {"kms:EncryptionContext:a": "b"}}
+        encrypt(service, key_id, caller(ALICE, allow("kms:Encrypt", Condition=on_context)), a="b")
+    finally:
+        store.close()

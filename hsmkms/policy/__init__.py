@@ -12,6 +12,8 @@ from __future__ import annotations
 from hsmkms.policy.actions import ACCOUNT_ACTIONS, KEY_RESOURCE_ACTIONS
 from hsmkms.policy.conditions import BASE_OPERATORS, ConditionClause, SetQualifier
 from hsmkms.policy.context import (
+    RESOURCE_ALIASES_QUOTA,
+    UNEVALUABLE,
     ConditionContext,
     ContextInput,
     ContextValue,
@@ -60,7 +62,9 @@ __all__ = [
     "KEY_RESOURCE_ACTIONS",
     "LOCKOUT_MESSAGE",
     "MAX_POLICY_BYTES",
+    "RESOURCE_ALIASES_QUOTA",
     "SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS",
+    "UNEVALUABLE",
     "AccessRequest",
     "ConditionClause",
     "ConditionContext",

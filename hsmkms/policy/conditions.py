@@ -12,6 +12,8 @@ Semantics (IAM "condition operators" and "multiple context keys or values", refe
   empty key); ``ForAnyValue:`` when at least one does (false for a missing or empty key, with
   or without ``IfExists``). Without a set qualifier a multi-valued request key matches when any
   of its values matches.
+- A key present but :data:`~hsmkms.policy.context.UNEVALUABLE` (``kms:ResourceAliases`` on a
+  key over the aliases quota) makes every clause reading it false, whatever the operator.
 - Policy values are checked at parse time: a number that is not a number, a date that is not a
   date, a ``Bool`` that is not true/false, bad base64 or CIDR is a malformed policy.
 - Policy variables (``${aws:username}``) are not substituted: under Version 2012-10-17 a
@@ -32,7 +34,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from hsmkms.errors import MalformedPolicyDocumentException
-from hsmkms.policy.context import ContextValue
+from hsmkms.policy.context import ConditionContext, ContextValue, Unevaluable
 from hsmkms.policy.wildcard import wildcard_match
 
 
@@ -296,6 +298,8 @@ class ConditionClause:
     def matches(self, context: Mapping[str, ContextValue]) -> bool:
         """Decide this clause against a request context (keys looked up case-insensitively)."""
         raw = _lookup(context, self.key)
+        if isinstance(raw, Unevaluable):
+            return False  # spec: §4.3 — e.g. kms:ResourceAliases beyond the aliases quota
         request_values: tuple[object, ...]
         if raw is None:
             request_values = ()
@@ -333,7 +337,9 @@ def _lookup(context: Mapping[str, ContextValue], key: str) -> object | None:
     try:
         return context[key]
     except KeyError:
-        pass
+        if isinstance(context, ConditionContext):
+            # Case-insensitive already; scanning it would load its lazy keys (tags, aliases).
+            return None
     folded = key.lower()
     for name, value in context.items():
         if name.lower() == folded:

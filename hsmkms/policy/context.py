@@ -4,23 +4,53 @@ Condition key *names* are case-insensitive in IAM, including the part after
 ``kms:EncryptionContext:`` (reference §4.3), so the context stores keys folded to lower case.
 Two request keys that differ only by case (an encryption context with both ``Dept`` and
 ``dept``) are merged into one multi-valued entry rather than one silently hiding the other.
+
+Values that cost a query (the key's tags ``aws:ResourceTag/<k>`` and aliases
+``kms:ResourceAliases``) are loaded only when a condition names them: see
+:meth:`ConditionContext.deferred`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
-ContextValue: TypeAlias = str | bool | int | dt.datetime | tuple[str, ...]
+
+class Unevaluable:
+    """The value of a key that is in the request but cannot be evaluated: every condition
+    that reads it is false, whatever its operator (``Null``, negated, ``…IfExists`` and set
+    operators too). Use the :data:`UNEVALUABLE` instance."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNEVALUABLE"
+
+
+UNEVALUABLE: Final = Unevaluable()
+
+RESOURCE_ALIASES_QUOTA: Final = 50
+"""spec: §4.3 — kms:ResourceAliases is effective only while the key has at most this many
+aliases (the aliases-per-key quota); beyond it the statements that test it do not apply."""
+
+ContextValue: TypeAlias = str | bool | int | dt.datetime | tuple[str, ...] | Unevaluable
 """A stored context value. Multi-valued keys hold a tuple of strings."""
 
-ContextInput: TypeAlias = str | bool | int | dt.datetime | Sequence[str] | Set[str]
+ContextInput: TypeAlias = str | bool | int | dt.datetime | Sequence[str] | Set[str] | Unevaluable
 """What callers may pass for a key: a scalar, or a list (tuple, set) of strings."""
+
+ContextLoader: TypeAlias = Callable[[], Mapping[str, ContextInput]]
+"""Returns some keys of a context, when first needed (see :meth:`ConditionContext.deferred`)."""
+
+
+_SCALAR_TYPES: Final = frozenset({str, bool, int, dt.datetime})
 
 
 def _normalize(value: object) -> ContextValue:
-    if isinstance(value, str | bool | int | dt.datetime):
+    if type(value) in _SCALAR_TYPES:  # the common case, without the isinstance walk
+        return value  # type: ignore[return-value]
+    if isinstance(value, str | bool | int | dt.datetime | Unevaluable):
         return value
     if isinstance(value, Sequence | Set):
         items = tuple(value)
@@ -30,6 +60,9 @@ def _normalize(value: object) -> ContextValue:
 
 
 def _merge(old: ContextValue, new: ContextValue) -> ContextValue:
+    if isinstance(old, Unevaluable) or isinstance(new, Unevaluable):
+        return UNEVALUABLE
+
     def as_tuple(value: ContextValue) -> tuple[str, ...]:
         if isinstance(value, tuple):
             return value
@@ -46,32 +79,60 @@ class ConditionContext(Mapping[str, ContextValue]):
     """An immutable, case-insensitive mapping of condition keys to request values.
 
     :meth:`deferred` builds the values on first use: most statements carry no condition, so
-    most requests never need them.
+    most requests never need them; its ``lazy`` loaders go further, for keys that cost a query.
     """
 
-    __slots__ = ("_factory", "_items")
+    __slots__ = ("_factory", "_items", "_lazy", "_lazy_prefixes")
 
     def __init__(self, values: Mapping[str, ContextInput] | None = None) -> None:
         self._factory: Callable[[], Mapping[str, ContextInput]] | None = None
+        self._lazy: dict[str, ContextLoader] = {}
+        self._lazy_prefixes: tuple[str, ...] = ()
         self._items = self._build(values)
 
     @classmethod
-    def deferred(cls, factory: Callable[[], Mapping[str, ContextInput]]) -> ConditionContext:
-        """A context whose values ``factory`` returns, called at most once, when first read."""
+    def deferred(
+        cls,
+        factory: Callable[[], Mapping[str, ContextInput]],
+        *,
+        lazy: Mapping[str, ContextLoader] | None = None,
+    ) -> ConditionContext:
+        """A context whose values ``factory`` returns, called at most once, when first read.
+
+        ``lazy`` maps a key prefix, in lower case, to a loader of the keys under it:
+        ``{"aws:resourcetag/": load_tags}`` calls ``load_tags`` only when a condition reads a
+        key starting with ``aws:ResourceTag/`` (in any case), or the whole context is iterated;
+        once it succeeded, never again. The loader's keys must all start with that prefix.
+        """
         context = cls.__new__(cls)
         context._factory = factory
+        context._lazy = dict(lazy) if lazy else {}
+        context._lazy_prefixes = tuple(context._lazy)
+        if any(prefix != prefix.lower() for prefix in context._lazy_prefixes):
+            raise ValueError("lazy key prefixes must be in lower case")
         return context
 
     @staticmethod
     def _build(values: Mapping[str, ContextInput] | None) -> dict[str, ContextValue]:
+        if isinstance(values, ConditionContext):
+            return dict(values._all())  # folded and normalized already
         items: dict[str, ContextValue] = {}
+        ConditionContext._add(items, values)
+        return items
+
+    @staticmethod
+    def _add(items: dict[str, ContextValue], values: Mapping[str, ContextInput] | None) -> None:
+        if isinstance(values, ConditionContext):
+            for folded, value in values._all().items():
+                items[folded] = _merge(items[folded], value) if folded in items else value
+            return
         for key, raw in (values or {}).items():
             folded = key.lower()
             value = _normalize(raw)
             items[folded] = _merge(items[folded], value) if folded in items else value
-        return items
 
     def _values(self) -> dict[str, ContextValue]:
+        """The values built so far (the factory's; lazy groups only once loaded)."""
         try:
             return self._items
         except AttributeError:
@@ -79,28 +140,52 @@ class ConditionContext(Mapping[str, ContextValue]):
             self._items = self._build(self._factory())
             return self._items
 
+    def _load(self, folded: str | None) -> dict[str, ContextValue]:
+        """The values, with the lazy groups covering ``folded`` loaded (all when None)."""
+        items = self._values()
+        for prefix in self._lazy_prefixes:
+            if folded is None or folded.startswith(prefix):
+                loaded = self._lazy[prefix]()
+                # Forgotten only once loaded: a failed load raises again on the next read.
+                del self._lazy[prefix]
+                self._lazy_prefixes = tuple(self._lazy)
+                self._add(items, loaded)
+        return items
+
+    def _all(self) -> dict[str, ContextValue]:
+        return self._load(None) if self._lazy_prefixes else self._values()
+
+    def _get(self, folded: str) -> dict[str, ContextValue]:
+        if self._lazy_prefixes and folded.startswith(self._lazy_prefixes):
+            return self._load(folded)
+        return self._values()
+
     def __getitem__(self, key: str) -> ContextValue:
-        return self._values()[key.lower()]
+        folded = key.lower()
+        return self._get(folded)[folded]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._values()
+        if not isinstance(key, str):
+            return False
+        folded = key.lower()
+        return folded in self._get(folded)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._values())
+        return iter(self._all())
 
     def __len__(self) -> int:
-        return len(self._values())
+        return len(self._all())
 
     def __repr__(self) -> str:
-        return f"ConditionContext({self._values()!r})"
+        return f"ConditionContext({self._all()!r})"
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ConditionContext):
-            return self._values() == other._values()
+            return self._all() == other._all()
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(frozenset(self._values().items()))
+        return hash(frozenset(self._all().items()))
 
 
 def request_context(
@@ -120,6 +205,7 @@ def request_context(
     current_time: dt.datetime | None = None,
     request_tags: Mapping[str, str] | None = None,
     resource_tags: Mapping[str, str] | None = None,
+    resource_aliases: Sequence[str] | None = None,
     extra: Mapping[str, ContextInput] | None = None,
 ) -> ConditionContext:
     """Build the condition context of one request from plain values.
@@ -129,6 +215,10 @@ def request_context(
     ``kms:EncryptionContext:<k>`` nor ``kms:EncryptionContextKeys`` exists). Request
     parameters that have a default (``kms:KeySpec`` = SYMMETRIC_DEFAULT on CreateKey) must be
     passed with the default filled in (reference §4.3).
+
+    ``resource_tags`` and ``resource_aliases`` are the tags and alias names of the key the
+    request acts on (``aws:ResourceTag/<k>``, ``kms:ResourceAliases``); a key with more than
+    :data:`RESOURCE_ALIASES_QUOTA` aliases makes ``kms:ResourceAliases`` :data:`UNEVALUABLE`.
     """
     values: dict[str, ContextInput] = {}
     if principal_arn is not None:
@@ -168,6 +258,12 @@ def request_context(
     if resource_tags is not None:
         for name, value in resource_tags.items():
             values[f"aws:ResourceTag/{name}"] = value
+    if resource_aliases is not None:
+        values["kms:ResourceAliases"] = (
+            list(resource_aliases)
+            if len(resource_aliases) <= RESOURCE_ALIASES_QUOTA
+            else UNEVALUABLE
+        )
     if extra:
         values.update(extra)
     # ``Dept`` and ``dept`` in one encryption context are distinct keys here and are merged
@@ -175,6 +271,23 @@ def request_context(
     return ConditionContext(values)
 
 
-def deferred_request_context(**kwargs: Any) -> ConditionContext:
-    """:func:`request_context` with the same arguments, built only if a condition reads it."""
-    return ConditionContext.deferred(lambda: request_context(**kwargs))
+def deferred_request_context(
+    *,
+    resource_tags: Callable[[], Mapping[str, str]] | None = None,
+    resource_aliases: Callable[[], Sequence[str]] | None = None,
+    **kwargs: Any,
+) -> ConditionContext:
+    """:func:`request_context` with the same arguments, built only if a condition reads it.
+
+    The key's tags and aliases are passed as loaders instead of values: each is called only
+    when a condition reads ``aws:ResourceTag/<k>`` or ``kms:ResourceAliases`` (at most once),
+    so a policy that tests only, say, the encryption context costs no query for them.
+    """
+    lazy: dict[str, ContextLoader] = {}
+    if resource_tags is not None:
+        load_tags = resource_tags
+        lazy["aws:resourcetag/"] = lambda: request_context(resource_tags=load_tags())
+    if resource_aliases is not None:
+        load_aliases = resource_aliases
+        lazy["kms:resourcealiases"] = lambda: request_context(resource_aliases=load_aliases())
+    return ConditionContext.deferred(lambda: request_context(**kwargs), lazy=lazy)

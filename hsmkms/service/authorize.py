@@ -7,6 +7,12 @@ covers the operation (grants only add permissions); else an implicit deny. Accou
 actions (CreateKey, ListKeys, ListAliases, GenerateRandom, ListRetirableGrants) are decided by
 the identity policy alone. ``caller=None`` is the local operator and is never asked.
 
+The condition context of an operation on a key carries the key's tags
+(``aws:ResourceTag/<k>``) and alias names (``kms:ResourceAliases``), read from the store only
+when a condition names them: the tags as they are before the request (TagResource and
+UntagResource are decided on the old tags). They come through the store's read cache, which
+every commit clears, so a tag or alias change decides the next request.
+
 Parsed policies and grant constraints are cached by their text: a key's policy is parsed once
 per process, not once per request.
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from hsmkms.errors import AccessDeniedException
 from hsmkms.policy import (
@@ -117,16 +123,22 @@ broader)."""
 
 class Authorizer:
     """Decides requests for one account. ``grants_for(key_id, principal)`` is the store's query
-    (asked only when the policies alone do not allow)."""
+    (asked only when the policies alone do not allow); ``tags_of(key_id)`` and
+    ``aliases_of(key_id)`` give a key's tags and alias names (asked only when a condition reads
+    ``aws:ResourceTag/<k>`` or ``kms:ResourceAliases``; without them those keys are absent)."""
 
     def __init__(
         self,
         grants_for: Callable[[str, str], list[GrantRecord]],
         *,
         clock: Clock,
+        tags_of: Callable[[str], Mapping[str, str]] | None = None,
+        aliases_of: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         self._grants_for = grants_for
         self._clock = clock
+        self._tags_of = tags_of
+        self._aliases_of = aliases_of
 
     def _request(
         self,
@@ -139,7 +151,17 @@ class Authorizer:
         request_alias: str | None,
         extra: Mapping[str, ContextInput] | None,
     ) -> AccessRequest:
+        tags: Callable[[], Mapping[str, str]] | None = None
+        aliases: Callable[[], Sequence[str]] | None = None
+        if key is not None:
+            # spec: §4.3 — resource conditions exist only for operations on an existing key.
+            if self._tags_of is not None:
+                tags = functools.partial(self._tags_of, key.key_id)
+            if self._aliases_of is not None:
+                aliases = functools.partial(self._aliases_of, key.key_id)
         context = deferred_request_context(
+            resource_tags=tags,
+            resource_aliases=aliases,
             principal_arn=caller.principal_arn,
             caller_account=caller.account_id,
             encryption_context=encryption_context,
@@ -254,16 +276,24 @@ class Authorizer:
                 return True
         return False
 
-    def check_lockout(self, caller: Caller | None, document: PolicyDocument, key_arn: str) -> None:
+    def check_lockout(
+        self,
+        caller: Caller | None,
+        document: PolicyDocument,
+        key_arn: str,
+        key: KeyRecord | None = None,
+    ) -> None:
         """spec: §4.1 — MalformedPolicyDocumentException unless the new key policy
         ``document`` lets the caller call PutKeyPolicy on the key later (the check
-        BypassPolicyLockoutSafetyCheck skips). The condition context is the caller's own."""
+        BypassPolicyLockoutSafetyCheck skips). The condition context is the caller's own, and
+        the key's (its spec, usage, tags and aliases) when ``key`` exists already
+        (PutKeyPolicy; CreateKey has none yet)."""
         if caller is None:
             return
         request = self._request(
             caller,
             "kms:PutKeyPolicy",
-            None,
+            key,
             encryption_context=None,
             encryption_algorithm=None,
             request_alias=None,

@@ -90,7 +90,12 @@ class ServiceCore:
     ) -> None:
         self._keystore = keystore
         self._on_event = on_event
-        self._authz = Authorizer(store.grants_for, clock=clock)
+        self._authz = Authorizer(
+            store.grants_for,
+            clock=clock,
+            tags_of=lambda key_id: dict(store.tags_of(key_id)),
+            aliases_of=store.alias_names_of,
+        )
         self._store = store
         self._clock = clock
         self.arns = Arns(region, account_id)

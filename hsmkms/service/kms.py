@@ -1020,7 +1020,7 @@ class KmsService(GrantService):
         )
         document = parse_policy(request.Policy)  # validates: size, grammar, conditions
         if not bypass:
-            self._authz.check_lockout(caller, document, key.arn)
+            self._authz.check_lockout(caller, document, key.arn, key)
         if not self._store.set_policy(key.key_id, request.Policy):
             raise self._not_found(key.key_id)
         return EmptyResponse()

@@ -1097,6 +1097,30 @@ class MetadataStore:
         more = len(rows) > limit
         return Page(items, _encode_marker(kind, items[-1][0]) if more else None)
 
+    def tags_of(self, key_id: str) -> tuple[tuple[str, str], ...]:
+        """Every tag of a key as ``(key, value)`` ordered by key, each row verified.
+
+        For ``aws:ResourceTag/<k>`` conditions, on the authorization path: answers cached like
+        :meth:`grants_for`'s (a tag change decides the next request in this process, within
+        ``cache_check_interval`` in others)."""
+        return self._cached(("tags_of", key_id), lambda: self._tags_of(key_id))
+
+    def _tags_of(self, key_id: str) -> tuple[tuple[str, str], ...]:
+        stmt = select(_T).where(_T.c.key_id == key_id).order_by(_T.c.tag_key)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        for r in rows:
+            self._verify(_T, r._mapping)
+        return tuple((str(r.tag_key), str(r.tag_value)) for r in rows)
+
+    def alias_names_of(self, key_id: str) -> tuple[str, ...]:
+        """The names of a key's aliases, ordered, each row verified; cached like
+        :meth:`tags_of` (for ``kms:ResourceAliases`` conditions)."""
+        return self._cached(
+            ("alias_names_of", key_id),
+            lambda: tuple(alias.name for alias in self.aliases_of(key_id)),
+        )
+
     # -- grants ---------------------------------------------------------------------------------
 
     def create_grant(self, grant: GrantRecord, *, max_per_key: int = 50000) -> GrantRecord:
