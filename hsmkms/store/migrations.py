@@ -32,25 +32,24 @@ def _v2_grants(conn: Connection) -> None:
     schema.grants.create(conn, checkfirst=True)
 
 
-def _v3_row_macs(conn: Connection) -> None:
+def _add_mac_columns(conn: Connection, *tables: str) -> None:
     # A database made by migration 1 of this code already has the columns; one made by an
-    # earlier hsmkms gets them here. Existing rows keep mac NULL until the store adopts them.
+    # earlier hsmkms gets them here. Existing rows keep mac NULL until a store opened with a
+    # sealer adopts them.
     blob = LargeBinary().compile(dialect=conn.dialect)
-    for table in ("keys", "key_versions"):
+    for table in tables:
         columns = {c["name"] for c in inspect(conn).get_columns(table)}
         if "mac" not in columns:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN mac {blob}"))
+
+
+def _v3_row_macs(conn: Connection) -> None:
+    _add_mac_columns(conn, "keys", "key_versions")
     schema.store_settings.create(conn, checkfirst=True)
 
 
 def _v4_alias_tag_macs(conn: Connection) -> None:
-    # As in migration 3: a database made by migration 1 of this code already has the columns.
-    # Existing rows keep mac NULL until a store opened with a sealer adopts them.
-    blob = LargeBinary().compile(dialect=conn.dialect)
-    for table in ("aliases", "tags"):
-        columns = {c["name"] for c in inspect(conn).get_columns(table)}
-        if "mac" not in columns:
-            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN mac {blob}"))
+    _add_mac_columns(conn, "aliases", "tags")
 
 
 MIGRATIONS: Final[list[Migration]] = [
