@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from hsmkms.keystore.errors import (
     DecryptionFailed,
     KeyMaterialMissing,
     ModuleLoadError,
+    MultipleTokens,
     PinIncorrect,
     TokenConfigError,
     TokenNotFound,
@@ -408,3 +410,28 @@ def test_processes_creating_and_using_keys_at_once(softhsm_dir: Path) -> None:
     with ctx.Pool(3) as pool:
         results = pool.starmap(_create_and_use, [(str(softhsm_dir), 40)] * 3)
     assert results == [[], [], []]
+
+
+def test_two_tokens_with_one_label_are_named_by_serial(tmp_path: Path) -> None:
+    """A data directory holding two "hsmkms" tokens (older hsmkms could make one while another
+    process wrote the first): the error names both serials; configuring one of them works."""
+    from hsmkms.softhsm import ensure_token
+
+    conf = ensure_token(tmp_path)
+    pin = (tmp_path / "user.pin").read_text().strip()
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", "hsmkms",
+         "--so-pin", pin, "--pin", pin],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    with pytest.raises(MultipleTokens) as info:
+        Pkcs11Keystore(token_config(tmp_path, "hsmkms")).info()
+    serials = re.findall(r"[0-9a-f]{16}", str(info.value))
+    assert len(set(serials)) == 2, str(info.value)
+    assert str(info.value).endswith("configure a serial or slot-id")
+    chosen = Pkcs11Keystore(token_config(tmp_path, "hsmkms", token_serial=serials[1]))
+    try:
+        assert chosen.info().serial == serials[1]
+    finally:
+        chosen.close()

@@ -227,8 +227,12 @@ class Pkcs11Keystore:
         except p11e.NoSuchToken:
             raise TokenNotFound(f"no token matches {self._token_desc()}") from None
         except p11e.MultipleTokensReturned:
+            serials = sorted(
+                bytes(t.serial).decode("ascii", "replace").strip() for t in lib.get_tokens(**kwargs)
+            )
             raise MultipleTokens(
-                f"several tokens match {self._token_desc()}: configure a serial or slot-id"
+                f"several tokens match {self._token_desc()} (serials {', '.join(serials)}): "
+                "configure a serial or slot-id"
             ) from None
 
     def _open(self) -> _Connection:
