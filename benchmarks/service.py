@@ -188,6 +188,7 @@ def service_worker(data_dir: Path, seconds: float) -> dict[str, float]:
 
 
 Worker = Callable[[Path, float], dict[str, float]]
+TARGET_RATIO = 0.8
 
 
 def _run(worker: Worker, data_dir: Path, seconds: float) -> dict[str, float]:
@@ -234,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<40}{rate:>10.0f}{rate / raw['encrypt']:>18.2f}{rate / raw['decrypt']:>18.2f}"
         )
-    print("target: service ops >= 0.80 x raw C_Encrypt")
+    ratio = svc["encrypt"] / raw["encrypt"]
+    verdict = "met" if ratio >= TARGET_RATIO else "not met"
+    print(
+        f"target: KmsService.encrypt >= {TARGET_RATIO:.2f} x raw C_Encrypt: {verdict} ({ratio:.2f})"
+    )
     return 0
 
 
