@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import struct
 import uuid
 from collections.abc import Mapping
@@ -75,34 +76,6 @@ class _Malformed(ValueError):
     """Internal: the bytes are not a valid blob. Never leaves :meth:`CiphertextBlob.parse`."""
 
 
-class _Reader:
-    """Reads fields off the front of a byte string, refusing to read past its end."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end > len(self._data):
-            raise _Malformed
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u32(self) -> int:
-        value: int = struct.unpack(">I", self.take(4))[0]
-        return value
-
-    def rest(self) -> bytes:
-        chunk = self._data[self._pos :]
-        self._pos = len(self._data)
-        return chunk
-
-
 def _key_id_bytes(key_id: str) -> bytes:
     """The 16 raw bytes of a key id; ``ValueError`` unless it is a canonical lowercase UUID."""
     if not isinstance(key_id, str):
@@ -133,26 +106,32 @@ def _check_key_version(key_version: int) -> None:
 
 
 def _check_body(profile: MechanismProfile, body: bytes) -> None:
-    tag = profile.tag_length
-    if not tag <= len(body) <= profile.max_body_length(MAX_PLAINTEXT):
+    # The limits come from tables worked out once: every Encrypt and Decrypt checks a body.
+    if profile is _GCM:
+        tag, longest = _GCM_BODY
+    else:
+        tag, longest = _CBC_BODY
+    if not tag <= len(body) <= longest:
         raise ValueError("body length out of range for the profile")
-    if profile is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
+    if profile is _CBC:
         # PKCS#7 padding always produces at least one whole block.
         ciphertext_length = len(body) - tag
         if ciphertext_length == 0 or ciphertext_length % _CBC_BLOCK:
             raise ValueError("CBC ciphertext must be a positive multiple of the block size")
 
 
+_GCM: Final = MechanismProfile.AES_256_GCM
+_CBC: Final = MechanismProfile.AES_256_CBC_HMAC_SHA_256
+assert set(MechanismProfile) == {_GCM, _CBC}  # _check_body knows exactly these two
+# (tag length, longest body for MAX_PLAINTEXT bytes) of each profile.
+_GCM_BODY: Final = (_GCM.tag_length, _GCM.max_body_length(MAX_PLAINTEXT))
+_CBC_BODY: Final = (_CBC.tag_length, _CBC.max_body_length(MAX_PLAINTEXT))
+# Wire id -> (profile, IV length), for parsing.
+_BY_WIRE_ID: Final = {p.wire_id: (p, p.iv_length) for p in MechanismProfile}
+
+
 _EMPTY_CONTEXT = b"\x00\x00"
-
-
-def _utf8(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationException(
-            "encryption context keys and values must be valid Unicode (no lone surrogates)"
-        ) from None
+_first = operator.itemgetter(0)
 
 
 def encode_encryption_context(ctx: Mapping[str, str]) -> bytes:
@@ -163,33 +142,37 @@ def encode_encryption_context(ctx: Mapping[str, str]) -> bytes:
     different bytes. Raises ``ValidationException`` for non-str keys or values, an empty key,
     more than 65535 pairs, a key or value over 65535 UTF-8 bytes, or a lone surrogate.
     """
-    if not isinstance(ctx, Mapping):
+    if type(ctx) is not dict and not isinstance(ctx, Mapping):
         raise ValidationException("encryption context must be a map of strings to strings")
     if not ctx:
         return _EMPTY_CONTEXT
     if len(ctx) > _U16_MAX:
         raise ValidationException(f"encryption context must have at most {_U16_MAX} pairs")
     pairs: list[tuple[bytes, bytes]] = []
-    for key, value in ctx.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValidationException("encryption context keys and values must be strings")
-        if not key:
-            raise ValidationException("encryption context keys must not be empty")
-        key_bytes, value_bytes = _utf8(key), _utf8(value)
-        if len(key_bytes) > _U16_MAX or len(value_bytes) > _U16_MAX:
-            raise ValidationException(
-                f"encryption context keys and values must be at most {_U16_MAX} UTF-8 bytes"
-            )
-        pairs.append((key_bytes, value_bytes))
+    try:
+        for key, value in ctx.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValidationException("encryption context keys and values must be strings")
+            if not key:
+                raise ValidationException("encryption context keys must not be empty")
+            # A lone surrogate raises UnicodeEncodeError here (handled below).
+            key_bytes, value_bytes = key.encode("utf-8"), value.encode("utf-8")
+            if len(key_bytes) > _U16_MAX or len(value_bytes) > _U16_MAX:
+                raise ValidationException(
+                    f"encryption context keys and values must be at most {_U16_MAX} UTF-8 bytes"
+                )
+            pairs.append((key_bytes, value_bytes))
+    except UnicodeEncodeError:
+        raise ValidationException(
+            "encryption context keys and values must be valid Unicode (no lone surrogates)"
+        ) from None
     # Keys of a mapping are distinct strings, so their UTF-8 encodings are distinct too.
-    pairs.sort(key=lambda pair: pair[0])
-    out = bytearray(_U16.pack(len(pairs)))
+    pairs.sort(key=_first)
+    pack = _U16.pack
+    parts = [pack(len(pairs))]
     for key_bytes, value_bytes in pairs:
-        out += _U16.pack(len(key_bytes))
-        out += key_bytes
-        out += _U16.pack(len(value_bytes))
-        out += value_bytes
-    return bytes(out)
+        parts += (pack(len(key_bytes)), key_bytes, pack(len(value_bytes)), value_bytes)
+    return b"".join(parts)
 
 
 def aad_for(
@@ -224,7 +207,7 @@ def blob_bytes(prefix: bytes, profile: MechanismProfile, iv: bytes, body: bytes)
     if len(iv) != profile.iv_length:
         raise ValueError("iv length does not match the profile")
     _check_body(profile, body)
-    return prefix + iv + body
+    return b"".join((prefix, iv, body))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,12 +284,29 @@ class CiphertextBlob:
         data = bytes(data)
         if not 1 <= len(data) <= MAX_CIPHERTEXT_BLOB:
             raise _Malformed
-        reader = _Reader(data)
-        if reader.u8() != FORMAT_VERSION:
+        if data[0] != FORMAT_VERSION or len(data) < _PREFIX.size:
             raise _Malformed
-        key_id = _key_id_str(reader.take(16))
-        key_version = reader.u32()
-        profile = MechanismProfile.from_wire_id(reader.u8())
-        iv = reader.take(profile.iv_length)
-        # __post_init__ checks key version, body length and block alignment (ValueError).
-        return cls(key_id, key_version, profile, iv, reader.rest())
+        _, raw_key_id, key_version, wire_id = _PREFIX.unpack_from(data)
+        known = _BY_WIRE_ID.get(wire_id)
+        if known is None:
+            raise _Malformed
+        profile, iv_length = known
+        body_start = _PREFIX.size + iv_length
+        if len(data) < body_start:
+            raise _Malformed
+        body = data[body_start:]
+        # Of __post_init__'s checks, the layout already guarantees a canonical key id, a key
+        # version <= 2**32-1 and the IV length; the other two are made here. Skipping
+        # __post_init__ keeps Decrypt cheap without accepting anything more (see
+        # tests/test_ciphertext_reference_parse.py).
+        if key_version < 1:
+            raise _Malformed
+        _check_body(profile, body)
+        blob = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(blob, "key_id", _key_id_str(raw_key_id))
+        setattr_(blob, "key_version", key_version)
+        setattr_(blob, "profile", profile)
+        setattr_(blob, "iv", data[_PREFIX.size : body_start])
+        setattr_(blob, "body", body)
+        return blob
