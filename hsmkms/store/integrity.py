@@ -182,29 +182,29 @@ def canonical_row(table: str, values: Mapping[Any, Any]) -> bytes:
     return b"".join(parts)
 
 
+def _safe(value: Any, pattern: re.Pattern[str], unreadable: str) -> str:
+    """``value`` for a message when the (untrusted) row's value matches ``pattern``, else
+    ``unreadable``: error messages and logs never carry other row content (no control
+    characters reach a terminal or a log)."""
+    if isinstance(value, str) and pattern.fullmatch(value):
+        return value
+    return unreadable
+
+
 def safe_key_id(key_id: Any) -> str:
-    """``key_id`` for a message, or ``"(unreadable id)"`` when the (untrusted) row's value does
-    not look like a key id: error messages and logs never carry row content."""
-    if isinstance(key_id, str) and _SAFE_KEY_ID.fullmatch(key_id):
-        return key_id
-    return "(unreadable id)"
+    """A row's key id for a message, or ``"(unreadable id)"``."""
+    return _safe(key_id, _SAFE_KEY_ID, "(unreadable id)")
 
 
 def safe_alias_name(name: Any) -> str:
-    """An (untrusted) row's alias ``name`` for a message, or ``"(unreadable alias)"`` when it is
-    not a valid alias name."""
-    if isinstance(name, str) and _SAFE_ALIAS_NAME.fullmatch(name):
-        return name
-    return "(unreadable alias)"
+    """A row's alias name for a message, or ``"(unreadable alias)"``."""
+    return _safe(name, _SAFE_ALIAS_NAME, "(unreadable alias)")
 
 
 def safe_tag_key(tag_key: Any) -> str:
-    """An (untrusted) row's ``tag_key`` for a message, or ``"(unreadable tag key)"`` when it
-    holds anything but letters, digits and ``_.:/=+@-`` or spaces (no control characters reach a
-    terminal or a log)."""
-    if isinstance(tag_key, str) and _SAFE_TAG_KEY.fullmatch(tag_key):
-        return tag_key
-    return "(unreadable tag key)"
+    """A row's tag key (letters, digits, spaces and ``_.:/=+@-``) for a message, or
+    ``"(unreadable tag key)"``."""
+    return _safe(tag_key, _SAFE_TAG_KEY, "(unreadable tag key)")
 
 
 @dataclasses.dataclass(frozen=True)
