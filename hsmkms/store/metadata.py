@@ -505,6 +505,14 @@ class MetadataStore:
         self._verify(_K, row._mapping)
         return _key_from_row(row)
 
+    def _one_verified(self, table: Table, stmt: Select[Any]) -> Row[Any] | None:
+        """The first row of ``stmt`` (a plain select of ``table``), its MAC verified."""
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        if row is not None:
+            self._verify(table, row._mapping)
+        return row
+
     # -- integrity ------------------------------------------------------------------------------
 
     def _start_integrity(self, conn: Connection, verifier: RowVerifier) -> None:
@@ -641,12 +649,8 @@ class MetadataStore:
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         """The key, or ``None`` when there is no such row (a key being purged is returned)."""
-        with self._read() as conn:
-            row = conn.execute(select(_K).where(_K.c.id == key_id)).first()
-        if row is None:
-            return None
-        self._verify(_K, row._mapping)
-        return _key_from_row(row)
+        row = self._one_verified(_K, select(_K).where(_K.c.id == key_id))
+        return None if row is None else _key_from_row(row)
 
     def get_key_and_version(
         self, key_id: str, version: int | None = None
@@ -817,13 +821,10 @@ class MetadataStore:
 
     def get_version(self, key_id: str, version: int) -> KeyVersionRecord | None:
         """One version of a key, or ``None``."""
-        stmt = select(_V).where(_V.c.key_id == key_id, _V.c.version == version)
-        with self._read() as conn:
-            row = conn.execute(stmt).first()
-        if row is None:
-            return None
-        self._verify(_V, row._mapping)
-        return _version_from_row(row)
+        row = self._one_verified(
+            _V, select(_V).where(_V.c.key_id == key_id, _V.c.version == version)
+        )
+        return None if row is None else _version_from_row(row)
 
     def list_versions(
         self,
@@ -982,14 +983,15 @@ class MetadataStore:
     def get_alias(self, name: str) -> AliasRecord | None:
         """The alias (its row verified), or ``None``.
 
-        On the path of every request that names a key by alias: a re-read of an unchanged row
-        costs no token call (the verifier remembers it)."""
-        with self._read() as conn:
-            row = conn.execute(select(_A).where(_A.c.name == name)).first()
-        if row is None:
-            return None
-        self._verify(_A, row._mapping)
-        return _alias_from_row(row)
+        On the path of every request that names a key by alias: answers cached like
+        :meth:`grants_for`'s (an alias change is seen at once in this process, within
+        ``cache_check_interval`` in others), and a re-read of an unchanged row costs no token
+        call (the verifier remembers it)."""
+        return self._cached(("alias", name), lambda: self._get_alias(name))
+
+    def _get_alias(self, name: str) -> AliasRecord | None:
+        row = self._one_verified(_A, select(_A).where(_A.c.name == name))
+        return None if row is None else _alias_from_row(row)
 
     def resolve_alias(self, name: str) -> KeyRecord | None:
         """The key an alias points at, in one query, the alias row and the key row verified;
@@ -1157,13 +1159,8 @@ class MetadataStore:
 
     def get_grant(self, key_id: str, grant_id: str) -> GrantRecord | None:
         """One grant of a key, or ``None``."""
-        stmt = select(_G).where(_G.c.id == grant_id, _G.c.key_id == key_id)
-        with self._read() as conn:
-            row = conn.execute(stmt).first()
-        if row is None:
-            return None
-        self._verify(_G, row._mapping)
-        return _grant_from_row(row)
+        row = self._one_verified(_G, select(_G).where(_G.c.id == grant_id, _G.c.key_id == key_id))
+        return None if row is None else _grant_from_row(row)
 
     def grants_for(self, key_id: str, grantee_principal: str) -> list[GrantRecord]:
         """Every grant of a key to one grantee principal, oldest first.
