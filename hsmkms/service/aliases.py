@@ -3,7 +3,8 @@ UntagResource, ListResourceTags."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 from hsmkms.errors import (
     AlreadyExistsException,
@@ -31,7 +32,7 @@ from hsmkms.policy import ContextInput
 from hsmkms.service.core import Call, Prepared, ServiceCore, operation, page_limit
 from hsmkms.service.identifiers import ALIAS_PREFIX, RESERVED_ALIAS_PREFIX
 from hsmkms.service.states import Access
-from hsmkms.store import DuplicateAlias, KeyMissing, LimitReached
+from hsmkms.store import DuplicateAlias, KeyMissing, KeyRecord, LimitReached
 
 MAX_TAGS_PER_KEY = 50
 MAX_ALIASES_PER_KEY = 50
@@ -95,24 +96,31 @@ class AliasOperations(ServiceCore):
     def _alias_not_found(self, name: str) -> NotFoundException:
         return NotFoundException(f"Alias {self.arns.alias(name)} is not found.")
 
-    @operation("CreateAlias", prepare=_prepare_create_alias)
-    def create_alias(self, call: Call[CreateAliasRequest]) -> EmptyResponse:
-        """CreateAlias: a new name for a key (at most 50 per key; ``alias/aws/`` reserved)."""
-        name, key = call.request.AliasName, call.key
+    @contextlib.contextmanager
+    def _alias_write(self, key: KeyRecord) -> Iterator[None]:
+        """The AWS errors of pointing an alias at ``key``: too many aliases, key gone."""
         try:
-            self._store.create_alias(
-                name, key.key_id, self._clock(), max_per_key=MAX_ALIASES_PER_KEY
-            )
-        except DuplicateAlias:
-            raise AlreadyExistsException(
-                f"An alias with the name {self.arns.alias(name)} already exists"
-            ) from None
+            yield
         except LimitReached:
             raise LimitExceededException(
                 f"Too many aliases for {key.arn}: at most {MAX_ALIASES_PER_KEY} per key."
             ) from None
         except KeyMissing:
             raise self._not_found(key.key_id) from None
+
+    @operation("CreateAlias", prepare=_prepare_create_alias)
+    def create_alias(self, call: Call[CreateAliasRequest]) -> EmptyResponse:
+        """CreateAlias: a new name for a key (at most 50 per key; ``alias/aws/`` reserved)."""
+        name, key = call.request.AliasName, call.key
+        try:
+            with self._alias_write(key):
+                self._store.create_alias(
+                    name, key.key_id, self._clock(), max_per_key=MAX_ALIASES_PER_KEY
+                )
+        except DuplicateAlias:
+            raise AlreadyExistsException(
+                f"An alias with the name {self.arns.alias(name)} already exists"
+            ) from None
         return EmptyResponse()
 
     @operation("UpdateAlias", prepare=_prepare_alias)
@@ -138,16 +146,10 @@ class AliasOperations(ServiceCore):
             raise ValidationException(
                 "The new target key must have the same key spec and key usage as the current one."
             )
-        try:
+        with self._alias_write(key):
             updated = self._store.update_alias(
                 request.AliasName, key.key_id, self._clock(), max_per_key=MAX_ALIASES_PER_KEY
             )
-        except LimitReached:
-            raise LimitExceededException(
-                f"Too many aliases for {key.arn}: at most {MAX_ALIASES_PER_KEY} per key."
-            ) from None
-        except KeyMissing:
-            raise self._not_found(key.key_id) from None
         if not updated:
             raise self._alias_not_found(request.AliasName)
         return EmptyResponse()
