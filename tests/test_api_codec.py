@@ -202,6 +202,8 @@ def test_every_operation_model_decodes_an_empty_object_or_names_what_is_missing(
     AWS-worded ValidationException; never anything else."""
     for operation in OPERATIONS.values():
         message = ""
+        assert operation.request_model is not None
+        assert operation.response_model is not None
         try:
             decode_request(operation.request_model, b"{}")
         except ValidationException as exc:

@@ -16,6 +16,7 @@ import pytest
 from hsmkms.audit import AuditTrail, UserIdentity, api_call_record
 from hsmkms.cli.main import main
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.service.operations import READ_ONLY_OPERATIONS
 
 pytestmark = pytest.mark.hsm
 
@@ -31,6 +32,7 @@ def add(trail: AuditTrail, n: int, event: str, who: str, key: int, day: int) -> 
     trail.append(
         api_call_record(
             event,
+            read_only=event in READ_ONLY_OPERATIONS,
             identity=UserIdentity("IAMUser", who, f"arn:aws:iam::{ACCOUNT}:user/{who}", ACCOUNT,
                                   f"AKIA{who.upper()}"),
             account_id=ACCOUNT, region="us-east-1", request_id=f"req-{n}",

@@ -22,6 +22,7 @@ from hsmkms.audit.records import service_event_record
 from hsmkms.audit.trail import _index_values
 from hsmkms.errors import DependencyTimeoutException, KMSInternalException
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.service.operations import READ_ONLY_OPERATIONS
 from hsmkms.store.metadata import MetadataStore
 
 pytestmark = pytest.mark.hsm
@@ -67,6 +68,7 @@ def record(
 ) -> dict[str, Any]:
     return api_call_record(
         event,
+        read_only=event in READ_ONLY_OPERATIONS,
         identity=identity(who),
         account_id=ACCOUNT,
         region="us-east-1",
@@ -584,6 +586,7 @@ def test_stored_trail_holds_no_secret(db: Path, keystore: Pkcs11Keystore) -> Non
     t.append(
         api_call_record(
             "GenerateDataKey", identity=identity("alice"), account_id=ACCOUNT, region="r",
+            read_only=True,
             request_id="r2", request={"KeyId": arn, "KeySpec": "AES_256"},
             response={"Plaintext": DATA_KEY, "CiphertextBlob": CIPHERTEXT}, key_arns=[arn],
         )
@@ -592,6 +595,7 @@ def test_stored_trail_holds_no_secret(db: Path, keystore: Pkcs11Keystore) -> Non
     t.append(
         api_call_record(
             "Decrypt", identity=identity("alice"), account_id=ACCOUNT, region="r",
+            read_only=True,
             request_id="r4", request={"CiphertextBlob": CIPHERTEXT},
             error_code="InvalidCiphertextException",
             error_message=f"bad blob {base64.b64encode(CIPHERTEXT).decode()}",

@@ -36,6 +36,7 @@ KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/11111111-2222-3333-4444-555555555
 def record(request_id: str, who: str = "alice") -> dict[str, Any]:
     return api_call_record(
         "Encrypt",
+        read_only=True,
         identity=UserIdentity("IAMUser", None, f"arn:aws:iam::{ACCOUNT}:user/{who}", ACCOUNT),
         account_id=ACCOUNT,
         region=REGION,

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from hsmkms.errors import MalformedPolicyDocumentException
 from hsmkms.policy import (
-    KEY_RESOURCE_ACTIONS,
     LOCKOUT_MESSAGE,
     RESOURCE_ALIASES_QUOTA,
     UNEVALUABLE,
@@ -33,6 +32,7 @@ from hsmkms.policy import (
     parse_policy,
     request_context,
 )
+from hsmkms.service.operations import ACCOUNT_ACTIONS, KEY_RESOURCE_ACTIONS
 
 ACCOUNT = "111122223333"
 OTHER_ACCOUNT = "444455556666"
@@ -882,8 +882,6 @@ def test_default_policy_across_all_actions(action: str) -> None:
 
 def test_action_lists_are_disjoint_and_prefixed() -> None:
     """Key actions and account actions never overlap; every name carries the kms: prefix."""
-    from hsmkms.policy import ACCOUNT_ACTIONS
-
     assert not set(KEY_RESOURCE_ACTIONS) & set(ACCOUNT_ACTIONS)
     assert all(a.startswith("kms:") for a in (*KEY_RESOURCE_ACTIONS, *ACCOUNT_ACTIONS))
     assert len(set(KEY_RESOURCE_ACTIONS)) == len(KEY_RESOURCE_ACTIONS)

@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 import pytest
 
-from hsmkms.policy import (
+from hsmkms.policy import GrantConstraints, grant_allows
+from hsmkms.service.operations import (
     ENCRYPTION_CONTEXT_OPERATIONS,
     GRANT_OPERATIONS,
-    SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS,
-    GrantConstraints,
-    grant_allows,
+    bound_to_encryption_context,
     valid_grant_operations,
 )
 
 EC = {"Dept": "hr", "Project": "apollo"}
+
+
+def allows(
+    operations: Collection[str],
+    constraints: GrantConstraints | None,
+    action: str,
+    context: Mapping[str, str] | None,
+    *,
+    child_constraints: GrantConstraints | None = None,
+) -> bool:
+    """grant_allows as the service calls it: constraints bind the operations the descriptors
+    say take an encryption context."""
+    return grant_allows(
+        operations,
+        constraints,
+        action,
+        context,
+        bound_to_context=bound_to_encryption_context(action),
+        child_constraints=child_constraints,
+    )
 
 
 def test_symmetric_operations() -> None:
@@ -33,8 +54,9 @@ def test_symmetric_operations() -> None:
             "GenerateDataKeyPairWithoutPlaintext",
         }
     )
-    assert set(GRANT_OPERATIONS) >= SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS
-    assert "Sign" not in SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS
+    symmetric = valid_grant_operations("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")
+    assert {g.value for g in GRANT_OPERATIONS} >= symmetric
+    assert "Sign" not in symmetric
 
 
 @pytest.mark.parametrize(
@@ -54,17 +76,17 @@ def test_operations_by_key_type(spec: str, usage: str, present: str, absent: str
     assert present in valid
     assert absent not in valid
     assert {"CreateGrant", "RetireGrant", "DescribeKey"} <= valid
-    assert valid <= set(GRANT_OPERATIONS)
+    assert valid <= {g.value for g in GRANT_OPERATIONS}
 
 
 def test_operation_must_be_granted() -> None:
     """Only the listed operations are allowed; the kms: prefix is optional."""
-    assert grant_allows({"Decrypt"}, None, "kms:Decrypt", EC)
-    assert grant_allows({"Decrypt"}, None, "Decrypt", None)
-    assert not grant_allows({"Decrypt"}, None, "kms:Encrypt", EC)
-    assert not grant_allows({"Decrypt"}, None, "kms:decrypt", EC)  # enum values are exact
-    assert grant_allows({"ReEncryptFrom"}, None, "kms:ReEncryptFrom", EC)
-    assert not grant_allows({"ReEncryptFrom"}, None, "kms:ReEncryptTo", EC)
+    assert allows({"Decrypt"}, None, "kms:Decrypt", EC)
+    assert allows({"Decrypt"}, None, "Decrypt", None)
+    assert not allows({"Decrypt"}, None, "kms:Encrypt", EC)
+    assert not allows({"Decrypt"}, None, "kms:decrypt", EC)  # enum values are exact
+    assert allows({"ReEncryptFrom"}, None, "kms:ReEncryptFrom", EC)
+    assert not allows({"ReEncryptFrom"}, None, "kms:ReEncryptTo", EC)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +104,7 @@ def test_operation_must_be_granted() -> None:
 def test_encryption_context_equals(request_context: dict[str, str], allowed: bool) -> None:
     """EncryptionContextEquals: the request context must be exactly the constraint."""
     constraints = GrantConstraints(encryption_context_equals=EC)
-    assert grant_allows({"Decrypt"}, constraints, "kms:Decrypt", request_context) is allowed
+    assert allows({"Decrypt"}, constraints, "kms:Decrypt", request_context) is allowed
 
 
 @pytest.mark.parametrize(
@@ -99,8 +121,8 @@ def test_encryption_context_equals(request_context: dict[str, str], allowed: boo
 def test_encryption_context_subset(request_context: dict[str, str], allowed: bool) -> None:
     """EncryptionContextSubset: the request context must contain every constraint pair."""
     constraints = GrantConstraints(encryption_context_subset=EC)
-    assert grant_allows({"Encrypt"}, constraints, "kms:Encrypt", request_context) is allowed
-    assert grant_allows({"Encrypt"}, constraints, "kms:Encrypt", None) is False
+    assert allows({"Encrypt"}, constraints, "kms:Encrypt", request_context) is allowed
+    assert allows({"Encrypt"}, constraints, "kms:Encrypt", None) is False
 
 
 def test_both_constraints_must_hold() -> None:
@@ -108,26 +130,26 @@ def test_both_constraints_must_hold() -> None:
     constraints = GrantConstraints(
         encryption_context_equals=EC, encryption_context_subset={"Dept": "hr"}
     )
-    assert grant_allows({"Decrypt"}, constraints, "Decrypt", EC)
+    assert allows({"Decrypt"}, constraints, "Decrypt", EC)
     contradictory = GrantConstraints(
         encryption_context_equals=EC, encryption_context_subset={"Dept": "it"}
     )
-    assert not grant_allows({"Decrypt"}, contradictory, "Decrypt", EC)
+    assert not allows({"Decrypt"}, contradictory, "Decrypt", EC)
 
 
 def test_constraints_do_not_restrict_operations_without_context() -> None:
     """DescribeKey and RetireGrant are not restricted by EC constraints."""
     constraints = GrantConstraints(encryption_context_equals=EC)
-    assert grant_allows({"DescribeKey", "RetireGrant"}, constraints, "kms:DescribeKey", None)
-    assert grant_allows({"DescribeKey", "RetireGrant"}, constraints, "kms:RetireGrant", {})
+    assert allows({"DescribeKey", "RetireGrant"}, constraints, "kms:DescribeKey", None)
+    assert allows({"DescribeKey", "RetireGrant"}, constraints, "kms:RetireGrant", {})
     for operation in ENCRYPTION_CONTEXT_OPERATIONS:
-        assert not grant_allows({operation}, constraints, operation, {})
+        assert not allows({operation}, constraints, operation, {})
 
 
 def test_empty_constraints_are_no_constraints() -> None:
     """GrantConstraints() with nothing set restricts nothing."""
     assert GrantConstraints().empty
-    assert grant_allows({"Decrypt"}, GrantConstraints(), "Decrypt", {"any": "thing"})
+    assert allows({"Decrypt"}, GrantConstraints(), "Decrypt", {"any": "thing"})
 
 
 @pytest.mark.parametrize(
@@ -178,6 +200,5 @@ def test_child_grants_must_be_at_least_as_strict(
 ) -> None:
     """A constrained grant allowing CreateGrant only permits equally or more strict children."""
     assert (
-        grant_allows({"CreateGrant"}, parent, "kms:CreateGrant", None, child_constraints=child)
-        is allowed
+        allows({"CreateGrant"}, parent, "kms:CreateGrant", None, child_constraints=child) is allowed
     )

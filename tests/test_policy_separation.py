@@ -19,7 +19,6 @@ from policy_docs import separation_of_duties
 
 from hsmkms.errors import MalformedPolicyDocumentException
 from hsmkms.policy import (
-    KEY_RESOURCE_ACTIONS,
     AccessRequest,
     Outcome,
     PolicyDocument,
@@ -28,6 +27,7 @@ from hsmkms.policy import (
     parse_identity_policy,
     parse_policy,
 )
+from hsmkms.service.operations import KEY_RESOURCE_ACTIONS
 
 OTHER = f"arn:aws:iam::{ACCOUNT}:user/someone"
 KEY = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"

@@ -1,17 +1,31 @@
-"""The operation registry and the wire models, without a token: dispatch metadata, blob members,
+"""The operation descriptors and the wire models, without a token: every AWS operation has a
+descriptor, every implemented one its typed worker, the derived lists; blob members,
 AWS-worded validation, unknown members, secrets kept out of reprs."""
 
 from __future__ import annotations
 
 import inspect
 
+import botocore.session
 import pydantic
 import pytest
 
 from hsmkms import models as m
 from hsmkms.errors import ValidationException
-from hsmkms.service import OPERATIONS, KmsService
-from hsmkms.service.operations import blob_members
+from hsmkms.models.enums import GrantOperation
+from hsmkms.service import KmsService
+from hsmkms.service.core import Call, OperationMethod, ServiceCore, operation
+from hsmkms.service.operations import (
+    ACCOUNT_ACTIONS,
+    ALL_OPERATIONS,
+    ENCRYPTION_CONTEXT_OPERATIONS,
+    GRANT_OPERATIONS,
+    INLINE_OPERATIONS,
+    KEY_RESOURCE_ACTIONS,
+    OPERATIONS,
+    READ_ONLY_OPERATIONS,
+    blob_members,
+)
 
 ISSUE_3_OPERATIONS = {
     "CreateKey", "DescribeKey", "ListKeys", "UpdateKeyDescription", "EnableKey", "DisableKey",
@@ -21,27 +35,109 @@ ISSUE_3_OPERATIONS = {
     "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
     "ListKeyRotations", "GetKeyPolicy", "PutKeyPolicy", "ListKeyPolicies",
 }  # fmt: skip
-GRANT_OPERATIONS = {
+GRANT_API = {
     "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant",
 }  # fmt: skip
 
 
 def test_registry_covers_every_operation_of_the_issues() -> None:
-    assert set(OPERATIONS) == ISSUE_3_OPERATIONS | GRANT_OPERATIONS
+    assert set(OPERATIONS) == ISSUE_3_OPERATIONS | GRANT_API
 
 
-@pytest.mark.parametrize("name", sorted(ISSUE_3_OPERATIONS | GRANT_OPERATIONS))
-def test_registry_entry_dispatches_to_a_typed_method(name: str) -> None:
+def test_descriptors_name_every_operation_of_the_aws_api() -> None:
+    """One descriptor per operation of the botocore KMS model (the authority), and one for the
+    IAM action that has no operation."""
+    model = botocore.session.get_session().get_service_model("kms")
+    api = {op.name for op in ALL_OPERATIONS.values() if op.api}
+    assert api == set(model.operation_names)
+    assert {op.name for op in ALL_OPERATIONS.values() if not op.api} == {
+        "SynchronizeMultiRegionKey"
+    }
+    assert all(op.request_model is None for op in ALL_OPERATIONS.values() if not op.api)
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_3_OPERATIONS | GRANT_API))
+def test_every_implemented_descriptor_has_its_typed_worker(name: str) -> None:
     op = OPERATIONS[name]
-    assert op.name == name
-    method = getattr(KmsService, op.method)
-    params = inspect.signature(method).parameters
-    assert list(params) == ["self", "request", "caller"]
-    assert params["caller"].default is None
-    hints = inspect.get_annotations(method, eval_str=True)
-    assert hints["request"] is op.request_model
-    assert hints["return"] is op.response_model
+    assert op.request_model is not None
     assert op.request_model.__name__ == f"{name}Request"
+    method = KmsService.__dict__.get(op.worker) or getattr(KmsService, op.worker, None)
+    assert isinstance(method, OperationMethod), f"{name}: no worker {op.worker}"
+    assert method.op is op
+    hints = inspect.get_annotations(method.worker, eval_str=True)
+    assert hints["call"] == Call[op.request_model]  # type: ignore[name-defined]
+    assert hints["return"] is op.response_model
+    bound = inspect.signature(getattr(object.__new__(KmsService), op.worker))
+    assert list(bound.parameters) == ["request", "caller"]
+    assert bound.parameters["caller"].default is None
+
+
+def test_every_worker_belongs_to_a_served_descriptor() -> None:
+    workers = {
+        name: value
+        for klass in KmsService.__mro__
+        for name, value in vars(klass).items()
+        if isinstance(value, OperationMethod)
+    }
+    assert {w.op.name for w in workers.values()} == set(OPERATIONS)
+    assert all(name == w.op.worker for name, w in workers.items())
+
+
+def test_a_worker_without_a_descriptor_or_with_another_name_is_refused() -> None:
+    with pytest.raises(KeyError):
+        operation("Sign")  # a descriptor, but not implemented: no models
+    with pytest.raises(KeyError):
+        operation("NoSuchOperation")
+    # Python 3.11 wraps an error of __set_name__ in RuntimeError; 3.12 raises it as is.
+    with pytest.raises((TypeError, RuntimeError)) as info:
+
+        class Misnamed(ServiceCore):
+            @operation("DescribeKey")
+            def describe(self, call: Call[m.DescribeKeyRequest]) -> m.DescribeKeyResponse:
+                raise AssertionError
+
+    error = info.value if isinstance(info.value, TypeError) else info.value.__cause__
+    assert "must be named describe_key" in str(error)
+
+
+def test_grant_operations_are_the_wire_enum() -> None:
+    assert set(GRANT_OPERATIONS) == set(GrantOperation)
+    assert len(GRANT_OPERATIONS) == len(set(GRANT_OPERATIONS))
+
+
+def test_derived_lists_keep_the_aws_facts() -> None:
+    """The lists every layer used to keep by hand, now derived from the descriptors."""
+    assert {
+        "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+        "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GenerateRandom", "Sign",
+        "Verify", "GenerateMac", "VerifyMac", "DeriveSharedSecret", "GetPublicKey",
+        "Encapsulate", "Decapsulate", "DescribeKey", "DescribeCustomKeyStores", "GetKeyPolicy",
+        "GetKeyRotationStatus", "GetKeyLastUsage", "GetParametersForImport", "ListAliases",
+        "ListGrants", "ListKeyPolicies", "ListKeyRotations", "ListKeys", "ListResourceTags",
+        "ListRetirableGrants",
+    } == READ_ONLY_OPERATIONS  # fmt: skip
+    assert {"Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateRandom"} <= (
+        INLINE_OPERATIONS
+    )
+    assert not INLINE_OPERATIONS & {"CreateKey", "PutKeyPolicy", "CreateGrant", "ListKeys"}
+    assert {
+        "Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+        "ReEncryptFrom", "ReEncryptTo", "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+    } == ENCRYPTION_CONTEXT_OPERATIONS  # fmt: skip
+    assert set(ACCOUNT_ACTIONS) == {
+        f"kms:{n}"
+        for n in (
+            "ConnectCustomKeyStore", "CreateCustomKeyStore", "CreateKey", "DeleteCustomKeyStore",
+            "DescribeCustomKeyStores", "DisconnectCustomKeyStore", "GenerateRandom",
+            "ListAliases", "ListKeys", "ListRetirableGrants", "UpdateCustomKeyStore",
+        )
+    }  # fmt: skip
+    assert {"kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:SynchronizeMultiRegionKey"} <= set(
+        KEY_RESOURCE_ACTIONS
+    )
+    assert "kms:ReEncrypt" not in KEY_RESOURCE_ACTIONS
+    assert len(KEY_RESOURCE_ACTIONS) == 47
 
 
 def test_blob_members() -> None:

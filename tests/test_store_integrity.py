@@ -79,7 +79,11 @@ class Env:
             self.store.close()
             self.store = None
         self.sealer = CountingSealer(self.keystore)
-        self.store = MetadataStore.open_sqlite(self.path, clock=self.clock, sealer=self.sealer)
+        # Every read checks for commits by other connections (the attacker's writes below): a
+        # check interval above zero would let a read within it answer from the cache.
+        self.store = MetadataStore.open_sqlite(
+            self.path, clock=self.clock, sealer=self.sealer, cache_check_interval=0
+        )
         self.service = KmsService(
             self.keystore, self.store, region=REGION, account_id=ACCOUNT, clock=self.clock
         )

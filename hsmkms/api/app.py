@@ -7,8 +7,8 @@ Routes::
     GET  /metrics   Prometheus text, unauthenticated
 
 Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (the pid of the
-worker that answered). Operations are dispatched generically through
-:data:`hsmkms.service.OPERATIONS`, so a new operation needs no change here.
+worker that answered). Operations are dispatched generically through their descriptors
+(:data:`hsmkms.service.OPERATIONS`), so a new operation needs no change here.
 
 Audit: every ``POST /`` — allowed or denied, successful or failed, authenticated or not —
 produces exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), queued through
@@ -17,11 +17,11 @@ answered with that error instead of its result. ``/healthz``, ``/metrics`` and r
 other paths or with other methods are not audited (``docs/audit.md``).
 
 Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
-operations (:data:`INLINE_OPERATIONS`) run inline on the event loop: they take a fraction of a
-millisecond, PKCS#11 calls are serialized per process anyway, and a thread hop would cost as
-much as the work. Everything else (key administration, which writes the database and may
-wait on SQLite's write lock) runs on one worker thread, so a slow write does not stall the
-crypto fast path.
+operations (whose descriptor says ``inline``, :mod:`hsmkms.service.operations`) run inline on
+the event loop: they take a fraction of a millisecond, PKCS#11 calls are serialized per process
+anyway, and a thread hop would cost as much as the work. Everything else (key administration,
+which writes the database and may wait on SQLite's write lock) runs on one worker thread, so a
+slow write does not stall the crypto fast path.
 """
 
 from __future__ import annotations
@@ -49,32 +49,15 @@ from hsmkms.audit import AuditRecord, PreparedRecord, UserIdentity, prepare_api_
 from hsmkms.errors import KMSError, KMSInternalException, UnknownOperationException
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
+from hsmkms.service.operations import ALL_OPERATIONS
 from hsmkms.types import Caller
 
-__all__ = ["INLINE_OPERATIONS", "UNKNOWN_EVENT_NAME", "Backend", "KmsApp", "create_app"]
+__all__ = ["UNKNOWN_EVENT_NAME", "Backend", "KmsApp", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-INLINE_OPERATIONS = frozenset(
-    {
-        "Encrypt",
-        "Decrypt",
-        "ReEncrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyWithoutPlaintext",
-        "GenerateDataKeyPair",
-        "GenerateDataKeyPairWithoutPlaintext",
-        "GenerateRandom",
-        "GenerateMac",
-        "VerifyMac",
-        "Sign",
-        "Verify",
-    }
-)
-"""Operations run on the event loop; all others run on the worker thread."""
 
 DEFAULT_TASK_INTERVAL = 60.0
 
@@ -320,9 +303,10 @@ class KmsApp:
             operation = protocol.operation_name(target, OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
             op = OPERATIONS[operation]
+            assert op.request_model is not None  # operation_name admits implemented ones only
             request = protocol.decode_request(op.request_model, body)
-            method_fn = getattr(self.runtime.service, op.method)
-            if operation in INLINE_OPERATIONS:
+            method_fn = getattr(self.runtime.service, op.worker)
+            if op.inline:
                 result = method_fn(request, caller=caller)
             else:
                 loop = asyncio.get_running_loop()
@@ -401,8 +385,10 @@ class KmsApp:
         if failure is not None:
             error_code, error_message = _error_fields(failure)
             response = None
+        op = ALL_OPERATIONS.get(event_name)
         return prepare_api_call(
             event_name,
+            read_only=op is not None and op.read_only,
             identity=identity,
             account_id=runtime.account_id,
             region=runtime.region,

@@ -47,7 +47,6 @@ from hsmkms.types import utc_now
 __all__ = [
     "ADDITIONAL_EVENT_DATA_FIELDS",
     "EVENT_VERSION",
-    "READ_ONLY_OPERATIONS",
     "REQUEST_FIELDS",
     "RESPONSE_FIELDS",
     "SEARCH_COLUMNS",
@@ -356,39 +355,6 @@ SERVICE_EVENT_DETAIL_FIELDS: Final = frozenset(
 )
 """Names allowed in ``serviceEventDetails`` (values: str, int, float, bool or null)."""
 
-READ_ONLY_OPERATIONS: Final = frozenset(
-    {
-        "Encrypt",
-        "Decrypt",
-        "ReEncrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyWithoutPlaintext",
-        "GenerateDataKeyPair",
-        "GenerateDataKeyPairWithoutPlaintext",
-        "GenerateRandom",
-        "Sign",
-        "Verify",
-        "GenerateMac",
-        "VerifyMac",
-        "DeriveSharedSecret",
-        "GetPublicKey",
-        "DescribeKey",
-        "DescribeCustomKeyStores",
-        "GetKeyPolicy",
-        "GetKeyRotationStatus",
-        "GetKeyLastUsage",
-        "GetParametersForImport",
-        "ListAliases",
-        "ListGrants",
-        "ListKeyPolicies",
-        "ListKeyRotations",
-        "ListKeys",
-        "ListResourceTags",
-        "ListRetirableGrants",
-    }
-)
-"""Operations CloudTrail marks ``readOnly: true``; their ``responseElements`` are ``null``."""
-
 
 @dataclasses.dataclass(frozen=True)
 class UserIdentity:
@@ -449,11 +415,11 @@ def request_parameters(
 
 
 def response_elements(
-    event_name: str, response: Mapping[str, Any] | BaseModel | None
+    response: Mapping[str, Any] | BaseModel | None, *, read_only: bool
 ) -> dict[str, Any] | None:
     """``responseElements``: ``None`` for read-only operations (spec: §5.2 — null for crypto
     operations), else the allow-listed response members."""
-    if event_name in READ_ONLY_OPERATIONS:
+    if read_only:
         return None
     return _select(_members(response), RESPONSE_FIELDS) or None
 
@@ -525,6 +491,7 @@ def api_call_record(
     account_id: str,
     region: str,
     request_id: str,
+    read_only: bool,
     request: Mapping[str, Any] | BaseModel | None = None,
     response: Mapping[str, Any] | BaseModel | None = None,
     key_arns: Sequence[str] = (),
@@ -539,6 +506,8 @@ def api_call_record(
     """The record of one API call (``eventType`` ``AwsApiCall``), allowed or denied, successful
     or failed.
 
+    ``read_only`` is CloudTrail's ``readOnly`` for the operation (its ``responseElements`` are
+    then null); the service's operation descriptors say which operations are.
     ``request``/``response`` are the operation's request and response (a wire model or a dict
     with the AWS PascalCase member names); only allow-listed members are copied (see the module
     docstring). ``key_arns`` are the ARNs of the keys the call used or named (``resources``).
@@ -556,10 +525,12 @@ def api_call_record(
         "sourceIPAddress": source_ip,
         "userAgent": user_agent,
         "requestParameters": request_parameters(event_name, members),
-        "responseElements": None if error_code else response_elements(event_name, response),
+        "responseElements": None
+        if error_code
+        else response_elements(response, read_only=read_only),
         "requestID": request_id,
         "eventID": event_id or str(uuid.uuid4()),
-        "readOnly": event_name in READ_ONLY_OPERATIONS,
+        "readOnly": read_only,
         "resources": _resources(key_arns, account_id),
         "eventType": "AwsApiCall",
         "managementEvent": True,
@@ -737,6 +708,7 @@ def prepare_api_call(
     account_id: str,
     region: str,
     request_id: str,
+    read_only: bool,
     request: Mapping[str, Any] | BaseModel | None = None,
     response: Mapping[str, Any] | BaseModel | None = None,
     key_arns: Sequence[str] = (),
@@ -759,21 +731,21 @@ def prepare_api_call(
     params = _json(request_parameters(event_name, request))
     if error_code is None:
         errors = ""
-        elements = _json(response_elements(event_name, response))
+        elements = _json(response_elements(response, read_only=read_only))
     else:
         message = _json(_scrub(error_message or "", _omitted_values(_members(request))))
         errors = f'"errorCode":{_json(error_code)},"errorMessage":{message},'
-        elements = "null" if error_code else _json(response_elements(event_name, response))
+        elements = "null" if error_code else _json(response_elements(response, read_only=read_only))
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     head = "" if extra is None else f'"additionalEventData":{_json(extra)},'
-    read_only = "true" if event_name in READ_ONLY_OPERATIONS else "false"
+    read_only_json = "true" if read_only else "false"
     # The members in sorted order (canonical JSON); the property test checks the order too.
     body = (
         f'{{{head}"awsRegion":{_json(region)},{errors}"eventCategory":"Management",'
         f'"eventID":{_json(event_id or _uuid4_text())},"eventName":{_json(event_name)},'
         f'"eventSource":{_EVENT_SOURCE_JSON},"eventTime":{_json(when)},'
         f'"eventType":"AwsApiCall","eventVersion":{_EVENT_VERSION_JSON},'
-        f'"managementEvent":true,"readOnly":{read_only},'
+        f'"managementEvent":true,"readOnly":{read_only_json},'
         f'"recipientAccountId":{_json(account_id)},"requestID":{_json(request_id)},'
         f'"requestParameters":{params},"resources":{resources},"responseElements":{elements},'
         f'"sourceIPAddress":{_json(source_ip)},"userAgent":{_json(user_agent)},'

@@ -49,6 +49,37 @@ class KeySpec(enum.StrEnum):
     ML_DSA_87 = "ML_DSA_87"
 
 
+class KeyFamily(enum.Enum):
+    """A family of key specs that take part in the same operations (not a wire type)."""
+
+    SYMMETRIC = "SYMMETRIC"
+    RSA = "RSA"
+    ECC = "ECC"
+    HMAC = "HMAC"
+    SM2 = "SM2"
+    ML_DSA = "ML_DSA"
+    ML_KEM = "ML_KEM"
+
+
+_FAMILY_PREFIXES: tuple[tuple[str, KeyFamily], ...] = (
+    ("SYMMETRIC_DEFAULT", KeyFamily.SYMMETRIC),
+    ("RSA_", KeyFamily.RSA),
+    ("ECC_", KeyFamily.ECC),
+    ("HMAC_", KeyFamily.HMAC),
+    ("SM2", KeyFamily.SM2),
+    ("ML_DSA_", KeyFamily.ML_DSA),
+    ("ML_KEM_", KeyFamily.ML_KEM),
+)
+
+
+def key_family(key_spec: str) -> KeyFamily | None:
+    """The family of a key spec (a :class:`KeySpec` value, or any string); None when unknown."""
+    for prefix, family in _FAMILY_PREFIXES:
+        if key_spec.startswith(prefix):
+            return family
+    return None
+
+
 class OriginType(enum.StrEnum):
     """Where the key material comes from."""
 

@@ -9,7 +9,6 @@ model is described in docs/key-policies.md.
 
 from __future__ import annotations
 
-from hsmkms.policy.actions import ACCOUNT_ACTIONS, KEY_RESOURCE_ACTIONS
 from hsmkms.policy.conditions import BASE_OPERATORS, ConditionClause, SetQualifier
 from hsmkms.policy.context import (
     RESOURCE_ALIASES_QUOTA,
@@ -45,25 +44,13 @@ from hsmkms.policy.evaluate import (
     evaluate_key_access,
     lockout_check,
 )
-from hsmkms.policy.grants import (
-    ENCRYPTION_CONTEXT_OPERATIONS,
-    GRANT_OPERATIONS,
-    SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS,
-    GrantConstraints,
-    grant_allows,
-    valid_grant_operations,
-)
+from hsmkms.policy.grants import GrantConstraints, grant_allows
 
 __all__ = [
-    "ACCOUNT_ACTIONS",
     "BASE_OPERATORS",
-    "ENCRYPTION_CONTEXT_OPERATIONS",
-    "GRANT_OPERATIONS",
-    "KEY_RESOURCE_ACTIONS",
     "LOCKOUT_MESSAGE",
     "MAX_POLICY_BYTES",
     "RESOURCE_ALIASES_QUOTA",
-    "SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS",
     "UNEVALUABLE",
     "AccessRequest",
     "ConditionClause",
@@ -93,5 +80,4 @@ __all__ = [
     "parse_policy",
     "request_context",
     "root_arn",
-    "valid_grant_operations",
 ]

@@ -1,85 +1,17 @@
-"""Grants, the pure part: which operations a grant may carry and whether it allows a request.
+"""Grants, the pure part: whether a grant allows a request.
 
-A grant allows its grantee the listed operations on one key (reference §4.4). Constraints
-narrow the EC-bearing operations: ``EncryptionContextEquals`` (the request's encryption
-context must be exactly the constraint) and ``EncryptionContextSubset`` (the request's context
-must contain every constraint pair). Keys are compared case-insensitively, values exactly.
+Which operations a grant may carry for which key types is a fact of the operations
+(:mod:`hsmkms.service.operations`). A grant allows its grantee the listed operations on one
+key (reference §4.4). Constraints narrow the EC-bearing operations: ``EncryptionContextEquals``
+(the request's encryption context must be exactly the constraint) and
+``EncryptionContextSubset`` (the request's context must contain every constraint pair). Keys
+are compared case-insensitively, values exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-
-GRANT_OPERATIONS: tuple[str, ...] = (
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
-    "Sign",
-    "Verify",
-    "GetPublicKey",
-    "CreateGrant",
-    "RetireGrant",
-    "DescribeKey",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac",
-    "VerifyMac",
-    "DeriveSharedSecret",
-)
-"""The GrantOperation enum (reference §3.2)."""
-
-SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS: frozenset[str] = frozenset(
-    {
-        "Decrypt",
-        "Encrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyWithoutPlaintext",
-        "ReEncryptFrom",
-        "ReEncryptTo",
-        "CreateGrant",
-        "RetireGrant",
-        "DescribeKey",
-        "GenerateDataKeyPair",
-        "GenerateDataKeyPairWithoutPlaintext",
-    }
-)
-"""The grant operations valid on a SYMMETRIC_DEFAULT / ENCRYPT_DECRYPT key."""
-
-_ANY_KEY = frozenset({"CreateGrant", "RetireGrant", "DescribeKey"})
-
-# Operations for the other key types follow DG:grants ("grant operations"); only the
-# symmetric set is pinned in the reference (§4.4), so treat these as best knowledge.
-_BY_USAGE: dict[tuple[bool, str], frozenset[str]] = {
-    (True, "ENCRYPT_DECRYPT"): SYMMETRIC_ENCRYPT_DECRYPT_OPERATIONS,
-    (False, "ENCRYPT_DECRYPT"): _ANY_KEY
-    | {"Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GetPublicKey"},
-    (False, "SIGN_VERIFY"): _ANY_KEY | {"Sign", "Verify", "GetPublicKey"},
-    (False, "GENERATE_VERIFY_MAC"): _ANY_KEY | {"GenerateMac", "VerifyMac"},
-    (False, "KEY_AGREEMENT"): _ANY_KEY | {"DeriveSharedSecret", "GetPublicKey"},
-}
-
-ENCRYPTION_CONTEXT_OPERATIONS: frozenset[str] = frozenset(
-    {
-        "Decrypt",
-        "Encrypt",
-        "GenerateDataKey",
-        "GenerateDataKeyWithoutPlaintext",
-        "ReEncryptFrom",
-        "ReEncryptTo",
-        "GenerateDataKeyPair",
-        "GenerateDataKeyPairWithoutPlaintext",
-    }
-)
-"""Operations that take an encryption context, the only ones grant constraints restrict."""
-
-
-def valid_grant_operations(key_spec: str, key_usage: str) -> frozenset[str]:
-    """The grant operations CreateGrant may name for a key of this spec and usage."""
-    return _BY_USAGE.get((key_spec == "SYMMETRIC_DEFAULT", key_usage), _ANY_KEY)
 
 
 def _folded(context: Mapping[str, str]) -> dict[str, str] | None:
@@ -151,21 +83,23 @@ def grant_allows(
     action: str,
     encryption_context: Mapping[str, str] | None,
     *,
+    bound_to_context: bool,
     child_constraints: GrantConstraints | None = None,
 ) -> bool:
     """True when a grant with these operations and constraints allows ``action``.
 
     ``action`` is ``kms:Decrypt`` or ``Decrypt``; for ReEncrypt pass ``ReEncryptFrom`` (on the
     source key) and ``ReEncryptTo`` (on the destination key). Constraints restrict only the
-    operations that take an encryption context; for CreateGrant a constrained grant further
-    requires ``child_constraints`` to be at least as strict.
+    operations that take an encryption context (``bound_to_context``: the service's operation
+    descriptors say which); for CreateGrant a constrained grant further requires
+    ``child_constraints`` to be at least as strict.
     """
     operation = _operation(action)
     if operation not in grant_operations:
         return False
     if constraints is None or constraints.empty:
         return True
-    if operation in ENCRYPTION_CONTEXT_OPERATIONS:
+    if bound_to_context:
         return constraints.allow(encryption_context or {})
     if operation == "CreateGrant":
         return child_constraints is not None and constraints.at_least_as_strict(child_constraints)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from hsmkms.service.core import EventSink, ServiceEvent
-from hsmkms.service.kms import DueTaskReport, Inconsistencies, KmsService
+from hsmkms.service.kms import KmsService
+from hsmkms.service.maintenance import DueTaskReport, Inconsistencies
 from hsmkms.service.operations import OPERATIONS, Operation
 
 __all__ = [

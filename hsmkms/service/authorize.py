@@ -41,6 +41,7 @@ from hsmkms.policy import (
     parse_identity_policy,
     parse_policy,
 )
+from hsmkms.service.operations import bound_to_encryption_context
 from hsmkms.store import GrantRecord, KeyRecord
 from hsmkms.types import Caller, Clock
 
@@ -263,6 +264,7 @@ class Authorizer:
         encryption_context: Mapping[str, str] | None,
         grant_check: GrantCheck | None,
     ) -> bool:
+        bound = bound_to_encryption_context(action)
         for grant in grants:
             if grant_check is not None:
                 if grant_check(grant):
@@ -272,6 +274,7 @@ class Authorizer:
                 constraints_from_text(grant.constraints),
                 action,
                 encryption_context,
+                bound_to_context=bound,
             ):
                 return True
         return False

@@ -1,8 +1,16 @@
-"""The shared machinery of :class:`~hsmkms.service.KmsService`: key resolution, state checks,
-sealing and opening ciphertexts, creating key versions crash-safely.
+"""The shared machinery of :class:`~hsmkms.service.KmsService`: the template every operation
+runs through, key resolution, state and usage checks, sealing and opening ciphertexts, creating
+key versions crash-safely.
 
-The operation classes in this package build on it; each public operation follows one template:
-validate -> resolve the key -> authorize the caller -> check its state -> private worker.
+The template (:meth:`ServiceCore._execute`): validate the request (AWS-worded
+ValidationException) -> check its grant tokens -> the worker's ``prepare`` hook (checks of the
+request alone, and the extra condition context the operation adds) -> resolve the key (key id,
+key ARN, and alias name / alias ARN where the operation accepts them; NotFoundException) ->
+authorize the caller (key policy, identity policy, grants: AccessDeniedException) -> check the
+key state (:mod:`hsmkms.service.states`) and type -> the worker. The keys used are noted on the
+caller for the API's audit record. What each operation needs is in its descriptor
+(:mod:`hsmkms.service.operations`); a worker is a method decorated with :func:`operation` and
+holds only what is specific to its operation.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import structlog
+from pydantic import BaseModel
 
 from hsmkms.ciphertext import (
     CiphertextBlob,
@@ -29,10 +39,12 @@ from hsmkms.errors import (
 )
 from hsmkms.keystore.base import KeyMaterialRef, Keystore
 from hsmkms.keystore.errors import DecryptionFailed
-from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, KeyUsage, RotationType
+from hsmkms.models import validate_request
+from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, RotationType
 from hsmkms.policy import ContextInput
 from hsmkms.service.authorize import Authorizer, GrantCheck
 from hsmkms.service.identifiers import Arns, parse_grant_token
+from hsmkms.service.operations import OPERATIONS, Operation, Resolution
 from hsmkms.service.states import Access, check_state
 from hsmkms.store import (
     DELETING,
@@ -46,6 +58,7 @@ from hsmkms.types import Caller, Clock, utc_now
 log = structlog.get_logger(__name__)
 
 SYMMETRIC_DEFAULT = EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT.value
+_ENABLED = KeyState.Enabled.value
 
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
@@ -71,8 +84,134 @@ class ServiceEvent:
 EventSink = Callable[[ServiceEvent], None]
 
 
+def check_algorithm(algorithm: EncryptionAlgorithmSpec | None) -> EncryptionAlgorithmSpec:
+    """The encryption algorithm of a request to a symmetric key (SYMMETRIC_DEFAULT when
+    absent); InvalidKeyUsageException for any other."""
+    if algorithm is None or algorithm is EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT:
+        return EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT
+    raise InvalidKeyUsageException(
+        f"Algorithm {algorithm} is incompatible with key spec SYMMETRIC_DEFAULT."
+    )
+
+
+def page_limit(value: int | None, default: int) -> int:
+    """A request's Limit (or another optional count), or the operation's default."""
+    return default if value is None else value
+
+
 class RotationNotDue(Exception):
     """Internal: a scheduled rotation found the key no longer due (someone else rotated)."""
+
+
+_Req = TypeVar("_Req", bound=BaseModel)
+_Resp = TypeVar("_Resp", bound=BaseModel)
+_Svc = TypeVar("_Svc", bound="ServiceCore")
+_ReqIn = TypeVar("_ReqIn", bound=BaseModel, contravariant=True)
+_RespOut = TypeVar("_RespOut", bound=BaseModel, covariant=True)
+
+
+class Call(Generic[_Req]):
+    """One operation call as its worker sees it: the validated request, the caller, and what
+    the template resolved for it (the key, authorized and in an accepted state; for
+    encryption also the key's current version)."""
+
+    __slots__ = ("_key", "_version", "caller", "request")
+
+    def __init__(
+        self,
+        request: _Req,
+        caller: Caller | None,
+        key: KeyRecord | None = None,
+        version: KeyVersionRecord | None = None,
+    ) -> None:
+        self.request = request
+        self.caller = caller
+        self._key = key
+        self._version = version
+
+    @property
+    def key(self) -> KeyRecord:
+        """The key (operations with the KEY or CURRENT resolution)."""
+        if self._key is None:
+            raise AssertionError("this operation's template resolves no key")
+        return self._key
+
+    @property
+    def version(self) -> KeyVersionRecord:
+        """The key's current version (operations with the CURRENT resolution)."""
+        if self._version is None:
+            raise AssertionError("this operation's template resolves no key version")
+        return self._version
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """What a worker's ``prepare`` hook adds to the template: condition keys of the request
+    (``kms:ScheduleKeyDeletionPendingWindowInDays``, ``aws:RequestTag/<k>``, ...) and, for
+    CreateGrant, how a grant of the caller's may allow it."""
+
+    conditions: Mapping[str, ContextInput] | None = None
+    grant_check: GrantCheck | None = None
+
+
+Prepare = Callable[[Any], Prepared | None]
+"""A worker's hook run on the request before the key is resolved: checks that need the
+request only (raising the operation's own errors), and the :class:`Prepared` extras."""
+
+
+class BoundOperation(Protocol[_ReqIn, _RespOut]):
+    """A service operation as callers see it: ``service.encrypt(request, caller=None)``."""
+
+    def __call__(self, request: _ReqIn, caller: Caller | None = None) -> _RespOut: ...
+
+
+class OperationMethod(Generic[_Svc, _Req, _Resp]):
+    """The worker of one operation, as a method of the service class: accessed on a service,
+    it is the public operation (the template around the worker). Made by :func:`operation`."""
+
+    def __init__(
+        self,
+        op: Operation,
+        worker: Callable[[_Svc, Call[_Req]], _Resp],
+        prepare: Prepare | None,
+    ) -> None:
+        self.op = op
+        self.worker: Callable[[Any, Call[_Req]], _Resp] = worker
+        self.prepare = prepare
+        self.__doc__ = worker.__doc__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        if name != self.op.worker:
+            raise TypeError(f"the worker of {self.op.name} must be named {self.op.worker}")
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> OperationMethod[_Svc, _Req, _Resp]: ...
+
+    @overload
+    def __get__(self, instance: _Svc, owner: type[Any]) -> BoundOperation[_Req, _Resp]: ...
+
+    def __get__(self, instance: _Svc | None, owner: type[Any]) -> Any:
+        if instance is None:
+            return self
+        # Kept in the instance's __dict__, which a non-data descriptor yields to: every later
+        # call finds it there without allocating (the hot path).
+        bound = functools.partial(instance._execute, self)
+        instance.__dict__[self.op.worker] = bound
+        return bound
+
+
+def operation(
+    name: str, *, prepare: Prepare | None = None
+) -> Callable[[Callable[[_Svc, Call[_Req]], _Resp]], OperationMethod[_Svc, _Req, _Resp]]:
+    """Make the decorated method the worker of the operation ``name`` (a ``KeyError`` at import
+    when no descriptor exists; a ``TypeError`` when the method is not named as the descriptor
+    says). ``prepare`` runs on the request before the key is resolved."""
+    op = OPERATIONS[name]
+
+    def decorate(worker: Callable[[_Svc, Call[_Req]], _Resp]) -> OperationMethod[_Svc, _Req, _Resp]:
+        return OperationMethod(op, worker, prepare)
+
+    return decorate
 
 
 class ServiceCore:
@@ -120,6 +259,52 @@ class ServiceCore:
     def keystore(self) -> Keystore:
         """The keystore (for administrative tools and tests)."""
         return self._keystore
+
+    # -- the template -------------------------------------------------------------------------
+
+    def _execute(
+        self,
+        method: OperationMethod[Any, _Req, _Resp],
+        request: _Req,
+        caller: Caller | None = None,
+    ) -> _Resp:
+        """Run one operation: validate -> grant tokens -> prepare -> resolve, authorize and
+        check the key (per the descriptor's :class:`Resolution`) -> the worker. ``caller=None``
+        is the local operator: not authorized."""
+        op = method.op
+        validate_request(request)
+        if op.grant_tokens:
+            tokens = getattr(request, "GrantTokens", None)
+            if tokens:
+                self._check_grant_tokens(tokens)
+        prepared = method.prepare(request) if method.prepare is not None else None
+        resolution = op.resolution
+        if resolution is Resolution.CURRENT:
+            key, version = self._resolve_current(
+                getattr(request, op.key_member),
+                op=op,
+                caller=caller,
+                action=op.action,
+                encryption_context=getattr(request, "EncryptionContext", None),
+            )
+            return method.worker(self, Call(request, caller, key, version))
+        if resolution is Resolution.KEY:
+            key = self._resolve(
+                getattr(request, op.key_member),
+                aliases=op.aliases,
+                access=op.access,
+                caller=caller,
+                action=op.action,
+                extra=prepared.conditions if prepared is not None else None,
+                grant_check=prepared.grant_check if prepared is not None else None,
+            )
+            self._check_usage(op, key)
+            return method.worker(self, Call(request, caller, key))
+        if resolution is Resolution.ACCOUNT:
+            self._authz.check_account(
+                caller, op.action, extra=prepared.conditions if prepared is not None else None
+            )
+        return method.worker(self, Call(request, caller))
 
     # -- resolution -----------------------------------------------------------------------------
 
@@ -182,17 +367,19 @@ class ServiceCore:
         self,
         identifier: str,
         *,
+        op: Operation,
         caller: Caller | None,
         action: str,
         encryption_context: Mapping[str, str] | None,
     ) -> tuple[KeyRecord, KeyVersionRecord]:
         """For encryption: the usable key and its current version, rotating first when an
         automatic rotation is due (rotation is checked on use). Authorizes ``caller`` for
-        ``action`` with the request's encryption context."""
+        ``action`` with the request's encryption context; the key must suit ``op``."""
         key_id, alias = self._resolve_name(identifier, aliases=True)
         found = self._store.get_key_and_version(key_id)
         now = self._clock()
-        if found is None or self._gone(found[0], now):
+        # The hot path: an Enabled key is never gone, and rotates only when rotation is on.
+        if found is None or (found[0].state != _ENABLED and self._gone(found[0], now)):
             raise self._not_found(key_id)
         key, version = found
         if caller is not None:
@@ -206,8 +393,9 @@ class ServiceCore:
                 request_alias=alias,
             )
         check_state(Access.USE, key)
-        self._check_usage(key)
-        if self._rotation_due(key, now):
+        if not op.accepts(key.key_spec, key.key_usage):
+            self._check_usage(op, key)
+        if key.rotation_enabled and self._rotation_due(key, now):
             try:
                 self._rotate(key, RotationType.AUTOMATIC)
             except ServerError:
@@ -225,19 +413,13 @@ class ServiceCore:
             caller.note_key(key.arn, version.version)
         return key, version
 
-    def _check_usage(self, key: KeyRecord) -> None:
-        if key.key_usage != KeyUsage.ENCRYPT_DECRYPT:
+    @staticmethod
+    def _check_usage(op: Operation, key: KeyRecord) -> None:
+        """InvalidKeyUsageException unless the key's spec and usage suit the operation."""
+        if not op.accepts(key.key_spec, key.key_usage):
             raise InvalidKeyUsageException(
                 f"{key.arn} key usage is {key.key_usage} which is not valid for this operation."
             )
-
-    @staticmethod
-    def _check_algorithm(algorithm: EncryptionAlgorithmSpec | None) -> EncryptionAlgorithmSpec:
-        if algorithm is None or algorithm is EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT:
-            return EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT
-        raise InvalidKeyUsageException(
-            f"Algorithm {algorithm} is incompatible with key spec SYMMETRIC_DEFAULT."
-        )
 
     @staticmethod
     def _check_grant_tokens(tokens: Sequence[str] | None) -> None:
@@ -274,6 +456,7 @@ class ServiceCore:
         expected_key_id: str | None,
         incorrect_key: Callable[[], Exception],
         *,
+        op: Operation,
         caller: Caller | None = None,
         action: str = "kms:Decrypt",
         given_context: Mapping[str, str] | None = None,
@@ -300,7 +483,7 @@ class ServiceCore:
                 encryption_algorithm=SYMMETRIC_DEFAULT,
             )
         check_state(Access.USE, key)
-        self._check_usage(key)
+        self._check_usage(op, key)
         if version is None:
             raise InvalidCiphertextException()
         ref = material_ref(version.material_ref)

@@ -1,0 +1,132 @@
+"""The service's own work: due automatic rotations and purges of deleted keys (periodically in
+a background thread, or once), and the comparison of the token with the store that
+``hsmkms doctor`` reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from hsmkms.keystore.base import KeyMaterialRef, TokenObject
+from hsmkms.models.enums import RotationType
+from hsmkms.service.core import ServiceCore, log
+from hsmkms.store import DELETING
+
+
+@dataclasses.dataclass(frozen=True)
+class DueTaskReport:
+    """What one :meth:`Maintenance.run_due_tasks` pass did."""
+
+    rotated: list[str]
+    purged: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inconsistencies:
+    """Differences between the token and the store (``hsmkms doctor``).
+
+    ``orphans``: token objects of this project that no key version refers to (for example left
+    by a crash between creating the object and committing its row). ``missing``: key versions
+    whose token object(s) are not on the token.
+    """
+
+    orphans: list[TokenObject]
+    missing: list[tuple[str, int]]
+
+
+class Maintenance(ServiceCore):
+    """Periodic work and diagnostics of :class:`~hsmkms.service.KmsService`."""
+
+    _thread: threading.Thread | None = None
+    _stop_event: threading.Event | None = None
+
+    def rotate_due(self) -> list[str]:
+        """Rotate every Enabled key whose automatic rotation is due. Returns their ids."""
+        rotated = []
+        for key in self._store.keys_due_for_rotation(self._clock()):
+            try:
+                updated = self._rotate(key, RotationType.AUTOMATIC)
+            except Exception:
+                log.exception("rotation_failed", key_id=key.key_id)
+                continue
+            if updated is not None:
+                rotated.append(key.key_id)
+        return rotated
+
+    def purge_due(self) -> list[str]:
+        """Destroy keys whose deletion date has passed: every token object of every version
+        (``C_DestroyObject``), then their rows, aliases and tags. Returns the purged key ids.
+
+        Crash-safe: the key is first marked Deleting (gone for callers), then its objects are
+        destroyed (destroying an absent object is not an error), then its rows deleted; a purge
+        interrupted anywhere finishes on the next run.
+        """
+        now = self._clock()
+        purged = []
+        for key in self._store.keys_to_purge(now):
+            if not self._store.mark_deleting(key.key_id, now):
+                continue  # cancelled meanwhile
+            try:
+                for version in self._store.list_versions(key.key_id).items:
+                    self._keystore.destroy(KeyMaterialRef.from_str(version.material_ref))
+                self._store.delete_key(key.key_id)
+            except Exception:
+                log.exception("purge_failed", key_id=key.key_id)
+                continue
+            log.info("key_deleted", key_id=key.key_id)
+            self._emit("DeleteKey", key.arn)
+            purged.append(key.key_id)
+        return purged
+
+    def run_due_tasks(self) -> DueTaskReport:
+        """One pass of the periodic work: due automatic rotations, then due deletions."""
+        return DueTaskReport(rotated=self.rotate_due(), purged=self.purge_due())
+
+    def find_inconsistencies(self) -> Inconsistencies:
+        """Compare the token's objects with the store's key versions (``hsmkms doctor``).
+
+        The token is listed first, so an object created (and committed) after the listing is
+        not reported; an object whose row is not committed yet may be reported as an orphan.
+        """
+        objects = self._keystore.list_objects()
+        present = {o.object_id for o in objects}
+        referenced: set[str] = set()
+        missing: list[tuple[str, int]] = []
+        for version, state in self._store.all_versions():
+            ref = KeyMaterialRef.from_str(version.material_ref)
+            referenced.update(ref.object_ids)
+            if state != DELETING and not all(oid in present for oid in ref.object_ids):
+                missing.append((version.key_id, version.version))
+        # Service keys (audit seal, credentials) are not key versions and never orphans here.
+        orphans = [o for o in objects if o.is_key_version and o.object_id not in referenced]
+        return Inconsistencies(orphans=orphans, missing=missing)
+
+    def start_background(self, interval: float = 60.0) -> None:
+        """Run :meth:`run_due_tasks` every ``interval`` seconds in a daemon thread."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        stop = self._stop_event = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.run_due_tasks()
+                except Exception:
+                    log.exception("due_tasks_failed")
+
+        self._thread = threading.Thread(target=loop, name="hsmkms-due-tasks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the background thread (if running) and wait for it."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop background work, close the store and log the keystore out (end of process)."""
+        self.stop()
+        self._store.close()
+        self._keystore.close()
