@@ -46,7 +46,12 @@ from pydantic import BaseModel
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
 from hsmkms.audit import AuditRecord, PreparedRecord, UserIdentity, prepare_api_call
-from hsmkms.errors import KMSError, KMSInternalException, UnknownOperationException
+from hsmkms.errors import (
+    KMSError,
+    KMSInternalException,
+    UnknownOperationException,
+    caller_error_fields,
+)
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
 from hsmkms.types import Caller
@@ -161,14 +166,8 @@ def _unknown_identity(scope: Scope) -> UserIdentity:
     return UserIdentity("Unknown", access_key_id=found.group(1) if found else None)
 
 
-def _error_fields(failure: BaseException) -> tuple[str, str]:
-    """(errorCode, errorMessage) as the caller saw them: a server fault's message is the
-    generic one, never its internal detail."""
-    if isinstance(failure, KMSError):
-        if failure.status < 500:
-            return failure.code, failure.message
-        return failure.code, protocol.SERVER_FAULT_MESSAGE
-    return KMSInternalException.code, protocol.SERVER_FAULT_MESSAGE
+_error_fields = caller_error_fields
+"""(errorCode, errorMessage) as the caller saw them (shared with the local operator's records)."""
 
 
 class KmsApp:
