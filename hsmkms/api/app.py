@@ -468,14 +468,17 @@ class KmsApp:
 
 
 def create_app(
-    data_dir: Path | None = None, task_interval: float = DEFAULT_TASK_INTERVAL
+    data_dir: Path | None = None,
+    task_interval: float = DEFAULT_TASK_INTERVAL,
+    log_level: str = "warning",
 ) -> KmsApp:
     """The application for one worker (uvicorn factory). Settings come from the environment
-    (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``."""
-    from hsmkms.api.bootstrap import configure_logging
+    (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``. Logging is set up as for every
+    entry point (:func:`hsmkms.log.configure_logging`), at ``log_level``."""
     from hsmkms.api.runtime import Runtime
     from hsmkms.config import Settings
+    from hsmkms.log import configure_logging
 
-    configure_logging()
+    configure_logging(log_level)
     settings = Settings.load(data_dir)
     return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval)

@@ -12,13 +12,9 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-
-import structlog
 
 from hsmkms.config import Settings, keystore_config
 from hsmkms.identity import ROOT_NAME, CredentialStore, IssuedCredential
@@ -31,7 +27,6 @@ __all__ = [
     "ROOT_KEY_ENV",
     "ROOT_SECRET_ENV",
     "InitReport",
-    "configure_logging",
     "initialize",
     "open_credentials",
 ]
@@ -39,21 +34,6 @@ __all__ = [
 ROOT_CREDENTIALS_FILE = "root-credentials.json"
 ROOT_KEY_ENV = "HSMKMS_ROOT_ACCESS_KEY_ID"
 ROOT_SECRET_ENV = "HSMKMS_ROOT_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name)
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Send structlog output to stderr (stdout carries command output), filtered by level."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
 
     os.environ["HSMKMS_DATA_DIR"] = str(settings.data_dir)
     config = uvicorn.Config(
-        functools.partial(create_app, settings.data_dir, options.task_interval),
+        functools.partial(create_app, settings.data_dir, options.task_interval, options.log_level),
         factory=True,
         host=options.host,
         port=options.port,
@@ -127,6 +127,9 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # uvicorn's own records go to the root logger, which hsmkms.log set up (JSON lines
+        # through the secret redaction) in this process and in each worker (create_app).
+        log_config=None,
         # aws:SourceIp, aws:SecureTransport and the audit trail's sourceIPAddress come from
         # the connection itself: forwarding headers are client-controlled, never trusted.
         proxy_headers=False,

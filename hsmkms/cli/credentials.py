@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import logging
 import sys
 
 from hsmkms.config import Settings
@@ -135,9 +134,8 @@ def _bad_policy(message: str) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from hsmkms.api.bootstrap import configure_logging, initialize
+    from hsmkms.api.bootstrap import initialize
 
-    configure_logging(logging.WARNING)
     settings = Settings.load(args.data_dir)
     initialize(settings)
     return settings

@@ -161,11 +161,8 @@ def _boto3_client(args: argparse.Namespace) -> Any:
 def _local_service(data_dir: Path | None) -> Iterator[Any]:
     """A KmsService on the data directory (the embedded token is created when missing)."""
     from hsmkms.config import Settings
-    from hsmkms.log import configure_logging
     from hsmkms.service.local import open_service
 
-    # stdout may carry the data: service logs go to stderr, warnings and errors only.
-    configure_logging("WARNING")
     service = open_service(Settings.load(data_dir))
     try:
         yield service
