@@ -92,11 +92,11 @@ def test_a_command_logs_json_lines_to_stderr_through_the_redaction(
     key, a plaintext and a data key (named as secrets, as bytes, nested, as stdlib arguments)
     made during the command reaches stderr as JSON lines without any of them."""
 
-    def reader(args: object) -> None:
+    def reader(settings: object) -> None:
         leak_probe.emit(SECRETS)
         raise ClientError("no database at nowhere")
 
-    monkeypatch.setattr(cli_audit, "_reader", reader)
+    monkeypatch.setattr(cli_audit, "open_audit_reader", reader)
     assert main(["audit", "tail", "--data-dir", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""

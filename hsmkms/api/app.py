@@ -105,7 +105,8 @@ class _BodyTooLarge(Exception):
 
 
 class Backend(Protocol):
-    """What the app needs from a worker's runtime (:class:`hsmkms.api.runtime.Runtime`)."""
+    """What the app needs from a worker's runtime (:class:`hsmkms.api.runtime.Runtime`, a
+    server's view of :class:`hsmkms.system.System`)."""
 
     @property
     def service(self) -> Any:

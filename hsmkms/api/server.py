@@ -21,7 +21,7 @@ from hsmkms.api.metrics import MULTIPROC_ENV
 from hsmkms.config import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from hsmkms.api.bootstrap import InitReport
+    from hsmkms.system import InitReport
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServeOptions", "default_workers", "serve"]
 
@@ -100,7 +100,7 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     # Before anything imports prometheus-client in a worker (and, to be safe, here).
     _prepare_metrics_dir(settings.data_dir)
 
-    from hsmkms.api.bootstrap import initialize
+    from hsmkms.system import initialize
 
     sock = _bind(options.host, options.port)
     try:

@@ -26,11 +26,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO
 
+from hsmkms.config import Settings
 from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
 from hsmkms.envelope.files import atomic_output
 from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
 from hsmkms.envelope.stream import Progress
 from hsmkms.errors import ValidationException
+from hsmkms.service import KmsService
+from hsmkms.system import System
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -135,8 +138,8 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
     if args.endpoint_url:
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
-    with _local_service(args.data_dir) as service:
-        yield EnvelopeClient(ServiceProvider(service), segment_size=segment_size)
+    with _local_system(args.data_dir) as system:
+        yield EnvelopeClient(ServiceProvider(system.service), segment_size=segment_size)
 
 
 def _boto3_client(args: argparse.Namespace) -> Any:
@@ -158,16 +161,19 @@ def _boto3_client(args: argparse.Namespace) -> Any:
 
 
 @contextlib.contextmanager
-def _local_service(data_dir: Path | None) -> Iterator[Any]:
-    """A KmsService on the data directory (the embedded token is created when missing)."""
-    from hsmkms.config import Settings
-    from hsmkms.service.local import open_service
+def _local_system(data_dir: Path | None) -> Iterator[System]:
+    """The system on the data directory (the embedded token is created when missing), its
+    audit records appended to the trail as they are made."""
+    with System.open(Settings.load(data_dir), audit="direct") as system:
+        yield system
 
-    service = open_service(Settings.load(data_dir))
-    try:
-        yield service
-    finally:
-        service.close()
+
+@contextlib.contextmanager
+def _local_service(data_dir: Path | None) -> Iterator[KmsService]:
+    """The KmsService on the data directory, as the local operator's calls reach it (for
+    tests and benchmarks that set up keys; calls made on it directly are not audited)."""
+    with _local_system(data_dir) as system:
+        yield system.service
 
 
 class _ProgressBar:

@@ -1,7 +1,8 @@
 """``hsmkms``: the command line. Every command takes ``--data-dir`` (default
 ``$HSMKMS_DATA_DIR``, else ``./.hsmkms``) and fails with one line naming the problem, never a
 traceback. Every command logs through the one set-up of :mod:`hsmkms.log` (JSON lines on
-stderr, secrets redacted; warnings and errors, or ``serve --log-level``)."""
+stderr, secrets redacted; warnings and errors, or ``serve --log-level``), and opens what it
+works on through :mod:`hsmkms.system`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,41 @@
+"""The composition root: the running system built from settings, for every entry point.
+
+It sits above ``service/``, ``store/``, ``keystore/``, ``identity/`` and ``audit/`` and below
+``api/`` and ``cli/`` (``docs/architecture.md``, "The composition root"):
+
+* :mod:`hsmkms.system.root` — :class:`System` (keystore, sealed metadata store, service,
+  credentials store, audit trail and writer), :func:`open_audit_reader`,
+  :func:`open_audit_verifier`; the only module constructing those parts;
+* :mod:`hsmkms.system.datadir` — :func:`initialize`: the data directory, the token, the
+  database and the root identity (``serve``'s parent, ``hsmkms credentials``).
+"""
+
+from __future__ import annotations
+
+from hsmkms.system.datadir import (
+    ROOT_CREDENTIALS_FILE,
+    ROOT_KEY_ENV,
+    ROOT_SECRET_ENV,
+    InitReport,
+    initialize,
+)
+from hsmkms.system.root import (
+    AuditMode,
+    System,
+    open_audit_reader,
+    open_audit_verifier,
+    service_event_sink,
+)
+
+__all__ = [
+    "ROOT_CREDENTIALS_FILE",
+    "ROOT_KEY_ENV",
+    "ROOT_SECRET_ENV",
+    "AuditMode",
+    "InitReport",
+    "System",
+    "initialize",
+    "open_audit_reader",
+    "open_audit_verifier",
+    "service_event_sink",
+]
