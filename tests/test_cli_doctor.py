@@ -178,6 +178,11 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in search.stdout.splitlines()]
     assert record["eventType"] == "AwsServiceEvent"
     assert record["serviceEventDetails"] == {"keyId": key_id}
+    verify = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "audit", "verify", "--data-dir", str(tmp_path)],
+        env=clean, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
 
 
 # -- integrity of the metadata (docs/metadata-store.md) -------------------------------------

@@ -1,9 +1,10 @@
 """``hsmkms encrypt-file``, ``decrypt-file`` and ``rewrap``: envelope encryption of files and
 streams (:mod:`hsmkms.envelope`).
 
-Data keys come from the local data directory (the KMS service in this process) or, with
-``--endpoint-url``, from any KMS endpoint through boto3 (credentials and region from the usual
-AWS environment variables or profile). ``-`` means stdin or stdout.
+Data keys come from the local data directory (the KMS service in this process; each call is
+recorded in the audit trail as the local operator's) or, with ``--endpoint-url``, from any KMS
+endpoint through boto3 (credentials and region from the usual AWS environment variables or
+profile). ``-`` means stdin or stdout.
 
 Output files are written atomically: nothing appears under the output name unless the whole
 operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
@@ -33,7 +34,7 @@ from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
 from hsmkms.envelope.stream import Progress
 from hsmkms.errors import ValidationException
 from hsmkms.service import KmsService
-from hsmkms.system import System
+from hsmkms.system import OperatorService, System
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -139,7 +140,10 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
     with _local_system(args.data_dir) as system:
-        yield EnvelopeClient(ServiceProvider(system.service), segment_size=segment_size)
+        # The local operator's GenerateDataKey, Decrypt and ReEncrypt calls are recorded in
+        # the audit trail like the server's (docs/audit.md, "Local operator records").
+        operator = OperatorService(system, command=args.command)
+        yield EnvelopeClient(ServiceProvider(operator), segment_size=segment_size)
 
 
 def _boto3_client(args: argparse.Namespace) -> Any:

@@ -7,7 +7,9 @@ It sits above ``service/``, ``store/``, ``keystore/``, ``identity/`` and ``audit
   credentials store, audit trail and writer), :func:`open_audit_reader`,
   :func:`open_audit_verifier`; the only module constructing those parts;
 * :mod:`hsmkms.system.datadir` — :func:`initialize`: the data directory, the token, the
-  database and the root identity (``serve``'s parent, ``hsmkms credentials``).
+  database and the root identity (``serve``'s parent, ``hsmkms credentials``);
+* :mod:`hsmkms.system.operator` — :class:`OperatorService`: the local operator's key
+  operations, each recorded in the audit trail like an API call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from hsmkms.system.datadir import (
     InitReport,
     initialize,
 )
+from hsmkms.system.operator import (
+    LOCAL_OPERATOR_TYPE,
+    LOCAL_SOURCE,
+    OperatorService,
+    local_operator_identity,
+)
 from hsmkms.system.root import (
     AuditMode,
     System,
@@ -28,13 +36,17 @@ from hsmkms.system.root import (
 )
 
 __all__ = [
+    "LOCAL_OPERATOR_TYPE",
+    "LOCAL_SOURCE",
     "ROOT_CREDENTIALS_FILE",
     "ROOT_KEY_ENV",
     "ROOT_SECRET_ENV",
     "AuditMode",
     "InitReport",
+    "OperatorService",
     "System",
     "initialize",
+    "local_operator_identity",
     "open_audit_reader",
     "open_audit_verifier",
     "service_event_sink",
