@@ -5,9 +5,9 @@ records")."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -116,7 +116,7 @@ def test_each_call_is_one_record_naming_the_local_operator(system: System) -> No
     )
     assert plain.Plaintext == response.Plaintext
     generate, decrypt = _records(system)[before:]
-    user = getpass.getuser()
+    user = pwd.getpwuid(os.geteuid()).pw_name
     assert generate["userIdentity"] == {
         "type": "LocalOperator",
         "principalId": f"{user}@{socket.gethostname()}",

@@ -18,8 +18,8 @@ Who the record names (``docs/audit.md``, "Local operator records")::
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import socket
 import uuid
 from typing import Any
@@ -64,16 +64,19 @@ _KEY_NAME_MEMBERS = ("KeyId", "SourceKeyId", "DestinationKeyId")
 
 
 def _os_user() -> str:
+    """The name of the process's effective user id — not ``$USER``, which the caller sets."""
+    uid = os.geteuid()
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
-        return f"uid-{os.getuid()}"
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # no passwd entry (some containers)
+        return f"uid-{uid}"
 
 
 def local_operator_identity(account_id: str) -> UserIdentity:
     """The ``userIdentity`` of this process's operator: type ``LocalOperator``, the OS user
-    and host as ``principalId``, the OS user as ``userName``. No ARN and no access key: the
-    operator is no principal of the account, and authenticated with none."""
+    (of the effective user id) and host as ``principalId``, the OS user as ``userName``. No
+    ARN and no access key: the operator is no principal of the account, and authenticated
+    with none."""
     user = _os_user()
     return UserIdentity(
         LOCAL_OPERATOR_TYPE,
