@@ -46,7 +46,7 @@ def _key(system: System) -> str:
 
 
 def _records(system: System) -> list[dict[str, Any]]:
-    if system.trail is None:  # nothing recorded yet
+    if not (system.settings.data_dir / "audit.db").exists():  # nothing recorded yet
         return []
     trail = open_audit_reader(system.settings)
     try:

@@ -207,7 +207,8 @@ def test_a_writer_system_seals_at_start_and_after_its_last_record(data_dir: Path
 @pytest.mark.hsm
 def test_a_direct_system_opens_the_trail_only_for_a_record(tmp_path: Path) -> None:
     """audit="direct" (a command): no trail until something is recorded; then each record is
-    in the trail when audit() returns."""
+    in the trail, sealed by a shutdown seal, when audit() returns: the trail verifies while
+    the command still runs."""
     data_dir = tmp_path / "data"
     with open_system(data_dir) as system:
         key = system.service.create_key(m.CreateKeyRequest()).KeyMetadata
@@ -222,8 +223,12 @@ def test_a_direct_system_opens_the_trail_only_for_a_record(tmp_path: Path) -> No
             assert [r["eventName"] for r in reader.tail()] == ["RotateKey"]
         finally:
             reader.close()
-    with open_audit_verifier(Settings.load(data_dir)) as trail:
-        assert trail.verify().status is VerifyStatus.OK
+        assert system.trail is None
+        with open_audit_verifier(system.settings) as trail:
+            result = trail.verify()
+        assert result.status is VerifyStatus.OK, result.problem
+        assert result.newest_seal is not None
+        assert result.newest_seal.reason == "shutdown"
 
 
 @pytest.mark.hsm

@@ -51,8 +51,11 @@ __all__ = [
 
 AuditMode = Literal["writer", "direct"]
 """How a :class:`System` writes audit records: ``"writer"`` queues them to an
-:class:`~hsmkms.audit.AuditWriter` (a server: batched, from a thread of its own); ``"direct"``
-appends each one to the trail before returning (a command: nothing is left queued)."""
+:class:`~hsmkms.audit.AuditWriter` (a server: batched, from a thread of its own, which also
+keeps the trail's seals coming); ``"direct"`` appends each one before returning, in a writer
+session of its own — the trail opened (``start`` seal), the record appended, the trail closed
+(``shutdown`` seal) — so a command leaves nothing queued, and no seal that falls due while it
+runs on (a long file encryption) for ``hsmkms audit verify`` to report as overdue."""
 
 KeystoreWrapper = Callable[[Pkcs11Keystore], Keystore]
 """Wraps the token's keystore for one process (the server's call-latency metrics)."""
@@ -105,7 +108,7 @@ class System:
         self.keystore = keystore
         self.store = store
         self._credentials: CredentialStore | None = None
-        self.trail: AuditTrail | None = None
+        self.trail: AuditTrail | None = None  # with audit="writer"
         self.writer: AuditWriter | None = None
         self._audit_mode = audit
         self._trail_lock = threading.Lock()
@@ -150,8 +153,8 @@ class System:
         ``prepare``: create the data directory, and on the embedded default the SoftHSM2 token,
         when missing (a server worker passes False: its parent did it). ``audit``: where
         records go (:data:`AuditMode`; None: nowhere, and service events are not reported).
-        With ``"writer"`` the trail is opened now (a ``start`` seal); with ``"direct"`` at the
-        first record, so a command that audits nothing leaves the trail alone. ``identity``:
+        With ``"writer"`` the trail is opened now (a ``start`` seal); with ``"direct"`` only for
+        each record, so a command that audits nothing leaves the trail alone. ``identity``:
         open the credentials store too. ``clock``: the service's clock.
 
         Whatever was opened is closed again when a later part fails.
@@ -198,19 +201,17 @@ class System:
         if self.writer is not None:
             self.writer.submit(record)
             return
-        trail = self._direct_trail()
-        if isinstance(record, PreparedRecord):
-            trail.append_prepared((record,))
-        else:
-            trail.append(record)
-
-    def _direct_trail(self) -> AuditTrail:
         if self._audit_mode != "direct":
             raise KMSInternalException("This hsmkms process was opened without an audit trail.")
         with self._trail_lock:
-            if self.trail is None:
-                self.trail = AuditTrail(self.settings.audit_database_url, self.keystore)
-            return self.trail
+            trail = AuditTrail(self.settings.audit_database_url, self.keystore)
+            try:
+                if isinstance(record, PreparedRecord):
+                    trail.append_prepared((record,))
+                else:
+                    trail.append(record)
+            finally:
+                trail.close()
 
     # -- closing ------------------------------------------------------------------------------
 
