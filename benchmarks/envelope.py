@@ -91,7 +91,10 @@ def _best(repeat: int, run: Callable[[], object]) -> float:
 @contextlib.contextmanager
 def _local_service(data_dir: Path) -> Iterator[Any]:
     from hsmkms.cli.envelope import _local_service as open_local
+    from hsmkms.log import configure_logging
 
+    # As a command would (hsmkms.cli.main): logs to stderr, warnings and errors only.
+    configure_logging("WARNING")
     with open_local(data_dir) as service:
         yield service
 

@@ -41,7 +41,11 @@ every client error), not the Smithy model's httpError values.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
+
+SERVER_FAULT_MESSAGE: Final = "hsmkms could not complete the request. Retry it later."
+"""What a caller (and the audit record of its call) is told about a server fault: never the
+internal detail, which goes to the log only."""
 
 
 class KMSError(Exception):
@@ -266,3 +270,14 @@ class DependencyTimeoutException(ServerError):
 
     code = "DependencyTimeoutException"
     status = 503
+
+
+def caller_error_fields(failure: BaseException) -> tuple[str, str]:
+    """``(errorCode, errorMessage)`` of a failed call as its caller sees them: a client error's
+    code and message; a server fault's code (``KMSInternalException`` for anything not a
+    :class:`KMSError`) with :data:`SERVER_FAULT_MESSAGE`, never its internal detail."""
+    if isinstance(failure, KMSError):
+        if failure.status < 500:
+            return failure.code, failure.message
+        return failure.code, SERVER_FAULT_MESSAGE
+    return KMSInternalException.code, SERVER_FAULT_MESSAGE

@@ -6,10 +6,12 @@ Tokens are created before any keystore opens: SoftHSM2 only sees tokens that exi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
@@ -69,3 +71,16 @@ def any_keystore(
 ) -> Pkcs11Keystore:
     """Each test using this runs once per mechanism profile."""
     return keystore if request.param == "gcm" else portable_keystore
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A command run in this process (``hsmkms.cli.main.main``) sets up logging for the whole
+    process (hsmkms.log.configure_logging); put the earlier set-up back after each test."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -22,9 +22,9 @@ from hsmkms.audit.writer import AuditWriter
 from hsmkms.errors import DependencyTimeoutException
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service import KmsService
-from hsmkms.service.local import service_event_sink
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
+from hsmkms.system import service_event_sink
 
 pytestmark = pytest.mark.hsm
 

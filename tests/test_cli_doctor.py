@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from local_system import open_system
 
 from hsmkms import models as m
-from hsmkms.config import Settings
 from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.models import CreateKeyRequest, ScheduleKeyDeletionRequest
 from hsmkms.service.kms import KmsService
-from hsmkms.service.local import open_service
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import GrantRecord
+from hsmkms.system import System
 from hsmkms.types import Clock, utc_now
 
 pytestmark = pytest.mark.hsm
@@ -117,8 +117,8 @@ def test_doctor_bad_setting(tmp_path: Path) -> None:
     assert_one_line_failure(proc, "HSMKMS_ACCOUNT_ID")
 
 
-def _service(data_dir: Path, clock: Clock = utc_now) -> KmsService:
-    return open_service(Settings.load(data_dir), clock=clock)
+def _system(data_dir: Path, clock: Clock = utc_now) -> System:
+    return open_system(data_dir, clock=clock)
 
 
 def _material(service: KmsService, key_id: str) -> KeyMaterialRef:
@@ -131,39 +131,33 @@ def _material(service: KmsService, key_id: str) -> KeyMaterialRef:
 def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None:
     """An object no key refers to is listed; a key version whose object is gone fails doctor."""
     assert doctor(tmp_path).returncode == 0
-    service = _service(tmp_path)
-    try:
+    with _system(tmp_path) as system:
+        service = system.service
         orphan = service.keystore.create_key("0badc0de-0000-4000-8000-000000000000", 1)
         key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
         material = _material(service, key_id)
-    finally:
-        service.close()
     report = json.loads(doctor(tmp_path, "--json").stdout)
     assert report["orphans"] == [
         {"object_id": orphan.object_ids[0], "label": "hsmkms:0badc0de000040008000:1:a"}
     ]
     assert report["missing"] == []
 
-    service = _service(tmp_path)
-    try:
+    with _system(tmp_path) as system:
+        service = system.service
         service.keystore.destroy(material)
-    finally:
-        service.close()
     assert_one_line_failure(doctor(tmp_path), f"key {key_id} version 1: token object missing")
 
 
 def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
     """`hsmkms purge` destroys the token objects of keys whose deletion date has passed."""
     # Schedule the deletion on a clock 8 days behind, so the 7-day window is over now.
-    service = _service(tmp_path, ManualClock(dt.datetime.now(dt.UTC) - dt.timedelta(days=8)))
-    try:
+    with _system(tmp_path, ManualClock(dt.datetime.now(dt.UTC) - dt.timedelta(days=8))) as system:
+        service = system.service
         key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
         material = _material(service, key_id)
         service.schedule_key_deletion(
             ScheduleKeyDeletionRequest(KeyId=key_id, PendingWindowInDays=7)
         )
-    finally:
-        service.close()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
     proc = subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", "purge", "--data-dir", str(tmp_path)],
@@ -171,12 +165,10 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"deleted {key_id}" in proc.stdout
-    service = _service(tmp_path)
-    try:
+    with _system(tmp_path) as system:
+        service = system.service
         assert not service.keystore.exists(material)
         assert service.store.get_key(key_id) is None
-    finally:
-        service.close()
     search = subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", "audit", "search", "--event-name", "DeleteKey",
          "--data-dir", str(tmp_path)],
@@ -186,6 +178,11 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in search.stdout.splitlines()]
     assert record["eventType"] == "AwsServiceEvent"
     assert record["serviceEventDetails"] == {"keyId": key_id}
+    verify = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "audit", "verify", "--data-dir", str(tmp_path)],
+        env=clean, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
 
 
 # -- integrity of the metadata (docs/metadata-store.md) -------------------------------------
@@ -209,14 +206,12 @@ def _grant(key_id: str, grantee: str, n: int = 1) -> GrantRecord:
 
 
 def test_doctor_reports_each_tampered_row_and_fails(tmp_path: Path) -> None:
-    service = _service(tmp_path)
-    try:
+    with _system(tmp_path) as system:
+        service = system.service
         keys = [service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId for _ in range(6)]
         service.disable_key(m.DisableKeyRequest(KeyId=keys[0]))
         service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=keys[4]))
         service.store.create_grant(_grant(keys[3], ALICE))
-    finally:
-        service.close()
     clean = doctor(tmp_path, "--json")
     assert clean.returncode == 0, clean.stderr
     assert json.loads(clean.stdout)["integrity"] == []
@@ -265,14 +260,12 @@ def test_doctor_reports_each_tampered_row_and_fails(tmp_path: Path) -> None:
 
 
 def test_doctor_on_an_untouched_database_reports_nothing(tmp_path: Path) -> None:
-    service = _service(tmp_path)
-    try:
+    with _system(tmp_path) as system:
+        service = system.service
         key_id = service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
         service.store.create_grant(_grant(key_id, ALICE))
         service.disable_key(m.DisableKeyRequest(KeyId=key_id))
         service.enable_key(m.EnableKeyRequest(KeyId=key_id))
-    finally:
-        service.close()
     proc = doctor(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "integrity:       ok" in proc.stdout

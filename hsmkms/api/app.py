@@ -46,7 +46,12 @@ from pydantic import BaseModel
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
 from hsmkms.audit import AuditRecord, PreparedRecord, UserIdentity, prepare_api_call
-from hsmkms.errors import KMSError, KMSInternalException, UnknownOperationException
+from hsmkms.errors import (
+    KMSError,
+    KMSInternalException,
+    UnknownOperationException,
+    caller_error_fields,
+)
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
 from hsmkms.service.operations import ALL_OPERATIONS
@@ -83,7 +88,8 @@ class _BodyTooLarge(Exception):
 
 
 class Backend(Protocol):
-    """What the app needs from a worker's runtime (:class:`hsmkms.api.runtime.Runtime`)."""
+    """What the app needs from a worker's runtime (:class:`hsmkms.api.runtime.Runtime`, a
+    server's view of :class:`hsmkms.system.System`)."""
 
     @property
     def service(self) -> Any:
@@ -144,14 +150,8 @@ def _unknown_identity(scope: Scope) -> UserIdentity:
     return UserIdentity("Unknown", access_key_id=found.group(1) if found else None)
 
 
-def _error_fields(failure: BaseException) -> tuple[str, str]:
-    """(errorCode, errorMessage) as the caller saw them: a server fault's message is the
-    generic one, never its internal detail."""
-    if isinstance(failure, KMSError):
-        if failure.status < 500:
-            return failure.code, failure.message
-        return failure.code, protocol.SERVER_FAULT_MESSAGE
-    return KMSInternalException.code, protocol.SERVER_FAULT_MESSAGE
+_error_fields = caller_error_fields
+"""(errorCode, errorMessage) as the caller saw them (shared with the local operator's records)."""
 
 
 class KmsApp:
@@ -455,14 +455,17 @@ class KmsApp:
 
 
 def create_app(
-    data_dir: Path | None = None, task_interval: float = DEFAULT_TASK_INTERVAL
+    data_dir: Path | None = None,
+    task_interval: float = DEFAULT_TASK_INTERVAL,
+    log_level: str = "warning",
 ) -> KmsApp:
     """The application for one worker (uvicorn factory). Settings come from the environment
-    (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``."""
-    from hsmkms.api.bootstrap import configure_logging
+    (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``. Logging is set up as for every
+    entry point (:func:`hsmkms.log.configure_logging`), at ``log_level``."""
     from hsmkms.api.runtime import Runtime
     from hsmkms.config import Settings
+    from hsmkms.log import configure_logging
 
-    configure_logging()
+    configure_logging(log_level)
     settings = Settings.load(data_dir)
     return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval)

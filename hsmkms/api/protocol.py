@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from hsmkms.errors import (
+    SERVER_FAULT_MESSAGE,
     KMSError,
     SerializationException,
     UnknownOperationException,
@@ -70,7 +71,6 @@ MAX_BODY: Final = 1 << 20
 """Largest request body accepted (1 MiB). KMS requests are small: the largest member is a
 6144-byte ciphertext (8 KiB in base64) or a 32 KiB key policy."""
 
-SERVER_FAULT_MESSAGE: Final = "hsmkms could not complete the request. Retry it later."
 _ACCEPTED_CONTENT_TYPES = frozenset(
     {"application/x-amz-json-1.1", "application/x-amz-json-1.0", "application/json"}
 )

@@ -1,6 +1,7 @@
-"""What one server worker runs on: the keystore, the metadata store, the service, the
-credentials store and the audit trail with its writer, opened from the settings
-(data-directory initialization, which runs once in the parent, is :mod:`hsmkms.api.bootstrap`).
+"""What one server worker runs on: the system of :mod:`hsmkms.system` (keystore, metadata
+store, service, credentials store, audit trail with its writer), opened from the settings for a
+server (data-directory initialization, which runs once in the parent, is
+:func:`hsmkms.system.initialize`).
 
 :class:`Runtime` is opened in each worker process after it has been spawned, so that every
 worker initializes PKCS#11 itself. Every keystore call goes through :class:`TimedKeystore`,
@@ -22,20 +23,16 @@ from sqlalchemy import text
 
 from hsmkms.api.metrics import DUE_TASK_RUNS, timed_hsm_call
 from hsmkms.api.sigv4 import Credential
-from hsmkms.audit import AuditRecord, AuditTrail, PreparedRecord
-from hsmkms.audit.writer import AuditWriter
-from hsmkms.config import Settings, keystore_config
+from hsmkms.audit import AuditRecord, PreparedRecord
+from hsmkms.config import Settings
 from hsmkms.errors import KMSError
-from hsmkms.identity import CredentialStore
 from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, TokenObject
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.profiles import MechanismProfile
-from hsmkms.service import DueTaskReport, KmsService
-from hsmkms.service.local import service_event_sink
-from hsmkms.store import MetadataStore
-from hsmkms.store.integrity import TokenRowSealer
+from hsmkms.service import DueTaskReport
+from hsmkms.system import System
 
-__all__ = ["Runtime", "TimedKeystore", "run_exclusively", "service_event_sink"]
+__all__ = ["Runtime", "TimedKeystore", "run_exclusively"]
 
 TASKS_LOCK_FILE = "tasks.lock"
 SELF_TEST_INTERVAL = 5.0
@@ -118,62 +115,45 @@ def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
 
 
 class Runtime:
-    """The service objects of one worker process. Thread-safe.
+    """The service objects of one worker process: a :class:`~hsmkms.system.System` opened
+    for a server, and what the HTTP layer adds to it (HSM call timing, the health check, the
+    due-task lock). Thread-safe.
 
     Every record goes through :meth:`audit` to the worker's :class:`AuditWriter`, which
     appends in batches from its own thread to the trail in the metadata database."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        keystore: TimedKeystore,
-        store: MetadataStore,
-        credentials: CredentialStore,
-        service: KmsService,
-        trail: AuditTrail,
-        writer: AuditWriter,
-    ) -> None:
-        self.settings = settings
-        self.keystore = keystore
-        self.store = store
-        self.credentials = credentials
-        self.service = service
-        self.trail = trail
-        self.writer = writer
+    def __init__(self, system: System) -> None:
+        if system.writer is None:
+            raise ValueError("a server's system audits through its writer (audit='writer')")
+        self.system = system
+        self.settings = system.settings
+        self.keystore = system.keystore
+        self.store = system.store
+        self.credentials = system.credentials
+        self.service = system.service
+        self.writer = system.writer
+        self._submit = system.writer.submit
+        self._lookup = system.credentials.lookup
         self._health_lock = threading.Lock()
         self._self_test_at = -SELF_TEST_INTERVAL
         self._self_test_error: str | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
-        """Open the keystore (lazily: PKCS#11 loads on first use), store, credentials, the
-        audit trail (``Settings.audit_database_url``, which ``hsmkms audit`` reads; a ``start``
-        seal) and its writer, and the service reporting its events to the trail."""
-        keystore = TimedKeystore(Pkcs11Keystore(keystore_config(settings)))
-        url = settings.effective_database_url
-        store = MetadataStore(url, sealer=TokenRowSealer(keystore))
-        opened: list[Callable[[], object]] = [store.close]
-        try:
-            credentials = CredentialStore(url, keystore, account_id=settings.account_id)
-            opened.append(credentials.close)
-            trail = AuditTrail(settings.audit_database_url, keystore)
-            opened.append(trail.close)
-            writer = AuditWriter(trail)
-        except BaseException:
-            for close in reversed(opened):
-                close()
-            raise
-        on_event = service_event_sink(
-            writer.submit, region=settings.region, account_id=settings.account_id
+        """Open the worker's system (:meth:`System.open <hsmkms.system.System.open>`): the
+        keystore (lazily: PKCS#11 loads on first use), timed by :class:`TimedKeystore`; the
+        store, the credentials, the audit trail (``Settings.audit_database_url``, which
+        ``hsmkms audit`` reads; a ``start`` seal) and its writer, and the service reporting its
+        events to the trail. The data directory was prepared by the parent."""
+        return cls(
+            System.open(
+                settings,
+                audit="writer",
+                identity=True,
+                prepare=False,
+                wrap_keystore=TimedKeystore,
+            )
         )
-        service = KmsService(
-            keystore,
-            store,
-            region=settings.region,
-            account_id=settings.account_id,
-            on_event=on_event,
-        )
-        return cls(settings, keystore, store, credentials, service, trail, writer)
 
     @property
     def region(self) -> str:
@@ -187,12 +167,12 @@ class Runtime:
 
     def lookup(self, access_key_id: str) -> Credential | None:
         """The SigV4 lookup: the credentials store's answer."""
-        return self.credentials.lookup(access_key_id)
+        return self._lookup(access_key_id)
 
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Queue one audit record (returns at once; see :meth:`AuditWriter.submit` for a full
         queue: ``DependencyTimeoutException``)."""
-        self.writer.submit(record)
+        self._submit(record)
 
     def warm_up(self) -> None:
         """Initialize PKCS#11 and log in now rather than on the first request."""
@@ -246,11 +226,4 @@ class Runtime:
     def close(self) -> None:
         """Close everything (end of the worker): the audit writer appends what is queued and
         the trail writes its ``shutdown`` seal before the token session closes."""
-        self.service.stop()
-        try:
-            self.writer.close()
-            self.trail.close()
-        finally:
-            self.credentials.close()
-            self.store.close()
-            self.keystore.close()
+        self.system.close()

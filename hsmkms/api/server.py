@@ -21,7 +21,7 @@ from hsmkms.api.metrics import MULTIPROC_ENV
 from hsmkms.config import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from hsmkms.api.bootstrap import InitReport
+    from hsmkms.system import InitReport
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServeOptions", "default_workers", "serve"]
 
@@ -100,7 +100,7 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     # Before anything imports prometheus-client in a worker (and, to be safe, here).
     _prepare_metrics_dir(settings.data_dir)
 
-    from hsmkms.api.bootstrap import initialize
+    from hsmkms.system import initialize
 
     sock = _bind(options.host, options.port)
     try:
@@ -118,7 +118,7 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
 
     os.environ["HSMKMS_DATA_DIR"] = str(settings.data_dir)
     config = uvicorn.Config(
-        functools.partial(create_app, settings.data_dir, options.task_interval),
+        functools.partial(create_app, settings.data_dir, options.task_interval, options.log_level),
         factory=True,
         host=options.host,
         port=options.port,
@@ -127,6 +127,9 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # uvicorn's own records go to the root logger, which hsmkms.log set up (JSON lines
+        # through the secret redaction) in this process and in each worker (create_app).
+        log_config=None,
         # aws:SourceIp, aws:SecureTransport and the audit trail's sourceIPAddress come from
         # the connection itself: forwarding headers are client-controlled, never trusted.
         proxy_headers=False,

@@ -361,7 +361,8 @@ class UserIdentity:
     """Who made a call: CloudTrail's ``userIdentity``. No secret here (never a secret key).
 
     ``type`` is ``Root`` (the account's root credential), ``IAMUser`` (a credential made with
-    ``hsmkms credentials``) or ``Unknown`` (the caller could not be authenticated).
+    ``hsmkms credentials``), ``Unknown`` (the caller could not be authenticated) or
+    ``LocalOperator`` (a command on the data directory: :mod:`hsmkms.system.operator`).
     """
 
     type: str

@@ -11,15 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from pathlib import Path
-
-from sqlalchemy.engine import make_url
 
 from hsmkms.audit.records import canonical_json
 from hsmkms.audit.trail import AuditTrail, VerifyStatus
-from hsmkms.config import Settings, keystore_config
-from hsmkms.errors import ClientError
-from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.config import Settings
+from hsmkms.system import open_audit_reader, open_audit_verifier
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1
@@ -94,29 +90,9 @@ def _expected_seal(value: str) -> tuple[int, bytes]:
     return parsed
 
 
-def _database_url(settings: Settings) -> str:
-    """The database URL; a SQLite file that does not exist is an error (not a new database)."""
-    url = settings.audit_database_url
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database or "")
-        if not path.is_file():
-            raise ClientError(f"no database at {path}")
-    return url
-
-
 def run_verify(args: argparse.Namespace) -> int:
-    settings = Settings.load(args.data_dir)
-    url = _database_url(settings)
-    keystore = Pkcs11Keystore(keystore_config(settings))
-    try:
-        trail = AuditTrail(url, keystore, create=False)
-        try:
-            result = trail.verify(expect_seal=args.expect_seal)
-        finally:
-            trail.close()
-    finally:
-        keystore.close()
+    with open_audit_verifier(Settings.load(args.data_dir)) as trail:
+        result = trail.verify(expect_seal=args.expect_seal)
     for gap in result.gaps:
         print(
             f"warning: no seal for {gap.seconds:.0f} s after seal {gap.after_seal} (at most "
@@ -138,8 +114,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _reader(args: argparse.Namespace) -> AuditTrail:
-    settings = Settings.load(args.data_dir)
-    return AuditTrail(_database_url(settings), None, create=False)
+    return open_audit_reader(Settings.load(args.data_dir))
 
 
 def run_tail(args: argparse.Namespace) -> int:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
-import logging
 import sys
+from collections.abc import Iterator
 
 from hsmkms.config import Settings
 from hsmkms.errors import LimitExceededException, MalformedPolicyDocumentException
+from hsmkms.identity import ROOT_NAME, CredentialStore
 from hsmkms.policy import MAX_POLICY_BYTES, parse_identity_policy
+from hsmkms.system import System, initialize
 
 EXIT_BAD_POLICY = 2
 """A policy file that cannot be used (argparse's exit code for a usage error)."""
@@ -134,24 +137,22 @@ def _bad_policy(message: str) -> int:
     return EXIT_BAD_POLICY
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    from hsmkms.api.bootstrap import configure_logging, initialize
-
-    configure_logging(logging.WARNING)
+@contextlib.contextmanager
+def _credentials(args: argparse.Namespace) -> Iterator[CredentialStore]:
+    """The credentials store of an initialized data directory (created when missing, with the
+    root identity, as ``hsmkms serve`` does); closed on exit."""
     settings = Settings.load(args.data_dir)
     initialize(settings)
-    return settings
+    with System.open(settings, audit=None, identity=True) as system:
+        yield system.credentials
 
 
 def run_create(args: argparse.Namespace) -> int:
-    from hsmkms.api.bootstrap import open_credentials
-
     try:
         policy = None if args.policy_file is None else read_policy_file(args.policy_file)
     except PolicyFileError as exc:
         return _bad_policy(str(exc))
-    settings = _settings(args)
-    with open_credentials(settings) as (_, store):
+    with _credentials(args) as store:
         try:
             issued = store.create(args.name, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
@@ -179,11 +180,7 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from hsmkms.api.bootstrap import open_credentials
-    from hsmkms.identity import ROOT_NAME
-
-    settings = _settings(args)
-    with open_credentials(settings) as (_, store):
+    with _credentials(args) as store:
         entries = store.list()
     if args.json:
         print(
@@ -211,24 +208,18 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    from hsmkms.api.bootstrap import open_credentials
-
-    settings = _settings(args)
-    with open_credentials(settings) as (_, store):
+    with _credentials(args) as store:
         removed = store.delete(args.credential)
     print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
     return 0
 
 
 def run_set_policy(args: argparse.Namespace) -> int:
-    from hsmkms.api.bootstrap import open_credentials
-
     try:
         policy = None if args.clear else read_policy_file(args.policy_file)
     except PolicyFileError as exc:
         return _bad_policy(str(exc))
-    settings = _settings(args)
-    with open_credentials(settings) as (_, store):
+    with _credentials(args) as store:
         try:
             info = store.set_policy(args.credential, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
@@ -239,11 +230,7 @@ def run_set_policy(args: argparse.Namespace) -> int:
 
 
 def run_get_policy(args: argparse.Namespace) -> int:
-    from hsmkms.api.bootstrap import open_credentials
-    from hsmkms.identity import ROOT_NAME
-
-    settings = _settings(args)
-    with open_credentials(settings) as (_, store):
+    with _credentials(args) as store:
         info, policy = store.get_policy(args.credential)
     if policy is None:
         why = (

@@ -9,10 +9,9 @@ import json
 import sys
 from typing import Any
 
-from hsmkms.config import Settings, keystore_config, pin_file_is_private
+from hsmkms.config import Settings, pin_file_is_private
 from hsmkms.errors import KMSInternalException
-from hsmkms.service.local import open_service
-from hsmkms.softhsm import ensure_token
+from hsmkms.system import System
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,19 +34,16 @@ def diagnose(settings: Settings) -> dict[str, Any]:
     """Everything doctor reports, as a dict. Raises a KMSError naming the first problem."""
     report: dict[str, Any] = {"data_dir": str(settings.data_dir)}
     if settings.is_embedded:
-        ensure_token(settings.data_dir)
         report["softhsm2_conf"] = str(settings.softhsm2_conf)
         report["user_pin_file"] = str(settings.user_pin_file)
-    keystore_config(settings)  # configuration errors first, with their own message
-    service = open_service(settings)
-    try:
-        info = service.keystore.info()  # opens the module, finds the token and logs in
-        service.keystore.self_test()
-        integrity = service.store.integrity_problems()
+    # Creates the embedded token when missing; configuration errors come first, each with its
+    # own message. Doctor acts on no key: nothing for the audit trail.
+    with System.open(settings, audit=None) as system:
+        info = system.keystore.info()  # opens the module, finds the token and logs in
+        system.keystore.self_test()
+        integrity = system.store.integrity_problems()
         # Comparing the token with rows that failed their check would trust them: skip it.
-        found = None if integrity else service.find_inconsistencies()
-    finally:
-        service.close()
+        found = None if integrity else system.service.find_inconsistencies()
     report.update(
         module=info.module,
         library=info.library_description,

@@ -1,9 +1,10 @@
 """``hsmkms encrypt-file``, ``decrypt-file`` and ``rewrap``: envelope encryption of files and
 streams (:mod:`hsmkms.envelope`).
 
-Data keys come from the local data directory (the KMS service in this process) or, with
-``--endpoint-url``, from any KMS endpoint through boto3 (credentials and region from the usual
-AWS environment variables or profile). ``-`` means stdin or stdout.
+Data keys come from the local data directory (the KMS service in this process; each call is
+recorded in the audit trail as the local operator's) or, with ``--endpoint-url``, from any KMS
+endpoint through boto3 (credentials and region from the usual AWS environment variables or
+profile). ``-`` means stdin or stdout.
 
 Output files are written atomically: nothing appears under the output name unless the whole
 operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
@@ -26,11 +27,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO
 
+from hsmkms.config import Settings
 from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
 from hsmkms.envelope.files import atomic_output
 from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
 from hsmkms.envelope.stream import Progress
 from hsmkms.errors import ValidationException
+from hsmkms.service import KmsService
+from hsmkms.system import OperatorService, System
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -135,8 +139,11 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
     if args.endpoint_url:
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
-    with _local_service(args.data_dir) as service:
-        yield EnvelopeClient(ServiceProvider(service), segment_size=segment_size)
+    with _local_system(args.data_dir) as system:
+        # The local operator's GenerateDataKey, Decrypt and ReEncrypt calls are recorded in
+        # the audit trail like the server's (docs/audit.md, "Local operator records").
+        operator = OperatorService(system, command=args.command)
+        yield EnvelopeClient(ServiceProvider(operator), segment_size=segment_size)
 
 
 def _boto3_client(args: argparse.Namespace) -> Any:
@@ -158,19 +165,19 @@ def _boto3_client(args: argparse.Namespace) -> Any:
 
 
 @contextlib.contextmanager
-def _local_service(data_dir: Path | None) -> Iterator[Any]:
-    """A KmsService on the data directory (the embedded token is created when missing)."""
-    from hsmkms.config import Settings
-    from hsmkms.log import configure_logging
-    from hsmkms.service.local import open_service
+def _local_system(data_dir: Path | None) -> Iterator[System]:
+    """The system on the data directory (the embedded token is created when missing), its
+    audit records appended to the trail as they are made."""
+    with System.open(Settings.load(data_dir), audit="direct") as system:
+        yield system
 
-    # stdout may carry the data: service logs go to stderr, warnings and errors only.
-    configure_logging("WARNING")
-    service = open_service(Settings.load(data_dir))
-    try:
-        yield service
-    finally:
-        service.close()
+
+@contextlib.contextmanager
+def _local_service(data_dir: Path | None) -> Iterator[KmsService]:
+    """The KmsService on the data directory, as the local operator's calls reach it (for
+    tests and benchmarks that set up keys; calls made on it directly are not audited)."""
+    with _local_system(data_dir) as system:
+        yield system.service
 
 
 class _ProgressBar:

@@ -1,6 +1,8 @@
 """``hsmkms``: the command line. Every command takes ``--data-dir`` (default
 ``$HSMKMS_DATA_DIR``, else ``./.hsmkms``) and fails with one line naming the problem, never a
-traceback."""
+traceback. Every command logs through the one set-up of :mod:`hsmkms.log` (JSON lines on
+stderr, secrets redacted; warnings and errors, or ``serve --log-level``), and opens what it
+works on through :mod:`hsmkms.system`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from hsmkms.cli import audit, credentials, doctor, envelope, purge, serve
 from hsmkms.errors import KMSError
+from hsmkms.log import configure_logging
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
@@ -44,6 +47,8 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    # stdout may carry command output (a decrypted file, JSON): logs go to stderr.
+    configure_logging(getattr(args, "log_level", None) or "WARNING")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

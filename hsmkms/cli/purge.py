@@ -1,15 +1,14 @@
 """``hsmkms purge``: delete keys whose deletion window has ended, now (the server also does this
 periodically). Destroys every token object of every version, then the rows; an interrupted purge
-finishes on the next run."""
+finishes on the next run. Each purged key is a ``DeleteKey`` service event in the audit trail."""
 
 from __future__ import annotations
 
 import argparse
 
-from hsmkms.audit import AuditTrail
 from hsmkms.config import Settings
-from hsmkms.service import ServiceEvent
-from hsmkms.service.local import open_service, service_event_sink
+from hsmkms.errors import KMSInternalException
+from hsmkms.system import System
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,24 +25,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.load(args.data_dir)
-    events: list[ServiceEvent] = []
-    service = open_service(settings, on_event=events.append)
-    try:
-        purged = service.purge_due()
-        if events:  # one DeleteKey service event per purged key, as the server records them
-            trail = AuditTrail(settings.audit_database_url, service.keystore)
-            try:
-                record = service_event_sink(
-                    trail.append, region=settings.region, account_id=settings.account_id
-                )
-                for event in events:
-                    record(event)
-            finally:
-                trail.close()
-    finally:
-        service.close()
+    # One DeleteKey service event per purged key goes to the audit trail as it happens, the
+    # way the server's periodic purge records them.
+    with System.open(Settings.load(args.data_dir), audit="direct") as system:
+        purged = system.service.purge_due()
+        lost = system.lost_service_events
     for key_id in purged:
         print(f"deleted {key_id}")
     print(f"{len(purged)} key(s) deleted")
+    if lost:
+        raise KMSInternalException(
+            f"{lost} DeleteKey record(s) could not be written to the audit trail (see the log)"
+        )
     return 0

@@ -44,17 +44,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="warning",
-        help="server log level (default warning)",
+        help="log level of the server and its workers (default warning)",
     )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from hsmkms.api.bootstrap import configure_logging
     from hsmkms.api.server import serve
     from hsmkms.config import Settings
 
-    configure_logging()
     options = ServeOptions(
         host=args.host,
         port=args.port,

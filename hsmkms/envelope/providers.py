@@ -14,21 +14,26 @@ dropped, which is as far as Python allows.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from hsmkms import errors
 from hsmkms.envelope.format import DATA_KEY_LENGTH
-from hsmkms.models.crypto import DecryptRequest, GenerateDataKeyRequest, ReEncryptRequest
+from hsmkms.models.crypto import (
+    DecryptRequest,
+    DecryptResponse,
+    GenerateDataKeyRequest,
+    GenerateDataKeyResponse,
+    ReEncryptRequest,
+    ReEncryptResponse,
+)
 from hsmkms.models.enums import DataKeySpec
 from hsmkms.types import Caller, EncryptionContext
-
-if TYPE_CHECKING:
-    from hsmkms.service import KmsService
 
 __all__ = [
     "Boto3Provider",
     "DataKey",
     "DataKeyProvider",
+    "DataKeyService",
     "ServiceProvider",
     "WrappedKey",
     "map_boto_error",
@@ -101,10 +106,28 @@ def _owned(plaintext: bytes, encrypted: bytes, key_arn: str) -> DataKey:
     return key
 
 
-class ServiceProvider:
-    """Data keys from a :class:`~hsmkms.service.KmsService` in this process."""
+class DataKeyService(Protocol):
+    """The three operations :class:`ServiceProvider` calls: a
+    :class:`~hsmkms.service.KmsService`, or the local operator's audited view of one
+    (:class:`hsmkms.system.OperatorService`)."""
 
-    def __init__(self, service: KmsService, *, caller: Caller | None = None) -> None:
+    def generate_data_key(
+        self, request: GenerateDataKeyRequest, caller: Caller | None = None, /
+    ) -> GenerateDataKeyResponse: ...
+
+    def decrypt(
+        self, request: DecryptRequest, caller: Caller | None = None, /
+    ) -> DecryptResponse: ...
+
+    def re_encrypt(
+        self, request: ReEncryptRequest, caller: Caller | None = None, /
+    ) -> ReEncryptResponse: ...
+
+
+class ServiceProvider:
+    """Data keys from a KMS service in this process (:class:`DataKeyService`)."""
+
+    def __init__(self, service: DataKeyService, *, caller: Caller | None = None) -> None:
         self._service = service
         self._caller = caller
 

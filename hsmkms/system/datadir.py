@@ -1,7 +1,8 @@
-"""Data-directory initialization and the credentials store, for the parent of ``hsmkms serve``
-and the ``hsmkms credentials`` command (which need no service and no HTTP).
+"""Data-directory initialization, for the parent of ``hsmkms serve`` and the ``hsmkms
+credentials`` command.
 
-:func:`initialize` creates the embedded SoftHSM2 token when needed, migrates the database, and
+:func:`initialize` creates the embedded SoftHSM2 token when needed, migrates the database (the
+metadata store opened with its row sealer, so its integrity key exists from the start), and
 creates the account root identity, writing freshly generated root credentials to
 ``<data_dir>/root-credentials.json`` (mode 0600).
 """
@@ -12,53 +13,25 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
-
-from hsmkms.config import Settings, keystore_config
-from hsmkms.identity import ROOT_NAME, CredentialStore, IssuedCredential
-from hsmkms.keystore.pkcs11 import Pkcs11Keystore
-from hsmkms.softhsm import ensure_token
-from hsmkms.store import MetadataStore
+from hsmkms.config import Settings
+from hsmkms.identity import ROOT_NAME, IssuedCredential
+from hsmkms.system.root import System
 
 __all__ = [
     "ROOT_CREDENTIALS_FILE",
     "ROOT_KEY_ENV",
     "ROOT_SECRET_ENV",
     "InitReport",
-    "configure_logging",
     "initialize",
-    "open_credentials",
 ]
 
 ROOT_CREDENTIALS_FILE = "root-credentials.json"
 ROOT_KEY_ENV = "HSMKMS_ROOT_ACCESS_KEY_ID"
 ROOT_SECRET_ENV = "HSMKMS_ROOT_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name)
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Send structlog output to stderr (stdout carries command output), filtered by level."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Data directory initialization
-# --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +81,8 @@ def _init_lock(data_dir: Path) -> Iterator[None]:
 
 def initialize(settings: Settings) -> InitReport:
     """Create what the data directory lacks: the embedded token (when embedded), the database
-    schema, the identity tables and the root identity. Idempotent; safe across processes.
+    schema, the metadata store's integrity key, the identity tables and the root identity.
+    Idempotent; safe across processes.
 
     Root credentials: ``HSMKMS_ROOT_ACCESS_KEY_ID`` / ``HSMKMS_ROOT_SECRET_ACCESS_KEY`` when set
     (nothing is written to disk then), else generated once and written to
@@ -116,11 +90,10 @@ def initialize(settings: Settings) -> InitReport:
     """
     data_dir = settings.data_dir
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if settings.is_embedded:
-        ensure_token(data_dir)
     root_file = data_dir / ROOT_CREDENTIALS_FILE
     env_key, env_secret = _root_from_env()
-    with _init_lock(data_dir), open_credentials(settings) as (_, credentials):
+    with _init_lock(data_dir), System.open(settings, audit=None, identity=True) as system:
+        credentials = system.credentials
         issued = credentials.ensure_root(env_key, env_secret)
         if issued is not None and env_key is None:
             _write_root_file(root_file, issued, settings.region)
@@ -135,24 +108,3 @@ def initialize(settings: Settings) -> InitReport:
         root_credentials_file=root_file if root_file.exists() else None,
         root_created=issued is not None,
     )
-
-
-@contextlib.contextmanager
-def open_credentials(settings: Settings) -> Iterator[tuple[MetadataStore, CredentialStore]]:
-    """The metadata store (migrated) and the credentials store over a fresh keystore; all
-    closed on exit. For the parent process and the CLI, never for workers."""
-    keystore = Pkcs11Keystore(keystore_config(settings))
-    store: MetadataStore | None = None
-    credentials: CredentialStore | None = None
-    try:
-        store = MetadataStore(settings.effective_database_url)
-        credentials = CredentialStore(
-            settings.effective_database_url, keystore, account_id=settings.account_id
-        )
-        yield store, credentials
-    finally:
-        if credentials is not None:
-            credentials.close()
-        if store is not None:
-            store.close()
-        keystore.close()
