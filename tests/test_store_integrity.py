@@ -79,7 +79,11 @@ class Env:
             self.store.close()
             self.store = None
         self.sealer = CountingSealer(self.keystore)
-        self.store = MetadataStore.open_sqlite(self.path, clock=self.clock, sealer=self.sealer)
+        # Checked on every read, the read cache sees each edit of Env.sql at once (with the
+        # default 1 ms interval a read right after the edit could still be answered from it).
+        self.store = MetadataStore.open_sqlite(
+            self.path, clock=self.clock, sealer=self.sealer, cache_check_interval=0
+        )
         self.service = KmsService(
             self.keystore, self.store, region=REGION, account_id=ACCOUNT, clock=self.clock
         )
