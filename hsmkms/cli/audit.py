@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from pathlib import Path
-
-from sqlalchemy.engine import make_url
 
 from hsmkms.audit.records import canonical_json
 from hsmkms.audit.trail import AuditTrail, VerifyStatus
 from hsmkms.config import Settings, keystore_config
+from hsmkms.db import database_exists, database_location
 from hsmkms.errors import ClientError
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 
@@ -95,13 +93,11 @@ def _expected_seal(value: str) -> tuple[int, bytes]:
 
 
 def _database_url(settings: Settings) -> str:
-    """The database URL; a SQLite file that does not exist is an error (not a new database)."""
+    """The database URL; a database that does not exist (the embedded default's file) is an
+    error, not a new database."""
     url = settings.audit_database_url
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database or "")
-        if not path.is_file():
-            raise ClientError(f"no database at {path}")
+    if not database_exists(url):
+        raise ClientError(f"no database at {database_location(url)}")
     return url
 
 
