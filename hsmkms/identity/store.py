@@ -127,16 +127,16 @@ _ERRORS = ErrorMessages(
     handled=(IntegrityError,),  # a duplicate name or key id: the caller says which
 )
 
-_meta = MetaData()
+metadata = MetaData()
 identity_meta = Table(
     "identity_meta",
-    _meta,
+    metadata,
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
 identity_credentials = Table(
     "identity_credentials",
-    _meta,
+    metadata,
     Column("access_key_id", String(128), primary_key=True),
     Column("name", String(64), nullable=False, unique=True),
     Column("principal_arn", String(2048), nullable=False),
@@ -151,7 +151,7 @@ _C = identity_credentials
 
 
 def _v1_initial(conn: Connection) -> None:
-    _meta.create_all(conn, checkfirst=True)
+    metadata.create_all(conn, checkfirst=True)
 
 
 def _v2_policy(conn: Connection) -> None:
