@@ -54,7 +54,8 @@ class Database:
         # Opens its connection on first use: a database without read caches never does.
         self._signal: ChangeSignal = self._dialect.change_signal(self._engine.url)
         self._closed = False
-        self._caches: weakref.WeakSet[ReadCache] = weakref.WeakSet()
+        # Replaced, never changed in place: writers iterate it without the lock.
+        self._caches: tuple[weakref.ref[ReadCache], ...] = ()
 
     @property
     def engine(self) -> Engine:
@@ -115,8 +116,10 @@ class Database:
                 raise
             raise mapped from exc
         finally:
-            for cache in list(self._caches):
-                cache.invalidate()
+            for ref in self._caches:
+                cache = ref()
+                if cache is not None:
+                    cache.invalidate()
 
     # -- read caches ----------------------------------------------------------------------------
 
@@ -135,7 +138,8 @@ class Database:
                 keep_none=keep_none,
                 on_fork=self.check_fork,
             )
-            self._caches.add(cache)
+            live = tuple(ref for ref in self._caches if ref() is not None)
+            self._caches = (*live, weakref.ref(cache))
         return cache
 
     def change_token(self) -> Hashable | None:
@@ -159,9 +163,7 @@ class Database:
             if not self._closed:
                 self._signal = self._dialect.change_signal(self._engine.url)
             self._forks = FORKS.count
-            caches = list(self._caches)
-        for cache in caches:
-            cache.rebind(self._signal)
+        self._rebind_caches()
 
     def close(self) -> None:
         """Release every pooled connection and the change signal; read caches miss from now
@@ -169,11 +171,15 @@ class Database:
         with self._lock:
             self._closed = True
             signal, self._signal = self._signal, NoChangeSignal()
-            caches = list(self._caches)
         signal.close()
-        for cache in caches:
-            cache.rebind(self._signal)
+        self._rebind_caches()
         self._engine.dispose()
+
+    def _rebind_caches(self) -> None:
+        for ref in self._caches:
+            cache = ref()
+            if cache is not None:
+                cache.rebind(self._signal)
 
 
 def file_url(path: str | os.PathLike[str]) -> str:
