@@ -24,8 +24,8 @@ _PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 
 
 class Database:
-    """One database, opened from a SQLAlchemy URL; several components may share it (the
-    metadata store and the identity store share one engine and one change signal).
+    """One database, opened from a SQLAlchemy URL; several components may share it (so the
+    metadata store and the identity store can use one engine and one change signal).
 
     Every connection is set up by the dialect: on SQLite (the embedded default) a busy timeout
     of ``busy_timeout_ms``, ``foreign_keys`` as given, WAL, and ``synchronous=FULL`` when

@@ -90,7 +90,7 @@ def _sqlite_busy(error: BaseException) -> bool:
     return (
         isinstance(error, sqlite3.Error)
         and code is not None
-        and code & 0xFF in (_SQLITE_BUSY_CODES)
+        and (code & 0xFF) in (_SQLITE_BUSY_CODES)
     )
 
 
