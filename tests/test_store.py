@@ -14,7 +14,14 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
+from hsmkms.audit import trail
+from hsmkms.audit.trail import AuditTrail
+from hsmkms.db import file_url
+from hsmkms.db import migrations as versions
 from hsmkms.errors import DependencyTimeoutException, InvalidMarkerException, KMSInternalException
+from hsmkms.identity import CredentialStore
+from hsmkms.identity import store as identity_store
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.store import (
     DELETING,
     DuplicateAlias,
@@ -79,11 +86,28 @@ def test_migrations_run_at_open_and_are_idempotent(tmp_path: Path) -> None:
     again.close()
 
 
-def test_migrated_database_matches_declared_schema(store: MetadataStore) -> None:
+def test_migrated_database_matches_declared_schema(
+    tmp_path: Path, keystore: Pkcs11Keystore
+) -> None:
+    """Every component's tables, migrated into one database (as with HSMKMS_DATABASE_URL set),
+    are exactly the tables, columns and primary keys that the components declare."""
+    url = file_url(tmp_path / "all.db")
+    store = MetadataStore(url)
+    CredentialStore(url, keystore, account_id="111122223333").close()
+    AuditTrail(url, keystore).close()
+    declared = [
+        table
+        for tables in (schema.metadata, identity_store.metadata, trail.metadata, versions.metadata)
+        for table in tables.sorted_tables
+    ]
     insp = inspect(store.engine)
-    for table in schema.metadata.sorted_tables:
+    assert sorted(insp.get_table_names()) == sorted(t.name for t in declared)
+    for table in declared:
         columns = {c["name"] for c in insp.get_columns(table.name)}
         assert columns == {c.name for c in table.columns}, table.name
+        primary_key = insp.get_pk_constraint(table.name)["constrained_columns"]
+        assert primary_key == [c.name for c in table.primary_key.columns], table.name
+    store.close()
 
 
 def test_sqlite_pragmas_on_every_connection(store: MetadataStore) -> None:

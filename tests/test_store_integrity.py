@@ -79,8 +79,8 @@ class Env:
             self.store.close()
             self.store = None
         self.sealer = CountingSealer(self.keystore)
-        # Every read checks for commits by other connections (the attacker's writes below): a
-        # check interval above zero would let a read within it answer from the cache.
+        # Checked on every read, the read cache sees each edit of Env.sql at once (with the
+        # default 1 ms interval a read right after the edit could still be answered from it).
         self.store = MetadataStore.open_sqlite(
             self.path, clock=self.clock, sealer=self.sealer, cache_check_interval=0
         )

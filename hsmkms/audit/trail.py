@@ -1,8 +1,11 @@
 """The tamper-evident audit trail: a hash chain of records in SQL, sealed by a token HMAC.
 
-Storage (three tables of their own, beside the metadata store's, created idempotently)::
+Storage (three tables of their own, migrated by the database layer's runner as component
+``audit``, whose versions are in the database's ``schema_migrations``)::
 
-    audit_settings  name -> value: ``schema_version`` ("1"), ``audit_key`` (MacKeyRef.to_str())
+    audit_settings  name -> value: ``audit_key`` (MacKeyRef.to_str()); ``schema_version`` ("1"),
+                    the version as hsmkms before the database layer kept it (adopted from
+                    there, and kept equal to the latest applied version)
     audit_records   seq (1, 2, 3, ... gap-free), record (canonical JSON bytes),
                     hash = SHA-256(hash of seq-1 || record), genesis hash = 32 zero bytes;
                     plus search columns copied from the record (event_time, event_name,
@@ -27,15 +30,14 @@ Threat model: the database is not trusted (anyone may edit it); the token and it
 are. What :meth:`AuditTrail.verify` can and cannot prove is in ``docs/audit.md``.
 
 Concurrency: every append (of one record or of a batch) is one transaction that takes the
-write lock first (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-scoped advisory lock),
-reads the last sequence number and hash, inserts, and seals when due — so any number of
-processes may append and the sequence stays gap-free. Servers append through
-:class:`hsmkms.audit.writer.AuditWriter`, which batches.
+write lock first (:meth:`hsmkms.db.Database.write` with the trail's writer lock, so appenders
+take turns on every database), reads the last sequence number and hash, inserts, and seals
+when due — so any number of processes may append and the sequence stays gap-free. Servers
+append through :class:`hsmkms.audit.writer.AuditWriter`, which batches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -44,9 +46,8 @@ import hashlib
 import hmac
 import itertools
 import json
-import os
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol
 
 import structlog
@@ -62,14 +63,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     inspect,
     or_,
     select,
-    text,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from hsmkms.audit.records import (
     SEARCH_COLUMNS,
@@ -82,9 +80,17 @@ from hsmkms.audit.records import (
     record_key_ids,
     search_columns,
 )
-from hsmkms.errors import DependencyTimeoutException, KMSError, KMSInternalException
+from hsmkms.db import (
+    BigIntKey,
+    Component,
+    Database,
+    ErrorMessages,
+    LegacyMarker,
+    Migration,
+    migrate,
+)
+from hsmkms.errors import KMSError, KMSInternalException
 from hsmkms.keystore.base import Keystore, MacKeyRef, checked_mac_key
-from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, utc_now
 
 __all__ = [
@@ -102,17 +108,16 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION: Final = 1
 AUDIT_KEY_NAME: Final = "audit"
 _GENESIS: Final = bytes(32)
 _SEAL_DOMAIN: Final = b"hsmkms-audit-seal-v1\n"
 # A seal promises the next one within its interval; verify allows this factor of slack.
 STALE_FACTOR: Final = 2
-_WRITE: Final = "hsmkms_audit_write"
 _PAGE: Final = 500
-_PG_LOCK_KEY: Final = 0x68736D6B6D7341  # "hsmkmsA"
-
-_SeqType = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY = rowid in SQLite
+# Every write takes this writer lock first (Database.write), so appenders take turns and the
+# first creation of the tables is serialized too. "hsmkmsA": the value hsmkms always used.
+_APPEND_LOCK: Final = 0x68736D6B6D7341
+_ERRORS: Final = ErrorMessages(busy="The audit trail is busy.", failed="The audit trail failed.")
 
 metadata = MetaData()
 
@@ -126,7 +131,7 @@ audit_settings = Table(
 audit_records = Table(
     "audit_records",
     metadata,
-    Column("seq", _SeqType, primary_key=True, autoincrement=False),
+    Column("seq", BigIntKey, primary_key=True, autoincrement=False),
     Column("event_time", String(20), nullable=False),
     Column("event_name", String(64), nullable=False),
     Column("principal", String(2048), nullable=True),
@@ -142,7 +147,7 @@ audit_records = Table(
 audit_seals = Table(
     "audit_seals",
     metadata,
-    Column("seal_seq", _SeqType, primary_key=True, autoincrement=False),
+    Column("seal_seq", BigIntKey, primary_key=True, autoincrement=False),
     Column("record_seq", BigInteger, nullable=False),
     Column("chain_hash", LargeBinary(32), nullable=False),
     Column("sealed_at", String(32), nullable=False),
@@ -156,6 +161,20 @@ audit_seals = Table(
 _R = audit_records
 _S = audit_seals
 _SET = audit_settings
+
+
+def _v1_initial(conn: Connection) -> None:
+    metadata.create_all(conn, checkfirst=True)
+
+
+COMPONENT: Final = Component(
+    "audit",
+    [Migration(1, "audit_settings, audit_records, audit_seals", _v1_initial)],
+    legacy=LegacyMarker(audit_settings),
+    refused="The audit trail's schema version {found} is not one this hsmkms knows.",
+)
+"""The audit trail's tables, for :func:`hsmkms.db.migrate`."""
+SCHEMA_VERSION: Final = COMPONENT.latest
 # Built once: an append runs on every API call, and building statements costs more than
 # running them.
 _HEAD = select(_R.c.seq, _R.c.hash).order_by(_R.c.seq.desc()).limit(1)
@@ -172,7 +191,6 @@ _RECORD_COLUMNS = ("seq", *SEARCH_COLUMNS, "record", "hash")
 _DRIVER_HEAD = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
 _DRIVER_NEWEST_SEAL = f"SELECT {_SEAL_COLUMNS} FROM audit_seals ORDER BY seal_seq DESC LIMIT 1"  # noqa: S608
 _DRIVER_INSERT = f"INSERT INTO audit_records ({', '.join(_RECORD_COLUMNS)}) VALUES "  # noqa: S608
-_PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 # A batch is inserted by multi-row INSERTs of up to this many rows (8 parameters each: under
 # every SQLite's limit of 999). One statement is one step inside the driver, so the appending
 # thread gives the GIL up and takes it back once per chunk rather than once per row — taking
@@ -346,10 +364,11 @@ def _matches(
 
 
 class AuditTrail:
-    """The audit trail in the database at ``database`` (an ``Engine``, ``URL`` or URL string).
-
-    Given an engine, the trail opens its own engine on the same URL, so its connection settings
-    (write lock first, busy timeout) never touch the caller's pool.
+    """The audit trail in the database at ``database``: a :class:`~hsmkms.db.Database` shared
+    with other components (its settings apply, and :meth:`close` leaves it open), or an
+    ``Engine``, ``URL`` or URL string, for which the trail opens and owns a database of its own
+    (given an engine, on the same URL, so that its connection settings never touch the
+    caller's pool).
 
     ``create=True`` (a server process): create the tables and the token audit key when missing,
     and write a ``start`` seal. ``create=False`` (``hsmkms audit ...``): write nothing; reading
@@ -361,16 +380,16 @@ class AuditTrail:
     :meth:`seal_if_due` at least every ``seal_interval / 2`` seconds (idle heartbeat, so a
     stale trail can be told from a quiet one) and :meth:`close` at shutdown.
 
-    ``durable`` (SQLite): every append is on disk when it returns (``synchronous = FULL``).
-    ``False`` trades that for speed (``NORMAL``): still safe against a crash of the process,
-    but a power loss may drop the newest appends.
+    ``durable`` (a database of its own): every append is on disk when it returns. ``False``
+    trades that for speed: still safe against a crash of the process, but a power loss may drop
+    the newest appends (:class:`~hsmkms.db.Database`).
 
     Thread-safe and fork-aware (a forked child opens fresh database connections).
     """
 
     def __init__(
         self,
-        database: Engine | URL | str,
+        database: Database | Engine | URL | str,
         keystore: Keystore | None,
         *,
         create: bool = True,
@@ -384,73 +403,37 @@ class AuditTrail:
             raise ValueError("seal_every and seal_interval must be positive")
         if create and keystore is None:
             raise ValueError("a writer needs the keystore")
-        url = database.url if isinstance(database, Engine) else database
-        self._engine: Engine = create_engine(url)
+        self._owns_db = not isinstance(database, Database)
+        if isinstance(database, Database):
+            self._db = database
+        else:
+            self._db = Database(
+                database.url if isinstance(database, Engine) else database,
+                busy_timeout_ms=busy_timeout_ms,
+                durable=durable,
+                foreign_keys=False,  # the trail's tables have none
+            )
         self._keystore = keystore
         self._clock = clock
         self._every = seal_every
         self._interval_ms = int(seal_interval * 1000)
-        self._pid = os.getpid()
-        self._pid_lock = threading.Lock()
         self._key: MacKeyRef | None = None
-        self._driver_error: type[Exception] = self._engine.dialect.loaded_dbapi.Error
-        self._placeholder = _PLACEHOLDERS.get(self._engine.dialect.paramstyle)
-        if self._engine.dialect.name == "sqlite":
-            install_sqlite_hooks(
-                self._engine,
-                busy_timeout_ms=busy_timeout_ms,
-                write_option=_WRITE,
-                synchronous="FULL" if durable else "NORMAL",
-                foreign_keys=False,
-            )
+        self._placeholder = self._db.placeholder
         if create:
-            self._initialize()
+            try:
+                self._initialize()
+            except BaseException:
+                if self._owns_db:
+                    self._db.close()
+                raise
 
     # -- connections ----------------------------------------------------------------------------
 
-    def _check_fork(self) -> None:
-        pid = os.getpid()
-        if pid != self._pid:
-            with self._pid_lock:
-                if pid != self._pid:
-                    # Connections inherited from the parent belong to the parent: drop them
-                    # without closing (closing would disturb the parent's).
-                    self._engine.dispose(close=False)
-                    self._pid = pid
+    def _write(self) -> AbstractContextManager[Connection]:
+        return self._db.write(_ERRORS, lock=_APPEND_LOCK)
 
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        try:
-            yield
-        except KMSError:
-            raise
-        except (OperationalError, self._driver_error) as exc:
-            # The append's driver SQL raises the driver's own errors, hence both kinds here.
-            cause = exc.orig if isinstance(exc, OperationalError) else exc
-            detail = str(cause).lower()
-            if "locked" in detail or "busy" in detail:
-                raise DependencyTimeoutException("The audit trail is busy.") from exc
-            raise KMSInternalException("The audit trail failed.") from exc
-        except SQLAlchemyError as exc:
-            raise KMSInternalException("The audit trail failed.") from exc
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        self._check_fork()
-        with self._guard(), self._engine.connect() as conn:
-            conn.execution_options(**{_WRITE: True})
-            with conn.begin():
-                if self._engine.dialect.name == "postgresql":
-                    # A transaction-scoped advisory lock: needs no table, so it also
-                    # serializes the first creation of the tables.
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-                yield conn
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        self._check_fork()
-        with self._guard(), self._engine.connect() as conn, conn.begin():
-            yield conn
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self._db.read(_ERRORS)
 
     @property
     def keystore(self) -> Keystore:
@@ -460,9 +443,14 @@ class AuditTrail:
         return self._keystore
 
     @property
+    def database(self) -> Database:
+        """The database the trail lives in."""
+        return self._db
+
+    @property
     def engine(self) -> Engine:
-        """The trail's own engine (for tests and diagnostics)."""
-        return self._engine
+        """The trail's database's engine (for tests and diagnostics)."""
+        return self._db.engine
 
     @property
     def seal_interval(self) -> float:
@@ -474,16 +462,8 @@ class AuditTrail:
 
     def _initialize(self) -> None:
         with self._write() as conn:
-            metadata.create_all(conn, checkfirst=True)
-            settings = self._settings(conn)
-            version = settings.get("schema_version")
-            if version is None:
-                conn.execute(_SET.insert().values(name="schema_version", value="1"))
-            elif not version.isdigit() or int(version) > SCHEMA_VERSION:
-                raise KMSInternalException(
-                    f"The audit trail's schema version {version} is not one this hsmkms knows."
-                )
-            ref = settings.get("audit_key")
+            migrate(conn, COMPONENT, self._clock)
+            ref = self._settings(conn).get("audit_key")
             if ref is None:
                 if conn.execute(select(_S.c.seal_seq).limit(1)).first() is not None:
                     # Seals without a key reference: the reference was removed. Refuse to
@@ -611,13 +591,15 @@ class AuditTrail:
             return None if reason is None else self._seal(conn, reason, head=head, newest=newest)
 
     def close(self) -> None:
-        """Write a ``shutdown`` seal (when the trail exists) and release the connections."""
+        """Write a ``shutdown`` seal (when the trail exists) and, when the trail opened its
+        database itself, release the connections."""
         try:
             if self._key is not None:
                 self.seal(SealReason.SHUTDOWN)
         finally:
             self._key = None
-            self._engine.dispose()
+            if self._owns_db:
+                self._db.close()
 
     def _count_due(self, newest: Seal | None) -> int:
         """The sequence number at which a ``count`` seal falls due after ``newest``."""

@@ -5,17 +5,18 @@ SigV4 needs each secret in the clear to recompute signatures, so secrets are kep
 a dedicated key inside the token (created on first use, like any key version) and unsealed
 only in memory. The database never holds a secret in the clear.
 
-Tables (own schema version in ``identity_meta``; created with ``CREATE TABLE IF NOT EXISTS``,
-independent of the metadata store's migrations)::
+Tables (migrated by the database layer's runner as component ``identity``, whose versions are
+in the database's ``schema_migrations``; see :mod:`hsmkms.db.migrations`)::
 
-    identity_meta         name -> value: ``schema_version`` ("2"), ``wrapping_key``
-                          (KeyMaterialRef)
+    identity_meta         name -> value: ``wrapping_key`` (KeyMaterialRef); ``schema_version``
+                          ("2"), the version as hsmkms before the database layer kept it
+                          (adopted from there, and kept equal to the latest applied version)
     identity_credentials  access_key_id (PK), name (unique), principal_arn, secret_iv,
                           secret_sealed, wrapping_key, row_version, created_at,
                           policy (v2: the identity policy JSON as given, or NULL)
 
-Schema v1 -> v2 adds the nullable ``policy`` column in place (``ALTER TABLE ... ADD COLUMN``,
-under the write lock); v1 rows have no policy and open unchanged.
+Migration 2 adds the nullable ``policy`` column in place (``ALTER TABLE ... ADD COLUMN``, under
+the write lock); v1 rows have no policy and open unchanged.
 
 Sealing: ``keystore.encrypt(wrapping_key, secret, aad)`` with::
 
@@ -27,11 +28,12 @@ neither does a row whose policy was edited, added or removed in the database: su
 treated as an unknown access key (fail closed; logged as ``credential_integrity_failed``).
 
 Freshness: :meth:`CredentialStore.lookup` answers from memory only while the database is
-unchanged (SQLite ``PRAGMA data_version`` on a probe connection, which moves on every commit
-by any connection or process); otherwise it reads the row again, and unseals only when the
-row's sealed contents (``row_version``, principal, policy, sealed secret) changed. A credential
-created, deleted or given a new policy by ``hsmkms credentials`` in another process therefore
-takes effect on the next request.
+unchanged (a :class:`hsmkms.db.ReadCache` asking the database's change signal on every lookup,
+which moves on every commit by any connection or process); otherwise it reads the row again,
+and unseals only when the row's sealed contents (``row_version``, principal, policy, sealed
+secret) changed. A credential created, deleted or given a new policy by ``hsmkms credentials``
+in another process therefore takes effect on the next request. Where the database has no
+change signal every lookup reads the row.
 
 Security contract: no secret appears in a ``repr``, a log line or an exception message.
 """
@@ -43,12 +45,10 @@ import datetime as dt
 import hashlib
 import re
 import secrets
-import sqlite3
 import string
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Final
 
 import structlog
 from sqlalchemy import (
@@ -61,21 +61,25 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
     insert,
-    inspect,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
+from hsmkms.db import (
+    Component,
+    Database,
+    ErrorMessages,
+    LegacyMarker,
+    Migration,
+    add_column,
+    migrate,
+)
 from hsmkms.errors import (
     AlreadyExistsException,
-    DependencyTimeoutException,
-    KMSError,
     KMSInternalException,
     LimitExceededException,
     MalformedPolicyDocumentException,
@@ -85,7 +89,6 @@ from hsmkms.errors import (
 from hsmkms.keystore.base import KeyMaterialRef, Keystore
 from hsmkms.keystore.errors import DecryptionFailed
 from hsmkms.policy import parse_identity_policy
-from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, Credential, utc_now
 
 __all__ = [
@@ -104,7 +107,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 2
 ROOT_NAME = "root"
 IDENTITY_KEY_ID = "identity-credentials"
 """The ``key_id`` of the wrapping key (token label ``hsmkms:identitycredentials:1``)."""
@@ -119,18 +121,22 @@ _NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
 # sets through HSMKMS_ROOT_ACCESS_KEY_ID (AWS: 16-128 word characters; we allow from 1).
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
 _MAX_NEGATIVE = 4096  # unknown key ids remembered between database changes
-_WRITE = "hsmkms_identity_write"  # execution option: begin with BEGIN IMMEDIATE (SQLite)
+_ERRORS = ErrorMessages(
+    busy="The credentials store is busy.",
+    failed="The credentials store failed.",
+    handled=(IntegrityError,),  # a duplicate name or key id: the caller says which
+)
 
-_meta = MetaData()
+metadata = MetaData()
 identity_meta = Table(
     "identity_meta",
-    _meta,
+    metadata,
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
 identity_credentials = Table(
     "identity_credentials",
-    _meta,
+    metadata,
     Column("access_key_id", String(128), primary_key=True),
     Column("name", String(64), nullable=False, unique=True),
     Column("principal_arn", String(2048), nullable=False),
@@ -142,6 +148,31 @@ identity_credentials = Table(
     Column("policy", Text, nullable=True),  # schema v2
 )
 _C = identity_credentials
+
+
+def _v1_initial(conn: Connection) -> None:
+    metadata.create_all(conn, checkfirst=True)
+
+
+def _v2_policy(conn: Connection) -> None:
+    # Made by migration 1 of this code, the table has the column already; v1 rows get NULL,
+    # which keeps their v1 AAD.
+    if add_column(conn, _C.name, Column("policy", Text)):
+        log.info("identity_schema_migrated", from_version=1, to_version=2)
+
+
+COMPONENT: Final = Component(
+    "identity",
+    [
+        Migration(1, "identity_meta, identity_credentials", _v1_initial),
+        Migration(2, "identity policies: identity_credentials.policy", _v2_policy),
+    ],
+    legacy=LegacyMarker(identity_meta),
+    refused="the identity tables are of schema version {found}; this hsmkms knows {latest}: "
+    "upgrade hsmkms",
+)
+"""The identity tables, for :func:`hsmkms.db.migrate`."""
+SCHEMA_VERSION: Final = COMPONENT.latest
 _INFO = (
     _C.c.access_key_id,
     _C.c.name,
@@ -228,14 +259,16 @@ def _info(row: Any) -> CredentialInfo:
 class CredentialStore:
     """Access keys in SQL, secrets sealed by a key in the token. Thread-safe.
 
-    ``url`` is a SQLAlchemy URL (the metadata store's database). Tables are created when
-    missing and migrated to the current schema. The wrapping key is created in the token on
-    the first credential.
+    ``database`` is the metadata store's database: a SQLAlchemy URL (the store opens and owns
+    its own :class:`~hsmkms.db.Database`, with ``busy_timeout_ms``) or a shared
+    :class:`~hsmkms.db.Database` (then its settings apply, and :meth:`close` leaves it open).
+    Tables are created when missing and migrated to the current schema. The wrapping key is
+    created in the token on the first credential.
     """
 
     def __init__(
         self,
-        url: str,
+        database: str | Database,
         keystore: Keystore,
         *,
         account_id: str,
@@ -245,88 +278,60 @@ class CredentialStore:
         self._keystore = keystore
         self._account_id = account_id
         self._clock = clock
-        self._engine: Engine = create_engine(url)
+        self._owns_db = not isinstance(database, Database)
+        self._db = (
+            database
+            if isinstance(database, Database)
+            else Database(database, busy_timeout_ms=busy_timeout_ms)
+        )
         self._lock = threading.Lock()
         # access key id -> (the row's sealed contents, what they opened to)
         self._unsealed: dict[str, tuple[tuple[Any, ...], Credential]] = {}
-        self._confirmed: dict[str, Credential | None] = {}
-        self._data_version: int | None = None
-        self._probe: sqlite3.Connection | None = None
+        # access key id -> its credential, or None (unknown); asked on every lookup whether
+        # the database changed, so a change by any process applies to the next request.
+        self._confirmed = self._db.read_cache(
+            check_interval=0, max_entries=_MAX_NEGATIVE, keep_none=True
+        )
         self._wrapping_key: KeyMaterialRef | None = None
-        if self._engine.dialect.name == "sqlite":
-            install_sqlite_hooks(self._engine, busy_timeout_ms=busy_timeout_ms, write_option=_WRITE)
-        with self._write() as conn:
-            self._migrate(conn)
-        database = self._engine.url.database
-        if self._engine.dialect.name == "sqlite" and database and database != ":memory:":
-            self._probe = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        try:
+            with self._write() as conn:
+                migrate(conn, COMPONENT, clock)
+        except BaseException:
+            if self._owns_db:
+                self._db.close()
+            raise
 
-    @staticmethod
-    def _migrate(conn: Connection) -> None:
-        """Create the tables, or bring them to :data:`SCHEMA_VERSION`. Write lock held."""
-        _meta.create_all(conn, checkfirst=True)
-        found = conn.execute(
-            select(identity_meta.c.value).where(identity_meta.c.name == "schema_version")
-        ).scalar()
-        if found is not None and (not found.isdigit() or int(found) > SCHEMA_VERSION):
-            raise KMSInternalException(
-                f"the identity tables are of schema version {found}; this hsmkms knows "
-                f"{SCHEMA_VERSION}: upgrade hsmkms"
-            )
-        columns = {c["name"] for c in inspect(conn).get_columns(_C.name)}
-        if "policy" not in columns:
-            # v1 -> v2: existing rows get a NULL policy, which keeps their v1 AAD.
-            exists = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
-            conn.execute(text(f"ALTER TABLE {_C.name} ADD COLUMN{exists} policy TEXT"))
-            log.info("identity_schema_migrated", from_version=found, to_version=SCHEMA_VERSION)
-        if found is None:
-            conn.execute(
-                insert(identity_meta).values(name="schema_version", value=str(SCHEMA_VERSION))
-            )
-        elif int(found) != SCHEMA_VERSION:
-            conn.execute(
-                update(identity_meta)
-                .where(identity_meta.c.name == "schema_version")
-                .values(value=str(SCHEMA_VERSION))
-            )
+    @property
+    def database(self) -> Database:
+        """The database the credentials live in."""
+        return self._db
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for diagnostics and tests)."""
+        return self._db.engine
 
     def close(self) -> None:
-        """Release the database connections and forget every unsealed secret."""
+        """Forget every unsealed secret and, when the store opened its database itself,
+        release its connections."""
         with self._lock:
-            if self._probe is not None:
-                self._probe.close()
-                self._probe = None
             self._unsealed.clear()
-            self._confirmed.clear()
-        self._engine.dispose()
+        self._confirmed.invalidate()
+        if self._owns_db:
+            self._db.close()
 
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        try:
-            yield
-        except (KMSError, IntegrityError):
-            raise  # an IntegrityError means a duplicate: the caller says which
-        except OperationalError as exc:
-            reason = str(exc.orig).lower() if exc.orig is not None else ""
-            if "locked" in reason or "busy" in reason:
-                raise DependencyTimeoutException("The credentials store is busy.") from exc
-            raise KMSInternalException("The credentials store failed.") from exc
-        except SQLAlchemyError as exc:
-            raise KMSInternalException("The credentials store failed.") from exc
+    def _write(self) -> AbstractContextManager[Connection]:
+        """One write transaction (the write lock taken first, so read-then-write is atomic)."""
+        return self._db.write(_ERRORS)
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """One write transaction (SQLite: ``BEGIN IMMEDIATE``, so read-then-write is atomic)."""
-        with self._guard(), self._engine.connect() as conn:
-            conn.execution_options(**{_WRITE: True})
-            with conn.begin():
-                yield conn
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self._db.read(_ERRORS)
 
     def _forget(self, access_key_id: str) -> None:
-        """Drop what this process remembers of a credential just changed by this process."""
+        """Drop the secret this process unsealed for a credential it just changed (its lookup
+        answer went with the write)."""
         with self._lock:
             self._unsealed.pop(access_key_id, None)
-            self._confirmed.pop(access_key_id, None)
 
     # -- principals -------------------------------------------------------------------------
 
@@ -345,24 +350,23 @@ class CredentialStore:
         """The wrapping key's reference, creating the key in the token the first time."""
         if self._wrapping_key is not None:
             return self._wrapping_key
-        with self._guard():
-            with self._engine.connect() as conn:
-                stored = self._read_wrapping(conn)
-            if stored is None:
-                ref = self._keystore.create_key(IDENTITY_KEY_ID, 1)
-                try:
-                    with self._write() as conn:
-                        conn.execute(
-                            insert(identity_meta).values(name="wrapping_key", value=ref.to_str())
-                        )
-                    stored = ref
-                except IntegrityError:
-                    # Another process created it first: ours is surplus.
-                    self._keystore.destroy(ref)
-                    with self._engine.connect() as conn:
-                        stored = self._read_wrapping(conn)
-                    if stored is None:  # pragma: no cover - the row was just seen
-                        raise KMSInternalException("the identity wrapping key vanished") from None
+        with self._read() as conn:
+            stored = self._read_wrapping(conn)
+        if stored is None:
+            ref = self._keystore.create_key(IDENTITY_KEY_ID, 1)
+            try:
+                with self._write() as conn:
+                    conn.execute(
+                        insert(identity_meta).values(name="wrapping_key", value=ref.to_str())
+                    )
+                stored = ref
+            except IntegrityError:
+                # Another process created it first: ours is surplus.
+                self._keystore.destroy(ref)
+                with self._read() as conn:
+                    stored = self._read_wrapping(conn)
+                if stored is None:  # pragma: no cover - the row was just seen
+                    raise KMSInternalException("the identity wrapping key vanished") from None
         self._wrapping_key = stored
         return stored
 
@@ -375,7 +379,7 @@ class CredentialStore:
 
     def wrapping_key_ref(self) -> KeyMaterialRef | None:
         """The wrapping key's reference, or None before the first credential (for doctor)."""
-        with self._guard(), self._engine.connect() as conn:
+        with self._read() as conn:
             return self._read_wrapping(conn)
 
     def _sealed_values(
@@ -455,7 +459,7 @@ class CredentialStore:
             )
         if secret is not None and not 1 <= len(secret) <= 128:
             raise ValidationException("HSMKMS_ROOT_SECRET_ACCESS_KEY must be 1-128 characters")
-        with self._guard(), self._engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).first()
         if row is not None:
             if access_key_id is None:
@@ -483,7 +487,7 @@ class CredentialStore:
 
     def list(self) -> list[CredentialInfo]:
         """Every credential, without secrets, by name."""
-        with self._guard(), self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(select(*_INFO).order_by(_C.c.name)).all()
         return [_info(r) for r in rows]
 
@@ -565,7 +569,7 @@ class CredentialStore:
 
         Raises UnknownCredential, and CredentialIntegrityError when the row was altered.
         """
-        with self._guard(), self._engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(select(_C).where(self._named(access_key_id_or_name))).first()
         if row is None:
             raise UnknownCredential(f"no credential {access_key_id_or_name!r}")
@@ -586,21 +590,6 @@ class CredentialStore:
 
     # -- lookup (every request) -------------------------------------------------------------
 
-    def _unchanged(self) -> bool:
-        """Whether the database is unchanged since the last call. Lock held."""
-        if self._probe is None:
-            return False
-        try:
-            version = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error:
-            self._data_version = None
-            return False
-        if version != self._data_version:
-            self._data_version = version
-            self._confirmed.clear()
-            return False
-        return True
-
     def lookup(self, access_key_id: str) -> Credential | None:
         """The credential of ``access_key_id`` with its identity policy, or None when unknown
         or when its row does not open (altered in the database) — the SigV4 lookup.
@@ -610,17 +599,14 @@ class CredentialStore:
         """
         if not _ACCESS_KEY_ID.fullmatch(access_key_id):
             return None
-        with self._lock:
-            if self._unchanged() and access_key_id in self._confirmed:
-                return self._confirmed[access_key_id]
-        with self._guard(), self._engine.connect() as conn:
+        return self._confirmed.get(access_key_id, lambda: self._load(access_key_id))
+
+    def _load(self, access_key_id: str) -> Credential | None:
+        with self._read() as conn:
             row = conn.execute(select(_C).where(_C.c.access_key_id == access_key_id)).first()
         credential = None if row is None else self._unseal_row(row._mapping)
-        with self._lock:
-            if len(self._confirmed) >= _MAX_NEGATIVE:
-                self._confirmed.clear()
-            self._confirmed[access_key_id] = credential
-            if credential is None:
+        if credential is None:
+            with self._lock:
                 self._unsealed.pop(access_key_id, None)
         return credential
 

@@ -1,10 +1,10 @@
 """The metadata store: keys, key versions, aliases, tags and grants in SQL (SQLAlchemy Core).
 
-SQLite is the embedded default: WAL journal, ``foreign_keys=ON`` and a busy timeout on every
-connection, ``synchronous=FULL`` (a committed key version must survive a power cut: a caller may
-already hold ciphertext made with it). Write transactions start with ``BEGIN IMMEDIATE`` so a
-read-check-write sequence is atomic across processes; the same code takes row locks
-(``SELECT ... FOR UPDATE``) on PostgreSQL.
+The database comes from the database layer (:class:`hsmkms.db.Database`): durable commits (a
+committed key version must survive a power cut: a caller may already hold ciphertext made with
+it), foreign keys enforced, and write transactions that hold the write lock from their start, so
+a read-check-write sequence is atomic across processes (the rows a write changes are also
+selected ``FOR UPDATE``, which is what locks them where the database has row locks).
 
 The store holds no secret and makes no policy decision: the service passes limits and
 preconditions in, and maps the store's own exceptions to AWS errors.
@@ -24,14 +24,9 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import math
-import os
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import (
@@ -42,22 +37,17 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
-    create_engine,
     delete,
     func,
     or_,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
-from hsmkms.errors import (
-    DependencyTimeoutException,
-    InvalidMarkerException,
-    KeyIntegrityError,
-    KMSError,
-    KMSInternalException,
-)
+from hsmkms.db import Database, ErrorMessages, file_url, migrate
+from hsmkms.db.migrations import applied_versions
+from hsmkms.errors import InvalidMarkerException, KeyIntegrityError, KMSInternalException
 from hsmkms.store import schema
 from hsmkms.store.integrity import (
     IntegrityProblem,
@@ -67,7 +57,7 @@ from hsmkms.store.integrity import (
     safe_key_id,
     safe_tag_key,
 )
-from hsmkms.store.migrations import MIGRATIONS, applied_versions, run_migrations
+from hsmkms.store.migrations import COMPONENT
 from hsmkms.store.records import (
     DELETING,
     AliasRecord,
@@ -76,7 +66,6 @@ from hsmkms.store.records import (
     KeyVersionRecord,
     Page,
 )
-from hsmkms.store.sqlite import install_sqlite_hooks
 from hsmkms.types import Clock, utc_now
 
 
@@ -102,9 +91,8 @@ class KeyMissing(StoreError):
 
 log = structlog.get_logger(__name__)
 
-_R = TypeVar("_R")
-_WRITE = "hsmkms_write"
 _CACHE_MAX = 10_000
+_ERRORS = ErrorMessages(busy="The metadata store is busy.", failed="The metadata store failed.")
 
 
 def _encode_marker(kind: str, last: str | int) -> str:
@@ -269,7 +257,6 @@ _A = schema.aliases
 _T = schema.tags
 _G = schema.grants
 _S = schema.store_settings
-_MISSING: Any = object()
 _INTEGRITY_KEY = "integrity_key"
 _SEALED_TABLES = (_K, _V, _G, _A, _T)
 # store_settings: the sealed tables whose rows were adopted, sorted and joined by ",". Missing
@@ -322,15 +309,17 @@ def _describe(table: Table, m: Mapping[Any, Any], problem: str) -> str:
 
 
 class MetadataStore:
-    """Key metadata in SQL. Thread-safe; several processes may open the same SQLite file.
+    """Key metadata in SQL. Thread-safe; several processes may open the same database.
 
-    Open with a SQLAlchemy URL (``sqlite:///path``) or :meth:`open_sqlite`. Pending migrations run
-    at open.
+    ``database`` is a SQLAlchemy URL (the store opens and owns its own
+    :class:`~hsmkms.db.Database`, with ``busy_timeout_ms``) or a :class:`~hsmkms.db.Database`
+    shared with other components (then its settings apply, and :meth:`close` leaves it open).
+    :meth:`open_sqlite` opens a file of the embedded default. Pending migrations run at open.
     """
 
     def __init__(
         self,
-        url: str,
+        database: str | Database,
         *,
         clock: Clock = utc_now,
         busy_timeout_ms: int = 10_000,
@@ -339,43 +328,26 @@ class MetadataStore:
     ) -> None:
         self._clock = clock
         self._verifier = None if sealer is None else RowVerifier(sealer)
-        self._cache_check_interval = cache_check_interval
-        self._cache_checked_at = -math.inf
-        self._engine: Engine = create_engine(url)
-        self._probe: sqlite3.Connection | None = None
-        self._cache_lock = threading.Lock()
-        # ("key", key_id, version) -> (key, version); ("grants", key_id, grantee) -> tuple
-        self._cache: dict[tuple[Any, ...], Any] = {}
-        self._cache_token: int | None = None
-        self._pid = os.getpid()
-        if self._engine.dialect.name == "sqlite":
-            install_sqlite_hooks(self._engine, busy_timeout_ms=busy_timeout_ms, write_option=_WRITE)
-        with self._write() as conn:
-            run_migrations(conn, clock)
-            if self._verifier is not None:
-                self._start_integrity(conn, self._verifier)
-        self._open_probe()
-
-    def _open_probe(self) -> None:
-        database = self._engine.url.database
-        if self._engine.dialect.name == "sqlite" and database and database != ":memory:":
-            # A connection that never writes: its PRAGMA data_version changes whenever any other
-            # connection, in this process or another, commits. That makes a read cache safe.
-            self._probe = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
-
-    def _after_fork(self) -> None:
-        """In a forked child: never touch the parent's connections (SQLite forbids it)."""
-        if os.getpid() == self._pid:
-            return
-        with self._cache_lock:
-            if os.getpid() == self._pid:
-                return
-            self._engine.dispose(close=False)
-            self._probe = None  # the parent's; not closed here
-            self._cache.clear()
-            self._cache_checked_at = -math.inf
-            self._open_probe()
-            self._pid = os.getpid()
+        self._owns_db = not isinstance(database, Database)
+        self._db = (
+            database
+            if isinstance(database, Database)
+            else Database(database, busy_timeout_ms=busy_timeout_ms)
+        )
+        # The read cache (hsmkms.db.ReadCache): ("key", key_id, version) -> (key, version),
+        # ("grants", key_id, grantee) -> tuple, ... Immutable values only; None is not cached.
+        self._cache = self._db.read_cache(
+            check_interval=cache_check_interval, max_entries=_CACHE_MAX
+        )
+        try:
+            with self._write() as conn:
+                migrate(conn, COMPONENT, clock)
+                if self._verifier is not None:
+                    self._start_integrity(conn, self._verifier)
+        except BaseException:
+            if self._owns_db:
+                self._db.close()
+            raise
 
     @classmethod
     def open_sqlite(
@@ -387,9 +359,10 @@ class MetadataStore:
         cache_check_interval: float = 0.001,
         sealer: RowSealer | None = None,
     ) -> MetadataStore:
-        """Open (creating when missing) the SQLite database at ``path``."""
+        """Open (creating when missing) the embedded default's database file (SQLite) at
+        ``path``."""
         return cls(
-            f"sqlite:///{Path(path)}",
+            file_url(path),
             clock=clock,
             busy_timeout_ms=busy_timeout_ms,
             cache_check_interval=cache_check_interval,
@@ -397,99 +370,31 @@ class MetadataStore:
         )
 
     @property
+    def database(self) -> Database:
+        """The database the store lives in."""
+        return self._db
+
+    @property
     def engine(self) -> Engine:
         """The SQLAlchemy engine (for diagnostics and tests)."""
-        return self._engine
+        return self._db.engine
 
     def close(self) -> None:
-        """Release every pooled connection."""
-        with self._cache_lock:
-            if self._probe is not None:
-                self._probe.close()
-                self._probe = None
-            self._cache.clear()
-        self._engine.dispose()
+        """Forget the cached answers and, when the store opened its database itself, release
+        every pooled connection."""
+        self._cache.invalidate()
+        if self._owns_db:
+            self._db.close()
 
-    # -- read cache -----------------------------------------------------------------------------
+    # -- read cache and transactions ------------------------------------------------------------
 
-    def _cache_valid(self) -> bool:
-        """Clear the cache when the database changed since it was filled. Lock held.
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction (the write lock taken first); the read cache is emptied after
+        it, so this process sees its own writes at once."""
+        return self._db.write(_ERRORS)
 
-        The probe runs at most every ``cache_check_interval`` seconds: a commit by another
-        process is seen within that time; a commit through this store clears the cache at once.
-        """
-        if self._probe is None:
-            return False
-        now = time.monotonic()
-        if now - self._cache_checked_at < self._cache_check_interval:
-            return True
-        self._cache_checked_at = now
-        try:
-            token = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error:
-            self._cache.clear()
-            return False
-        if token != self._cache_token:
-            self._cache.clear()
-            self._cache_token = token
-        return True
-
-    def _cached(self, cache_key: tuple[Any, ...], load: Callable[[], _R]) -> _R:
-        """``load()``, answered from the read cache when the database has not changed since
-        it was cached. ``None`` answers are not cached; callers cache immutable values only."""
-        self._after_fork()
-        with self._cache_lock:
-            if self._cache_valid():
-                hit = self._cache.get(cache_key, _MISSING)
-                if hit is not _MISSING:
-                    return cast(_R, hit)
-                token = self._cache_token
-            else:
-                token = None
-        found = load()
-        if found is not None and token is not None:
-            with self._cache_lock:
-                # Only keep the answer if nothing changed while it was read.
-                if self._cache_valid() and self._cache_token == token:
-                    if len(self._cache) >= _CACHE_MAX:
-                        self._cache.clear()
-                    self._cache[cache_key] = found
-        return found
-
-    # -- transactions ---------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        self._after_fork()
-        try:
-            yield
-        except KMSError:
-            raise
-        except OperationalError as exc:
-            text = str(exc.orig).lower() if exc.orig is not None else ""
-            if "locked" in text or "busy" in text:
-                raise DependencyTimeoutException("The metadata store is busy.") from exc
-            raise KMSInternalException("The metadata store failed.") from exc
-        except SQLAlchemyError as exc:
-            raise KMSInternalException("The metadata store failed.") from exc
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        try:
-            with self._guard(), self._engine.connect() as conn:
-                conn.execution_options(**{_WRITE: True})
-                with conn.begin():
-                    yield conn
-        finally:
-            # After the commit (or rollback): this process's own writes are visible at once.
-            with self._cache_lock:
-                self._cache.clear()
-                self._cache_checked_at = -math.inf
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._guard(), self._engine.connect() as conn, conn.begin():
-            yield conn
+    def _read(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._db.read(_ERRORS)
 
     def _lock_key(self, conn: Connection, key_id: str) -> KeyRecord:
         key = self._lock_key_if_there(conn, key_id)
@@ -620,13 +525,13 @@ class MetadataStore:
     def schema_version(self) -> int:
         """The highest applied migration version."""
         with self._read() as conn:
-            versions = applied_versions(conn)
+            versions = applied_versions(conn, COMPONENT.name)
         return versions[-1] if versions else 0
 
     @staticmethod
     def latest_schema_version() -> int:
         """The version this code migrates to."""
-        return MIGRATIONS[-1][0]
+        return COMPONENT.latest
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -659,10 +564,11 @@ class MetadataStore:
         one query. ``None`` when the key does not exist; the version is ``None`` when missing.
 
         This is the hot path of every cryptographic operation: answers are cached until a
-        connection commits a change to the database (SQLite). Writes through this store are
-        seen at once; commits by other processes within ``cache_check_interval`` (1 ms).
+        connection commits a change to the database (where the database layer can tell: the
+        embedded default). Writes through this store's database are seen at once; commits by
+        other processes within ``cache_check_interval`` (1 ms).
         """
-        return self._cached(
+        return self._cache.get(
             ("key", key_id, version), lambda: self._get_key_and_version(key_id, version)
         )
 
@@ -987,7 +893,7 @@ class MetadataStore:
         :meth:`grants_for`'s (an alias change is seen at once in this process, within
         ``cache_check_interval`` in others), and a re-read of an unchanged row costs no token
         call (the verifier remembers it)."""
-        return self._cached(("alias", name), lambda: self._get_alias(name))
+        return self._cache.get(("alias", name), lambda: self._get_alias(name))
 
     def _get_alias(self, name: str) -> AliasRecord | None:
         row = self._one_verified(_A, select(_A).where(_A.c.name == name))
@@ -1105,7 +1011,7 @@ class MetadataStore:
         For ``aws:ResourceTag/<k>`` conditions, on the authorization path: answers cached like
         :meth:`grants_for`'s (a tag change decides the next request in this process, within
         ``cache_check_interval`` in others)."""
-        return self._cached(("tags_of", key_id), lambda: self._tags_of(key_id))
+        return self._cache.get(("tags_of", key_id), lambda: self._tags_of(key_id))
 
     def _tags_of(self, key_id: str) -> tuple[tuple[str, str], ...]:
         stmt = select(_T).where(_T.c.key_id == key_id).order_by(_T.c.tag_key)
@@ -1118,7 +1024,7 @@ class MetadataStore:
     def alias_names_of(self, key_id: str) -> tuple[str, ...]:
         """The names of a key's aliases, ordered, each row verified; cached like
         :meth:`tags_of` (for ``kms:ResourceAliases`` conditions)."""
-        return self._cached(
+        return self._cache.get(
             ("alias_names_of", key_id),
             lambda: tuple(alias.name for alias in self.aliases_of(key_id)),
         )
@@ -1169,7 +1075,7 @@ class MetadataStore:
         :meth:`get_key_and_version`'s (a revoked grant stops working at once in this process,
         within ``cache_check_interval`` in others).
         """
-        found = self._cached(
+        found = self._cache.get(
             ("grants", key_id, grantee_principal),
             lambda: self._grants_for(key_id, grantee_principal),
         )

@@ -1,4 +1,5 @@
-"""The metadata schema, as SQLAlchemy Core tables. Dialect-neutral: SQLite and PostgreSQL.
+"""The metadata schema, as SQLAlchemy Core tables. Dialect-neutral (column types that differ
+between dialects come from :mod:`hsmkms.db.types`).
 
 The store never holds a secret: key versions are named by their token object ids
 (:meth:`hsmkms.keystore.base.KeyMaterialRef.to_str`), never by their bytes.
@@ -12,7 +13,9 @@ Tables::
     grants           one row per grant: key, grantee, retiring principal, operations, constraints
     store_settings   name -> value (``integrity_key``: the token MAC key's reference;
                      ``sealed_tables``: the tables whose rows the store has adopted)
-    schema_migrations  applied migrations (see :mod:`hsmkms.store.migrations`)
+
+The versions applied (:mod:`hsmkms.store.migrations`) are in the database's ``schema_migrations``
+table (:mod:`hsmkms.db.migrations`), as component ``metadata``.
 
 ``keys``, ``key_versions``, ``grants``, ``aliases`` and ``tags`` rows carry ``mac``, a token HMAC
 over the row (:mod:`hsmkms.store.integrity`).
@@ -20,14 +23,9 @@ over the row (:mod:`hsmkms.store.integrity`).
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
-
 from sqlalchemy import (
     Boolean,
     Column,
-    DateTime,
-    Dialect,
     ForeignKey,
     Index,
     Integer,
@@ -36,37 +34,21 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    TypeDecorator,
 )
 
+from hsmkms.db.types import UTCDateTime
 
-class UTCDateTime(TypeDecorator[dt.datetime]):
-    """An aware UTC timestamp on every dialect.
-
-    SQLite has no time zone type: values are stored as naive UTC and read back as aware UTC.
-    PostgreSQL gets ``TIMESTAMP WITH TIME ZONE``. Naive datetimes are refused on the way in.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, dt.datetime) or value.tzinfo is None:
-            raise ValueError("timestamps must be aware datetimes")
-        utc = value.astimezone(dt.UTC)
-        if dialect.name == "sqlite":
-            return utc.replace(tzinfo=None)
-        return utc
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
-        if value is None:
-            return None
-        assert isinstance(value, dt.datetime)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC)
+__all__ = [
+    "APPLICATION_TABLES",
+    "UTCDateTime",
+    "aliases",
+    "grants",
+    "key_versions",
+    "keys",
+    "metadata",
+    "store_settings",
+    "tags",
+]
 
 
 metadata = MetaData()
@@ -151,14 +133,6 @@ store_settings = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
-)
-
-schema_migrations = Table(
-    "schema_migrations",
-    metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False),
-    Column("name", String(128), nullable=False),
-    Column("applied_at", UTCDateTime, nullable=False),
 )
 
 APPLICATION_TABLES = (keys, key_versions, aliases, tags)

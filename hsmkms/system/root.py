@@ -22,15 +22,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Literal
-
-from sqlalchemy.engine import make_url
 
 from hsmkms.audit import AuditRecord, AuditTrail, AuditWriter, PreparedRecord, service_event_record
 from hsmkms.audit.records import key_id_of
 from hsmkms.config import Settings, keystore_config
+from hsmkms.db import Database, database_exists, database_location
 from hsmkms.errors import ClientError, KMSInternalException
 from hsmkms.identity import CredentialStore
 from hsmkms.keystore.base import Keystore
@@ -107,6 +105,7 @@ class System:
         self.settings = settings
         self.keystore = keystore
         self.store = store
+        self._database: Database | None = None
         self._credentials: CredentialStore | None = None
         self.trail: AuditTrail | None = None  # with audit="writer"
         self.writer: AuditWriter | None = None
@@ -167,12 +166,17 @@ class System:
         keystore: Keystore = token if wrap_keystore is None else wrap_keystore(token)
         opened: list[Callable[[], object]] = [keystore.close]
         try:
-            url = settings.effective_database_url
-            store = MetadataStore(url, sealer=TokenRowSealer(keystore))
+            # One engine (and one change probe) for the metadata and the identity tables.
+            database = Database(settings.effective_database_url)
+            opened.append(database.close)
+            store = MetadataStore(database, sealer=TokenRowSealer(keystore))
             opened.append(store.close)
             system = cls(settings, keystore, store, audit=audit, clock=clock)
+            system._database = database
             if identity:
-                system._credentials = CredentialStore(url, keystore, account_id=settings.account_id)
+                system._credentials = CredentialStore(
+                    database, keystore, account_id=settings.account_id
+                )
                 opened.append(system._credentials.close)
             if audit == "writer":
                 system.trail = AuditTrail(settings.audit_database_url, keystore)
@@ -230,6 +234,8 @@ class System:
                 if self._credentials is not None:
                     self._credentials.close()
                 self.store.close()
+                if self._database is not None:
+                    self._database.close()
             finally:
                 self.keystore.close()
 
@@ -251,14 +257,11 @@ class System:
 
 
 def _existing_audit_database(settings: Settings) -> str:
-    """The audit trail's database URL; a SQLite file that does not exist is an error (reading
-    must not create a database)."""
+    """The audit trail's database URL; a database that does not exist (the embedded default's
+    file) is an error: reading must not create one."""
     url = settings.audit_database_url
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database or "")
-        if not path.is_file():
-            raise ClientError(f"no database at {path}")
+    if not database_exists(url):
+        raise ClientError(f"no database at {database_location(url)}")
     return url
 
 

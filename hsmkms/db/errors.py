@@ -1,0 +1,105 @@
+"""The one mapping of database errors to hsmkms errors.
+
+Each component names its own wording (:class:`ErrorMessages`); :data:`RULES` decide, first
+match wins, what an exception raised inside a transaction becomes:
+
+- a :class:`~hsmkms.errors.KMSError`: itself (already an answer);
+- one of the component's ``handled`` classes: itself (the component turns it into its own
+  outcome, such as a duplicate);
+- a driver error saying that a lock was held past the busy timeout (SQLite: ``SQLITE_BUSY``,
+  ``SQLITE_LOCKED``): :class:`~hsmkms.errors.DependencyTimeoutException` with ``busy``;
+- any other SQLAlchemy or driver error: :class:`~hsmkms.errors.KMSInternalException` with
+  ``failed``;
+- anything else (a store's own outcome, a bug): itself.
+
+Errors are told apart by class and driver error code (the dialect's
+:meth:`~hsmkms.db.dialects.Dialect.is_busy`), never by their text. The driver's own errors
+count as database errors too: a component may run driver SQL on the raw connection (the audit
+trail's append).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from typing import Final
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from hsmkms.db.dialects import Dialect
+from hsmkms.errors import DependencyTimeoutException, KMSError, KMSInternalException
+
+__all__ = ["RULES", "ErrorMessages", "Outcome", "classify", "map_error"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorMessages:
+    """What a component's callers are told when its database fails: ``busy`` (a lock held
+    past the busy timeout) and ``failed`` (anything else). ``handled``: database exception
+    classes the component catches itself, raised unchanged."""
+
+    busy: str
+    failed: str
+    handled: tuple[type[Exception], ...] = ()
+
+
+class Outcome(enum.Enum):
+    """What :func:`map_error` does with an exception."""
+
+    UNCHANGED = "raised unchanged"
+    BUSY = "DependencyTimeoutException"
+    FAILED = "KMSInternalException"
+
+
+def _driver_exception(exc: BaseException, dialect: Dialect) -> BaseException | None:
+    """The driver's own exception: wrapped by SQLAlchemy, or raised by driver SQL."""
+    if isinstance(exc, DBAPIError):
+        return exc.orig
+    return exc if isinstance(exc, dialect.driver_error) else None
+
+
+def _is_kms_error(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> bool:
+    return isinstance(exc, KMSError)
+
+
+def _is_handled(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> bool:
+    return isinstance(exc, messages.handled)
+
+
+def _is_busy(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> bool:
+    cause = _driver_exception(exc, dialect)
+    return cause is not None and dialect.is_busy(cause)
+
+
+def _is_database_error(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> bool:
+    return isinstance(exc, (SQLAlchemyError, dialect.driver_error))
+
+
+Rule = tuple[Callable[[BaseException, ErrorMessages, Dialect], bool], Outcome]
+
+RULES: Final[tuple[Rule, ...]] = (
+    (_is_kms_error, Outcome.UNCHANGED),
+    (_is_handled, Outcome.UNCHANGED),
+    (_is_busy, Outcome.BUSY),
+    (_is_database_error, Outcome.FAILED),
+)
+"""The mapping, in order: the first rule whose test holds decides; none: unchanged."""
+
+
+def classify(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> Outcome:
+    """What :data:`RULES` make of ``exc``."""
+    for applies, outcome in RULES:
+        if applies(exc, messages, dialect):
+            return outcome
+    return Outcome.UNCHANGED
+
+
+def map_error(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> KMSError | None:
+    """The hsmkms error to raise ``from exc`` instead, or ``None`` to raise ``exc`` itself."""
+    outcome = classify(exc, messages, dialect)
+    if outcome is Outcome.BUSY:
+        return DependencyTimeoutException(messages.busy)
+    if outcome is Outcome.FAILED:
+        return KMSInternalException(messages.failed)
+    return None
