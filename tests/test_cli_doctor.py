@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import new_key_version
 from hsmkms import models as m
 from hsmkms.config import Settings
 from hsmkms.keystore.base import KeyMaterialRef
@@ -133,7 +134,7 @@ def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None
     assert doctor(tmp_path).returncode == 0
     service = _service(tmp_path)
     try:
-        orphan = service.keystore.create_key("0badc0de-0000-4000-8000-000000000000", 1)
+        orphan = new_key_version(service.keystore, "0badc0de-0000-4000-8000-000000000000")
         key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
         material = _material(service, key_id)
     finally:

@@ -29,7 +29,9 @@ from hsmkms.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
-from hsmkms.keystore.base import KeyMaterialRef, Keystore, TokenObject
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName, TokenObject
+from hsmkms.keystore.specs import KeyMaterialSpec
+from hsmkms.keystore.stores import KeyStores
 from hsmkms.models import (
     AliasListEntry,
     CancelKeyDeletionRequest,
@@ -181,7 +183,7 @@ class KmsService(GrantService):
 
     def __init__(
         self,
-        keystore: Keystore,
+        keystore: Keystore | KeyStores,
         store: MetadataStore,
         *,
         region: str,
@@ -275,7 +277,9 @@ class KmsService(GrantService):
         key_id = str(uuid.uuid4())
         if document is not None and not bypass:
             self._authz.check_lockout(caller, document, self.arns.key(key_id))
-        ref = self._keystore.create_key(key_id, 1, self._keystore.profile)
+        ref = self._stores.default.create(
+            KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(key_id, 1)
+        )
         key = KeyRecord(
             key_id=key_id,
             arn=self.arns.key(key_id),
@@ -288,14 +292,15 @@ class KmsService(GrantService):
             policy=request.Policy or default_key_policy(self.account_id),
             current_version=1,
         )
-        version = KeyVersionRecord(key_id, 1, ref.to_str(), ref.profile.value, now, None)
+        profile = ref.encryption_profile.value
+        version = KeyVersionRecord(key_id, 1, ref.to_str(), profile, now, None)
         try:
             self._store.create_key(key, version, tags)
         except BaseException:
             if not self._committed(key_id, 1, ref):
                 self._destroy_quietly(ref, key_id, 1)
             raise
-        log.info("key_created", key_id=key_id, profile=ref.profile.value)
+        log.info("key_created", key_id=key_id, profile=profile)
         if caller is not None:
             caller.note_key(key.arn, 1)  # spec: §5.2 — the CreateKey record names the new key
         return CreateKeyResponse(KeyMetadata=self._metadata(key))
@@ -1071,7 +1076,8 @@ class KmsService(GrantService):
                 continue  # cancelled meanwhile
             try:
                 for version in self._store.list_versions(key.key_id).items:
-                    self._keystore.destroy(KeyMaterialRef.from_str(version.material_ref))
+                    ref = KeyMaterialRef.from_str(version.material_ref)
+                    self._stores.backend_for(ref).destroy(ref)
                 self._store.delete_key(key.key_id)
             except Exception:
                 log.exception("purge_failed", key_id=key.key_id)
@@ -1091,17 +1097,23 @@ class KmsService(GrantService):
         The token is listed first, so an object created (and committed) after the listing is
         not reported; an object whose row is not committed yet may be reported as an orphan.
         """
-        objects = self._keystore.list_objects()
-        present = {o.object_id for o in objects}
-        referenced: set[str] = set()
+        objects = {store_id: backend.list_objects() for store_id, backend in self._stores.items()}
+        present = {s: {o.object_id for o in listed} for s, listed in objects.items()}
+        referenced: dict[str, set[str]] = {store_id: set() for store_id in objects}
         missing: list[tuple[str, int]] = []
         for version, state in self._store.all_versions():
             ref = KeyMaterialRef.from_str(version.material_ref)
-            referenced.update(ref.object_ids)
-            if state != DELETING and not all(oid in present for oid in ref.object_ids):
+            referenced.setdefault(ref.store, set()).update(ref.object_ids)
+            in_store = present.get(ref.store, set())  # an unregistered store: all missing
+            if state != DELETING and not all(oid in in_store for oid in ref.object_ids):
                 missing.append((version.key_id, version.version))
         # Service keys (audit seal, credentials) are not key versions and never orphans here.
-        orphans = [o for o in objects if o.is_key_version and o.object_id not in referenced]
+        orphans = [
+            o
+            for store_id, listed in objects.items()
+            for o in listed
+            if o.is_key_version and o.object_id not in referenced[store_id]
+        ]
         return Inconsistencies(orphans=orphans, missing=missing)
 
     def start_background(self, interval: float = 60.0) -> None:
@@ -1131,4 +1143,4 @@ class KmsService(GrantService):
         """Stop background work, close the store and log the keystore out (end of process)."""
         self.stop()
         self._store.close()
-        self._keystore.close()
+        self._stores.close()
