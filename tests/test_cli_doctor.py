@@ -60,6 +60,19 @@ def test_doctor_creates_the_embedded_default_and_reports_json(tmp_path: Path) ->
     assert report["user_pin_file"] == str(data_dir / "user.pin")
     assert report["login"] == "ok"
     assert report["self_test"] == "ok"
+    assert report["capabilities"] == {
+        "specs": {
+            "SYMMETRIC_DEFAULT": ["ENCRYPT_DECRYPT"],
+            "HMAC_224": ["GENERATE_VERIFY_MAC"],
+            "HMAC_256": ["GENERATE_VERIFY_MAC"],
+            "HMAC_384": ["GENERATE_VERIFY_MAC"],
+            "HMAC_512": ["GENERATE_VERIFY_MAC"],
+            "RSA_2048": ["SIGN_VERIFY"],
+            "ECC_NIST_P256": ["KEY_AGREEMENT", "SIGN_VERIFY"],
+        },
+        "profiles": ["AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"],
+        "unverified": [],
+    }
     assert "AES_GCM" in report["mechanisms"]
     assert (data_dir / "user.pin").stat().st_mode & 0o077 == 0
     pin = (data_dir / "user.pin").read_text().strip()
@@ -73,6 +86,10 @@ def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert f"token_serial:    {serial}" in proc.stdout
     assert "profile:         AES_256_GCM" in proc.stdout
+    assert (
+        "capabilities:    SYMMETRIC_DEFAULT (AES_256_GCM, AES_256_CBC_HMAC_SHA_256), HMAC_224, "
+        "HMAC_256, HMAC_384, HMAC_512, RSA_2048, ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY)\n"
+    ) in proc.stdout
 
 
 def test_doctor_reports_the_forced_portable_profile(tmp_path: Path) -> None:

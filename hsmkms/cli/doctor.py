@@ -11,6 +11,7 @@ from typing import Any
 
 from hsmkms.config import Settings, keystore_config, pin_file_is_private
 from hsmkms.errors import KMSInternalException
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.service.local import open_service
 from hsmkms.softhsm import ensure_token
 
@@ -22,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "doctor",
         help="check the PKCS#11 module, token, login and a self-test",
         description="Print the module, token, mechanisms and chosen profile; check login; run "
-        "an encrypt/decrypt self-test with temporary session keys; check the integrity MAC of "
+        "an encrypt/decrypt self-test with temporary session keys; probe which key specs the "
+        "token can host (a real operation each); check the integrity MAC of "
         "every key, key version, grant, alias and tag row in the database. On the embedded "
         "default, create the data directory and token when missing.",
     )
@@ -43,6 +45,7 @@ def diagnose(settings: Settings) -> dict[str, Any]:
     try:
         info = service.keystore.info()  # opens the module, finds the token and logs in
         service.keystore.self_test()
+        capabilities = service.keystore.capabilities()
         integrity = service.store.integrity_problems()
         # Comparing the token with rows that failed their check would trust them: skip it.
         found = None if integrity else service.find_inconsistencies()
@@ -59,6 +62,14 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         mechanisms=list(info.mechanisms),
         login="ok",
         self_test="ok",
+        capabilities={
+            "specs": {
+                spec.value: sorted(u.value for u in capabilities.usages[spec])
+                for spec in KeyMaterialSpec if spec in capabilities.usages
+            },
+            "profiles": [p.value for p in capabilities.profiles],
+            "unverified": sorted(s.value for s in capabilities.unverified),
+        },
         integrity=[dataclasses.asdict(p) for p in integrity],
         orphans=[] if found is None else [
             {"object_id": o.object_id, "label": o.label} for o in found.orphans
@@ -89,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 "self_test"):  # fmt: skip
         if key in report:
             print(f"{key + ':':<{width}} {report[key]}")
+    print(f"{'capabilities:':<{width}} {_capabilities_line(report['capabilities'])}")
     print(
         f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
     )
@@ -105,6 +117,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     _raise_for(missing, integrity)
     return 0
+
+
+def _capabilities_line(capabilities: dict[str, Any]) -> str:
+    """The specs the token hosts; symmetric material with its profiles, a spec with several
+    usages with them (``ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY)``)."""
+    parts = []
+    for spec, usages in capabilities["specs"].items():
+        if KeyMaterialSpec(spec).facts.takes_profile:
+            parts.append(f"{spec} ({', '.join(capabilities['profiles'])})")
+        elif len(usages) > 1:
+            parts.append(f"{spec} ({', '.join(usages)})")
+        else:
+            parts.append(spec)
+    line = ", ".join(parts) or "none"
+    if capabilities["unverified"]:
+        line += f"; listed, not probed: {', '.join(capabilities['unverified'])}"
+    return line
 
 
 def _raise_for(missing: list[dict[str, Any]], integrity: list[dict[str, Any]]) -> None:
