@@ -793,30 +793,26 @@ class Pkcs11Keystore:
 
     def random(self, n: int) -> bytes:
         """``n`` bytes from the token's random generator."""
-        observer = self._observer
-        if observer is None:
-            return self._random(n)
-        start = perf_counter()
-        try:
-            return self._random(n)
-        finally:
-            observer("random", perf_counter() - start)
-
-    def _random(self, n: int) -> bytes:
         if n < 1:
             raise TokenRejected("random: length must be positive")
-        with _LOCK:
-            conn = self._conn
-            if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry frame
-                try:
-                    return bytes(conn.session.generate_random(n * 8))
-                except RECONNECT_ERRORS:
-                    pass  # the slow path below reconnects and retries
-                except p11e.PKCS11Error as exc:
-                    raise map_pkcs11_error(exc, "generating random bytes") from exc
-        return self._call(
-            "generating random bytes", lambda c: bytes(c.session.generate_random(n * 8))
-        )
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            with _LOCK:
+                conn = self._conn
+                if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry
+                    try:
+                        return bytes(conn.session.generate_random(n * 8))
+                    except RECONNECT_ERRORS:
+                        pass  # the slow path below reconnects and retries
+                    except p11e.PKCS11Error as exc:
+                        raise map_pkcs11_error(exc, "generating random bytes") from exc
+            return self._call(
+                "generating random bytes", lambda c: bytes(c.session.generate_random(n * 8))
+            )
+        finally:
+            if observer is not None:
+                observer("random", perf_counter() - start)
 
     # -- inventory ---------------------------------------------------------------------------
 
