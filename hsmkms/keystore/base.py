@@ -236,7 +236,7 @@ class Capabilities:
     cannot be probed that way: specs whose mechanisms it lists are then in :attr:`unverified`.
     """
 
-    usages: Mapping[KeyMaterialSpec, frozenset[MaterialUsage]]
+    usages: Mapping[KeyMaterialSpec, frozenset[MaterialUsage]] = dataclasses.field(hash=False)
     """Per hosted spec, the usages probed successfully."""
     profiles: tuple[MechanismProfile, ...]
     """Mechanism profiles probed with a real round trip (SYMMETRIC_DEFAULT is hosted when any
@@ -352,9 +352,12 @@ class KeyInventory(Protocol):
         """Whether every object of ``ref`` is on the token (asks the token, not a cache)."""
         ...
 
-    def attributes(self, object_id: str, names: list[str]) -> dict[str, Any]:
-        """Attributes of one of this project's objects (``CKA_`` names without the prefix).
-        Reading a secret value fails: that is the point."""
+    def attributes(
+        self, object_id: str, names: list[str], *, public: bool = False
+    ) -> dict[str, Any]:
+        """Attributes of one of this project's objects (``CKA_`` names without the prefix): the
+        secret or private key, or with ``public`` a key pair's public key. Reading a secret
+        value fails: that is the point."""
         ...
 
     def self_test(self) -> None:
