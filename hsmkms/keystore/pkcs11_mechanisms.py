@@ -16,6 +16,7 @@ others are explicitly false). Probes and the self-test use the same templates wi
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import hashlib
@@ -191,7 +192,7 @@ def generate_secrets(
 # -- mechanism profiles -----------------------------------------------------------------------
 
 
-class ProfileMechanisms:
+class ProfileMechanisms(abc.ABC):
     """The token side of one mechanism profile: its key objects, the mechanisms it needs, and
     seal / unseal. Sizes come from the profile's facts (:mod:`hsmkms.profiles`)."""
 
@@ -217,16 +218,18 @@ class ProfileMechanisms:
         asking the token)."""
         return len(iv) == self._iv_length and self._body_ok(len(body))
 
+    @abc.abstractmethod
     def seal(
         self, session: Any, keys: Sequence[Any], plaintext: bytes, aad: bytes
     ) -> tuple[bytes, bytes]:
         """``(iv, ciphertext || tag)`` with a fresh IV from the token's generator."""
-        raise NotImplementedError  # pragma: no cover - every profile overrides it
+        ...
 
+    @abc.abstractmethod
     def unseal(self, keys: Sequence[Any], iv: bytes, body: bytes, aad: bytes) -> bytes:
         """Authenticate and decrypt; :class:`DecryptionFailed` (or a python-pkcs11 error that
         the caller maps as a decryption failure) on any mismatch."""
-        raise NotImplementedError  # pragma: no cover - every profile overrides it
+        ...
 
     def probe(self, session: Any) -> bool:
         """A real round trip with temporary keys: seal, unseal, and a tampered body refused.
@@ -324,7 +327,7 @@ class Generated:
     public: list[Any | None]
 
 
-class Material:
+class Material(abc.ABC):
     """How one key spec is made and probed on a PKCS#11 token."""
 
     create_call: str = "create_key"
@@ -335,10 +338,12 @@ class Material:
         self.facts = facts
         self.spec = facts.spec
 
+    @abc.abstractmethod
     def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
         """The mechanisms material for ``usage`` needs the token to list."""
-        raise NotImplementedError  # pragma: no cover
+        ...
 
+    @abc.abstractmethod
     def generate(
         self,
         session: Any,
@@ -350,12 +355,13 @@ class Material:
         store: bool,
     ) -> Generated:
         """Generate the objects (one per id). On failure, what was made is destroyed."""
-        raise NotImplementedError  # pragma: no cover
+        ...
 
+    @abc.abstractmethod
     def probe(self, session: Any, usage: MaterialUsage) -> bool:
         """A real operation with temporary material for ``usage``; :class:`ProbeRefused` when
         the token will not make temporary objects."""
-        raise NotImplementedError  # pragma: no cover
+        ...
 
 
 class SymmetricMaterial(Material):
@@ -456,8 +462,6 @@ class KeyPairMaterial(Material):
     """An asymmetric key pair: a private key object (sign, or derive) and a public key object
     (verify) sharing one id."""
 
-    key_type: KeyType
-
     def _capabilities(self, usage: MaterialUsage) -> tuple[MechanismFlag, MechanismFlag]:
         """(private, public) capabilities for ``usage``."""
         if usage is MaterialUsage.KEY_AGREEMENT:
@@ -465,8 +469,8 @@ class KeyPairMaterial(Material):
             return MechanismFlag.DERIVE, MechanismFlag(0)
         return MechanismFlag.SIGN, MechanismFlag.VERIFY
 
-    def _generate_pair(self, session: Any, **kwargs: Any) -> tuple[Any, Any]:
-        raise NotImplementedError  # pragma: no cover
+    @abc.abstractmethod
+    def _generate_pair(self, session: Any, **kwargs: Any) -> tuple[Any, Any]: ...
 
     def generate(
         self,
@@ -510,22 +514,25 @@ class KeyPairMaterial(Material):
         if len(digest) != facts.digest_length:
             raise TokenRejected(f"{algorithm.value} signs a {facts.digest_length}-byte digest")
 
+    @abc.abstractmethod
     def sign(self, private: Any, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
         """The signature of ``digest`` (checked by :meth:`check_algorithm`)."""
-        raise NotImplementedError  # pragma: no cover
+        ...
 
+    @abc.abstractmethod
     def verify(
         self, public: Any, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
         """Whether ``signature`` signs ``digest``."""
-        raise NotImplementedError  # pragma: no cover
+        ...
 
+    @abc.abstractmethod
     def public_key(self, public: Any) -> bytes:
         """The public key as DER ``SubjectPublicKeyInfo``."""
-        raise NotImplementedError  # pragma: no cover
+        ...
 
-    def _probe_algorithm(self) -> SigningAlgorithm:
-        raise NotImplementedError  # pragma: no cover
+    @abc.abstractmethod
+    def _probe_algorithm(self) -> SigningAlgorithm: ...
 
     def probe(self, session: Any, usage: MaterialUsage) -> bool:
         with _temporary([]) as objects:
@@ -564,8 +571,6 @@ class KeyPairMaterial(Material):
 class RsaMaterial(KeyPairMaterial):
     """RSA key pairs: RSASSA-PSS (salt as long as the digest, MGF1 with the same hash, as AWS
     KMS) and RSASSA-PKCS1-v1_5, both over a digest (CKM_RSA_PKCS_PSS, CKM_RSA_PKCS)."""
-
-    key_type = KeyType.RSA
 
     def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
         return frozenset(
@@ -615,8 +620,6 @@ _P256_PARAMS: Final = bytes.fromhex("06082a8648ce3d030107")
 class EcMaterial(KeyPairMaterial):
     """EC key pairs on a named curve: ECDSA over a digest (CKM_ECDSA; signatures DER-encoded
     as X.509 and AWS KMS do), or ECDH (CKM_ECDH1_DERIVE, no KDF) for key agreement."""
-
-    key_type = KeyType.EC
 
     def __init__(self, facts: SpecFacts, curve: ec.EllipticCurve, params: bytes) -> None:
         super().__init__(facts)
