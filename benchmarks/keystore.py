@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _timing import rate
 
+from hsmkms.keystore.base import MaterialName
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.softhsm import ensure_token, find_module
 
 AAD = b"benchmark-aad-0123456789"
@@ -90,14 +92,16 @@ def raw_worker(data_dir: Path, seconds: float) -> dict[str, float]:
 def keystore_worker(data_dir: Path, seconds: float) -> dict[str, float]:
     """The same work through the keystore."""
     ks = Pkcs11Keystore(_config(data_dir))
-    ref = ks.create_key(str(uuid.uuid4()), 1)
+    ref = ks.create(
+        KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(str(uuid.uuid4()), 1)
+    )
     small, large = b"x" * 32, b"y" * 4096
-    sealed = ks.encrypt(ref, small, AAD)
+    iv, body = ks.encrypt(ref, small, AAD)
     try:
         return {
             OPS[0]: rate(lambda: ks.encrypt(ref, small, AAD), seconds),
             OPS[1]: rate(lambda: ks.encrypt(ref, large, AAD), seconds),
-            OPS[2]: rate(lambda: ks.decrypt(ref, sealed.iv, sealed.body, AAD), seconds),
+            OPS[2]: rate(lambda: ks.decrypt(ref, iv, body, AAD), seconds),
             OPS[3]: rate(lambda: ks.random(32), seconds),
         }
     finally:

@@ -6,7 +6,7 @@ Version 1 layout (all integers big-endian)::
     0           1     format version, 0x01
     1           16    key id: the UUID's 16 raw bytes
     17          4     key version: u32, >= 1
-    21          1     profile: MechanismProfile.wire_id (1 = AES_256_GCM,
+    21          1     profile: its wire id in hsmkms.profiles.PROFILES (1 = AES_256_GCM,
                       2 = AES_256_CBC_HMAC_SHA_256)
     22          n     IV; n = profile.iv_length (12 for GCM, 16 for CBC-HMAC)
     22 + n      rest  body = ciphertext || tag (tag = profile.tag_length bytes)
@@ -24,8 +24,9 @@ Canonical encryption context: the pairs sorted by the UTF-8 bytes of the key, th
 ``count:u16 || (len:u16 || key || len:u16 || value) * count``. An empty context is ``00 00``.
 
 Parsing is strict: 1..MAX_CIPHERTEXT_BLOB bytes, a known version and profile, the exact IV
-length, a body of at least one tag (for CBC-HMAC a positive multiple of 16 before the tag), no
-longer than the profile produces for MAX_PLAINTEXT bytes. Every parse is canonical
+length, a body of a shape the profile produces for at most MAX_PLAINTEXT bytes
+(``SymmetricProfile.body_check``: at least one tag; for a block profile such as CBC-HMAC a
+positive multiple of the block before the tag). Every parse is canonical
 (``parse(b).to_bytes() == b``), and every failure is the same bare
 :class:`~hsmkms.errors.InvalidCiphertextException`.
 
@@ -44,7 +45,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from hsmkms.errors import InvalidCiphertextException, ValidationException
-from hsmkms.profiles import MechanismProfile
+from hsmkms.profiles import PROFILES, MechanismProfile
 
 __all__ = [
     "FORMAT_VERSION",
@@ -69,7 +70,6 @@ _U32_MAX: Final = 0xFFFF_FFFF
 _U16: Final = struct.Struct(">H")
 # version, key id, key version, profile id: the authenticated prefix of the header.
 _PREFIX: Final = struct.Struct(">B16sIB")
-_CBC_BLOCK: Final = 16
 
 
 class _Malformed(ValueError):
@@ -106,28 +106,15 @@ def _check_key_version(key_version: int) -> None:
 
 
 def _check_body(profile: MechanismProfile, body: bytes) -> None:
-    # The limits come from tables worked out once: every Encrypt and Decrypt checks a body.
-    if profile is _GCM:
-        tag, longest = _GCM_BODY
-    else:
-        tag, longest = _CBC_BODY
-    if not tag <= len(body) <= longest:
+    # The limits are worked out once per profile (every Encrypt and Decrypt checks a body).
+    if not _BODY_OK[profile](len(body)):
         raise ValueError("body length out of range for the profile")
-    if profile is _CBC:
-        # PKCS#7 padding always produces at least one whole block.
-        ciphertext_length = len(body) - tag
-        if ciphertext_length == 0 or ciphertext_length % _CBC_BLOCK:
-            raise ValueError("CBC ciphertext must be a positive multiple of the block size")
 
 
-_GCM: Final = MechanismProfile.AES_256_GCM
-_CBC: Final = MechanismProfile.AES_256_CBC_HMAC_SHA_256
-assert set(MechanismProfile) == {_GCM, _CBC}  # _check_body knows exactly these two
-# (tag length, longest body for MAX_PLAINTEXT bytes) of each profile.
-_GCM_BODY: Final = (_GCM.tag_length, _GCM.max_body_length(MAX_PLAINTEXT))
-_CBC_BODY: Final = (_CBC.tag_length, _CBC.max_body_length(MAX_PLAINTEXT))
-# Wire id -> (profile, IV length), for parsing.
-_BY_WIRE_ID: Final = {p.wire_id: (p, p.iv_length) for p in MechanismProfile}
+# Per profile, the body-shape check for MAX_PLAINTEXT bytes; per wire id, (profile, IV length,
+# body-shape check), for parsing.
+_BODY_OK: Final = {p.name: p.body_check(MAX_PLAINTEXT) for p in PROFILES}
+_BY_WIRE_ID: Final = {p.wire_id: (p.name, p.iv_length, _BODY_OK[p.name]) for p in PROFILES}
 
 
 _EMPTY_CONTEXT = b"\x00\x00"
@@ -290,7 +277,7 @@ class CiphertextBlob:
         known = _BY_WIRE_ID.get(wire_id)
         if known is None:
             raise _Malformed
-        profile, iv_length = known
+        profile, iv_length, body_ok = known
         body_start = _PREFIX.size + iv_length
         if len(data) < body_start:
             raise _Malformed
@@ -299,9 +286,8 @@ class CiphertextBlob:
         # version <= 2**32-1 and the IV length; the other two are made here. Skipping
         # __post_init__ keeps Decrypt cheap without accepting anything more (see
         # tests/test_ciphertext_reference_parse.py).
-        if key_version < 1:
+        if key_version < 1 or not body_ok(len(body)):
             raise _Malformed
-        _check_body(profile, body)
         blob = object.__new__(cls)
         setattr_ = object.__setattr__
         setattr_(blob, "key_id", _key_id_str(raw_key_id))

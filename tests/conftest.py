@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.profiles import MechanismProfile
 from hsmkms.softhsm import ensure_token, find_module
 
@@ -45,6 +47,17 @@ def token_config(
     }
     values.update(overrides)
     return KeystoreConfig(**values)  # type: ignore[arg-type]
+
+
+def new_key_version(ks: Keystore, key_id: str, version: int = 1) -> KeyMaterialRef:
+    """New symmetric material of ``ks``'s profile, named as key version ``version`` of
+    ``key_id``."""
+    return ks.create(KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(key_id, version))
+
+
+def new_mac_key(ks: Keystore, name: str) -> KeyMaterialRef:
+    """A new HMAC_256 service key labelled ``hsmkms:<name>``."""
+    return ks.create(KeyMaterialSpec.HMAC_256, MaterialName.service_key(name))
 
 
 @pytest.fixture(scope="session")

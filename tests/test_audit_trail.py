@@ -17,10 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import new_mac_key
 from hsmkms.audit import AuditTrail, UserIdentity, VerifyStatus, api_call_record, canonical_json
 from hsmkms.audit.records import service_event_record
 from hsmkms.audit.trail import _index_values
 from hsmkms.errors import DependencyTimeoutException, KMSInternalException
+from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service.operations import READ_ONLY_OPERATIONS
 from hsmkms.store.metadata import MetadataStore
@@ -200,8 +202,10 @@ def test_reopening_reuses_the_audit_key_and_writes_a_start_seal(
 def test_audit_key_is_a_non_extractable_token_key(
     trail: AuditTrail, db: Path, keystore: Pkcs11Keystore
 ) -> None:
-    ref = sql(db, "SELECT value FROM audit_settings WHERE name = 'audit_key'")[0][0]
-    object_id = ref.partition(":")[2]
+    text = sql(db, "SELECT value FROM audit_settings WHERE name = 'audit_key'")[0][0]
+    ref = KeyMaterialRef.from_str(text)
+    assert text.startswith("v2:default:HMAC_256:-:")
+    (object_id,) = ref.object_ids
     attrs = keystore.attributes(object_id, ["EXTRACTABLE", "SENSITIVE", "TOKEN", "LABEL"])
     assert attrs["EXTRACTABLE"] is False
     assert attrs["SENSITIVE"] is True
@@ -367,7 +371,7 @@ def test_seal_copied_from_another_trail_is_found(
 def test_audit_key_replaced_by_another_audit_key_is_found(
     trail: AuditTrail, db: Path, keystore: Pkcs11Keystore
 ) -> None:
-    other = keystore.create_mac_key("audit")
+    other = new_mac_key(keystore, "audit")
     sql(db, "UPDATE audit_settings SET value = ? WHERE name = 'audit_key'", other.to_str())
     check(trail, VerifyStatus.TAMPERED, 1, "seal 1: invalid tag")
 
@@ -375,7 +379,7 @@ def test_audit_key_replaced_by_another_audit_key_is_found(
 def test_audit_key_replaced_by_a_non_audit_key_is_found(
     trail: AuditTrail, db: Path, keystore: Pkcs11Keystore, clock: FakeClock
 ) -> None:
-    other = keystore.create_mac_key("integrity")
+    other = new_mac_key(keystore, "integrity")
     sql(db, "UPDATE audit_settings SET value = ? WHERE name = 'audit_key'", other.to_str())
     check(trail, VerifyStatus.TAMPERED, 1, "labelled 'hsmkms:integrity'")
     with pytest.raises(KMSInternalException, match="audit key is wrong"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from local_system import open_system
 
+from conftest import new_key_version
 from hsmkms import models as m
 from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.models import CreateKeyRequest, ScheduleKeyDeletionRequest
@@ -59,6 +60,19 @@ def test_doctor_creates_the_embedded_default_and_reports_json(tmp_path: Path) ->
     assert report["user_pin_file"] == str(data_dir / "user.pin")
     assert report["login"] == "ok"
     assert report["self_test"] == "ok"
+    assert report["capabilities"] == {
+        "specs": {
+            "SYMMETRIC_DEFAULT": ["ENCRYPT_DECRYPT"],
+            "HMAC_224": ["GENERATE_VERIFY_MAC"],
+            "HMAC_256": ["GENERATE_VERIFY_MAC"],
+            "HMAC_384": ["GENERATE_VERIFY_MAC"],
+            "HMAC_512": ["GENERATE_VERIFY_MAC"],
+            "RSA_2048": ["SIGN_VERIFY"],
+            "ECC_NIST_P256": ["KEY_AGREEMENT", "SIGN_VERIFY"],
+        },
+        "profiles": ["AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"],
+        "unverified": [],
+    }
     assert "AES_GCM" in report["mechanisms"]
     assert (data_dir / "user.pin").stat().st_mode & 0o077 == 0
     pin = (data_dir / "user.pin").read_text().strip()
@@ -72,6 +86,10 @@ def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert f"token_serial:    {serial}" in proc.stdout
     assert "profile:         AES_256_GCM" in proc.stdout
+    assert (
+        "capabilities:    SYMMETRIC_DEFAULT (AES_256_GCM, AES_256_CBC_HMAC_SHA_256), HMAC_224, "
+        "HMAC_256, HMAC_384, HMAC_512, RSA_2048, ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY)\n"
+    ) in proc.stdout
 
 
 def test_doctor_reports_the_forced_portable_profile(tmp_path: Path) -> None:
@@ -133,7 +151,7 @@ def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None
     assert doctor(tmp_path).returncode == 0
     with _system(tmp_path) as system:
         service = system.service
-        orphan = service.keystore.create_key("0badc0de-0000-4000-8000-000000000000", 1)
+        orphan = new_key_version(service.keystore, "0badc0de-0000-4000-8000-000000000000")
         key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
         material = _material(service, key_id)
     report = json.loads(doctor(tmp_path, "--json").stdout)

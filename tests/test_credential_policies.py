@@ -17,6 +17,7 @@ import pytest
 from server import clean_env
 from structlog.testing import capture_logs
 
+from conftest import new_key_version
 from hsmkms.errors import KMSInternalException, MalformedPolicyDocumentException
 from hsmkms.identity import (
     CredentialIntegrityError,
@@ -309,7 +310,7 @@ V1_TABLES = [
 def make_v1_database(db: Path, keystore: Pkcs11Keystore) -> dict[str, tuple[str, bytes]]:
     """A schema v1 database built by hand: the v1 tables, a wrapping key in the token, and two
     rows sealed with the v1 AAD spelled out here. Returns name -> (key id, sealed secret)."""
-    ref = keystore.create_key(IDENTITY_KEY_ID, 1)
+    ref = new_key_version(keystore, IDENTITY_KEY_ID)
     rows = {}
     conn = sqlite3.connect(db)
     try:
@@ -324,12 +325,12 @@ def make_v1_database(db: Path, keystore: Pkcs11Keystore) -> dict[str, tuple[str,
             ):
                 arn = f"arn:aws:iam::{ACCOUNT}:" + ("root" if name == "root" else f"user/{name}")
                 aad = b"hsmkms:identity:v1\x00" + key_id.encode() + b"\x00" + arn.encode()
-                sealed = keystore.encrypt(ref, f"secret-of-{name}".encode(), aad)
+                iv, body = keystore.encrypt(ref, f"secret-of-{name}".encode(), aad)
                 conn.execute(
                     "INSERT INTO identity_credentials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key_id, name, arn, sealed.iv, sealed.body, ref.to_str(), 7, "2026-01-01"),
+                    (key_id, name, arn, iv, body, ref.to_str(), 7, "2026-01-01"),
                 )
-                rows[name] = (key_id, sealed.body)
+                rows[name] = (key_id, body)
     finally:
         conn.close()
     return rows

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GCM_LABEL, SCRATCH_LABEL, token_config
-from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef
+from conftest import GCM_LABEL, SCRATCH_LABEL, new_key_version, new_mac_key, token_config
+from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.keystore.errors import (
     DecryptionFailed,
     KeyMaterialMissing,
@@ -36,7 +36,7 @@ AAD = b"header-and-context"
 
 
 def new_ref(ks: Pkcs11Keystore, version: int = 1) -> KeyMaterialRef:
-    return ks.create_key(str(uuid.uuid4()), version)
+    return new_key_version(ks, str(uuid.uuid4()), version)
 
 
 def test_profile_probed_as_gcm_on_softhsm(keystore: Pkcs11Keystore) -> None:
@@ -82,35 +82,35 @@ def test_keys_have_only_the_capabilities_they_need(portable_keystore: Pkcs11Keys
 def test_round_trip(any_keystore: Pkcs11Keystore, size: int) -> None:
     ref = new_ref(any_keystore)
     plaintext = os.urandom(size)
-    sealed = any_keystore.encrypt(ref, plaintext, AAD)
-    assert len(sealed.iv) == ref.profile.iv_length
+    iv, body = any_keystore.encrypt(ref, plaintext, AAD)
+    assert len(iv) == ref.encryption_profile.iv_length
     if size >= 16:  # shorter strings can occur in random ciphertext by chance
-        assert plaintext not in sealed.body
-    assert any_keystore.decrypt(ref, sealed.iv, sealed.body, AAD) == plaintext
+        assert plaintext not in body
+    assert any_keystore.decrypt(ref, iv, body, AAD) == plaintext
 
 
 def test_each_encryption_uses_a_fresh_iv(any_keystore: Pkcs11Keystore) -> None:
     ref = new_ref(any_keystore)
-    ivs = {any_keystore.encrypt(ref, b"same", AAD).iv for _ in range(50)}
+    ivs = {any_keystore.encrypt(ref, b"same", AAD)[0] for _ in range(50)}
     assert len(ivs) == 50
 
 
 def test_wrong_aad_fails(any_keystore: Pkcs11Keystore) -> None:
     ref = new_ref(any_keystore)
-    sealed = any_keystore.encrypt(ref, b"secret", AAD)
+    iv, body = any_keystore.encrypt(ref, b"secret", AAD)
     with pytest.raises(DecryptionFailed):
-        any_keystore.decrypt(ref, sealed.iv, sealed.body, AAD + b"x")
+        any_keystore.decrypt(ref, iv, body, AAD + b"x")
     with pytest.raises(DecryptionFailed):
-        any_keystore.decrypt(ref, sealed.iv, sealed.body, b"")
+        any_keystore.decrypt(ref, iv, body, b"")
 
 
 def test_every_single_byte_flip_fails(any_keystore: Pkcs11Keystore) -> None:
     """Flipping any bit of any byte of IV or body is detected (GCM's CKR_GENERAL_ERROR on
     SoftHSM 2.6.1 surfaces as DecryptionFailed, not as a device error)."""
     ref = new_ref(any_keystore)
-    sealed = any_keystore.encrypt(ref, b"0123456789abcdef0123", AAD)
-    blob = sealed.iv + sealed.body
-    n_iv = len(sealed.iv)
+    iv, body = any_keystore.encrypt(ref, b"0123456789abcdef0123", AAD)
+    blob = iv + body
+    n_iv = len(iv)
     for index in range(len(blob)):
         flipped = bytearray(blob)
         flipped[index] ^= 1 << (index % 8)
@@ -120,19 +120,19 @@ def test_every_single_byte_flip_fails(any_keystore: Pkcs11Keystore) -> None:
 
 def test_truncation_fails(any_keystore: Pkcs11Keystore) -> None:
     ref = new_ref(any_keystore)
-    sealed = any_keystore.encrypt(ref, b"0123456789abcdef0123", AAD)
-    for cut in range(len(sealed.body)):
+    iv, body = any_keystore.encrypt(ref, b"0123456789abcdef0123", AAD)
+    for cut in range(len(body)):
         with pytest.raises(DecryptionFailed):
-            any_keystore.decrypt(ref, sealed.iv, sealed.body[:cut], AAD)
+            any_keystore.decrypt(ref, iv, body[:cut], AAD)
     with pytest.raises(DecryptionFailed):
-        any_keystore.decrypt(ref, sealed.iv[:-1], sealed.body, AAD)
+        any_keystore.decrypt(ref, iv[:-1], body, AAD)
 
 
 def test_wrong_key_fails(any_keystore: Pkcs11Keystore) -> None:
     ref, other = new_ref(any_keystore), new_ref(any_keystore)
-    sealed = any_keystore.encrypt(ref, b"secret", AAD)
+    iv, body = any_keystore.encrypt(ref, b"secret", AAD)
     with pytest.raises(DecryptionFailed):
-        any_keystore.decrypt(other, sealed.iv, sealed.body, AAD)
+        any_keystore.decrypt(other, iv, body, AAD)
 
 
 def test_random_bytes_from_the_token(keystore: Pkcs11Keystore) -> None:
@@ -159,7 +159,7 @@ def test_destroy_removes_objects_and_is_idempotent(any_keystore: Pkcs11Keystore)
 def test_labels_fit_a_yubihsm(keystore: Pkcs11Keystore) -> None:
     """Labels stay within 40 bytes and name the key id and version."""
     key_id = str(uuid.uuid4())
-    ref = keystore.create_key(key_id, 123456)
+    ref = new_key_version(keystore, key_id, 123456)
     labels = {o.object_id: o.label for o in keystore.list_objects()}
     label = labels[ref.object_ids[0]]
     assert len(label.encode()) <= 40
@@ -190,8 +190,8 @@ def test_sixteen_threads_two_thousand_mixed_operations(keystore: Pkcs11Keystore)
                 else:
                     plaintext = rng.randbytes(rng.choice((1, 32, 300)))
                     aad = f"{n}:{i}".encode()
-                    sealed = keystore.encrypt(ref, plaintext, aad)
-                    assert keystore.decrypt(ref, sealed.iv, sealed.body, aad) == plaintext
+                    iv, body = keystore.encrypt(ref, plaintext, aad)
+                    assert keystore.decrypt(ref, iv, body, aad) == plaintext
                 checked[n] += 1
         except BaseException as exc:
             errors.append(exc)
@@ -210,23 +210,23 @@ def test_key_created_in_one_process_is_used_by_another(
 ) -> None:
     """The handle cache misses, looks the object up on the token, and finds it."""
     ref = new_ref(keystore)
-    sealed = keystore.encrypt(ref, b"cross-process", AAD)
+    iv, body = keystore.encrypt(ref, b"cross-process", AAD)
     script = textwrap.dedent(
         f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
-        from conftest import token_config
+        from conftest import new_key_version, token_config
         from hsmkms.keystore.base import KeyMaterialRef
         from hsmkms.keystore.pkcs11 import Pkcs11Keystore
         ks = Pkcs11Keystore(token_config(Path({str(softhsm_dir)!r}), {GCM_LABEL!r}))
         ref = KeyMaterialRef.from_str({ref.to_str()!r})
-        iv, body = bytes.fromhex({sealed.iv.hex()!r}), bytes.fromhex({sealed.body.hex()!r})
+        iv, body = bytes.fromhex({iv.hex()!r}), bytes.fromhex({body.hex()!r})
         out = ks.decrypt(ref, iv, body, {AAD!r})
         assert out == b"cross-process", out
-        new = ks.create_key("00000000-0000-4000-8000-000000000000", 1)
-        s = ks.encrypt(new, b"from-child", b"a")
-        print(new.to_str(), s.iv.hex(), s.body.hex())
+        new = new_key_version(ks, "00000000-0000-4000-8000-000000000000")
+        iv, body = ks.encrypt(new, b"from-child", b"a")
+        print(new.to_str(), iv.hex(), body.hex())
         """
     )
     proc = subprocess.run(
@@ -243,8 +243,8 @@ def _child_round_trip(
     ks: Pkcs11Keystore, ref: KeyMaterialRef, queue: multiprocessing.Queue[str]
 ) -> None:
     try:
-        sealed = ks.encrypt(ref, b"child", AAD)
-        assert ks.decrypt(ref, sealed.iv, sealed.body, AAD) == b"child"
+        iv, body = ks.encrypt(ref, b"child", AAD)
+        assert ks.decrypt(ref, iv, body, AAD) == b"child"
         assert len(ks.random(8)) == 8
         queue.put("ok")
     except BaseException as exc:  # report, do not hang the parent
@@ -263,8 +263,8 @@ def test_forked_child_can_use_the_keystore(keystore: Pkcs11Keystore) -> None:
     child.join(timeout=60)
     assert result == "ok"
     assert child.exitcode == 0
-    sealed = keystore.encrypt(ref, b"parent", AAD)
-    assert keystore.decrypt(ref, sealed.iv, sealed.body, AAD) == b"parent"
+    iv, body = keystore.encrypt(ref, b"parent", AAD)
+    assert keystore.decrypt(ref, iv, body, AAD) == b"parent"
 
 
 def test_reconnects_after_the_sessions_are_closed(softhsm_dir: Path) -> None:
@@ -275,8 +275,8 @@ def test_reconnects_after_the_sessions_are_closed(softhsm_dir: Path) -> None:
         ref = new_ref(ks)
         conn = ks._connection()
         conn.anchor.close()  # C_Logout + C_CloseSession: every session of the process logs out
-        sealed = ks.encrypt(ref, b"after logout", AAD)
-        assert ks.decrypt(ref, sealed.iv, sealed.body, AAD) == b"after logout"
+        iv, body = ks.encrypt(ref, b"after logout", AAD)
+        assert ks.decrypt(ref, iv, body, AAD) == b"after logout"
         assert ks._connection() is not conn
         conn2 = ks._connection()
         conn2.session.close()  # the work session's handle becomes invalid
@@ -341,9 +341,9 @@ def test_info_describes_module_and_token(keystore: Pkcs11Keystore) -> None:
 
 
 def test_mac_keys_compute_and_verify_inside_the_token(keystore: Pkcs11Keystore) -> None:
-    ref = keystore.create_mac_key(f"test-{uuid.uuid4().hex[:8]}")
-    assert MacKeyRef.from_str(ref.to_str()) == ref
-    attrs = keystore.attributes(ref.object_id, ["SIGN", "VERIFY", "ENCRYPT", "EXTRACTABLE"])
+    ref = new_mac_key(keystore, f"test-{uuid.uuid4().hex[:8]}")
+    assert KeyMaterialRef.from_str(ref.to_str()) == ref
+    attrs = keystore.attributes(ref.object_ids[0], ["SIGN", "VERIFY", "ENCRYPT", "EXTRACTABLE"])
     assert attrs == {"SIGN": True, "VERIFY": True, "ENCRYPT": False, "EXTRACTABLE": False}
     tag = keystore.mac(ref, b"record 1")
     assert len(tag) == 32
@@ -352,13 +352,13 @@ def test_mac_keys_compute_and_verify_inside_the_token(keystore: Pkcs11Keystore) 
     assert not keystore.verify_mac(ref, b"record 2", tag)
     assert not keystore.verify_mac(ref, b"record 1", tag[:-1] + bytes([tag[-1] ^ 1]))
     assert not keystore.verify_mac(ref, b"record 1", tag[:16])
-    other = keystore.create_mac_key(f"test-{uuid.uuid4().hex[:8]}")
+    other = new_mac_key(keystore, f"test-{uuid.uuid4().hex[:8]}")
     assert keystore.mac(other, b"record 1") != tag
 
 
 def test_mac_key_names_must_fit_a_label(keystore: Pkcs11Keystore) -> None:
     with pytest.raises(TokenRejected):
-        keystore.create_mac_key("x" * 40)
+        new_mac_key(keystore, "x" * 40)
 
 
 def test_two_softhsm_configurations_in_one_process(
@@ -370,7 +370,7 @@ def test_two_softhsm_configurations_in_one_process(
     from hsmkms.softhsm import ensure_token
 
     ref = new_ref(keystore)
-    sealed = keystore.encrypt(ref, b"first", AAD)
+    iv, body = keystore.encrypt(ref, b"first", AAD)
     first_serial = keystore.info().serial
     ensure_token(tmp_path)  # another token labelled "hsmkms", with another PIN
     other = Pkcs11Keystore(token_config(tmp_path, GCM_LABEL))
@@ -380,7 +380,7 @@ def test_two_softhsm_configurations_in_one_process(
     finally:
         other.close()
     assert keystore.info().serial == first_serial
-    assert keystore.decrypt(ref, sealed.iv, sealed.body, AAD) == b"first"
+    assert keystore.decrypt(ref, iv, body, AAD) == b"first"
 
 
 def _create_and_use(data_dir: str, count: int) -> list[str]:
@@ -391,8 +391,8 @@ def _create_and_use(data_dir: str, count: int) -> list[str]:
             try:
                 ref = new_ref(ks)
                 refs.append(ref)
-                sealed = ks.encrypt(ref, b"x", AAD)
-                assert ks.decrypt(ref, sealed.iv, sealed.body, AAD) == b"x"
+                iv, body = ks.encrypt(ref, b"x", AAD)
+                assert ks.decrypt(ref, iv, body, AAD) == b"x"
             except Exception as exc:
                 errors.append(repr(exc))
         for ref in refs:

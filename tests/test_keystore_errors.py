@@ -8,13 +8,8 @@ import pkcs11.exceptions as p11e
 import pytest
 
 from hsmkms.errors import KMSError
-from hsmkms.keystore.errors import (
-    PKCS11_ERROR_MAP,
-    DecryptionFailed,
-    DeviceFailure,
-    KeystoreError,
-    map_pkcs11_error,
-)
+from hsmkms.keystore.errors import DecryptionFailed, DeviceFailure, KeystoreError
+from hsmkms.keystore.pkcs11_errors import PKCS11_ERROR_MAP, map_pkcs11_error
 
 
 def _pkcs11_exception_classes() -> list[type[Exception]]:

@@ -21,6 +21,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.keystore.errors import DecryptionFailed
 from hsmkms.keystore.pkcs11 import LABEL_PREFIX, Pkcs11Keystore
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.profiles import MechanismProfile
 
 pytestmark = pytest.mark.hsm
@@ -51,11 +52,13 @@ def _import_secret(ks: Pkcs11Keystore, key_type: Any, value: bytes, caps: dict[A
 def test_gcm_profile_matches_reference_aes_gcm(keystore: Pkcs11Keystore) -> None:
     key = bytes(range(32))
     ref = KeyMaterialRef(
-        MechanismProfile.AES_256_GCM, (_import_secret(keystore, KeyType.AES, key, ENC),)
+        KeyMaterialSpec.SYMMETRIC_DEFAULT,
+        MechanismProfile.AES_256_GCM,
+        (_import_secret(keystore, KeyType.AES, key, ENC),),
     )
     aad = b"header||context"
-    sealed = keystore.encrypt(ref, b"known answer", aad)
-    assert AESGCM(key).decrypt(sealed.iv, sealed.body, aad) == b"known answer"
+    sealed_iv, body = keystore.encrypt(ref, b"known answer", aad)
+    assert AESGCM(key).decrypt(sealed_iv, body, aad) == b"known answer"
     iv = bytes(12)
     reference = AESGCM(key).encrypt(iv, b"the other way", aad)
     assert keystore.decrypt(ref, iv, reference, aad) == b"the other way"
@@ -67,6 +70,7 @@ def test_portable_profile_is_cbc_pad_then_hmac_over_len_aad_iv_ct(
     aes_key, mac_key = bytes(range(32)), bytes(range(32, 64))
     ks = portable_keystore
     ref = KeyMaterialRef(
+        KeyMaterialSpec.SYMMETRIC_DEFAULT,
         MechanismProfile.AES_256_CBC_HMAC_SHA_256,
         (
             _import_secret(ks, KeyType.AES, aes_key, ENC),
@@ -74,11 +78,11 @@ def test_portable_profile_is_cbc_pad_then_hmac_over_len_aad_iv_ct(
         ),
     )
     aad = b"header||context"
-    sealed = ks.encrypt(ref, b"known answer, portable", aad)
-    ct, tag = sealed.body[:-32], sealed.body[-32:]
-    mac_input = len(aad).to_bytes(8, "big") + aad + sealed.iv + ct
+    sealed_iv, body = ks.encrypt(ref, b"known answer, portable", aad)
+    ct, tag = body[:-32], body[-32:]
+    mac_input = len(aad).to_bytes(8, "big") + aad + sealed_iv + ct
     assert hmac.compare_digest(tag, hmac.new(mac_key, mac_input, hashlib.sha256).digest())
-    decryptor = Cipher(algorithms.AES(aes_key), modes.CBC(sealed.iv)).decryptor()
+    decryptor = Cipher(algorithms.AES(aes_key), modes.CBC(sealed_iv)).decryptor()
     padded = decryptor.update(ct) + decryptor.finalize()
     unpadder = padding.PKCS7(128).unpadder()
     assert unpadder.update(padded) + unpadder.finalize() == b"known answer, portable"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import new_key_version
 from hsmkms import models as m
 from hsmkms.ciphertext import CiphertextBlob
 from hsmkms.errors import (
@@ -409,7 +410,7 @@ def test_find_inconsistencies(
     assert clean.missing == []
     assert not _object_ids(service, key.KeyId) & {o.object_id for o in clean.orphans}
     # An orphan: a token object no key version refers to (as after a crash before the commit).
-    orphan = keystore.create_key("00000000-0000-4000-8000-0000000000aa", 1)
+    orphan = new_key_version(keystore, "00000000-0000-4000-8000-0000000000aa")
     # A missing object: a key version whose token object is gone.
     victim = service.create_key(m.CreateKeyRequest()).KeyMetadata
     victim_version = service.store.list_versions(victim.KeyId).items[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect
 
+from conftest import new_mac_key
 from hsmkms import models as m
 from hsmkms.errors import (
     KeyIntegrityError,
@@ -24,8 +26,9 @@ from hsmkms.errors import (
     KMSInternalException,
     KMSInvalidStateException,
 )
-from hsmkms.keystore.base import mac_key_label
+from hsmkms.keystore.base import KeyMaterialRef, MaterialName
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import GrantRecord, MetadataStore, schema
@@ -96,6 +99,9 @@ class Env:
             return conn.execute(statement, params).rowcount
         finally:
             conn.close()
+            # Another writer's commit is seen by the store's read cache within its check
+            # interval (1 ms); on a fast disk this write can take less than that.
+            time.sleep(0.002)
 
     def fetch(self, statement: str, *params: object) -> list[Any]:
         conn = sqlite3.connect(self.path)
@@ -202,9 +208,11 @@ def test_every_sealed_row_gets_a_mac_and_an_untouched_database_is_clean(env: Env
     assert env.store.integrity_problems() == []
     assert env.decrypt(env.encrypt(key_id)) == b"secret"
     reference = env.fetch("SELECT value FROM store_settings WHERE name = 'integrity_key'")
-    object_id = reference[0][0].split(":", 1)[1]
+    ref = KeyMaterialRef.from_str(reference[0][0])
+    assert reference[0][0].startswith("v2:default:HMAC_256:-:")
+    assert ref.spec is KeyMaterialSpec.HMAC_256
     labels = {o.object_id: o.label for o in env.keystore.list_objects()}
-    assert labels[object_id] == mac_key_label(INTEGRITY_KEY_NAME)
+    assert labels[ref.object_ids[0]] == MaterialName.service_key(INTEGRITY_KEY_NAME).base
 
 
 def test_a_reread_of_an_unchanged_row_costs_no_token_call(env: Env) -> None:
@@ -300,7 +308,7 @@ def test_removing_the_key_reference_is_refused_at_open(env: Env) -> None:
 
 def test_a_reference_to_another_token_key_fails_closed(env: Env) -> None:
     key_id = env.key()
-    other = env.keystore.create_mac_key("audit")
+    other = new_mac_key(env.keystore, "audit")
     env.sql("UPDATE store_settings SET value = ? WHERE name = 'integrity_key'", other.to_str())
     env.open()
     with pytest.raises(KMSInternalException, match="labelled 'hsmkms:audit'"):

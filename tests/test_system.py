@@ -177,7 +177,8 @@ def test_initialize_opens_the_store_with_its_row_sealer(data_dir: Path) -> None:
     assert report.root_created
     assert report.root_credentials_file == data_dir / "root-credentials.json"
     assert report.root_credentials_file.stat().st_mode & 0o077 == 0
-    assert _settings_rows(data_dir / "hsmkms.db")["integrity_key"].startswith("HMAC_SHA_256:")
+    integrity_key = _settings_rows(data_dir / "hsmkms.db")["integrity_key"]
+    assert integrity_key.startswith("v2:default:HMAC_256:")
     again = initialize(Settings.load(data_dir))
     assert not again.root_created
     assert again.root_access_key_id == report.root_access_key_id

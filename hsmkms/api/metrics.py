@@ -10,7 +10,9 @@ Metrics::
     hsmkms_requests_total{operation, code}            requests answered; code = OK or __type
     hsmkms_request_duration_seconds{operation}        whole request, body read to response
     hsmkms_hsm_call_duration_seconds{call}            each PKCS#11 keystore call (encrypt,
-                                                      decrypt, create_key, random, self_test...)
+                                                      decrypt, create_key, random, self_test...),
+                                                      fed by the keystore's observer hook
+                                                      (observe_hsm_call)
     hsmkms_due_task_runs_total{result}                periodic task passes: ran / skipped
 
 ``operation`` is the KMS operation, or ``-`` when the request names none this service knows
@@ -20,9 +22,6 @@ Metrics::
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,13 +42,12 @@ __all__ = [
     "REQUESTS",
     "REQUEST_LATENCY",
     "exposition",
+    "observe_hsm_call",
     "observe_request",
-    "timed_hsm_call",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NO_OPERATION = "-"
-_T = TypeVar("_T")
 
 REQUESTS = Counter(
     "hsmkms_requests_total",
@@ -94,16 +92,13 @@ def observe_request(operation: str, code: str, seconds: float) -> None:
     histogram.observe(seconds)
 
 
-def timed_hsm_call(call: str, fn: Callable[[], _T]) -> _T:
-    """Run ``fn`` (one keystore call) and record how long it took, failures included."""
+def observe_hsm_call(call: str, seconds: float) -> None:
+    """Record one keystore call's latency: the keystore's observer hook
+    (:data:`hsmkms.keystore.base.CallObserver`), failures included."""
     histogram = _hsm_children.get(call)
     if histogram is None:
         histogram = _hsm_children[call] = HSM_CALLS.labels(call)
-    start = time.perf_counter()
-    try:
-        return fn()
-    finally:
-        histogram.observe(time.perf_counter() - start)
+    histogram.observe(seconds)
 
 
 def exposition() -> bytes:

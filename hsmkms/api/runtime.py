@@ -4,8 +4,9 @@ server (data-directory initialization, which runs once in the parent, is
 :func:`hsmkms.system.initialize`).
 
 :class:`Runtime` is opened in each worker process after it has been spawned, so that every
-worker initializes PKCS#11 itself. Every keystore call goes through :class:`TimedKeystore`,
-which records its latency in ``hsmkms_hsm_call_duration_seconds``.
+worker initializes PKCS#11 itself. The keystore reports the latency of each of its calls to
+:func:`hsmkms.api.metrics.observe_hsm_call` (its observer hook), which records it in
+``hsmkms_hsm_call_duration_seconds``.
 """
 
 from __future__ import annotations
@@ -21,78 +22,21 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy import text
 
-from hsmkms.api.metrics import DUE_TASK_RUNS, timed_hsm_call
+from hsmkms.api.metrics import DUE_TASK_RUNS, observe_hsm_call
 from hsmkms.api.sigv4 import Credential
 from hsmkms.audit import AuditRecord, PreparedRecord
 from hsmkms.config import Settings
 from hsmkms.errors import KMSError
-from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, TokenObject
-from hsmkms.keystore.pkcs11 import Pkcs11Keystore
-from hsmkms.profiles import MechanismProfile
 from hsmkms.service import DueTaskReport
 from hsmkms.system import System
 
-__all__ = ["Runtime", "TimedKeystore", "run_exclusively"]
+__all__ = ["Runtime", "run_exclusively"]
 
 TASKS_LOCK_FILE = "tasks.lock"
 SELF_TEST_INTERVAL = 5.0
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
-
-
-class TimedKeystore:
-    """A keystore that records the latency of each call of the one it wraps."""
-
-    def __init__(self, inner: Pkcs11Keystore) -> None:
-        self._inner = inner
-
-    @property
-    def profile(self) -> MechanismProfile:
-        return self._inner.profile
-
-    def info(self) -> TokenInfo:
-        return timed_hsm_call("info", self._inner.info)
-
-    def create_key(
-        self, key_id: str, version: int, profile: MechanismProfile | None = None
-    ) -> KeyMaterialRef:
-        return timed_hsm_call(
-            "create_key", lambda: self._inner.create_key(key_id, version, profile)
-        )
-
-    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
-        return timed_hsm_call("encrypt", lambda: self._inner.encrypt(ref, plaintext, aad))
-
-    def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
-        return timed_hsm_call("decrypt", lambda: self._inner.decrypt(ref, iv, body, aad))
-
-    def random(self, n: int) -> bytes:
-        return timed_hsm_call("random", lambda: self._inner.random(n))
-
-    def create_mac_key(self, name: str) -> MacKeyRef:
-        return timed_hsm_call("create_mac_key", lambda: self._inner.create_mac_key(name))
-
-    def mac(self, ref: MacKeyRef, data: bytes) -> bytes:
-        return timed_hsm_call("mac", lambda: self._inner.mac(ref, data))
-
-    def verify_mac(self, ref: MacKeyRef, data: bytes, tag: bytes) -> bool:
-        return timed_hsm_call("verify_mac", lambda: self._inner.verify_mac(ref, data, tag))
-
-    def destroy(self, ref: KeyMaterialRef) -> None:
-        timed_hsm_call("destroy", lambda: self._inner.destroy(ref))
-
-    def exists(self, ref: KeyMaterialRef) -> bool:
-        return timed_hsm_call("exists", lambda: self._inner.exists(ref))
-
-    def list_objects(self) -> list[TokenObject]:
-        return timed_hsm_call("list_objects", self._inner.list_objects)
-
-    def self_test(self) -> None:
-        timed_hsm_call("self_test", self._inner.self_test)
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
@@ -141,7 +85,7 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
         """Open the worker's system (:meth:`System.open <hsmkms.system.System.open>`): the
-        keystore (lazily: PKCS#11 loads on first use), timed by :class:`TimedKeystore`; the
+        keystore (lazily: PKCS#11 loads on first use), its calls timed by the observer; the
         store, the credentials, the audit trail (``Settings.audit_database_url``, which
         ``hsmkms audit`` reads; a ``start`` seal) and its writer, and the service reporting its
         events to the trail. The data directory was prepared by the parent."""
@@ -151,7 +95,7 @@ class Runtime:
                 audit="writer",
                 identity=True,
                 prepare=False,
-                wrap_keystore=TimedKeystore,
+                observer=observe_hsm_call,
             )
         )
 

@@ -3,9 +3,9 @@
 Storage (three tables of their own, migrated by the database layer's runner as component
 ``audit``, whose versions are in the database's ``schema_migrations``)::
 
-    audit_settings  name -> value: ``audit_key`` (MacKeyRef.to_str()); ``schema_version`` ("1"),
-                    the version as hsmkms before the database layer kept it (adopted from
-                    there, and kept equal to the latest applied version)
+    audit_settings  name -> value: ``audit_key`` (KeyMaterialRef text of HMAC_256 material);
+                    ``schema_version`` ("1"), the version as hsmkms before the database layer
+                    kept it (adopted from there, and kept equal to the latest applied version)
     audit_records   seq (1, 2, 3, ... gap-free), record (canonical JSON bytes),
                     hash = SHA-256(hash of seq-1 || record), genesis hash = 32 zero bytes;
                     plus search columns copied from the record (event_time, event_name,
@@ -90,7 +90,8 @@ from hsmkms.db import (
     migrate,
 )
 from hsmkms.errors import KMSError, KMSInternalException
-from hsmkms.keystore.base import Keystore, MacKeyRef, checked_mac_key
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName, checked_mac_key
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.types import Clock, utc_now
 
 __all__ = [
@@ -417,7 +418,7 @@ class AuditTrail:
         self._clock = clock
         self._every = seal_every
         self._interval_ms = int(seal_interval * 1000)
-        self._key: MacKeyRef | None = None
+        self._key: KeyMaterialRef | None = None
         self._placeholder = self._db.placeholder
         if create:
             try:
@@ -469,7 +470,9 @@ class AuditTrail:
                     # Seals without a key reference: the reference was removed. Refuse to
                     # start a new key over an existing trail.
                     raise KMSInternalException("The audit trail has seals but no audit key.")
-                key = self.keystore.create_mac_key(AUDIT_KEY_NAME)
+                key = self.keystore.create(
+                    KeyMaterialSpec.HMAC_256, MaterialName.service_key(AUDIT_KEY_NAME)
+                )
                 conn.execute(_SET.insert().values(name="audit_key", value=key.to_str()))
                 self._key = key
                 self._seal(conn, SealReason.GENESIS)
@@ -482,12 +485,12 @@ class AuditTrail:
     def _settings(conn: Connection) -> dict[str, str]:
         return {row.name: row.value for row in conn.execute(select(_SET))}
 
-    def _checked_key(self, ref_text: str) -> MacKeyRef:
+    def _checked_key(self, ref_text: str) -> KeyMaterialRef:
         """Parse a stored key reference and check, on the (trusted) token, that it names an
         audit key. ``ValueError`` naming the problem."""
         return checked_mac_key(self.keystore, ref_text, AUDIT_KEY_NAME)
 
-    def _audit_key(self, conn: Connection) -> MacKeyRef:
+    def _audit_key(self, conn: Connection) -> KeyMaterialRef:
         if self._key is None:
             ref = self._settings(conn).get("audit_key")
             if ref is None:
@@ -789,7 +792,7 @@ class AuditTrail:
             )
         return result
 
-    def _verify_key(self, conn: Connection) -> MacKeyRef:
+    def _verify_key(self, conn: Connection) -> KeyMaterialRef:
         settings = self._settings(conn)
         ref = settings.get("audit_key")
         if ref is None:
@@ -801,7 +804,7 @@ class AuditTrail:
         except ValueError as exc:
             raise _Failed(VerifyStatus.TAMPERED, f"audit key reference: {exc}", 1) from None
 
-    def _verify_seals(self, key: MacKeyRef, seals: list[Seal]) -> None:
+    def _verify_seals(self, key: KeyMaterialRef, seals: list[Seal]) -> None:
         if not seals:
             raise _Failed(VerifyStatus.TAMPERED, "seal 1: missing (every seal removed)", 1)
         previous: Seal | None = None

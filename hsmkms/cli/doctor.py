@@ -11,6 +11,7 @@ from typing import Any
 
 from hsmkms.config import Settings, pin_file_is_private
 from hsmkms.errors import KMSInternalException
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.system import System
 
 
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "doctor",
         help="check the PKCS#11 module, token, login and a self-test",
         description="Print the module, token, mechanisms and chosen profile; check login; run "
-        "an encrypt/decrypt self-test with temporary session keys; check the integrity MAC of "
+        "an encrypt/decrypt self-test with temporary session keys; probe which key specs the "
+        "token can host (a real operation each); check the integrity MAC of "
         "every key, key version, grant, alias and tag row in the database. On the embedded "
         "default, create the data directory and token when missing.",
     )
@@ -41,6 +43,7 @@ def diagnose(settings: Settings) -> dict[str, Any]:
     with System.open(settings, audit=None) as system:
         info = system.keystore.info()  # opens the module, finds the token and logs in
         system.keystore.self_test()
+        capabilities = system.keystore.capabilities()
         integrity = system.store.integrity_problems()
         # Comparing the token with rows that failed their check would trust them: skip it.
         found = None if integrity else system.service.find_inconsistencies()
@@ -55,6 +58,14 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         mechanisms=list(info.mechanisms),
         login="ok",
         self_test="ok",
+        capabilities={
+            "specs": {
+                spec.value: sorted(u.value for u in capabilities.usages[spec])
+                for spec in KeyMaterialSpec if spec in capabilities.usages
+            },
+            "profiles": [p.value for p in capabilities.profiles],
+            "unverified": sorted(s.value for s in capabilities.unverified),
+        },
         integrity=[dataclasses.asdict(p) for p in integrity],
         orphans=[] if found is None else [
             {"object_id": o.object_id, "label": o.label} for o in found.orphans
@@ -85,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 "self_test"):  # fmt: skip
         if key in report:
             print(f"{key + ':':<{width}} {report[key]}")
+    print(f"{'capabilities:':<{width}} {_capabilities_line(report['capabilities'])}")
     print(
         f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
     )
@@ -101,6 +113,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     _raise_for(missing, integrity)
     return 0
+
+
+def _capabilities_line(capabilities: dict[str, Any]) -> str:
+    """The specs the token hosts; symmetric material with its profiles, a spec with several
+    usages with them (``ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY)``)."""
+    parts = []
+    for spec, usages in capabilities["specs"].items():
+        if KeyMaterialSpec(spec).facts.takes_profile:
+            parts.append(f"{spec} ({', '.join(capabilities['profiles'])})")
+        elif len(usages) > 1:
+            parts.append(f"{spec} ({', '.join(usages)})")
+        else:
+            parts.append(spec)
+    line = ", ".join(parts) or "none"
+    if capabilities["unverified"]:
+        line += f"; listed, not probed: {', '.join(capabilities['unverified'])}"
+    return line
 
 
 def _raise_for(missing: list[dict[str, Any]], integrity: list[dict[str, Any]]) -> None:

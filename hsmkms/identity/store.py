@@ -8,9 +8,11 @@ only in memory. The database never holds a secret in the clear.
 Tables (migrated by the database layer's runner as component ``identity``, whose versions are
 in the database's ``schema_migrations``; see :mod:`hsmkms.db.migrations`)::
 
-    identity_meta         name -> value: ``wrapping_key`` (KeyMaterialRef); ``schema_version``
-                          ("2"), the version as hsmkms before the database layer kept it
-                          (adopted from there, and kept equal to the latest applied version)
+    identity_meta         name -> value: ``wrapping_key`` (KeyMaterialRef text: SYMMETRIC_DEFAULT
+                          material of the default store's profile; older databases hold the
+                          pre-v2 text, still read); ``schema_version`` ("2"), the version as
+                          hsmkms before the database layer kept it (adopted from there, and kept
+                          equal to the latest applied version)
     identity_credentials  access_key_id (PK), name (unique), principal_arn, secret_iv,
                           secret_sealed, wrapping_key, row_version, created_at,
                           policy (v2: the identity policy JSON as given, or NULL)
@@ -18,7 +20,7 @@ in the database's ``schema_migrations``; see :mod:`hsmkms.db.migrations`)::
 Migration 2 adds the nullable ``policy`` column in place (``ALTER TABLE ... ADD COLUMN``, under
 the write lock); v1 rows have no policy and open unchanged.
 
-Sealing: ``keystore.encrypt(wrapping_key, secret, aad)`` with::
+Sealing: ``(iv, sealed) = keystore.encrypt(wrapping_key, secret, aad)`` with::
 
     aad = b"hsmkms:identity:v1" 0x00 access_key_id 0x00 principal_arn      policy NULL
     aad = <the same> 0x00 b"policy" 0x00 SHA-256(policy, UTF-8)             policy set
@@ -86,8 +88,9 @@ from hsmkms.errors import (
     NotFoundException,
     ValidationException,
 )
-from hsmkms.keystore.base import KeyMaterialRef, Keystore
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.errors import DecryptionFailed
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.policy import parse_identity_policy
 from hsmkms.types import Clock, Credential, utc_now
 
@@ -353,7 +356,9 @@ class CredentialStore:
         with self._read() as conn:
             stored = self._read_wrapping(conn)
         if stored is None:
-            ref = self._keystore.create_key(IDENTITY_KEY_ID, 1)
+            ref = self._keystore.create(
+                KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(IDENTITY_KEY_ID, 1)
+            )
             try:
                 with self._write() as conn:
                     conn.execute(
@@ -386,10 +391,11 @@ class CredentialStore:
         self, ref: KeyMaterialRef, access_key_id: str, arn: str, secret: str, policy: str | None
     ) -> dict[str, Any]:
         """The columns that seal ``secret`` (bound to key id, principal and policy)."""
-        sealed = self._keystore.encrypt(ref, secret.encode(), _aad(access_key_id, arn, policy))
+        iv, body = self._keystore.encrypt(ref, secret.encode(), _aad(access_key_id, arn, policy))
         return {
-            "secret_iv": sealed.iv,
-            "secret_sealed": sealed.body,
+            "secret_iv": iv,
+            "secret_sealed": body,
+            # The text as read (an old row keeps its old form): rows are never rewritten.
             "wrapping_key": ref.to_str(),
             "policy": policy,
             "row_version": secrets.randbits(62),

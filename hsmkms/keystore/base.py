@@ -1,7 +1,17 @@
-"""The keystore seam: what the service needs from a token, as a Protocol.
+"""The key store seam: what the layers above need from a token, as Protocols, and the
+reference that names key material in a store.
 
-The only implementation is :class:`hsmkms.keystore.pkcs11.Pkcs11Keystore`; the Protocol exists
-so the layers above never import ``pkcs11``.
+- :class:`KeyBackend`: create material for a key spec and use it by reference (encrypt and
+  decrypt, MAC, sign and verify, key agreement, public key export), random bytes, and the
+  capabilities the token reports per spec. Every operation is timed through the optional
+  observer hook (:data:`CallObserver`).
+- :class:`KeyInventory`: what is on the token, and diagnostics (info, list_objects, exists,
+  attributes, self_test).
+- :class:`Keystore`: both; what :class:`~hsmkms.keystore.stores.KeyStores` holds per store.
+
+The only implementation is :class:`hsmkms.keystore.pkcs11.Pkcs11Keystore`; the Protocols exist
+so the layers above never import ``pkcs11`` (a test checks that only ``hsmkms/keystore/``
+does).
 """
 
 from __future__ import annotations
@@ -9,91 +19,195 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
 
-from hsmkms.profiles import MechanismProfile
+from hsmkms.keystore.specs import (
+    SPECS,
+    KeyMaterialSpec,
+    MaterialUsage,
+    SigningAlgorithm,
+)
+from hsmkms.profiles import MechanismProfile, ObjectRole
 
-_KEY_VERSION_LABEL = re.compile(r"hsmkms:[0-9a-f]{20}:[0-9]{1,10}:[ah]")
+__all__ = [
+    "DEFAULT_STORE",
+    "LABEL_PREFIX",
+    "CallObserver",
+    "Capabilities",
+    "KeyBackend",
+    "KeyInventory",
+    "KeyMaterialRef",
+    "Keystore",
+    "MaterialName",
+    "TokenInfo",
+    "TokenObject",
+    "checked_mac_key",
+]
+
+DEFAULT_STORE: Final = "default"
+"""The id of the configured token's key store."""
+
+LABEL_PREFIX: Final = "hsmkms:"
+"""Every token object this project creates has a label starting with this."""
+
+CallObserver = Callable[[str, float], None]
+"""``(operation, seconds)``: called by a backend after each of its operations (failures
+included), with the time it took (the wait for the process lock included). Operation names are
+the backend's method names, except that creating material is ``create_key`` (symmetric and
+asymmetric specs) or ``create_mac_key`` (HMAC specs). Must not raise."""
+
+_STORE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_HEX_ID = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_V2 = "v2"
+_NO_PROFILE = "-"
+# The forms stored before references named their store (still read, never written).
+_LEGACY_MAC_PREFIX = "HMAC_SHA_256"
+_KEY_VERSION_LABEL = re.compile(
+    rf"{LABEL_PREFIX}[0-9a-f]{{20}}:[0-9]{{1,10}}:[{''.join(r.value for r in ObjectRole)}]"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyMaterialRef:
-    """Names the token object(s) holding one key version. Stored in the metadata store.
+    """Names the token object(s) holding one piece of key material, and the key store they are
+    in. Stored in the metadata store; no secret here.
 
-    ``object_ids`` are the ``CKA_ID`` values (hex) of the objects, in profile order:
-    ``[aes]`` for AES_256_GCM, ``[aes, hmac]`` for AES_256_CBC_HMAC_SHA_256. No secret here.
+    ``object_ids`` are the objects' ids (hex; ``CKA_ID`` on a PKCS#11 token), one per role of
+    the spec (and profile), in role order: ``[aes]`` for AES_256_GCM, ``[aes, hmac]`` for
+    AES_256_CBC_HMAC_SHA_256, ``[hmac]`` for HMAC_*, ``[pair]`` for a key pair (its private and
+    public key objects share one id).
+
+    Text form (:meth:`to_str`), version 2::
+
+        v2:<store id>:<spec>:<profile or ->:<id>[,<id>...]
+        v2:default:SYMMETRIC_DEFAULT:AES_256_GCM:5f0c...
+        v2:default:HMAC_256:-:9a41...
+
+    :meth:`from_str` also reads the forms written before (``AES_256_GCM:<id>``,
+    ``AES_256_CBC_HMAC_SHA_256:<id>,<id>``, ``HMAC_SHA_256:<id>``: the default store), and a
+    parsed reference keeps the exact text it was read from (:attr:`text`), so stored rows
+    (covered by integrity MACs) are never rewritten.
     """
 
-    profile: MechanismProfile
+    spec: KeyMaterialSpec
+    profile: MechanismProfile | None
+    """The mechanism profile (symmetric material); ``None`` for every other spec."""
     object_ids: tuple[str, ...]
+    store: str = DEFAULT_STORE
+    """The id of the key store holding the objects (:class:`~hsmkms.keystore.stores.KeyStores`)."""
+    text: str = dataclasses.field(init=False, compare=False, repr=False)
+    """The stored text form: as read by :meth:`from_str`, else the version 2 form."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, KeyMaterialSpec):
+            raise TypeError("spec must be a KeyMaterialSpec")
+        if self.profile is not None and not isinstance(self.profile, MechanismProfile):
+            raise TypeError("profile must be a MechanismProfile or None")
+        self.check_store_id(self.store)
+        roles = SPECS.facts(self.spec).roles(self.profile)  # ValueError: profile mismatch
+        if len(self.object_ids) != len(roles):
+            raise ValueError("wrong number of object ids for the spec and profile")
+        if not all(isinstance(i, str) and _HEX_ID.fullmatch(i) for i in self.object_ids):
+            raise ValueError("object ids must be hex")
+        profile = _NO_PROFILE if self.profile is None else self.profile.value
+        text = f"{_V2}:{self.store}:{self.spec.value}:{profile}:{','.join(self.object_ids)}"
+        object.__setattr__(self, "text", text)
+
+    @staticmethod
+    def check_store_id(store_id: str) -> None:
+        """``ValueError`` unless ``store_id`` can name a key store: 1-64 of ``a-z0-9-``,
+        starting with a letter or digit (``default``; AWS-style ``cks-...`` ids)."""
+        if not isinstance(store_id, str) or not _STORE_ID.fullmatch(store_id):
+            raise ValueError("malformed key store id")
 
     @functools.cached_property
     def raw_ids(self) -> tuple[bytes, ...]:
         """``object_ids`` as bytes (``CKA_ID`` values)."""
         return tuple(bytes.fromhex(i) for i in self.object_ids)
 
+    @functools.cached_property
+    def roles(self) -> tuple[ObjectRole, ...]:
+        """The role of each object, in ``object_ids`` order."""
+        return SPECS.facts(self.spec).roles(self.profile)
+
+    @property
+    def encryption_profile(self) -> MechanismProfile:
+        """The mechanism profile of symmetric material; ``ValueError`` for any other spec."""
+        if self.profile is None:
+            raise ValueError(f"{self.spec.value} material has no mechanism profile")
+        return self.profile
+
     def to_str(self) -> str:
-        """Serialized form for the metadata store: ``PROFILE:id[,id]``."""
-        return f"{self.profile.value}:{','.join(self.object_ids)}"
+        """The text form for the metadata store (:attr:`text`)."""
+        return self.text
 
     @classmethod
     def from_str(cls, value: str) -> KeyMaterialRef:
-        """Parse :meth:`to_str` output; ``ValueError`` when malformed."""
-        profile, _, ids = value.partition(":")
-        object_ids = tuple(i for i in ids.split(",") if i)
-        prof = MechanismProfile(profile)
-        expected = 1 if prof is MechanismProfile.AES_256_GCM else 2
-        if len(object_ids) != expected:
-            raise ValueError("wrong number of object ids for profile")
-        return cls(prof, object_ids)
+        """Parse a stored text form, current or old; ``ValueError`` when malformed. The number
+        of object ids must be the spec's (and profile's)."""
+        if value.startswith(_V2 + ":"):
+            parts = value.split(":")
+            if len(parts) != 5:
+                raise ValueError("malformed key material reference")
+            _, store, spec_name, profile_name, ids = parts
+            spec = KeyMaterialSpec(spec_name)
+            profile = None if profile_name == _NO_PROFILE else MechanismProfile(profile_name)
+        else:
+            prefix, _, ids = value.partition(":")
+            store = DEFAULT_STORE
+            if prefix == _LEGACY_MAC_PREFIX:
+                spec, profile = KeyMaterialSpec.HMAC_256, None
+            else:
+                spec, profile = KeyMaterialSpec.SYMMETRIC_DEFAULT, MechanismProfile(prefix)
+        ref = cls(spec, profile, tuple(ids.split(",")), store)
+        object.__setattr__(ref, "text", value)
+        return ref
 
 
 @dataclasses.dataclass(frozen=True)
-class MacKeyRef:
-    """Names one HMAC-SHA-256 key object in the token (``CKA_ID`` hex). No secret here.
+class MaterialName:
+    """What the token objects of new material are called (``CKA_LABEL``; at most 40 bytes, the
+    YubiHSM 2 limit).
 
-    Used for keys that authenticate rather than encrypt: the audit trail's seal, integrity tags
-    on security-relevant database rows.
+    A key version's objects are labelled ``hsmkms:<first 20 hex of the key id>:<version>:<role>``
+    (role: :class:`~hsmkms.profiles.ObjectRole` value); a service key (one object) is labelled
+    ``hsmkms:<name>``.
     """
 
-    object_id: str
-
-    PREFIX = "HMAC_SHA_256"
-
-    def to_str(self) -> str:
-        """Serialized form for the metadata store: ``HMAC_SHA_256:id``."""
-        return f"{self.PREFIX}:{self.object_id}"
+    base: str
+    per_role: bool = True
+    """Whether each object's label ends in ``:<role>`` (else: one object, labelled ``base``)."""
 
     @classmethod
-    def from_str(cls, value: str) -> MacKeyRef:
-        """Parse :meth:`to_str` output; ``ValueError`` when malformed."""
-        prefix, _, object_id = value.partition(":")
-        if prefix != cls.PREFIX or not object_id:
-            raise ValueError("not a MAC key reference")
-        bytes.fromhex(object_id)
-        return cls(object_id)
+    def key_version(cls, key_id: str, version: int) -> MaterialName:
+        """The name of a KMS key version's material."""
+        return cls(f"{LABEL_PREFIX}{key_id.replace('-', '')[:20]}:{version}")
 
+    @classmethod
+    def service_key(cls, name: str) -> MaterialName:
+        """The name of one of the service's own keys (the audit seal, row integrity)."""
+        return cls(f"{LABEL_PREFIX}{name}", per_role=False)
 
-@dataclasses.dataclass(frozen=True)
-class Sealed:
-    """Output of :meth:`Keystore.encrypt`: the IV and ``ciphertext || tag``."""
-
-    iv: bytes
-    body: bytes = dataclasses.field(repr=False)
+    def label(self, role: ObjectRole) -> str:
+        """The label of the object playing ``role``."""
+        return f"{self.base}:{role.value}" if self.per_role else self.base
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenObject:
-    """One object of this project on the token (from :meth:`Keystore.list_objects`)."""
+    """One object of this project on the token (from :meth:`KeyInventory.list_objects`)."""
 
     object_id: str
     label: str
     key_type: str
+    object_class: str = "SECRET_KEY"
+    """``SECRET_KEY``, or ``PRIVATE_KEY`` / ``PUBLIC_KEY`` for the halves of a key pair."""
 
     @property
     def is_key_version(self) -> bool:
         """Whether the label marks a KMS key version's object
-        (``hsmkms:<20 hex of the key id>:<version>:<a|h>``), as opposed to a service key such
+        (``hsmkms:<20 hex of the key id>:<version>:<role>``), as opposed to a service key such
         as the audit or credentials key."""
         return _KEY_VERSION_LABEL.fullmatch(self.label) is not None
 
@@ -112,64 +226,110 @@ class TokenInfo:
     profile: MechanismProfile
 
 
-class Keystore(Protocol):
-    """A token holding root keys. Every method is safe to call from any thread."""
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """Which key material a token can host, found by trying it (:meth:`KeyBackend.capabilities`).
+
+    A spec is hosted for a usage when material of it was made and used on the token for that
+    usage with a real round trip (temporary session objects, destroyed after): a token can list
+    a mechanism it then fails (NSS softokn and AES-GCM). A token that refuses temporary objects
+    cannot be probed that way: specs whose mechanisms it lists are then in :attr:`unverified`.
+    """
+
+    usages: Mapping[KeyMaterialSpec, frozenset[MaterialUsage]] = dataclasses.field(hash=False)
+    """Per hosted spec, the usages probed successfully."""
+    profiles: tuple[MechanismProfile, ...]
+    """Mechanism profiles probed with a real round trip (SYMMETRIC_DEFAULT is hosted when any
+    is), in registry order."""
+    unverified: frozenset[KeyMaterialSpec] = frozenset()
+    """Specs the token lists the mechanisms for but that could not be probed."""
+
+    @property
+    def specs(self) -> frozenset[KeyMaterialSpec]:
+        """The specs hosted for at least one usage."""
+        return frozenset(self.usages)
+
+    def hosts(self, spec: KeyMaterialSpec, usage: MaterialUsage | None = None) -> bool:
+        """Whether material of ``spec`` was probed successfully (for ``usage``, when given)."""
+        found = self.usages.get(spec, frozenset())
+        return bool(found) if usage is None else usage in found
+
+
+class KeyBackend(Protocol):
+    """Creates key material for a key spec inside a token and uses it by reference. Every
+    method is safe to call from any thread. Key material never leaves the token."""
 
     @property
     def profile(self) -> MechanismProfile:
-        """The profile new key versions get (probed, or forced by configuration)."""
+        """The profile new symmetric material gets (probed, or forced by configuration)."""
         ...
 
-    def info(self) -> TokenInfo:
-        """Module, token and mechanism information."""
+    def capabilities(self) -> Capabilities:
+        """Which specs (and profiles) this token can host, probed with real operations on
+        temporary objects (once per backend; later calls answer from memory)."""
         ...
 
-    def create_key(
-        self, key_id: str, version: int, profile: MechanismProfile | None = None
+    def create(
+        self,
+        spec: KeyMaterialSpec,
+        name: MaterialName,
+        *,
+        profile: MechanismProfile | None = None,
+        usage: MaterialUsage | None = None,
     ) -> KeyMaterialRef:
-        """Generate the token object(s) for one key version: token, private, sensitive,
-        non-extractable, only the capabilities the profile needs. Returns their reference."""
-        ...
-
-    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
-        """Encrypt inside the token with a fresh IV from the token's generator."""
-        ...
-
-    def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
-        """Decrypt and authenticate. Raises ``DecryptionFailed`` on any mismatch."""
-        ...
-
-    def random(self, n: int) -> bytes:
-        """``n`` bytes from the token's random generator."""
-        ...
-
-    def create_mac_key(self, name: str) -> MacKeyRef:
-        """Generate a non-extractable HMAC-SHA-256 token key (sign/verify only), labelled
-        ``hsmkms:<name>``."""
-        ...
-
-    def mac(self, ref: MacKeyRef, data: bytes) -> bytes:
-        """HMAC-SHA-256 of ``data`` computed inside the token (32 bytes)."""
-        ...
-
-    def verify_mac(self, ref: MacKeyRef, data: bytes, tag: bytes) -> bool:
-        """Whether ``tag`` is the HMAC-SHA-256 of ``data``, checked inside the token."""
+        """Generate the token object(s) of new material: token, private, sensitive,
+        non-extractable, not modifiable, only the capabilities the spec and ``usage`` need.
+        Symmetric material gets ``profile``, or :attr:`profile` when None; ``usage`` defaults
+        to the spec's first. On failure, objects created so far are destroyed."""
         ...
 
     def destroy(self, ref: KeyMaterialRef) -> None:
         """Destroy the token object(s); objects already gone are not an error."""
         ...
 
-    def exists(self, ref: KeyMaterialRef) -> bool:
-        """Whether every object of ``ref`` is on the token."""
+    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypt under symmetric material with a fresh IV from the token's generator;
+        ``aad`` is authenticated, not encrypted. Returns ``(iv, ciphertext || tag)`` shaped as
+        the ref's profile says."""
         ...
 
-    def list_objects(self) -> list[TokenObject]:
-        """Every object on the token that this project created."""
+    def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
+        """Authenticate and decrypt. Any mismatch of key, IV, AAD or body raises
+        ``DecryptionFailed``, and nothing else about it."""
         ...
 
-    def self_test(self) -> None:
-        """Round trip with temporary keys of the current profile; raises on any failure."""
+    def mac(self, ref: KeyMaterialRef, data: bytes) -> bytes:
+        """The HMAC of ``data`` under HMAC material, computed inside the token."""
+        ...
+
+    def verify_mac(self, ref: KeyMaterialRef, data: bytes, tag: bytes) -> bool:
+        """Whether ``tag`` is the HMAC of ``data`` (checked inside the token)."""
+        ...
+
+    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign a message digest with a key pair's private key. ECDSA signatures are DER
+        (``Ecdsa-Sig-Value``), RSA signatures the modulus size."""
+        ...
+
+    def verify(
+        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+    ) -> bool:
+        """Whether ``signature`` is a valid signature of ``digest`` (checked inside the token
+        with the key pair's public key)."""
+        ...
+
+    def public_key(self, ref: KeyMaterialRef) -> bytes:
+        """A key pair's public key, DER ``SubjectPublicKeyInfo``."""
+        ...
+
+    def derive_shared_secret(self, ref: KeyMaterialRef, peer_public_key: bytes) -> bytes:
+        """ECDH (``CKM_ECDH1_DERIVE``, no KDF) between an EC key agreement key pair's private
+        key and a peer's public key (DER ``SubjectPublicKeyInfo`` on the same curve): the raw
+        shared secret (the x coordinate). The secret is returned to the caller by design."""
+        ...
+
+    def random(self, n: int) -> bytes:
+        """``n`` bytes from the token's random generator."""
         ...
 
     def close(self) -> None:
@@ -177,24 +337,58 @@ class Keystore(Protocol):
         ...
 
 
-def mac_key_label(name: str) -> str:
-    """The token label :meth:`Keystore.create_mac_key` gives the key created as ``name``."""
-    return f"hsmkms:{name}"
+class KeyInventory(Protocol):
+    """What is on a token, and diagnostics. Every method is safe to call from any thread."""
+
+    def info(self) -> TokenInfo:
+        """Module, token and mechanism information."""
+        ...
+
+    def list_objects(self) -> list[TokenObject]:
+        """Every object on the token that this project created."""
+        ...
+
+    def exists(self, ref: KeyMaterialRef) -> bool:
+        """Whether every object of ``ref`` is on the token (asks the token, not a cache)."""
+        ...
+
+    def attributes(
+        self, object_id: str, names: list[str], *, public: bool = False
+    ) -> dict[str, Any]:
+        """Attributes of one of this project's objects (``CKA_`` names without the prefix): the
+        secret or private key, or with ``public`` a key pair's public key. Reading a secret
+        value fails: that is the point."""
+        ...
+
+    def self_test(self) -> None:
+        """Round trip with temporary keys of the current profile; raises on any failure."""
+        ...
 
 
-def checked_mac_key(keystore: Keystore, ref_text: str, name: str) -> MacKeyRef:
+class Keystore(KeyBackend, KeyInventory, Protocol):
+    """A key store: a backend and its inventory (what the registry of key stores holds)."""
+
+
+def checked_mac_key(keystore: Keystore, ref_text: str, name: str) -> KeyMaterialRef:
     """Parse a MAC key reference read from the (untrusted) database and check, on the
-    (trusted) token, that it names the key created as ``create_mac_key(name)``.
+    (trusted) token, that it names the key created as
+    ``create(HMAC_256, MaterialName.service_key(name))``.
 
-    Raises ``ValueError`` naming the problem: malformed, no such object, or an object with
-    another label (a reference swapped for another service key's). One token listing per call:
-    callers check once and remember the result.
+    Raises ``ValueError`` naming the problem: malformed, another store than the default, not
+    HMAC_256 material, no such object,
+    or an object with another label (a reference swapped for another service key's). One token
+    listing per call: callers check once and remember the result.
     """
-    ref = MacKeyRef.from_str(ref_text)
+    ref = KeyMaterialRef.from_str(ref_text)
+    if ref.store != DEFAULT_STORE:
+        raise ValueError(f"the {name} key reference names key store {ref.store!r}")
+    if ref.spec is not KeyMaterialSpec.HMAC_256:
+        raise ValueError(f"the {name} key reference names {ref.spec.value} material")
+    (object_id,) = ref.object_ids
     labels = {o.object_id: o.label for o in keystore.list_objects()}
-    label = labels.get(ref.object_id)
+    label = labels.get(object_id)
     if label is None:
         raise ValueError(f"the {name} key reference names no object on the token")
-    if label != mac_key_label(name):
+    if label != MaterialName.service_key(name).label(ObjectRole.MAC):
         raise ValueError(f"the {name} key reference names a token object labelled {label!r}")
     return ref

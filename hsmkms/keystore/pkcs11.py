@@ -1,7 +1,12 @@
-"""The PKCS#11 keystore: root keys as non-extractable token objects, used through python-pkcs11.
+"""The PKCS#11 keystore: key material as non-extractable token objects, used through
+python-pkcs11.
 
-The only module of hsmkms that imports ``pkcs11``. Its process model follows measured facts
-(``ARCHITECTURE.md``, ``reference/pkcs11-facts.md``):
+:class:`Pkcs11Keystore` implements both :class:`~hsmkms.keystore.base.KeyBackend` and
+:class:`~hsmkms.keystore.base.KeyInventory`. Only the modules of ``hsmkms/keystore/`` named
+``pkcs11*`` import ``pkcs11`` (this one, :mod:`~hsmkms.keystore.pkcs11_mechanisms` with the
+per-profile and per-spec token operations, :mod:`~hsmkms.keystore.pkcs11_errors` with the error
+map). The process model follows measured facts (``ARCHITECTURE.md``,
+``reference/pkcs11-facts.md``):
 
 - **One process-wide lock around every PKCS#11 call.** python-pkcs11 calls ``C_Initialize(NULL)``
   and releases the GIL inside calls, so SoftHSM2 and the YubiHSM module run without locks of
@@ -18,12 +23,16 @@ The only module of hsmkms that imports ``pkcs11``. Its process model follows mea
 - **Reconnect.** After ``CKR_DEVICE_REMOVED``, ``CKR_SESSION_HANDLE_INVALID``,
   ``CKR_USER_NOT_LOGGED_IN`` and their kin, sessions are reopened, the user logs in again and
   the operation is retried once.
+- **Timing hook.** An optional observer ``(operation, seconds)`` is called after every
+  operation (:data:`~hsmkms.keystore.base.CallObserver`); without one, nothing is timed.
 
 Object naming: ``CKA_ID`` is 16 random bytes (2 bytes on a YubiHSM 2, whose object ids are
-16-bit); ``CKA_LABEL`` is ``hsmkms:<first 20 hex of the key id>:<version>:<role>`` (at most 40
-bytes, the YubiHSM 2 limit). The metadata store keeps the authoritative mapping from key version
-to ``CKA_ID`` (:class:`~hsmkms.keystore.base.KeyMaterialRef`); labels are for humans and for
-finding this project's objects.
+16-bit); a key pair's private and public key share theirs. ``CKA_LABEL`` is
+``hsmkms:<first 20 hex of the key id>:<version>:<role>`` (at most 40 bytes, the YubiHSM 2
+limit; :class:`~hsmkms.keystore.base.MaterialName`). The metadata store keeps the
+authoritative mapping from key version to ``CKA_ID``
+(:class:`~hsmkms.keystore.base.KeyMaterialRef`); labels are for humans and for finding this
+project's objects.
 """
 
 from __future__ import annotations
@@ -33,21 +42,28 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import Attribute, ObjectClass
 
-from hsmkms.keystore.base import KeyMaterialRef, MacKeyRef, Sealed, TokenInfo, TokenObject
+from hsmkms.keystore.base import (
+    LABEL_PREFIX,
+    CallObserver,
+    Capabilities,
+    KeyMaterialRef,
+    MaterialName,
+    TokenInfo,
+    TokenObject,
+)
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.errors import (
-    RECONNECT_ERRORS,
-    STALE_HANDLE_ERRORS,
-    TRANSIENT_CREATE_ERRORS,
     DecryptionFailed,
     DeviceFailure,
+    IncompatibleMaterial,
     KeyMaterialMissing,
     KeystoreError,
     ModuleLoadError,
@@ -59,11 +75,25 @@ from hsmkms.keystore.errors import (
     TokenRejected,
     TokenUnavailable,
     UnsupportedByToken,
+)
+from hsmkms.keystore.pkcs11_errors import (
+    RECONNECT_ERRORS,
+    STALE_HANDLE_ERRORS,
+    TRANSIENT_CREATE_ERRORS,
     map_pkcs11_error,
 )
-from hsmkms.profiles import MechanismProfile
+from hsmkms.keystore.pkcs11_mechanisms import (
+    MATERIALS,
+    OBJECT_CLASSES,
+    PROFILE_MECHANISMS,
+    HmacMaterial,
+    KeyPairMaterial,
+    ProbeRefused,
+    generate_secrets,
+)
+from hsmkms.keystore.specs import KeyMaterialSpec, MaterialUsage, SigningAlgorithm
+from hsmkms.profiles import PROFILES, MechanismProfile
 
-LABEL_PREFIX = "hsmkms:"
 _CREATE_ATTEMPTS = 3
 _ENUMERATION_ATTEMPTS = 5
 # Opening the token is retried on these (within the discovery timeout), never on PIN errors.
@@ -108,13 +138,10 @@ def process_lock() -> threading.RLock:
     return _LOCK
 
 
-_AES_TEMPLATE: dict[Any, Any] = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.MODIFIABLE: False,
-}
+# The object classes this project creates, enumerated at open and by list_objects().
+_PROJECT_CLASSES = (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+# The longest CKA_LABEL a YubiHSM 2 keeps.
+_MAX_LABEL = 40
 
 
 @dataclasses.dataclass
@@ -126,7 +153,8 @@ class _Connection:
     token: Any
     anchor: Any  # the session logged in with the PIN; never closed before shutdown
     session: Any  # the work session, opened without a PIN
-    handles: dict[bytes, Any]
+    handles: dict[bytes, Any]  # CKA_ID -> secret or private key
+    public: dict[bytes, Any]  # CKA_ID -> public key (of a key pair)
     short_ids: bool
 
 
@@ -138,12 +166,21 @@ class Pkcs11Keystore:
     only in ``config`` and never logged or shown in ``repr``.
     """
 
-    def __init__(self, config: KeystoreConfig, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        config: KeystoreConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        observer: CallObserver | None = None,
+    ) -> None:
         self._config = config
         self._sleep = sleep
+        self._observer = observer
         self._conn: _Connection | None = None
         self._profile: MechanismProfile | None = None
         self._mechanisms: tuple[str, ...] = ()
+        self._listed: frozenset[Any] = frozenset()
+        self._capabilities: Capabilities | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -249,9 +286,12 @@ class Pkcs11Keystore:
                 anchor = self._login(token)
                 session = token.open(rw=True)
                 short_ids = token.manufacturer_id.startswith("Yubico")
-                conn = _Connection(os.getpid(), lib, token, anchor, session, {}, short_ids)
+                conn = _Connection(os.getpid(), lib, token, anchor, session, {}, {}, short_ids)
                 for raw, _label, obj in _project_objects(session):
-                    conn.handles[raw] = obj
+                    cache = (
+                        conn.public if obj.object_class is ObjectClass.PUBLIC_KEY else conn.handles
+                    )
+                    cache[raw] = obj
                 break
             except _TRANSIENT_OPEN_ERRORS as exc:
                 if anchor is not None:
@@ -315,46 +355,49 @@ class Pkcs11Keystore:
                     raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- profiles ----------------------------------------------------------------------------
+    # -- timing ------------------------------------------------------------------------------
+
+    def _observed(self, operation: str, fn: Callable[[], _T]) -> _T:
+        """``fn()``, timed for the observer when there is one. (The hot operations inline the
+        same few lines rather than paying for this extra call.)"""
+        observer = self._observer
+        if observer is None:
+            return fn()
+        start = perf_counter()
+        try:
+            return fn()
+        finally:
+            observer(operation, perf_counter() - start)
+
+    # -- profiles and capabilities -----------------------------------------------------------
 
     def _choose_profile(self, conn: _Connection) -> MechanismProfile:
+        """The forced profile, or the first of the registry's that works on this token."""
         mechanisms = conn.token.slot.get_mechanisms()
         self._mechanisms = tuple(sorted(_mech_name(m) for m in mechanisms))
-        portable_ok = {Mechanism.AES_CBC_PAD, Mechanism.SHA256_HMAC} <= set(mechanisms)
+        self._listed = frozenset(mechanisms)
         forced = self._config.profile
-        if forced is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
-            if not portable_ok:
-                raise UnsupportedByToken("token lacks CKM_AES_CBC_PAD or CKM_SHA256_HMAC")
-            return forced
-        if Mechanism.AES_GCM in mechanisms and self._gcm_round_trip(conn):
-            return MechanismProfile.AES_256_GCM
-        if forced is MechanismProfile.AES_256_GCM:
-            raise UnsupportedByToken("token does not perform AES-GCM")
-        if not portable_ok:
-            raise UnsupportedByToken("token offers neither AES-GCM nor AES-CBC-PAD + HMAC-SHA256")
-        return MechanismProfile.AES_256_CBC_HMAC_SHA_256
-
-    @staticmethod
-    def _gcm_round_trip(conn: _Connection) -> bool:
-        """Probe GCM with a real round trip: some tokens list CKM_AES_GCM yet fail single-part
-        GCM through python-pkcs11 (NSS softokn, pkcs11-facts.md §6)."""
-        try:
-            key = conn.session.generate_key(
-                KeyType.AES, 256, store=False,
-                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
-            )  # fmt: skip
+        for profile in [forced] if forced is not None else [p.name for p in PROFILES]:
             try:
-                params = pkcs11.GCMParams(b"\x00" * 12, b"probe", 128)
-                ct = key.encrypt(
-                    b"hsmkms-probe", mechanism=Mechanism.AES_GCM, mechanism_param=params
-                )
-                pt = key.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=params)
-                return bool(pt == b"hsmkms-probe")
-            finally:
-                key.destroy()
-        except p11e.PKCS11Error:
-            return False
+                if self._profile_works(conn, profile):
+                    return profile
+            except ProbeRefused:
+                # A token that makes no temporary objects (a YubiHSM 2) cannot be probed:
+                # trust its mechanism list for this profile.
+                return profile
+        if forced is not None:
+            needed = ", ".join(sorted(_mech_name(m) for m in PROFILE_MECHANISMS[forced].mechanisms))
+            raise UnsupportedByToken(f"token does not perform {forced.value} (needs {needed})")
+        raise UnsupportedByToken(
+            "token performs no mechanism profile (AES-GCM, or AES-CBC-PAD + HMAC-SHA256)"
+        )
+
+    def _profile_works(self, conn: _Connection, profile: MechanismProfile) -> bool:
+        """Whether the token lists the profile's mechanisms and passes a real round trip with
+        temporary keys (some tokens list CKM_AES_GCM yet fail single-part GCM through
+        python-pkcs11: NSS softokn, pkcs11-facts.md §6). ProbeRefused propagates."""
+        impl = PROFILE_MECHANISMS[profile]
+        return impl.mechanisms <= self._listed and impl.probe(conn.session)
 
     @property
     def profile(self) -> MechanismProfile:
@@ -364,7 +407,49 @@ class Pkcs11Keystore:
         assert self._profile is not None
         return self._profile
 
-    # -- operations --------------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        """Which specs and profiles this token hosts, each probed with a real operation on
+        temporary objects (generate, then encrypt/decrypt, MAC/verify, sign/verify or derive),
+        once per keystore."""
+        return self._observed("capabilities", self._probe_capabilities)
+
+    def _probe_capabilities(self) -> Capabilities:
+        if self._capabilities is not None:
+            return self._capabilities
+
+        def work(conn: _Connection) -> Capabilities:
+            unverified: set[KeyMaterialSpec] = set()
+            profiles: list[MechanismProfile] = []
+            for profile in PROFILES:
+                try:
+                    if self._profile_works(conn, profile.name):
+                        profiles.append(profile.name)
+                except ProbeRefused:
+                    unverified.add(KeyMaterialSpec.SYMMETRIC_DEFAULT)
+            usages: dict[KeyMaterialSpec, frozenset[MaterialUsage]] = {}
+            for spec, material in MATERIALS.items():
+                hosted: set[MaterialUsage] = set()
+                for usage in material.facts.usages:
+                    if material.facts.takes_profile:
+                        if profiles:
+                            hosted.add(usage)
+                        continue
+                    if not material.mechanisms(usage) <= self._listed:
+                        continue
+                    try:
+                        if material.probe(conn.session, usage):
+                            hosted.add(usage)
+                    except ProbeRefused:
+                        unverified.add(spec)
+                if hosted:
+                    usages[spec] = frozenset(hosted)
+            return Capabilities(usages, tuple(profiles), frozenset(unverified - set(usages)))
+
+        found = self._call("probing capabilities", work)
+        self._capabilities = found
+        return found
+
+    # -- creating and destroying -------------------------------------------------------------
 
     def info(self) -> TokenInfo:
         """Module, token and mechanism information."""
@@ -382,7 +467,7 @@ class Pkcs11Keystore:
                 profile=self.profile,
             )
 
-        return self._call("reading token information", work)
+        return self._observed("info", lambda: self._call("reading token information", work))
 
     def _new_object_id(self, conn: _Connection) -> bytes:
         if not conn.short_ids:
@@ -396,46 +481,106 @@ class Pkcs11Keystore:
                 return candidate
         raise TokenRejected("no free object id")
 
-    def create_key(
-        self, key_id: str, version: int, profile: MechanismProfile | None = None
+    def create(
+        self,
+        spec: KeyMaterialSpec,
+        name: MaterialName,
+        *,
+        profile: MechanismProfile | None = None,
+        usage: MaterialUsage | None = None,
     ) -> KeyMaterialRef:
-        """Generate the token object(s) of one key version (see the module docstring for the
-        naming scheme). Objects are hardened: token, private, sensitive, non-extractable, not
-        modifiable, and only the capabilities the profile needs. On failure, objects created
-        so far are destroyed."""
-        chosen = profile or self.profile
-        label_base = f"{LABEL_PREFIX}{key_id.replace('-', '')[:20]}:{version}"
+        """Generate the token object(s) of new ``spec`` material named ``name`` (see the module
+        docstring). Objects are hardened: token, private, sensitive, non-extractable, not
+        modifiable, and only the capabilities the spec and usage need. Symmetric material gets
+        ``profile`` or :attr:`profile`. On failure, objects created so far are destroyed."""
+        material = MATERIALS[spec]
+        return self._observed(
+            material.create_call, lambda: self._create(spec, name, profile, usage)
+        )
+
+    def _create(
+        self,
+        spec: KeyMaterialSpec,
+        name: MaterialName,
+        profile: MechanismProfile | None,
+        usage: MaterialUsage | None,
+    ) -> KeyMaterialRef:
+        material = MATERIALS[spec]
+        facts = material.facts
+        if facts.takes_profile and profile is None:
+            profile = self.profile
+        try:
+            chosen_usage = facts.usage(usage)
+            roles = facts.roles(profile)
+        except ValueError as exc:
+            raise IncompatibleMaterial(str(exc)) from None
+        if not name.per_role and len(roles) != 1:
+            raise IncompatibleMaterial(f"{spec.value} material is not one object")
+        if any(len(name.label(role).encode()) > _MAX_LABEL for role in roles):
+            raise TokenRejected(f"the name {name.base!r} is too long for a token label")
 
         def work(conn: _Connection) -> KeyMaterialRef:
             for attempt in range(_CREATE_ATTEMPTS):
-                ids = [self._new_object_id(conn) for _ in range(_objects_per_profile(chosen))]
+                ids = [self._new_object_id(conn) for _ in roles]
                 try:
-                    keys = _generate(conn, chosen, label_base, ids, store=True)
+                    made = material.generate(
+                        conn.session, name, ids, profile=profile, usage=chosen_usage, store=True
+                    )
                     break
                 except TRANSIENT_CREATE_ERRORS:
-                    # _generate destroyed what it returned; an object the token made but whose
+                    # generate() destroyed what it returned; an object the token made but whose
                     # handle went stale before python-pkcs11 read it back is found by its id.
                     _destroy_by_id(conn, ids)
                     if attempt == _CREATE_ATTEMPTS - 1:
                         raise
                     self._sleep(0.005 * (attempt + 1))
-            for raw, key in zip(ids, keys, strict=True):
-                conn.handles[raw] = key
-            return KeyMaterialRef(chosen, tuple(raw.hex() for raw in ids))
+            for raw, obj, public in zip(ids, made.objects, made.public, strict=True):
+                conn.handles[raw] = obj
+                if public is not None:
+                    conn.public[raw] = public
+            return KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
 
         return self._call("creating a key", work)
 
-    def _key(self, conn: _Connection, object_id: str) -> Any:
+    def destroy(self, ref: KeyMaterialRef) -> None:
+        """Destroy the token object(s) of ``ref``; objects already gone are not an error."""
+
+        def work(conn: _Connection) -> None:
+            for raw in ref.raw_ids:
+                conn.handles.pop(raw, None)
+                conn.public.pop(raw, None)
+                for obj in list(conn.session.get_objects({Attribute.ID: raw})):
+                    obj.destroy()
+
+        self._observed("destroy", lambda: self._call("destroying a key", work))
+
+    # -- using material ----------------------------------------------------------------------
+
+    def _key(self, conn: _Connection, object_id: str, object_class: ObjectClass) -> Any:
+        """The (secret or private) key object ``object_id``: cached, or looked up and cached."""
         raw = bytes.fromhex(object_id)
         key = conn.handles.get(raw)
         if key is None:
             try:
-                key = conn.session.get_key(object_class=ObjectClass.SECRET_KEY, id=raw)
+                key = conn.session.get_key(object_class=object_class, id=raw)
             except p11e.NoSuchKey:
                 raise KeyMaterialMissing(f"token object {object_id} not found") from None
             except p11e.MultipleObjectsReturned:
                 raise KeyMaterialMissing(f"token object id {object_id} is ambiguous") from None
             conn.handles[raw] = key
+        return key
+
+    def _public_key(self, conn: _Connection, raw: bytes) -> Any:
+        """The public key object of the key pair ``raw``: cached, or looked up and cached."""
+        key = conn.public.get(raw)
+        if key is None:
+            try:
+                key = conn.session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=raw)
+            except p11e.NoSuchKey:
+                raise KeyMaterialMissing(f"public key {raw.hex()} not found") from None
+            except p11e.MultipleObjectsReturned:
+                raise KeyMaterialMissing(f"public key id {raw.hex()} is ambiguous") from None
+            conn.public[raw] = key
         return key
 
     def _with_keys(
@@ -456,50 +601,185 @@ class Pkcs11Keystore:
                     except p11e.PKCS11Error as exc:
                         raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
 
+            classes = [OBJECT_CLASSES[role] for role in ref.roles]
+
+            def lookup(conn: _Connection) -> list[Any]:
+                return [self._key(conn, i, c) for i, c in zip(ref.object_ids, classes, strict=True)]
+
             def work(conn: _Connection) -> _T:
                 try:
-                    return fn(conn, [self._key(conn, i) for i in ref.object_ids])
+                    return fn(conn, lookup(conn))
                 except STALE_HANDLE_ERRORS:
                     for raw in ref.raw_ids:
                         conn.handles.pop(raw, None)
-                    return fn(conn, [self._key(conn, i) for i in ref.object_ids])
+                    return fn(conn, lookup(conn))
 
             return self._call(action, work, decrypting=decrypting)
 
-    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> Sealed:
-        """Encrypt inside the token under ``ref`` with a fresh IV from the token's generator;
-        ``aad`` is authenticated, not encrypted."""
-        profile = ref.profile
-        return self._with_keys(
-            "encrypting", ref, lambda conn, keys: _seal(conn, profile, keys, plaintext, aad)
-        )
+    def _with_public(
+        self, action: str, ref: KeyMaterialRef, fn: Callable[[Any], _T], *, decrypting: bool = False
+    ) -> _T:
+        """Run ``fn`` with the public key of the key pair ``ref``."""
+        (raw,) = ref.raw_ids
+
+        def work(conn: _Connection) -> _T:
+            try:
+                return fn(self._public_key(conn, raw))
+            except STALE_HANDLE_ERRORS:
+                conn.public.pop(raw, None)
+                return fn(self._public_key(conn, raw))
+
+        return self._call(action, work, decrypting=decrypting)
+
+    def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """Encrypt inside the token under symmetric material with a fresh IV from the token's
+        generator; ``aad`` is authenticated, not encrypted. Returns ``(iv, ciphertext || tag)``."""
+        if ref.profile is None:
+            raise IncompatibleMaterial(f"{ref.spec.value} material does not encrypt")
+        seal = PROFILE_MECHANISMS[ref.profile].seal
+
+        def work(conn: _Connection, keys: list[Any]) -> tuple[bytes, bytes]:
+            return seal(conn.session, keys, plaintext, aad)
+
+        observer = self._observer
+        if observer is None:
+            return self._with_keys("encrypting", ref, work)
+        start = perf_counter()
+        try:
+            return self._with_keys("encrypting", ref, work)
+        finally:
+            observer("encrypt", perf_counter() - start)
 
     def decrypt(self, ref: KeyMaterialRef, iv: bytes, body: bytes, aad: bytes) -> bytes:
         """Authenticate and decrypt inside the token. Any mismatch of key, IV, AAD or body
         raises :class:`DecryptionFailed`, and nothing else about it."""
-        profile = ref.profile
-        _check_shape(profile, iv, body)
-        return self._with_keys(
-            "decrypting", ref, lambda _, keys: _unseal(profile, keys, iv, body, aad),
-            decrypting=True,
-        )  # fmt: skip
+        if ref.profile is None:
+            raise IncompatibleMaterial(f"{ref.spec.value} material does not decrypt")
+        impl = PROFILE_MECHANISMS[ref.profile]
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            if not impl.shape_ok(iv, body):
+                raise DecryptionFailed("decryption failed")
+            unseal = impl.unseal
+            return self._with_keys(
+                "decrypting", ref, lambda _, keys: unseal(keys, iv, body, aad), decrypting=True
+            )
+        finally:
+            if observer is not None:
+                observer("decrypt", perf_counter() - start)
+
+    def _hmac(self, ref: KeyMaterialRef) -> HmacMaterial:
+        material = _HMAC.get(ref.spec)
+        if material is None:
+            raise IncompatibleMaterial(f"{ref.spec.value} material does not compute MACs")
+        return material
+
+    def mac(self, ref: KeyMaterialRef, data: bytes) -> bytes:
+        """The HMAC of ``data`` under HMAC material, computed inside the token."""
+        sign = self._hmac(ref).mac
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            return self._with_keys("computing a MAC", ref, lambda _, keys: sign(keys[0], data))
+        finally:
+            if observer is not None:
+                observer("mac", perf_counter() - start)
+
+    def verify_mac(self, ref: KeyMaterialRef, data: bytes, tag: bytes) -> bool:
+        """Whether ``tag`` is the HMAC of ``data`` (verified inside the token)."""
+        material = self._hmac(ref)
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            if len(tag) != material.mac_length:
+                return False
+            verify = material.verify_mac
+            return self._with_keys(
+                "verifying a MAC", ref, lambda _, keys: verify(keys[0], data, tag),
+                decrypting=True,
+            )  # fmt: skip
+        except DecryptionFailed:
+            return False
+        finally:
+            if observer is not None:
+                observer("verify_mac", perf_counter() - start)
+
+    def _pair(self, ref: KeyMaterialRef) -> KeyPairMaterial:
+        material = MATERIALS[ref.spec]
+        if not isinstance(material, KeyPairMaterial):
+            raise IncompatibleMaterial(f"{ref.spec.value} material is not a key pair")
+        return material
+
+    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign ``digest`` with the private key of a signing key pair, inside the token. ECDSA
+        signatures are DER-encoded."""
+        material = self._pair(ref)
+        material.check_algorithm(algorithm, digest)
+
+        def sign(_: _Connection, keys: list[Any]) -> bytes:
+            return material.sign(keys[0], digest, algorithm)
+
+        return self._observed("sign", lambda: self._with_keys("signing", ref, sign))
+
+    def verify(
+        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+    ) -> bool:
+        """Whether ``signature`` signs ``digest`` (verified inside the token with the key
+        pair's public key)."""
+        material = self._pair(ref)
+        material.check_algorithm(algorithm, digest)
+
+        def verify() -> bool:
+            try:
+                return self._with_public(
+                    "verifying a signature", ref,
+                    lambda public: material.verify(public, digest, signature, algorithm),
+                    decrypting=True,
+                )  # fmt: skip
+            except DecryptionFailed:
+                return False
+
+        return self._observed("verify", verify)
+
+    def public_key(self, ref: KeyMaterialRef) -> bytes:
+        """The public key of a key pair, DER ``SubjectPublicKeyInfo``."""
+        material = self._pair(ref)
+        return self._observed(
+            "public_key",
+            lambda: self._with_public("reading a public key", ref, material.public_key),
+        )
+
+    def derive_shared_secret(self, ref: KeyMaterialRef, peer_public_key: bytes) -> bytes:
+        """ECDH inside the token between a key agreement key pair and a peer's public key
+        (DER ``SubjectPublicKeyInfo`` on the same curve); returns the raw shared secret."""
+        material = self._pair(ref)
+        point = material.peer_point(peer_public_key)  # checked before the token is asked
+
+        def derive(_: _Connection, keys: list[Any]) -> bytes:
+            return material.derive_shared_secret(keys[0], point)
+
+        return self._observed(
+            "derive_shared_secret", lambda: self._with_keys("deriving a shared secret", ref, derive)
+        )
 
     def self_test(self) -> None:
         """Round trip through the token with temporary session keys of the current profile:
         encrypt, decrypt, and check that a tampered ciphertext is refused. Raises on failure."""
-        profile = self.profile
+        impl = PROFILE_MECHANISMS[self.profile]
 
         def work(conn: _Connection) -> None:
-            keys = _generate(conn, profile, "hsmkms-selftest", [b"", b""], store=False)
+            keys = generate_secrets(
+                conn.session, impl.objects, MaterialName("hsmkms-selftest"),
+                [b""] * len(impl.objects), store=False,
+            )  # fmt: skip
             try:
-                sealed = _seal(conn, profile, keys, b"hsmkms self-test", b"self-test aad")
-                if _unseal(profile, keys, sealed.iv, sealed.body, b"self-test aad") != (
-                    b"hsmkms self-test"
-                ):
+                iv, body = impl.seal(conn.session, keys, b"hsmkms self-test", b"self-test aad")
+                if impl.unseal(keys, iv, body, b"self-test aad") != b"hsmkms self-test":
                     raise DeviceFailure("self-test: round trip returned other bytes")
-                tampered = bytes([sealed.body[0] ^ 1]) + sealed.body[1:]
+                tampered = bytes([body[0] ^ 1]) + body[1:]
                 try:
-                    _unseal(profile, keys, sealed.iv, tampered, b"self-test aad")
+                    impl.unseal(keys, iv, tampered, b"self-test aad")
                 except (DecryptionFailed, p11e.PKCS11Error):
                     pass
                 else:
@@ -509,109 +789,71 @@ class Pkcs11Keystore:
                     with contextlib.suppress(p11e.PKCS11Error):
                         key.destroy()
 
-        self._call("self-test", work, decrypting=False)
+        self._observed("self_test", lambda: self._call("self-test", work))
 
     def random(self, n: int) -> bytes:
         """``n`` bytes from the token's random generator."""
         if n < 1:
             raise TokenRejected("random: length must be positive")
-        with _LOCK:
-            conn = self._conn
-            if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry frame
-                try:
-                    return bytes(conn.session.generate_random(n * 8))
-                except RECONNECT_ERRORS:
-                    pass  # the slow path below reconnects and retries
-                except p11e.PKCS11Error as exc:
-                    raise map_pkcs11_error(exc, "generating random bytes") from exc
-        return self._call(
-            "generating random bytes", lambda c: bytes(c.session.generate_random(n * 8))
-        )
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            with _LOCK:
+                conn = self._conn
+                if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry
+                    try:
+                        return bytes(conn.session.generate_random(n * 8))
+                    except RECONNECT_ERRORS:
+                        pass  # the slow path below reconnects and retries
+                    except p11e.PKCS11Error as exc:
+                        raise map_pkcs11_error(exc, "generating random bytes") from exc
+            return self._call(
+                "generating random bytes", lambda c: bytes(c.session.generate_random(n * 8))
+            )
+        finally:
+            if observer is not None:
+                observer("random", perf_counter() - start)
 
-    def destroy(self, ref: KeyMaterialRef) -> None:
-        """Destroy the token object(s) of ``ref``; objects already gone are not an error."""
-
-        def work(conn: _Connection) -> None:
-            for object_id in ref.object_ids:
-                raw = bytes.fromhex(object_id)
-                conn.handles.pop(raw, None)
-                for obj in list(conn.session.get_objects({Attribute.ID: raw})):
-                    obj.destroy()
-
-        self._call("destroying a key", work)
+    # -- inventory ---------------------------------------------------------------------------
 
     def exists(self, ref: KeyMaterialRef) -> bool:
         """Whether every object of ``ref`` is on the token (asks the token, not the cache)."""
 
         def work(conn: _Connection) -> bool:
-            return all(
-                list(conn.session.get_objects({Attribute.ID: bytes.fromhex(i)}))
-                for i in ref.object_ids
-            )
+            return all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
 
-        return self._call("looking up a key", work)
-
-    def create_mac_key(self, name: str) -> MacKeyRef:
-        """Generate a non-extractable HMAC-SHA-256 token key (generic secret, 256 bits, sign and
-        verify only), labelled ``hsmkms:<name>`` (at most 40 bytes)."""
-        label = f"{LABEL_PREFIX}{name}"
-        if len(label.encode()) > 40:
-            raise TokenRejected("MAC key name too long for a token label")
-
-        def work(conn: _Connection) -> MacKeyRef:
-            raw = self._new_object_id(conn)
-            key = conn.session.generate_key(
-                KeyType.GENERIC_SECRET, 256, id=raw, label=label, store=True,
-                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY, template=_AES_TEMPLATE,
-            )  # fmt: skip
-            conn.handles[raw] = key
-            return MacKeyRef(raw.hex())
-
-        return self._call("creating a MAC key", work)
-
-    def mac(self, ref: MacKeyRef, data: bytes) -> bytes:
-        """HMAC-SHA-256 of ``data`` computed inside the token."""
-        as_key = KeyMaterialRef(MechanismProfile.AES_256_GCM, (ref.object_id,))
-        return self._with_keys(
-            "computing a MAC", as_key,
-            lambda _, keys: bytes(keys[0].sign(data, mechanism=Mechanism.SHA256_HMAC)),
-        )  # fmt: skip
-
-    def verify_mac(self, ref: MacKeyRef, data: bytes, tag: bytes) -> bool:
-        """Whether ``tag`` is the HMAC-SHA-256 of ``data`` (verified inside the token)."""
-        if len(tag) != 32:
-            return False
-        as_key = KeyMaterialRef(MechanismProfile.AES_256_GCM, (ref.object_id,))
-        try:
-            return self._with_keys(
-                "verifying a MAC", as_key,
-                lambda _, keys: bool(keys[0].verify(data, tag, mechanism=Mechanism.SHA256_HMAC)),
-                decrypting=True,
-            )  # fmt: skip
-        except DecryptionFailed:
-            return False
+        return self._observed("exists", lambda: self._call("looking up a key", work))
 
     def list_objects(self) -> list[TokenObject]:
-        """Every secret-key object on the token whose label marks it as this project's."""
+        """Every key object on the token whose label marks it as this project's (a key pair
+        shows as its private and its public key, with one id)."""
 
         def work(conn: _Connection) -> list[TokenObject]:
             return [
-                TokenObject(raw.hex(), label, _key_type_name(obj.key_type))
+                TokenObject(raw.hex(), label, _key_type_name(obj.key_type), _name(obj.object_class))
                 for raw, label, obj in _project_objects(conn.session)
             ]
 
-        return self._call("listing objects", work)
+        return self._observed("list_objects", lambda: self._call("listing objects", work))
 
-    def attributes(self, object_id: str, names: list[str]) -> dict[str, Any]:
-        """Read attributes of one of this project's objects (``CKA_`` names without prefix).
-        Reading ``VALUE`` of a key fails: that is the point (tests check it)."""
+    def attributes(
+        self, object_id: str, names: list[str], *, public: bool = False
+    ) -> dict[str, Any]:
+        """Read attributes of one of this project's objects (``CKA_`` names without prefix):
+        the secret or private key, or with ``public`` the public key of a key pair. Reading
+        ``VALUE`` of a secret or private key fails: that is the point (tests check it)."""
 
         def work(conn: _Connection) -> dict[str, Any]:
-            key = self._key(conn, object_id)
+            if public:
+                key = self._public_key(conn, bytes.fromhex(object_id))
+            else:
+                try:
+                    key = self._key(conn, object_id, ObjectClass.SECRET_KEY)
+                except KeyMaterialMissing:
+                    key = self._key(conn, object_id, ObjectClass.PRIVATE_KEY)
             return {name: key[Attribute[name]] for name in names}
 
-        return self._call("reading attributes", work)
+        return self._observed("attributes", lambda: self._call("reading attributes", work))
 
     def close(self) -> None:
         """Close the work and anchor sessions (the latter logs the process out)."""
@@ -620,18 +862,24 @@ class Pkcs11Keystore:
             self._closed = True
 
 
+_HMAC: dict[KeyMaterialSpec, HmacMaterial] = {
+    spec: m for spec, m in MATERIALS.items() if isinstance(m, HmacMaterial)
+}
+
+
 def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
-    """``(CKA_ID, label, object)`` of every secret key labelled as this project's.
+    """``(CKA_ID, label, object)`` of every key object labelled as this project's.
 
     Another process may destroy an object between C_FindObjects and the attribute reads; the
     enumeration then starts over (a few times) rather than failing."""
     for attempt in range(_ENUMERATION_ATTEMPTS):
         try:
             found = []
-            for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-                label = str(obj.label)
-                if label.startswith(LABEL_PREFIX):
-                    found.append((bytes(obj.id), label, obj))
+            for object_class in _PROJECT_CLASSES:
+                for obj in session.get_objects({Attribute.CLASS: object_class}):
+                    label = str(obj.label)
+                    if label.startswith(LABEL_PREFIX):
+                        found.append((bytes(obj.id), label, obj))
             return found
         except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
             if attempt == _ENUMERATION_ATTEMPTS - 1:
@@ -639,42 +887,7 @@ def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _objects_per_profile(profile: MechanismProfile) -> int:
-    return 1 if profile is MechanismProfile.AES_256_GCM else 2
-
-
-def _generate(
-    conn: _Connection, profile: MechanismProfile, label_base: str, ids: list[bytes], *, store: bool
-) -> list[Any]:
-    """Generate the key object(s) of ``profile``: an AES-256 key (encrypt/decrypt only) and, for
-    the portable profile, a 256-bit generic secret for HMAC (sign/verify only). Hardened
-    template; on failure the objects made so far are destroyed."""
-    created: list[Any] = []
-    template = _AES_TEMPLATE if store else {**_AES_TEMPLATE, Attribute.TOKEN: False}
-    try:
-        created.append(
-            conn.session.generate_key(
-                KeyType.AES, 256, id=ids[0], label=f"{label_base}:a", store=store,
-                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT, template=template,
-            )
-        )  # fmt: skip
-        if profile is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
-            created.append(
-                conn.session.generate_key(
-                    KeyType.GENERIC_SECRET, 256, id=ids[1], label=f"{label_base}:h",
-                    store=store, mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY, template=template,
-                )
-            )  # fmt: skip
-    except BaseException:
-        for obj in created:
-            with contextlib.suppress(p11e.PKCS11Error):
-                obj.destroy()
-        raise
-    return created
-
-
-def _destroy_by_id(conn: _Connection, ids: list[bytes]) -> None:
+def _destroy_by_id(conn: _Connection, ids: Sequence[bytes]) -> None:
     """Best effort: destroy every object holding one of ``ids`` (fresh random ids, so only
     what a failed creation left behind)."""
     for raw in ids:
@@ -682,49 +895,6 @@ def _destroy_by_id(conn: _Connection, ids: list[bytes]) -> None:
             for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                 with contextlib.suppress(p11e.PKCS11Error):
                     obj.destroy()
-
-
-def _seal(
-    conn: _Connection, profile: MechanismProfile, keys: list[Any], plaintext: bytes, aad: bytes
-) -> Sealed:
-    if profile is MechanismProfile.AES_256_GCM:
-        iv = bytes(conn.session.generate_random(96))
-        body = keys[0].encrypt(
-            plaintext, mechanism=Mechanism.AES_GCM,
-            mechanism_param=pkcs11.GCMParams(iv, aad or None, 128),
-        )  # fmt: skip
-        return Sealed(iv, bytes(body))
-    iv = bytes(conn.session.generate_random(128))
-    ct = bytes(keys[0].encrypt(plaintext, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv))
-    tag = bytes(keys[1].sign(_mac_input(aad, iv, ct), mechanism=Mechanism.SHA256_HMAC))
-    return Sealed(iv, ct + tag)
-
-
-def _check_shape(profile: MechanismProfile, iv: bytes, body: bytes) -> None:
-    if len(iv) != profile.iv_length or len(body) < profile.tag_length:
-        raise DecryptionFailed("decryption failed")
-    if profile is MechanismProfile.AES_256_CBC_HMAC_SHA_256:
-        ct_len = len(body) - profile.tag_length
-        if ct_len == 0 or ct_len % 16:
-            raise DecryptionFailed("decryption failed")
-
-
-def _unseal(
-    profile: MechanismProfile, keys: list[Any], iv: bytes, body: bytes, aad: bytes
-) -> bytes:
-    if profile is MechanismProfile.AES_256_GCM:
-        params = pkcs11.GCMParams(iv, aad or None, 128)
-        return bytes(keys[0].decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params))
-    ct, tag = body[: -profile.tag_length], body[-profile.tag_length :]
-    # Encrypt-then-MAC: verify inside the token before decrypting anything.
-    if not keys[1].verify(_mac_input(aad, iv, ct), tag, mechanism=Mechanism.SHA256_HMAC):
-        raise DecryptionFailed("decryption failed")
-    return bytes(keys[0].decrypt(ct, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv))
-
-
-def _mac_input(aad: bytes, iv: bytes, ct: bytes) -> bytes:
-    # len64 counts bytes of AAD, big-endian (documented in hsmkms.profiles).
-    return len(aad).to_bytes(8, "big") + aad + iv + ct
 
 
 def _mech_name(mechanism: Any) -> str:
@@ -735,4 +905,14 @@ def _key_type_name(key_type: Any) -> str:
     return getattr(key_type, "name", None) or str(key_type)
 
 
-__all__ = ["DecryptionFailed", "KeystoreError", "Pkcs11Keystore", "process_lock"]
+def _name(value: Any) -> str:
+    return getattr(value, "name", None) or str(value)
+
+
+__all__ = [
+    "LABEL_PREFIX",
+    "DecryptionFailed",
+    "KeystoreError",
+    "Pkcs11Keystore",
+    "process_lock",
+]

@@ -37,8 +37,10 @@ from hsmkms.errors import (
     NotFoundException,
     ServerError,
 )
-from hsmkms.keystore.base import KeyMaterialRef, Keystore
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.errors import DecryptionFailed
+from hsmkms.keystore.specs import KeyMaterialSpec
+from hsmkms.keystore.stores import KeyStores, key_stores
 from hsmkms.models import validate_request
 from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, RotationType
 from hsmkms.policy import ContextInput
@@ -219,7 +221,7 @@ class ServiceCore:
 
     def __init__(
         self,
-        keystore: Keystore,
+        keystore: Keystore | KeyStores,
         store: MetadataStore,
         *,
         region: str,
@@ -227,7 +229,9 @@ class ServiceCore:
         clock: Clock = utc_now,
         on_event: EventSink | None = None,
     ) -> None:
-        self._keystore = keystore
+        # A single keystore is the default store of a registry of one.
+        self._stores = key_stores(keystore)
+        self._keystore = self._stores.default
         self._on_event = on_event
         self._authz = Authorizer(
             store.grants_for,
@@ -257,8 +261,13 @@ class ServiceCore:
 
     @property
     def keystore(self) -> Keystore:
-        """The keystore (for administrative tools and tests)."""
+        """The default key store (for administrative tools and tests)."""
         return self._keystore
+
+    @property
+    def key_stores(self) -> KeyStores:
+        """Every key store, by id."""
+        return self._stores
 
     # -- the template -------------------------------------------------------------------------
 
@@ -445,9 +454,11 @@ class ServiceCore:
     ) -> bytes:
         """Encrypt ``plaintext`` under one key version inside the token; the blob bytes."""
         ref = material_ref(version.material_ref)
-        prefix = blob_prefix(key.key_id, version.version, ref.profile)
-        sealed = self._keystore.encrypt(ref, plaintext, prefix + encode_encryption_context(context))
-        return blob_bytes(prefix, ref.profile, sealed.iv, sealed.body)
+        profile = ref.encryption_profile
+        prefix = blob_prefix(key.key_id, version.version, profile)
+        aad = prefix + encode_encryption_context(context)
+        iv, body = self._stores.backend_for(ref).encrypt(ref, plaintext, aad)
+        return blob_bytes(prefix, profile, iv, body)
 
     def _open(
         self,
@@ -491,7 +502,8 @@ class ServiceCore:
             raise InvalidCiphertextException()
         plaintext: bytes | None
         try:
-            plaintext = self._keystore.decrypt(ref, blob.iv, blob.body, blob.aad(context))
+            backend = self._stores.backend_for(ref)
+            plaintext = backend.decrypt(ref, blob.iv, blob.body, blob.aad(context))
         except DecryptionFailed:
             plaintext = None
         if plaintext is None:
@@ -511,7 +523,7 @@ class ServiceCore:
 
     def _destroy_quietly(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
         try:
-            self._keystore.destroy(ref)
+            self._stores.backend_for(ref).destroy(ref)
         except Exception:  # the orphan check (hsmkms doctor) reports what is left
             log.warning("destroy_failed", key_id=key_id, version=version)
 
@@ -538,12 +550,14 @@ class ServiceCore:
         """
         now = self._clock()
         new_version = key.current_version + 1
-        ref = self._keystore.create_key(key.key_id, new_version, self._keystore.profile)
+        ref = self._stores.default.create(
+            KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(key.key_id, new_version)
+        )
         record = KeyVersionRecord(
             key_id=key.key_id,
             version=new_version,
             material_ref=ref.to_str(),
-            profile=ref.profile.value,
+            profile=ref.encryption_profile.value,
             created_at=now,
             rotation_type=rotation_type.value,
         )

@@ -11,6 +11,8 @@ from hsmkms.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from hsmkms.keystore.base import MaterialName
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.models import (
     CancelKeyDeletionRequest,
     CancelKeyDeletionResponse,
@@ -129,7 +131,9 @@ class KeyOperations(ServiceCore):
         key_id = str(uuid.uuid4())
         if request.Policy is not None and not request.BypassPolicyLockoutSafetyCheck:
             self._authz.check_lockout(caller, key_policy(request.Policy), self.arns.key(key_id))
-        ref = self._keystore.create_key(key_id, 1, self._keystore.profile)
+        ref = self._stores.default.create(
+            KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(key_id, 1)
+        )
         key = KeyRecord(
             key_id=key_id,
             arn=self.arns.key(key_id),
@@ -142,14 +146,15 @@ class KeyOperations(ServiceCore):
             policy=request.Policy or default_key_policy(self.account_id),
             current_version=1,
         )
-        version = KeyVersionRecord(key_id, 1, ref.to_str(), ref.profile.value, now, None)
+        profile = ref.encryption_profile.value
+        version = KeyVersionRecord(key_id, 1, ref.to_str(), profile, now, None)
         try:
             self._store.create_key(key, version, check_tags(request.Tags or []))
         except BaseException:
             if not self._committed(key_id, 1, ref):
                 self._destroy_quietly(ref, key_id, 1)
             raise
-        log.info("key_created", key_id=key_id, profile=ref.profile.value)
+        log.info("key_created", key_id=key_id, profile=profile)
         if caller is not None:
             caller.note_key(key.arn, 1)  # spec: §5.2 — the CreateKey record names the new key
         return CreateKeyResponse(KeyMetadata=self._metadata(key))

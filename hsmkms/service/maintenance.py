@@ -68,7 +68,8 @@ class Maintenance(ServiceCore):
                 continue  # cancelled meanwhile
             try:
                 for version in self._store.list_versions(key.key_id).items:
-                    self._keystore.destroy(KeyMaterialRef.from_str(version.material_ref))
+                    ref = KeyMaterialRef.from_str(version.material_ref)
+                    self._stores.backend_for(ref).destroy(ref)
                 self._store.delete_key(key.key_id)
             except Exception:
                 log.exception("purge_failed", key_id=key.key_id)
@@ -88,17 +89,23 @@ class Maintenance(ServiceCore):
         The token is listed first, so an object created (and committed) after the listing is
         not reported; an object whose row is not committed yet may be reported as an orphan.
         """
-        objects = self._keystore.list_objects()
-        present = {o.object_id for o in objects}
-        referenced: set[str] = set()
+        objects = {store_id: backend.list_objects() for store_id, backend in self._stores.items()}
+        present = {s: {o.object_id for o in listed} for s, listed in objects.items()}
+        referenced: dict[str, set[str]] = {store_id: set() for store_id in objects}
         missing: list[tuple[str, int]] = []
         for version, state in self._store.all_versions():
             ref = KeyMaterialRef.from_str(version.material_ref)
-            referenced.update(ref.object_ids)
-            if state != DELETING and not all(oid in present for oid in ref.object_ids):
+            referenced.setdefault(ref.store, set()).update(ref.object_ids)
+            in_store = present.get(ref.store, set())  # an unregistered store: all missing
+            if state != DELETING and not all(oid in in_store for oid in ref.object_ids):
                 missing.append((version.key_id, version.version))
         # Service keys (audit seal, credentials) are not key versions and never orphans here.
-        orphans = [o for o in objects if o.is_key_version and o.object_id not in referenced]
+        orphans = [
+            o
+            for store_id, listed in objects.items()
+            for o in listed
+            if o.is_key_version and o.object_id not in referenced[store_id]
+        ]
         return Inconsistencies(orphans=orphans, missing=missing)
 
     def start_background(self, interval: float = 60.0) -> None:
@@ -129,4 +136,4 @@ class Maintenance(ServiceCore):
         """Stop background work, close the store and log the keystore out (end of process)."""
         self.stop()
         self._store.close()
-        self._keystore.close()
+        self._stores.close()

@@ -37,7 +37,8 @@ from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
 from hsmkms.errors import KMSInternalException
-from hsmkms.keystore.base import Keystore, MacKeyRef, checked_mac_key
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName, checked_mac_key
+from hsmkms.keystore.specs import KeyMaterialSpec
 
 __all__ = [
     "INTEGRITY_KEY_NAME",
@@ -106,7 +107,7 @@ class RowSealer(Protocol):
 
 class TokenRowSealer:
     """A :class:`RowSealer` over the keystore: HMAC-SHA-256 inside the token, with a dedicated
-    non-extractable key created by :meth:`Keystore.create_mac_key`. Thread-safe.
+    non-extractable HMAC_256 key (labelled ``hsmkms:metadata-integrity``). Thread-safe.
 
     A stored reference is checked against the (trusted) token on first use — the object must
     exist and carry this key's label — so a reference swapped for another key's fails closed
@@ -117,10 +118,12 @@ class TokenRowSealer:
         self._keystore = keystore
         self._lock = threading.Lock()
         self._reference: str | None = None
-        self._key: MacKeyRef | None = None
+        self._key: KeyMaterialRef | None = None
 
     def create_key(self) -> str:
-        key = self._keystore.create_mac_key(INTEGRITY_KEY_NAME)
+        key = self._keystore.create(
+            KeyMaterialSpec.HMAC_256, MaterialName.service_key(INTEGRITY_KEY_NAME)
+        )
         with self._lock:
             self._key, self._reference = key, key.to_str()
         return key.to_str()
@@ -130,7 +133,7 @@ class TokenRowSealer:
             if reference != self._reference:
                 self._key, self._reference = None, reference
 
-    def _checked(self) -> MacKeyRef:
+    def _checked(self) -> KeyMaterialRef:
         key = self._key
         if key is not None:
             return key

@@ -31,8 +31,7 @@ from hsmkms.config import Settings, keystore_config
 from hsmkms.db import Database, database_exists, database_location
 from hsmkms.errors import ClientError, KMSInternalException
 from hsmkms.identity import CredentialStore
-from hsmkms.keystore.base import Keystore
-from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.keystore.base import CallObserver, Keystore
 from hsmkms.service import EventSink, KmsService, ServiceEvent
 from hsmkms.softhsm import ensure_token
 from hsmkms.store import MetadataStore
@@ -55,7 +54,6 @@ session of its own — the trail opened (``start`` seal), the record appended, t
 (``shutdown`` seal) — so a command leaves nothing queued, and no seal that falls due while it
 runs on (a long file encryption) for ``hsmkms audit verify`` to report as overdue."""
 
-KeystoreWrapper = Callable[[Pkcs11Keystore], Keystore]
 """Wraps the token's keystore for one process (the server's call-latency metrics)."""
 
 
@@ -83,6 +81,14 @@ def service_event_sink(
         )
 
     return on_event
+
+
+def _token(settings: Settings, observer: CallObserver | None) -> Keystore:
+    """The configured PKCS#11 token. Imported here, not at module level: opening the system
+    loads python-pkcs11, importing it (a command that needs no token) does not."""
+    from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+
+    return Pkcs11Keystore(keystore_config(settings), observer=observer)
 
 
 class System:
@@ -145,7 +151,7 @@ class System:
         identity: bool = False,
         clock: Clock = utc_now,
         prepare: bool = True,
-        wrap_keystore: KeystoreWrapper | None = None,
+        observer: CallObserver | None = None,
     ) -> System:
         """Open the system on the configured token and database.
 
@@ -154,7 +160,8 @@ class System:
         records go (:data:`AuditMode`; None: nowhere, and service events are not reported).
         With ``"writer"`` the trail is opened now (a ``start`` seal); with ``"direct"`` only for
         each record, so a command that audits nothing leaves the trail alone. ``identity``:
-        open the credentials store too. ``clock``: the service's clock.
+        open the credentials store too. ``clock``: the service's clock. ``observer``: told the
+        latency of every token call (the server's metrics).
 
         Whatever was opened is closed again when a later part fails.
         """
@@ -162,8 +169,7 @@ class System:
             settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if settings.is_embedded:
                 ensure_token(settings.data_dir)
-        token = Pkcs11Keystore(keystore_config(settings))
-        keystore: Keystore = token if wrap_keystore is None else wrap_keystore(token)
+        keystore: Keystore = _token(settings, observer)
         opened: list[Callable[[], object]] = [keystore.close]
         try:
             # One engine (and one change probe) for the metadata and the identity tables.
@@ -277,7 +283,7 @@ def open_audit_verifier(settings: Settings) -> Iterator[AuditTrail]:
     the trail are closed on exit. :class:`~hsmkms.errors.ClientError` when its SQLite file does
     not exist."""
     url = _existing_audit_database(settings)
-    keystore = Pkcs11Keystore(keystore_config(settings))
+    keystore = _token(settings, None)
     try:
         trail = AuditTrail(url, keystore, create=False)
         try:
