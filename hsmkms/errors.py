@@ -54,9 +54,20 @@ class KMSError(Exception):
     code: ClassVar[str] = "KMSInternalException"
     status: ClassVar[int] = 500
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, public: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.public = public
+
+    @property
+    def caller_message(self) -> str:
+        """What the caller is told: a client error's message; a server fault's only when it was
+        raised ``public`` (a fixed text naming the cause, such as "The metadata store is
+        unavailable: the database server is shutting down."), else
+        :data:`SERVER_FAULT_MESSAGE`."""
+        if self.status < 500 or self.public:
+            return self.message
+        return SERVER_FAULT_MESSAGE
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -277,7 +288,5 @@ def caller_error_fields(failure: BaseException) -> tuple[str, str]:
     code and message; a server fault's code (``KMSInternalException`` for anything not a
     :class:`KMSError`) with :data:`SERVER_FAULT_MESSAGE`, never its internal detail."""
     if isinstance(failure, KMSError):
-        if failure.status < 500:
-            return failure.code, failure.message
-        return failure.code, SERVER_FAULT_MESSAGE
+        return failure.code, failure.caller_message
     return KMSInternalException.code, SERVER_FAULT_MESSAGE

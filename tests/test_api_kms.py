@@ -20,7 +20,7 @@ from server import RunningServer, clean_env, running_server
 from hsmkms.api.protocol import MAX_BODY
 from hsmkms.service import OPERATIONS
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from hsmkms.identity import (
 from hsmkms.identity.store import IDENTITY_KEY_ID, SCHEMA_VERSION
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 KEY_ARN = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"

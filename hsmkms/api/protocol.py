@@ -363,11 +363,11 @@ def encode_response(response: BaseModel) -> bytes:
 
 def encode_error(exc: BaseException) -> tuple[int, bytes]:
     """(HTTP status, body) for an error. Client errors carry their message; server faults and
-    foreign exceptions get :data:`SERVER_FAULT_MESSAGE` and no detail."""
-    if isinstance(exc, KMSError) and exc.status < 500:
-        code, status, message = exc.code, exc.status, exc.message
-    elif isinstance(exc, KMSError):
-        code, status, message = exc.code, exc.status, SERVER_FAULT_MESSAGE
+    foreign exceptions get :data:`SERVER_FAULT_MESSAGE` and no detail, unless the fault was
+    raised with a public message (:attr:`KMSError.caller_message`: the database layer's "busy"
+    and "unavailable", fixed texts naming the cause)."""
+    if isinstance(exc, KMSError):
+        code, status, message = exc.code, exc.status, exc.caller_message
     else:
         code, status, message = "KMSInternalException", 500, SERVER_FAULT_MESSAGE
     body = json.dumps({"__type": code, "message": message}, separators=(",", ":"))

@@ -17,12 +17,12 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal
 
-__all__ = ["ConnectionOptions", "Dialect", "PostgreSQLDialect", "SQLiteDialect", "dialect_for"]
+__all__ = ["ConnectionOptions", "Dialect", "SQLiteDialect", "dialect_for"]
 
 WRITE_OPTION = "hsmkms_write"
 """Execution option of a connection whose next transaction writes (takes the write lock)."""
@@ -46,17 +46,40 @@ class Dialect:
 
     driver_error: type[Exception] = _NoDriverError
 
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_engine``."""
+        return {}
+
     def configure(self, engine: Engine, options: ConnectionOptions) -> None:
         """Install the connection set-up on ``engine`` (before its first connection)."""
-        self.driver_error = engine.dialect.loaded_dbapi.Error
+        self._dbapi = engine.dialect.loaded_dbapi
+        self.driver_error = self._dbapi.Error
+
+    def read_options(self) -> dict[str, Any]:
+        """Execution options of a read transaction's connection."""
+        return {}
 
     def is_busy(self, error: BaseException) -> bool:
         """Whether a driver exception means a lock was held past the wait allowed."""
         return False
 
-    def change_signal(self, url: URL) -> ChangeSignal:
-        """A new change signal for the database at ``url``."""
+    def unavailable(self, error: BaseException) -> str | None:
+        """Why the database cannot be reached, when a driver exception says so (a few words,
+        for the caller's message); ``None`` for any other error."""
+        return None
+
+    def change_signal(self, engine: Engine) -> ChangeSignal:
+        """A new change signal for ``engine``'s database."""
         return NoChangeSignal()
+
+    def prepare(self, conn: Connection) -> None:
+        """Create what the layer itself keeps in the database (called by the migration runner
+        with its lock held; here: nothing)."""
+
+    def announce(self, conn: Connection) -> None:
+        """Make a write transaction's commit visible to the change signal of every process
+        (called last in the transaction; here: nothing to do, or the database tells by
+        itself)."""
 
     def lock(self, conn: Connection, key: int) -> None:
         """Take writer lock ``key`` until the end of ``conn``'s transaction (here: nothing to
@@ -70,14 +93,6 @@ class Dialect:
     def location(self, url: URL) -> str:
         """Where the database is, for messages (never with a password)."""
         return url.render_as_string(hide_password=True)
-
-
-class PostgreSQLDialect(Dialect):
-    """PostgreSQL: writer locks are transaction-scoped advisory locks (they need no table, so
-    they also serialize the first creation of tables)."""
-
-    def lock(self, conn: Connection, key: int) -> None:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 # SQLite's primary result codes (the low byte of an extended code) for a lock that was not
@@ -177,8 +192,8 @@ class SQLiteDialect(Dialect):
     def is_busy(self, error: BaseException) -> bool:
         return _sqlite_busy(error)
 
-    def change_signal(self, url: URL) -> ChangeSignal:
-        path = _file(url)
+    def change_signal(self, engine: Engine) -> ChangeSignal:
+        path = _file(engine.url)
         # An in-memory database is one per connection: nothing to watch.
         return NoChangeSignal() if path is None else _DataVersion(path)
 
@@ -202,5 +217,8 @@ def dialect_for(name: str) -> Dialect:
     if name == "sqlite":
         return SQLiteDialect()
     if name == "postgresql":
+        # Imported here: hsmkms.db.postgresql builds on this module.
+        from hsmkms.db.postgresql import PostgreSQLDialect
+
         return PostgreSQLDialect()
     return Dialect()

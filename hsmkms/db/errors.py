@@ -7,7 +7,13 @@ match wins, what an exception raised inside a transaction becomes:
 - one of the component's ``handled`` classes: itself (the component turns it into its own
   outcome, such as a duplicate);
 - a driver error saying that a lock was held past the busy timeout (SQLite: ``SQLITE_BUSY``,
-  ``SQLITE_LOCKED``): :class:`~hsmkms.errors.DependencyTimeoutException` with ``busy``;
+  ``SQLITE_LOCKED``; PostgreSQL: lock timeout, deadlock, serialization failure, statement
+  timeout, too many connections): :class:`~hsmkms.errors.DependencyTimeoutException` with
+  ``busy``;
+- a driver error saying that the database server cannot be reached (PostgreSQL: connection
+  refused or lost, server shutting down or starting):
+  :class:`~hsmkms.errors.DependencyTimeoutException` (HTTP 503: AWS KMS's answer when a
+  dependency does not answer; the SDKs retry it) with ``unavailable`` and the cause;
 - any other SQLAlchemy or driver error: :class:`~hsmkms.errors.KMSInternalException` with
   ``failed``;
 - anything else (a store's own outcome, a bug): itself.
@@ -36,12 +42,19 @@ __all__ = ["RULES", "ErrorMessages", "Outcome", "classify", "map_error"]
 @dataclasses.dataclass(frozen=True)
 class ErrorMessages:
     """What a component's callers are told when its database fails: ``busy`` (a lock held
-    past the busy timeout) and ``failed`` (anything else). ``handled``: database exception
-    classes the component catches itself, raised unchanged."""
+    past the busy timeout), ``unavailable`` (the server cannot be reached; the cause is added:
+    "The metadata store is unavailable: the database server is shutting down.") and
+    ``failed`` (anything else). ``handled``: database exception classes the component catches
+    itself, raised unchanged."""
 
     busy: str
     failed: str
     handled: tuple[type[Exception], ...] = ()
+    unavailable: str = "The database is unavailable."
+
+    def unavailable_because(self, cause: str) -> str:
+        """``unavailable`` with ``cause`` after a colon."""
+        return f"{self.unavailable.rstrip('.')}: {cause}."
 
 
 class Outcome(enum.Enum):
@@ -49,6 +62,7 @@ class Outcome(enum.Enum):
 
     UNCHANGED = "raised unchanged"
     BUSY = "DependencyTimeoutException"
+    UNAVAILABLE = "DependencyTimeoutException, naming the cause"
     FAILED = "KMSInternalException"
 
 
@@ -72,6 +86,15 @@ def _is_busy(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> b
     return cause is not None and dialect.is_busy(cause)
 
 
+def _is_unavailable(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> bool:
+    return _unavailable_cause(exc, dialect) is not None
+
+
+def _unavailable_cause(exc: BaseException, dialect: Dialect) -> str | None:
+    cause = _driver_exception(exc, dialect)
+    return None if cause is None else dialect.unavailable(cause)
+
+
 def _is_database_error(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> bool:
     return isinstance(exc, (SQLAlchemyError, dialect.driver_error))
 
@@ -82,6 +105,7 @@ RULES: Final[tuple[Rule, ...]] = (
     (_is_kms_error, Outcome.UNCHANGED),
     (_is_handled, Outcome.UNCHANGED),
     (_is_busy, Outcome.BUSY),
+    (_is_unavailable, Outcome.UNAVAILABLE),
     (_is_database_error, Outcome.FAILED),
 )
 """The mapping, in order: the first rule whose test holds decides; none: unchanged."""
@@ -98,8 +122,12 @@ def classify(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> O
 def map_error(exc: BaseException, messages: ErrorMessages, dialect: Dialect) -> KMSError | None:
     """The hsmkms error to raise ``from exc`` instead, or ``None`` to raise ``exc`` itself."""
     outcome = classify(exc, messages, dialect)
+    # Fixed texts, never the driver's: the caller may see them (public).
     if outcome is Outcome.BUSY:
-        return DependencyTimeoutException(messages.busy)
+        return DependencyTimeoutException(messages.busy, public=True)
+    if outcome is Outcome.UNAVAILABLE:
+        cause = _unavailable_cause(exc, dialect) or "the database server cannot be reached"
+        return DependencyTimeoutException(messages.unavailable_because(cause), public=True)
     if outcome is Outcome.FAILED:
         return KMSInternalException(messages.failed)
     return None
