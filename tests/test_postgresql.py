@@ -21,10 +21,12 @@ import psycopg
 import pytest
 from postgres import Cluster, wait_until_accepting
 from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from hsmkms.audit.records import service_event_record
 from hsmkms.audit.trail import AuditTrail
+from hsmkms.config import ConfigError, Settings
 from hsmkms.db import Database, ErrorMessages, file_url
 from hsmkms.db.errors import Outcome, classify
 from hsmkms.db.postgresql import BUSY_SQLSTATES, PostgreSQLDialect
@@ -482,3 +484,44 @@ def test_a_postgresql_dialect_is_chosen_for_the_url(pg_url: str) -> None:
     database = Database(pg_url)
     assert isinstance(database._dialect, PostgreSQLDialect)
     database.close()
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql+psycopg2://kms:hunter2@db/kms", "psycopg 3"),
+        ("mysql://kms:hunter2@db/kms", "SQLite or PostgreSQL"),
+        ("hunter2 is not a URL", "not a database URL"),
+    ],
+)
+def test_a_database_url_hsmkms_cannot_use_is_refused_without_echoing_it(
+    url: str, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HSMKMS_DATABASE_URL", url)
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    assert "HSMKMS_DATABASE_URL" in str(info.value)
+    assert problem in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_the_urls_connect_timeout_wins(pg_url: str) -> None:
+    dialect = PostgreSQLDialect()
+    assert dialect.engine_options(make_url(pg_url))["connect_args"] == {"connect_timeout": 10}
+    assert "connect_args" not in dialect.engine_options(make_url(pg_url + "?connect_timeout=3"))
+    database = Database(pg_url + "?connect_timeout=3")
+    with database.read(WORDING) as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "10s"
+        assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+    with database.write(WORDING) as conn:
+        assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    database.close()
+    fast = Database(pg_url, durable=False, busy_timeout_ms=1234)
+    with fast.write(WORDING) as conn:
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "1234ms"
+    fast.close()

@@ -46,7 +46,7 @@ class Database:
     ) -> None:
         parsed = make_url(url)
         self._dialect: Dialect = dialect_for(parsed.get_backend_name())
-        self._engine: Engine = create_engine(parsed, **self._dialect.engine_options())
+        self._engine: Engine = create_engine(parsed, **self._dialect.engine_options(parsed))
         self._dialect.configure(
             self._engine, ConnectionOptions(busy_timeout_ms, durable, foreign_keys)
         )

@@ -46,8 +46,8 @@ class Dialect:
 
     driver_error: type[Exception] = _NoDriverError
 
-    def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``create_engine``."""
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        """Keyword arguments for ``create_engine`` on ``url``."""
         return {}
 
     def configure(self, engine: Engine, options: ConnectionOptions) -> None:

@@ -42,6 +42,7 @@ from collections.abc import Hashable
 from typing import Any, Final
 
 from sqlalchemy import BigInteger, Column, Connection, Engine, Integer, MetaData, Table, event, text
+from sqlalchemy.engine import URL
 
 from hsmkms.db.dialects import ConnectionOptions, Dialect
 from hsmkms.db.forks import FORKS
@@ -136,8 +137,11 @@ class PostgreSQLDialect(Dialect):
 
     _ready = False  # whether change_counter is known to exist
 
-    def engine_options(self) -> dict[str, Any]:
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": _CONNECT_TIMEOUT}}
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if "connect_timeout" not in url.query:  # the URL's own wins
+            options["connect_args"] = {"connect_timeout": _CONNECT_TIMEOUT}
+        return options
 
     def configure(self, engine: Engine, options: ConnectionOptions) -> None:
         super().configure(engine, options)
