@@ -266,7 +266,9 @@ def outside_sql(path: Path, statement: str, *params: object) -> int:
             conn.close()
     with psycopg.connect(_driver_url(url), autocommit=True) as pg, pg.transaction():
         count = pg.execute(statement.replace("?", "%s"), params).rowcount
-        pg.execute("UPDATE change_counter SET counter = counter + 1 WHERE id = 1")
+        counter = pg.execute("SELECT to_regclass('change_counter')").fetchone()
+        if counter is not None and counter[0] is not None:
+            pg.execute("UPDATE change_counter SET counter = counter + 1 WHERE id = 1")
     return int(count)
 
 

@@ -269,6 +269,7 @@ def test_the_rules_are_ordered_from_most_to_least_specific() -> None:
         Outcome.UNCHANGED,
         Outcome.UNCHANGED,
         Outcome.BUSY,
+        Outcome.UNAVAILABLE,
         Outcome.FAILED,
     ]
 

@@ -100,6 +100,15 @@ def test_every_component_migrates_into_postgresql_with_its_types(
     assert types["audit_records", "record"] == "BYTEA"
     assert types["identity_credentials", "policy"] == "TEXT"
     assert [tuple(v) for v in versions] == [("audit", 1), ("identity", 2), ("metadata", 4)]
+    indexes = {i["name"] for i in insp.get_indexes("audit_records")}
+    assert {
+        "ix_audit_records_event_time",
+        "ix_audit_records_event_name",
+        "ix_audit_records_principal",
+    } <= indexes
+    assert any(
+        i["column_names"] == ["key_id", "grantee_principal"] for i in insp.get_indexes("grants")
+    )
     store.close()
     again = MetadataStore(pg_url)
     assert again.schema_version() == MetadataStore.latest_schema_version()

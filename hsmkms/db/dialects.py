@@ -45,6 +45,7 @@ class Dialect:
     """A database engine with nothing special about it."""
 
     driver_error: type[Exception] = _NoDriverError
+    _dbapi: Any = None  # the driver module, known after configure()
 
     def engine_options(self, url: URL) -> dict[str, Any]:
         """Keyword arguments for ``create_engine`` on ``url``."""
