@@ -14,7 +14,9 @@ process (PKCS#11 login state belongs to a process):
   validation, key resolution from the SQLite metadata store, state checks, the ciphertext blob;
   ``encrypt`` also as callers whose identity policy is unconditional (decisions cached), tests
   ``kms:EncryptionContext:<k>`` (evaluated per request, no tag query) and tests
-  ``aws:ResourceTag/<k>`` (evaluated per request, one query for the key's tags).
+  ``aws:ResourceTag/<k>`` (evaluated per request, one query for the key's tags); and, to
+  show the database itself, ``describe_key`` (one read transaction, not cached) and
+  ``tag_resource`` (one write transaction: key row locked, tag row sealed by the token).
 
 With ``--postgresql`` the service is measured twice in the same run, its metadata store on
 SQLite (the embedded default) and on PostgreSQL (a throwaway server started like the tests',
@@ -167,6 +169,13 @@ def service_worker(data_dir: Path, seconds: float, url: str | None = None) -> di
         )
         return service.generate_data_key(request)
 
+    def describe_key() -> object:
+        return service.describe_key(m.DescribeKeyRequest(KeyId=key_id))
+
+    def tag_resource() -> object:
+        tags = [m.Tag(TagKey="Bench", TagValue="x")]
+        return service.tag_resource(m.TagResourceRequest(KeyId=key_id, Tags=tags))
+
     found = store.get_key_and_version(key_id)
     assert found is not None
     assert found[1] is not None
@@ -188,6 +197,8 @@ def service_worker(data_dir: Path, seconds: float, url: str | None = None) -> di
             ),
             "decrypt": rate(decrypt, seconds),
             "generate_data_key": rate(generate_data_key, seconds),
+            "describe_key": rate(describe_key, seconds),
+            "tag_resource": rate(tag_resource, seconds),
         }
     finally:
         store.close()
@@ -267,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         ("  user, aws:ResourceTag condition", svc, "encrypt_user_tag"),
         ("KmsService.decrypt", svc, "decrypt"),
         ("KmsService.generate_data_key (AES_256)", svc, "generate_data_key"),
+        ("KmsService.describe_key (uncached read)", svc, "describe_key"),
+        ("KmsService.tag_resource (a write)", svc, "tag_resource"),
     ]
     for name, source, op in rows:
         value = source[op]
