@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
+
+import structlog
 
 from hsmkms import __version__
 from hsmkms.audit import AuditRecord
@@ -51,6 +54,8 @@ from hsmkms.store import GrantRecord, KeyRecord, KeyVersionRecord, MetadataStore
 if TYPE_CHECKING:
     from hsmkms.identity import CredentialStore
     from hsmkms.system import System
+
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -133,7 +138,13 @@ class ReportContext:
         self.region = region
         self.now = now
         self.findings: list[str] = []
-        self.principals = self._principals(credentials)
+        self._credentials = credentials
+
+    @functools.cached_property
+    def principals(self) -> dict[str, Principal]:
+        """The account root and every credential's principal, with its identity policy (read
+        on first use: each credential is unsealed in the token)."""
+        return self._principals(self._credentials)
 
     @classmethod
     def of(cls, system: System, *, now: dt.datetime | None = None) -> ReportContext:
@@ -261,7 +272,8 @@ class ReportContext:
         object_class = "PUBLIC_KEY" if public else _object_class(role)
         try:
             attributes = _read(keystore, object_id, names, public=public)
-        except KeyMaterialMissing:
+        except KeyMaterialMissing as exc:
+            log.warning("token_object_missing", object_id=object_id, detail=exc.message)
             return ObjectReading(role.value, object_id, object_class, {}, present=False)
         return ObjectReading(role.value, object_id, object_class, attributes)
 

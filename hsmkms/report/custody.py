@@ -186,7 +186,9 @@ def judge(
             _TEXT[Verdict.MISSING],
             tuple(
                 f"token object {o.object_id} ({o.object_class}) is not on the token: the "
-                "material is gone and its ciphertexts cannot be decrypted"
+                "material is gone and its ciphertexts cannot be decrypted (or, on SoftHSM2, "
+                "this process's view of the token is stale: it sees an object another process "
+                "has just created only after its next refresh)"
                 for o in missing
             ),
         )
