@@ -304,7 +304,7 @@ def summarize_access(
                 0
             ].allowed
             for a in actions
-        ) or any(evaluator.decide(root_arn(_OTHER_ACCOUNT), None, a)[0].allowed for a in actions)
+        ) or any(account_of(p.arn) != key_account for p in entries)
         if other:
             findings.append(
                 f"the key policy lets principals of other accounts {group.value} the key"

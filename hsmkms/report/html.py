@@ -125,12 +125,20 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "
     return f'<div class="table-wrap"><table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'  # noqa: E501
 
 
-def _bool(value: object) -> str:
-    if value is True:
-        return '<span class="yes">true</span>'
-    if value is False:
-        return '<span class="no">false</span>'
-    return '<span class="na">not reported</span>'
+# The custody value of each attribute; others are shown without colour.
+_GOOD: Final = {"TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "ALWAYS_SENSITIVE": True,
+                "EXTRACTABLE": False, "NEVER_EXTRACTABLE": True, "LOCAL": True,
+                "MODIFIABLE": False}  # fmt: skip
+
+
+def _bool(name: str, value: object) -> str:
+    if value is None:
+        return '<span class="na">not reported</span>'
+    text = "true" if value else "false"
+    good = _GOOD.get(name)
+    if good is None:
+        return text
+    return f'<span class="{"yes" if value is good else "no"}">{text}</span>'
 
 
 def attributes_table(objects: Sequence[Mapping[str, Any]]) -> str:
@@ -147,7 +155,7 @@ def attributes_table(objects: Sequence[Mapping[str, Any]]) -> str:
     ]
     rows = [
         [f"<code>{esc(name)}</code>"]
-        + [_bool(o["attributes"].get(name)) if o["present"] else '<span class="no">missing</span>'
+        + [_bool(name, o["attributes"].get(name)) if o["present"] else '<span class="no">missing</span>'
            for o in objects]
         for name in names
     ]  # fmt: skip
