@@ -19,8 +19,9 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from conftest import ARTIFACTS
 from server import RunningServer, running_server, start_server
+
+from conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm]
 
@@ -100,18 +101,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         policy = {
             "Version": "2012-10-17",
             "Statement": [
-                {"Sid": "root", "Effect": "Allow",
-                 "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "kms:*",
-                 "Resource": "*"},
-                {"Sid": "alice uses and describes", "Effect": "Allow",
-                 "Principal": {"AWS": alice.arn},
-                 "Action": ["kms:DescribeKey", "kms:Encrypt", "kms:Decrypt"], "Resource": "*"},
+                {
+                    "Sid": "root",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "alice uses and describes",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": alice.arn},
+                    "Action": ["kms:DescribeKey", "kms:Encrypt", "kms:Decrypt"],
+                    "Resource": "*",
+                },
             ],
-        }  # fmt: skip
+        }
         payments = kms.create_key(
-            Description="card payments", Policy=json.dumps(policy),
+            Description="card payments",
+            Policy=json.dumps(policy),
             Tags=[{"TagKey": "team", "TagValue": "blue"}],
-        )["KeyMetadata"]["KeyId"]  # fmt: skip
+        )["KeyMetadata"]["KeyId"]
         kms.create_alias(AliasName="alias/payments", TargetKeyId=payments)
         kms.enable_key_rotation(KeyId=payments)
         kms.rotate_key_on_demand(KeyId=payments)
@@ -122,8 +132,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         retired = kms.create_key(Description="retired")["KeyMetadata"]["KeyId"]
         _prime_workers(server, (payments, ops, retired))
         kms.disable_key(KeyId=retired)
-        root = Login("root", f"arn:aws:iam::{ACCOUNT}:root", server.access_key_id,
-                     server.secret_access_key)  # fmt: skip
+        root = Login(
+            "root", f"arn:aws:iam::{ACCOUNT}:root", server.access_key_id, server.secret_access_key
+        )
         yield Deployment(server, root, alice, nobody, payments, ops, retired)
     finally:
         server.stop()
@@ -140,7 +151,7 @@ def _request(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, list[str]], str]:
     parts = urlsplit(d.server.endpoint)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
     try:
         data = urlencode(body).encode() if body is not None else None
         all_headers = dict(headers or {})
@@ -163,16 +174,23 @@ def _cookie_value(headers: dict[str, list[str]], name: str) -> str:
     raise AssertionError(f"no {name} cookie in {headers.get('set-cookie')}")
 
 
-def _sign_in(d: Deployment, login: Login, *, secret: str | None = None) -> tuple[int, dict[str, list[str]], str]:  # noqa: E501
+def _sign_in(
+    d: Deployment, login: Login, *, secret: str | None = None
+) -> tuple[int, dict[str, list[str]], str]:
     status, headers, _ = _request(d, "GET", "/console/sign-in")
     assert status == 200
     csrf = _cookie_value(headers, "hsmkms_csrf")
     return _request(
-        d, "POST", "/console/sign-in",
-        {"csrf": csrf, "access_key_id": login.access_key_id,
-         "secret": login.secret if secret is None else secret},
+        d,
+        "POST",
+        "/console/sign-in",
+        {
+            "csrf": csrf,
+            "access_key_id": login.access_key_id,
+            "secret": login.secret if secret is None else secret,
+        },
         {"Cookie": f"hsmkms_csrf={csrf}"},
-    )  # fmt: skip
+    )
 
 
 def _session(d: Deployment, login: Login) -> str:
@@ -189,7 +207,7 @@ def test_the_console_is_off_unless_asked_for(tmp_path: Path) -> None:
         assert resp.json()["__type"] == "UnknownOperationException"
 
 
-def test_session_cookie_is_httponly_samesite_strict_and_not_secure_over_http(d: Deployment) -> None:  # noqa: E501
+def test_session_cookie_is_httponly_samesite_strict_and_not_secure_over_http(d: Deployment) -> None:
     status, headers, _ = _sign_in(d, d.root)
     assert status == 303
     cookie = next(c for c in headers["set-cookie"] if c.startswith("hsmkms_session="))
@@ -203,13 +221,19 @@ def test_session_cookie_is_httponly_samesite_strict_and_not_secure_over_http(d: 
 
 def test_every_page_has_the_security_headers(d: Deployment) -> None:
     session = _session(d, d.root)
-    for path in ("/console/sign-in", "/console/keys", f"/console/keys/{d.payments}",
-                 "/console/audit", "/console/stores"):  # fmt: skip
+    for path in (
+        "/console/sign-in",
+        "/console/keys",
+        f"/console/keys/{d.payments}",
+        "/console/audit",
+        "/console/stores",
+    ):
         cookie = {} if path.endswith("sign-in") else {"Cookie": f"hsmkms_session={session}"}
         status, headers, body = _request(d, "GET", path, headers=cookie)
         assert status == 200, (path, body[:500])
         csp = headers["content-security-policy"][0]
-        assert "script-src" not in csp and "default-src 'none'" in csp
+        assert "script-src" not in csp
+        assert "default-src 'none'" in csp
         assert "frame-ancestors 'none'" in csp
         assert headers["x-content-type-options"] == ["nosniff"]
         assert headers["x-frame-options"] == ["DENY"]
@@ -219,17 +243,27 @@ def test_every_page_has_the_security_headers(d: Deployment) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/console/keys"), ("PUT", "/console/keys"), ("DELETE", "/console/keys/{key}"),
-     ("POST", "/console/keys/{key}"), ("PATCH", "/console/audit"), ("POST", "/console/stores"),
-     ("GET", "/console/sign-out"), ("DELETE", "/console/sign-in")],
-)  # fmt: skip
+    [
+        ("POST", "/console/keys"),
+        ("PUT", "/console/keys"),
+        ("DELETE", "/console/keys/{key}"),
+        ("POST", "/console/keys/{key}"),
+        ("PATCH", "/console/audit"),
+        ("POST", "/console/stores"),
+        ("GET", "/console/sign-out"),
+        ("DELETE", "/console/sign-in"),
+    ],
+)
 def test_nothing_can_be_changed_from_the_console(d: Deployment, method: str, path: str) -> None:
     session = _session(d, d.root)
     before = d.server.client().describe_key(KeyId=d.payments)["KeyMetadata"]
     status, headers, _ = _request(
-        d, method, path.format(key=d.payments), {"Enabled": "false", "csrf": "x"},
+        d,
+        method,
+        path.format(key=d.payments),
+        {"Enabled": "false", "csrf": "x"},
         {"Cookie": f"hsmkms_session={session}"},
-    )  # fmt: skip
+    )
     assert status == 405
     assert "allow" in headers
     after = d.server.client().describe_key(KeyId=d.payments)["KeyMetadata"]
@@ -238,12 +272,16 @@ def test_nothing_can_be_changed_from_the_console(d: Deployment, method: str, pat
 
 def test_sign_in_needs_the_form_token(d: Deployment) -> None:
     status, headers, body = _request(
-        d, "POST", "/console/sign-in",
+        d,
+        "POST",
+        "/console/sign-in",
         {"csrf": "forged", "access_key_id": d.root.access_key_id, "secret": d.root.secret},
         {"Cookie": "hsmkms_csrf=other"},
-    )  # fmt: skip
+    )
     assert status == 403
-    assert not any(c.startswith("hsmkms_session=") and len(c) > 30 for c in headers.get("set-cookie", []))  # noqa: E501
+    assert not any(
+        c.startswith("hsmkms_session=") and len(c) > 30 for c in headers.get("set-cookie", [])
+    )
     assert "expired" in body
 
 
@@ -295,11 +333,19 @@ def test_a_session_row_written_into_the_database_does_not_open(d: Deployment) ->
     with db:
         db.execute(
             "INSERT INTO console_sessions VALUES (?, ?, ?, ?, ?, ?)",
-            (hashlib.sha256(token.encode()).hexdigest(), d.root.access_key_id,
-             "2020-01-01T00:00:00.000000Z", "2999-01-01T00:00:00.000000Z", "c", "00" * 32),
-        )  # fmt: skip
+            (
+                hashlib.sha256(token.encode()).hexdigest(),
+                d.root.access_key_id,
+                "2020-01-01T00:00:00.000000Z",
+                "2999-01-01T00:00:00.000000Z",
+                "c",
+                "00" * 32,
+            ),
+        )
     db.close()
-    status, headers, _ = _request(d, "GET", "/console/keys", headers={"Cookie": f"hsmkms_session={token}"})  # noqa: E501
+    status, headers, _ = _request(
+        d, "GET", "/console/keys", headers={"Cookie": f"hsmkms_session={token}"}
+    )
     assert status == 303
     assert headers["location"] == ["/console/sign-in"]
 
@@ -323,20 +369,37 @@ def test_sign_in_attempts_are_audited_without_the_secret(d: Deployment) -> None:
     bad_secret = "y" * 40
     _sign_in(d, d.nobody, secret=bad_secret)
     _session(d, d.nobody)
-    failed = _wait_for(d, "ConsoleLogin", lambda r: r["userIdentity"].get("accessKeyId") == d.nobody.access_key_id and r.get("errorMessage"))  # noqa: E501
-    ok = _wait_for(d, "ConsoleLogin", lambda r: r["userIdentity"].get("arn") == d.nobody.arn and r["responseElements"]["ConsoleLogin"] == "Success")  # noqa: E501
-    assert failed and ok
+    failed = _wait_for(
+        d,
+        "ConsoleLogin",
+        lambda r: (
+            r["userIdentity"].get("accessKeyId") == d.nobody.access_key_id and r.get("errorMessage")
+        ),
+    )
+    ok = _wait_for(
+        d,
+        "ConsoleLogin",
+        lambda r: (
+            r["userIdentity"].get("arn") == d.nobody.arn
+            and r["responseElements"]["ConsoleLogin"] == "Success"
+        ),
+    )
+    assert failed
+    assert ok
     assert failed[0]["responseElements"] == {"ConsoleLogin": "Failure"}
     assert failed[0]["userIdentity"]["type"] == "Unknown"
     assert failed[0]["eventType"] == "AwsConsoleSignIn"
     trail = d.server.cli("audit", "tail", "-n", "500").stdout
-    assert bad_secret not in trail and d.nobody.secret not in trail
+    assert bad_secret not in trail
+    assert d.nobody.secret not in trail
     assert d.server.cli("audit", "verify").returncode == 0
 
 
 def test_a_key_page_is_recorded_as_describe_key(d: Deployment) -> None:
     session = _session(d, d.nobody)
-    status, _, _ = _request(d, "GET", f"/console/keys/{d.payments}", headers={"Cookie": f"hsmkms_session={session}"})  # noqa: E501
+    status, _, _ = _request(
+        d, "GET", f"/console/keys/{d.payments}", headers={"Cookie": f"hsmkms_session={session}"}
+    )
     assert status == 404
     denied = _wait_for(d, "DescribeKey", lambda r: r["userIdentity"].get("arn") == d.nobody.arn)
     assert denied
@@ -385,43 +448,53 @@ def test_root_sees_every_page_of_the_console(browser: Any, d: Deployment) -> Non
     assert cookies["hsmkms_session"]["httpOnly"] is True
     assert cookies["hsmkms_session"]["sameSite"] == "Strict"
     text = page.inner_text("main")
-    assert "alias/payments" in text and "alias/ops" in text and d.retired in text
+    assert "alias/payments" in text
+    assert "alias/ops" in text
+    assert d.retired in text
     assert text.count(VERDICT) == 3, text
     _shot(page, "keys-root")
 
     page.fill("input[name=tag]", "team=blue")
     page.click("form.filters button")
     text = page.inner_text("main")
-    assert "alias/payments" in text and "alias/ops" not in text
+    assert "alias/payments" in text
+    assert "alias/ops" not in text
     page.goto(d.base + "/keys?state=Disabled")
     text = page.inner_text("main")
-    assert d.retired in text and "alias/payments" not in text
+    assert d.retired in text
+    assert "alias/payments" not in text
 
     page.click("text=Keys")
     page.click("text=alias/payments")
     text = page.inner_text("main")
     assert VERDICT in text
-    assert "ON_DEMAND" in text and "on time" in text
+    assert "ON_DEMAND" in text
+    assert "on time" in text
     assert d.alice.arn in text  # the policy summary names the principals per action group
-    assert "Encrypt" in text and "last used" in text.lower()
+    assert "Encrypt" in text
+    assert "last used" in text.lower()
     page.click("text=Token attributes of version 1")
     attributes = page.inner_text("main")
-    assert "NEVER_EXTRACTABLE" in attributes and "ALWAYS_SENSITIVE" in attributes
+    assert "NEVER_EXTRACTABLE" in attributes
+    assert "ALWAYS_SENSITIVE" in attributes
     _shot(page, "key-detail-root")
 
     page.click("header >> text=Audit")
     text = page.inner_text("main")
     assert "verifies against the token" in text
-    assert "ConsoleLogin" in text and "Encrypt" in text
+    assert "ConsoleLogin" in text
+    assert "Encrypt" in text
     page.fill("input[name=event]", "Encrypt")
     page.click("form.filters button")
     rows = page.locator("tbody tr").all_inner_texts()
-    assert rows and all("Encrypt" in r for r in rows)
+    assert rows
+    assert all("Encrypt" in r for r in rows)
     _shot(page, "audit-root")
 
     page.click("header >> text=Key stores")
     text = page.inner_text("main")
-    assert "SoftHSM" in text and "firmware" in text
+    assert "SoftHSM" in text
+    assert "firmware" in text
     _shot(page, "stores-root")
 
     page.click("text=Sign out")
@@ -434,8 +507,12 @@ def test_root_sees_every_page_of_the_console(browser: Any, d: Deployment) -> Non
 @pytest.mark.slow
 def test_the_pages_fit_a_phone(browser: Any, d: Deployment) -> None:
     page = _browser_sign_in(browser, d, d.root, width=390)
-    for name, path in (("keys", "/keys"), ("key-detail", f"/keys/{d.payments}"),
-                       ("audit", "/audit"), ("stores", "/stores")):  # fmt: skip
+    for name, path in (
+        ("keys", "/keys"),
+        ("key-detail", f"/keys/{d.payments}"),
+        ("audit", "/audit"),
+        ("stores", "/stores"),
+    ):
         page.goto(d.base + path)
         # Nothing but the tables' own scrolling boxes is wider than the screen.
         overflow = page.evaluate("document.documentElement.scrollWidth")
@@ -449,22 +526,28 @@ def test_a_key_user_sees_only_its_key(browser: Any, d: Deployment) -> None:
     page = _browser_sign_in(browser, d, d.alice)
     text = page.inner_text("main")
     assert "alias/payments" in text
-    assert "alias/ops" not in text and d.ops not in text and d.retired not in text
+    assert "alias/ops" not in text
+    assert d.ops not in text
+    assert d.retired not in text
     assert "1 key(s)" in text
     _shot(page, "keys-alice")
     page.click("text=alias/payments")
     text = page.inner_text("main")
     assert VERDICT in text
-    assert "kms:GetKeyPolicy" in text and "kms:ListGrants" in text  # sections not shown
+    assert "kms:GetKeyPolicy" in text
+    assert "kms:ListGrants" in text  # sections not shown
     assert "cloudtrail:LookupEvents" in text
     _shot(page, "key-detail-alice")
     response = page.goto(f"{d.base}/keys/{d.ops}")
-    assert response is not None and response.status == 404
+    assert response is not None
+    assert response.status == 404
     assert "Not found" in page.inner_text("main")
     response = page.goto(d.base + "/audit")
-    assert response is not None and response.status == 403
+    assert response is not None
+    assert response.status == 403
     response = page.goto(d.base + "/stores")
-    assert response is not None and response.status == 403
+    assert response is not None
+    assert response.status == 403
     page.context.close()
 
 
@@ -476,7 +559,8 @@ def test_a_principal_without_permissions_sees_nothing(browser: Any, d: Deploymen
     for key_id in (d.payments, d.ops, d.retired):
         assert key_id not in page.content()
         response = page.goto(f"{d.base}/keys/{key_id}")
-        assert response is not None and response.status == 404
+        assert response is not None
+        assert response.status == 404
         assert "card payments" not in page.content()
     page.goto(d.base + "/keys?alias=payments")
     assert "payments" not in page.inner_text("tbody")

@@ -40,17 +40,29 @@ pytestmark = pytest.mark.hsm
 ACCOUNT = "111122223333"
 ROOT = f"arn:aws:iam::{ACCOUNT}:root"
 GOOD = {
-    "TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "ALWAYS_SENSITIVE": True,
-    "EXTRACTABLE": False, "NEVER_EXTRACTABLE": True, "LOCAL": True, "MODIFIABLE": False,
-    "COPYABLE": True, "DESTROYABLE": True, "ENCRYPT": True, "DECRYPT": True,
-}  # fmt: skip
+    "TOKEN": True,
+    "PRIVATE": True,
+    "SENSITIVE": True,
+    "ALWAYS_SENSITIVE": True,
+    "EXTRACTABLE": False,
+    "NEVER_EXTRACTABLE": True,
+    "LOCAL": True,
+    "MODIFIABLE": False,
+    "COPYABLE": True,
+    "DESTROYABLE": True,
+    "ENCRYPT": True,
+    "DECRYPT": True,
+}
 
 
 def hsmkms(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +81,24 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         system.credentials.create("auditor", None)
         payments = service.create_key(m.CreateKeyRequest(Description="payments"), None)
         key_id = payments.KeyMetadata.KeyId
-        service.create_alias(m.CreateAliasRequest(AliasName="alias/payments", TargetKeyId=key_id), None)  # noqa: E501
-        service.enable_key_rotation(m.EnableKeyRotationRequest(KeyId=key_id, RotationPeriodInDays=90), None)  # noqa: E501
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/payments", TargetKeyId=key_id), None
+        )
+        service.enable_key_rotation(
+            m.EnableKeyRotationRequest(KeyId=key_id, RotationPeriodInDays=90), None
+        )
         service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key_id), None)
-        operator.invoke("GenerateDataKey", m.GenerateDataKeyRequest(KeyId=key_id, KeySpec="AES_256"))  # noqa: E501
+        operator.invoke(
+            "GenerateDataKey", m.GenerateDataKeyRequest(KeyId=key_id, KeySpec="AES_256")
+        )
         late = service.create_key(m.CreateKeyRequest(Description="late"), None).KeyMetadata.KeyId
-        service.enable_key_rotation(m.EnableKeyRotationRequest(KeyId=late, RotationPeriodInDays=90), None)  # noqa: E501
+        service.enable_key_rotation(
+            m.EnableKeyRotationRequest(KeyId=late, RotationPeriodInDays=90), None
+        )
         gone = service.create_key(m.CreateKeyRequest(Description="gone"), None).KeyMetadata.KeyId
-        operator.invoke("ScheduleKeyDeletion", m.ScheduleKeyDeletionRequest(KeyId=gone, PendingWindowInDays=7))  # noqa: E501
+        operator.invoke(
+            "ScheduleKeyDeletion", m.ScheduleKeyDeletionRequest(KeyId=gone, PendingWindowInDays=7)
+        )
     # Time passes: the rotation of "late" falls due while nobody runs the server; "gone" is
     # purged by a later run.
     clock.advance(days=120)
@@ -169,7 +191,8 @@ def test_the_deployment_names_the_token(reports: dict[str, Path]) -> None:
     (store,) = report["deployment"]["keyStores"]
     token = store["token"]
     assert token["manufacturer"] == "SoftHSM project"
-    assert token["firmwareVersion"] and token["serial"]
+    assert token["firmwareVersion"]
+    assert token["serial"]
     assert "AES_GCM" in token["mechanisms"]
     assert report["integrity"]["ok"] is True
     names = {p["name"] for p in report["principals"]}
@@ -201,11 +224,10 @@ def _edits(data: bytes) -> Iterator[tuple[str, bytes]]:
 def test_any_edit_fails_verification(reports: dict[str, Path], fmt: str) -> None:
     data = reports[fmt].read_bytes()
     verify_document(data)
-    for what, edited in _edits(data):
+    for _what, edited in _edits(data):
         assert edited != data
         with pytest.raises((InvalidReportSignature, UnsignedDocument)):
             verify_document(edited)
-            pytest.fail(what)
 
 
 @pytest.mark.parametrize("fmt", ReportFormat.ALL)
@@ -223,7 +245,9 @@ def test_report_verify_exits_non_zero_on_an_edit(
 
 @given(position=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 @settings(max_examples=60, deadline=None)
-def test_a_single_bit_anywhere_is_caught(reports: dict[str, Path], position: float, bit: int) -> None:  # noqa: E501
+def test_a_single_bit_anywhere_is_caught(
+    reports: dict[str, Path], position: float, bit: int
+) -> None:
     data = reports["json"].read_bytes()
     i = int(len(data) * position)
     edited = data[:i] + bytes([data[i] ^ (1 << bit)]) + data[i + 1 :]
@@ -240,8 +264,11 @@ def test_a_report_re_signed_by_another_key_is_refused(
     from cryptography.hazmat.primitives.asymmetric import ec
 
     forger = ec.generate_private_key(ec.SECP256R1())
-    public = base64.b64encode(forger.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()  # fmt: skip
+    public = base64.b64encode(
+        forger.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    ).decode()
     data = reports["md"].read_bytes()
     body = data[: data.rindex(b"<!-- hsmkms-report-signature")].replace(b"payments", b"paymentz")
     signed = body + f"<!-- hsmkms-report-signature v1 ECDSA_SHA_256 {public} ".encode()
@@ -262,15 +289,26 @@ def test_verify_with_a_pinned_public_key_needs_no_token(
     assert key.stdout.startswith("-----BEGIN PUBLIC KEY-----")
     pem = tmp_path / "report-key.pem"
     pem.write_text(key.stdout)
-    result = hsmkms("report", "verify", str(reports["html"]), "--public-key", str(pem),
-                    "--data-dir", str(tmp_path / "no-such-dir"))  # fmt: skip
+    result = hsmkms(
+        "report",
+        "verify",
+        str(reports["html"]),
+        "--public-key",
+        str(pem),
+        "--data-dir",
+        str(tmp_path / "no-such-dir"),
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "no-such-dir").exists()
 
 
 def test_verify_refuses_what_is_not_a_report(tmp_path: Path, data_dir: Path) -> None:
-    for name, content in (("empty", b""), ("text", b"hello\n"), ("json", b'{"report": {}}\n'),
-                          ("html", b"<!DOCTYPE html><html></html>\n")):  # fmt: skip
+    for name, content in (
+        ("empty", b""),
+        ("text", b"hello\n"),
+        ("json", b'{"report": {}}\n'),
+        ("html", b"<!DOCTYPE html><html></html>\n"),
+    ):
         path = tmp_path / name
         path.write_bytes(content)
         result = hsmkms("report", "verify", str(path), "--data-dir", str(data_dir))
@@ -279,8 +317,12 @@ def test_verify_refuses_what_is_not_a_report(tmp_path: Path, data_dir: Path) -> 
         assert "Traceback" not in result.stderr
 
 
-def test_a_report_of_named_keys_and_an_unknown_key(data_dir: Path, reports: dict[str, Path]) -> None:  # noqa: E501
-    out = hsmkms("report", "--data-dir", str(data_dir), "--format", "json", "--key-id", "alias/payments")  # noqa: E501
+def test_a_report_of_named_keys_and_an_unknown_key(
+    data_dir: Path, reports: dict[str, Path]
+) -> None:
+    out = hsmkms(
+        "report", "--data-dir", str(data_dir), "--format", "json", "--key-id", "alias/payments"
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)["report"]
     assert [k["description"] for k in report["keys"]] == ["payments"]
@@ -331,9 +373,12 @@ def test_verdict_of_imported_material_says_local_false() -> None:
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [({"EXTRACTABLE": True}, "CKA_EXTRACTABLE true"), ({"SENSITIVE": False}, "CKA_SENSITIVE false"),
-     ({"TOKEN": False}, "CKA_TOKEN false")],
-)  # fmt: skip
+    [
+        ({"EXTRACTABLE": True}, "CKA_EXTRACTABLE true"),
+        ({"SENSITIVE": False}, "CKA_SENSITIVE false"),
+        ({"TOKEN": False}, "CKA_TOKEN false"),
+    ],
+)
 def test_verdict_of_material_that_can_leave(change: dict[str, bool], reason: str) -> None:
     custody = judge([_reading(**change)], origin="AWS_KMS")
     assert custody.verdict is Verdict.EXTRACTABLE
@@ -347,7 +392,10 @@ def test_verdict_when_the_token_does_not_report_an_attribute() -> None:
 
 
 def test_verdict_of_an_unconnected_store_and_of_external_material() -> None:
-    assert judge([], origin="AWS_KMS", unavailable="key store 'x' is not connected").verdict is Verdict.UNVERIFIED  # noqa: E501
+    assert (
+        judge([], origin="AWS_KMS", unavailable="key store 'x' is not connected").verdict
+        is Verdict.UNVERIFIED
+    )
     from hsmkms.report.custody import Placement
 
     external = judge([], origin="EXTERNAL_KEY_STORE", placement=Placement.EXTERNAL)
@@ -355,7 +403,11 @@ def test_verdict_of_an_unconnected_store_and_of_external_material() -> None:
     assert "external key manager" in external.text
 
 
-@given(st.fixed_dictionaries({name: st.sampled_from([True, False, None]) for name in CUSTODY_ATTRIBUTES}))  # noqa: E501
+@given(
+    st.fixed_dictionaries(
+        {name: st.sampled_from([True, False, None]) for name in CUSTODY_ATTRIBUTES}
+    )
+)
 def test_the_best_verdict_needs_every_custody_attribute(attributes: dict[str, bool | None]) -> None:
     """GENERATED_IN_HSM_NEVER_EXTRACTABLE exactly when the seven custody attributes hold;
     MODIFIABLE, COPYABLE and DESTROYABLE never make it worse."""
@@ -363,7 +415,11 @@ def test_the_best_verdict_needs_every_custody_attribute(attributes: dict[str, bo
     required = {k: GOOD[k] for k in CUSTODY_ATTRIBUTES[:7]}
     best = all(attributes[k] is v for k, v in required.items())
     assert (custody.verdict is Verdict.GENERATED_NEVER_EXTRACTABLE) == best
-    can_leave = attributes["EXTRACTABLE"] is True or attributes["SENSITIVE"] is False or attributes["TOKEN"] is False  # noqa: E501
+    can_leave = (
+        attributes["EXTRACTABLE"] is True
+        or attributes["SENSITIVE"] is False
+        or attributes["TOKEN"] is False
+    )
     assert (custody.verdict is Verdict.EXTRACTABLE) == can_leave
 
 
@@ -373,20 +429,32 @@ def test_the_best_verdict_needs_every_custody_attribute(attributes: dict[str, bo
 KEY_ARN = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 
-def _summary(policy: str, principals: list[Principal], grants: list[GrantRecord] | None = None) -> dict[ActionGroup, dict[str, tuple[str, ...]]]:  # noqa: E501
+def _summary(
+    policy: str, principals: list[Principal], grants: list[GrantRecord] | None = None
+) -> dict[ActionGroup, dict[str, tuple[str, ...]]]:
     access = summarize_access(
-        key_arn=KEY_ARN, key_spec="SYMMETRIC_DEFAULT", key_usage="ENCRYPT_DECRYPT",
-        policy_text=policy, principals=principals, grants=grants or [],
-    )  # fmt: skip
+        key_arn=KEY_ARN,
+        key_spec="SYMMETRIC_DEFAULT",
+        key_usage="ENCRYPT_DECRYPT",
+        policy_text=policy,
+        principals=principals,
+        grants=grants or [],
+    )
     return {g.group: {p.arn: p.actions for p in g.principals} for g in access.groups}
 
 
 def test_separation_of_duties_is_summarized_by_the_engine() -> None:
     policy = separation_of_duties()
     admin, user = f"arn:aws:iam::{ACCOUNT}:user/KeyAdmin", f"arn:aws:iam::{ACCOUNT}:user/KeyUser"
-    everything = json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]})  # fmt: skip
-    summary = _summary(policy, [Principal(ROOT), Principal(admin, everything), Principal(user, everything)])  # noqa: E501
+    everything = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}],
+        }
+    )
+    summary = _summary(
+        policy, [Principal(ROOT), Principal(admin, everything), Principal(user, everything)]
+    )
     use = group_actions("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")[ActionGroup.USE]
     assert summary[ActionGroup.USE][user] == use
     assert admin not in summary[ActionGroup.USE]  # the Deny holds despite kms:* in IAM
@@ -397,41 +465,93 @@ def test_separation_of_duties_is_summarized_by_the_engine() -> None:
 
 def test_a_grant_adds_use_and_constraints_make_it_conditional() -> None:
     grantee = f"arn:aws:iam::{ACCOUNT}:user/app"
-    grant = GrantRecord("ab" * 32, "k", None, grantee, None, ("Decrypt",),
-                        '{"EncryptionContextSubset":{"app":"x"}}', ACCOUNT,
-                        dt.datetime(2026, 1, 1, tzinfo=dt.UTC))  # fmt: skip
+    grant = GrantRecord(
+        "ab" * 32,
+        "k",
+        None,
+        grantee,
+        None,
+        ("Decrypt",),
+        '{"EncryptionContextSubset":{"app":"x"}}',
+        ACCOUNT,
+        dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    )
     from hsmkms.policy import default_key_policy
 
-    policy = json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Sid": "root", "Effect": "Allow", "Principal": {"AWS": ROOT}, "Action": "kms:*", "Resource": "*"}]})  # fmt: skip  # noqa: E501
+    policy = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "root",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": ROOT},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                }
+            ],
+        }
+    )
     access = summarize_access(
-        key_arn=KEY_ARN, key_spec="SYMMETRIC_DEFAULT", key_usage="ENCRYPT_DECRYPT",
-        policy_text=policy, principals=[Principal(ROOT), Principal(grantee)], grants=[grant],
-    )  # fmt: skip
+        key_arn=KEY_ARN,
+        key_spec="SYMMETRIC_DEFAULT",
+        key_usage="ENCRYPT_DECRYPT",
+        policy_text=policy,
+        principals=[Principal(ROOT), Principal(grantee)],
+        grants=[grant],
+    )
     use = next(g for g in access.groups if g.group is ActionGroup.USE)
     app = next(p for p in use.principals if p.arn == grantee)
     assert app.actions == ("kms:Decrypt",)
     assert app.conditional == ("kms:Decrypt",)
     assert any(v.startswith("grant ") for v in app.via)
     assert default_key_policy(ACCOUNT)  # the default policy delegates to identity policies
-    assert use.identity_policies_may_grant is True and use.other_accounts is False
+    assert use.identity_policies_may_grant is True
+    assert use.other_accounts is False
 
 
 def test_a_condition_makes_a_decision_conditional_and_another_account_is_flagged() -> None:
     user = f"arn:aws:iam::{ACCOUNT}:user/ctx"
-    policy = json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Sid": "root", "Effect": "Allow", "Principal": {"AWS": ROOT}, "Action": "kms:*", "Resource": "*"},  # noqa: E501
-        {"Sid": "ctx", "Effect": "Allow", "Principal": {"AWS": user}, "Action": "kms:Decrypt", "Resource": "*",  # noqa: E501
-         "Condition": {"StringEquals": {"kms:EncryptionContext:app": "billing"}}},
-        {"Sid": "partner", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::444455556666:root"},  # noqa: E501
-         "Action": "kms:Encrypt", "Resource": "*"}]})  # fmt: skip
+    policy = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "root",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": ROOT},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "ctx",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": user},
+                    "Action": "kms:Decrypt",
+                    "Resource": "*",
+                    "Condition": {"StringEquals": {"kms:EncryptionContext:app": "billing"}},
+                },
+                {
+                    "Sid": "partner",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": "arn:aws:iam::444455556666:root"},
+                    "Action": "kms:Encrypt",
+                    "Resource": "*",
+                },
+            ],
+        }
+    )
     access = summarize_access(
-        key_arn=KEY_ARN, key_spec="SYMMETRIC_DEFAULT", key_usage="ENCRYPT_DECRYPT",
-        policy_text=policy, grants=[],
+        key_arn=KEY_ARN,
+        key_spec="SYMMETRIC_DEFAULT",
+        key_usage="ENCRYPT_DECRYPT",
+        policy_text=policy,
+        grants=[],
         principals=[Principal(ROOT), Principal(user), Principal("arn:aws:iam::444455556666:root")],
-    )  # fmt: skip
+    )
     use = next(g for g in access.groups if g.group is ActionGroup.USE)
     ctx = next(p for p in use.principals if p.arn == user)
-    assert ctx.actions == ("kms:Decrypt",) and ctx.conditional == ("kms:Decrypt",)
+    assert ctx.actions == ("kms:Decrypt",)
+    assert ctx.conditional == ("kms:Decrypt",)
     assert use.other_accounts is True
     assert any("other accounts" in f for f in access.findings)

@@ -24,7 +24,8 @@ method is 405. Security:
   POST whose ``Origin`` is another site, or whose ``Sec-Fetch-Site`` is ``cross-site`` or
   ``same-site``, is refused;
 - every response has a Content-Security-Policy without script, ``frame-ancestors 'none'``,
-  ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin`` (so a form post carries its ``Origin``), ``Cache-Control:
+  ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin`` (so a form post
+  carries its ``Origin``), ``Cache-Control:
   no-store``;
 - every sign-in attempt, and every sign-out, is an audit record (``ConsoleLogin`` /
   ``ConsoleLogout``, shaped as CloudTrail's); a key's page is recorded as the ``DescribeKey``
@@ -165,9 +166,7 @@ class ConsoleApp:
     worker has started. ``executor``: where page work runs (it reads the database and the
     token), off the event loop."""
 
-    def __init__(
-        self, runtime: Callable[[], Any], executor: concurrent.futures.Executor
-    ) -> None:
+    def __init__(self, runtime: Callable[[], Any], executor: concurrent.futures.Executor) -> None:
         self._runtime = runtime
         self._executor = executor
         self._parts: tuple[Console, ConsoleSessions] | None = None
@@ -189,13 +188,22 @@ class ConsoleApp:
         try:
             response = await loop.run_in_executor(self._executor, self._route, scope, body)
         except _RecordFailed:
-            response = _Response(503, page("Unavailable", "<h1>Unavailable</h1><p>The audit "
-                                 "trail cannot record this request; try again later.</p>"))  # fmt: skip
+            response = _Response(
+                503,
+                page(
+                    "Unavailable",
+                    "<h1>Unavailable</h1><p>The audit "
+                    "trail cannot record this request; try again later.</p>",
+                ),
+            )
         except Exception:
             log.exception("console_failed", path=scope.get("path"))
             response = _Response(500, page("Error", "<h1>Something went wrong</h1>"))
-        headers = [*response.headers, *_SECURITY_HEADERS,
-                   (b"content-length", str(len(response.body)).encode())]  # fmt: skip
+        headers = [
+            *response.headers,
+            *_SECURITY_HEADERS,
+            (b"content-length", str(len(response.body)).encode()),
+        ]
         headers += [(b"set-cookie", c.encode("latin-1")) for c in response.cookies]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
@@ -234,7 +242,11 @@ class ConsoleApp:
             refused = self._cross_site(scope)
             if refused is not None:
                 return refused
-            return self._sign_in(scope, body) if path.endswith("sign-in") else self._sign_out(scope, body)  # noqa: E501
+            return (
+                self._sign_in(scope, body)
+                if path.endswith("sign-in")
+                else self._sign_out(scope, body)
+            )
         if method != "GET":
             return self._not_allowed("GET")
         console, sessions = self._open()
@@ -250,8 +262,9 @@ class ConsoleApp:
             return _redirect(f"{PREFIX}/keys")
         if path == f"{PREFIX}/keys":
             q = _query(scope)
-            filters = KeyFilter(q.get("alias", ""), q.get("tag", ""), q.get("state", ""),
-                                q.get("store", ""))  # fmt: skip
+            filters = KeyFilter(
+                q.get("alias", ""), q.get("tag", ""), q.get("state", ""), q.get("store", "")
+            )
             return done("Keys", console.keys_page(caller, filters), "keys")
         found = _KEY_PATH.fullmatch(path)
         if found is not None:
@@ -259,28 +272,51 @@ class ConsoleApp:
             key = console.visible_key(caller, key_id)
             self._record_describe(scope, caller, key_id, key is not None, console)
             if key is None:
-                return done("Not found", "<h1>Not found</h1><p>No such key, or your policies do "
-                            "not let you describe it.</p>", "keys", 404)  # fmt: skip
+                return done(
+                    "Not found",
+                    "<h1>Not found</h1><p>No such key, or your policies do "
+                    "not let you describe it.</p>",
+                    "keys",
+                    404,
+                )
             return done(key_id, console.key_page(caller, key), "keys")
         if path == f"{PREFIX}/audit":
             if not console.may_account(caller, AUDIT_ACTION):
-                return done("Audit", "<h1>Audit trail</h1><p class=\"notice\">Not shown: your "
-                            f"policies do not allow <code>{AUDIT_ACTION}</code>.</p>", "audit", 403)  # fmt: skip  # noqa: E501
+                return done(
+                    "Audit",
+                    '<h1>Audit trail</h1><p class="notice">Not shown: your '
+                    f"policies do not allow <code>{AUDIT_ACTION}</code>.</p>",
+                    "audit",
+                    403,
+                )
             q = _query(scope)
-            query = AuditQuery(q.get("key", ""), q.get("principal", ""), q.get("event", ""),
-                               _when(q.get("since", "")), _when(q.get("until", "")))  # fmt: skip
+            query = AuditQuery(
+                q.get("key", ""),
+                q.get("principal", ""),
+                q.get("event", ""),
+                _when(q.get("since", "")),
+                _when(q.get("until", "")),
+            )
             return done("Audit", console.audit_page(caller, query), "audit")
         if path == f"{PREFIX}/stores":
             if not console.may_account(caller, STORES_ACTION):
-                return done("Key stores", "<h1>Key stores</h1><p class=\"notice\">Not shown: your "
-                            f"policies do not allow <code>{STORES_ACTION}</code>.</p>", "stores", 403)  # fmt: skip  # noqa: E501
+                return done(
+                    "Key stores",
+                    '<h1>Key stores</h1><p class="notice">Not shown: your '
+                    f"policies do not allow <code>{STORES_ACTION}</code>.</p>",
+                    "stores",
+                    403,
+                )
             return done("Key stores", console.stores_page(), "stores")
         return done("Not found", "<h1>Not found</h1>", "", 404)
 
     @staticmethod
     def _not_allowed(allow: str) -> _Response:
-        return _Response(405, page("Not allowed", "<h1>Not allowed</h1><p>The console is "
-                         "read-only.</p>"), headers=[_HTML, (b"allow", allow.encode())])  # fmt: skip
+        return _Response(
+            405,
+            page("Not allowed", "<h1>Not allowed</h1><p>The console is read-only.</p>"),
+            headers=[_HTML, (b"allow", allow.encode())],
+        )
 
     @staticmethod
     def _cross_site(scope: Scope) -> _Response | None:
@@ -327,8 +363,11 @@ class ConsoleApp:
             return _redirect(f"{PREFIX}/keys")
         token = secrets.token_urlsafe(24)
         secure = scope.get("scheme") == "https"
-        return _Response(status, sign_in_page(token, error=error),
-                         cookies=[_cookie(CSRF_COOKIE, token, secure=secure)])  # fmt: skip
+        return _Response(
+            status,
+            sign_in_page(token, error=error),
+            cookies=[_cookie(CSRF_COOKIE, token, secure=secure)],
+        )
 
     def _sign_in(self, scope: Scope, body: bytes) -> _Response:
         form = _form(body)
@@ -339,31 +378,45 @@ class ConsoleApp:
         access_key_id = form.get("access_key_id", "").strip()
         secret = form.get("secret", "")
         runtime = self._runtime()
-        credential = runtime.lookup(access_key_id) if _ACCESS_KEY_SHAPE.fullmatch(access_key_id) else None  # noqa: E501
+        credential = (
+            runtime.lookup(access_key_id) if _ACCESS_KEY_SHAPE.fullmatch(access_key_id) else None
+        )
         ok = credential is not None and hmac.compare_digest(
             credential.secret.encode(), secret.encode()
         )
         client = scope.get("client")
         if ok:
             assert credential is not None
-            identity = _identity(credential.principal_arn, account_of(credential.principal_arn),
-                                 credential.access_key_id)  # fmt: skip
+            identity = _identity(
+                credential.principal_arn,
+                account_of(credential.principal_arn),
+                credential.access_key_id,
+            )
         else:
             shaped = access_key_id if _ACCESS_KEY_SHAPE.fullmatch(access_key_id) else None
             identity = UserIdentity("Unknown", access_key_id=shaped)
-        self._audit(console_sign_in_record(
-            identity=identity, account_id=runtime.account_id, region=runtime.region, success=ok,
-            source_ip=client[0] if client else None, user_agent=self._user_agent(scope),
-        ))  # fmt: skip
+        self._audit(
+            console_sign_in_record(
+                identity=identity,
+                account_id=runtime.account_id,
+                region=runtime.region,
+                success=ok,
+                source_ip=client[0] if client else None,
+                user_agent=self._user_agent(scope),
+            )
+        )
         if not ok:
             return self._sign_in_form(scope, _BAD_SIGN_IN, 401)
         _, sessions = self._open()
         token, _session = sessions.open(access_key_id)
         secure = scope.get("scheme") == "https"
-        return _redirect(f"{PREFIX}/keys", cookies=[
-            _cookie(SESSION_COOKIE, token, secure=secure),
-            _cookie(CSRF_COOKIE, "", secure=secure, max_age=0),
-        ])  # fmt: skip
+        return _redirect(
+            f"{PREFIX}/keys",
+            cookies=[
+                _cookie(SESSION_COOKIE, token, secure=secure),
+                _cookie(CSRF_COOKIE, "", secure=secure, max_age=0),
+            ],
+        )
 
     def _sign_out(self, scope: Scope, body: bytes) -> _Response:
         _, sessions = self._open()
@@ -380,15 +433,25 @@ class ConsoleApp:
         credential = runtime.lookup(session.access_key_id)
         client = scope.get("client")
         identity = (
-            _identity(credential.principal_arn, account_of(credential.principal_arn),
-                      credential.access_key_id)
-            if credential is not None else UserIdentity("Unknown", access_key_id=session.access_key_id)
-        )  # fmt: skip
-        self._audit(console_sign_in_record(
-            identity=identity, account_id=runtime.account_id, region=runtime.region, success=True,
-            source_ip=client[0] if client else None, user_agent=self._user_agent(scope),
-            event_name="ConsoleLogout",
-        ))  # fmt: skip
+            _identity(
+                credential.principal_arn,
+                account_of(credential.principal_arn),
+                credential.access_key_id,
+            )
+            if credential is not None
+            else UserIdentity("Unknown", access_key_id=session.access_key_id)
+        )
+        self._audit(
+            console_sign_in_record(
+                identity=identity,
+                account_id=runtime.account_id,
+                region=runtime.region,
+                success=True,
+                source_ip=client[0] if client else None,
+                user_agent=self._user_agent(scope),
+                event_name="ConsoleLogout",
+            )
+        )
         return _redirect(f"{PREFIX}/sign-in", cookies=cleared)
 
     # -- audit ----------------------------------------------------------------------------------
@@ -410,8 +473,10 @@ class ConsoleApp:
         if not allowed:
             if exists:
                 error_code = "AccessDeniedException"
-                error_message = (f"User: {caller.principal_arn} is not authorized to perform: "
-                                 f"kms:DescribeKey on resource: {arn}")  # fmt: skip
+                error_message = (
+                    f"User: {caller.principal_arn} is not authorized to perform: "
+                    f"kms:DescribeKey on resource: {arn}"
+                )
             else:
                 error_code, error_message = "NotFoundException", f"Key '{arn}' does not exist"
         record = prepare_api_call(
@@ -440,4 +505,3 @@ def _form(body: bytes) -> dict[str, str]:
         return {}
     text = body.decode("utf-8", "replace")
     return {k: v[0] for k, v in parse_qs(text, max_num_fields=10, keep_blank_values=True).items()}
-

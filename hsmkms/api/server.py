@@ -120,9 +120,12 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
     os.environ["HSMKMS_DATA_DIR"] = str(settings.data_dir)
     config = uvicorn.Config(
         functools.partial(
-            create_app, settings.data_dir, options.task_interval, options.log_level,
+            create_app,
+            settings.data_dir,
+            options.task_interval,
+            options.log_level,
             console=options.console,
-        ),  # fmt: skip
+        ),
         factory=True,
         host=options.host,
         port=options.port,

@@ -35,8 +35,12 @@ from hsmkms.system import System
 
 EXIT_OK = 0
 EXIT_INVALID = 1
-_SUFFIXES = {".json": ReportFormat.JSON, ".html": ReportFormat.HTML, ".htm": ReportFormat.HTML,
-             ".md": ReportFormat.MARKDOWN}  # fmt: skip
+_SUFFIXES = {
+    ".json": ReportFormat.JSON,
+    ".html": ReportFormat.HTML,
+    ".htm": ReportFormat.HTML,
+    ".md": ReportFormat.MARKDOWN,
+}
 _MAX_FILE = 256 * 1024 * 1024
 
 
@@ -53,15 +57,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "FILE' checks a report.",
     )
     add_data_dir(parser)
-    parser.add_argument("--format", choices=ReportFormat.ALL, default=None,
-                        help="html (default, or from --out's suffix), json or md")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        choices=ReportFormat.ALL,
+        default=None,
+        help="html (default, or from --out's suffix), json or md",
+    )
     parser.add_argument("--out", type=Path, default=None, help="file to write (default stdout)")
-    parser.add_argument("--key-id", action="append", default=None, metavar="K",
-                        help="only this key (key id, key ARN or alias name); repeatable")  # fmt: skip
-    parser.add_argument("--since", type=_when, default=None,
-                        help="deleted keys from this ISO-8601 time (default: the whole trail)")  # fmt: skip
-    parser.add_argument("--until", type=_when, default=None,
-                        help="deleted keys until this ISO-8601 time (default: now)")  # fmt: skip
+    parser.add_argument(
+        "--key-id",
+        action="append",
+        default=None,
+        metavar="K",
+        help="only this key (key id, key ARN or alias name); repeatable",
+    )
+    parser.add_argument(
+        "--since",
+        type=_when,
+        default=None,
+        help="deleted keys from this ISO-8601 time (default: the whole trail)",
+    )
+    parser.add_argument(
+        "--until",
+        type=_when,
+        default=None,
+        help="deleted keys until this ISO-8601 time (default: now)",
+    )
     parser.set_defaults(run=run_report)
     actions = parser.add_subparsers(dest="report_command", metavar="ACTION")
 
@@ -74,9 +95,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     verify.add_argument("file", type=Path, metavar="FILE")
     add_data_dir(verify)
-    verify.add_argument("--public-key", type=Path, default=None, metavar="PEM",
-                        help="trust this public key (from 'hsmkms report key') instead of asking "
-                        "the token")  # fmt: skip
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="trust this public key (from 'hsmkms report key') instead of asking the token",
+    )
     verify.set_defaults(run=run_verify)
 
     key = actions.add_parser(
@@ -119,22 +144,27 @@ def run_report(args: argparse.Namespace) -> int:
     settings = Settings.load(args.data_dir)
     with System.open(settings, audit=None, identity=True) as system:
         report = build_report(
-            system, deployment=_deployment(settings), key_ids=args.key_id,
-            since=args.since, until=args.until,
-        )  # fmt: skip
+            system,
+            deployment=_deployment(settings),
+            key_ids=args.key_id,
+            since=args.since,
+            until=args.until,
+        )
         keystore = system.keystore
         key = signing_key(keystore)
         assert key is not None
-        data = render(report, fmt, keystore=keystore, key=key,
-                      token_serial=keystore.info().serial)  # fmt: skip
+        data = render(report, fmt, keystore=keystore, key=key, token_serial=keystore.info().serial)
     if args.out is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
         args.out.write_bytes(data)
         summary = report["summary"]
-        print(f"hsmkms report: {args.out} ({fmt}): {summary['keys']} keys, signed by "
-              f"{key.fingerprint}", file=sys.stderr)  # fmt: skip
+        print(
+            f"hsmkms report: {args.out} ({fmt}): {summary['keys']} keys, signed by "
+            f"{key.fingerprint}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -159,8 +189,11 @@ def run_verify(args: argparse.Namespace) -> int:
             pinned = serialization.load_pem_public_key(_read(args.public_key))
         except ValueError:
             raise ClientError(f"{args.public_key} is not a PEM public key") from None
-        trusted = [pinned.public_bytes(serialization.Encoding.DER,
-                                       serialization.PublicFormat.SubjectPublicKeyInfo)]  # fmt: skip
+        trusted = [
+            pinned.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        ]
         source = f"the key in {args.public_key}"
     else:
         settings = Settings.load(args.data_dir)
@@ -168,14 +201,19 @@ def run_verify(args: argparse.Namespace) -> int:
             trusted = [k.public_key for k in find_signing_keys(system.keystore)]
             source = f"a report signing key of token {system.keystore.info().serial}"
     if not found.trusted(trusted):
-        print(f"hsmkms report verify: {args.file}: the signature is valid but made by "
-              f"{found.fingerprint}, which is not {source}", file=sys.stderr)  # fmt: skip
+        print(
+            f"hsmkms report verify: {args.file}: the signature is valid but made by "
+            f"{found.fingerprint}, which is not {source}",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     detail = ""
     if found.report is not None:
         detail = f", report {found.report.get('reportId')} of {found.report.get('generatedAt')}"
-    print(f"report intact: {args.file} ({found.format}) signed by {found.fingerprint}, "
-          f"{source}{detail}")  # fmt: skip
+    print(
+        f"report intact: {args.file} ({found.format}) signed by {found.fingerprint}, "
+        f"{source}{detail}"
+    )
     return EXIT_OK
 
 
@@ -184,7 +222,10 @@ def run_key(args: argparse.Namespace) -> int:
         key = signing_key(system.keystore)
         assert key is not None
         serial = system.keystore.info().serial
-    print(f"report signing key {key.fingerprint} (ECC_NIST_P256, token {serial}, label "
-          "hsmkms:report)", file=sys.stderr)  # fmt: skip
+    print(
+        f"report signing key {key.fingerprint} (ECC_NIST_P256, token {serial}, label "
+        "hsmkms:report)",
+        file=sys.stderr,
+    )
     sys.stdout.write(public_key_pem(key.public_key))
     return EXIT_OK

@@ -64,16 +64,21 @@ _RECENT: Final = 20
 _AUDIT_ROWS: Final = 200
 
 
-def page(title: str, body: str, *, who: str | None = None, csrf: str | None = None,
-         here: str = "") -> str:  # fmt: skip
+def page(
+    title: str, body: str, *, who: str | None = None, csrf: str | None = None, here: str = ""
+) -> str:
     """A whole console page. ``who``/``csrf``: the signed-in principal and its sign-out form."""
     nav = ""
     if who is not None:
         links = [("keys", "Keys"), ("audit", "Audit"), ("stores", "Key stores")]
         current = ' class="here"'
-        nav = "<nav>" + "".join(
-            f'<a href="/console/{p}"{current if p == here else ""}>{t}</a>' for p, t in links
-        ) + "</nav>"  # fmt: skip
+        nav = (
+            "<nav>"
+            + "".join(
+                f'<a href="/console/{p}"{current if p == here else ""}>{t}</a>' for p, t in links
+            )
+            + "</nav>"
+        )
         nav += (
             f'<span class="who">{esc(who)}</span>'
             f'<form method="post" action="/console/sign-out"><input type="hidden" name="csrf" '
@@ -112,7 +117,7 @@ def sign_in_page(csrf: str, *, error: str | None = None) -> str:
 <input id="secret" name="secret" type="password" required maxlength="128">
 <button type="submit">Sign in</button>
 </form>
-</div>"""  # noqa: E501
+</div>"""
     return page("Sign in", body)
 
 
@@ -217,24 +222,26 @@ class Console:
             custody = (
                 context.version_section(key, current)["custody"] if current is not None else None
             )
-            rows.append([
-                f'<a href="/console/keys/{quote(key.key_id)}">{esc(aliases[0] if aliases else key.key_id)}</a>'  # noqa: E501
-                + (f'<br><span class="na mono">{esc(key.key_id)}</span>' if aliases else ""),
-                state_badge(key.state),
-                esc(f"{key.key_spec} / {key.key_usage}"),
-                esc(store_id),
-                esc(", ".join(f"{k}={v}" for k, v in tags.items()) or None),
-                verdict_badge(custody) if custody else esc(None),
-            ])  # fmt: skip
+            rows.append(
+                [
+                    f'<a href="/console/keys/{quote(key.key_id)}">{esc(aliases[0] if aliases else key.key_id)}</a>'
+                    + (f'<br><span class="na mono">{esc(key.key_id)}</span>' if aliases else ""),
+                    state_badge(key.state),
+                    esc(f"{key.key_spec} / {key.key_usage}"),
+                    esc(store_id),
+                    esc(", ".join(f"{k}={v}" for k, v in tags.items()) or None),
+                    verdict_badge(custody) if custody else esc(None),
+                ]
+            )
         states = "".join(
-            f'<option value="{esc(s.value)}"{" selected" if filters.state == s.value else ""}>{esc(s.value)}</option>'  # noqa: E501
+            f'<option value="{esc(s.value)}"{" selected" if filters.state == s.value else ""}>{esc(s.value)}</option>'
             for s in (KeyState.Enabled, KeyState.Disabled, KeyState.PendingDeletion)
         )
         store_options = "".join(
             f'<option value="{esc(s)}"{" selected" if filters.store == s else ""}>{esc(s)}</option>'
             for s in sorted(stores | ({filters.store} if filters.store else set()))
         )
-        body = f"""<h1>Keys</h1>
+        return f"""<h1>Keys</h1>
 <p class="sub">{len(keys)} key(s) you may describe; {len(rows)} shown.</p>
 <form class="filters" method="get" action="/console/keys">
 <label>Alias<input name="alias" value="{esc(filters.alias)}" placeholder="alias/…"></label>
@@ -243,8 +250,7 @@ class Console:
 <label>Key store<select name="store"><option value="">any</option>{store_options}</select></label>
 <button type="submit">Filter</button>
 </form>
-{table(["key", "state", "spec / usage", "key store", "tags", "custody (current version)"], rows)}"""  # noqa: E501
-        return body
+{table(["key", "state", "spec / usage", "key store", "tags", "custody (current version)"], rows)}"""
 
     def key_page(self, caller: Caller, key: KeyRecord) -> str:
         """One key: the report's view of it, with what the caller may see."""
@@ -265,20 +271,26 @@ class Console:
             sections["grants"] = _not_permitted("kms:ListGrants")
         if not may_audit:
             section["lastUsed"] = None
-        body = [f"<h1>{esc(key_title(section))}</h1>",
-                f'<p class="sub"><a href="/console/keys">Keys</a> / {esc(key.key_id)}</p>',
-                key_detail(section, sections=sections)]  # fmt: skip
+        body = [
+            f"<h1>{esc(key_title(section))}</h1>",
+            f'<p class="sub"><a href="/console/keys">Keys</a> / {esc(key.key_id)}</p>',
+            key_detail(section, sections=sections),
+        ]
         if "access" not in sections:
-            body.append(f"<details><summary>Key policy document</summary><pre class=\"mono\">"
-                        f"{esc(key.policy)}</pre></details>")  # fmt: skip
+            body.append(
+                f'<details><summary>Key policy document</summary><pre class="mono">'
+                f"{esc(key.policy)}</pre></details>"
+            )
         body.append("<h3>Recent audit records</h3>")
         if not may_audit:
             body.append(_not_permitted(AUDIT_ACTION))
             body.append('<p class="na">(last used is shown with the audit records)</p>')
         else:
             body.append(_records_table(list(reversed(recent))))
-            body.append(f'<p><a href="/console/audit?{urlencode({"key": key.key_id})}">'
-                        "All records of this key</a></p>")  # fmt: skip
+            body.append(
+                f'<p><a href="/console/audit?{urlencode({"key": key.key_id})}">'
+                "All records of this key</a></p>"
+            )
         return "\n".join(body)
 
     def audit_page(self, caller: Caller, query: AuditQuery) -> str:
@@ -291,7 +303,7 @@ class Console:
 <label>Since<input name="since" type="datetime-local" step="1" value="{esc(_local(query.since))}"></label>
 <label>Until<input name="until" type="datetime-local" step="1" value="{esc(_local(query.until))}"></label>
 <button type="submit">Search</button>
-</form>"""  # noqa: E501
+</form>"""
         with self._system.audit_reader() as trail:
             status = audit_section(trail.verify())
             found = list(
@@ -304,8 +316,10 @@ class Console:
                 )
             )
         shown = list(reversed(found[-_AUDIT_ROWS:]))
-        note = f'<p class="sub">{len(found)} matching record(s); the newest {len(shown)} shown, newest first. UTC.</p>'  # noqa: E501
-        return "\n".join(["<h2>Chain status</h2>", audit_html(status), head, note, _records_table(shown)])  # noqa: E501
+        note = f'<p class="sub">{len(found)} matching record(s); the newest {len(shown)} shown, newest first. UTC.</p>'
+        return "\n".join(
+            ["<h2>Chain status</h2>", audit_html(status), head, note, _records_table(shown)]
+        )
 
     def stores_page(self) -> str:
         """The key stores and their tokens."""
@@ -314,7 +328,9 @@ class Console:
 
 
 def _not_permitted(action: str) -> str:
-    return f'<p class="notice">Not shown: your policies do not allow <code>{esc(action)}</code>.</p>'  # noqa: E501
+    return (
+        f'<p class="notice">Not shown: your policies do not allow <code>{esc(action)}</code>.</p>'
+    )
 
 
 def _tag_matches(tags: Mapping[str, str], wanted: str) -> bool:
@@ -332,16 +348,28 @@ def _records_table(records: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for r in records:
         identity = r.get("userIdentity") or {}
-        who = identity.get("arn") or identity.get("principalId") or identity.get("invokedBy") or identity.get("type")  # noqa: E501
-        keys = [key_id_of(x.get("ARN", "")) for x in r.get("resources") or [] if isinstance(x, Mapping)]  # noqa: E501
+        who = (
+            identity.get("arn")
+            or identity.get("principalId")
+            or identity.get("invokedBy")
+            or identity.get("type")
+        )
+        keys = [
+            key_id_of(x.get("ARN", "")) for x in r.get("resources") or [] if isinstance(x, Mapping)
+        ]
         error = r.get("errorCode") or r.get("errorMessage")
-        rows.append([
-            esc(r.get("eventTime")),
-            esc(r.get("eventName")),
-            f"<code>{esc(who)}</code>",
-            "<br>".join(f'<a href="/console/keys/{quote(k)}"><code>{esc(k[:8])}…</code></a>' for k in keys) or esc(None),  # noqa: E501
-            esc(r.get("sourceIPAddress")),
-            badge(error, "bad") if error else badge("ok", "ok"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                esc(r.get("eventTime")),
+                esc(r.get("eventName")),
+                f"<code>{esc(who)}</code>",
+                "<br>".join(
+                    f'<a href="/console/keys/{quote(k)}"><code>{esc(k[:8])}…</code></a>'
+                    for k in keys
+                )
+                or esc(None),
+                esc(r.get("sourceIPAddress")),
+                badge(error, "bad") if error else badge("ok", "ok"),
+            ]
+        )
     return table(["time", "event", "principal", "keys", "source", "result"], rows)
-

@@ -135,11 +135,14 @@ class ConsoleSessions:
             )
             conn.execute(
                 insert(console_sessions).values(
-                    id_hash=id_hash, access_key_id=access_key_id,
-                    created_at=now.astimezone(dt.UTC).strftime(_TIME), expires_at=expires_text,
-                    csrf=csrf, tag=tag.hex(),
+                    id_hash=id_hash,
+                    access_key_id=access_key_id,
+                    created_at=now.astimezone(dt.UTC).strftime(_TIME),
+                    expires_at=expires_text,
+                    csrf=csrf,
+                    tag=tag.hex(),
                 )
-            )  # fmt: skip
+            )
         return token, Session(access_key_id, csrf, expires)
 
     def get(self, token: str | None) -> Session | None:

@@ -237,9 +237,13 @@ def summarize_access(
     """Who may do what with one key (see the module docstring)."""
     policy = key_policy(policy_text)
     evaluator = _Evaluator(
-        key_arn=key_arn, policy=policy, key_spec=key_spec, key_usage=key_usage,
-        tags=tags or {}, aliases=aliases,
-    )  # fmt: skip
+        key_arn=key_arn,
+        policy=policy,
+        key_spec=key_spec,
+        key_usage=key_usage,
+        tags=tags or {},
+        aliases=aliases,
+    )
     by_grantee: dict[str, list[GrantRecord]] = {}
     for grant in grants:
         by_grantee.setdefault(grant.grantee_principal, []).append(grant)

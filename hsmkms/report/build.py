@@ -187,8 +187,9 @@ class ReportContext:
                     f"{earlier.name}'s identity policy"
                 )
                 continue
-            found[info.principal_arn] = Principal(info.principal_arn, policy, ("credential",),
-                                                  info.name)  # fmt: skip
+            found[info.principal_arn] = Principal(
+                info.principal_arn, policy, ("credential",), info.name
+            )
         return found
 
     def principals_for(self, key: KeyRecord, grants: Sequence[GrantRecord]) -> list[Principal]:
@@ -201,8 +202,9 @@ class ReportContext:
                         found[arn] = Principal(arn, None, ("key-policy",))
         for grant in grants:
             if grant.grantee_principal not in found:
-                found[grant.grantee_principal] = Principal(grant.grantee_principal, None,
-                                                           ("grantee",))  # fmt: skip
+                found[grant.grantee_principal] = Principal(
+                    grant.grantee_principal, None, ("grantee",)
+                )
         return list(found.values())
 
     # -- keys ---------------------------------------------------------------------------------
@@ -252,23 +254,39 @@ class ReportContext:
         try:
             keystore = self.key_stores.backend_for(ref)
         except KeystoreError:
-            return [], judge((), origin=key.origin, unavailable=(
-                f"key store {ref.store!r} is not connected to this hsmkms: its token's attributes "
-                "could not be read"))  # fmt: skip
+            return [], judge(
+                (),
+                origin=key.origin,
+                unavailable=(
+                    f"key store {ref.store!r} is not connected to this hsmkms: its token's "
+                    "attributes "
+                    "could not be read"
+                ),
+            )
         try:
             for object_id, role in zip(ref.object_ids, ref.roles, strict=True):
                 readings.append(self._reading(keystore, object_id, role, public=False))
                 if role is ObjectRole.KEY_PAIR:
                     readings.append(self._reading(keystore, object_id, role, public=True))
         except KeystoreError as exc:
-            return _objects(readings), judge(readings, origin=key.origin, unavailable=(
-                f"the token of key store {ref.store!r} did not answer ({type(exc).__name__})"
-            ))  # fmt: skip
+            return _objects(readings), judge(
+                readings,
+                origin=key.origin,
+                unavailable=(
+                    f"the token of key store {ref.store!r} did not answer ({type(exc).__name__})"
+                ),
+            )
         return _objects(readings), judge(readings, origin=key.origin)
 
     @staticmethod
-    def _reading(keystore: Keystore, object_id: str, role: ObjectRole, *, public: bool) -> ObjectReading:  # fmt: skip
-        names = (*PUBLIC_KEY_ATTRIBUTES, "VERIFY") if public else CUSTODY_ATTRIBUTES + OPERATION_ATTRIBUTES  # fmt: skip
+    def _reading(
+        keystore: Keystore, object_id: str, role: ObjectRole, *, public: bool
+    ) -> ObjectReading:
+        names = (
+            (*PUBLIC_KEY_ATTRIBUTES, "VERIFY")
+            if public
+            else CUSTODY_ATTRIBUTES + OPERATION_ATTRIBUTES
+        )
         object_class = "PUBLIC_KEY" if public else _object_class(role)
         try:
             attributes = _read(keystore, object_id, names, public=public)
@@ -277,7 +295,9 @@ class ReportContext:
             return ObjectReading(role.value, object_id, object_class, {}, present=False)
         return ObjectReading(role.value, object_id, object_class, attributes)
 
-    def rotation_section(self, key: KeyRecord, versions: Sequence[KeyVersionRecord]) -> dict[str, Any]:  # fmt: skip
+    def rotation_section(
+        self, key: KeyRecord, versions: Sequence[KeyVersionRecord]
+    ) -> dict[str, Any]:
         """The automatic rotation schedule and whether it is kept."""
         current = next((v for v in versions if v.version == key.current_version), None)
         age = None if current is None else (self.now - current.created_at).days
@@ -289,17 +309,26 @@ class ReportContext:
             "currentMaterialAgeDays": age,
         }
         if key.key_spec not in _ROTATABLE or key.origin != "AWS_KMS":
-            status, detail = "NOT_SUPPORTED", (
-                f"automatic rotation is not available for {key.key_spec} keys of origin "
-                f"{key.origin}")  # fmt: skip
+            status, detail = (
+                "NOT_SUPPORTED",
+                (
+                    f"automatic rotation is not available for {key.key_spec} keys of origin "
+                    f"{key.origin}"
+                ),
+            )
         elif not key.rotation_enabled:
             status, detail = "DISABLED", "automatic rotation is off"
         elif key.state != KeyState.Enabled:
             status, detail = "PAUSED", f"the key is {key.state}: rotations wait until it is enabled"
-        elif key.next_rotation_date is not None and key.next_rotation_date < self.now - ROTATION_GRACE:  # fmt: skip
+        elif (
+            key.next_rotation_date is not None
+            and key.next_rotation_date < self.now - ROTATION_GRACE
+        ):
             late = (self.now - key.next_rotation_date).days
-            status, detail = "OVERDUE", (
-                f"rotation was due {iso(key.next_rotation_date)}, {late} days ago")  # fmt: skip
+            status, detail = (
+                "OVERDUE",
+                (f"rotation was due {iso(key.next_rotation_date)}, {late} days ago"),
+            )
         else:
             status, detail = "ON_TIME", f"next rotation {iso(key.next_rotation_date)}"
         section.update(status=status, detail=detail)
@@ -426,16 +455,16 @@ class ReportContext:
         found = None if problems else self._find_inconsistencies()
         section = {
             "rowsFailing": [dataclasses.asdict(p) for p in problems],
-            "orphanObjects": [] if found is None else [
-                {"objectId": o.object_id, "label": o.label} for o in found.orphans
-            ],
-            "missingObjects": [] if found is None else [
-                {"keyId": key_id, "version": version} for key_id, version in found.missing
-            ],
+            "orphanObjects": []
+            if found is None
+            else [{"objectId": o.object_id, "label": o.label} for o in found.orphans],
+            "missingObjects": []
+            if found is None
+            else [{"keyId": key_id, "version": version} for key_id, version in found.missing],
             "orphansChecked": found is not None,
             "warnings": list(deployment.warnings if deployment is not None else ())
             + list(self.findings),
-        }  # fmt: skip
+        }
         section["ok"] = not (
             section["rowsFailing"] or section["orphanObjects"] or section["missingObjects"]
         )
@@ -515,8 +544,12 @@ def audit_section(result: VerifyResult) -> dict[str, Any]:
         "seals": result.seals,
         "sealedThrough": result.sealed_through,
         "unsealed": result.unsealed,
-        "newestSeal": None if seal is None else {
-            "seal": seal.seal_seq, "tag": seal.tag.hex(), "sealedAt": seal.sealed_at,
+        "newestSeal": None
+        if seal is None
+        else {
+            "seal": seal.seal_seq,
+            "tag": seal.tag.hex(),
+            "sealedAt": seal.sealed_at,
             "recordSeq": seal.record_seq,
         },
         "newestSealTime": iso(result.last_seal_at),
@@ -526,7 +559,7 @@ def audit_section(result: VerifyResult) -> dict[str, Any]:
             {"afterSeal": g.after_seal, "seconds": int(g.seconds), "allowedSeconds": int(g.allowed)}
             for g in result.gaps
         ],
-    }  # fmt: skip
+    }
 
 
 def _who(record: Mapping[str, Any]) -> str | None:
@@ -573,9 +606,11 @@ def scan_trail(
         if name in _USE_EVENTS and not failed:
             for key_id in key_ids:
                 scan.last_used[key_id] = {
-                    "eventTime": when, "eventName": name, "principal": _who(record),
+                    "eventTime": when,
+                    "eventName": name,
+                    "principal": _who(record),
                     "eventId": record.get("eventID"),
-                }  # fmt: skip
+                }
         elif name == "ScheduleKeyDeletion" and not failed:
             for key_id in key_ids:
                 scheduled[key_id] = record
@@ -589,18 +624,24 @@ def scan_trail(
                 before = scheduled.pop(key_id, None)
                 params = (before or {}).get("requestParameters") or {}
                 response = (before or {}).get("responseElements") or {}
-                scan.deleted.append({
-                    "keyId": key_id,
-                    "arn": arn,
-                    "deletedAt": when,
-                    "purgeRecord": {"eventId": record.get("eventID"), "eventTime": when,
-                                    "eventName": name},
-                    "scheduledAt": None if before is None else before.get("eventTime"),
-                    "scheduledBy": None if before is None else _who(before),
-                    "pendingWindowInDays": response.get("pendingWindowInDays",
-                                                        params.get("pendingWindowInDays")),
-                    "lastUsed": scan.last_used.get(key_id),
-                })  # fmt: skip
+                scan.deleted.append(
+                    {
+                        "keyId": key_id,
+                        "arn": arn,
+                        "deletedAt": when,
+                        "purgeRecord": {
+                            "eventId": record.get("eventID"),
+                            "eventTime": when,
+                            "eventName": name,
+                        },
+                        "scheduledAt": None if before is None else before.get("eventTime"),
+                        "scheduledBy": None if before is None else _who(before),
+                        "pendingWindowInDays": response.get(
+                            "pendingWindowInDays", params.get("pendingWindowInDays")
+                        ),
+                        "lastUsed": scan.last_used.get(key_id),
+                    }
+                )
     return scan
 
 

@@ -102,7 +102,7 @@ class Verdict(enum.StrEnum):
 class Placement(enum.StrEnum):
     """Where a key version's material lives."""
 
-    TOKEN_OBJECT = "TOKEN_OBJECT"
+    TOKEN_OBJECT = "TOKEN_OBJECT"  # noqa: S105 - a placement, not a secret
     """One or more objects on a PKCS#11 token (every version today)."""
     WRAPPED = "WRAPPED"
     """Wrapped by a domain key on the token and stored outside it (a later step: more keys
@@ -171,9 +171,11 @@ def judge(
         return Custody(
             Verdict.UNVERIFIED,
             "held by an external key manager",
-            ("the material is held outside every token this hsmkms reads (external key "
-             "store): its custody rests on the external key manager's own evidence",),
-        )  # fmt: skip
+            (
+                "the material is held outside every token this hsmkms reads (external key "
+                "store): its custody rests on the external key manager's own evidence",
+            ),
+        )
     if unavailable is not None:
         return Custody(Verdict.UNVERIFIED, _TEXT[Verdict.UNVERIFIED], (unavailable,))
     judged = [o for o in objects if o.object_class != "PUBLIC_KEY"]
@@ -201,38 +203,48 @@ def judge(
     for o in judged:
         a = o.attributes
         if a.get("TOKEN") is False:
-            now.append(f"CKA_TOKEN false on {o.object_id}: a session object, gone when its "
-                       "session closes")  # fmt: skip
+            now.append(
+                f"CKA_TOKEN false on {o.object_id}: a session object, gone when its session closes"
+            )
         if a.get("SENSITIVE") is False:
-            now.append(f"CKA_SENSITIVE false on {o.object_id}: the token would reveal its "
-                       "value in plaintext")  # fmt: skip
+            now.append(
+                f"CKA_SENSITIVE false on {o.object_id}: the token would reveal its "
+                "value in plaintext"
+            )
         if a.get("EXTRACTABLE") is True:
-            now.append(f"CKA_EXTRACTABLE true on {o.object_id}: the token would export it, "
-                       "wrapped under another key")  # fmt: skip
+            now.append(
+                f"CKA_EXTRACTABLE true on {o.object_id}: the token would export it, "
+                "wrapped under another key"
+            )
         if a.get("LOCAL") is False:
             imported = " (Origin EXTERNAL: imported key material)" if origin == "EXTERNAL" else ""
-            history.append(f"CKA_LOCAL false on {o.object_id}: not generated on this token"
-                           f"{imported}")  # fmt: skip
+            history.append(
+                f"CKA_LOCAL false on {o.object_id}: not generated on this token{imported}"
+            )
         if a.get("ALWAYS_SENSITIVE") is False:
-            history.append(f"CKA_ALWAYS_SENSITIVE false on {o.object_id}: it has not always "
-                           "been sensitive")  # fmt: skip
+            history.append(
+                f"CKA_ALWAYS_SENSITIVE false on {o.object_id}: it has not always been sensitive"
+            )
         if a.get("NEVER_EXTRACTABLE") is False:
-            history.append(f"CKA_NEVER_EXTRACTABLE false on {o.object_id}: it was extractable "
-                           "at some time")  # fmt: skip
+            history.append(
+                f"CKA_NEVER_EXTRACTABLE false on {o.object_id}: it was extractable at some time"
+            )
         if a.get("MODIFIABLE") is True:
-            notes.append(f"CKA_MODIFIABLE true on {o.object_id}: its attributes can be changed "
-                         "(never back to extractable or non-sensitive)")  # fmt: skip
+            notes.append(
+                f"CKA_MODIFIABLE true on {o.object_id}: its attributes can be changed "
+                "(never back to extractable or non-sensitive)"
+            )
         for name in _WRAPPING:
             if a.get(name) is True and (
                 expected_operations is None or name not in expected_operations
             ):
-                notes.append(f"CKA_{name} true on {o.object_id}: it can {name.lower()} other "
-                             "keys")  # fmt: skip
+                notes.append(f"CKA_{name} true on {o.object_id}: it can {name.lower()} other keys")
     if origin == "EXTERNAL" and not any("CKA_LOCAL false" in h for h in history) and not now:
         history.append("Origin EXTERNAL, yet the token reports the material as generated on it")
     if now:
-        return Custody(Verdict.EXTRACTABLE, _TEXT[Verdict.EXTRACTABLE], tuple(now + history),
-                       tuple(notes))  # fmt: skip
+        return Custody(
+            Verdict.EXTRACTABLE, _TEXT[Verdict.EXTRACTABLE], tuple(now + history), tuple(notes)
+        )
     if unreported:
         return Custody(
             Verdict.UNVERIFIED,

@@ -122,13 +122,20 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, cls: str = "
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     if not body:
         body = f'<tr><td colspan="{len(headers)}" class="na">none</td></tr>'
-    return f'<div class="table-wrap"><table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'  # noqa: E501
+    return f'<div class="table-wrap"><table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 # The custody value of each attribute; others are shown without colour.
-_GOOD: Final = {"TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "ALWAYS_SENSITIVE": True,
-                "EXTRACTABLE": False, "NEVER_EXTRACTABLE": True, "LOCAL": True,
-                "MODIFIABLE": False}  # fmt: skip
+_GOOD: Final = {
+    "TOKEN": True,
+    "PRIVATE": True,
+    "SENSITIVE": True,
+    "ALWAYS_SENSITIVE": True,
+    "EXTRACTABLE": False,
+    "NEVER_EXTRACTABLE": True,
+    "LOCAL": True,
+    "MODIFIABLE": False,
+}
 
 
 def _bool(name: str, value: object) -> str:
@@ -155,10 +162,14 @@ def attributes_table(objects: Sequence[Mapping[str, Any]]) -> str:
     ]
     rows = [
         [f"<code>{esc(name)}</code>"]
-        + [_bool(name, o["attributes"].get(name)) if o["present"] else '<span class="no">missing</span>'
-           for o in objects]
+        + [
+            _bool(name, o["attributes"].get(name))
+            if o["present"]
+            else '<span class="no">missing</span>'
+            for o in objects
+        ]
         for name in names
-    ]  # fmt: skip
+    ]
     rows.append(
         ["permitted operations"]
         + [esc(", ".join(o["permittedOperations"]) or "none") for o in objects]
@@ -195,21 +206,26 @@ def access_table(access: Mapping[str, Any]) -> str:
             )
         delegated = (
             "yes: any principal of the account whose identity policy allows it"
-            if group["identityPoliciesMayGrant"] else "no"
-        )  # fmt: skip
-        rows.append([
-            f"<b>{esc(group['group'])}</b>",
-            "<br>".join(who) or '<span class="na">nobody known</span>',
-            esc(delegated),
-            badge("yes", "bad") if group["otherAccounts"] else esc("no"),
-        ])  # fmt: skip
+            if group["identityPoliciesMayGrant"]
+            else "no"
+        )
+        rows.append(
+            [
+                f"<b>{esc(group['group'])}</b>",
+                "<br>".join(who) or '<span class="na">nobody known</span>',
+                esc(delegated),
+                badge("yes", "bad") if group["otherAccounts"] else esc("no"),
+            ]
+        )
     out = table(
         ["group", "principals (actions)", "identity policies may grant", "other accounts"], rows
     )
     if access.get("findings"):
-        out += '<ul class="reasons">' + "".join(
-            f"<li>{esc(f)}</li>" for f in access["findings"]
-        ) + "</ul>"  # fmt: skip
+        out += (
+            '<ul class="reasons">'
+            + "".join(f"<li>{esc(f)}</li>" for f in access["findings"])
+            + "</ul>"
+        )
     return out
 
 
@@ -217,36 +233,58 @@ def grants_table(grants: Sequence[Mapping[str, Any]]) -> str:
     return table(
         ["grant", "grantee", "operations", "constraints", "created"],
         [
-            [f"<code>{esc(g['grantId'][:16])}</code>{' ' + esc(g['name']) if g['name'] else ''}",
-             f"<code>{esc(g['granteePrincipal'])}</code>", esc(", ".join(g["operations"])),
-             f"<code>{esc(g['constraints'])}</code>" if g["constraints"] else esc(None),
-             esc(g["createdAt"])]
+            [
+                f"<code>{esc(g['grantId'][:16])}</code>{' ' + esc(g['name']) if g['name'] else ''}",
+                f"<code>{esc(g['granteePrincipal'])}</code>",
+                esc(", ".join(g["operations"])),
+                f"<code>{esc(g['constraints'])}</code>" if g["constraints"] else esc(None),
+                esc(g["createdAt"]),
+            ]
             for g in grants
         ],
-    )  # fmt: skip
+    )
 
 
 def versions_table(versions: Sequence[Mapping[str, Any]]) -> str:
     return table(
         ["version", "created", "how", "profile", "key store", "custody"],
         [
-            [esc(v["version"]) + (" " + badge("current", "ok") if v["current"] else ""),
-             esc(v["createdAt"]), esc(v["rotationType"] or "created"), esc(v["profile"]),
-             esc(v["keyStore"]), verdict_badge(v["custody"]) + _reasons(v["custody"])]
+            [
+                esc(v["version"]) + (" " + badge("current", "ok") if v["current"] else ""),
+                esc(v["createdAt"]),
+                esc(v["rotationType"] or "created"),
+                esc(v["profile"]),
+                esc(v["keyStore"]),
+                verdict_badge(v["custody"]) + _reasons(v["custody"]),
+            ]
             for v in versions
         ],
-    )  # fmt: skip
+    )
 
 
 def rotation_facts(rotation: Mapping[str, Any]) -> str:
     status = rotation["status"]
-    return facts([
-        ("status", badge(status.replace("_", " ").lower(), _ROTATION_CLASS.get(status, "")) + " " + esc(rotation["detail"])),  # noqa: E501
-        ("period", esc(f"{rotation['periodDays']} days" if rotation["periodDays"] else None)),
-        ("next rotation", esc(rotation["nextRotationDate"])),
-        ("current material age", esc(f"{rotation['currentMaterialAgeDays']} days" if rotation["currentMaterialAgeDays"] is not None else None)),  # noqa: E501
-        ("on-demand rotations", esc(rotation["onDemandRotations"])),
-    ])  # fmt: skip
+    return facts(
+        [
+            (
+                "status",
+                badge(status.replace("_", " ").lower(), _ROTATION_CLASS.get(status, ""))
+                + " "
+                + esc(rotation["detail"]),
+            ),
+            ("period", esc(f"{rotation['periodDays']} days" if rotation["periodDays"] else None)),
+            ("next rotation", esc(rotation["nextRotationDate"])),
+            (
+                "current material age",
+                esc(
+                    f"{rotation['currentMaterialAgeDays']} days"
+                    if rotation["currentMaterialAgeDays"] is not None
+                    else None
+                ),
+            ),
+            ("on-demand rotations", esc(rotation["onDemandRotations"])),
+        ]
+    )
 
 
 def key_title(key: Mapping[str, Any]) -> str:
@@ -260,35 +298,48 @@ def key_detail(key: Mapping[str, Any], *, sections: Mapping[str, str] | None = N
     sections = sections or {}
     last = key.get("lastUsed")
     last_text = (
-        f"{esc(last['eventTime'])} &#8212; {esc(last['eventName'])} by <code>{esc(last['principal'])}</code>"  # noqa: E501
-        if last else esc("never (in the audit trail)")
-    )  # fmt: skip
+        f"{esc(last['eventTime'])} &#8212; {esc(last['eventName'])} by <code>{esc(last['principal'])}</code>"
+        if last
+        else esc("never (in the audit trail)")
+    )
     tags = ", ".join(f"{k}={v}" for k, v in key["tags"].items()) or None
     parts = [
         '<div class="card">',
-        facts([
-            ("custody", verdict_badge(key["custody"])),
-            ("state", state_badge(key["state"]) + (f" deletion on {esc(key['deletionDate'])}" if key.get("deletionDate") else "")),  # noqa: E501
-            ("key id", f"<code>{esc(key['keyId'])}</code>"),
-            ("ARN", f"<code>{esc(key['arn'])}</code>"),
-            ("aliases", esc(", ".join(key["aliases"]) or None)),
-            ("description", esc(key["description"] or None)),
-            ("tags", esc(tags)),
-            ("spec / usage", esc(f"{key['keySpec']} / {key['keyUsage']}")),
-            ("origin", esc(key["origin"])),
-            ("key store", esc(key["keyStore"])),
-            ("created", esc(key["createdAt"])),
-            ("last used", last_text),
-        ]),
+        facts(
+            [
+                ("custody", verdict_badge(key["custody"])),
+                (
+                    "state",
+                    state_badge(key["state"])
+                    + (
+                        f" deletion on {esc(key['deletionDate'])}"
+                        if key.get("deletionDate")
+                        else ""
+                    ),
+                ),
+                ("key id", f"<code>{esc(key['keyId'])}</code>"),
+                ("ARN", f"<code>{esc(key['arn'])}</code>"),
+                ("aliases", esc(", ".join(key["aliases"]) or None)),
+                ("description", esc(key["description"] or None)),
+                ("tags", esc(tags)),
+                ("spec / usage", esc(f"{key['keySpec']} / {key['keyUsage']}")),
+                ("origin", esc(key["origin"])),
+                ("key store", esc(key["keyStore"])),
+                ("created", esc(key["createdAt"])),
+                ("last used", last_text),
+            ]
+        ),
         "</div>",
         "<h3>Versions and rotation</h3>",
-        '<div class="card">', rotation_facts(key["rotation"]), "</div>",
+        '<div class="card">',
+        rotation_facts(key["rotation"]),
+        "</div>",
         versions_table(key["versions"]),
-    ]  # fmt: skip
+    ]
     for v in key["versions"]:
         parts.append(
             f"<details><summary>Token attributes of version {esc(v['version'])} "
-            f"(read from the token at report time)</summary>{attributes_table(v['objects'])}</details>"  # noqa: E501
+            f"(read from the token at report time)</summary>{attributes_table(v['objects'])}</details>"
         )
     parts.append("<h3>Who may use and administer it</h3>")
     parts.append(sections.get("access") or access_table(key["access"]))

@@ -93,10 +93,14 @@ def _summary_cards(report: Mapping[str, Any]) -> str:
         ("ok" if summary["integrityOk"] else "findings", "metadata integrity"),
         (str(summary["deletedKeys"]), "keys deleted in the period"),
     ]
-    return '<div class="cards">' + "".join(
-        f'<div class="stat"><b>{esc(value)}</b><span>{esc(label)}</span></div>'
-        for value, label in cards
-    ) + "</div>"  # fmt: skip
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="stat"><b>{esc(value)}</b><span>{esc(label)}</span></div>'
+            for value, label in cards
+        )
+        + "</div>"
+    )
 
 
 def key_stores_html(stores: Sequence[Mapping[str, Any]]) -> str:
@@ -110,20 +114,35 @@ def key_stores_html(stores: Sequence[Mapping[str, Any]]) -> str:
             parts.append(f'<p class="notice bad">Not connected: {esc(store["error"])}</p></div>')
             continue
         specs = token["capabilities"]["specs"]
-        parts.append(facts([
-            ("kind", esc(store["kind"])),
-            ("manufacturer", esc(token["manufacturer"])),
-            ("model", esc(token["model"])),
-            ("serial", f"<code>{esc(token['serial'])}</code>"),
-            ("label", esc(token["label"])),
-            ("firmware / hardware", esc(f"{token['firmwareVersion'] or '?'} / {token['hardwareVersion'] or '?'}")),  # noqa: E501
-            ("module", f"<code>{esc(token['module'])}</code>"),
-            ("library", esc(token["libraryDescription"])),
-            ("profile", esc(token["profile"])),
-            ("hosts", esc(", ".join(f"{s} ({', '.join(u)})" for s, u in specs.items()) or None)),
-            ("mechanisms", f"<details><summary>{len(token['mechanisms'])} mechanisms</summary>"
-                           f"<p class=\"mono\">{esc(', '.join(token['mechanisms']))}</p></details>"),
-        ]))  # fmt: skip
+        parts.append(
+            facts(
+                [
+                    ("kind", esc(store["kind"])),
+                    ("manufacturer", esc(token["manufacturer"])),
+                    ("model", esc(token["model"])),
+                    ("serial", f"<code>{esc(token['serial'])}</code>"),
+                    ("label", esc(token["label"])),
+                    (
+                        "firmware / hardware",
+                        esc(
+                            f"{token['firmwareVersion'] or '?'} / {token['hardwareVersion'] or '?'}"
+                        ),
+                    ),
+                    ("module", f"<code>{esc(token['module'])}</code>"),
+                    ("library", esc(token["libraryDescription"])),
+                    ("profile", esc(token["profile"])),
+                    (
+                        "hosts",
+                        esc(", ".join(f"{s} ({', '.join(u)})" for s, u in specs.items()) or None),
+                    ),
+                    (
+                        "mechanisms",
+                        f"<details><summary>{len(token['mechanisms'])} mechanisms</summary>"
+                        f'<p class="mono">{esc(", ".join(token["mechanisms"]))}</p></details>',
+                    ),
+                ]
+            )
+        )
         parts.append("</div>")
     return "\n".join(parts)
 
@@ -133,35 +152,58 @@ def audit_html(audit: Mapping[str, Any]) -> str:
     seal = audit["newestSeal"]
     ok = audit["status"] == "ok"
     head = (
-        '<p class="notice ok">The audit trail verifies against the token: every seal, every record.</p>'  # noqa: E501
-        if ok else f'<p class="notice bad">Audit trail {esc(audit["status"])}: {esc(audit["problem"])}</p>'  # noqa: E501
-    )  # fmt: skip
-    return head + '<div class="card">' + facts([
-        ("records", esc(audit["records"])),
-        ("seals", esc(audit["seals"])),
-        ("sealed through record", esc(audit["sealedThrough"])),
-        ("unsealed records", esc(audit["unsealed"])),
-        ("newest seal", f"<code>{esc(seal['seal'])}:{esc(seal['tag'])}</code>" if seal else esc(None)),  # noqa: E501
-        ("newest seal time", esc(audit["newestSealTime"])),
-        ("seal gaps", esc(len(audit["gaps"]))),
-    ]) + "</div>"  # fmt: skip
+        '<p class="notice ok">The audit trail verifies against the token: every seal, every record.</p>'
+        if ok
+        else f'<p class="notice bad">Audit trail {esc(audit["status"])}: {esc(audit["problem"])}</p>'
+    )
+    return (
+        head
+        + '<div class="card">'
+        + facts(
+            [
+                ("records", esc(audit["records"])),
+                ("seals", esc(audit["seals"])),
+                ("sealed through record", esc(audit["sealedThrough"])),
+                ("unsealed records", esc(audit["unsealed"])),
+                (
+                    "newest seal",
+                    f"<code>{esc(seal['seal'])}:{esc(seal['tag'])}</code>" if seal else esc(None),
+                ),
+                ("newest seal time", esc(audit["newestSealTime"])),
+                ("seal gaps", esc(len(audit["gaps"]))),
+            ]
+        )
+        + "</div>"
+    )
 
 
 def integrity_html(integrity: Mapping[str, Any]) -> str:
-    rows = [
-        [esc("row failing its token MAC"), esc(f"{p['table']} row of key {p['key_id']}: {p['detail']}")]  # noqa: E501
-        for p in integrity["rowsFailing"]
-    ] + [
-        [esc("token object of no key"), esc(f"{o['objectId']} ({o['label']})")]
-        for o in integrity["orphanObjects"]
-    ] + [
-        [esc("key version without its token object"), esc(f"key {m['keyId']} version {m['version']}")]  # noqa: E501
-        for m in integrity["missingObjects"]
-    ] + [[esc("warning"), esc(w)] for w in integrity["warnings"]]  # fmt: skip
+    rows = (
+        [
+            [
+                esc("row failing its token MAC"),
+                esc(f"{p['table']} row of key {p['key_id']}: {p['detail']}"),
+            ]
+            for p in integrity["rowsFailing"]
+        ]
+        + [
+            [esc("token object of no key"), esc(f"{o['objectId']} ({o['label']})")]
+            for o in integrity["orphanObjects"]
+        ]
+        + [
+            [
+                esc("key version without its token object"),
+                esc(f"key {m['keyId']} version {m['version']}"),
+            ]
+            for m in integrity["missingObjects"]
+        ]
+        + [[esc("warning"), esc(w)] for w in integrity["warnings"]]
+    )
     head = (
-        '<p class="notice ok">Every metadata row passes its token MAC; the token and the database agree.</p>'  # noqa: E501
-        if integrity["ok"] else '<p class="notice bad">Integrity findings (below).</p>'
-    )  # fmt: skip
+        '<p class="notice ok">Every metadata row passes its token MAC; the token and the database agree.</p>'
+        if integrity["ok"]
+        else '<p class="notice bad">Integrity findings (below).</p>'
+    )
     return head + (table(["finding", "detail"], rows) if rows else "")
 
 
@@ -172,12 +214,17 @@ def _html(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> str:
     keys_index = table(
         ["key", "state", "spec", "key store", "rotation", "custody"],
         [
-            [f'<a href="#key-{esc(k["keyId"])}">{esc(key_title(k))}</a>', esc(k["state"]),
-             esc(k["keySpec"]), esc(k["keyStore"]), esc(k["rotation"]["status"]),
-             verdict_badge(k["custody"])]
+            [
+                f'<a href="#key-{esc(k["keyId"])}">{esc(key_title(k))}</a>',
+                esc(k["state"]),
+                esc(k["keySpec"]),
+                esc(k["keyStore"]),
+                esc(k["rotation"]["status"]),
+                verdict_badge(k["custody"]),
+            ]
             for k in report["keys"]
         ],
-    )  # fmt: skip
+    )
     key_cards = "\n".join(
         f'<section id="key-{esc(k["keyId"])}"><h2>{esc(key_title(k))}</h2>{key_detail(k)}</section>'
         for k in report["keys"]
@@ -185,20 +232,28 @@ def _html(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> str:
     deleted = table(
         ["key", "deleted (purge record)", "scheduled", "by", "window"],
         [
-            [f"<code>{esc(d['keyId'])}</code>", f"{esc(d['deletedAt'])}<br><code>{esc(d['purgeRecord']['eventId'])}</code>",  # noqa: E501
-             esc(d["scheduledAt"]), f"<code>{esc(d['scheduledBy'])}</code>",
-             esc(f"{d['pendingWindowInDays']} days" if d["pendingWindowInDays"] else None)]
+            [
+                f"<code>{esc(d['keyId'])}</code>",
+                f"{esc(d['deletedAt'])}<br><code>{esc(d['purgeRecord']['eventId'])}</code>",
+                esc(d["scheduledAt"]),
+                f"<code>{esc(d['scheduledBy'])}</code>",
+                esc(f"{d['pendingWindowInDays']} days" if d["pendingWindowInDays"] else None),
+            ]
             for d in report["deletedKeys"]
         ],
-    )  # fmt: skip
+    )
     principals = table(
         ["principal", "name", "known from", "identity policy"],
         [
-            [f"<code>{esc(p['arn'])}</code>", esc(p["name"]), esc(", ".join(p["sources"])),
-             esc("yes" if p["hasIdentityPolicy"] else "no")]
+            [
+                f"<code>{esc(p['arn'])}</code>",
+                esc(p["name"]),
+                esc(", ".join(p["sources"])),
+                esc("yes" if p["hasIdentityPolicy"] else "no"),
+            ]
             for p in report["principals"]
         ],
-    )  # fmt: skip
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -234,7 +289,7 @@ def _html(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> str:
 </main>
 </body>
 </html>
-"""  # noqa: E501
+"""
 
 
 # -- Markdown ------------------------------------------------------------------------------------
@@ -264,37 +319,91 @@ def _markdown(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> 
     account = report["account"]
     summary = report["summary"]
     add(f"# {_TITLE}\n")
-    add(f"Account {_md(account['accountId'])}, region {_md(account['region'])}. Generated "
+    add(
+        f"Account {_md(account['accountId'])}, region {_md(account['region'])}. Generated "
         f"{_md(report['generatedAt'])} by hsmkms {_md(report['generator']['version'])}. "
-        f"Report {_md(report['reportId'])}.\n")  # fmt: skip
-    add(_md_table(["keys", "never extractable", "rotations overdue", "audit trail", "integrity",
-                   "deleted"], [[summary["keys"],
-                   summary["byVerdict"].get("GENERATED_IN_HSM_NEVER_EXTRACTABLE", 0),
-                   summary["rotationOverdue"],
-                   "intact" if summary["auditTrailIntact"] else report["auditTrail"]["status"],
-                   "ok" if summary["integrityOk"] else "findings", summary["deletedKeys"]]]))  # fmt: skip
+        f"Report {_md(report['reportId'])}.\n"
+    )
+    add(
+        _md_table(
+            [
+                "keys",
+                "never extractable",
+                "rotations overdue",
+                "audit trail",
+                "integrity",
+                "deleted",
+            ],
+            [
+                [
+                    summary["keys"],
+                    summary["byVerdict"].get("GENERATED_IN_HSM_NEVER_EXTRACTABLE", 0),
+                    summary["rotationOverdue"],
+                    "intact" if summary["auditTrailIntact"] else report["auditTrail"]["status"],
+                    "ok" if summary["integrityOk"] else "findings",
+                    summary["deletedKeys"],
+                ]
+            ],
+        )
+    )
     add("\n## Key stores\n")
     for store in report["deployment"]["keyStores"]:
         token = store.get("token") or {}
-        add(_md_table(["store", "manufacturer", "model", "serial", "firmware", "label", "profile",
-                       "mechanisms"],
-                      [[store["id"], token.get("manufacturer"), token.get("model"),
-                        token.get("serial"), token.get("firmwareVersion"), token.get("label"),
-                        token.get("profile"), len(token.get("mechanisms", []))]]))  # fmt: skip
+        add(
+            _md_table(
+                [
+                    "store",
+                    "manufacturer",
+                    "model",
+                    "serial",
+                    "firmware",
+                    "label",
+                    "profile",
+                    "mechanisms",
+                ],
+                [
+                    [
+                        store["id"],
+                        token.get("manufacturer"),
+                        token.get("model"),
+                        token.get("serial"),
+                        token.get("firmwareVersion"),
+                        token.get("label"),
+                        token.get("profile"),
+                        len(token.get("mechanisms", [])),
+                    ]
+                ],
+            )
+        )
         if store.get("error"):
             add(f"\nNot connected: {_md(store['error'])}")
     audit = report["auditTrail"]
     seal = audit["newestSeal"]
     add("\n## Audit trail\n")
-    add(_md_table(["status", "records", "seals", "sealed through", "newest seal", "newest seal time"],  # noqa: E501
-                  [[audit["status"], audit["records"], audit["seals"], audit["sealedThrough"],
-                    f"{seal['seal']}:{seal['tag']}" if seal else None, audit["newestSealTime"]]]))  # fmt: skip
+    add(
+        _md_table(
+            ["status", "records", "seals", "sealed through", "newest seal", "newest seal time"],
+            [
+                [
+                    audit["status"],
+                    audit["records"],
+                    audit["seals"],
+                    audit["sealedThrough"],
+                    f"{seal['seal']}:{seal['tag']}" if seal else None,
+                    audit["newestSealTime"],
+                ]
+            ],
+        )
+    )
     if audit["problem"]:
         add(f"\nProblem: {_md(audit['problem'])}")
     integrity = report["integrity"]
     add("\n## Integrity\n")
-    add("Every metadata row passes its token MAC; the token and the database agree."
-        if integrity["ok"] else "Findings:")  # fmt: skip
+    add(
+        "Every metadata row passes its token MAC; the token and the database agree."
+        if integrity["ok"]
+        else "Findings:"
+    )
     for p in integrity["rowsFailing"]:
         add(
             f"- row failing its MAC: {_md(p['table'])} row of key {_md(p['key_id'])}: {_md(p['detail'])}"
@@ -308,42 +417,94 @@ def _markdown(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> 
     add("\n## Keys\n")
     for k in report["keys"]:
         add(f"### {_md(key_title(k))}\n")
-        add(_md_table(["key id", "state", "spec", "usage", "origin", "key store", "created",
-                       "custody", "last used"],
-                      [[k["keyId"], k["state"], k["keySpec"], k["keyUsage"], k["origin"],
-                        k["keyStore"], k["createdAt"], k["custody"]["text"],
-                        (k["lastUsed"] or {}).get("eventTime", "never")]]))  # fmt: skip
+        add(
+            _md_table(
+                [
+                    "key id",
+                    "state",
+                    "spec",
+                    "usage",
+                    "origin",
+                    "key store",
+                    "created",
+                    "custody",
+                    "last used",
+                ],
+                [
+                    [
+                        k["keyId"],
+                        k["state"],
+                        k["keySpec"],
+                        k["keyUsage"],
+                        k["origin"],
+                        k["keyStore"],
+                        k["createdAt"],
+                        k["custody"]["text"],
+                        (k["lastUsed"] or {}).get("eventTime", "never"),
+                    ]
+                ],
+            )
+        )
         rotation = k["rotation"]
         add(f"\nRotation: {_md(rotation['status'])} — {_md(rotation['detail'])}.\n")
-        add(_md_table(["version", "created", "how", "custody", "reasons"],
-                      [[v["version"], v["createdAt"], v["rotationType"] or "created",
-                        v["custody"]["text"], "; ".join(v["custody"]["reasons"]) or "—"]
-                       for v in k["versions"]]))  # fmt: skip
+        add(
+            _md_table(
+                ["version", "created", "how", "custody", "reasons"],
+                [
+                    [
+                        v["version"],
+                        v["createdAt"],
+                        v["rotationType"] or "created",
+                        v["custody"]["text"],
+                        "; ".join(v["custody"]["reasons"]) or "—",
+                    ]
+                    for v in k["versions"]
+                ],
+            )
+        )
         for v in k["versions"]:
             for o in v["objects"]:
                 attributes = ", ".join(
                     f"{name}={'?' if value is None else str(value).lower()}"
                     for name, value in o["attributes"].items()
                 )
-                add(f"\n- version {v['version']} {_md(o['objectClass'])} {_md(o['objectId'])}: "
-                    f"{_md(attributes) if o['present'] else 'MISSING'}")  # fmt: skip
+                add(
+                    f"\n- version {v['version']} {_md(o['objectClass'])} {_md(o['objectId'])}: "
+                    f"{_md(attributes) if o['present'] else 'MISSING'}"
+                )
         add("\nAccess:\n")
         for g in k["access"]["groups"]:
             who = "; ".join(
                 f"{p['arn']} ({'all' if p['allActions'] else ', '.join(p['actions'])})"
                 for p in g["principals"]
             )
-            add(f"- {_md(g['group'])}: {_md(who or 'nobody known')}"
-                f"{' — identity policies may grant it' if g['identityPoliciesMayGrant'] else ''}")  # fmt: skip
+            add(
+                f"- {_md(g['group'])}: {_md(who or 'nobody known')}"
+                f"{' — identity policies may grant it' if g['identityPoliciesMayGrant'] else ''}"
+            )
         for finding in k["access"]["findings"]:
             add(f"- finding: {_md(finding)}")
         add(f"\nGrants: {len(k['grants'])}.\n")
     add("## Keys deleted in the period\n")
-    add(_md_table(["key", "deleted", "purge record", "scheduled", "by"],
-                  [[d["keyId"], d["deletedAt"], d["purgeRecord"]["eventId"], d["scheduledAt"],
-                    d["scheduledBy"]] for d in report["deletedKeys"]]))  # fmt: skip
+    add(
+        _md_table(
+            ["key", "deleted", "purge record", "scheduled", "by"],
+            [
+                [
+                    d["keyId"],
+                    d["deletedAt"],
+                    d["purgeRecord"]["eventId"],
+                    d["scheduledAt"],
+                    d["scheduledBy"],
+                ]
+                for d in report["deletedKeys"]
+            ],
+        )
+    )
     add("\n## Signature\n")
-    add(f"ECDSA_SHA_256 by the key {_md(key.fingerprint)} (key store {_md(key.ref.store)}, "
+    add(
+        f"ECDSA_SHA_256 by the key {_md(key.fingerprint)} (key store {_md(key.ref.store)}, "
         f"token {_md(token_serial)}, label hsmkms:report). The last line of this file signs "
-        "every byte before it: `hsmkms report verify FILE`.\n")  # fmt: skip
+        "every byte before it: `hsmkms report verify FILE`.\n"
+    )
     return "\n".join(out) + "\n"
