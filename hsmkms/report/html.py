@@ -77,6 +77,7 @@ button.link{background:none;border:none;color:#cfe0f5;padding:0}
 details>summary{cursor:pointer;color:var(--accent)}
 footer.sig{color:var(--muted);font-size:.85rem;margin-top:2rem}
 @media (max-width:40rem){main{padding:.6rem .7rem 2rem}h1{font-size:1.25rem}
+.table-wrap table{min-width:38rem}
 th,td{padding:.35rem .4rem}dl.facts{grid-template-columns:1fr}dl.facts dt{margin-top:.3rem}}
 """
 
