@@ -584,3 +584,27 @@ def test_a_wrong_secret_shows_an_error_in_the_browser(browser: Any, d: Deploymen
 @pytest.fixture
 def d(deployment: Deployment) -> Deployment:
     return deployment
+
+
+def test_over_tls_the_cookies_are_secure(tmp_path: Path) -> None:
+    import ssl
+
+    from test_api_server import self_signed
+
+    cert, key = self_signed(tmp_path)
+    args = ["--console", "--tls-cert", str(cert), "--tls-key", str(key)]
+    with running_server(tmp_path / "data", args=args, env=ENV, ca_file=cert) as server:
+        parts = urlsplit(server.endpoint)
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, context=context)
+        try:
+            conn.request("GET", "/console/sign-in")
+            resp = conn.getresponse()
+            resp.read()
+            cookies = [v for k, v in resp.getheaders() if k.lower() == "set-cookie"]
+        finally:
+            conn.close()
+        assert resp.status == 200
+        (csrf,) = cookies
+        assert "; Secure" in csrf
+        assert "HttpOnly" in csrf
