@@ -1,10 +1,12 @@
-"""What differs between database engines, in one place: connection set-up, which driver errors
-mean "busy", the change signal for read caches, writer locks, and whether a database exists.
+"""What differs between database engines, in one place: engine options and connection set-up,
+read transactions' options, which driver errors mean "busy" or "unavailable", the change signal
+for read caches and how a write announces itself to it, writer locks, and whether a database
+exists.
 
 :class:`Dialect` is the behaviour of a database this layer has no special knowledge of (no
 set-up, no busy errors, no change signal: caches always miss); :class:`SQLiteDialect` is the
-embedded default; :class:`PostgreSQLDialect` keeps the writer lock that the audit trail has
-taken there from the start (the rest of PostgreSQL is a later issue).
+embedded default; PostgreSQL's is :class:`hsmkms.db.postgresql.PostgreSQLDialect`, in a module
+of its own (it builds on this one).
 """
 
 from __future__ import annotations
