@@ -17,7 +17,8 @@ records). ``docs/metadata-store.md`` lists each sequence and its lock.
   too_many_connections;
 - unavailable (the server cannot be reached): class ``08`` (connection exceptions), ``57P01``
   admin_shutdown, ``57P02`` crash_shutdown, ``57P03`` cannot_connect_now, and psycopg's
-  ``OperationalError`` without a SQLSTATE (connection refused or lost: no server answered).
+  ``OperationalError`` without a SQLSTATE (connection refused or lost, or a login the server
+  refused: libpq gives no SQLSTATE for those, and the message text is not read).
 
 The engine checks a pooled connection before lending it (``pool_pre_ping``): after a server
 restart the first request gets a fresh connection instead of an error, and while the server is
@@ -57,7 +58,9 @@ _UNAVAILABLE_SQLSTATES: Final = {
     "57P03": "the database server is starting up or shutting down",
 }
 _CONNECTION_CLASS: Final = "08"
-_LOST: Final = "the database server cannot be reached (connection refused or lost)"
+# Without a SQLSTATE psycopg cannot say more: a refused TCP connection, a lost one, and a login
+# the server refused (wrong password, no such database) all look alike, short of reading text.
+_LOST: Final = "the database server cannot be reached or refused the connection"
 # Seconds to wait for a connection, unless the URL says otherwise (libpq waits forever).
 _CONNECT_TIMEOUT: Final = 10
 
