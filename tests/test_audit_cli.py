@@ -18,7 +18,7 @@ from hsmkms.cli.main import main
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service.operations import READ_ONLY_OPERATIONS
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = pytest.mark.hsm
 
 ACCOUNT = "111122223333"
 START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)

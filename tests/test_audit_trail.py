@@ -27,7 +27,7 @@ from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service.operations import READ_ONLY_OPERATIONS
 from hsmkms.store.metadata import MetadataStore
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = pytest.mark.hsm
 
 ACCOUNT = "111122223333"
 START = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)

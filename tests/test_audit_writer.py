@@ -26,7 +26,7 @@ from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
 from hsmkms.system import service_event_sink
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = pytest.mark.hsm
 
 ACCOUNT = "111122223333"
 REGION = "eu-west-1"

@@ -534,3 +534,71 @@ def test_the_urls_connect_timeout_wins(pg_url: str) -> None:
         assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "1234ms"
     fast.close()
+
+
+# -- the audit trail -----------------------------------------------------------------------------
+
+
+def _event(n: int) -> dict[str, Any]:
+    return service_event_record(
+        "RotateKey",
+        account_id="111122223333",
+        region="us-east-1",
+        key_arn=f"arn:aws:kms:us-east-1:111122223333:key/k{n}",
+    )
+
+
+def test_appenders_in_several_processes_keep_one_gap_free_chain(
+    pg_url: str, keystore: Pkcs11Keystore
+) -> None:
+    """Four trails (four engines, as four server workers) append batches at once: the trail's
+    advisory lock makes them take turns, and the chain verifies, every record once."""
+    trails = [AuditTrail(pg_url, keystore, seal_every=7) for _ in range(4)]
+    barrier = threading.Barrier(4)
+    unexpected: list[BaseException] = []
+
+    def append(trail: AuditTrail, n: int) -> None:
+        barrier.wait()
+        try:
+            for batch in range(10):
+                trail.append_many([_event(n * 1000 + batch * 10 + i) for i in range(3)])
+        except BaseException as exc:
+            unexpected.append(exc)
+
+    threads = [threading.Thread(target=append, args=(t, n)) for n, t in enumerate(trails)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert unexpected == []
+    for trail in trails:
+        trail.close()
+    reader = AuditTrail(pg_url, keystore, create=False)
+    result = reader.verify()
+    assert result.ok, result.problem
+    assert result.records == 4 * 10 * 3
+    arns = [r["resources"][0]["ARN"] for r in reader.search()]
+    assert len(arns) == len(set(arns)) == 120
+    reader.close()
+
+
+def test_a_record_edited_in_postgresql_is_named_by_verify(
+    pg_url: str, keystore: Pkcs11Keystore
+) -> None:
+    trail = AuditTrail(pg_url, keystore)
+    for n in range(5):
+        trail.append(_event(n))
+    trail.close()
+    with _driver(pg_url) as conn:
+        conn.execute(
+            "UPDATE audit_records SET record = "
+            "convert_to(replace(convert_from(record, 'UTF8'), 'key/k3', 'key/k9'), 'UTF8') "
+            "WHERE seq = 4"
+        )
+    reader = AuditTrail(pg_url, keystore, create=False)
+    result = reader.verify()
+    assert not result.ok
+    assert result.first_bad_seq == 4
+    assert result.problem is not None
+    assert "record 4" in result.problem
+    reader.close()
