@@ -73,6 +73,7 @@ class Cluster:
         self._as_postgres = os.geteuid() == 0
         self._names = 0
         self._options = ""
+        self.created: list[str] = []  # database names, in the order made
         self._lock = threading.Lock()
 
     # -- running server commands --------------------------------------------------------------
@@ -161,6 +162,8 @@ class Cluster:
             conn.execute(
                 sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
             )
+        with self._lock:
+            self.created.append(name)
         return name
 
     def drop_database(self, name: str) -> None:
@@ -211,6 +214,31 @@ def store_url(path: Path) -> str:
     """The database URL a test keeps its tables in: the SQLite file ``path``, or on a
     PostgreSQL run the database that belongs to ``path``."""
     return database_url_for(path) or f"sqlite:///{path}"
+
+
+def drop_databases_made_after(count: int) -> None:
+    """Drop the session server's databases made after the first ``count`` (each about 8 MB:
+    a test's databases go when the test ends), and forget which data directory they served."""
+    with _cluster_lock:
+        server = _cluster
+    if server is None:
+        return
+    with server._lock:
+        names, server.created[count:] = server.created[count:], []
+    if not names:
+        return
+    with _cluster_lock:
+        for key, url in list(_by_data_dir.items()):
+            if url.rsplit("/", 1)[1] in names:
+                del _by_data_dir[key]
+    for name in names:
+        server.drop_database(name)
+
+
+def databases_made() -> int:
+    """How many databases the session's server has made so far (0 before it started)."""
+    with _cluster_lock:
+        return 0 if _cluster is None else len(_cluster.created)
 
 
 _by_data_dir: dict[Path, str] = {}
