@@ -86,12 +86,19 @@ from hsmkms.keystore.pkcs11_mechanisms import (
     MATERIALS,
     OBJECT_CLASSES,
     PROFILE_MECHANISMS,
+    EdwardsMaterial,
     HmacMaterial,
     KeyPairMaterial,
     ProbeRefused,
     generate_secrets,
 )
-from hsmkms.keystore.specs import KeyMaterialSpec, MaterialUsage, SigningAlgorithm
+from hsmkms.keystore.specs import (
+    AsymmetricEncryption,
+    KeyMaterialSpec,
+    MaterialUsage,
+    SignatureScheme,
+    SigningAlgorithm,
+)
 from hsmkms.profiles import PROFILES, MechanismProfile
 
 _CREATE_ATTEMPTS = 3
@@ -181,6 +188,8 @@ class Pkcs11Keystore:
         self._mechanisms: tuple[str, ...] = ()
         self._listed: frozenset[Any] = frozenset()
         self._capabilities: Capabilities | None = None
+        self._prehash: bool | None = None  # whether the token performs Ed25519ph
+        self._public_keys: dict[bytes, bytes] = {}  # key pair id -> DER SubjectPublicKeyInfo
         self._closed = False
 
     def __repr__(self) -> str:
@@ -443,7 +452,16 @@ class Pkcs11Keystore:
                         unverified.add(spec)
                 if hosted:
                     usages[spec] = frozenset(hosted)
-            return Capabilities(usages, tuple(profiles), frozenset(unverified - set(usages)))
+            unsupported: set[SigningAlgorithm] = set()
+            edwards = KeyMaterialSpec.ECC_NIST_EDWARDS25519
+            if edwards in usages and not self._prehash_works(conn):
+                unsupported.add(SigningAlgorithm.ED25519_PH_SHA_512)
+            return Capabilities(
+                usages,
+                tuple(profiles),
+                frozenset(unverified - set(usages)),
+                frozenset(unsupported),
+            )
 
         found = self._call("probing capabilities", work)
         self._capabilities = found
@@ -520,6 +538,10 @@ class Pkcs11Keystore:
             raise TokenRejected(f"the name {name.base!r} is too long for a token label")
 
         def work(conn: _Connection) -> KeyMaterialRef:
+            missing = material.mechanisms(chosen_usage) - self._listed
+            if missing:
+                names = ", ".join(sorted(f"CKM_{_mech_name(m)}" for m in missing))
+                raise UnsupportedByToken(f"the token lacks {names}")
             for attempt in range(_CREATE_ATTEMPTS):
                 ids = [self._new_object_id(conn) for _ in roles]
                 try:
@@ -549,6 +571,7 @@ class Pkcs11Keystore:
             for raw in ref.raw_ids:
                 conn.handles.pop(raw, None)
                 conn.public.pop(raw, None)
+                self._public_keys.pop(raw, None)
                 for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                     obj.destroy()
 
@@ -711,30 +734,51 @@ class Pkcs11Keystore:
             raise IncompatibleMaterial(f"{ref.spec.value} material is not a key pair")
         return material
 
-    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        """Sign ``digest`` with the private key of a signing key pair, inside the token. ECDSA
-        signatures are DER-encoded."""
+    def _prehash_works(self, conn: _Connection) -> bool:
+        """Whether the token performs Ed25519ph (probed once, with temporary objects; a token
+        that refuses them is not trusted with it). Called with the lock held."""
+        if self._prehash is None:
+            material = MATERIALS[KeyMaterialSpec.ECC_NIST_EDWARDS25519]
+            assert isinstance(material, EdwardsMaterial)
+            try:
+                self._prehash = material.prehash_works(conn.session)
+            except ProbeRefused:
+                self._prehash = False
+        return self._prehash
+
+    def _check_performed(self, algorithm: SigningAlgorithm) -> None:
+        """``UnsupportedByToken`` for a signing algorithm this token does not perform."""
+        if algorithm.facts.scheme is SignatureScheme.EDDSA_PH and not self._call(
+            "probing Ed25519ph", self._prehash_works
+        ):
+            raise UnsupportedByToken("the token does not perform Ed25519ph (CKM_EDDSA with phFlag)")
+
+    def sign(self, ref: KeyMaterialRef, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign ``data`` (a digest, or the message for pure EdDSA) with the private key of a
+        signing key pair, inside the token. ECDSA signatures are DER-encoded."""
         material = self._pair(ref)
-        material.check_algorithm(algorithm, digest)
+        material.check_algorithm(algorithm, data)
+        self._check_performed(algorithm)
 
         def sign(_: _Connection, keys: list[Any]) -> bytes:
-            return material.sign(keys[0], digest, algorithm)
+            return material.sign(keys[0], data, algorithm)
 
         return self._observed("sign", lambda: self._with_keys("signing", ref, sign))
 
     def verify(
-        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, ref: KeyMaterialRef, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        """Whether ``signature`` signs ``digest`` (verified inside the token with the key
+        """Whether ``signature`` signs ``data`` (verified inside the token with the key
         pair's public key)."""
         material = self._pair(ref)
-        material.check_algorithm(algorithm, digest)
+        material.check_algorithm(algorithm, data)
+        self._check_performed(algorithm)
 
         def verify() -> bool:
             try:
                 return self._with_public(
                     "verifying a signature", ref,
-                    lambda public: material.verify(public, digest, signature, algorithm),
+                    lambda public: material.verify(public, data, signature, algorithm),
                     decrypting=True,
                 )  # fmt: skip
             except DecryptionFailed:
@@ -743,11 +787,45 @@ class Pkcs11Keystore:
         return self._observed("verify", verify)
 
     def public_key(self, ref: KeyMaterialRef) -> bytes:
-        """The public key of a key pair, DER ``SubjectPublicKeyInfo``."""
+        """The public key of a key pair, DER ``SubjectPublicKeyInfo`` (read from the token
+        once per process: a key pair never changes)."""
         material = self._pair(ref)
+        (raw,) = ref.raw_ids
+
+        def read() -> bytes:
+            known = self._public_keys.get(raw)
+            if known is None:
+                known = self._with_public("reading a public key", ref, material.public_key)
+                self._public_keys[raw] = known
+            return known
+
+        return self._observed("public_key", read)
+
+    def asymmetric_encrypt(
+        self, ref: KeyMaterialRef, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """RSAES-OAEP encryption for an encryption key pair. It needs only the public key
+        (read from the token): done on the host, as a caller with GetPublicKey's answer would
+        (see :class:`~hsmkms.keystore.pkcs11_mechanisms.RsaMaterial`)."""
+        material = self._pair(ref)
+        spki = self.public_key(ref)
         return self._observed(
-            "public_key",
-            lambda: self._with_public("reading a public key", ref, material.public_key),
+            "asymmetric_encrypt", lambda: material.encrypt(spki, plaintext, scheme)
+        )
+
+    def asymmetric_decrypt(
+        self, ref: KeyMaterialRef, ciphertext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """RSAES-OAEP decryption with the private key of an encryption key pair, inside the
+        token. Any failure is :class:`DecryptionFailed`."""
+        material = self._pair(ref)
+
+        def decrypt(_: _Connection, keys: list[Any]) -> bytes:
+            return material.decrypt(keys[0], ciphertext, scheme)
+
+        return self._observed(
+            "asymmetric_decrypt",
+            lambda: self._with_keys("decrypting", ref, decrypt, decrypting=True),
         )
 
     def derive_shared_secret(self, ref: KeyMaterialRef, peer_public_key: bytes) -> bytes:
