@@ -13,8 +13,11 @@ caller only; they are never logged or stored.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from hsmkms.errors import (
     InvalidKeyUsageException,
@@ -48,7 +51,7 @@ from hsmkms.models.enums import (
     key_family,
 )
 from hsmkms.service.core import Call, Prepared, ServiceCore, material_ref, operation
-from hsmkms.service.key_types import KEY_TYPES, customer_master_key_spec
+from hsmkms.service.key_types import KEY_TYPES, KEY_TYPES_BY_NAME, customer_master_key_spec
 from hsmkms.store import KeyRecord, KeyVersionRecord
 
 __all__ = ["AsymmetricOperations"]
@@ -59,14 +62,20 @@ _ED25519_PH: Final = SigningAlgorithmSpec.ED25519_PH_SHA_512
 _REQUIRED_MESSAGE_TYPE: Final = {_ED25519: MessageType.RAW, _ED25519_PH: MessageType.DIGEST}
 
 
+# The condition keys of each (algorithm, message type), made once: the prepare hook runs on
+# every request.
+_SIGNING_PREPARED: Final = {
+    (algorithm, kind): Prepared(
+        {"kms:SigningAlgorithm": algorithm.value, "kms:MessageType": kind.value}
+    )
+    for algorithm in SigningAlgorithmSpec
+    for kind in MessageType
+}
+
+
 def _prepare_signing(request: SignRequest | VerifyRequest) -> Prepared:
     # spec: kms:MessageType is the request's MessageType, RAW when absent.
-    return Prepared(
-        {
-            "kms:SigningAlgorithm": request.SigningAlgorithm.value,
-            "kms:MessageType": (request.MessageType or MessageType.RAW).value,
-        }
-    )
+    return _SIGNING_PREPARED[(request.SigningAlgorithm, request.MessageType or MessageType.RAW)]
 
 
 def _prepare_derive(request: DeriveSharedSecretRequest) -> Prepared:
@@ -75,21 +84,27 @@ def _prepare_derive(request: DeriveSharedSecretRequest) -> Prepared:
     return Prepared({"kms:KeyAgreementAlgorithm": request.KeyAgreementAlgorithm.value})
 
 
-def _signing_input(
-    key: KeyRecord,
-    algorithm: SigningAlgorithmSpec,
-    message_type: MessageType | None,
-    message: bytes,
-) -> tuple[SigningAlgorithm, bytes]:
-    """The key store's algorithm and what it signs, after AWS's checks: the algorithm must be
-    one of the key's spec (InvalidKeyUsageException), the message type one the algorithm takes,
-    a DIGEST as long as the algorithm's digest (ValidationException)."""
-    spec = key.key_spec
-    if algorithm not in KEY_TYPES[KeySpec(spec)].signing:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SigningPlan:
+    """How a request's message becomes what the key store signs, for one (key spec, signing
+    algorithm, message type): worked out once, as the checks depend on nothing else."""
+
+    algorithm: SigningAlgorithm
+    digest_length: int | None
+    """The length a DIGEST must have; None for RAW."""
+    hasher: Callable[[bytes], Any] | None
+    """For RAW with a hash-then-sign algorithm: the hash to apply here."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _signing_plan(spec: str, algorithm: SigningAlgorithmSpec, kind: MessageType) -> _SigningPlan:
+    """AWS's checks of a signing request against the key's spec: the algorithm must be one of
+    the spec's (InvalidKeyUsageException), the message type one the algorithm and spec take
+    (ValidationException). Errors are raised, hence never cached."""
+    if algorithm not in KEY_TYPES_BY_NAME[spec].signing:
         raise InvalidKeyUsageException(
             f"Algorithm {algorithm} is incompatible with key spec {spec}."
         )
-    kind = message_type or MessageType.RAW
     required = _REQUIRED_MESSAGE_TYPE.get(algorithm)
     if required is not None and kind is not required:
         # spec: "Message type DIGEST is incompatible with algorithm ED25519_SHA_512." (floci,
@@ -103,13 +118,30 @@ def _signing_input(
     signing = SigningAlgorithm(algorithm.value)
     facts = signing.facts
     if kind is not MessageType.RAW:
-        if len(message) != facts.digest_length:
+        return _SigningPlan(signing, facts.digest_length, None)
+    if facts.signs_digest:
+        return _SigningPlan(signing, None, functools.partial(hashlib.new, facts.hash_name))
+    return _SigningPlan(signing, None, None)
+
+
+def _signing_input(
+    key: KeyRecord,
+    algorithm: SigningAlgorithmSpec,
+    message_type: MessageType | None,
+    message: bytes,
+) -> tuple[SigningAlgorithm, bytes]:
+    """The key store's algorithm and what it signs (a digest computed here for RAW with a
+    hash-then-sign algorithm), after AWS's checks (:func:`_signing_plan`) and, for a DIGEST,
+    the digest's length (ValidationException)."""
+    plan = _signing_plan(key.key_spec, algorithm, message_type or MessageType.RAW)
+    if plan.digest_length is not None:
+        if len(message) != plan.digest_length:
             # spec: "Digest is invalid length for algorithm ECDSA_SHA_256." (§1.9)
             raise ValidationException(f"Digest is invalid length for algorithm {algorithm}.")
-        return signing, message
-    if facts.signs_digest:
-        return signing, hashlib.new(facts.hash_name, message).digest()
-    return signing, message
+        return plan.algorithm, message
+    if plan.hasher is not None:
+        return plan.algorithm, plan.hasher(message).digest()
+    return plan.algorithm, message
 
 
 def _unsupported_algorithm(algorithm: SigningAlgorithmSpec, exc: UnsupportedByToken) -> Exception:

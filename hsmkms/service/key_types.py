@@ -25,7 +25,7 @@ from hsmkms.models.enums import (
     SigningAlgorithmSpec,
 )
 
-__all__ = ["KEY_TYPES", "KeyType", "customer_master_key_spec"]
+__all__ = ["KEY_TYPES", "KEY_TYPES_BY_NAME", "KeyType", "customer_master_key_spec"]
 
 _E = EncryptionAlgorithmSpec
 _S = SigningAlgorithmSpec
@@ -137,6 +137,10 @@ KEY_TYPES: Final[Mapping[KeySpec, KeyType]] = {
 """Every key spec of the AWS KMS API, by spec."""
 if set(KEY_TYPES) != set(KeySpec):  # pragma: no cover - import-time check
     raise ImportError("a key spec has no key type")
+
+KEY_TYPES_BY_NAME: Final[Mapping[str, KeyType]] = {s.value: t for s, t in KEY_TYPES.items()}
+""":data:`KEY_TYPES` by the spec's name, as the metadata store holds it (the hot paths look a
+key's type up without making the enum member)."""
 
 _LEGACY: Final = frozenset(s.value for s in CustomerMasterKeySpec)
 

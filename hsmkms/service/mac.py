@@ -5,6 +5,8 @@ Security contract: the message is passed to the token only; it is never logged o
 
 from __future__ import annotations
 
+from typing import Final
+
 from hsmkms.errors import InvalidKeyUsageException, KMSInvalidMacException
 from hsmkms.models import (
     GenerateMacRequest,
@@ -12,21 +14,25 @@ from hsmkms.models import (
     VerifyMacRequest,
     VerifyMacResponse,
 )
-from hsmkms.models.enums import KeySpec, MacAlgorithmSpec
+from hsmkms.models.enums import MacAlgorithmSpec
 from hsmkms.service.core import Call, Prepared, ServiceCore, material_ref, operation
-from hsmkms.service.key_types import KEY_TYPES
+from hsmkms.service.key_types import KEY_TYPES_BY_NAME
 from hsmkms.store import KeyRecord
 
 __all__ = ["MacOperations"]
 
 
+# The condition keys of each algorithm, made once: the prepare hook runs on every request.
+_PREPARED: Final = {a: Prepared({"kms:MacAlgorithm": a.value}) for a in MacAlgorithmSpec}
+
+
 def _prepare_mac(request: GenerateMacRequest | VerifyMacRequest) -> Prepared:
-    return Prepared({"kms:MacAlgorithm": request.MacAlgorithm.value})
+    return _PREPARED[request.MacAlgorithm]
 
 
 def _check_mac_algorithm(key: KeyRecord, algorithm: MacAlgorithmSpec) -> None:
     """InvalidKeyUsageException unless ``algorithm`` is the key spec's one."""
-    if algorithm not in KEY_TYPES[KeySpec(key.key_spec)].mac:
+    if algorithm not in KEY_TYPES_BY_NAME[key.key_spec].mac:
         # spec: "Algorithm HMAC_SHA_256 is incompatible with key spec HMAC_224." (LocalStack's
         # AWS-validated snapshot test_invalid_generate_mac)
         raise InvalidKeyUsageException(
