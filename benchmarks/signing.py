@@ -60,6 +60,10 @@ def raw_worker(data_dir: Path, seconds: float) -> dict[str, float]:
     domain = session.create_domain_parameters(
         KeyType.EC, {Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")}, local=True
     )
+    ec_public: Any
+    ec_private: Any
+    rsa_public: Any
+    rsa_private: Any
     ec_public, ec_private = domain.generate_keypair(
         store=True, label="bench-raw-ec", capabilities=caps, private_template=private
     )

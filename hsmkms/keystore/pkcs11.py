@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from hsmkms.keystore.base import (
     LABEL_PREFIX,
@@ -90,6 +90,7 @@ from hsmkms.keystore.pkcs11_mechanisms import (
     HmacMaterial,
     KeyPairMaterial,
     ProbeRefused,
+    RsaMaterial,
     generate_secrets,
 )
 from hsmkms.keystore.specs import (
@@ -188,6 +189,7 @@ class Pkcs11Keystore:
         self._listed: frozenset[Any] = frozenset()
         self._capabilities: Capabilities | None = None
         self._prehash: bool | None = None  # whether the token performs Ed25519ph
+        self._oaep_sha256: bool | None = None  # whether it performs OAEP with SHA-256
         self._public_keys: dict[bytes, bytes] = {}  # key pair id -> DER SubjectPublicKeyInfo
         self._closed = False
 
@@ -758,6 +760,25 @@ class Pkcs11Keystore:
                 self._prehash = False
         return self._prehash
 
+    def _oaep_sha256_works(self, conn: _Connection) -> bool:
+        """Whether the token decrypts RSAES_OAEP_SHA_256 itself (probed once, with temporary
+        objects); else the raw RSA operation in the token and the OAEP decoding here, which
+        needs CKM_RSA_X_509 (``UnsupportedByToken`` without it). A token that refuses temporary
+        objects is trusted to perform OAEP with SHA-256 unless it lists CKM_RSA_X_509. Called
+        with the lock held."""
+        if self._oaep_sha256 is None:
+            material = MATERIALS[KeyMaterialSpec.RSA_2048]
+            assert isinstance(material, RsaMaterial)
+            try:
+                self._oaep_sha256 = material.probe_oaep_sha256(conn.session)
+            except ProbeRefused:
+                self._oaep_sha256 = Mechanism.RSA_X_509 not in self._listed
+        if not self._oaep_sha256 and Mechanism.RSA_X_509 not in self._listed:
+            raise UnsupportedByToken(
+                "the token performs CKM_RSA_PKCS_OAEP without SHA-256 and lacks CKM_RSA_X_509"
+            )
+        return self._oaep_sha256
+
     def _check_performed(self, algorithm: SigningAlgorithm) -> None:
         """``UnsupportedByToken`` for a signing algorithm this token does not perform."""
         if algorithm is SigningAlgorithm.ED25519_PH_SHA_512 and not self._call(
@@ -836,8 +857,9 @@ class Pkcs11Keystore:
         token. Any failure is :class:`DecryptionFailed`."""
         material = self._pair(ref)
 
-        def decrypt(_: _Connection, keys: list[Any]) -> bytes:
-            return material.decrypt(keys[0], ciphertext, scheme)
+        def decrypt(conn: _Connection, keys: list[Any]) -> bytes:
+            in_token = scheme.facts.hash_name == "sha1" or self._oaep_sha256_works(conn)
+            return material.decrypt(keys[0], ciphertext, scheme, in_token=in_token)
 
         return self._observed(
             "asymmetric_decrypt",

@@ -466,6 +466,10 @@ _PSS_PARAMS: Final[Mapping[str, tuple[Mechanism, MGF]]] = {
     "sha384": (Mechanism.SHA384, MGF.SHA384),
     "sha512": (Mechanism.SHA512, MGF.SHA512),
 }
+_OAEP_PARAMS: Final[Mapping[str, tuple[Mechanism, MGF, None]]] = {
+    "sha1": (Mechanism.SHA_1, MGF.SHA1, None),
+    "sha256": (Mechanism.SHA256, MGF.SHA256, None),
+}
 _HOST_HASHES: Final[Mapping[str, Callable[[], hashes.HashAlgorithm]]] = {
     "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
@@ -583,8 +587,12 @@ class KeyPairMaterial(Material):
         """Encrypt for this key pair with its public key (DER ``SubjectPublicKeyInfo``)."""
         raise _incompatible(self.spec, "encrypt")
 
-    def decrypt(self, private: Any, ciphertext: bytes, scheme: AsymmetricEncryption) -> bytes:
-        """Decrypt with the private key; :class:`DecryptionFailed` on any failure."""
+    def decrypt(
+        self, private: Any, ciphertext: bytes, scheme: AsymmetricEncryption, *, in_token: bool
+    ) -> bytes:
+        """Decrypt with the private key; :class:`DecryptionFailed` on any failure.
+        ``in_token``: whether the token performs the whole scheme itself (else what it lacks is
+        done on the host, see :class:`RsaMaterial`)."""
         raise _incompatible(self.spec, "decrypt")
 
     def _probe_algorithm(self) -> SigningAlgorithm:
@@ -608,19 +616,6 @@ class KeyPairMaterial(Material):
         if usage is MaterialUsage.KEY_AGREEMENT:
             point = self.peer_point(self.public_key(public))
             return len(self.derive_shared_secret(private, point)) > 0
-        if usage is MaterialUsage.ENCRYPT_DECRYPT:
-            spki = self.public_key(public)
-            for scheme in AsymmetricEncryption:
-                ciphertext = self.encrypt(spki, _PROBE_DATA, scheme)
-                if self.decrypt(private, ciphertext, scheme) != _PROBE_DATA:
-                    return False
-                tampered = ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
-                try:
-                    self.decrypt(private, tampered, scheme)
-                except (DecryptionFailed, p11e.PKCS11Error):
-                    continue
-                return False
-            return True
         algorithm = self._probe_algorithm()
         facts = algorithm.facts
         data = hashlib.new(facts.hash_name, _PROBE_DATA).digest()
@@ -638,20 +633,21 @@ class RsaMaterial(KeyPairMaterial):
     as AWS KMS) and RSASSA-PKCS1-v1_5, both over a digest (CKM_RSA_PKCS_PSS, CKM_RSA_PKCS).
     Encryption: RSAES-OAEP (same hash for OAEP and MGF1, empty label, as AWS KMS).
 
-    Decryption happens in the token: RSAES_OAEP_SHA_1 with CKM_RSA_PKCS_OAEP; RSAES_OAEP_SHA_256
-    with CKM_RSA_X_509 (the raw RSA private-key operation) in the token and the OAEP decoding
-    (RFC 8017 §7.1.2 step 3) on the host, because SoftHSM 2.6.1 performs CKM_RSA_PKCS_OAEP with
-    SHA-1 only (CKR_ARGUMENTS_BAD for SHA-256: measured) — as does every token the issue
-    measured. The private key never leaves the token; the decoded message (the plaintext the
-    caller gets anyway) is in host memory either way. Encryption needs only the public key and
-    is done on the host (pyca/cryptography), exactly as a caller encrypting offline with
-    GetPublicKey does; so the public key object has no capability at all."""
+    Decryption happens in the token: RSAES_OAEP_SHA_1 with CKM_RSA_PKCS_OAEP (every token);
+    RSAES_OAEP_SHA_256 with CKM_RSA_PKCS_OAEP too where the token performs OAEP with SHA-256 (a
+    YubiHSM 2 does, per its module's sources), else with CKM_RSA_X_509 (the raw RSA private-key
+    operation) in the token and the OAEP decoding (RFC 8017 §7.1.2 step 3, :func:`oaep_decode`)
+    on the host: SoftHSM 2.6.1 performs CKM_RSA_PKCS_OAEP with SHA-1 only (CKR_ARGUMENTS_BAD for
+    SHA-256: measured). Which one, :meth:`oaep_sha256_in_token` finds out with a real
+    decryption. The private key never leaves the token either way; the decoded message (the
+    plaintext the caller gets anyway) is in host memory either way. Encryption needs only the
+    public key and is done on the host (pyca/cryptography), exactly as a caller encrypting
+    offline with GetPublicKey does; so the public key object has no capability at all."""
 
     def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
         if usage is MaterialUsage.ENCRYPT_DECRYPT:
-            return frozenset(
-                {Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_OAEP, Mechanism.RSA_X_509}
-            )
+            # CKM_RSA_X_509 too where the token has no OAEP with SHA-256 (checked on use).
+            return frozenset({Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_OAEP})
         return frozenset(
             {Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_PSS, Mechanism.RSA_PKCS}
         )
@@ -704,13 +700,15 @@ class RsaMaterial(KeyPairMaterial):
         algorithm = _HOST_HASHES[scheme.facts.hash_name]
         return key.encrypt(plaintext, padding.OAEP(padding.MGF1(algorithm()), algorithm(), None))
 
-    def decrypt(self, private: Any, ciphertext: bytes, scheme: AsymmetricEncryption) -> bytes:
+    def decrypt(
+        self, private: Any, ciphertext: bytes, scheme: AsymmetricEncryption, *, in_token: bool
+    ) -> bytes:
         if len(ciphertext) != self.modulus_bytes:
             raise DecryptionFailed("decryption failed")
         decrypt = _permitted(private, "decrypt")
         facts = scheme.facts
-        if facts.hash_name == "sha1":
-            param = (Mechanism.SHA_1, MGF.SHA1, None)
+        if facts.hash_name == "sha1" or in_token:
+            param = _OAEP_PARAMS[facts.hash_name]
             return bytes(
                 decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=param)
             )
@@ -724,6 +722,45 @@ class RsaMaterial(KeyPairMaterial):
 
     def _probe_algorithm(self) -> SigningAlgorithm:
         return SigningAlgorithm.RSASSA_PSS_SHA_256
+
+    def oaep_sha256_in_token(self, private: Any, public: Any) -> bool:
+        """Whether the token decrypts RSAES_OAEP_SHA_256 itself: tried on this (temporary) key
+        pair with a ciphertext made here."""
+        scheme = AsymmetricEncryption.RSAES_OAEP_SHA_256
+        ciphertext = self.encrypt(self.public_key(public), _PROBE_DATA, scheme)
+        try:
+            return self.decrypt(private, ciphertext, scheme, in_token=True) == _PROBE_DATA
+        except p11e.PKCS11Error:
+            return False
+
+    def probe_oaep_sha256(self, session: Any) -> bool:
+        """:meth:`oaep_sha256_in_token` on temporary objects (:class:`ProbeRefused` when the
+        token will not make them)."""
+        with _temporary([]) as objects:
+            with _refusal_is_probe_refused():
+                generated = self.generate(
+                    session, MaterialName("hsmkms-probe"), [b""], profile=None,
+                    usage=MaterialUsage.ENCRYPT_DECRYPT, store=False,
+                )  # fmt: skip
+            objects += [*generated.objects, *generated.public]
+            return self.oaep_sha256_in_token(generated.objects[0], generated.public[0])
+
+    def _probe_usage(self, private: Any, public: Any, usage: MaterialUsage) -> bool:
+        if usage is not MaterialUsage.ENCRYPT_DECRYPT:
+            return super()._probe_usage(private, public, usage)
+        in_token = self.oaep_sha256_in_token(private, public)
+        spki = self.public_key(public)
+        for scheme in AsymmetricEncryption:
+            ciphertext = self.encrypt(spki, _PROBE_DATA, scheme)
+            if self.decrypt(private, ciphertext, scheme, in_token=in_token) != _PROBE_DATA:
+                return False
+            tampered = ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+            try:
+                self.decrypt(private, tampered, scheme, in_token=in_token)
+            except (DecryptionFailed, p11e.PKCS11Error):
+                continue
+            return False
+        return True
 
 
 def _mgf1(seed: bytes, length: int, hash_name: str) -> bytes:

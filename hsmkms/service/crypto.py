@@ -21,7 +21,7 @@ from hsmkms.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
-from hsmkms.keystore.errors import DecryptionFailed
+from hsmkms.keystore.errors import DecryptionFailed, UnsupportedByToken
 from hsmkms.keystore.specs import AsymmetricEncryption
 from hsmkms.models import (
     DecryptRequest,
@@ -204,6 +204,10 @@ class CryptoOperations(ServiceCore):
             )
         except DecryptionFailed:
             plaintext = None
+        except UnsupportedByToken as exc:
+            raise UnsupportedOperationException(
+                f"Algorithm {scheme.value} is not supported by this key store: {exc.message}."
+            ) from None
         if plaintext is None:
             raise InvalidCiphertextException()  # outside the handler: no cause reaches anyone
         return key, plaintext
