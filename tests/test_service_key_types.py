@@ -1060,3 +1060,23 @@ def test_rsa_4096_keys(service: KmsService, usage: str) -> None:
         m.GenerateDataKeyPairRequest(KeyId=pair_key, KeyPairSpec="RSA_4096")
     )
     assert _decrypt(service, pair.PrivateKeyCiphertextBlob, None) == pair.PrivateKeyPlaintext
+
+
+def test_data_key_pairs_and_key_pairs_beside_either_symmetric_profile(
+    any_keystore: Pkcs11Keystore, tmp_path: Path
+) -> None:
+    """Runs on the GCM token and on the token with the portable profile forced: the private
+    key is sealed under the key's own profile; key pairs on that token are unaffected by it."""
+    store = MetadataStore.open_sqlite(tmp_path / "kms.db")
+    try:
+        svc = KmsService(any_keystore, store, region=REGION, account_id=ACCOUNT)
+        key = svc.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+        pair = svc.generate_data_key_pair(
+            m.GenerateDataKeyPairRequest(KeyId=key, KeyPairSpec="ECC_NIST_P384")
+        )
+        assert _decrypt(svc, pair.PrivateKeyCiphertextBlob, None) == pair.PrivateKeyPlaintext
+        signing = new(svc, "ECC_NIST_P256", "SIGN_VERIFY").KeyId
+        signature = sign(svc, signing, b"m", "ECDSA_SHA_256")
+        assert verify(svc, signing, b"m", signature, "ECDSA_SHA_256")
+    finally:
+        store.close()
