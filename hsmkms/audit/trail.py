@@ -721,11 +721,11 @@ class AuditTrail:
         never used); nothing is added to the hot path of the calls themselves. Like
         :meth:`search`, not proof of integrity."""
         wanted = frozenset(event_names)
-        clauses = [
-            _R.c.key_ids.contains(f" {key_id_of(key_id)} ", autoescape=True),
-            _R.c.event_name.in_(sorted(wanted)),
-        ]
+        # The key alone in SQL: with the event name too, SQLite would walk the event-name index
+        # and sort, instead of reading the newest rows first and stopping at the first hit.
+        clauses = [_R.c.key_ids.contains(f" {key_id_of(key_id)} ", autoescape=True)]
         before: int | None = None
+        page = 8  # small first: the newest matching row is most often the answer
         while True:
             with self._read() as conn:
                 if not self._exists(conn):
@@ -733,7 +733,7 @@ class AuditTrail:
                 query = select(_R.c.seq, _R.c.record).where(*clauses)
                 if before is not None:
                     query = query.where(_R.c.seq < before)
-                rows = conn.execute(query.order_by(_R.c.seq.desc()).limit(_PAGE)).all()
+                rows = conn.execute(query.order_by(_R.c.seq.desc()).limit(page)).all()
             for row in rows:
                 before = row.seq
                 record = _load(row.record)
@@ -744,8 +744,9 @@ class AuditTrail:
                     and key_id_of(key_id) in record_key_ids(record)
                 ):
                     return record
-            if len(rows) < _PAGE:
+            if len(rows) < page:
                 return None
+            page = min(page * 8, _PAGE)
 
     def first_event_time(self) -> dt.datetime | None:
         """The ``eventTime`` of the oldest record (when the trail began); None when empty."""
