@@ -51,6 +51,7 @@ from hsmkms.errors import (
     KMSError,
     KMSInternalException,
     UnknownOperationException,
+    UnsupportedOperationException,
     caller_error_fields,
 )
 from hsmkms.policy import account_of
@@ -79,6 +80,10 @@ _CLAIMED_KEY = re.compile(r"Credential=([A-Z0-9]{16,128})/")
 _MAX_USER_AGENT = 1024
 
 log = structlog.get_logger(__name__)
+
+# Every operation of the AWS KMS API: one this service does not implement is recognised (AWS
+# knows it) and answered UnsupportedOperationException, not UnknownOperationException.
+_API_OPERATIONS = frozenset(name for name, op in ALL_OPERATIONS.items() if op.api)
 
 _PID = str(os.getpid()).encode()
 _JSON_HEADERS = [(b"content-type", protocol.CONTENT_TYPE.encode())]
@@ -310,10 +315,12 @@ class KmsApp:
             except _BodyTooLarge:
                 raise protocol.oversize_error(self._max_body) from None
             caller = self._authenticate(scope, body)
-            operation = protocol.operation_name(target, OPERATIONS)
+            operation = protocol.operation_name(target, _API_OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
-            op = OPERATIONS[operation]
-            assert op.request_model is not None  # operation_name admits implemented ones only
+            op = OPERATIONS.get(operation)
+            if op is None:
+                raise UnsupportedOperationException(f"hsmkms does not support {operation}.")
+            assert op.request_model is not None  # OPERATIONS holds implemented ones only
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.worker)
             if op.inline:
