@@ -269,6 +269,8 @@ def test_the_rules_are_ordered_from_most_to_least_specific() -> None:
         Outcome.UNCHANGED,
         Outcome.UNCHANGED,
         Outcome.BUSY,
+        Outcome.FULL,
+        Outcome.IO_ERROR,
         Outcome.FAILED,
     ]
 
@@ -355,7 +357,7 @@ def test_one_version_table_for_every_component(tmp_path: Path, keystore: Pkcs11K
     database.close()
     # The markers of hsmkms before the layer, kept current for it.
     assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [("2",)]
-    assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("1",)]
+    assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("2",)]
 
 
 def _to_pre_layer_shape(path: Path) -> list[Any]:

@@ -54,6 +54,14 @@ class Dialect:
         """Whether a driver exception means a lock was held past the wait allowed."""
         return False
 
+    def is_full(self, error: BaseException) -> bool:
+        """Whether a driver exception means the database's device has no space left."""
+        return False
+
+    def is_io_error(self, error: BaseException) -> bool:
+        """Whether a driver exception means the database's device failed a read or write."""
+        return False
+
     def change_signal(self, url: URL) -> ChangeSignal:
         """A new change signal for the database at ``url``."""
         return NoChangeSignal()
@@ -79,10 +87,20 @@ class PostgreSQLDialect(Dialect):
     def lock(self, conn: Connection, key: int) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
+    def is_full(self, error: BaseException) -> bool:
+        # SQLSTATE 53100 disk_full (psycopg: .sqlstate; psycopg2: .pgcode).
+        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        return code == "53100"
+
 
 # SQLite's primary result codes (the low byte of an extended code) for a lock that was not
 # given up in time: another connection's (BUSY) or this connection's own (LOCKED).
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _sqlite_code(error: BaseException) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(error, sqlite3.Error) and isinstance(code, int) else None
 
 
 def _sqlite_busy(error: BaseException) -> bool:
@@ -176,6 +194,12 @@ class SQLiteDialect(Dialect):
 
     def is_busy(self, error: BaseException) -> bool:
         return _sqlite_busy(error)
+
+    def is_full(self, error: BaseException) -> bool:
+        return _sqlite_code(error) == sqlite3.SQLITE_FULL
+
+    def is_io_error(self, error: BaseException) -> bool:
+        return _sqlite_code(error) in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
 
     def change_signal(self, url: URL) -> ChangeSignal:
         path = _file(url)
