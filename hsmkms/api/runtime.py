@@ -199,8 +199,11 @@ class Runtime:
         return report
 
     def run_due_tasks(self) -> DueTaskReport | None:
-        """Run the service's periodic work unless another worker is running it (an fcntl lock
-        on ``<data_dir>/tasks.lock``). Returns None when skipped."""
+        """Destroy what this worker's failed key creations left on the token
+        (:meth:`~hsmkms.service.KmsService.clean_leftovers`), then run the service's periodic
+        work unless another worker is running it (an fcntl lock on ``<data_dir>/tasks.lock``).
+        Returns None when skipped."""
+        self.service.clean_leftovers()
         report = run_exclusively(
             self.settings.data_dir / TASKS_LOCK_FILE, self.service.run_due_tasks
         )

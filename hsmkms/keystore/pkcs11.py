@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -261,9 +262,7 @@ class Pkcs11Keystore:
     def _live(self, conn: _Connection) -> bool:
         """Whether ``conn`` belongs to this process and to the module's current
         initialization."""
-        return conn.pid == _PID and conn.generation == _GENERATIONS.get(
-            self._config.module_path, 0
-        )
+        return conn.pid == _PID and conn.generation == _GENERATIONS.get(self._config.module_path, 0)
 
     def _check_outage(self) -> None:
         """Fail at once while a recent reconnect failed (no lock needed)."""
@@ -917,7 +916,10 @@ class Pkcs11Keystore:
         """Whether every object of ``ref`` is on the token (asks the token, not the cache)."""
 
         def work(conn: _Connection) -> bool:
-            return all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            found = all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            if not found:
+                _confirm_present(conn)
+            return found
 
         return self._observed("exists", lambda: self._call("looking up a key", work))
 
@@ -926,10 +928,12 @@ class Pkcs11Keystore:
         shows as its private and its public key, with one id)."""
 
         def work(conn: _Connection) -> list[TokenObject]:
-            return [
+            found = [
                 TokenObject(raw.hex(), label, _key_type_name(obj.key_type), _name(obj.object_class))
                 for raw, label, obj in _project_objects(conn.session)
             ]
+            _confirm_present(conn)  # a listing of a token that went away can be partial
+            return found
 
         return self._observed("list_objects", lambda: self._call("listing objects", work))
 
@@ -973,7 +977,10 @@ class Pkcs11Keystore:
 
         def work(conn: _Connection) -> str | None:
             obj = self._anchor_object(conn, name)
-            return None if obj is None else str(obj[Attribute.LABEL])
+            if obj is None:
+                _confirm_present(conn)
+                return None
+            return str(obj[Attribute.LABEL])
 
         return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
 
@@ -1041,6 +1048,28 @@ def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
             if attempt == _ENUMERATION_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _confirm_present(conn: _Connection) -> None:
+    """Before reporting what is (or is not) on the token: check that the token is there at
+    all. SoftHSM2 finds no object (or only those made in this session) in a token whose
+    directory went away, rather than failing, and keeps answering its slot list from memory;
+    the objects it had loaded then report ``CKR_OBJECT_HANDLE_INVALID``. So: the slot must be
+    listed, and of up to three cached objects at least one must still answer."""
+    slot_id = conn.token.slot.slot_id
+    if all(slot.slot_id != slot_id for slot in conn.lib.get_slots(token_present=True)):
+        raise p11e.TokenNotPresent()
+    sample = list(itertools.islice(conn.handles.items(), 3))
+    if not sample:
+        return
+    for raw, obj in sample:
+        try:
+            obj[Attribute.CLASS]
+        except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
+            conn.handles.pop(raw, None)
+            continue
+        return
+    raise p11e.TokenNotPresent()
 
 
 def _anchor_app(name: str) -> str:
