@@ -198,8 +198,10 @@ def start_server(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ca_file: Path | None = None,
+    wait_healthy: bool = True,
 ) -> RunningServer:
-    """Start ``hsmkms serve`` on a free loopback port and wait until it is healthy.
+    """Start ``hsmkms serve`` on a free loopback port and wait until it is healthy (with
+    ``wait_healthy=False``: until every worker answers ``/healthz`` at all, healthy or not).
     ``ca_file``: the certificate clients should trust (with ``--tls-cert`` in ``args``)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"{data_dir.name}-server.log"
@@ -248,7 +250,7 @@ def start_server(
     while len(healthy) < workers:
         with contextlib.suppress(OSError):
             resp = server.raw("GET", "/healthz")
-            if resp.status == 200:
+            if resp.status == 200 or (not wait_healthy and resp.status == 503):
                 healthy.add(resp.headers["x-hsmkms-worker"])
                 continue
         if process.poll() is not None or time.monotonic() > deadline:
@@ -266,9 +268,12 @@ def running_server(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ca_file: Path | None = None,
+    wait_healthy: bool = True,
 ) -> Iterator[RunningServer]:
     """:func:`start_server` as a context manager that stops the server on exit."""
-    server = start_server(data_dir, workers=workers, args=args, env=env, ca_file=ca_file)
+    server = start_server(
+        data_dir, workers=workers, args=args, env=env, ca_file=ca_file, wait_healthy=wait_healthy
+    )
     try:
         yield server
     finally:

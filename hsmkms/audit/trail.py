@@ -956,7 +956,6 @@ class AuditTrail:
             if state == "cut":
                 assert found is not None
                 held = "no seal" if previous is None else f"seal {previous.seal_seq}"
-                log.error("audit_trail_cut", anchor=found, trail_ends_at=held)
                 raise TrailCut(
                     f"The audit trail was cut: the token's anchor names seal "
                     f"{found.partition(':')[0]}, the trail ends at {held}. Restore the trail "

@@ -306,7 +306,13 @@ def _open_writer_trail(
     requests are answered 503 with the cause meanwhile; anything else (a wrong audit key
     reference, a schema this hsmkms does not know) does."""
     url = settings.audit_database_url
-    trail = AuditTrail(url, keystore, start=False, device=database_device(settings, url))
+    trail = AuditTrail(
+        url,
+        keystore,
+        start=False,
+        seal_interval=settings.audit_seal_interval,
+        device=database_device(settings, url),
+    )
     try:
         trail.start()
     except KMSError as exc:
