@@ -165,15 +165,24 @@ class RunningServer:
         return run_cli(*args, "--data-dir", str(self.data_dir), env=env)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal the server and wait for it; its exit code."""
+        """Signal the server and wait for it; its exit code. SIGKILL (and a server that does
+        not stop in time) kills the whole process group: the parent and its workers, which
+        would otherwise live on without their supervisor."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self._kill_group()
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._kill_group()
                 self.process.wait(10)
         return self.process.returncode
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

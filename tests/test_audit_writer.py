@@ -433,3 +433,33 @@ def test_automatic_rotation_and_purge_become_service_event_records(
     assert [r["eventName"] for r in trail.search(key_id=key.KeyId)] == ["RotateKey", "DeleteKey"]
     trail.close()
     assert trail.verify(now=clock()).ok
+
+
+def _thread_cpu_ticks(native_id: int) -> int:
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+
+def test_a_failing_writer_waits_between_tries_instead_of_spinning(
+    db: Path, keystore: Pkcs11Keystore
+) -> None:
+    """While the trail fails (here: locked) past its seal checks, the thread sleeps between
+    tries: it uses next to no CPU (a thread that spun would use all of a core)."""
+    trail = AuditTrail(f"sqlite:///{db}", keystore, seal_interval=0.04, busy_timeout_ms=10)
+    writer = AuditWriter(trail, retry_interval=0.2)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(ServiceUnavailable):
+            writer.append(record("refused"))
+        native_id = writer._thread.native_id
+        assert native_id is not None
+        before = _thread_cpu_ticks(native_id)
+        time.sleep(1.0)
+        used = _thread_cpu_ticks(native_id) - before
+        assert used < 10, f"the writer thread used {used} ticks of CPU while failing"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        writer.close()
+        trail.close()

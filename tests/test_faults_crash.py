@@ -69,7 +69,7 @@ def data_dir(tmp_path: Path) -> Path:
 def server(data_dir: Path) -> Iterator[RunningServer]:
     srv = start_server(data_dir, workers=2, env=ENV)
     yield srv
-    srv.stop(signal.SIGKILL)
+    srv.stop()
 
 
 def test_kill_9_of_one_worker_under_load_loses_no_answered_record(

@@ -152,6 +152,8 @@ _ANCHOR_TAG_HEX: Final = 24
 # A seal promises the next one within its interval; verify allows this factor of slack.
 STALE_FACTOR: Final = 2
 _PAGE: Final = 500
+# Seals a writer reads per seal_if_due() while it learns the writer sessions of the trail.
+_SESSION_PAGE: Final = 5000
 # Every write takes this writer lock first (Database.write), so appenders take turns and the
 # first creation of the tables is serialized too. "hsmkmsA": the value hsmkms always used.
 _APPEND_LOCK: Final = 0x68736D6B6D7341
@@ -521,11 +523,20 @@ class _Sessions:
         self._by_writer: dict[str, _Session] = {}
         self._lock = threading.Lock()
 
-    def catch_up(self, read: Callable[[], AbstractContextManager[Connection]]) -> None:
+    def catch_up(
+        self, read: Callable[[], AbstractContextManager[Connection]], limit: int | None = None
+    ) -> bool:
+        """Read the seals not seen yet (at most ``limit``); whether it read up to the end. A
+        long trail is read a page per call, so no call holds its caller for long."""
         with self._lock, read() as conn:
             query = select(_S).where(_S.c.seal_seq > self._seen).order_by(_S.c.seal_seq)
+            if limit is not None:
+                query = query.limit(limit)
+            count = 0
             for row in conn.execute(query):
                 self.add(_seal_from_row(row))
+                count += 1
+            return limit is None or count < limit
 
     def add(self, seal: Seal) -> None:
         self._seen = max(self._seen, seal.seal_seq)
@@ -841,11 +852,15 @@ class AuditTrail:
         record), or when another session's promise is overdue — then a ``recover`` seal names
         the sessions that stopped without a shutdown seal. Call it periodically."""
         self.start()
-        self._sessions.catch_up(self._read)  # the bulk of the reading, outside the write lock
+        # The bulk of the reading outside the write lock, a page per call: on a long trail a
+        # new writer learns the sessions over a few calls (and notes stopped ones after that).
+        caught_up = self._sessions.catch_up(self._read, limit=_SESSION_PAGE)
         with self._write() as conn:
-            self._sessions.catch_up(lambda: contextlib.nullcontext(conn))
             now = self._clock()
-            ended = self._sessions.overdue(now, exclude=self.writer_id)
+            ended: tuple[str, ...] = ()
+            if caught_up:
+                self._sessions.catch_up(lambda: contextlib.nullcontext(conn))
+                ended = self._sessions.overdue(now, exclude=self.writer_id)
             head = self._head(conn)
             newest = self._newest_seal(conn)
             if ended:

@@ -332,9 +332,9 @@ class AuditWriter:
         queue = self._queue
         while not queue and not self._closing:
             now = time.monotonic()
-            wake_at = next_seal
-            if self._failure is not None or not self._trail.started:
-                wake_at = min(wake_at, next_try)
+            # While failing, the next try is what is due (no seal is attempted meanwhile).
+            failing = self._failure is not None or not self._trail.started
+            wake_at = next_try if failing else next_seal
             if now >= wake_at:
                 break
             self._wake.wait(wake_at - now)
