@@ -101,15 +101,22 @@ class Database:
         """A write transaction that holds the write lock from its start, so a read-check-write
         sequence inside is atomic across processes (SQLite: ``BEGIN IMMEDIATE``). ``lock``
         (a positive 63-bit number) also serializes every writer passing the same number on
-        databases whose writers do not already take turns (PostgreSQL: an advisory lock).
+        databases whose writers do not already take turns (PostgreSQL: an advisory lock); on
+        SQLite such writers take turns at a file lock before they begin, so a writer waiting
+        for another is woken at once instead of polling in SQLite's busy handler.
 
         Errors are mapped as in :meth:`read`. After the transaction (committed or not) every
         read cache of this database is emptied, so this process sees its own writes at once.
         """
         if self._forks != FORKS.count:
             self._after_fork()
+        gate = (
+            self._dialect.writer_gate(self._engine.url)
+            if lock is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with self._engine.connect() as conn:
+            with gate, self._engine.connect() as conn:
                 conn.execution_options(**{WRITE_OPTION: True})
                 with conn.begin():
                     if lock is not None:
