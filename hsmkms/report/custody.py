@@ -216,6 +216,11 @@ def judge(
                 f"CKA_EXTRACTABLE true on {o.object_id}: the token would export it, "
                 "wrapped under another key"
             )
+        if a.get("PRIVATE") is False:
+            history.append(
+                f"CKA_PRIVATE false on {o.object_id}: a public object, usable by any session "
+                "of the token without logging in"
+            )
         if a.get("LOCAL") is False:
             imported = " (Origin EXTERNAL: imported key material)" if origin == "EXTERNAL" else ""
             history.append(
@@ -256,6 +261,8 @@ def judge(
         text = _TEXT[Verdict.NOT_EXTRACTABLE]
         if any("CKA_LOCAL false" in h for h in history):
             text = "imported into the HSM; not extractable now"
+        elif all("CKA_PRIVATE false" in h for h in history):
+            text = "generated in the HSM and never extractable, but usable without logging in"
         return Custody(Verdict.NOT_EXTRACTABLE, text, tuple(history), tuple(notes))
     return Custody(
         Verdict.GENERATED_NEVER_EXTRACTABLE,
