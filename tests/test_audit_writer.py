@@ -354,6 +354,23 @@ def test_a_trail_that_cannot_be_opened_is_opened_once_it_can(
     assert [s for _, s in seal_positions(path)][:2] == ["genesis", "start"]
 
 
+def test_close_while_failing_keeps_trying_the_kept_records(
+    trail: CountingTrail, locked: sqlite3.Connection
+) -> None:
+    """A graceful stop while the trail fails retries what it kept until its deadline: the
+    state-changing record refused earlier is written once the database frees."""
+    writer = AuditWriter(trail, retry_interval=60, close_timeout=30)
+    with pytest.raises(ServiceUnavailable):
+        writer.append(record("kept"), retain=True)
+    closing = threading.Thread(target=writer.close)
+    closing.start()
+    time.sleep(0.3)
+    locked.execute("ROLLBACK")
+    closing.join(30)
+    assert not closing.is_alive()
+    assert request_ids(trail) == ["kept"]
+
+
 def test_close_appends_everything_queued(gated: GatedTrail) -> None:
     writer = AuditWriter(gated)
     gated.gate.clear()

@@ -305,8 +305,9 @@ class AuditWriter:
                     batch, finished = self._next_batch(next_seal, next_try)
                 now = time.monotonic()
                 if self._failure is not None or not self._trail.started:
-                    if finished:
-                        self._give_up(batch)
+                    if finished:  # closing while failing: retry until the close deadline
+                        if batch or self._retained:
+                            self._append_closing(batch)
                         return
                     if now >= next_try:
                         self._recover()
