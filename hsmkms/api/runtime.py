@@ -82,7 +82,6 @@ class Runtime:
         self.writer = system.writer
         self._lookup = system.credentials.lookup
         self._self_test_error: str | None = None
-        self._self_test_done = threading.Event()
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -157,7 +156,6 @@ class Runtime:
                 self._self_test_error = exc.message if exc.shows_cause else exc.code
             except Exception as exc:
                 self._self_test_error = type(exc).__name__
-            self._self_test_done.set()
             self._stopping.wait(SELF_TEST_INTERVAL)
 
     def health(self) -> dict[str, Any]:
@@ -167,9 +165,9 @@ class Runtime:
         written.
 
         Returns ``{"status": "ok"|"fail", "disk": ..., "keystore": ..., "database": ...,
-        "audit": ...}``;
-        a failed part shows ``fail: <cause>``: the cause as an API caller would be told it
-        (a full disk, a PKCS#11 reason), or the error's code — never internal detail.
+        "audit": ...}``; a failed part shows ``fail: <cause>``: the cause as an API caller
+        would be told it (a full disk, a PKCS#11 reason), or the error's code — never internal
+        detail.
         """
         report: dict[str, Any] = {"pid": os.getpid()}
         try:
