@@ -147,7 +147,16 @@ def test_a_full_disk_refuses_writes_with_the_cause_and_recovers(tmp_path: Path) 
                     conn.close()
 
             wait_for(recovered)
-            assert client.create_key()["KeyMetadata"]["KeyState"] == "Enabled"
+
+            def created() -> bool:  # each worker recovers on its own, within its retry pause
+                conn = server.connection()
+                try:
+                    return send(server, conn, "CreateKey", {}).status == 200
+                finally:
+                    conn.close()
+
+            for _ in range(6):  # new connections: both workers, whichever answers
+                wait_for(created)
             wait_for(lambda: health(server)[0] == 200)
             # The workers stayed up all along: the supervisor logs every death.
             assert "worker_died" not in server.log()

@@ -1,11 +1,12 @@
 """The per-process audit writer: group commit of the records of every request waiting at that
 moment, and a request's answer only after its record is committed.
 
-Why group commit: a transaction costs ~0.6 ms, nearly all of it SQLite's write lock and the
+Why group commit: a transaction costs ~0.3-0.6 ms, most of it SQLite's write lock and the
 commit (``fsync``), shared by every worker — one transaction per request would cap the whole
-API near 1,400 requests/s. The writer's thread instead appends, in one transaction, whatever
-is queued when it is free; while it commits, the next requests queue up and make the next
-batch. Nothing waits for a timer: under light load a batch is one record, under heavy load a
+API near 1,400 requests/s, and its CPU competes with the requests'. The writer's thread instead
+appends, in one transaction, whatever is queued when it is free, after letting the group grow
+for ``group_wait`` (1 ms); while it commits, the next requests queue up and make the next
+group. Under light load a group is one record (and the answer waits ~1 ms more), under load a
 few dozen.
 
 Guarantees (``docs/audit.md``, "Writing: durable before the answer"):
@@ -113,12 +114,13 @@ def _unavailable(exc: BaseException) -> KMSError:
 class AuditWriter:
     """Commit audit records to ``trail`` from one background thread, in groups.
 
-    ``batch_size``: the most records in one transaction; ``max_queue`` / ``max_queue_bytes``:
-    the most records and encoded bytes waiting; ``commit_timeout``: how long :meth:`commit` and
-    :meth:`append` wait for their record; ``retry_interval``: how often a failing trail is
-    tried again; ``close_timeout``: how long :meth:`close` keeps retrying before it gives the
-    remaining records up (logged as an error). ``failure``: the error with which the trail
-    failed to open (:meth:`AuditTrail.start`); the thread keeps trying to open it.
+    ``batch_size``: the most records in one transaction; ``group_wait``: how long a group may
+    grow before its commit; ``max_queue`` / ``max_queue_bytes``: the most records and encoded
+    bytes waiting; ``commit_timeout``: how long :meth:`commit` and :meth:`append` wait for
+    their record; ``retry_interval``: how often a failing trail is tried again;
+    ``close_timeout``: how long :meth:`close` keeps retrying before it gives the remaining
+    records up (logged as an error). ``failure``: the error with which the trail failed to open
+    (:meth:`AuditTrail.start`); the thread keeps trying to open it.
 
     Thread-safe: any thread may submit; any number of event loops may await.
     """
@@ -134,6 +136,7 @@ class AuditWriter:
         retry_interval: float = 0.5,
         close_timeout: float = 30.0,
         failure: BaseException | None = None,
+        group_wait: float = 0.001,
     ) -> None:
         if batch_size < 1 or max_queue < batch_size or commit_timeout <= 0:
             raise ValueError("batch_size and commit_timeout must be positive, max_queue >= batch")
@@ -144,6 +147,7 @@ class AuditWriter:
         self._commit_timeout = commit_timeout
         self._retry_interval = retry_interval
         self._close_timeout = close_timeout
+        self._group_wait = group_wait
         self._seal_every = trail.seal_interval / 4
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued_bytes = 0
@@ -316,6 +320,7 @@ class AuditWriter:
                         self._refuse(batch)
                         continue
                 if batch:
+                    batch = self._gather(batch)
                     self._append(batch)
                 if finished and not batch:
                     self._append_retained()
@@ -346,6 +351,21 @@ class AuditWriter:
             batch.append(queue.popleft())
         self._queued_bytes -= size
         return batch, self._closing and not queue
+
+    def _gather(self, batch: list[_Entry]) -> list[_Entry]:
+        """Let a group grow for ``group_wait`` seconds before its commit: a request that
+        arrives meanwhile shares the commit instead of needing one of its own."""
+        wait = self._group_wait
+        if wait <= 0 or len(batch) >= self._batch_size:
+            return batch
+        time.sleep(wait)
+        with self._lock:
+            queue = self._queue
+            while queue and len(batch) < self._batch_size:
+                entry = queue.popleft()
+                self._queued_bytes -= entry.size
+                batch.append(entry)
+        return batch
 
     def _append(self, batch: list[_Entry]) -> None:
         """Append ``batch`` as one transaction (retained records of an earlier failure first)
