@@ -4,10 +4,10 @@ moment, and a request's answer only after its record is committed.
 Why group commit: a transaction costs ~0.3-0.6 ms, most of it SQLite's write lock and the
 commit (``fsync``), shared by every worker — one transaction per request would cap the whole
 API near 1,400 requests/s, and its CPU competes with the requests'. The writer's thread instead
-appends, in one transaction, whatever is queued when it is free, after letting the group grow
-for ``group_wait`` (1 ms); while it commits, the next requests queue up and make the next
-group. Under light load a group is one record (and the answer waits ~1 ms more), under load a
-few dozen.
+appends, in one transaction, whatever is queued when it is free — while requests overlap,
+after letting the group grow for ``group_wait`` (1 ms); while it commits, the next requests
+queue up and make the next group. A lone request is committed at once; under load a group
+holds a few dozen records.
 
 Guarantees (``docs/audit.md``, "Writing: durable before the answer"):
 
@@ -148,6 +148,7 @@ class AuditWriter:
         self._retry_interval = retry_interval
         self._close_timeout = close_timeout
         self._group_wait = group_wait
+        self._overlapping = False  # requests overlapped at the last commit: let groups grow
         self._seal_every = trail.seal_interval / 4
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued_bytes = 0
@@ -354,9 +355,11 @@ class AuditWriter:
 
     def _gather(self, batch: list[_Entry]) -> list[_Entry]:
         """Let a group grow for ``group_wait`` seconds before its commit: a request that
-        arrives meanwhile shares the commit instead of needing one of its own."""
+        arrives meanwhile shares the commit instead of needing one of its own. Only while
+        requests overlap (the last group had several records, or records came during its
+        commit): a lone request is committed at once."""
         wait = self._group_wait
-        if wait <= 0 or len(batch) >= self._batch_size:
+        if wait <= 0 or len(batch) >= self._batch_size or not self._overlapping:
             return batch
         time.sleep(wait)
         with self._lock:
@@ -384,6 +387,7 @@ class AuditWriter:
         if retained:
             log.info("audit_records_recovered", records=len(retained))
             self._retained = []
+        self._overlapping = len(batch) > 1 or bool(self._queue)
         self._settle(batch, None)
 
     def _append_closing(self, batch: list[_Entry]) -> None:
