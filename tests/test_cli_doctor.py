@@ -159,18 +159,34 @@ def _material(service: KmsService, key_id: str) -> KeyMaterialRef:
 
 
 def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None:
-    """An object no key refers to is listed; a key version whose object is gone fails doctor."""
+    """An object no key refers to fails doctor (exit 1) until removed with --remove-orphans;
+    a key version whose object is gone fails doctor."""
     assert doctor(tmp_path).returncode == 0
     with _system(tmp_path) as system:
         service = system.service
         orphan = new_key_version(service.keystore, "0badc0de-0000-4000-8000-000000000000")
         key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
         material = _material(service, key_id)
-    report = json.loads(doctor(tmp_path, "--json").stdout)
+    found = doctor(tmp_path, "--json")
+    report = json.loads(found.stdout)
     assert report["orphans"] == [
         {"object_id": orphan.object_ids[0], "label": "hsmkms:0badc0de000040008000:1:a"}
     ]
     assert report["missing"] == []
+    assert_one_line_failure(
+        found,
+        f"token object {orphan.object_ids[0]} (hsmkms:0badc0de000040008000:1:a) belongs to no "
+        "key: left by a key creation interrupted half-way; remove with hsmkms doctor "
+        "--remove-orphans",
+    )
+    removed = doctor(tmp_path, "--remove-orphans", "--orphan-grace", "0.2")
+    assert removed.returncode == 0, removed.stderr
+    assert f"removed token object {orphan.object_ids[0]}" in removed.stdout
+    assert "orphans:         0" in removed.stdout
+    with _system(tmp_path) as system:
+        assert not system.keystore.exists(orphan)
+        assert system.keystore.exists(material)  # a key's own material is never touched
+    assert doctor(tmp_path).returncode == 0
 
     with _system(tmp_path) as system:
         service = system.service

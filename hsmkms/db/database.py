@@ -15,7 +15,7 @@ from sqlalchemy.engine import URL, make_url
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal, ReadCache
 from hsmkms.db.dialects import WRITE_OPTION, ConnectionOptions, Dialect, dialect_for
-from hsmkms.db.errors import ErrorMessages, map_error
+from hsmkms.db.errors import DEFAULT_DEVICE, ErrorMessages, map_error
 from hsmkms.db.forks import FORKS
 
 __all__ = ["Database", "database_exists", "database_location", "file_url"]
@@ -34,6 +34,9 @@ class Database:
 
     Fork-safe: in a forked child the first use drops the parent's pooled connections and change
     signal without closing them (they belong to the parent) and opens its own.
+
+    ``device``: how error messages name where the database lives when its device is full or
+    failing (``the data directory's device``; default ``the database's device``).
     """
 
     def __init__(
@@ -43,8 +46,10 @@ class Database:
         busy_timeout_ms: int = 10_000,
         durable: bool = True,
         foreign_keys: bool = True,
+        device: str | None = None,
     ) -> None:
         self._engine: Engine = create_engine(make_url(url))
+        self._device = device or DEFAULT_DEVICE
         self._dialect: Dialect = dialect_for(self._engine.dialect.name)
         self._dialect.configure(
             self._engine, ConnectionOptions(busy_timeout_ms, durable, foreign_keys)
@@ -86,7 +91,7 @@ class Database:
             with self._engine.connect() as conn, conn.begin():
                 yield conn
         except Exception as exc:
-            mapped = map_error(exc, errors, self._dialect)
+            mapped = map_error(exc, errors, self._dialect, self._device)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -96,22 +101,29 @@ class Database:
         """A write transaction that holds the write lock from its start, so a read-check-write
         sequence inside is atomic across processes (SQLite: ``BEGIN IMMEDIATE``). ``lock``
         (a positive 63-bit number) also serializes every writer passing the same number on
-        databases whose writers do not already take turns (PostgreSQL: an advisory lock).
+        databases whose writers do not already take turns (PostgreSQL: an advisory lock); on
+        SQLite such writers take turns at a file lock before they begin, so a writer waiting
+        for another is woken at once instead of polling in SQLite's busy handler.
 
         Errors are mapped as in :meth:`read`. After the transaction (committed or not) every
         read cache of this database is emptied, so this process sees its own writes at once.
         """
         if self._forks != FORKS.count:
             self._after_fork()
+        gate = (
+            self._dialect.writer_gate(self._engine.url)
+            if lock is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with self._engine.connect() as conn:
+            with gate, self._engine.connect() as conn:
                 conn.execution_options(**{WRITE_OPTION: True})
                 with conn.begin():
                     if lock is not None:
                         self._dialect.lock(conn, lock)
                     yield conn
         except Exception as exc:
-            mapped = map_error(exc, errors, self._dialect)
+            mapped = map_error(exc, errors, self._dialect, self._device)
             if mapped is None:
                 raise
             raise mapped from exc
