@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -444,6 +444,9 @@ class Settings(BaseSettings):
     region: str = "us-east-1"
     account_id: str = "111122223333"
     database_url: str | None = None
+    audit_seal_interval: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds between a server writer session's seals (its heartbeat; a session silent for
+    twice this long has stopped without a clean shutdown)."""
 
     @classmethod
     def settings_customise_sources(

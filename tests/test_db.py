@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import fcntl
 import inspect as pyinspect
 import multiprocessing
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,6 +127,33 @@ def test_an_error_the_component_handles_passes_unchanged(db: Database) -> None:
             conn.execute(things.insert().values(id=9, name="n1"))  # a duplicate name
 
     assert isinstance(_raised(run), IntegrityError)
+
+
+def test_writers_with_a_writer_lock_take_turns_at_a_file_lock(db: Database, path: Path) -> None:
+    """On SQLite, writes with a writer lock (the audit trail's) wait their turn at a file lock
+    before they begin — woken as soon as it is free, never failing with the busy timeout (here
+    50 ms) nor polling in SQLite's busy handler — while another process holds it."""
+    done: list[int] = []
+
+    def write() -> None:
+        with db.write(WORDING, lock=1) as conn:
+            conn.execute(things.insert().values(id=10, name="after"))
+        done.append(1)
+
+    holder = os.open(f"{path}-writers.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as another process between its BEGIN and COMMIT
+    try:
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(0.5)  # ten busy timeouts
+        assert done == []
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    thread.join(10)
+    assert done == [1]
+    with db.read(WORDING) as conn:
+        assert conn.execute(select(things.c.name).where(things.c.id == 10)).scalar() == "after"
 
 
 def test_write_lock_held_elsewhere_is_busy(db: Database, held: WriteLockHeld) -> None:
@@ -270,6 +300,8 @@ def test_the_rules_are_ordered_from_most_to_least_specific() -> None:
         Outcome.UNCHANGED,
         Outcome.BUSY,
         Outcome.UNAVAILABLE,
+        Outcome.FULL,
+        Outcome.IO_ERROR,
         Outcome.FAILED,
     ]
 
@@ -356,7 +388,7 @@ def test_one_version_table_for_every_component(tmp_path: Path, keystore: Pkcs11K
     database.close()
     # The markers of hsmkms before the layer, kept current for it.
     assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [("2",)]
-    assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("1",)]
+    assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("2",)]
 
 
 def _to_pre_layer_shape(path: Path) -> list[Any]:

@@ -23,7 +23,7 @@ from server import database_env
 
 from hsmkms import __version__
 from hsmkms import models as m
-from hsmkms.errors import DisabledException, KMSInternalException, NotFoundException
+from hsmkms.errors import DisabledException, NotFoundException, StorageUnavailable
 from hsmkms.service.identifiers import Arns
 from hsmkms.system import LOCAL_SOURCE, OperatorService, System, open_audit_reader
 from hsmkms.system.operator import keys_used
@@ -170,7 +170,7 @@ def test_no_record_no_result(tmp_path: Path) -> None:
         key = _key(system)
         (data_dir / "audit.db").mkdir()  # the trail cannot be opened
         operator = OperatorService(system, command="encrypt-file")
-        with pytest.raises(KMSInternalException, match="audit trail"):
+        with pytest.raises(StorageUnavailable, match="audit trail failed: I/O error"):
             operator.generate_data_key(m.GenerateDataKeyRequest(KeyId=key, KeySpec="AES_256"))
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import URL, make_url
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal, ReadCache
 from hsmkms.db.dialects import WRITE_OPTION, ConnectionOptions, Dialect, dialect_for
-from hsmkms.db.errors import ErrorMessages, map_error
+from hsmkms.db.errors import DEFAULT_DEVICE, ErrorMessages, map_error
 from hsmkms.db.forks import FORKS
 
 __all__ = ["Database", "database_exists", "database_location", "file_url"]
@@ -34,6 +34,9 @@ class Database:
 
     Fork-safe: in a forked child the first use drops the parent's pooled connections and change
     signal without closing them (they belong to the parent) and opens its own.
+
+    ``device``: how error messages name where the database lives when its device is full or
+    failing (``the data directory's device``; default ``the database's device``).
     """
 
     def __init__(
@@ -43,10 +46,12 @@ class Database:
         busy_timeout_ms: int = 10_000,
         durable: bool = True,
         foreign_keys: bool = True,
+        device: str | None = None,
     ) -> None:
         parsed = make_url(url)
         self._dialect: Dialect = dialect_for(parsed.get_backend_name())
         self._engine: Engine = create_engine(parsed, **self._dialect.engine_options(parsed))
+        self._device = device or DEFAULT_DEVICE
         self._dialect.configure(
             self._engine, ConnectionOptions(busy_timeout_ms, durable, foreign_keys)
         )
@@ -91,7 +96,7 @@ class Database:
                 with conn.begin():
                     yield conn
         except Exception as exc:
-            mapped = map_error(exc, errors, self._dialect)
+            mapped = map_error(exc, errors, self._dialect, self._device)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -104,7 +109,9 @@ class Database:
         (SQLite: ``BEGIN IMMEDIATE``, the write lock from the start; PostgreSQL: the rows the
         sequence depends on locked first, see :mod:`hsmkms.db.postgresql`). ``lock`` (a
         positive 63-bit number) also serializes every writer passing the same number on
-        databases whose writers do not already take turns (PostgreSQL: an advisory lock).
+        databases whose writers do not already take turns (PostgreSQL: an advisory lock); on
+        SQLite such writers take turns at a file lock before they begin, so a writer waiting
+        for another is woken at once instead of polling in SQLite's busy handler.
 
         ``cached``: whether the transaction may change what a read cache holds (the default).
         Then it is announced to the change signal of every process (PostgreSQL: the change
@@ -115,8 +122,13 @@ class Database:
         """
         if self._forks != FORKS.count:
             self._after_fork()
+        gate = (
+            self._dialect.writer_gate(self._engine.url)
+            if lock is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with self._engine.connect() as conn:
+            with gate, self._engine.connect() as conn:
                 conn.execution_options(**{WRITE_OPTION: True})
                 with conn.begin():
                     if lock is not None:
@@ -125,7 +137,7 @@ class Database:
                     if cached:
                         self._dialect.announce(conn)
         except Exception as exc:
-            mapped = map_error(exc, errors, self._dialect)
+            mapped = map_error(exc, errors, self._dialect, self._device)
             if mapped is None:
                 raise
             raise mapped from exc

@@ -11,11 +11,15 @@ of its own (it builds on this one).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +75,14 @@ class Dialect:
         for the caller's message); ``None`` for any other error."""
         return None
 
+    def is_full(self, error: BaseException) -> bool:
+        """Whether a driver exception means the database's device has no space left."""
+        return False
+
+    def is_io_error(self, error: BaseException) -> bool:
+        """Whether a driver exception means the database's device failed a read or write."""
+        return False
+
     def change_signal(self, engine: Engine) -> ChangeSignal:
         """A new change signal for ``engine``'s database."""
         return NoChangeSignal()
@@ -88,6 +100,12 @@ class Dialect:
         """Take writer lock ``key`` until the end of ``conn``'s transaction (here: nothing to
         take)."""
 
+    def writer_gate(self, url: URL) -> AbstractContextManager[None]:
+        """Held around a whole write transaction that takes a writer lock (before it begins,
+        until after it commits): writers wait their turn here rather than in the database
+        (here: nothing)."""
+        return contextlib.nullcontext()
+
     def exists(self, url: URL) -> bool:
         """Whether the database at ``url`` exists. A database server's database is taken to
         exist (connecting says otherwise)."""
@@ -101,6 +119,11 @@ class Dialect:
 # SQLite's primary result codes (the low byte of an extended code) for a lock that was not
 # given up in time: another connection's (BUSY) or this connection's own (LOCKED).
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _sqlite_code(error: BaseException) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(error, sqlite3.Error) and isinstance(code, int) else None
 
 
 def _sqlite_busy(error: BaseException) -> bool:
@@ -195,6 +218,16 @@ class SQLiteDialect(Dialect):
     def is_busy(self, error: BaseException) -> bool:
         return _sqlite_busy(error)
 
+    def writer_gate(self, url: URL) -> AbstractContextManager[None]:
+        path = _file(url)
+        return contextlib.nullcontext() if path is None else _gate(path)
+
+    def is_full(self, error: BaseException) -> bool:
+        return _sqlite_code(error) == sqlite3.SQLITE_FULL
+
+    def is_io_error(self, error: BaseException) -> bool:
+        return _sqlite_code(error) in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+
     def change_signal(self, engine: Engine) -> ChangeSignal:
         path = _file(engine.url)
         # An in-memory database is one per connection: nothing to watch.
@@ -207,6 +240,55 @@ class SQLiteDialect(Dialect):
     def location(self, url: URL) -> str:
         path = _file(url)
         return super().location(url) if path is None else str(Path(path))
+
+
+class _WriterGate:
+    """Turn-taking of the writers of one SQLite file across threads and processes: a thread
+    lock, then an exclusive ``flock`` on ``<file>-writers.lock``. A writer that finds the file
+    locked otherwise waits in SQLite's busy handler, which sleeps 1, 2, 5, 10 … 100 ms between
+    looks: under steady writing from several processes (the audit trail's group commits) that
+    turns a 1 ms wait into tens of milliseconds. The kernel wakes a ``flock`` waiter as soon as
+    the lock is free. Fork-aware (a child opens its own descriptor); without the lock file
+    (it cannot be made) the gate lets everyone through and SQLite's own lock still decides."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path + "-writers.lock"
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _descriptor(self) -> int | None:
+        if self._fd is None or self._pid != os.getpid():
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                return None
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._thread_lock:
+            fd = self._descriptor()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_GATES: dict[str, _WriterGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def _gate(path: str) -> AbstractContextManager[None]:
+    with _GATES_LOCK:
+        gate = _GATES.get(path)
+        if gate is None:
+            gate = _GATES[path] = _WriterGate(path)
+    return gate()
 
 
 def _file(url: URL) -> str | None:

@@ -60,6 +60,8 @@ _UNAVAILABLE_SQLSTATES: Final = {
 _CONNECTION_CLASS: Final = "08"
 # Without a SQLSTATE psycopg cannot say more: a refused TCP connection, a lost one, and a login
 # the server refused (wrong password, no such database) all look alike, short of reading text.
+_DISK_FULL: Final = "53100"
+"""SQLSTATE disk_full: the server's device has no space left."""
 _LOST: Final = "the database server cannot be reached or refused the connection"
 # Seconds to wait for a connection, unless the URL says otherwise (libpq waits forever).
 _CONNECT_TIMEOUT: Final = 10
@@ -176,6 +178,9 @@ class PostgreSQLDialect(Dialect):
         if state.startswith(_CONNECTION_CLASS):
             return _LOST
         return _UNAVAILABLE_SQLSTATES.get(state)
+
+    def is_full(self, error: BaseException) -> bool:
+        return isinstance(error, self.driver_error) and _sqlstate(error) == _DISK_FULL
 
     def change_signal(self, engine: Engine) -> ChangeCounter:
         return ChangeCounter(engine)
