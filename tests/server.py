@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
+from postgres import database_url_for
 
 from hsmkms.api.sigv4 import Credential, SignedRequest, sign
 
@@ -188,8 +189,21 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
+def database_env(data_dir: Path, env: Mapping[str, str] | None) -> dict[str, str]:
+    """``env`` plus, on a PostgreSQL test run, ``HSMKMS_DATABASE_URL`` of ``data_dir``'s database
+    (unless ``env`` names one)."""
+    merged = dict(env or {})
+    url = database_url_for(data_dir)
+    if url is not None:
+        merged.setdefault("HSMKMS_DATABASE_URL", url)
+    return merged
+
+
 def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the ``hsmkms`` command line in a subprocess with a clean environment."""
+    """Run the ``hsmkms`` command line in a subprocess with a clean environment (and, on a
+    PostgreSQL test run, the database of the ``--data-dir`` it names)."""
+    if "--data-dir" in args:
+        env = database_env(Path(args[args.index("--data-dir") + 1]), env)
     return subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args],
         env=clean_env(**(env or {})),
@@ -211,8 +225,10 @@ def start_server(
 ) -> RunningServer:
     """Start ``hsmkms serve`` on a free loopback port and wait until it is healthy (with
     ``wait_healthy=False``: until every worker answers ``/healthz`` at all, healthy or not).
-    ``ca_file``: the certificate clients should trust (with ``--tls-cert`` in ``args``)."""
+    ``ca_file``: the certificate clients should trust (with ``--tls-cert`` in ``args``). On a
+    PostgreSQL test run the server keeps its tables in ``data_dir``'s database."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    env = database_env(data_dir, env)
     log_path = data_dir.parent / f"{data_dir.name}-server.log"
     log = log_path.open("wb")
     process = subprocess.Popen(

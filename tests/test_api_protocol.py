@@ -16,7 +16,7 @@ from server import Response, RunningServer, running_server
 
 from hsmkms.api.protocol import MAX_BODY
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")

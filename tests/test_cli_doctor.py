@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from local_system import open_system
+from postgres import outside_fetch, outside_sql
+from server import database_env
 
 from conftest import new_key_version
 from hsmkms import models as m
@@ -23,14 +24,14 @@ from hsmkms.store import GrantRecord
 from hsmkms.system import System
 from hsmkms.types import Clock, utc_now
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 
 def doctor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
     return subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", "doctor", "--data-dir", str(data_dir), *args],
-        env={**clean, **env},
+        env={**clean, **database_env(data_dir, env)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -205,6 +206,7 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
             ScheduleKeyDeletionRequest(KeyId=key_id, PendingWindowInDays=7)
         )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
+    clean.update(database_env(tmp_path, None))
     proc = subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", "purge", "--data-dir", str(tmp_path)],
         env=clean, capture_output=True, text=True, timeout=120, check=False,
@@ -263,24 +265,23 @@ def test_doctor_reports_each_tampered_row_and_fails(tmp_path: Path) -> None:
     assert json.loads(clean.stdout)["integrity"] == []
     assert "integrity:       ok" in doctor(tmp_path).stdout
 
-    db = sqlite3.connect(tmp_path / "hsmkms.db", isolation_level=None)
-    try:
-        db.execute("UPDATE keys SET state = 'Enabled' WHERE id = ?", (keys[0],))
-        db.execute("UPDATE keys SET policy = '{}' WHERE id = ?", (keys[1],))
-        refs = dict(db.execute("SELECT key_id, material_ref FROM key_versions").fetchall())
-        db.execute(
-            "UPDATE key_versions SET material_ref = ? WHERE key_id = ?", (refs[keys[5]], keys[2])
-        )
-        db.execute(
-            "INSERT INTO grants SELECT ?, key_id, name, ?, retiring_principal, operations, "
-            "constraints, issuing_account, created_at, mac FROM grants",
-            (f"{2:064x}", MALLORY),
-        )
-        db.execute("UPDATE key_versions SET key_id = ? WHERE key_id = ? AND version = 2",
-                   (keys[5], keys[4]))  # fmt: skip
-        db.execute("UPDATE keys SET mac = NULL WHERE id = ?", (keys[5],))
-    finally:
-        db.close()
+    db = tmp_path / "hsmkms.db"
+    outside_sql(db, "UPDATE keys SET state = 'Enabled' WHERE id = ?", keys[0])
+    outside_sql(db, "UPDATE keys SET policy = '{}' WHERE id = ?", keys[1])
+    refs = dict(outside_fetch(db, "SELECT key_id, material_ref FROM key_versions"))
+    outside_sql(
+        db, "UPDATE key_versions SET material_ref = ? WHERE key_id = ?", refs[keys[5]], keys[2]
+    )
+    outside_sql(
+        db,
+        "INSERT INTO grants SELECT ?, key_id, name, ?, retiring_principal, operations, "
+        "constraints, issuing_account, created_at, mac FROM grants",
+        f"{2:064x}",
+        MALLORY,
+    )
+    outside_sql(db, "UPDATE key_versions SET key_id = ? WHERE key_id = ? AND version = 2",
+                keys[5], keys[4])  # fmt: skip
+    outside_sql(db, "UPDATE keys SET mac = NULL WHERE id = ?", keys[5])
 
     proc = doctor(tmp_path)
     assert_one_line_failure(proc, "6 rows failed their integrity check")

@@ -40,7 +40,7 @@ from hsmkms.db import (
 from hsmkms.db.dialects import SQLiteDialect
 from hsmkms.db.errors import RULES, Outcome, classify, map_error
 from hsmkms.db.migrations import LEGACY_COMPONENT, applied_versions, schema_migrations
-from hsmkms.errors import DependencyTimeoutException, KMSInternalException, NotFoundException
+from hsmkms.errors import KMSInternalException, NotFoundException, ServiceUnavailable
 from hsmkms.identity import CredentialStore
 from hsmkms.identity.store import COMPONENT as IDENTITY
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
@@ -164,7 +164,7 @@ def test_write_lock_held_elsewhere_is_busy(db: Database, held: WriteLockHeld) ->
             pass
 
     error = _raised(run)
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     assert error.message == "The thing is busy."
     cause = error.__cause__
     assert isinstance(cause, OperationalError)
@@ -180,7 +180,7 @@ def test_busy_in_driver_sql_is_busy(db: Database, held: WriteLockHeld) -> None:
             cursor.execute("INSERT INTO things VALUES (7, 'n7')")
 
     error = _raised(run)
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     assert type(error.__cause__) is sqlite3.OperationalError
 
 
@@ -195,7 +195,7 @@ def test_a_table_locked_by_its_own_connection_is_busy(db: Database) -> None:
             conn.exec_driver_sql("DROP TABLE things")
 
     error = _raised(run)
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     cause = error.__cause__
     assert isinstance(cause, OperationalError)
     assert cause.orig.sqlite_errorcode == sqlite3.SQLITE_LOCKED  # type: ignore[union-attr]
@@ -299,6 +299,7 @@ def test_the_rules_are_ordered_from_most_to_least_specific() -> None:
         Outcome.UNCHANGED,
         Outcome.UNCHANGED,
         Outcome.BUSY,
+        Outcome.UNAVAILABLE,
         Outcome.FULL,
         Outcome.IO_ERROR,
         Outcome.FAILED,
@@ -336,7 +337,7 @@ def test_each_component_says_busy_in_its_own_words(
         error = _raised(write)
     finally:
         holder.close()
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     assert error.message == message
     component.close()
 

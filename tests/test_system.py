@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from local_system import open_system
+from local_system import open_system, settings_for
+from postgres import outside_fetch
 
 import hsmkms
 from hsmkms import models as m
@@ -21,6 +22,8 @@ from hsmkms.audit.trail import VerifyStatus
 from hsmkms.config import Settings
 from hsmkms.errors import ClientError, KMSInternalException, StorageUnavailable
 from hsmkms.system import initialize, open_audit_reader, open_audit_verifier
+
+pytestmark = pytest.mark.database
 
 PACKAGE = Path(hsmkms.__file__).parent
 ROOT_MODULE = "hsmkms/system/root.py"
@@ -162,11 +165,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings_rows(db: Path) -> dict[str, str]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT name, value FROM store_settings").fetchall())
-    finally:
-        conn.close()
+    return dict(outside_fetch(db, "SELECT name, value FROM store_settings"))
 
 
 @pytest.mark.hsm
@@ -174,13 +173,13 @@ def test_initialize_opens_the_store_with_its_row_sealer(data_dir: Path) -> None:
     """Initialization (serve's parent, ``hsmkms credentials``) opens the metadata store the way
     every other entry point does: with its sealer, so the integrity key exists from the start
     and no unsealed row is ever written."""
-    report = initialize(Settings.load(data_dir))
+    report = initialize(settings_for(data_dir))
     assert report.root_created
     assert report.root_credentials_file == data_dir / "root-credentials.json"
     assert report.root_credentials_file.stat().st_mode & 0o077 == 0
     integrity_key = _settings_rows(data_dir / "hsmkms.db")["integrity_key"]
     assert integrity_key.startswith("v2:default:HMAC_256:")
-    again = initialize(Settings.load(data_dir))
+    again = initialize(settings_for(data_dir))
     assert not again.root_created
     assert again.root_access_key_id == report.root_access_key_id
 
@@ -197,7 +196,7 @@ def test_a_writer_system_seals_at_start_and_after_its_last_record(data_dir: Path
                 "RotateKey", account_id=key.AWSAccountId, region="us-east-1", key_arn=key.Arn
             )
         )
-    settings = Settings.load(data_dir)
+    settings = settings_for(data_dir)
     with open_audit_verifier(settings) as trail:
         result = trail.verify()
     assert result.status is VerifyStatus.OK, result.problem
@@ -269,6 +268,7 @@ def test_reading_the_trail_of_a_missing_database_is_one_error(tmp_path: Path) ->
 
 
 @pytest.mark.hsm
+@pytest.mark.sqlite  # breaks the trail's own SQLite file
 def test_a_part_that_fails_to_open_closes_the_parts_before_it(tmp_path: Path) -> None:
     """An audit trail that is wrong (its key reference names another key) fails System.open
     with one KMSError, after closing the keystore and store opened before it; the next open in
@@ -288,6 +288,7 @@ def test_a_part_that_fails_to_open_closes_the_parts_before_it(tmp_path: Path) ->
 
 
 @pytest.mark.hsm
+@pytest.mark.sqlite  # the trail's own SQLite file made a directory
 def test_a_server_opens_with_a_trail_it_cannot_write_yet(tmp_path: Path) -> None:
     """A server's trail that cannot be written (a full disk, an I/O error; here a directory
     where its file should be) does not stop the worker: System.open succeeds, records are

@@ -157,7 +157,11 @@ _SESSION_PAGE: Final = 5000
 # Every write takes this writer lock first (Database.write), so appenders take turns and the
 # first creation of the tables is serialized too. "hsmkmsA": the value hsmkms always used.
 _APPEND_LOCK: Final = 0x68736D6B6D7341
-_ERRORS: Final = ErrorMessages(busy="The audit trail is busy.", failed="The audit trail failed.")
+_ERRORS: Final = ErrorMessages(
+    busy="The audit trail is busy.",
+    failed="The audit trail failed.",
+    unavailable="The audit trail is unavailable.",
+)
 
 metadata = MetaData()
 
@@ -658,7 +662,9 @@ class AuditTrail:
     # -- connections ----------------------------------------------------------------------------
 
     def _write(self) -> AbstractContextManager[Connection]:
-        return self._db.write(_ERRORS, lock=_APPEND_LOCK)
+        # cached=False: no read cache holds the trail's rows, so an append (on every request)
+        # must not empty the caches of every process sharing the database.
+        return self._db.write(_ERRORS, lock=_APPEND_LOCK, cached=False)
 
     def _read(self) -> AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)

@@ -1,10 +1,12 @@
-"""What differs between database engines, in one place: connection set-up, which driver errors
-mean "busy", the change signal for read caches, writer locks, and whether a database exists.
+"""What differs between database engines, in one place: engine options and connection set-up,
+read transactions' options, which driver errors mean "busy" or "unavailable", the change signal
+for read caches and how a write announces itself to it, writer locks, and whether a database
+exists.
 
 :class:`Dialect` is the behaviour of a database this layer has no special knowledge of (no
 set-up, no busy errors, no change signal: caches always miss); :class:`SQLiteDialect` is the
-embedded default; :class:`PostgreSQLDialect` keeps the writer lock that the audit trail has
-taken there from the start (the rest of PostgreSQL is a later issue).
+embedded default; PostgreSQL's is :class:`hsmkms.db.postgresql.PostgreSQLDialect`, in a module
+of its own (it builds on this one).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal
 
-__all__ = ["ConnectionOptions", "Dialect", "PostgreSQLDialect", "SQLiteDialect", "dialect_for"]
+__all__ = ["ConnectionOptions", "Dialect", "SQLiteDialect", "dialect_for"]
 
 WRITE_OPTION = "hsmkms_write"
 """Execution option of a connection whose next transaction writes (takes the write lock)."""
@@ -49,14 +51,29 @@ class Dialect:
     """A database engine with nothing special about it."""
 
     driver_error: type[Exception] = _NoDriverError
+    _dbapi: Any = None  # the driver module, known after configure()
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        """Keyword arguments for ``create_engine`` on ``url``."""
+        return {}
 
     def configure(self, engine: Engine, options: ConnectionOptions) -> None:
         """Install the connection set-up on ``engine`` (before its first connection)."""
-        self.driver_error = engine.dialect.loaded_dbapi.Error
+        self._dbapi = engine.dialect.loaded_dbapi
+        self.driver_error = self._dbapi.Error
+
+    def read_options(self) -> dict[str, Any]:
+        """Execution options of a read transaction's connection."""
+        return {}
 
     def is_busy(self, error: BaseException) -> bool:
         """Whether a driver exception means a lock was held past the wait allowed."""
         return False
+
+    def unavailable(self, error: BaseException) -> str | None:
+        """Why the database cannot be reached, when a driver exception says so (a few words,
+        for the caller's message); ``None`` for any other error."""
+        return None
 
     def is_full(self, error: BaseException) -> bool:
         """Whether a driver exception means the database's device has no space left."""
@@ -66,9 +83,18 @@ class Dialect:
         """Whether a driver exception means the database's device failed a read or write."""
         return False
 
-    def change_signal(self, url: URL) -> ChangeSignal:
-        """A new change signal for the database at ``url``."""
+    def change_signal(self, engine: Engine) -> ChangeSignal:
+        """A new change signal for ``engine``'s database."""
         return NoChangeSignal()
+
+    def prepare(self, conn: Connection) -> None:
+        """Create what the layer itself keeps in the database (called by the migration runner
+        with its lock held; here: nothing)."""
+
+    def announce(self, conn: Connection) -> None:
+        """Make a write transaction's commit visible to the change signal of every process
+        (called last in the transaction; here: nothing to do, or the database tells by
+        itself)."""
 
     def lock(self, conn: Connection, key: int) -> None:
         """Take writer lock ``key`` until the end of ``conn``'s transaction (here: nothing to
@@ -88,19 +114,6 @@ class Dialect:
     def location(self, url: URL) -> str:
         """Where the database is, for messages (never with a password)."""
         return url.render_as_string(hide_password=True)
-
-
-class PostgreSQLDialect(Dialect):
-    """PostgreSQL: writer locks are transaction-scoped advisory locks (they need no table, so
-    they also serialize the first creation of tables)."""
-
-    def lock(self, conn: Connection, key: int) -> None:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-
-    def is_full(self, error: BaseException) -> bool:
-        # SQLSTATE 53100 disk_full (psycopg: .sqlstate; psycopg2: .pgcode).
-        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-        return code == "53100"
 
 
 # SQLite's primary result codes (the low byte of an extended code) for a lock that was not
@@ -215,8 +228,8 @@ class SQLiteDialect(Dialect):
     def is_io_error(self, error: BaseException) -> bool:
         return _sqlite_code(error) in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
 
-    def change_signal(self, url: URL) -> ChangeSignal:
-        path = _file(url)
+    def change_signal(self, engine: Engine) -> ChangeSignal:
+        path = _file(engine.url)
         # An in-memory database is one per connection: nothing to watch.
         return NoChangeSignal() if path is None else _DataVersion(path)
 
@@ -289,5 +302,8 @@ def dialect_for(name: str) -> Dialect:
     if name == "sqlite":
         return SQLiteDialect()
     if name == "postgresql":
+        # Imported here: hsmkms.db.postgresql builds on this module.
+        from hsmkms.db.postgresql import PostgreSQLDialect
+
         return PostgreSQLDialect()
     return Dialect()
