@@ -269,10 +269,10 @@ def test_a_failing_trail_refuses_at_once_keeps_state_changes_and_recovers(
             writer.append(record("state-change"), retain=True)
         with pytest.raises(ServiceUnavailable, match="The audit trail is busy"):
             writer.check()
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
+        # Refused with the failure's cause, not after the 5 s commit deadline ("did not commit
+        # the record within 5 s"): no wait for a commit that cannot come.
+        with pytest.raises(ServiceUnavailable, match="The audit trail is busy"):
             writer.append(record("refused-at-once"), retain=True)
-        assert time.monotonic() - started < 0.5  # no wait for a commit that cannot come
         assert writer.error is not None
         locked.execute("ROLLBACK")
         deadline = time.monotonic() + 10
