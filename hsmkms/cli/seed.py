@@ -82,9 +82,13 @@ def seed_path_from_env() -> Path | None:
 def apply_seed_file(
     settings: Settings, path: Path, say: Callable[[str], object] = print
 ) -> SeedReport:
-    """Read and check the seed file first (a bad file touches nothing), initialize the data
-    directory, then apply the file; ``say`` gets one line per change and a summary."""
+    """Read and check the seed file first (a bad file touches nothing: when the data directory
+    does not exist yet, the file is checked against an empty one before it is made),
+    initialize the data directory, then apply the file; ``say`` gets one line per change and a
+    summary."""
     document = load_seed(path)
+    if not _existing(settings):
+        plan_seed(document, None)
     initialize(settings)
     with System.open(settings, audit="direct", identity=True) as system:
         report = apply_seed(document, system)
