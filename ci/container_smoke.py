@@ -36,6 +36,7 @@ keys:
   - aliases: [alias/app-key]
     description: seeded by the container smoke test
 """
+LATER_SEED = "version: 1\nkeys:\n  - aliases: [alias/applied-later]\n"
 CONTEXT = {"purpose": "container-smoke"}
 STARTUP_TIMEOUT = 120.0
 
@@ -220,6 +221,13 @@ def first_run(engine: Engine, image: str, name: str, volume: str, seed_dir: Path
             raise SmokeFailure(f"a wrong signature got {exc.response['Error']}") from None
     say("unsigned and wrongly signed requests are refused")
 
+    # A seed applied inside the running container (ci/github-actions-service.yml does this).
+    applied = engine("exec", name, "hsmkms", "seed", "apply", "/seed/later.yaml")
+    if "2 change(s)" not in applied:
+        raise SmokeFailure(f"hsmkms seed apply in the container said: {applied}")
+    kms.describe_key(KeyId="alias/applied-later")
+    say("a seed applied with exec serves at once")
+
     stop(engine, name)
     say("stopped cleanly (exit 0 on SIGTERM)")
     return Sealed(key_id, blob, plaintext)
@@ -241,7 +249,7 @@ def second_run(
     if not answer["KeyId"].endswith(sealed.key_id):
         raise SmokeFailure(f"decrypted with {answer['KeyId']}")
     aliases = [a["AliasName"] for a in kms.list_aliases()["Aliases"]]
-    if aliases != ["alias/app-key"]:
+    if aliases != ["alias/app-key", "alias/applied-later"]:
         raise SmokeFailure(f"aliases after the restart: {aliases}")
     say("decrypted the first run's ciphertext")
     stop(engine, name)
@@ -260,7 +268,9 @@ def main() -> int:
     seed_dir = Path(tempfile.mkdtemp(prefix="hsmkms-smoke-"))
     seed_dir.chmod(0o755)  # read by the container's non-root user
     (seed_dir / "seed.yaml").write_text(SEED)
-    (seed_dir / "seed.yaml").chmod(0o644)
+    (seed_dir / "later.yaml").write_text(LATER_SEED)
+    for path in seed_dir.iterdir():
+        path.chmod(0o644)
     try:
         engine("volume", "create", volume)
         sealed = first_run(engine, args.image, names[0], volume, seed_dir)

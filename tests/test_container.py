@@ -33,6 +33,7 @@ def test_the_image_builds_and_survives_a_restart_on_its_volume() -> None:
         "runs as uid 10001; seed applied",
         "HEALTHCHECK passes",
         "unsigned and wrongly signed requests are refused",
+        "a seed applied with exec serves at once",
         "stopped cleanly (exit 0 on SIGTERM)",
         "decrypted the first run's ciphertext",
     ):
