@@ -103,6 +103,7 @@ __all__ = [
     "DuplicateCredential",
     "IssuedCredential",
     "UnknownCredential",
+    "check_credential",
     "generate_access_key_id",
     "generate_secret",
     "validate_identity_policy",
@@ -242,6 +243,30 @@ def validate_identity_policy(policy: str) -> str:
     except LimitExceededException as exc:
         raise MalformedPolicyDocumentException(exc.message) from exc
     return policy
+
+
+def check_credential(
+    name: str,
+    policy: str | None = None,
+    *,
+    access_key_id: str | None = None,
+    secret: str | None = None,
+) -> None:
+    """What :meth:`CredentialStore.create` checks before it stores anything: the name, the
+    identity policy, and a fixed access key id with its secret (both or neither).
+
+    Raises ValidationException or MalformedPolicyDocumentException naming what is wrong (never
+    the secret)."""
+    if not _NAME.fullmatch(name):
+        raise ValidationException("the name must be 1-64 characters of letters, digits and +=,.@_-")
+    if (access_key_id is None) != (secret is None):
+        raise ValidationException("a fixed access key id needs its secret, and the reverse")
+    if access_key_id is not None and not _ACCESS_KEY_ID.fullmatch(access_key_id):
+        raise ValidationException("an access key id must be 1-128 letters, digits or _")
+    if secret is not None and not 1 <= len(secret) <= 128:
+        raise ValidationException("a secret access key must be 1-128 characters")
+    if policy is not None:
+        validate_identity_policy(policy)
 
 
 def _aad(access_key_id: str, principal_arn: str, policy: str | None) -> bytes:
@@ -416,30 +441,38 @@ class CredentialStore:
 
     # -- administration ---------------------------------------------------------------------
 
-    def create(self, name: str, policy: str | None = None) -> IssuedCredential:
+    def create(
+        self,
+        name: str,
+        policy: str | None = None,
+        *,
+        access_key_id: str | None = None,
+        secret: str | None = None,
+    ) -> IssuedCredential:
         """Add a user principal ``name`` with a new access key; the secret is returned once.
 
         ``policy`` is the user's identity policy (IAM JSON, stored as given); without one the
-        user is allowed nothing that a key policy does not grant it by name.
+        user is allowed nothing that a key policy does not grant it by name. ``access_key_id``
+        and ``secret`` (both or neither: a seed file's fixed credential) replace the generated
+        ones; the caller decides how strong a secret it accepts.
 
-        Raises ValidationException for a malformed name, MalformedPolicyDocumentException for
-        an invalid policy (nothing is stored), DuplicateCredential when the name is taken.
+        Raises ValidationException for a malformed name, access key id or secret,
+        MalformedPolicyDocumentException for an invalid policy (nothing is stored),
+        DuplicateCredential when the name or the access key id is taken.
         """
-        if not _NAME.fullmatch(name):
-            raise ValidationException(
-                "the name must be 1-64 characters of letters, digits and +=,.@_-"
-            )
-        if policy is not None:
-            validate_identity_policy(policy)
-        access_key_id = generate_access_key_id()
-        secret = generate_secret()
+        check_credential(name, policy, access_key_id=access_key_id, secret=secret)
+        taken = f"named {name!r}"
+        if access_key_id is None or secret is None:
+            access_key_id, secret = generate_access_key_id(), generate_secret()
+        else:
+            taken += f" or with access key id {access_key_id}"
         arn = self.user_arn(name)
         values = self._row_values(access_key_id, name, arn, secret, policy)
         try:
             with self._write() as conn:
                 conn.execute(insert(_C).values(**values))
         except IntegrityError:
-            raise DuplicateCredential(f"a credential named {name!r} already exists") from None
+            raise DuplicateCredential(f"a credential {taken} already exists") from None
         log.info(
             "credential_created",
             access_key_id=access_key_id,

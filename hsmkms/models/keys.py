@@ -12,6 +12,9 @@ from hsmkms.models.base import GrantTokenList, KeyIdType, KmsModel, MarkerType
 from hsmkms.models.constraints import Length, Pattern, Range
 from hsmkms.models.tags import Tag
 
+KEY_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+"""A key id as AWS makes them: a UUID in lower case."""
+
 
 class KeyMetadata(KmsModel):
     """What DescribeKey and CreateKey return about a key (reference §3.3)."""
@@ -56,6 +59,14 @@ class CreateKeyRequest(KmsModel):
     Tags: list[Tag] | None = None
     MultiRegion: bool | None = None
     XksKeyId: Annotated[str | None, Length(1, 128)] = None
+
+
+class OperatorCreateKeyRequest(CreateKeyRequest):
+    """CreateKey as the local operator asks it (a seed file), with the key id chosen: no request
+    of the API parses into this class (``CreateKeyRequest`` ignores an unknown ``KeyId``), and
+    the service refuses it from any caller but the local operator."""
+
+    KeyId: Annotated[str, Length(36, 36), Pattern(KEY_ID_PATTERN)]
 
 
 class CreateKeyResponse(KmsModel):

@@ -336,6 +336,20 @@ class ServiceCore:
             )
         return method.worker(self, Call(request, caller))
 
+    @classmethod
+    def check_request(cls, name: str, request: BaseModel) -> None:
+        """Check ``request`` for the operation ``name`` as the template does before it resolves
+        a key (the model's constraints, grant tokens, the operation's own ``prepare`` checks),
+        without running it; raises the operation's errors. For a seed file, checked whole
+        before anything is applied."""
+        method: OperationMethod[Any, Any, Any] = getattr(cls, OPERATIONS[name].worker)
+        validate_request(request)
+        tokens = getattr(request, "GrantTokens", None)
+        if method.op.grant_tokens and tokens:
+            cls._check_grant_tokens(tokens)
+        if method.prepare is not None:
+            method.prepare(request)
+
     # -- resolution -----------------------------------------------------------------------------
 
     def _gone(self, key: KeyRecord, now: dt.datetime) -> bool:

@@ -7,6 +7,7 @@ import datetime as dt
 import uuid
 
 from hsmkms.errors import (
+    AlreadyExistsException,
     KMSInvalidStateException,
     UnsupportedOperationException,
     ValidationException,
@@ -27,6 +28,7 @@ from hsmkms.models import (
     KeyMetadata,
     ListKeysRequest,
     ListKeysResponse,
+    OperatorCreateKeyRequest,
     ScheduleKeyDeletionRequest,
     ScheduleKeyDeletionResponse,
     UpdateKeyDescriptionRequest,
@@ -47,6 +49,7 @@ from hsmkms.service.identifiers import key_material_id
 from hsmkms.service.key_types import KEY_TYPES, customer_master_key_spec
 from hsmkms.service.states import Access
 from hsmkms.store import KeyRecord, KeyVersionRecord
+from hsmkms.types import Caller
 
 DEFAULT_PENDING_WINDOW_DAYS = 30
 
@@ -140,6 +143,16 @@ class KeyOperations(ServiceCore):
             }
         )
 
+    def _new_key_id(self, request: CreateKeyRequest, caller: Caller | None) -> str:
+        """A fresh UUID; the local operator (a seed file) may choose it instead."""
+        if not isinstance(request, OperatorCreateKeyRequest):
+            return str(uuid.uuid4())
+        if caller is not None:
+            raise ValidationException("Only the local operator may choose a key id.")
+        if self._store.get_key(request.KeyId) is not None:
+            raise AlreadyExistsException(f"Key '{self.arns.key(request.KeyId)}' already exists")
+        return request.KeyId
+
     @operation("CreateKey", prepare=_prepare_create_key)
     def create_key(self, call: Call[CreateKeyRequest]) -> CreateKeyResponse:
         """CreateKey: a key of any spec and usage the token can host, its first version
@@ -149,7 +162,7 @@ class KeyOperations(ServiceCore):
         request, caller = call.request, call.caller
         spec, usage, origin = _key_type(request)
         now = self._clock()
-        key_id = str(uuid.uuid4())
+        key_id = self._new_key_id(request, caller)
         if request.Policy is not None and not request.BypassPolicyLockoutSafetyCheck:
             self._authz.check_lockout(caller, key_policy(request.Policy), self.arns.key(key_id))
         key_type = KEY_TYPES[spec]
