@@ -236,6 +236,51 @@ def test_full_queue_blocks_then_refuses_and_drops_nothing_it_accepted(
     assert request_ids(trail) == accepted
 
 
+def test_the_queue_is_bounded_in_bytes_too(
+    trail: CountingTrail, locked: sqlite3.Connection
+) -> None:
+    """Large records fill the queue by their bytes long before its record count: with room for
+    1,000 records but 60 KB, records of ~20 KB are refused after a few; a record larger than
+    the whole bound still goes into an empty queue. Nothing accepted is lost."""
+    big = {f"k{i}": "v" * 1000 for i in range(20)}  # ~20 KB of context
+
+    def big_record(request_id: str) -> dict[str, Any]:
+        made = record(request_id)
+        made["requestParameters"] = {"keyId": KEY_ARN, "encryptionContext": big}
+        return made
+
+    writer = AuditWriter(
+        trail,
+        flush_interval=0.01,
+        batch_size=1,
+        max_queue=1000,
+        max_queue_bytes=60_000,
+        block_timeout=0.1,
+    )
+    try:
+        accepted, refused = [], 0
+        for i in range(10):
+            try:
+                writer.submit(big_record(f"r{i}"))
+                accepted.append(f"r{i}")
+            except DependencyTimeoutException:
+                refused += 1
+        assert refused > 0
+        assert 2 <= len(accepted) <= 4  # the queue (60 KB), plus the batch being retried
+        locked.execute("ROLLBACK")
+        assert writer.flush(10)
+    finally:
+        writer.close()
+    assert request_ids(trail) == accepted
+    huge = AuditWriter(trail, flush_interval=0.01, max_queue_bytes=1000)
+    try:
+        huge.submit(big_record("alone"))  # larger than the bound, into an empty queue
+        assert huge.flush(10)
+    finally:
+        huge.close()
+    assert request_ids(trail)[-1] == "alone"
+
+
 def test_close_appends_everything_queued(trail: CountingTrail) -> None:
     writer = AuditWriter(trail, flush_interval=60)
     for i in range(30):

@@ -47,6 +47,8 @@ from hsmkms.types import utc_now
 __all__ = [
     "ADDITIONAL_EVENT_DATA_FIELDS",
     "EVENT_VERSION",
+    "MAX_ERROR_MESSAGE",
+    "MAX_REQUEST_PARAMETERS",
     "REQUEST_FIELDS",
     "RESPONSE_FIELDS",
     "SEARCH_COLUMNS",
@@ -75,6 +77,12 @@ EVENT_VERSION: Final = "1.08"
 EVENT_SOURCE: Final = "kms.amazonaws.com"
 KEY_RESOURCE_TYPE: Final = "AWS::KMS::Key"
 _OMITTED: Final = "[omitted]"
+MAX_REQUEST_PARAMETERS: Final = 64 * 1024
+"""The most bytes ``requestParameters`` takes in a record's canonical JSON: beyond it, the
+largest members are replaced by ``"[omitted: <n> bytes]"`` until it fits (a request of 1 MiB,
+escaped, would otherwise make a record of several MB)."""
+MAX_ERROR_MESSAGE: Final = 2048
+"""The most characters of ``errorMessage`` a record keeps (``"...[truncated]"`` marks a cut)."""
 # Values of omitted members shorter than this are not cut out of error messages: too likely to
 # match ordinary words.
 _MIN_SCRUB_LENGTH: Final = 6
@@ -415,6 +423,32 @@ def request_parameters(
     return params or None
 
 
+def _bounded_parameters(params: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """``params`` and its canonical JSON, its largest members replaced by a marker until the
+    JSON is at most :data:`MAX_REQUEST_PARAMETERS` bytes (most records: unchanged, encoded
+    once)."""
+    encoded = _json(params)
+    if params is None or len(encoded) <= MAX_REQUEST_PARAMETERS:
+        return params, encoded
+    sizes = {name: len(_json(value)) for name, value in params.items()}
+    bounded = dict(params)
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        bounded[name] = f"[omitted: {sizes[name]} bytes]"
+        encoded = _json(bounded)
+        if len(encoded) <= MAX_REQUEST_PARAMETERS:
+            break
+    return bounded, encoded
+
+
+def _error_message(message: str, members: Mapping[str, Any]) -> str:
+    """The ``errorMessage`` of a record: omitted values cut out, at most
+    :data:`MAX_ERROR_MESSAGE` characters."""
+    message = _scrub(message, _omitted_values(members))
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 14] + "...[truncated]"
+    return message
+
+
 def response_elements(
     response: Mapping[str, Any] | BaseModel | None, *, read_only: bool
 ) -> dict[str, Any] | None:
@@ -525,7 +559,7 @@ def api_call_record(
         "awsRegion": region,
         "sourceIPAddress": source_ip,
         "userAgent": user_agent,
-        "requestParameters": request_parameters(event_name, members),
+        "requestParameters": _bounded_parameters(request_parameters(event_name, members))[0],
         "responseElements": None
         if error_code
         else response_elements(response, read_only=read_only),
@@ -540,7 +574,7 @@ def api_call_record(
     }
     if error_code is not None:
         record["errorCode"] = error_code
-        record["errorMessage"] = _scrub(error_message or "", _omitted_values(members))
+        record["errorMessage"] = _error_message(error_message or "", members)
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     if extra is not None:
         record["additionalEventData"] = extra
@@ -729,12 +763,12 @@ def prepare_api_call(
         raise ValueError("an audit record needs an eventName")
     when = format_event_time(event_time) if event_time is not None else _now_text()
     resources, key_ids = _resources_json(tuple(key_arns), account_id)
-    params = _json(request_parameters(event_name, request))
+    params = _bounded_parameters(request_parameters(event_name, request))[1]
     if error_code is None:
         errors = ""
         elements = _json(response_elements(response, read_only=read_only))
     else:
-        message = _json(_scrub(error_message or "", _omitted_values(_members(request))))
+        message = _json(_error_message(error_message or "", _members(request)))
         errors = f'"errorCode":{_json(error_code)},"errorMessage":{message},'
         elements = "null" if error_code else _json(response_elements(response, read_only=read_only))
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")

@@ -13,7 +13,9 @@ Guarantees (``docs/audit.md``):
   (:func:`~hsmkms.audit.records.prepare_record`; or takes one already encoded, from
   :func:`~hsmkms.audit.records.prepare_api_call`), so an invalid record fails there, at once,
   and the background thread only chains and inserts.
-* **Nothing is dropped silently.** The queue is bounded (``max_queue``); when it is full,
+* **Nothing is dropped silently.** The queue is bounded in records (``max_queue``) and in the
+  bytes of their encoded records (``max_queue_bytes``: records differ in size by two orders of
+  magnitude, so a count alone does not bound memory); when it is full,
   :meth:`AuditWriter.submit` waits for room — back-pressure: the API slows to the pace of the
   trail — for at most ``block_timeout`` seconds, then raises
   :class:`~hsmkms.errors.DependencyTimeoutException` so the caller can refuse the request
@@ -58,7 +60,9 @@ class AuditWriter:
 
     ``flush_interval``: the longest a record waits in the queue before its batch is written;
     ``batch_size``: a batch is written as soon as this many records wait; ``max_queue``: the
-    most records held in memory; ``block_timeout``: how long :meth:`submit` waits for room in a
+    most records held in memory; ``max_queue_bytes``: the most bytes of encoded records held in
+    memory (a record larger than that is still queued alone, into an empty queue);
+    ``block_timeout``: how long :meth:`submit` waits for room in a
     full queue before it gives up; ``close_timeout``: how long :meth:`close` keeps retrying a
     failing append before it gives the remaining records up (logged as an error).
 
@@ -72,6 +76,7 @@ class AuditWriter:
         flush_interval: float = 0.1,
         batch_size: int = 500,
         max_queue: int = 10_000,
+        max_queue_bytes: int = 32 * 1024 * 1024,
         block_timeout: float = 2.0,
         close_timeout: float = 30.0,
     ) -> None:
@@ -81,6 +86,8 @@ class AuditWriter:
         self._interval = flush_interval
         self._batch_size = batch_size
         self._max_queue = max_queue
+        self._max_bytes = max_queue_bytes
+        self._queued_bytes = 0
         self._block_timeout = block_timeout
         self._close_timeout = close_timeout
         self._seal_every = trail.seal_interval / 4
@@ -113,26 +120,41 @@ class AuditWriter:
         with self._wake:
             if not self._closing:
                 queue = self._queue
-                if len(queue) >= self._max_queue:
-                    self._wait_for_room()
+                size = len(prepared.body)
+                if self._full(size):
+                    self._wait_for_room(size)
                 if not queue:
                     self._oldest = time.monotonic()
                     self._wake.notify()
                 queue.append(prepared)
+                self._queued_bytes += size
                 self._submitted += 1
                 if len(queue) == self._batch_size:
                     self._wake.notify()
                 return
         self._trail.append_prepared((prepared,))
 
-    def _wait_for_room(self) -> None:
-        """Lock held: wait until the queue has room (``DependencyTimeoutException`` at the
-        deadline)."""
+    def _full(self, size: int) -> bool:
+        """Lock held: whether a record of ``size`` bytes finds no room (an empty queue always
+        has room)."""
+        queue = self._queue
+        return bool(queue) and (
+            len(queue) >= self._max_queue or self._queued_bytes + size > self._max_bytes
+        )
+
+    def _wait_for_room(self, size: int) -> None:
+        """Lock held: wait until the queue has room for a record of ``size`` bytes
+        (``DependencyTimeoutException`` at the deadline)."""
         deadline = time.monotonic() + self._block_timeout
-        while len(self._queue) >= self._max_queue:
+        while self._full(size):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closing:
-                log.error("audit_queue_full", queued=len(self._queue), error=self._error)
+                log.error(
+                    "audit_queue_full",
+                    queued=len(self._queue),
+                    queued_bytes=self._queued_bytes,
+                    error=self._error,
+                )
                 raise DependencyTimeoutException("The audit trail is busy.")
             self._room.wait(remaining)
 
@@ -217,6 +239,7 @@ class AuditWriter:
             self._wake.wait(wake_at - now)
         n = min(len(queue), self._batch_size)
         batch = [queue.popleft() for _ in range(n)]
+        self._queued_bytes -= sum(len(record.body) for record in batch)
         # What stays queued is older than ``_oldest``'s record: due already, written next.
         self._room.notify_all()
         return batch
@@ -236,6 +259,7 @@ class AuditWriter:
                         lost = len(batch) + len(self._queue)
                         self._written += lost
                         self._queue.clear()
+                        self._queued_bytes = 0
                         self._done.notify_all()
                     log.error("audit_records_lost", records=lost, error=self._error)
                     return
