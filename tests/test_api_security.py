@@ -84,7 +84,7 @@ def record_of(server: RunningServer, request_id: str) -> dict[str, Any]:
     while True:
         with sqlite3.connect(server.data_dir / "audit.db") as db:
             rows = db.execute(
-                "SELECT record FROM audit_records WHERE record LIKE ?", (f'%"{request_id}"%',)
+                "SELECT record FROM audit_records WHERE CAST(record AS TEXT) LIKE ?", (f'%"{request_id}"%',)
             ).fetchall()
         for (raw,) in rows:
             record: dict[str, Any] = json.loads(bytes(raw))
@@ -263,3 +263,50 @@ def test_every_operation_taking_a_context_refuses_case_variant_keys(root: Any, k
         ), (call, message)
     # The valid context still decrypts.
     assert root.decrypt(CiphertextBlob=blob, EncryptionContext={"Dept": "1"})["Plaintext"] == b"x"
+
+
+# == 4. bounded encryption contexts and audit records ==============================================
+
+
+@pytest.fixture(scope="module")
+def nobody(server: RunningServer, folder: Path) -> User:
+    """A user without an identity policy: denied everything on keys with the default policy."""
+    return make_user(server, folder, "nobody")
+
+
+def test_a_megabyte_context_is_refused_and_its_record_stays_small(
+    server: RunningServer, key: str
+) -> None:
+    """A 1 MiB body holding one encryption context (escaped six-fold by canonical JSON, it made
+    a record of several MB) is refused as too large; its record keeps the request's other
+    members and at most 64 KiB of requestParameters."""
+    context = {"k": "\x01" * 170_000}  # ~1 MiB of JSON (\\u0001 each)
+    body = {"KeyId": key, "Plaintext": base64.b64encode(b"x").decode(), "EncryptionContext": context}
+    resp = server.signed("TrentService.Encrypt", body)
+    assert resp.status == 400, resp.body[:300]
+    error = resp.json()
+    assert error["__type"] == "ValidationException"
+    assert "Member must have an encoded length less than or equal to 8192 bytes" in (
+        error["message"]
+    )
+    assert len(resp.body) < 1000
+    record = record_of(server, resp.headers["x-amzn-requestid"])
+    assert record["errorCode"] == "ValidationException"
+    assert record["requestParameters"]["keyId"] == key
+    assert record["requestParameters"]["encryptionContext"].startswith("[omitted: ")
+    assert len(json.dumps(record)) < 70_000
+
+
+def test_a_denied_request_with_the_largest_context_makes_a_bounded_record(
+    server: RunningServer, nobody: User, key: str
+) -> None:
+    """At the limit (8,192 bytes of control characters) a denied request is recorded with its
+    context in full — a record of tens of KB, not MB."""
+    context = {"k": "\x01" * (8192 - 7)}
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        nobody.kms.encrypt(KeyId=key, Plaintext=b"x", EncryptionContext=context)
+    response = info.value.response
+    assert response["Error"]["Code"] == "AccessDeniedException"
+    record = record_of(server, response["ResponseMetadata"]["RequestId"])
+    assert record["requestParameters"]["encryptionContext"] == context
+    assert len(json.dumps(record)) < 60_000
