@@ -441,6 +441,8 @@ class Settings(BaseSettings):
     region: str = "us-east-1"
     account_id: str = "111122223333"
     database_url: str | None = None
+    unauthenticated_audit_interval: float = 60.0
+    allow_weak_root_secret: bool = False
 
     @classmethod
     def settings_customise_sources(
@@ -499,6 +501,13 @@ class Settings(BaseSettings):
     def _valid_region(cls, value: str) -> str:
         if len(value) > 32 or not _REGION.fullmatch(value):
             raise ValueError("must look like an AWS region name, such as us-east-1")
+        return value
+
+    @field_validator("unauthenticated_audit_interval")
+    @classmethod
+    def _positive_interval(cls, value: float) -> float:
+        if not 0.1 <= value <= 86_400:
+            raise ValueError("must be a number of seconds from 0.1 to 86400")
         return value
 
     @field_validator("account_id")

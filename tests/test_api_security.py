@@ -12,12 +12,15 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
 import pytest
 from server import RunningServer, running_server
+
+from hsmkms.api.sigv4 import SignedRequest, sign
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm]
 
@@ -38,7 +41,9 @@ def policy(*statements: dict[str, Any]) -> str:
     return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
 
 
-def allow(actions: str | list[str], resource: str | list[str] = "*", **extra: Any) -> dict[str, Any]:
+def allow(
+    actions: str | list[str], resource: str | list[str] = "*", **extra: Any
+) -> dict[str, Any]:
     return {"Effect": "Allow", "Action": actions, "Resource": resource, **extra}
 
 
@@ -84,7 +89,8 @@ def record_of(server: RunningServer, request_id: str) -> dict[str, Any]:
     while True:
         with sqlite3.connect(server.data_dir / "audit.db") as db:
             rows = db.execute(
-                "SELECT record FROM audit_records WHERE CAST(record AS TEXT) LIKE ?", (f'%"{request_id}"%',)
+                "SELECT record FROM audit_records WHERE CAST(record AS TEXT) LIKE ?",
+                (f'%"{request_id}"%',),
             ).fetchall()
         for (raw,) in rows:
             record: dict[str, Any] = json.loads(bytes(raw))
@@ -169,9 +175,7 @@ def test_a_context_with_case_variant_keys_cannot_pass_a_tenant_condition(
         )
 
 
-def test_a_deny_with_string_not_equals_cannot_be_bypassed(
-    server: RunningServer, root: Any
-) -> None:
+def test_a_deny_with_string_not_equals_cannot_be_bypassed(server: RunningServer, root: Any) -> None:
     """A key policy denying every context but ``tenant = A`` (StringNotEquals) holds against
     the case-variant pair too: the request is refused as invalid."""
     deny_policy = json.dumps(
@@ -212,7 +216,11 @@ def test_every_operation_taking_a_context_refuses_case_variant_keys(root: Any, k
         "CiphertextBlob"
     ]
     calls: list[tuple[Callable[..., Any], dict[str, Any], str]] = [
-        (root.encrypt, {"KeyId": key, "Plaintext": b"x", "EncryptionContext": bad}, "encryptionContext"),
+        (
+            root.encrypt,
+            {"KeyId": key, "Plaintext": b"x", "EncryptionContext": bad},
+            "encryptionContext",
+        ),
         (root.decrypt, {"CiphertextBlob": blob, "EncryptionContext": bad}, "encryptionContext"),
         (
             root.re_encrypt,
@@ -229,7 +237,11 @@ def test_every_operation_taking_a_context_refuses_case_variant_keys(root: Any, k
             },
             "destinationEncryptionContext",
         ),
-        (root.generate_data_key, {"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": bad}, "encryptionContext"),
+        (
+            root.generate_data_key,
+            {"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": bad},
+            "encryptionContext",
+        ),
         (
             root.generate_data_key_without_plaintext,
             {"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": bad},
@@ -255,7 +267,7 @@ def test_every_operation_taking_a_context_refuses_case_variant_keys(root: Any, k
             },
             "constraints.encryptionContextEquals",
         ),
-    ]  # fmt: skip
+    ]
     for call, kwargs, path in calls:
         message = client_error("ValidationException", call, **kwargs)
         assert f"Value at '{path}' failed to satisfy constraint: Member must not have keys" in (
@@ -281,13 +293,17 @@ def test_a_megabyte_context_is_refused_and_its_record_stays_small(
     a record of several MB) is refused as too large; its record keeps the request's other
     members and at most 64 KiB of requestParameters."""
     context = {"k": "\x01" * 170_000}  # ~1 MiB of JSON (\\u0001 each)
-    body = {"KeyId": key, "Plaintext": base64.b64encode(b"x").decode(), "EncryptionContext": context}
+    body = {
+        "KeyId": key,
+        "Plaintext": base64.b64encode(b"x").decode(),
+        "EncryptionContext": context,
+    }
     resp = server.signed("TrentService.Encrypt", body)
     assert resp.status == 400, resp.body[:300]
     error = resp.json()
     assert error["__type"] == "ValidationException"
-    assert "Member must have an encoded length less than or equal to 8192 bytes" in (
-        error["message"]
+    assert (
+        "Member must have an encoded length less than or equal to 8192 bytes" in (error["message"])
     )
     assert len(resp.body) < 1000
     record = record_of(server, resp.headers["x-amzn-requestid"])
@@ -310,3 +326,247 @@ def test_a_denied_request_with_the_largest_context_makes_a_bounded_record(
     record = record_of(server, response["ResponseMetadata"]["RequestId"])
     assert record["requestParameters"]["encryptionContext"] == context
     assert len(json.dumps(record)) < 60_000
+
+
+# == 7. signed headers and replays =================================================================
+
+
+def _sign_without_target(
+    server: RunningServer, body: dict[str, Any], target: str
+) -> tuple[bytes, dict[str, str]]:
+    """A request signed without an X-Amz-Target header, which is then added: the target is
+    unsigned (what an on-path attacker could change)."""
+    data = json.dumps(body).encode()
+    base = [("Host", server.host), ("Content-Type", "application/x-amz-json-1.1")]
+    signed = sign(
+        SignedRequest("POST", "/", "", base, data),
+        server.root,
+        region=server.region,
+        when=datetime.now(UTC),
+    )
+    headers = dict(signed.headers)
+    headers["X-Amz-Target"] = target
+    return data, headers
+
+
+def test_an_unsigned_target_cannot_turn_describe_key_into_schedule_key_deletion(
+    server: RunningServer, root: Any
+) -> None:
+    """The defect: with X-Amz-Target unsigned, a signed DescribeKey could be sent on as
+    ScheduleKeyDeletion. Now the request is refused and the key is untouched."""
+    arn = root.create_key()["KeyMetadata"]["Arn"]
+    data, headers = _sign_without_target(server, {"KeyId": arn}, "TrentService.ScheduleKeyDeletion")
+    resp = server.raw("POST", "/", data, headers)
+    assert resp.status == 400
+    assert resp.json() == {
+        "__type": "InvalidSignatureException",
+        "message": "'X-Amz-Target' must be a 'SignedHeader' in the AWS Authorization.",
+    }
+    assert root.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Enabled"
+
+
+def test_a_state_changing_request_is_accepted_once(server: RunningServer, root: Any) -> None:
+    """The same signed CreateKey sent twice creates one key; the second answer says why."""
+    data = json.dumps({"Description": "replayed"}).encode()
+    base = [
+        ("Host", server.host),
+        ("Content-Type", "application/x-amz-json-1.1"),
+        ("X-Amz-Target", "TrentService.CreateKey"),
+    ]
+    signed = sign(
+        SignedRequest("POST", "/", "", base, data),
+        server.root,
+        region=server.region,
+        when=datetime.now(UTC),
+    )
+    before = len(root.list_keys(Limit=1000)["Keys"])
+    first = server.raw("POST", "/", data, dict(signed.headers))
+    assert first.status == 200, first.body
+    again = server.raw("POST", "/", data, dict(signed.headers))
+    assert again.status == 400
+    assert again.json()["__type"] == "InvalidSignatureException"
+    assert "accepted once per signature" in again.json()["message"]
+    assert len(root.list_keys(Limit=1000)["Keys"]) == before + 1
+    # Signed again (another signature), the same request is a new one.
+    resigned = sign(
+        SignedRequest("POST", "/", "", base, data),
+        server.root,
+        region=server.region,
+        when=datetime.now(UTC) + timedelta(seconds=1),
+    )
+    assert server.raw("POST", "/", data, dict(resigned.headers)).status == 200
+
+
+def test_a_read_only_request_may_be_sent_again(server: RunningServer, key: str) -> None:
+    """Encrypt, Decrypt, DescribeKey... change nothing: the same signed request works twice."""
+    body = {"KeyId": key, "Plaintext": base64.b64encode(b"twice").decode()}
+    data = json.dumps(body).encode()
+    base = [
+        ("Host", server.host),
+        ("Content-Type", "application/x-amz-json-1.1"),
+        ("X-Amz-Target", "TrentService.Encrypt"),
+    ]
+    signed = sign(
+        SignedRequest("POST", "/", "", base, data),
+        server.root,
+        region=server.region,
+        when=datetime.now(UTC),
+    )
+    for _ in range(2):
+        assert server.raw("POST", "/", data, dict(signed.headers)).status == 200
+
+
+def _signed_request(
+    server: RunningServer, target: str, body: dict[str, Any]
+) -> tuple[bytes, dict[str, str]]:
+    data = json.dumps(body).encode()
+    base = [
+        ("Host", server.host),
+        ("Content-Type", "application/x-amz-json-1.1"),
+        ("X-Amz-Target", f"TrentService.{target}"),
+    ]
+    signed = sign(
+        SignedRequest("POST", "/", "", base, data), server.root, region=server.region,
+        when=datetime.now(UTC),
+    )  # fmt: skip
+    return data, dict(signed.headers)
+
+
+# == 6. a server on "::" and its IPv4 clients; replays across workers ==============================
+
+
+@pytest.fixture(scope="module")
+def dual_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Two workers listening on ``::`` (IPv6 and IPv4-mapped), reached over IPv4 at
+    127.0.0.1."""
+    data_dir = tmp_path_factory.mktemp("dual") / "data"
+    with running_server(data_dir, workers=2, args=["--host", "::"], env=ENV) as srv:
+        port = srv.endpoint.rsplit(":", 1)[1]
+        yield dataclasses.replace(srv, endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_an_ipv4_deny_list_holds_on_a_server_listening_on_ipv6(
+    dual_stack: RunningServer, tmp_path: Path
+) -> None:
+    """The defect: on ``--host ::`` an IPv4 client's address was ``::ffff:127.0.0.1``, which no
+    IPv4 ``aws:SourceIp`` condition matches: a deny list failed open. Now the address is
+    ``127.0.0.1`` for the policy and in the audit record."""
+    root = dual_stack.client()
+    key = root.create_key()["KeyMetadata"]["Arn"]
+    user = make_user(
+        dual_stack,
+        tmp_path,
+        "denylisted",
+        policy(
+            allow("kms:*"),
+            {
+                "Effect": "Deny",
+                "Action": "kms:*",
+                "Resource": "*",
+                "Condition": {"IpAddress": {"aws:SourceIp": "127.0.0.0/8"}},
+            },
+        ),
+    )
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        user.kms.encrypt(KeyId=key, Plaintext=b"x")
+    response = info.value.response
+    assert response["Error"]["Code"] == "AccessDeniedException"
+    assert "with an explicit deny in an identity-based policy" in response["Error"]["Message"]
+    record = record_of(dual_stack, response["ResponseMetadata"]["RequestId"])
+    assert record["sourceIPAddress"] == "127.0.0.1"
+    # An allow list on the same range lets the IPv4 client in.
+    allowed = make_user(
+        dual_stack,
+        tmp_path,
+        "allowlisted",
+        policy(allow("kms:Encrypt", Condition={"IpAddress": {"aws:SourceIp": "127.0.0.1/32"}})),
+    )
+    allowed.kms.encrypt(KeyId=key, Plaintext=b"x")
+    # An unauthenticated request's record also shows the IPv4 address.
+    resp = dual_stack.raw("POST", "/", b"{}", {"X-Amz-Target": "TrentService.ListKeys"})
+    assert resp.status == 400
+    assert record_of(dual_stack, resp.headers["x-amzn-requestid"])["sourceIPAddress"] == (
+        "127.0.0.1"
+    )
+
+
+def test_ipv6_clients_keep_their_address(dual_stack: RunningServer) -> None:
+    port = dual_stack.endpoint.rsplit(":", 1)[1]
+    v6 = dataclasses.replace(dual_stack, endpoint=f"http://[::1]:{port}")
+    resp = v6.signed("TrentService.ListKeys", {})
+    assert resp.status == 200
+    assert record_of(v6, resp.headers["x-amzn-requestid"])["sourceIPAddress"] == "::1"
+
+
+def test_a_replay_is_refused_by_every_worker(dual_stack: RunningServer) -> None:
+    """The signatures are shared by the workers of the node: whichever worker a replayed
+    CreateKey reaches refuses it."""
+    data, headers = _signed_request(dual_stack, "CreateKey", {"Description": "once"})
+    answers: dict[str, list[int]] = {}
+    for _ in range(60):
+        resp = dual_stack.raw("POST", "/", data, headers)
+        answers.setdefault(resp.headers["x-hsmkms-worker"], []).append(resp.status)
+        if len(answers) == 2 and sum(len(v) for v in answers.values()) >= 4:
+            break
+    statuses = [s for v in answers.values() for s in v]
+    assert statuses.count(200) == 1, answers
+    assert set(statuses) == {200, 400}
+    assert len(answers) == 2, "the kernel sent every connection to one worker"
+    assert all(400 in v for v in answers.values() if v != [200])
+
+
+# == 5. a flood of unauthenticated requests ========================================================
+
+
+def test_a_flood_of_unauthenticated_requests_is_counted_not_recorded_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """300 requests with a bad signature leave a handful of records whose counts add up to 300
+    (one full record, then summaries per interval), instead of 300 records of ~1.5 KB; the
+    requests still get their error. Requests counted in the interval running at shutdown are
+    summarized then."""
+    env = {**ENV, "HSMKMS_UNAUTHENTICATED_AUDIT_INTERVAL": "1"}
+    with running_server(tmp_path / "data", env=env) as srv:
+        wrong = dataclasses.replace(srv, secret_access_key="wrong-secret-0123456789abcdefghijkl")
+        for _ in range(300):
+            resp = wrong.signed("TrentService.ListKeys", {}, credential=wrong.root)
+            assert resp.status == 400
+            assert resp.json()["__type"] == "InvalidSignatureException"
+
+        def unauthenticated() -> tuple[int, int, list[dict[str, Any]]]:
+            records = [r for r in audit_records(srv) if r["userIdentity"].get("type") == "Unknown"]
+            full = [r for r in records if r["eventName"] != "UnauthenticatedRequests"]
+            summaries = [r for r in records if r["eventName"] == "UnauthenticatedRequests"]
+            counted = sum(r["additionalEventData"]["requestCount"] for r in summaries)
+            return len(full), counted, summaries
+
+        import time
+
+        deadline = time.monotonic() + 20
+        while True:
+            full, counted, summaries = unauthenticated()
+            if full + counted == 300 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert full + counted == 300
+        assert 1 <= full <= len(summaries) + 1
+        for summary in summaries:
+            assert summary["sourceIPAddress"] == "127.0.0.1"
+            codes = summary["additionalEventData"]["errorCodes"]
+            assert (
+                codes
+                == f"InvalidSignatureException:{summary['additionalEventData']['requestCount']}"
+            )
+        records_before_stop = len(audit_records(srv))
+        assert records_before_stop < 60
+        # Counted now, written at shutdown.
+        for _ in range(20):
+            srv.raw("POST", "/", b"{}", {"X-Amz-Target": "TrentService.ListKeys"})
+    full, counted, summaries = unauthenticated()
+    assert full + counted == 320
+    assert any(
+        "MissingAuthenticationTokenException" in s["additionalEventData"]["errorCodes"]
+        for s in summaries
+    )
+    proc = srv.cli("audit", "verify")
+    assert proc.returncode == 0, proc.stderr

@@ -96,7 +96,7 @@ def test_the_engine_sees_one_value_per_key_of_a_valid_context(context: dict[str,
 
 
 def test_check_encryption_context_keys_names_no_value() -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="differ only in case") as info:
         check_encryption_context_keys({"tenant": "secret-ish-B", "Tenant": "secret-ish-A"})
     assert "secret-ish" not in str(info.value)
     check_encryption_context_keys({"tenant": "A", "tenant2": "B"})  # distinct keys: fine

@@ -10,11 +10,20 @@ Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (th
 worker that answered). Operations are dispatched generically through their descriptors
 (:data:`hsmkms.service.OPERATIONS`), so a new operation needs no change here.
 
-Audit: every ``POST /`` — allowed or denied, successful or failed, authenticated or not —
-produces exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), queued through
+Audit: every authenticated ``POST /`` — allowed or denied, successful or failed — produces
+exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), queued through
 :meth:`Backend.audit` before the response is sent; a request whose record cannot be queued is
-answered with that error instead of its result. ``/healthz``, ``/metrics`` and requests to
-other paths or with other methods are not audited (``docs/audit.md``).
+answered with that error instead of its result. A request that did not authenticate gets its
+own record only while its source's budget lasts; beyond it, it is counted into a summary record
+per source and interval (:mod:`hsmkms.api.unauthenticated`), so a flood cannot fill the disk.
+``/healthz``, ``/metrics`` and requests to other paths or with other methods are not audited
+(``docs/audit.md``).
+
+Security: the client address (``aws:SourceIp``, ``sourceIPAddress``) is the connection's peer,
+an IPv4-mapped IPv6 address (a server on ``::``) written as IPv4; the request must sign
+``Content-Type`` and every ``X-Amz-*`` header (:data:`sigv4.KMS_SIGNED_HEADER_RULE`); a
+signature of a request that changes state is accepted once per node
+(:meth:`Backend.first_use`, ``docs/authentication.md``).
 
 Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
 operations (whose descriptor says ``inline``, :mod:`hsmkms.service.operations`) run inline on
@@ -30,6 +39,7 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -45,8 +55,16 @@ from pydantic import BaseModel
 
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
-from hsmkms.audit import AuditRecord, PreparedRecord, UserIdentity, prepare_api_call
+from hsmkms.api.unauthenticated import UnauthenticatedRecords
+from hsmkms.audit import (
+    AuditRecord,
+    PreparedRecord,
+    UserIdentity,
+    prepare_api_call,
+    unauthenticated_summary_record,
+)
 from hsmkms.errors import (
+    InvalidSignatureException,
     KMSError,
     KMSInternalException,
     UnknownOperationException,
@@ -76,6 +94,11 @@ _TARGET_NAME = re.compile(r"TrentService\.([A-Za-z][A-Za-z0-9]{0,63})")
 # does.
 _CLAIMED_KEY = re.compile(r"Credential=([A-Z0-9]{16,128})/")
 _MAX_USER_AGENT = 1024
+DEFAULT_UNAUTHENTICATED_INTERVAL = 60.0
+REPLAY_MESSAGE = (
+    "This request was received before: a request that changes state is accepted once per "
+    "signature. Sign it again to repeat it."
+)
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +108,16 @@ _JSON_HEADERS = [(b"content-type", protocol.CONTENT_TYPE.encode())]
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _Replayed(Exception):
+    """The signature of a request that changes state was accepted before on this node."""
+
+
+def _failure_code(failure: BaseException | None) -> str:
+    if isinstance(failure, KMSError):
+        return failure.code
+    return "KMSInternalException" if failure is not None else "OK"
 
 
 class Backend(Protocol):
@@ -105,6 +138,10 @@ class Backend(Protocol):
     def lookup(self, access_key_id: str) -> sigv4.Credential | None:
         """The SigV4 credential of an access key id, or None."""
 
+    def first_use(self, signature: str) -> bool:
+        """Record the signature of a request that changes state; False when this node accepted
+        it already within the signature's window (a replay)."""
+
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Queue one audit record; a :class:`KMSError` when it cannot be queued."""
 
@@ -122,6 +159,25 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def client_address(host: str) -> str:
+    """The client's address as policies and the audit trail see it: an IPv4-mapped IPv6
+    address (``::ffff:192.0.2.1``, how a server on ``::`` sees an IPv4 client) as the IPv4
+    address, so that IPv4 ``aws:SourceIp`` conditions (an IP deny list) apply to it."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return host
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client_address(client[0]) if client else None
 
 
 def _event_name(target: str | None) -> str:
@@ -164,6 +220,7 @@ class KmsApp:
         *,
         max_body: int = protocol.MAX_BODY,
         task_interval: float = DEFAULT_TASK_INTERVAL,
+        unauthenticated_interval: float = DEFAULT_UNAUTHENTICATED_INTERVAL,
     ) -> None:
         self._factory = runtime_factory
         self._runtime: Backend | None = None
@@ -171,6 +228,11 @@ class KmsApp:
         self._task_interval = task_interval
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsmkms")
         self._tasks: asyncio.Task[None] | None = None
+        self._unauthenticated = UnauthenticatedRecords(
+            interval=unauthenticated_interval, clock=time.time
+        )
+        self._summaries: asyncio.Task[None] | None = None
+        self._summary_interval = unauthenticated_interval
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -195,12 +257,16 @@ class KmsApp:
                     return
                 if self._task_interval > 0:
                     self._tasks = asyncio.create_task(self._periodic())
+                self._summaries = asyncio.create_task(self._write_summaries())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._tasks is not None:
                     self._tasks.cancel()
+                if self._summaries is not None:
+                    self._summaries.cancel()
                 loop = asyncio.get_running_loop()
                 if self._runtime is not None:
+                    self._audit_summaries(self._unauthenticated.drain())
                     await loop.run_in_executor(self._executor, self._runtime.close)
                 self._executor.shutdown(wait=True)
                 await send({"type": "lifespan.shutdown.complete"})
@@ -226,6 +292,34 @@ class KmsApp:
                 await loop.run_in_executor(self._executor, self.runtime.run_due_tasks)
             except Exception:
                 log.exception("due_tasks_failed")
+
+    async def _write_summaries(self) -> None:
+        """Write the summary records of unauthenticated requests as their intervals end."""
+        while True:
+            await asyncio.sleep(self._summary_interval / 2)
+            self._audit_summaries(self._unauthenticated.due())
+
+    def _audit_summaries(self, summaries: list[Any]) -> None:
+        runtime = self.runtime
+        for summary in summaries:
+            record = unauthenticated_summary_record(
+                account_id=runtime.account_id,
+                region=runtime.region,
+                source_ip=summary.source,
+                count=summary.count,
+                first=dt.datetime.fromtimestamp(summary.first, dt.UTC),
+                last=dt.datetime.fromtimestamp(summary.last, dt.UTC),
+                error_codes=summary.error_codes,
+            )
+            try:
+                runtime.audit(record)
+            except Exception as exc:
+                log.error(
+                    "audit_summary_failed",
+                    source=summary.source,
+                    requests=summary.count,
+                    error=type(exc).__name__,
+                )
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -299,20 +393,27 @@ class KmsApp:
                 body = await self._read_body(scope, receive)
             except _BodyTooLarge:
                 raise protocol.oversize_error(self._max_body) from None
-            caller = self._authenticate(scope, body)
+            caller, signature = self._authenticate(scope, body)
             operation = protocol.operation_name(target, OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
             op = OPERATIONS[operation]
             assert op.request_model is not None  # operation_name admits implemented ones only
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.worker)
-            if op.inline:
+            if op.inline and op.read_only:
                 result = method_fn(request, caller=caller)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self._executor, functools.partial(method_fn, request, caller=caller)
-                )
+                run = functools.partial(method_fn, request, caller=caller)
+                if not op.read_only:
+                    run = functools.partial(self._once, signature, run)
+                try:
+                    result = await loop.run_in_executor(self._executor, run)
+                except _Replayed:
+                    # Recorded like a request that did not authenticate: a replay flood is
+                    # counted, not recorded request by request.
+                    caller = None
+                    raise InvalidSignatureException(REPLAY_MESSAGE) from None
             payload = protocol.encode_response(result)
             response = result
         except KMSError as exc:
@@ -331,8 +432,13 @@ class KmsApp:
             failure = exc
         try:
             name = operation if operation != NO_OPERATION else _event_name(target)
-            record = self._record(scope, name, request_id, caller, request, response, failure)
-            self.runtime.audit(record)
+            if caller is not None or self._unauthenticated.admit(
+                _peer(scope), _failure_code(failure)
+            ):
+                record = self._record(scope, name, request_id, caller, request, response, failure)
+                self.runtime.audit(record)
+            else:
+                self._audit_summaries(self._unauthenticated.due())
         except Exception as exc:
             # No record, no result: the caller gets the error instead of an unaudited answer.
             if isinstance(exc, KMSError):
@@ -376,8 +482,7 @@ class KmsApp:
                     extra = {"keyVersion": versions[0]}
         else:
             identity = _unknown_identity(scope)
-            client = scope.get("client")
-            source_ip = client[0] if client else None
+            source_ip = _peer(scope)
             user_agent = _header(scope, b"user-agent")
         if user_agent is not None and len(user_agent) > _MAX_USER_AGENT:
             user_agent = user_agent[:_MAX_USER_AGENT]
@@ -403,8 +508,15 @@ class KmsApp:
             additional_event_data=extra,
         )
 
-    def _authenticate(self, scope: Scope, body: bytes) -> Caller:
-        """SigV4-verify the request; the caller (identity, identity policy, origin)."""
+    def _once(self, signature: str | None, run: Callable[[], Any]) -> Any:
+        """``run()`` unless this node accepted ``signature`` before (a replay: _Replayed)."""
+        if signature is None or not self.runtime.first_use(signature):
+            raise _Replayed
+        return run()
+
+    def _authenticate(self, scope: Scope, body: bytes) -> tuple[Caller, str | None]:
+        """SigV4-verify the request; the caller (identity, identity policy, origin) and the
+        request's signature."""
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         request = sigv4.SignedRequest(
@@ -419,17 +531,18 @@ class KmsApp:
             self.runtime.lookup,
             region=self.runtime.region,
             now=dt.datetime.now(dt.UTC),
+            signed_header_rule=sigv4.KMS_SIGNED_HEADER_RULE,
         )
-        client = scope.get("client")
-        return Caller(
+        caller = Caller(
             principal_arn=credential.principal_arn,
             account_id=account_of(credential.principal_arn),
             identity_policy=credential.identity_policy,
             access_key_id=credential.access_key_id,
-            source_ip=client[0] if client else None,
+            source_ip=_peer(scope),
             secure_transport=scope.get("scheme") == "https",
             user_agent=_header(scope, b"user-agent"),
         )
+        return caller, sigv4.signature_of(request)
 
     async def _internal(self, path: str, method: str, send: Send, request_id: str) -> None:
         if method not in ("GET", "HEAD"):
@@ -468,4 +581,8 @@ def create_app(
 
     configure_logging(log_level)
     settings = Settings.load(data_dir)
-    return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval)
+    return KmsApp(
+        lambda: Runtime.open(settings),
+        task_interval=task_interval,
+        unauthenticated_interval=settings.unauthenticated_audit_interval,
+    )

@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy import text
 
 from hsmkms.api.metrics import DUE_TASK_RUNS, observe_hsm_call
+from hsmkms.api.replay import REPLAY_FILE, ReplayCache
 from hsmkms.api.sigv4 import Credential
 from hsmkms.audit import AuditRecord, PreparedRecord
 from hsmkms.config import Settings
@@ -78,6 +79,7 @@ class Runtime:
         self.writer = system.writer
         self._submit = system.writer.submit
         self._lookup = system.credentials.lookup
+        self.replays = ReplayCache(self.settings.data_dir / REPLAY_FILE)
         self._health_lock = threading.Lock()
         self._self_test_at = -SELF_TEST_INTERVAL
         self._self_test_error: str | None = None
@@ -112,6 +114,11 @@ class Runtime:
     def lookup(self, access_key_id: str) -> Credential | None:
         """The SigV4 lookup: the credentials store's answer."""
         return self._lookup(access_key_id)
+
+    def first_use(self, signature: str) -> bool:
+        """The replay check of a request that changes state (``replay.db`` in the data
+        directory, shared by the node's workers)."""
+        return self.replays.first_use(signature)
 
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Queue one audit record (returns at once; see :meth:`AuditWriter.submit` for a full
@@ -170,4 +177,5 @@ class Runtime:
     def close(self) -> None:
         """Close everything (end of the worker): the audit writer appends what is queued and
         the trail writes its ``shutdown`` seal before the token session closes."""
+        self.replays.close()
         self.system.close()

@@ -53,6 +53,7 @@ __all__ = [
     "RESPONSE_FIELDS",
     "SEARCH_COLUMNS",
     "SERVICE_EVENT_DETAIL_FIELDS",
+    "UNAUTHENTICATED_SUMMARY_EVENT",
     "AuditRecord",
     "PreparedRecord",
     "UserIdentity",
@@ -68,6 +69,7 @@ __all__ = [
     "response_elements",
     "search_columns",
     "service_event_record",
+    "unauthenticated_summary_record",
 ]
 
 AuditRecord = dict[str, Any]
@@ -354,6 +356,10 @@ ADDITIONAL_EVENT_DATA_FIELDS: Final = frozenset(
         "failureReason",
         "authorization",
         "dryRun",
+        "requestCount",
+        "firstEventTime",
+        "lastEventTime",
+        "errorCodes",
     }
 )
 """Names allowed in ``additionalEventData`` (values: str, int, float, bool or null)."""
@@ -578,6 +584,58 @@ def api_call_record(
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     if extra is not None:
         record["additionalEventData"] = extra
+    return record
+
+
+UNAUTHENTICATED_SUMMARY_EVENT: Final = "UnauthenticatedRequests"
+
+
+def unauthenticated_summary_record(
+    *,
+    account_id: str,
+    region: str,
+    source_ip: str,
+    count: int,
+    first: dt.datetime,
+    last: dt.datetime,
+    error_codes: Sequence[tuple[str, int]],
+    event_id: str | None = None,
+) -> AuditRecord:
+    """The record standing for ``count`` requests from ``source_ip`` that did not authenticate
+    and were counted rather than recorded one by one (:mod:`hsmkms.api.unauthenticated`):
+    ``eventName`` ``UnauthenticatedRequests``, ``userIdentity`` ``Unknown``, the count, the
+    times of the first and last, and the error codes with their counts
+    (``"InvalidSignatureException:12,UnrecognizedClientException:3"``)."""
+    record: AuditRecord = {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": {"type": "Unknown"},
+        "eventTime": format_event_time(last),
+        "eventSource": EVENT_SOURCE,
+        "eventName": UNAUTHENTICATED_SUMMARY_EVENT,
+        "awsRegion": region,
+        "sourceIPAddress": source_ip,
+        "userAgent": None,
+        "requestParameters": None,
+        "responseElements": None,
+        "requestID": None,
+        "eventID": event_id or str(uuid.uuid4()),
+        "readOnly": True,
+        "resources": [],
+        "eventType": "AwsApiCall",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+    }
+    record["additionalEventData"] = _scalars(
+        {
+            "requestCount": count,
+            "firstEventTime": format_event_time(first),
+            "lastEventTime": format_event_time(last),
+            "errorCodes": ",".join(f"{code}:{n}" for code, n in error_codes),
+        },
+        ADDITIONAL_EVENT_DATA_FIELDS,
+        "additionalEventData",
+    )
     return record
 
 

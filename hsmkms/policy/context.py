@@ -224,8 +224,9 @@ def request_context(
 
     ``encryption_context`` must not hold two keys that differ only in case (``ValueError``:
     :func:`check_encryption_context_keys`). ``resource_tags`` and ``resource_aliases`` are the
-    tags and alias names of the key the request acts on (``aws:ResourceTag/<k>``, ``kms:ResourceAliases``); a key with more than
-    :data:`RESOURCE_ALIASES_QUOTA` aliases makes ``kms:ResourceAliases`` :data:`UNEVALUABLE`.
+    tags and alias names of the key the request acts on (``aws:ResourceTag/<k>``,
+    ``kms:ResourceAliases``); a key with more than :data:`RESOURCE_ALIASES_QUOTA` aliases
+    makes ``kms:ResourceAliases`` :data:`UNEVALUABLE`.
     """
     values: dict[str, ContextInput] = {}
     if principal_arn is not None:
