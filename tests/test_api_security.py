@@ -570,3 +570,62 @@ def test_a_flood_of_unauthenticated_requests_is_counted_not_recorded_one_by_one(
     )
     proc = srv.cli("audit", "verify")
     assert proc.returncode == 0, proc.stderr
+
+
+# == 3. alias operations authorize the alias too ===================================================
+
+
+def _alias_arn(name: str) -> str:
+    return f"arn:aws:kms:us-east-1:{ACCOUNT}:alias/{name}"
+
+
+def test_create_alias_on_a_key_does_not_give_every_alias_name(
+    server: RunningServer, root: Any, folder: Path
+) -> None:
+    """The defect: a user allowed kms:CreateAlias on its key could take any alias name
+    (``alias/prod-payments``) and so satisfy others' ``kms:ResourceAliases`` conditions. Now
+    the alias ARN is decided by the user's identity policy too."""
+    own = root.create_key(Description="team A")["KeyMetadata"]["Arn"]
+    team = make_user(
+        server,
+        folder,
+        "team-a-admin",
+        policy(
+            allow(["kms:CreateAlias", "kms:UpdateAlias", "kms:DeleteAlias"], own),
+            allow(
+                ["kms:CreateAlias", "kms:UpdateAlias", "kms:DeleteAlias"], _alias_arn("team-a-*")
+            ),
+            allow(
+                "kms:GenerateDataKey",
+                Condition={
+                    "ForAnyValue:StringEquals": {"kms:ResourceAliases": "alias/prod-payments"}
+                },
+            ),
+        ),
+    )
+    team.kms.create_alias(AliasName="alias/team-a-app", TargetKeyId=own)
+    message = client_error(
+        "AccessDeniedException",
+        team.kms.create_alias,
+        AliasName="alias/prod-payments",
+        TargetKeyId=own,
+    )
+    assert message == (
+        f"User: {team.arn} is not authorized to perform: kms:CreateAlias on resource: "
+        f"{_alias_arn('prod-payments')} because no identity-based policy allows the "
+        "kms:CreateAlias action"
+    )
+    names = [a["AliasName"] for a in root.list_aliases(KeyId=own)["Aliases"]]
+    assert names == ["alias/team-a-app"]
+    # So the condition keyed on that alias stays unmet.
+    client_error("AccessDeniedException", team.kms.generate_data_key, KeyId=own, KeySpec="AES_256")
+    # Renaming is bound the same way: the team's alias cannot be moved onto another name's key
+    # it does not own, nor another team's alias deleted.
+    other = root.create_key()["KeyMetadata"]["Arn"]
+    root.create_alias(AliasName="alias/team-b-app", TargetKeyId=other)
+    client_error(
+        "AccessDeniedException", team.kms.update_alias, AliasName="alias/team-a-app",
+        TargetKeyId=other,
+    )  # fmt: skip
+    client_error("AccessDeniedException", team.kms.delete_alias, AliasName="alias/team-b-app")
+    team.kms.delete_alias(AliasName="alias/team-a-app")
