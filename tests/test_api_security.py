@@ -629,3 +629,37 @@ def test_create_alias_on_a_key_does_not_give_every_alias_name(
     )  # fmt: skip
     client_error("AccessDeniedException", team.kms.delete_alias, AliasName="alias/team-b-app")
     team.kms.delete_alias(AliasName="alias/team-a-app")
+
+
+# == a weak root secret ============================================================================
+
+
+def test_a_short_root_secret_stops_the_server_unless_allowed(tmp_path: Path) -> None:
+    """``HSMKMS_ROOT_SECRET_ACCESS_KEY=test`` refuses to start with one line naming the rule;
+    with ``HSMKMS_ALLOW_WEAK_ROOT_SECRET=1`` the server runs (boto3 signs with test/test) and
+    says so in its log and in every /healthz answer."""
+    import subprocess
+    import sys
+
+    from server import clean_env
+
+    weak = {"HSMKMS_ROOT_ACCESS_KEY_ID": "test", "HSMKMS_ROOT_SECRET_ACCESS_KEY": "test"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "refused")],
+        env=clean_env(**weak), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "HSMKMS_ROOT_SECRET_ACCESS_KEY is shorter than 20 characters" in refused.stderr
+    assert "HSMKMS_ALLOW_WEAK_ROOT_SECRET=1" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    env = {**weak, "HSMKMS_ALLOW_WEAK_ROOT_SECRET": "1"}
+    with running_server(tmp_path / "allowed", env=env) as srv:
+        assert srv.client("test", "test").list_keys()["Keys"] == []
+        health = srv.raw("GET", "/healthz")
+        assert health.status == 200
+        (warning,) = health.json()["warnings"]
+        assert "shorter than 20 characters" in warning
+    log = srv.log()
+    assert '"weak_root_secret"' in log
+    assert '"test"' not in log.replace('"access_key_id":"test"', "")

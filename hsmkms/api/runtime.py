@@ -80,6 +80,11 @@ class Runtime:
         self._submit = system.writer.submit
         self._lookup = system.credentials.lookup
         self.replays = ReplayCache(self.settings.data_dir / REPLAY_FILE)
+        # Only an operator's explicit opt-in lets a weak root secret through initialization;
+        # then every health report says so (asked once: the root changes only at a start).
+        self._weak_root = (
+            self.settings.allow_weak_root_secret and system.credentials.root_secret_is_weak()
+        )
         self._health_lock = threading.Lock()
         self._self_test_at = -SELF_TEST_INTERVAL
         self._self_test_error: str | None = None
@@ -159,6 +164,11 @@ class Runtime:
             report["database"] = f"fail: {type(exc).__name__}"
         audit_error = self.writer.error
         report["audit"] = "ok" if audit_error is None else f"fail: {audit_error}"
+        if self._weak_root:
+            report["warnings"] = [
+                "the root secret is shorter than 20 characters (HSMKMS_ALLOW_WEAK_ROOT_SECRET): "
+                "for throwaway test servers only"
+            ]
         ok = report["keystore"] == "ok" and report["database"] == "ok" and audit_error is None
         report["status"] = "ok" if ok else "fail"
         return report

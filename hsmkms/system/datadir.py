@@ -94,7 +94,9 @@ def initialize(settings: Settings) -> InitReport:
     env_key, env_secret = _root_from_env()
     with _init_lock(data_dir), System.open(settings, audit=None, identity=True) as system:
         credentials = system.credentials
-        issued = credentials.ensure_root(env_key, env_secret)
+        issued = credentials.ensure_root(
+            env_key, env_secret, allow_weak=settings.allow_weak_root_secret
+        )
         if issued is not None and env_key is None:
             _write_root_file(root_file, issued, settings.region)
         elif issued is not None:
