@@ -660,6 +660,70 @@ def test_a_short_root_secret_stops_the_server_unless_allowed(tmp_path: Path) -> 
         assert health.status == 200
         (warning,) = health.json()["warnings"]
         assert "shorter than 20 characters" in warning
+    (root_set,) = [r for r in audit_records(srv) if r["eventSource"] == "iam.amazonaws.com"]
+    assert root_set["eventName"] == "CreateAccessKey"  # the root set at the start, recorded
+    assert root_set["responseElements"]["accessKey"] == {
+        "accessKeyId": "test",
+        "userName": "root",
+        "status": "Active",
+    }
     log = srv.log()
     assert '"weak_root_secret"' in log
     assert '"test"' not in log.replace('"access_key_id":"test"', "")
+
+
+# == credential changes are audited ================================================================
+
+
+def test_credential_changes_are_recorded_without_secrets(
+    server: RunningServer, folder: Path
+) -> None:
+    """``hsmkms credentials create``, ``set-policy`` (and ``--clear``) and ``delete`` — on the
+    data directory of a running server — each leave a record (as IAM records its own), the
+    failed attempts too; no record holds the secret."""
+    before = len(audit_records(server))
+    user = make_user(server, folder, "audited", policy(allow("kms:Encrypt")))
+    path = folder / "audited-2.json"
+    path.write_text(policy(allow("kms:Decrypt")))
+    assert (
+        server.cli("credentials", "set-policy", "audited", "--policy-file", str(path)).returncode
+        == 0
+    )
+    assert server.cli("credentials", "set-policy", user.access_key_id, "--clear").returncode == 0
+    assert server.cli("credentials", "delete", "audited").returncode == 0
+    failed = server.cli("credentials", "delete", "no-such-user")
+    assert failed.returncode == 1
+    records = [r for r in audit_records(server)[before:] if r["eventSource"] == "iam.amazonaws.com"]
+    assert [r["eventName"] for r in records] == [
+        "CreateAccessKey",
+        "PutUserPolicy",
+        "DeleteUserPolicy",
+        "DeleteAccessKey",
+        "DeleteAccessKey",
+    ]
+    created, put, cleared, deleted, refused = records
+    for record in records:
+        assert record["userIdentity"]["type"] == "LocalOperator"
+        assert record["sourceIPAddress"] == "hsmkms-cli"
+        assert record["userAgent"].startswith("hsmkms-cli/")
+        assert user.secret_access_key not in json.dumps(record)
+    assert created["requestParameters"] == {
+        "userName": "audited",
+        "policyDocument": policy(allow("kms:Encrypt")),
+    }
+    assert created["responseElements"] == {
+        "accessKey": {"accessKeyId": user.access_key_id, "userName": "audited", "status": "Active"}
+    }
+    assert put["requestParameters"]["policyDocument"] == policy(allow("kms:Decrypt"))
+    assert cleared["requestParameters"] == {
+        "accessKeyId": user.access_key_id,
+        "userName": "audited",
+    }
+    assert deleted["requestParameters"] == {
+        "userName": "audited",
+        "accessKeyId": user.access_key_id,
+    }
+    assert "errorCode" not in deleted
+    assert refused["requestParameters"] == {"userName": "no-such-user"}
+    assert refused["errorCode"] == "NotFoundException"
+    assert server.cli("audit", "verify").returncode == 0

@@ -967,7 +967,8 @@ def test_update_alias_needs_the_alias_the_old_key_and_the_new_key(service: KmsSe
         assert f"kms:UpdateAlias on resource: {resource}" in info.value.message
     service.update_alias(request, caller=user(_alias_arn("moving"), keys))
     alias = service.store.get_alias("alias/moving")
-    assert alias is not None and alias.key_id == new
+    assert alias is not None
+    assert alias.key_id == new
     # Unknown aliases: the alias permission is asked first, so no existence is revealed.
     with pytest.raises(AccessDeniedException):
         service.update_alias(

@@ -300,6 +300,10 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     # pagination
     "Limit": _int,
     "Marker": _str,
+    # credential changes by ``hsmkms credentials`` (IAM's member names; never a secret)
+    "UserName": _str,
+    "AccessKeyId": _str,
+    "PolicyDocument": _str,
 }
 """Request members that may be copied into ``requestParameters``, with their shapes.
 
@@ -333,6 +337,9 @@ _KEY_METADATA = _structure(
 )
 
 RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
+    "AccessKey": _structure(
+        {"AccessKeyId": _str, "UserName": _str, "Status": _str, "CreateDate": _str}
+    ),  # never SecretAccessKey
     "KeyMetadata": _KEY_METADATA,
     "KeyId": _str,
     "KeyState": _str,
@@ -543,9 +550,11 @@ def api_call_record(
     additional_event_data: Mapping[str, Any] | None = None,
     event_time: dt.datetime | None = None,
     event_id: str | None = None,
+    event_source: str = EVENT_SOURCE,
 ) -> AuditRecord:
     """The record of one API call (``eventType`` ``AwsApiCall``), allowed or denied, successful
-    or failed.
+    or failed. ``event_source`` is ``kms.amazonaws.com`` but for the credential changes of
+    ``hsmkms credentials`` (``iam.amazonaws.com``, as IAM's own records).
 
     ``read_only`` is CloudTrail's ``readOnly`` for the operation (its ``responseElements`` are
     then null); the service's operation descriptors say which operations are.
@@ -560,7 +569,7 @@ def api_call_record(
         "eventVersion": EVENT_VERSION,
         "userIdentity": identity.to_dict(),
         "eventTime": format_event_time(event_time or utc_now()),
-        "eventSource": EVENT_SOURCE,
+        "eventSource": event_source,
         "eventName": event_name,
         "awsRegion": region,
         "sourceIPAddress": source_ip,
@@ -812,6 +821,7 @@ def prepare_api_call(
     additional_event_data: Mapping[str, Any] | None = None,
     event_time: dt.datetime | None = None,
     event_id: str | None = None,
+    event_source: str = EVENT_SOURCE,
 ) -> PreparedRecord:
     """``prepare_record(api_call_record(...))`` with the same arguments, byte for byte (a test
     holds the two together), at a fraction of the cost: the record's members are encoded one by
@@ -832,11 +842,12 @@ def prepare_api_call(
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     head = "" if extra is None else f'"additionalEventData":{_json(extra)},'
     read_only_json = "true" if read_only else "false"
+    source = _EVENT_SOURCE_JSON if event_source == EVENT_SOURCE else _json(event_source)
     # The members in sorted order (canonical JSON); the property test checks the order too.
     body = (
         f'{{{head}"awsRegion":{_json(region)},{errors}"eventCategory":"Management",'
         f'"eventID":{_json(event_id or _uuid4_text())},"eventName":{_json(event_name)},'
-        f'"eventSource":{_EVENT_SOURCE_JSON},"eventTime":{_json(when)},'
+        f'"eventSource":{source},"eventTime":{_json(when)},'
         f'"eventType":"AwsApiCall","eventVersion":{_EVENT_VERSION_JSON},'
         f'"managementEvent":true,"readOnly":{read_only_json},'
         f'"recipientAccountId":{_json(account_id)},"requestID":{_json(request_id)},'
