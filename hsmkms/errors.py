@@ -9,6 +9,8 @@
     │   ├── KMSInvalidStateException
     │   │   └── KeyIntegrityError         the key's metadata row failed its token MAC check
     │   ├── InvalidCiphertextException     every decryption failure; never carries detail
+    │   ├── KMSInvalidSignatureException   Verify: the signature does not verify; no detail
+    │   ├── KMSInvalidMacException         VerifyMac: the MAC does not verify; no detail
     │   ├── IncorrectKeyException
     │   ├── InvalidKeyUsageException
     │   ├── ValidationException
@@ -118,6 +120,26 @@ class InvalidCiphertextException(ClientError):
 
     def __init__(self, message: str = "") -> None:
         # spec: AWS KMS answers InvalidCiphertextException with an empty message (reference §8).
+        super().__init__("")
+
+
+class KMSInvalidSignatureException(ClientError):
+    """Verify: the signature is not valid for the message, key and algorithm. Carries no detail
+    (spec: AWS answers a failed Verify with this error, never ``SignatureValid: false``)."""
+
+    code = "KMSInvalidSignatureException"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__("")
+
+
+class KMSInvalidMacException(ClientError):
+    """VerifyMac: the MAC is not valid for the message, key and algorithm. Carries no detail
+    (spec: AWS answers a failed VerifyMac with this error, never ``MacValid: false``)."""
+
+    code = "KMSInvalidMacException"
+
+    def __init__(self, message: str = "") -> None:
         super().__init__("")
 
 

@@ -68,7 +68,7 @@ def test_create_key_defaults(service: KmsService) -> None:
     assert meta.Enabled is True
     assert meta.KeyState is m.KeyState.Enabled
     assert meta.KeySpec is m.KeySpec.SYMMETRIC_DEFAULT
-    assert meta.CustomerMasterKeySpec is m.KeySpec.SYMMETRIC_DEFAULT
+    assert meta.CustomerMasterKeySpec is m.CustomerMasterKeySpec.SYMMETRIC_DEFAULT
     assert meta.KeyUsage is m.KeyUsage.ENCRYPT_DECRYPT
     assert meta.Origin is m.OriginType.AWS_KMS
     assert meta.KeyManager is m.KeyManager.CUSTOMER
@@ -98,8 +98,10 @@ def test_create_key_with_description_tags_and_policy(service: KmsService) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"KeySpec": "RSA_2048", "KeyUsage": "ENCRYPT_DECRYPT"}, UnsupportedOperationException),
-        ({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}, UnsupportedOperationException),
+        ({"KeySpec": "RSA_2048"}, ValidationException),
+        ({"KeySpec": "HMAC_256", "KeyUsage": "SIGN_VERIFY"}, ValidationException),
+        ({"KeySpec": "SM2", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
+        ({"KeySpec": "ML_DSA_44", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
         ({"KeyUsage": "SIGN_VERIFY"}, ValidationException),
         ({"Origin": "EXTERNAL"}, UnsupportedOperationException),
         ({"Origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),

@@ -267,7 +267,11 @@ def test_twenty_five_on_demand_rotations(service: KmsService, key: m.KeyMetadata
         service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key.KeyId))
     with pytest.raises(LimitExceededException) as info:
         service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key.KeyId))
-    assert "on-demand rotations limit" in info.value.message
+    # spec: the wording LocalStack models on AWS's answer.
+    assert info.value.message == (
+        "The on-demand rotations limit has been reached for the given keyId. No more on-demand "
+        f"rotations can be performed for this key: {key.Arn}"
+    )
     assert service.store.get_key(key.KeyId).current_version == 4  # type: ignore[union-attr]
 
 

@@ -5,6 +5,7 @@ Routes::
     POST /          a KMS operation (X-Amz-Target), SigV4-authenticated
     GET  /healthz   deep health check, unauthenticated: 200 or 503
     GET  /metrics   Prometheus text, unauthenticated
+    /console/...    the read-only web console, with ``console=True`` (hsmkms.api.console)
 
 Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (the pid of the
 worker that answered). Operations are dispatched generically through their descriptors
@@ -68,6 +69,7 @@ from hsmkms.errors import (
     KMSError,
     KMSInternalException,
     UnknownOperationException,
+    UnsupportedOperationException,
     caller_error_fields,
 )
 from hsmkms.policy import account_of
@@ -101,6 +103,10 @@ REPLAY_MESSAGE = (
 )
 
 log = structlog.get_logger(__name__)
+
+# Every operation of the AWS KMS API: one this service does not implement is recognised (AWS
+# knows it) and answered UnsupportedOperationException, not UnknownOperationException.
+_API_OPERATIONS = frozenset(name for name, op in ALL_OPERATIONS.items() if op.api)
 
 _PID = str(os.getpid()).encode()
 _JSON_HEADERS = [(b"content-type", protocol.CONTENT_TYPE.encode())]
@@ -221,6 +227,7 @@ class KmsApp:
         max_body: int = protocol.MAX_BODY,
         task_interval: float = DEFAULT_TASK_INTERVAL,
         unauthenticated_interval: float = DEFAULT_UNAUTHENTICATED_INTERVAL,
+        console: bool = False,
     ) -> None:
         self._factory = runtime_factory
         self._runtime: Backend | None = None
@@ -233,6 +240,11 @@ class KmsApp:
         )
         self._summaries: asyncio.Task[None] | None = None
         self._summary_interval = unauthenticated_interval
+        self._console: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+        if console:  # the read-only web console at /console/ (hsmkms serve --console)
+            from hsmkms.api.console import ConsoleApp
+
+            self._console = ConsoleApp(lambda: self.runtime, self._executor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -367,6 +379,9 @@ class KmsApp:
         if path == "/healthz" or path == "/metrics":
             await self._internal(path, method, send, request_id)
             return
+        if self._console is not None and (path == "/console" or path.startswith("/console/")):
+            await self._console(scope, receive, send)
+            return
         if path != "/":
             exc: KMSError = UnknownOperationException(
                 "hsmkms serves the KMS API at / (POST), /healthz and /metrics."
@@ -394,10 +409,12 @@ class KmsApp:
             except _BodyTooLarge:
                 raise protocol.oversize_error(self._max_body) from None
             caller, signature = self._authenticate(scope, body)
-            operation = protocol.operation_name(target, OPERATIONS)
+            operation = protocol.operation_name(target, _API_OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
-            op = OPERATIONS[operation]
-            assert op.request_model is not None  # operation_name admits implemented ones only
+            op = OPERATIONS.get(operation)
+            if op is None:
+                raise UnsupportedOperationException(f"hsmkms does not support {operation}.")
+            assert op.request_model is not None  # OPERATIONS holds implemented ones only
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.worker)
             if op.inline and op.read_only:
@@ -571,6 +588,7 @@ def create_app(
     data_dir: Path | None = None,
     task_interval: float = DEFAULT_TASK_INTERVAL,
     log_level: str = "warning",
+    console: bool = False,
 ) -> KmsApp:
     """The application for one worker (uvicorn factory). Settings come from the environment
     (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``. Logging is set up as for every
@@ -585,4 +603,5 @@ def create_app(
         lambda: Runtime.open(settings),
         task_interval=task_interval,
         unauthenticated_interval=settings.unauthenticated_audit_interval,
+        console=console,
     )

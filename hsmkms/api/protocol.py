@@ -370,5 +370,8 @@ def encode_error(exc: BaseException) -> tuple[int, bytes]:
         code, status, message = exc.code, exc.status, SERVER_FAULT_MESSAGE
     else:
         code, status, message = "KMSInternalException", 500, SERVER_FAULT_MESSAGE
-    body = json.dumps({"__type": code, "message": message}, separators=(",", ":"))
+    # spec: AWS sends no message member where it has nothing to say (InvalidCiphertextException,
+    # KMSInvalidSignatureException, KMSInvalidMacException), not an empty one.
+    members = {"__type": code, "message": message} if message else {"__type": code}
+    body = json.dumps(members, separators=(",", ":"))
     return status, body.encode()

@@ -59,6 +59,7 @@ __all__ = [
     "UserIdentity",
     "api_call_record",
     "canonical_json",
+    "console_sign_in_record",
     "format_event_time",
     "key_id_of",
     "lower_camel",
@@ -278,6 +279,7 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "MessageType": _str,
     "MacAlgorithm": _str,
     "KeyAgreementAlgorithm": _str,
+    "EncapsulationAlgorithm": _str,
     "Recipient": _structure({"KeyEncryptionAlgorithm": _str}),
     "DryRun": _bool,
     "DryRunModifiers": _str_list,
@@ -297,6 +299,8 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "PendingWindowInDays": _int,
     "RotationPeriodInDays": _int,
     "IncludeKeyMaterial": _str,
+    "ReplicaRegion": _str,
+    "PrimaryRegion": _str,
     # pagination
     "Limit": _int,
     "Marker": _str,
@@ -308,7 +312,8 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
 """Request members that may be copied into ``requestParameters``, with their shapes.
 
 ``Plaintext``, ``CiphertextBlob``, ``Message``, ``Mac``, ``Signature``, ``GrantTokens``,
-``GrantToken``, ``PublicKey``, import material and any unknown member are absent on purpose.
+``GrantToken``, ``PublicKey`` (a peer's key: DeriveSharedSecret), ``SharedSecretCiphertextBlob``,
+import material and any unknown member are absent on purpose.
 """
 
 _KEY_METADATA = _structure(
@@ -330,6 +335,8 @@ _KEY_METADATA = _structure(
         "EncryptionAlgorithms": _str_list,
         "SigningAlgorithms": _str_list,
         "MacAlgorithms": _str_list,
+        "KeyAgreementAlgorithms": _str_list,
+        "EncapsulationAlgorithms": _str_list,
         "MultiRegion": _bool,
         "PendingDeletionWindowInDays": _int,
         "CurrentKeyMaterialId": _str,
@@ -692,6 +699,51 @@ def service_event_record(
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     if extra is not None:
         record["additionalEventData"] = extra
+    return record
+
+
+CONSOLE_EVENT_SOURCE: Final = "signin.amazonaws.com"
+
+
+def console_sign_in_record(
+    *,
+    identity: UserIdentity,
+    account_id: str,
+    region: str,
+    success: bool,
+    source_ip: str | None,
+    user_agent: str | None,
+    event_name: str = "ConsoleLogin",
+    event_time: dt.datetime | None = None,
+) -> AuditRecord:
+    """The record of a sign-in to the read-only web console (``eventType``
+    ``AwsConsoleSignIn``, shaped as CloudTrail's ``ConsoleLogin``), allowed or refused.
+    ``event_name`` ``ConsoleLogout`` records a sign-out. No credential secret is ever passed
+    here: ``identity`` holds at most the access key id."""
+    if event_name not in ("ConsoleLogin", "ConsoleLogout"):
+        raise ValueError(f"not a console sign-in event: {event_name!r}")
+    record: AuditRecord = {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": identity.to_dict(),
+        "eventTime": format_event_time(event_time or utc_now()),
+        "eventSource": CONSOLE_EVENT_SOURCE,
+        "eventName": event_name,
+        "awsRegion": region,
+        "sourceIPAddress": source_ip,
+        "userAgent": user_agent,
+        "requestParameters": None,
+        "responseElements": {event_name: "Success" if success else "Failure"},
+        "additionalEventData": {"MFAUsed": "No"},
+        "eventID": str(uuid.uuid4()),
+        "readOnly": False,
+        "resources": [],
+        "eventType": "AwsConsoleSignIn",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+    }
+    if not success:
+        record["errorMessage"] = "Failed authentication"
     return record
 
 

@@ -46,7 +46,7 @@ import hashlib
 import hmac
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol
 
@@ -713,6 +713,48 @@ class AuditTrail:
                         return
             if len(rows) < _PAGE:
                 return
+
+    def last_use(self, key_id: str, event_names: Collection[str]) -> AuditRecord | None:
+        """The newest record of a *successful* call named in ``event_names`` (no
+        ``errorCode``) among whose ``resources`` is ``key_id``: what GetKeyLastUsage reports.
+        Read newest first, so the cost is the rows newer than that use (all rows for a key
+        never used); nothing is added to the hot path of the calls themselves. Like
+        :meth:`search`, not proof of integrity."""
+        wanted = frozenset(event_names)
+        # The key alone in SQL: with the event name too, SQLite would walk the event-name index
+        # and sort, instead of reading the newest rows first and stopping at the first hit.
+        clauses = [_R.c.key_ids.contains(f" {key_id_of(key_id)} ", autoescape=True)]
+        before: int | None = None
+        page = 8  # small first: the newest matching row is most often the answer
+        while True:
+            with self._read() as conn:
+                if not self._exists(conn):
+                    return None
+                query = select(_R.c.seq, _R.c.record).where(*clauses)
+                if before is not None:
+                    query = query.where(_R.c.seq < before)
+                rows = conn.execute(query.order_by(_R.c.seq.desc()).limit(page)).all()
+            for row in rows:
+                before = row.seq
+                record = _load(row.record)
+                if (
+                    record is not None
+                    and "errorCode" not in record
+                    and record.get("eventName") in wanted
+                    and key_id_of(key_id) in record_key_ids(record)
+                ):
+                    return record
+            if len(rows) < page:
+                return None
+            page = min(page * 8, _PAGE)
+
+    def first_event_time(self) -> dt.datetime | None:
+        """The ``eventTime`` of the oldest record (when the trail began); None when empty."""
+        with self._read() as conn:
+            if not self._exists(conn):
+                return None
+            row = conn.execute(select(_R.c.event_time).order_by(_R.c.seq).limit(1)).first()
+        return None if row is None else _parse_time(str(row.event_time))
 
     def tail(self, n: int = 10) -> list[AuditRecord]:
         """The newest ``n`` records, oldest first."""

@@ -65,6 +65,9 @@ def diagnose(settings: Settings) -> dict[str, Any]:
             },
             "profiles": [p.value for p in capabilities.profiles],
             "unverified": sorted(s.value for s in capabilities.unverified),
+            "unsupported_algorithms": sorted(
+                a.value for a in capabilities.unsupported_algorithms
+            ),
         },
         integrity=[dataclasses.asdict(p) for p in integrity],
         orphans=[] if found is None else [
@@ -129,6 +132,8 @@ def _capabilities_line(capabilities: dict[str, Any]) -> str:
     line = ", ".join(parts) or "none"
     if capabilities["unverified"]:
         line += f"; listed, not probed: {', '.join(capabilities['unverified'])}"
+    if capabilities["unsupported_algorithms"]:
+        line += f"; not performed: {', '.join(capabilities['unsupported_algorithms'])}"
     return line
 
 

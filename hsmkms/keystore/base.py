@@ -2,9 +2,9 @@
 reference that names key material in a store.
 
 - :class:`KeyBackend`: create material for a key spec and use it by reference (encrypt and
-  decrypt, MAC, sign and verify, key agreement, public key export), random bytes, and the
-  capabilities the token reports per spec. Every operation is timed through the optional
-  observer hook (:data:`CallObserver`).
+  decrypt, public-key encryption, MAC, sign and verify, key agreement, public key export),
+  random bytes, and the capabilities the token reports per spec. Every operation is timed
+  through the optional observer hook (:data:`CallObserver`).
 - :class:`KeyInventory`: what is on the token, and diagnostics (info, list_objects, exists,
   attributes, self_test).
 - :class:`Keystore`: both; what :class:`~hsmkms.keystore.stores.KeyStores` holds per store.
@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol
 
 from hsmkms.keystore.specs import (
     SPECS,
+    AsymmetricEncryption,
     KeyMaterialSpec,
     MaterialUsage,
     SigningAlgorithm,
@@ -224,6 +225,9 @@ class TokenInfo:
     label: str
     mechanisms: tuple[str, ...]
     profile: MechanismProfile
+    firmware_version: str = ""
+    """``major.minor`` as the token reports it (empty when unknown)."""
+    hardware_version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +247,9 @@ class Capabilities:
     is), in registry order."""
     unverified: frozenset[KeyMaterialSpec] = frozenset()
     """Specs the token lists the mechanisms for but that could not be probed."""
+    unsupported_algorithms: frozenset[SigningAlgorithm] = frozenset()
+    """Signing algorithms of hosted specs that the token does not perform (SoftHSM 2.6.1 and
+    ED25519_PH_SHA_512: it ignores CKM_EDDSA's prehash flag)."""
 
     @property
     def specs(self) -> frozenset[KeyMaterialSpec]:
@@ -306,16 +313,33 @@ class KeyBackend(Protocol):
         """Whether ``tag`` is the HMAC of ``data`` (checked inside the token)."""
         ...
 
-    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        """Sign a message digest with a key pair's private key. ECDSA signatures are DER
-        (``Ecdsa-Sig-Value``), RSA signatures the modulus size."""
+    def sign(self, ref: KeyMaterialRef, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign with a key pair's private key: ``data`` is what the algorithm signs (a digest
+        for RSA, ECDSA and Ed25519ph, the message for pure EdDSA; see
+        :class:`~hsmkms.keystore.specs.SigningAlgorithm`). ECDSA signatures are DER
+        (``Ecdsa-Sig-Value``), RSA signatures the modulus size, Ed25519 signatures 64 bytes.
+        ``UnsupportedByToken`` for an algorithm the token does not perform."""
         ...
 
     def verify(
-        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, ref: KeyMaterialRef, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        """Whether ``signature`` is a valid signature of ``digest`` (checked inside the token
+        """Whether ``signature`` is a valid signature of ``data`` (checked inside the token
         with the key pair's public key)."""
+        ...
+
+    def asymmetric_encrypt(
+        self, ref: KeyMaterialRef, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """Encrypt for an encryption key pair (RSAES-OAEP): the raw ciphertext, as long as the
+        modulus, which anyone holding the public key could have made."""
+        ...
+
+    def asymmetric_decrypt(
+        self, ref: KeyMaterialRef, ciphertext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """Decrypt with an encryption key pair's private key, inside the token. Any failure
+        raises ``DecryptionFailed``, and nothing else about it."""
         ...
 
     def public_key(self, ref: KeyMaterialRef) -> bytes:

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from hsmkms.keystore.base import (
     LABEL_PREFIX,
@@ -86,12 +86,19 @@ from hsmkms.keystore.pkcs11_mechanisms import (
     MATERIALS,
     OBJECT_CLASSES,
     PROFILE_MECHANISMS,
+    EdwardsMaterial,
     HmacMaterial,
     KeyPairMaterial,
     ProbeRefused,
+    RsaMaterial,
     generate_secrets,
 )
-from hsmkms.keystore.specs import KeyMaterialSpec, MaterialUsage, SigningAlgorithm
+from hsmkms.keystore.specs import (
+    AsymmetricEncryption,
+    KeyMaterialSpec,
+    MaterialUsage,
+    SigningAlgorithm,
+)
 from hsmkms.profiles import PROFILES, MechanismProfile
 
 _CREATE_ATTEMPTS = 3
@@ -181,6 +188,9 @@ class Pkcs11Keystore:
         self._mechanisms: tuple[str, ...] = ()
         self._listed: frozenset[Any] = frozenset()
         self._capabilities: Capabilities | None = None
+        self._prehash: bool | None = None  # whether the token performs Ed25519ph
+        self._oaep_sha256: bool | None = None  # whether it performs OAEP with SHA-256
+        self._public_keys: dict[bytes, bytes] = {}  # key pair id -> DER SubjectPublicKeyInfo
         self._closed = False
 
     def __repr__(self) -> str:
@@ -443,7 +453,16 @@ class Pkcs11Keystore:
                         unverified.add(spec)
                 if hosted:
                     usages[spec] = frozenset(hosted)
-            return Capabilities(usages, tuple(profiles), frozenset(unverified - set(usages)))
+            unsupported: set[SigningAlgorithm] = set()
+            edwards = KeyMaterialSpec.ECC_NIST_EDWARDS25519
+            if edwards in usages and not self._prehash_works(conn):
+                unsupported.add(SigningAlgorithm.ED25519_PH_SHA_512)
+            return Capabilities(
+                usages,
+                tuple(profiles),
+                frozenset(unverified - set(usages)),
+                frozenset(unsupported),
+            )
 
         found = self._call("probing capabilities", work)
         self._capabilities = found
@@ -465,6 +484,8 @@ class Pkcs11Keystore:
                 label=str(token.label),
                 mechanisms=self._mechanisms,
                 profile=self.profile,
+                firmware_version=_version_text(getattr(token, "firmware_version", None)),
+                hardware_version=_version_text(getattr(token, "hardware_version", None)),
             )
 
         return self._observed("info", lambda: self._call("reading token information", work))
@@ -520,6 +541,10 @@ class Pkcs11Keystore:
             raise TokenRejected(f"the name {name.base!r} is too long for a token label")
 
         def work(conn: _Connection) -> KeyMaterialRef:
+            missing = material.mechanisms(chosen_usage) - self._listed
+            if missing:
+                names = ", ".join(sorted(f"CKM_{_mech_name(m)}" for m in missing))
+                raise UnsupportedByToken(f"the token lacks {names}")
             for attempt in range(_CREATE_ATTEMPTS):
                 ids = [self._new_object_id(conn) for _ in roles]
                 try:
@@ -549,6 +574,7 @@ class Pkcs11Keystore:
             for raw in ref.raw_ids:
                 conn.handles.pop(raw, None)
                 conn.public.pop(raw, None)
+                self._public_keys.pop(raw, None)
                 for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                     obj.destroy()
 
@@ -677,10 +703,23 @@ class Pkcs11Keystore:
 
     def mac(self, ref: KeyMaterialRef, data: bytes) -> bytes:
         """The HMAC of ``data`` under HMAC material, computed inside the token."""
-        sign = self._hmac(ref).mac
+        material = self._hmac(ref)
         observer = self._observer
         start = perf_counter() if observer is not None else 0.0
         try:
+            with _LOCK:
+                conn = self._conn
+                # Fast path (GenerateMac's): one cached handle, no closure, no retry.
+                if conn is not None and conn.pid == _PID:
+                    key = conn.handles.get(ref.raw_ids[0])
+                    if key is not None:
+                        try:
+                            return bytes(key.sign(data, mechanism=material.mechanism))
+                        except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
+                            pass  # the slow path below evicts, reconnects and retries
+                        except p11e.PKCS11Error as exc:
+                            raise map_pkcs11_error(exc, "computing a MAC") from exc
+            sign = material.mac
             return self._with_keys("computing a MAC", ref, lambda _, keys: sign(keys[0], data))
         finally:
             if observer is not None:
@@ -711,30 +750,74 @@ class Pkcs11Keystore:
             raise IncompatibleMaterial(f"{ref.spec.value} material is not a key pair")
         return material
 
-    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        """Sign ``digest`` with the private key of a signing key pair, inside the token. ECDSA
-        signatures are DER-encoded."""
+    def _prehash_works(self, conn: _Connection) -> bool:
+        """Whether the token performs Ed25519ph (probed once, with temporary objects; a token
+        that refuses them is not trusted with it). Called with the lock held."""
+        if self._prehash is None:
+            material = MATERIALS[KeyMaterialSpec.ECC_NIST_EDWARDS25519]
+            assert isinstance(material, EdwardsMaterial)
+            try:
+                self._prehash = material.prehash_works(conn.session)
+            except ProbeRefused:
+                self._prehash = False
+        return self._prehash
+
+    def _oaep_sha256_works(self, conn: _Connection) -> bool:
+        """Whether the token decrypts RSAES_OAEP_SHA_256 itself (probed once, with temporary
+        objects); else the raw RSA operation in the token and the OAEP decoding here, which
+        needs CKM_RSA_X_509 (``UnsupportedByToken`` without it). A token that refuses temporary
+        objects is trusted to perform OAEP with SHA-256 unless it lists CKM_RSA_X_509. Called
+        with the lock held."""
+        if self._oaep_sha256 is None:
+            material = MATERIALS[KeyMaterialSpec.RSA_2048]
+            assert isinstance(material, RsaMaterial)
+            try:
+                self._oaep_sha256 = material.probe_oaep_sha256(conn.session)
+            except ProbeRefused:
+                self._oaep_sha256 = Mechanism.RSA_X_509 not in self._listed
+        if not self._oaep_sha256 and Mechanism.RSA_X_509 not in self._listed:
+            raise UnsupportedByToken(
+                "the token performs CKM_RSA_PKCS_OAEP without SHA-256 and lacks CKM_RSA_X_509"
+            )
+        return self._oaep_sha256
+
+    def _check_performed(self, algorithm: SigningAlgorithm) -> None:
+        """``UnsupportedByToken`` for a signing algorithm this token does not perform."""
+        if algorithm is SigningAlgorithm.ED25519_PH_SHA_512 and not self._call(
+            "probing Ed25519ph", self._prehash_works
+        ):
+            raise UnsupportedByToken("the token does not perform Ed25519ph (CKM_EDDSA with phFlag)")
+
+    def sign(self, ref: KeyMaterialRef, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign ``data`` (a digest, or the message for pure EdDSA) with the private key of a
+        signing key pair, inside the token. ECDSA signatures are DER-encoded."""
         material = self._pair(ref)
-        material.check_algorithm(algorithm, digest)
-
-        def sign(_: _Connection, keys: list[Any]) -> bytes:
-            return material.sign(keys[0], digest, algorithm)
-
-        return self._observed("sign", lambda: self._with_keys("signing", ref, sign))
+        material.check_algorithm(algorithm, data)
+        self._check_performed(algorithm)
+        sign = material.sign
+        # Timed inline (a hot operation), as encrypt and mac are.
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            return self._with_keys("signing", ref, lambda _, keys: sign(keys[0], data, algorithm))
+        finally:
+            if observer is not None:
+                observer("sign", perf_counter() - start)
 
     def verify(
-        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, ref: KeyMaterialRef, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        """Whether ``signature`` signs ``digest`` (verified inside the token with the key
+        """Whether ``signature`` signs ``data`` (verified inside the token with the key
         pair's public key)."""
         material = self._pair(ref)
-        material.check_algorithm(algorithm, digest)
+        material.check_algorithm(algorithm, data)
+        self._check_performed(algorithm)
 
         def verify() -> bool:
             try:
                 return self._with_public(
                     "verifying a signature", ref,
-                    lambda public: material.verify(public, digest, signature, algorithm),
+                    lambda public: material.verify(public, data, signature, algorithm),
                     decrypting=True,
                 )  # fmt: skip
             except DecryptionFailed:
@@ -743,11 +826,46 @@ class Pkcs11Keystore:
         return self._observed("verify", verify)
 
     def public_key(self, ref: KeyMaterialRef) -> bytes:
-        """The public key of a key pair, DER ``SubjectPublicKeyInfo``."""
+        """The public key of a key pair, DER ``SubjectPublicKeyInfo`` (read from the token
+        once per process: a key pair never changes)."""
         material = self._pair(ref)
+        (raw,) = ref.raw_ids
+
+        def read() -> bytes:
+            known = self._public_keys.get(raw)
+            if known is None:
+                known = self._with_public("reading a public key", ref, material.public_key)
+                self._public_keys[raw] = known
+            return known
+
+        return self._observed("public_key", read)
+
+    def asymmetric_encrypt(
+        self, ref: KeyMaterialRef, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """RSAES-OAEP encryption for an encryption key pair. It needs only the public key
+        (read from the token): done on the host, as a caller with GetPublicKey's answer would
+        (see :class:`~hsmkms.keystore.pkcs11_mechanisms.RsaMaterial`)."""
+        material = self._pair(ref)
+        spki = self.public_key(ref)
         return self._observed(
-            "public_key",
-            lambda: self._with_public("reading a public key", ref, material.public_key),
+            "asymmetric_encrypt", lambda: material.encrypt(spki, plaintext, scheme)
+        )
+
+    def asymmetric_decrypt(
+        self, ref: KeyMaterialRef, ciphertext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """RSAES-OAEP decryption with the private key of an encryption key pair, inside the
+        token. Any failure is :class:`DecryptionFailed`."""
+        material = self._pair(ref)
+
+        def decrypt(conn: _Connection, keys: list[Any]) -> bytes:
+            in_token = scheme.facts.hash_name == "sha1" or self._oaep_sha256_works(conn)
+            return material.decrypt(keys[0], ciphertext, scheme, in_token=in_token)
+
+        return self._observed(
+            "asymmetric_decrypt",
+            lambda: self._with_keys("decrypting", ref, decrypt, decrypting=True),
         )
 
     def derive_shared_secret(self, ref: KeyMaterialRef, peer_public_key: bytes) -> bytes:
@@ -903,6 +1021,15 @@ def _mech_name(mechanism: Any) -> str:
 
 def _key_type_name(key_type: Any) -> str:
     return getattr(key_type, "name", None) or str(key_type)
+
+
+def _version_text(version: Any) -> str:
+    """A CK_VERSION as python-pkcs11 gives it (``(major, minor)`` or text) as ``major.minor``."""
+    if version is None:
+        return ""
+    if isinstance(version, tuple | list) and len(version) == 2:
+        return f"{int(version[0])}.{int(version[1])}"
+    return str(version).strip()
 
 
 def _name(value: Any) -> str:

@@ -19,7 +19,7 @@ import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 import structlog
 from pydantic import BaseModel
@@ -56,6 +56,9 @@ from hsmkms.store import (
     VersionConflict,
 )
 from hsmkms.types import Caller, Clock, utc_now
+
+if TYPE_CHECKING:
+    from hsmkms.service.last_usage import KeyUsageHistory
 
 log = structlog.get_logger(__name__)
 
@@ -228,11 +231,14 @@ class ServiceCore:
         account_id: str,
         clock: Clock = utc_now,
         on_event: EventSink | None = None,
+        usage_history: KeyUsageHistory | None = None,
     ) -> None:
         # A single keystore is the default store of a registry of one.
         self._stores = key_stores(keystore)
         self._keystore = self._stores.default
         self._on_event = on_event
+        # Where GetKeyLastUsage reads (the audit trail); None: not available in this process.
+        self._usage_history = usage_history
         self._authz = Authorizer(
             store.grants_for,
             clock=clock,
@@ -295,6 +301,15 @@ class ServiceCore:
                 caller=caller,
                 action=op.action,
                 encryption_context=getattr(request, "EncryptionContext", None),
+                encryption_algorithm=getattr(request, "EncryptionAlgorithm", None),
+            )
+            return method.worker(self, Call(request, caller, key, version))
+        if resolution is Resolution.MATERIAL:
+            key, version = self._resolve_material(
+                getattr(request, op.key_member),
+                op=op,
+                caller=caller,
+                extra=prepared.conditions if prepared is not None else None,
             )
             return method.worker(self, Call(request, caller, key, version))
         if resolution is Resolution.KEY:
@@ -372,6 +387,37 @@ class ServiceCore:
         check_state(access, key)
         return key
 
+    def _resolve_material(
+        self,
+        identifier: str,
+        *,
+        op: Operation,
+        caller: Caller | None,
+        action: str | None = None,
+        extra: Mapping[str, ContextInput] | None = None,
+    ) -> tuple[KeyRecord, KeyVersionRecord]:
+        """As :meth:`_resolve` for ``op`` (authorized for ``action``, ``op``'s own by default),
+        also returning the key's current version (its key material), both from one cached
+        query: the hot path of Sign, GenerateMac and the other operations on a key that never
+        rotates."""
+        key_id, alias = self._resolve_name(identifier, aliases=op.aliases)
+        found = self._store.get_key_and_version(key_id)
+        if found is None or (found[0].state != _ENABLED and self._gone(found[0], self._clock())):
+            raise self._not_found(key_id)
+        key, version = found
+        if caller is not None:
+            caller.note_key(key.arn)
+            self._authz.check_key(
+                caller, action or op.action, key, request_alias=alias, extra=extra
+            )
+        check_state(op.access, key)
+        self._check_usage(op, key)
+        if version is None:  # the row of the current version must exist (same transaction)
+            raise self._not_found(key_id)
+        if caller is not None:
+            caller.note_key(key.arn, version.version)
+        return key, version
+
     def _resolve_current(
         self,
         identifier: str,
@@ -380,10 +426,12 @@ class ServiceCore:
         caller: Caller | None,
         action: str,
         encryption_context: Mapping[str, str] | None,
+        encryption_algorithm: str | None = None,
     ) -> tuple[KeyRecord, KeyVersionRecord]:
         """For encryption: the usable key and its current version, rotating first when an
         automatic rotation is due (rotation is checked on use). Authorizes ``caller`` for
-        ``action`` with the request's encryption context; the key must suit ``op``."""
+        ``action`` with the request's encryption context and algorithm (SYMMETRIC_DEFAULT when
+        absent); the key must suit ``op``."""
         key_id, alias = self._resolve_name(identifier, aliases=True)
         found = self._store.get_key_and_version(key_id)
         now = self._clock()
@@ -398,7 +446,7 @@ class ServiceCore:
                 action,
                 key,
                 encryption_context=encryption_context,
-                encryption_algorithm=SYMMETRIC_DEFAULT,
+                encryption_algorithm=encryption_algorithm or SYMMETRIC_DEFAULT,
                 request_alias=alias,
             )
         check_state(Access.USE, key)
@@ -426,8 +474,9 @@ class ServiceCore:
     def _check_usage(op: Operation, key: KeyRecord) -> None:
         """InvalidKeyUsageException unless the key's spec and usage suit the operation."""
         if not op.accepts(key.key_spec, key.key_usage):
+            # spec: "<arn> key usage is SIGN_VERIFY which is not valid for Encrypt." (§1.9)
             raise InvalidKeyUsageException(
-                f"{key.arn} key usage is {key.key_usage} which is not valid for this operation."
+                f"{key.arn} key usage is {key.key_usage} which is not valid for {op.name}."
             )
 
     @staticmethod

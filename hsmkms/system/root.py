@@ -20,8 +20,9 @@ settings or open files by themselves; they are handed what they work on from her
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from types import TracebackType
 from typing import Literal
 
@@ -33,6 +34,7 @@ from hsmkms.errors import ClientError, KMSInternalException
 from hsmkms.identity import CredentialStore
 from hsmkms.keystore.base import CallObserver, Keystore
 from hsmkms.service import EventSink, KmsService, ServiceEvent
+from hsmkms.service.last_usage import KeyUsageHistory, KeyUse
 from hsmkms.softhsm import ensure_token
 from hsmkms.store import MetadataStore
 from hsmkms.store.integrity import TokenRowSealer
@@ -81,6 +83,32 @@ def service_event_sink(
         )
 
     return on_event
+
+
+class TrailUsageHistory:
+    """The service's :class:`~hsmkms.service.last_usage.KeyUsageHistory`, read from the audit
+    trail: ``trail()`` gives the trail for one query (the server's own, or a reader opened
+    for the call)."""
+
+    def __init__(self, trail: Callable[[], contextlib.AbstractContextManager[AuditTrail]]) -> None:
+        self._trail = trail
+
+    def tracking_start(self) -> dt.datetime | None:
+        with self._trail() as trail:
+            return trail.first_event_time()
+
+    def last_use(self, key_id: str, operations: Collection[str]) -> KeyUse | None:
+        with self._trail() as trail:
+            record = trail.last_use(key_id, operations)
+        if record is None:
+            return None
+        event_id, request_id = record.get("eventID"), record.get("requestID")
+        return KeyUse(
+            operation=str(record["eventName"]),
+            time=dt.datetime.fromisoformat(str(record["eventTime"])),
+            event_id=event_id if isinstance(event_id, str) else None,
+            request_id=request_id if isinstance(request_id, str) else None,
+        )
 
 
 def _token(settings: Settings, observer: CallObserver | None) -> Keystore:
@@ -133,6 +161,9 @@ class System:
                     self.lost_service_events += 1
                     raise
 
+        usage_history: KeyUsageHistory | None = None
+        if audit is not None:
+            usage_history = TrailUsageHistory(self._usage_trail)
         self.service = KmsService(
             keystore,
             store,
@@ -140,6 +171,7 @@ class System:
             account_id=settings.account_id,
             clock=clock,
             on_event=on_event,
+            usage_history=usage_history,
         )
 
     @classmethod
@@ -204,6 +236,19 @@ class System:
 
     # -- audit --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _usage_trail(self) -> Iterator[AuditTrail]:
+        """The trail GetKeyLastUsage reads: the writer's (a server), else a reader opened for
+        the query (no trail yet: an empty one)."""
+        if self.trail is not None:
+            yield self.trail
+            return
+        trail = AuditTrail(self.settings.audit_database_url, None, create=False)
+        try:
+            yield trail
+        finally:
+            trail.close()
+
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Write one audit record the way this system was opened for: queued to the writer
         (see :meth:`AuditWriter.submit`), or appended to the trail before returning. A
@@ -222,6 +267,20 @@ class System:
                     trail.append(record)
             finally:
                 trail.close()
+
+    @contextlib.contextmanager
+    def audit_reader(self) -> Iterator[AuditTrail]:
+        """The audit trail with this system's token, for reading, searching and verifying
+        (``hsmkms report``, the console); writes nothing. A server's own trail when it has
+        one (left open), else one opened for the block and closed on exit."""
+        if self.trail is not None:
+            yield self.trail
+            return
+        trail = AuditTrail(self.settings.audit_database_url, self.keystore, create=False)
+        try:
+            yield trail
+        finally:
+            trail.close()
 
     # -- closing ------------------------------------------------------------------------------
 
