@@ -331,6 +331,24 @@ def test_a_denied_request_with_the_largest_context_makes_a_bounded_record(
 # == 7. signed headers and replays =================================================================
 
 
+def _signed_request(
+    server: RunningServer, target: str, body: dict[str, Any], *, later: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    """A signed request (root credentials); ``later``: dated a second ahead, so its signature
+    differs from one signed now."""
+    data = json.dumps(body).encode()
+    base = [
+        ("Host", server.host),
+        ("Content-Type", "application/x-amz-json-1.1"),
+        ("X-Amz-Target", f"TrentService.{target}"),
+    ]
+    when = datetime.now(UTC) + timedelta(seconds=1 if later else 0)
+    signed = sign(
+        SignedRequest("POST", "/", "", base, data), server.root, region=server.region, when=when
+    )
+    return data, dict(signed.headers)
+
+
 def _sign_without_target(
     server: RunningServer, body: dict[str, Any], target: str
 ) -> tuple[bytes, dict[str, str]]:
@@ -365,36 +383,39 @@ def test_an_unsigned_target_cannot_turn_describe_key_into_schedule_key_deletion(
     assert root.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Enabled"
 
 
-def test_a_state_changing_request_is_accepted_once(server: RunningServer, root: Any) -> None:
-    """The same signed CreateKey sent twice creates one key; the second answer says why."""
-    data = json.dumps({"Description": "replayed"}).encode()
-    base = [
-        ("Host", server.host),
-        ("Content-Type", "application/x-amz-json-1.1"),
-        ("X-Amz-Target", "TrentService.CreateKey"),
-    ]
-    signed = sign(
-        SignedRequest("POST", "/", "", base, data),
-        server.root,
-        region=server.region,
-        when=datetime.now(UTC),
-    )
-    before = len(root.list_keys(Limit=1000)["Keys"])
-    first = server.raw("POST", "/", data, dict(signed.headers))
-    assert first.status == 200, first.body
-    again = server.raw("POST", "/", data, dict(signed.headers))
+def test_a_captured_state_change_cannot_be_replayed_to_undo_a_later_one(
+    server: RunningServer, root: Any
+) -> None:
+    """The replay the issue describes: an administrator disables a key (the request is
+    captured), then enables it again; the captured DisableKey sent again within its five
+    minutes is refused, and the key stays enabled. Signed anew, the same change is a new
+    request."""
+    arn = root.create_key()["KeyMetadata"]["Arn"]
+    data, headers = _signed_request(server, "DisableKey", {"KeyId": arn})
+    assert server.raw("POST", "/", data, headers).status == 200
+    root.enable_key(KeyId=arn)
+    again = server.raw("POST", "/", data, headers)
     assert again.status == 400
-    assert again.json()["__type"] == "InvalidSignatureException"
-    assert "accepted once per signature" in again.json()["message"]
-    assert len(root.list_keys(Limit=1000)["Keys"]) == before + 1
-    # Signed again (another signature), the same request is a new one.
-    resigned = sign(
-        SignedRequest("POST", "/", "", base, data),
-        server.root,
-        region=server.region,
-        when=datetime.now(UTC) + timedelta(seconds=1),
-    )
-    assert server.raw("POST", "/", data, dict(resigned.headers)).status == 200
+    assert again.json() == {
+        "__type": "InvalidSignatureException",
+        "message": "This request was received before: a request that changes state is "
+        "accepted once per signature. Sign it again to repeat it.",
+    }
+    assert root.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Enabled"
+    data, headers = _signed_request(server, "DisableKey", {"KeyId": arn}, later=True)
+    assert server.raw("POST", "/", data, headers).status == 200
+    assert root.describe_key(KeyId=arn)["KeyMetadata"]["KeyState"] == "Disabled"
+
+
+def test_create_key_may_be_sent_again(server: RunningServer, root: Any) -> None:
+    """CreateKey is the exception: two keys created with the same parameters within one second
+    are the same signed request (boto3 signs none of its per-call headers). A replay adds an
+    unused key and changes nothing that exists, so it is accepted."""
+    data, headers = _signed_request(server, "CreateKey", {"Description": "twice"})
+    before = len(root.list_keys(Limit=1000)["Keys"])
+    assert server.raw("POST", "/", data, headers).status == 200
+    assert server.raw("POST", "/", data, headers).status == 200
+    assert len(root.list_keys(Limit=1000)["Keys"]) == before + 2
 
 
 def test_a_read_only_request_may_be_sent_again(server: RunningServer, key: str) -> None:
@@ -414,22 +435,6 @@ def test_a_read_only_request_may_be_sent_again(server: RunningServer, key: str) 
     )
     for _ in range(2):
         assert server.raw("POST", "/", data, dict(signed.headers)).status == 200
-
-
-def _signed_request(
-    server: RunningServer, target: str, body: dict[str, Any]
-) -> tuple[bytes, dict[str, str]]:
-    data = json.dumps(body).encode()
-    base = [
-        ("Host", server.host),
-        ("Content-Type", "application/x-amz-json-1.1"),
-        ("X-Amz-Target", f"TrentService.{target}"),
-    ]
-    signed = sign(
-        SignedRequest("POST", "/", "", base, data), server.root, region=server.region,
-        when=datetime.now(UTC),
-    )  # fmt: skip
-    return data, dict(signed.headers)
 
 
 # == 6. a server on "::" and its IPv4 clients; replays across workers ==============================
@@ -500,8 +505,10 @@ def test_ipv6_clients_keep_their_address(dual_stack: RunningServer) -> None:
 
 def test_a_replay_is_refused_by_every_worker(dual_stack: RunningServer) -> None:
     """The signatures are shared by the workers of the node: whichever worker a replayed
-    CreateKey reaches refuses it."""
-    data, headers = _signed_request(dual_stack, "CreateKey", {"Description": "once"})
+    TagResource reaches refuses it."""
+    key = dual_stack.client().create_key()["KeyMetadata"]["Arn"]
+    tags = {"KeyId": key, "Tags": [{"TagKey": "once", "TagValue": "1"}]}
+    data, headers = _signed_request(dual_stack, "TagResource", tags)
     answers: dict[str, list[int]] = {}
     for _ in range(60):
         resp = dual_stack.raw("POST", "/", data, headers)

@@ -23,8 +23,9 @@ per source and interval (:mod:`hsmkms.api.unauthenticated`), so a flood cannot f
 Security: the client address (``aws:SourceIp``, ``sourceIPAddress``) is the connection's peer,
 an IPv4-mapped IPv6 address (a server on ``::``) written as IPv4; the request must sign
 ``Content-Type`` and every ``X-Amz-*`` header (:data:`sigv4.KMS_SIGNED_HEADER_RULE`); a
-signature of a request that changes state is accepted once per node
-(:meth:`Backend.first_use`, ``docs/authentication.md``).
+signature of a request that changes state is accepted once per node (all operations but
+:data:`~hsmkms.service.operations.REPLAYABLE_OPERATIONS`; :meth:`Backend.first_use`,
+``docs/authentication.md``).
 
 Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
 operations (whose descriptor says ``inline``, :mod:`hsmkms.service.operations`) run inline on
@@ -74,7 +75,7 @@ from hsmkms.errors import (
 )
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
-from hsmkms.service.operations import ALL_OPERATIONS
+from hsmkms.service.operations import ALL_OPERATIONS, REPLAYABLE_OPERATIONS
 from hsmkms.types import Caller
 
 __all__ = ["UNKNOWN_EVENT_NAME", "Backend", "KmsApp", "create_app"]
@@ -417,12 +418,13 @@ class KmsApp:
             assert op.request_model is not None  # OPERATIONS holds implemented ones only
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.worker)
-            if op.inline and op.read_only:
+            once = op.name not in REPLAYABLE_OPERATIONS
+            if op.inline and not once:
                 result = method_fn(request, caller=caller)
             else:
                 loop = asyncio.get_running_loop()
                 run = functools.partial(method_fn, request, caller=caller)
-                if not op.read_only:
+                if once:
                     run = functools.partial(self._once, signature, run)
                 try:
                     result = await loop.run_in_executor(self._executor, run)
