@@ -21,7 +21,7 @@ from test_api_key_types import KEY_TYPE_OPERATIONS
 from hsmkms.api.protocol import MAX_BODY
 from hsmkms.service import OPERATIONS
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import store_url
 
 from conftest import new_key_version
 from hsmkms import models as m
@@ -27,7 +28,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore, schema
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "ap-southeast-2"
 ACCOUNT = "111122223333"
@@ -41,7 +42,7 @@ def clock() -> ManualClock:
 
 
 def _service(keystore: Pkcs11Keystore, path: Path, clock: ManualClock) -> KmsService:
-    store = MetadataStore.open_sqlite(path, clock=clock)
+    store = MetadataStore(store_url(path), clock=clock)
     return KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
 
 

@@ -356,6 +356,19 @@ class KeyBackend(Protocol):
         """``n`` bytes from the token's random generator."""
         ...
 
+    def write_anchor(self, name: str, value: str) -> None:
+        """Keep ``value`` (ASCII, at most 40 characters, no secret) in the token under
+        ``name``, replacing what was there: state that the database's attacker cannot roll
+        back (the audit trail's newest seal). A value read back is the last one written, also
+        by another process; callers serialize the writes of one name (the audit trail writes
+        under its database write lock). ``UnsupportedByToken`` when the token cannot keep
+        one."""
+        ...
+
+    def read_anchor(self, name: str) -> str | None:
+        """The value last written under ``name``, read from the token; None when none was."""
+        ...
+
     def close(self) -> None:
         """Log out and release the module (end of process)."""
         ...
@@ -386,6 +399,12 @@ class KeyInventory(Protocol):
 
     def self_test(self) -> None:
         """Round trip with temporary keys of the current profile; raises on any failure."""
+        ...
+
+    def outage(self) -> str | None:
+        """Why the token could not be reached by the last attempt (a PKCS#11 reason such as
+        ``CKR_DEVICE_REMOVED while encrypting``), or None when the last attempt worked. Makes
+        no token call and never waits for the token's lock (the health check)."""
         ...
 
 

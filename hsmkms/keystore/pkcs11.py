@@ -20,9 +20,20 @@ map). The process model follows measured facts (``ARCHITECTURE.md``,
 - **Cached handles.** Objects are enumerated once at open (``CKA_ID -> key``), looked up on a
   miss (another process may have created them) and evicted when the token says a handle is
   invalid. SoftHSM2's lookup is a linear scan of every object file.
-- **Reconnect.** After ``CKR_DEVICE_REMOVED``, ``CKR_SESSION_HANDLE_INVALID``,
-  ``CKR_USER_NOT_LOGGED_IN`` and their kin, sessions are reopened, the user logs in again and
-  the operation is retried once.
+- **Reconnect, and fail fast while the token is away.** After ``CKR_DEVICE_REMOVED``,
+  ``CKR_SESSION_HANDLE_INVALID``, ``CKR_USER_NOT_LOGGED_IN`` and their kin, sessions are
+  reopened, the user logs in again and the operation is retried once. Once the token has been
+  open in this process, reopening is one short attempt (not the start-up discovery wait); when
+  it fails, the call raises :class:`~hsmkms.keystore.errors.TokenUnavailable` naming the
+  PKCS#11 reason, and every call in the next :data:`OUTAGE_RETRY` seconds fails the same way at
+  once, without waiting for the process lock. The first call after that tries again: the
+  keystore recovers by itself when the token returns. :meth:`Pkcs11Keystore.outage` says why
+  the token is away, without a token call (the health check).
+- **Anchors.** Short values the token keeps for the service outside the database
+  (:meth:`Pkcs11Keystore.write_anchor`): one data object (``CKO_DATA``, private, token) per
+  name, found by ``CKA_APPLICATION`` ``hsmkms:<name>``, whose ``CKA_LABEL`` holds the value.
+  The label is changed in place with ``C_SetAttributeValue``: SoftHSM2 keeps ``CKA_VALUE`` of
+  a data object read-only, and creating and destroying objects costs ten times more.
 - **Timing hook.** An optional observer ``(operation, seconds)`` is called after every
   operation (:data:`~hsmkms.keystore.base.CallObserver`); without one, nothing is timed.
 
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -80,6 +92,7 @@ from hsmkms.keystore.pkcs11_errors import (
     RECONNECT_ERRORS,
     STALE_HANDLE_ERRORS,
     TRANSIENT_CREATE_ERRORS,
+    ckr_name,
     map_pkcs11_error,
 )
 from hsmkms.keystore.pkcs11_mechanisms import (
@@ -103,6 +116,11 @@ from hsmkms.profiles import PROFILES, MechanismProfile
 
 _CREATE_ATTEMPTS = 3
 _ENUMERATION_ATTEMPTS = 5
+OUTAGE_RETRY = 0.5
+"""Seconds after a failed reconnect during which calls fail at once (then one tries again)."""
+# Once the token has been open, reopening it waits at most this long (start-up: the configured
+# discovery timeout).
+_RECONNECT_WINDOW = 0.3
 # Opening the token is retried on these (within the discovery timeout), never on PIN errors.
 _TRANSIENT_OPEN_ERRORS: tuple[type[Exception], ...] = (
     TokenNotFound,
@@ -129,6 +147,16 @@ _PID = os.getpid()
 
 # Module path -> (pid, SoftHSM2 config) of the last initialization of the module.
 _INITIALIZED_IN: dict[str, tuple[int, str | None]] = {}
+# Module path -> how many times this process re-initialized it: every re-initialization ends
+# every session of every keystore on the module, so a connection made before is stale.
+_GENERATIONS: dict[str, int] = {}
+
+
+def _reinitialize(lib: Any, path: str) -> None:
+    """``C_Finalize`` + ``C_Initialize``: every session on the module (of any keystore of this
+    process) ends; connections notice the new generation before they use a stale session."""
+    _GENERATIONS[path] = _GENERATIONS.get(path, 0) + 1
+    lib.reinitialize()
 
 
 def _reset_lock_after_fork() -> None:
@@ -163,6 +191,8 @@ class _Connection:
     handles: dict[bytes, Any]  # CKA_ID -> secret or private key
     public: dict[bytes, Any]  # CKA_ID -> public key (of a key pair)
     short_ids: bool
+    generation: int = 0  # the module's re-initialization count when this connection opened
+    anchor_objects: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> data obj
 
 
 class Pkcs11Keystore:
@@ -192,6 +222,8 @@ class Pkcs11Keystore:
         self._oaep_sha256: bool | None = None  # whether it performs OAEP with SHA-256
         self._public_keys: dict[bytes, bytes] = {}  # key pair id -> DER SubjectPublicKeyInfo
         self._closed = False
+        self._ever_open = False  # the token has been open in this process
+        self._outage: tuple[float, str] | None = None  # (when, PKCS#11 reason) of the last failure
 
     def __repr__(self) -> str:
         return f"Pkcs11Keystore(module={self._config.module_path!r}, token={self._token_desc()!r})"
@@ -209,15 +241,55 @@ class Pkcs11Keystore:
         return "the only token"
 
     def _connection(self) -> _Connection:
-        """The live connection of this process; opens (or reopens after fork) under the lock."""
+        """The live connection of this process; opens (or reopens after fork) under the lock.
+
+        Once the token has been open, a failure to reopen it is :class:`TokenUnavailable`
+        with the PKCS#11 reason, remembered for :data:`OUTAGE_RETRY` seconds (calls meanwhile
+        fail at once)."""
         conn = self._conn
-        if conn is not None and conn.pid == _PID:
+        if conn is not None and self._live(conn):
             return conn
+        # Else forgotten, never closed: after a re-initialization the module may have given its
+        # session handles to another keystore's new sessions.
+        self._conn = None
         if self._closed:
-            raise TokenUnavailable("keystore is closed")
-        conn = self._open()
+            raise TokenUnavailable("the keystore is closed")
+        self._check_outage()
+        if not self._ever_open:
+            conn = self._open()
+        else:
+            try:
+                conn = self._open()
+            except (PinIncorrect, PinLocked):
+                raise
+            except (KeystoreError, p11e.PKCS11Error) as exc:
+                raise self._went_away(_outage_detail(exc)) from exc
         self._conn = conn
+        self._ever_open = True
+        self._outage = None
         return conn
+
+    def _live(self, conn: _Connection) -> bool:
+        """Whether ``conn`` belongs to this process and to the module's current
+        initialization."""
+        return conn.pid == _PID and conn.generation == _GENERATIONS.get(self._config.module_path, 0)
+
+    def _check_outage(self) -> None:
+        """Fail at once while a recent reconnect failed (no lock needed)."""
+        outage = self._outage
+        if outage is not None and time.monotonic() - outage[0] < OUTAGE_RETRY:
+            raise TokenUnavailable(outage[1])
+
+    def _went_away(self, detail: str) -> TokenUnavailable:
+        """Remember that the token is away (for :meth:`outage` and the fast failures)."""
+        self._outage = (time.monotonic(), detail)
+        return TokenUnavailable(detail)
+
+    def outage(self) -> str | None:
+        """Why the token could not be reached by the last attempt (the PKCS#11 reason), or
+        None when the last attempt worked. Makes no token call and takes no lock."""
+        outage = self._outage
+        return None if outage is None else outage[1]
 
     def _load_lib(self) -> Any:
         if self._config.softhsm2_conf is not None:
@@ -238,7 +310,7 @@ class Pkcs11Keystore:
                 # in C_Initialize, so without this a second data directory in one process would
                 # silently reach the first one's tokens. Other keystores of this process on the
                 # module lose their sessions and reconnect (re-initializing for their own config).
-                lib.reinitialize()
+                _reinitialize(lib, path)
                 _INITIALIZED_IN[path] = wanted
         except p11e.GeneralError as exc:
             # SoftHSM2 reports a missing or unreadable softhsm2.conf as CKR_GENERAL_ERROR.
@@ -250,7 +322,7 @@ class Pkcs11Keystore:
             if type(exc) is p11e.PKCS11Error and "loading" in str(exc):
                 raise ModuleLoadError(f"cannot load PKCS#11 module {path}") from exc
             if "Should never see this" in str(exc):  # CKR_CRYPTOKI_ALREADY_INITIALIZED
-                lib.reinitialize()
+                _reinitialize(lib, path)
                 return lib
             raise map_pkcs11_error(exc, "initializing the module") from exc
         return lib
@@ -287,8 +359,12 @@ class Pkcs11Keystore:
         # SoftHSM2 can briefly hide a token, or fail a call, while another process writes it,
         # and only sees tokens created after C_Initialize once re-initialized
         # (pkcs11-facts.md §2.4, §2.5): retry the whole opening, re-initializing in between.
-        # Never on a PIN error (a real HSM locks the PIN after a few wrong attempts).
-        deadline = time.monotonic() + self._config.discovery_timeout
+        # Never on a PIN error (a real HSM locks the PIN after a few wrong attempts). Once the
+        # token has been open in this process, briefly: a token that went away fails fast.
+        wait = self._config.discovery_timeout
+        if self._ever_open:
+            wait = min(wait, _RECONNECT_WINDOW)
+        deadline = time.monotonic() + wait
         while True:
             anchor = None
             try:
@@ -296,7 +372,10 @@ class Pkcs11Keystore:
                 anchor = self._login(token)
                 session = token.open(rw=True)
                 short_ids = token.manufacturer_id.startswith("Yubico")
-                conn = _Connection(os.getpid(), lib, token, anchor, session, {}, {}, short_ids)
+                generation = _GENERATIONS.get(self._config.module_path, 0)
+                conn = _Connection(
+                    os.getpid(), lib, token, anchor, session, {}, {}, short_ids, generation
+                )
                 for raw, _label, obj in _project_objects(session):
                     cache = (
                         conn.public if obj.object_class is ObjectClass.PUBLIC_KEY else conn.handles
@@ -312,7 +391,7 @@ class Pkcs11Keystore:
                         raise
                     raise map_pkcs11_error(exc, "opening the token") from exc
                 self._sleep(0.1)
-                lib.reinitialize()
+                _reinitialize(lib, self._config.module_path)
             except p11e.PKCS11Error as exc:
                 raise map_pkcs11_error(exc, "opening the token") from exc
         if self._profile is None:
@@ -344,14 +423,25 @@ class Pkcs11Keystore:
         self, action: str, fn: Callable[[_Connection], _T], *, decrypting: bool = False
     ) -> _T:
         """Run ``fn`` under the process lock; map errors; reconnect and retry once if the
-        device or session went away."""
+        device or session went away. While the token is known to be away (a reconnect failed
+        less than :data:`OUTAGE_RETRY` seconds ago), fail at once without the lock."""
+        if self._conn is None:
+            self._check_outage()
         with _LOCK:
             for attempt in (0, 1):
                 try:
                     return fn(self._connection())
                 except RECONNECT_ERRORS as exc:
                     if attempt:
-                        raise TokenUnavailable(f"{action}: token unavailable") from exc
+                        raise self._went_away(f"{ckr_name(exc)} while {action}") from exc
+                    # Sessions and handles are stale: the next _connection() reopens and logs in.
+                    self._drop_connection()
+                except p11e.GeneralError as exc:
+                    # SoftHSM2 answers CKR_GENERAL_ERROR when its token directory went away
+                    # (and, while decrypting, for a failed tag check: mapped below). Reopening
+                    # tells the two apart: a token that is gone cannot be opened again.
+                    if attempt or decrypting:
+                        raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
                     # Sessions and handles are stale: the next _connection() reopens and logs in.
                     self._drop_connection()
                 except KeyMaterialMissing:
@@ -617,13 +707,17 @@ class Pkcs11Keystore:
         or a stale handle it looks the objects up, reconnecting if the session went away."""
         with _LOCK:
             conn = self._conn
-            if conn is not None and conn.pid == _PID:
+            if conn is not None and self._live(conn):
                 keys = [conn.handles.get(raw) for raw in ref.raw_ids]
                 if None not in keys:
                     try:
                         return fn(conn, keys)
                     except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
                         pass  # the slow path below evicts, reconnects and retries
+                    except p11e.GeneralError as exc:
+                        if decrypting:  # a failed tag check on SoftHSM2
+                            raise map_pkcs11_error(exc, action, decrypting=True) from exc
+                        # else maybe the token went away: the slow path reconnects and tells
                     except p11e.PKCS11Error as exc:
                         raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
 
@@ -918,7 +1012,7 @@ class Pkcs11Keystore:
         try:
             with _LOCK:
                 conn = self._conn
-                if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry
+                if conn is not None and self._live(conn):  # fast path: no closure, no retry
                     try:
                         return bytes(conn.session.generate_random(n * 8))
                     except RECONNECT_ERRORS:
@@ -938,7 +1032,10 @@ class Pkcs11Keystore:
         """Whether every object of ``ref`` is on the token (asks the token, not the cache)."""
 
         def work(conn: _Connection) -> bool:
-            return all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            found = all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            if not found:
+                _confirm_present(conn)
+            return found
 
         return self._observed("exists", lambda: self._call("looking up a key", work))
 
@@ -947,10 +1044,12 @@ class Pkcs11Keystore:
         shows as its private and its public key, with one id)."""
 
         def work(conn: _Connection) -> list[TokenObject]:
-            return [
+            found = [
                 TokenObject(raw.hex(), label, _key_type_name(obj.key_type), _name(obj.object_class))
                 for raw, label, obj in _project_objects(conn.session)
             ]
+            _confirm_present(conn)  # a listing of a token that went away can be partial
+            return found
 
         return self._observed("list_objects", lambda: self._call("listing objects", work))
 
@@ -972,6 +1071,68 @@ class Pkcs11Keystore:
             return {name: key[Attribute[name]] for name in names}
 
         return self._observed("attributes", lambda: self._call("reading attributes", work))
+
+    # -- anchors -----------------------------------------------------------------------------
+
+    def _anchor_object(self, conn: _Connection, name: str) -> Any | None:
+        """The data object of anchor ``name`` (cached handle, else looked up), or None."""
+        obj = conn.anchor_objects.get(name)
+        if obj is None:
+            query = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: _anchor_app(name)}
+            found = list(conn.session.get_objects(query))
+            if len(found) > 1:
+                raise DeviceFailure(f"several token objects hold anchor {name!r}")
+            obj = found[0] if found else None
+            if obj is not None:
+                conn.anchor_objects[name] = obj
+        return obj
+
+    def read_anchor(self, name: str) -> str | None:
+        """The value last written by :meth:`write_anchor` under ``name`` (read from the token:
+        a value another process wrote is seen), or None when there is none."""
+
+        def work(conn: _Connection) -> str | None:
+            obj = self._anchor_object(conn, name)
+            if obj is None:
+                _confirm_present(conn)
+                return None
+            return str(obj[Attribute.LABEL])
+
+        return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
+
+    def write_anchor(self, name: str, value: str) -> None:
+        """Keep ``value`` (ASCII, at most 40 characters) under ``name``: the label of a private
+        token data object found by its ``CKA_APPLICATION`` (``hsmkms:<name>``), changed in
+        place (``C_SetAttributeValue``; ~1 ms on SoftHSM2), created on first use. A token
+        that refuses to change it raises :class:`UnsupportedByToken`."""
+        if not value.isascii() or len(value) > _MAX_LABEL:
+            raise TokenRejected("an anchor value is at most 40 ASCII characters")
+
+        def work(conn: _Connection) -> None:
+            obj = self._anchor_object(conn, name)
+            if obj is None:
+                conn.anchor_objects[name] = conn.session.create_object(
+                    {
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.MODIFIABLE: True,
+                        Attribute.APPLICATION: _anchor_app(name),
+                        Attribute.LABEL: value,
+                    }
+                )
+                return
+            try:
+                obj[Attribute.LABEL] = value
+            except (p11e.AttributeReadOnly, p11e.FunctionNotSupported) as exc:
+                raise UnsupportedByToken(
+                    f"the token does not let anchor {name!r} change ({ckr_name(exc)})"
+                ) from exc
+            except STALE_HANDLE_ERRORS:
+                conn.anchor_objects.pop(name, None)
+                raise
+
+        self._observed("write_anchor", lambda: self._call("writing an anchor", work))
 
     def close(self) -> None:
         """Close the work and anchor sessions (the latter logs the process out)."""
@@ -1003,6 +1164,51 @@ def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
             if attempt == _ENUMERATION_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _confirm_present(conn: _Connection) -> None:
+    """Before reporting what is (or is not) on the token: check that the token is there at
+    all. SoftHSM2 finds no object (or only those made in this session) in a token whose
+    directory went away, rather than failing, and keeps answering its slot list from memory;
+    the objects it had loaded then report ``CKR_OBJECT_HANDLE_INVALID``. So: the slot must be
+    listed, and of up to three cached objects at least one must still answer."""
+    slot_id = conn.token.slot.slot_id
+    if all(slot.slot_id != slot_id for slot in conn.lib.get_slots(token_present=True)):
+        raise p11e.TokenNotPresent()
+    sample = list(itertools.islice(conn.handles.items(), 3))
+    if not sample:
+        return
+    for raw, obj in sample:
+        try:
+            obj[Attribute.CLASS]
+        except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
+            conn.handles.pop(raw, None)
+            continue
+        return
+    raise p11e.TokenNotPresent()
+
+
+def _anchor_app(name: str) -> str:
+    """The ``CKA_APPLICATION`` that finds anchor ``name``'s data object."""
+    return f"{LABEL_PREFIX}{name}"
+
+
+def _outage_detail(exc: Exception) -> str:
+    """The reason a reopen failed, for the caller: the PKCS#11 return value and what was being
+    done (never a file path)."""
+    if isinstance(exc, p11e.PKCS11Error):
+        return f"{ckr_name(exc)} while opening the token"
+    cause = exc.__cause__
+    if isinstance(exc, TokenNotFound):
+        return exc.message
+    assert isinstance(exc, KeystoreError)
+    if isinstance(cause, p11e.PKCS11Error):
+        config = isinstance(exc, TokenConfigError)
+        where = "initializing the module" if config else "opening the token"
+        return f"{ckr_name(cause)} while {where}"
+    if isinstance(exc, TokenUnavailable):
+        return exc.detail
+    return f"{type(exc).__name__} while opening the token"
 
 
 def _destroy_by_id(conn: _Connection, ids: Sequence[bytes]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
@@ -250,6 +251,11 @@ class ServiceCore:
         self.arns = Arns(region, account_id)
         self.region = region
         self.account_id = account_id
+        # Token objects this process made for a key version whose row did not commit, and
+        # could not destroy then (the token or the database away): retried by
+        # clean_leftovers(), which the periodic work calls.
+        self._leftovers: list[tuple[KeyMaterialRef, str, int]] = []
+        self._leftovers_lock = threading.Lock()
 
     def _emit(self, name: str, key_arn: str, key_version: int | None = None) -> None:
         """Report a service event; a failing sink is logged, never fatal to the work."""
@@ -573,17 +579,56 @@ class ServiceCore:
     def _destroy_quietly(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
         try:
             self._stores.backend_for(ref).destroy(ref)
-        except Exception:  # the orphan check (hsmkms doctor) reports what is left
-            log.warning("destroy_failed", key_id=key_id, version=version)
+        except Exception as exc:  # kept, and destroyed by clean_leftovers() once it can be
+            log.warning("destroy_failed", key_id=key_id, version=version, error=type(exc).__name__)
+            self._leave(ref, key_id, version)
 
-    def _committed(self, key_id: str, version: int, ref: KeyMaterialRef) -> bool:
+    def _committed(self, key_id: str, version: int, ref: KeyMaterialRef) -> bool | None:
         """Whether the store holds ``ref`` for this version (a commit that reported failure
-        may still have happened: never destroy material the store refers to)."""
+        may still have happened: never destroy material the store refers to); None when the
+        store cannot tell now."""
         try:
             row = self._store.get_version(key_id, version)
         except Exception:
-            return True  # cannot tell: keep the object; the orphan check will tell
+            return None
         return row is not None and row.material_ref == ref.to_str()
+
+    def _discard_uncommitted(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
+        """After a failed write of a version's row: destroy the version's new token object
+        unless the row did commit; when that cannot be told now, keep it for
+        :meth:`clean_leftovers`."""
+        committed = self._committed(key_id, version, ref)
+        if committed is None:
+            self._leave(ref, key_id, version)
+        elif not committed:
+            self._destroy_quietly(ref, key_id, version)
+
+    def _leave(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
+        with self._leftovers_lock:
+            self._leftovers.append((ref, key_id, version))
+
+    def clean_leftovers(self) -> int:
+        """Destroy the token objects this process made for key versions whose rows did not
+        commit, now that the store and the token answer; returns how many were destroyed
+        (those still unanswered are kept for the next call). A CreateKey or rotation that
+        failed half-way (the token or the database away) leaves no orphan behind."""
+        with self._leftovers_lock:
+            pending, self._leftovers = self._leftovers, []
+        destroyed = 0
+        for ref, key_id, version in pending:
+            committed = self._committed(key_id, version, ref)
+            if committed:
+                continue  # the row committed after all: not an orphan
+            try:
+                if committed is None:
+                    raise LookupError("the store cannot tell")
+                self._stores.backend_for(ref).destroy(ref)
+            except Exception:
+                self._leave(ref, key_id, version)
+                continue
+            destroyed += 1
+            log.info("orphan_destroyed", key_id=key_id, version=version)
+        return destroyed
 
     def _rotate(
         self,
@@ -635,8 +680,7 @@ class ServiceCore:
             self._destroy_quietly(ref, key.key_id, new_version)
             return None
         except BaseException:
-            if not self._committed(key.key_id, new_version, ref):
-                self._destroy_quietly(ref, key.key_id, new_version)
+            self._discard_uncommitted(ref, key.key_id, new_version)
             raise
         log.info(
             "key_rotated", key_id=key.key_id, version=new_version, rotation_type=rotation_type.value

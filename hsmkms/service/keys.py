@@ -184,8 +184,7 @@ class KeyOperations(ServiceCore):
         try:
             self._store.create_key(key, version, check_tags(request.Tags or []))
         except BaseException:
-            if not self._committed(key_id, 1, ref):
-                self._destroy_quietly(ref, key_id, 1)
+            self._discard_uncommitted(ref, key_id, 1)
             raise
         log.info("key_created", key_id=key_id, profile=profile)
         if caller is not None:

@@ -32,7 +32,9 @@ from hsmkms.system.operator import (
 from hsmkms.system.root import (
     AuditMode,
     System,
+    database_device,
     open_audit_reader,
+    open_audit_resumer,
     open_audit_verifier,
     service_event_sink,
 )
@@ -48,9 +50,11 @@ __all__ = [
     "OperatorCredentials",
     "OperatorService",
     "System",
+    "database_device",
     "initialize",
     "local_operator_identity",
     "open_audit_reader",
+    "open_audit_resumer",
     "open_audit_verifier",
     "service_event_sink",
 ]
