@@ -444,6 +444,12 @@ class Settings(BaseSettings):
     region: str = "us-east-1"
     account_id: str = "111122223333"
     database_url: str | None = None
+    unauthenticated_audit_interval: float = 60.0
+    allow_weak_root_secret: bool = False
+    refuse_replays: bool = False
+    """Refuse a second request with the signature of a state-changing request this node
+    accepted (``docs/authentication.md``, "Replays"): off by default, because the AWS SDKs
+    sign two identical calls made within one second identically."""
     audit_seal_interval: float = Field(default=10.0, gt=0, le=3600)
     """Seconds between a server writer session's seals (its heartbeat; a session silent for
     twice this long has stopped without a clean shutdown)."""
@@ -505,6 +511,13 @@ class Settings(BaseSettings):
     def _valid_region(cls, value: str) -> str:
         if len(value) > 32 or not _REGION.fullmatch(value):
             raise ValueError("must look like an AWS region name, such as us-east-1")
+        return value
+
+    @field_validator("unauthenticated_audit_interval")
+    @classmethod
+    def _positive_interval(cls, value: float) -> float:
+        if not 0.1 <= value <= 86_400:
+            raise ValueError("must be a number of seconds from 0.1 to 86400")
         return value
 
     @field_validator("database_url")

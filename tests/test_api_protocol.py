@@ -190,12 +190,8 @@ def test_an_8_mib_post_through_urllib_gets_the_400_not_a_reset(
     payload = json.loads(answer.read())
     assert payload["__type"] == "ValidationException"
     assert payload["message"] == f"The request body is larger than the limit of {MAX_BODY} bytes."
-    # The refused call is recorded like any other.
-    request_id = answer.headers["x-amzn-RequestId"]
-    found = server.cli("audit", "search", "--event-name", "ListKeys")
-    records = [json.loads(line) for line in found.stdout.splitlines()]
-    (record,) = [r for r in records if r["requestID"] == request_id]
-    assert record["errorCode"] == "ValidationException"
+    # The refused call did not authenticate: its record is budgeted per source and interval
+    # (tests/test_unauthenticated_records.py), so it is not looked for here.
 
 
 def test_unsupported_content_type_is_serialization_error(server: RunningServer) -> None:

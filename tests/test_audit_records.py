@@ -335,3 +335,78 @@ def test_bytes_in_any_member_never_reach_the_record(request: dict[str, bytes], e
     for value in request.values():
         assert base64.b64encode(value) not in record
         assert value.hex().encode() not in record
+
+
+# -- bounded records ------------------------------------------------------------------------------
+
+
+def _huge_requests() -> list[tuple[str, dict[str, Any]]]:
+    """Requests of about 1 MiB each (the largest body the API reads), built to make the
+    biggest records: control characters and astral characters are escaped by canonical JSON
+    (one byte can become six)."""
+    escaped = "\x01" * 170_000 + "\U0001f600" * 40_000
+    return [
+        ("Encrypt", {"KeyId": "k", "EncryptionContext": {"k": escaped}}),
+        (
+            "ReEncrypt",
+            {
+                "DestinationKeyId": "k",
+                "SourceEncryptionContext": {"a": escaped[:100_000]},
+                "DestinationEncryptionContext": {"b": escaped[100_000:]},
+            },
+        ),
+        ("CreateKey", {"Description": escaped, "Policy": escaped[:50_000]}),
+        ("TagResource", {"KeyId": "k", "Tags": [{"TagKey": "t", "TagValue": escaped}]}),
+        ("UntagResource", {"KeyId": "k", "TagKeys": ["\x02" * 100] * 2000}),
+        ("CreateAlias", {"AliasName": escaped, "TargetKeyId": escaped}),
+    ]
+
+
+@pytest.mark.parametrize(("name", "request_members"), _huge_requests(), ids=lambda v: str(v)[:16])
+def test_a_huge_request_makes_a_bounded_record(name: str, request_members: dict[str, Any]) -> None:
+    """Whatever a request carries, its record stays small: requestParameters at most 64 KiB
+    (the largest members replaced by a marker), errorMessage at most 2,048 characters — also
+    for a denied request, whose message repeats the request. The fast encoder agrees."""
+    from hsmkms.audit.records import (
+        MAX_ERROR_MESSAGE,
+        MAX_REQUEST_PARAMETERS,
+        prepare_api_call,
+        prepare_record,
+    )
+
+    message = "User: x is not authorized: " + json.dumps(request_members)
+    kwargs: dict[str, Any] = {
+        "identity": ALICE,
+        "account_id": ACCOUNT,
+        "region": "us-east-1",
+        "request_id": "req-1",
+        "read_only": False,
+        "request": request_members,
+        "error_code": "AccessDeniedException",
+        "error_message": message,
+        "event_time": WHEN,
+        "event_id": "e",
+    }
+    record = api_call_record(name, **kwargs)
+    params = record["requestParameters"]
+    assert len(canonical_json(params)) <= MAX_REQUEST_PARAMETERS
+    assert any(isinstance(v, str) and v.startswith("[omitted: ") for v in params.values())
+    assert len(record["errorMessage"]) <= MAX_ERROR_MESSAGE
+    assert record["errorMessage"].endswith("...[truncated]")
+    body = canonical_json(record)
+    assert len(body) < MAX_REQUEST_PARAMETERS + 6 * MAX_ERROR_MESSAGE + 4096
+    assert prepare_api_call(name, **kwargs) == prepare_record(record)
+
+
+def test_a_request_within_the_bound_is_recorded_whole() -> None:
+    context = {f"key{i}": "v" * 100 for i in range(60)}  # ~7 KiB, a valid context
+    record = api_call_record(
+        "Encrypt",
+        identity=ALICE,
+        account_id=ACCOUNT,
+        region="us-east-1",
+        request_id="r",
+        read_only=True,
+        request={"KeyId": "k", "EncryptionContext": context},
+    )
+    assert record["requestParameters"]["encryptionContext"] == context

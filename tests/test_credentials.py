@@ -318,3 +318,27 @@ def test_root_from_environment_on_a_fresh_data_dir(tmp_path: Path) -> None:
     (root,) = json.loads(proc.stdout)
     assert root["AccessKeyId"] == "AKIAIOSFODNN7EXAMPLE"
     assert not (tmp_path / "d" / "root-credentials.json").exists()
+
+
+def test_a_short_root_secret_needs_the_operator_s_explicit_opt_in(store: CredentialStore) -> None:
+    """``test``/``test`` is the CI convention; anywhere else a one-character root secret is a
+    mistake. Under 20 characters is refused unless allowed (then logged, length only), and a
+    weak root kept from an earlier start is refused at the next start without the opt-in."""
+    from hsmkms.errors import ValidationException
+
+    with pytest.raises(ValidationException, match="shorter than 20 characters"):
+        store.ensure_root("test", "test")
+    assert store.lookup("test") is None
+    issued = store.ensure_root("test", "test", allow_weak=True)
+    assert issued is not None
+    assert store.lookup("test") is not None
+    assert store.root_secret_is_weak()
+    with pytest.raises(ValidationException, match="kept from an earlier"):
+        store.ensure_root()
+    assert store.ensure_root(allow_weak=True) is None
+    store.ensure_root("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    assert not store.root_secret_is_weak()
+    assert store.ensure_root() is None
+    with pytest.raises(ValidationException) as info:
+        store.ensure_root("x" * 16, "s" * 19)
+    assert "s" * 19 not in info.value.message

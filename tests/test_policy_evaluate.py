@@ -558,13 +558,22 @@ def test_request_context_fills_the_keys() -> None:
     assert len(request_context()) == 0
 
 
-def test_context_merges_keys_that_differ_by_case() -> None:
-    """Dept and dept in one encryption context both reach the policy (as a multi-value)."""
-    context = request_context(encryption_context={"Dept": "hr", "dept": "secret"})
-    assert sorted(context["kms:EncryptionContext:dept"]) == ["hr", "secret"]  # type: ignore[arg-type]
+def test_context_refuses_encryption_context_keys_that_differ_by_case() -> None:
+    """Dept and dept in one encryption context would be one condition key with two values
+    (StringEquals matching either): request_context refuses it (the API refuses such requests
+    first, with ValidationException)."""
+    with pytest.raises(ValueError, match="differ only in case"):
+        request_context(encryption_context={"Dept": "hr", "dept": "secret"})
+
+
+def test_context_merges_other_keys_that_differ_by_case() -> None:
+    """Other keys folding to one name (two tags Team and team) both reach the policy, as a
+    multi-value, so neither hides the other: a Deny on either value applies."""
+    context = request_context(resource_tags={"Team": "hr", "team": "secret"})
+    assert sorted(context["aws:ResourceTag/team"]) == ["hr", "secret"]  # type: ignore[arg-type]
     deny = key_policy(
         stmt(principal="*", action="kms:*", Sid="all"),
-        stmt("Deny", "*", Condition={"StringEquals": {"kms:EncryptionContext:dept": "secret"}}),
+        stmt("Deny", "*", Condition={"StringEquals": {"aws:ResourceTag/team": "secret"}}),
     )
     assert outcome(deny, request(context=dict(context))) is DENY
 

@@ -869,3 +869,197 @@ def test_an_edited_tag_row_fails_a_tag_condition_closed(
         encrypt(service, key_id, caller(ALICE, allow("kms:Encrypt", Condition=on_context)), a="b")
     finally:
         store.close()
+
+
+# == alias operations: the alias resource and every key involved ===================================
+
+
+def _alias_arn(name: str) -> str:
+    return f"arn:aws:kms:{REGION}:{ACCOUNT}:alias/{name}"
+
+
+def _policy(*statements: dict[str, Any]) -> dict[str, Any]:
+    return {"Version": "2012-10-17", "Statement": list(statements)}
+
+
+KEY_ALIAS_ACTIONS = ["kms:CreateAlias", "kms:UpdateAlias", "kms:DeleteAlias", "kms:DescribeKey"]
+
+
+def test_create_alias_needs_the_alias_resource_too(service: KmsService) -> None:
+    """The defect: kms:CreateAlias on a key let a caller take any alias name. Now the alias ARN
+    is decided by the caller's identity policy as well: a user whose policy covers the key
+    (and alias/team-a-*) gets team-a names only."""
+    key_id = new_key(service)
+    key_arn = service.arns.key(key_id)
+    alice = caller(
+        ALICE,
+        _policy(
+            {"Effect": "Allow", "Action": KEY_ALIAS_ACTIONS, "Resource": key_arn},
+            {"Effect": "Allow", "Action": "kms:CreateAlias", "Resource": _alias_arn("team-a-*")},
+        ),
+    )
+    service.create_alias(
+        m.CreateAliasRequest(AliasName="alias/team-a-app", TargetKeyId=key_id), caller=alice
+    )
+    with pytest.raises(AccessDeniedException) as info:
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/prod-payments", TargetKeyId=key_id),
+            caller=alice,
+        )
+    assert info.value.message == (
+        f"User: {ALICE} is not authorized to perform: kms:CreateAlias on resource: "
+        f"{_alias_arn('prod-payments')} because no identity-based policy allows the "
+        "kms:CreateAlias action"
+    )
+    assert service.store.get_alias("alias/prod-payments") is None
+
+
+def test_an_alias_permission_without_the_key_permission_is_not_enough(
+    service: KmsService,
+) -> None:
+    key_id = new_key(service)
+    bob = caller(BOB, allow("kms:CreateAlias", _alias_arn("*")))  # every alias, no key
+    with pytest.raises(AccessDeniedException) as info:
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/bob", TargetKeyId=key_id), caller=bob
+        )
+    assert f"on resource: {service.arns.key(key_id)}" in info.value.message
+
+
+def test_a_key_policy_naming_the_user_does_not_cover_the_alias(service: KmsService) -> None:
+    """A key policy governs the key only: a user it allows CreateAlias directly (by ARN) still
+    needs an identity policy for the alias (AWS: "Provide this permission in an IAM policy")."""
+    direct = {"Effect": "Allow", "Principal": {"AWS": ALICE}, "Action": "kms:*", "Resource": "*"}
+    key_id = new_key(service, key_policy(ROOT_ALL, direct))
+    with pytest.raises(AccessDeniedException) as info:
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/direct", TargetKeyId=key_id),
+            caller=caller(ALICE),
+        )
+    assert f"on resource: {_alias_arn('direct')}" in info.value.message
+
+
+def test_update_alias_needs_the_alias_the_old_key_and_the_new_key(service: KmsService) -> None:
+    old, new, other = new_key(service), new_key(service), new_key(service)
+    service.create_alias(
+        m.CreateAliasRequest(AliasName="alias/moving", TargetKeyId=old), caller=caller(ROOT)
+    )
+    keys = [service.arns.key(k) for k in (old, new)]
+
+    def user(alias_resource: str, key_resources: list[str]) -> Caller:
+        return caller(
+            ALICE,
+            _policy(
+                {"Effect": "Allow", "Action": KEY_ALIAS_ACTIONS, "Resource": key_resources},
+                {"Effect": "Allow", "Action": "kms:UpdateAlias", "Resource": alias_resource},
+            ),
+        )
+
+    request = m.UpdateAliasRequest(AliasName="alias/moving", TargetKeyId=new)
+    for who, resource in [
+        (user(_alias_arn("other"), keys), _alias_arn("moving")),  # not the alias
+        (user(_alias_arn("moving"), keys[1:]), keys[0]),  # not the old key
+        (user(_alias_arn("moving"), keys[:1]), keys[1]),  # not the new key
+    ]:
+        with pytest.raises(AccessDeniedException) as info:
+            service.update_alias(request, caller=who)
+        assert f"kms:UpdateAlias on resource: {resource}" in info.value.message
+    service.update_alias(request, caller=user(_alias_arn("moving"), keys))
+    alias = service.store.get_alias("alias/moving")
+    assert alias is not None
+    assert alias.key_id == new
+    # Unknown aliases: the alias permission is asked first, so no existence is revealed.
+    with pytest.raises(AccessDeniedException):
+        service.update_alias(
+            m.UpdateAliasRequest(AliasName="alias/nope", TargetKeyId=other),
+            caller=user(_alias_arn("moving"), keys),
+        )
+
+
+def test_delete_alias_needs_the_alias_and_its_key(service: KmsService) -> None:
+    key_id = new_key(service)
+    service.create_alias(
+        m.CreateAliasRequest(AliasName="alias/gone", TargetKeyId=key_id), caller=caller(ROOT)
+    )
+    key_arn = service.arns.key(key_id)
+    only_key = caller(ALICE, allow("kms:DeleteAlias", key_arn))
+    with pytest.raises(AccessDeniedException) as info:
+        service.delete_alias(m.DeleteAliasRequest(AliasName="alias/gone"), caller=only_key)
+    assert f"on resource: {_alias_arn('gone')}" in info.value.message
+    only_alias = caller(ALICE, allow("kms:DeleteAlias", _alias_arn("gone")))
+    with pytest.raises(AccessDeniedException) as info:
+        service.delete_alias(m.DeleteAliasRequest(AliasName="alias/gone"), caller=only_alias)
+    assert f"on resource: {key_arn}" in info.value.message
+    both = caller(ALICE, _policy({"Effect": "Allow", "Action": "kms:DeleteAlias", "Resource": "*"}))
+    service.delete_alias(m.DeleteAliasRequest(AliasName="alias/gone"), caller=both)
+    assert service.store.get_alias("alias/gone") is None
+
+
+def test_an_explicit_deny_on_alias_names_holds_for_a_user_allowed_everything(
+    service: KmsService,
+) -> None:
+    key_id = new_key(service)
+    who = caller(
+        ALICE,
+        _policy(
+            {"Effect": "Allow", "Action": "kms:*", "Resource": "*"},
+            {"Effect": "Deny", "Action": "kms:CreateAlias", "Resource": _alias_arn("prod-*")},
+        ),
+    )
+    service.create_alias(m.CreateAliasRequest(AliasName="alias/dev-x", TargetKeyId=key_id), who)
+    with pytest.raises(AccessDeniedException) as info:
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/prod-x", TargetKeyId=key_id), who
+        )
+    assert info.value.message.endswith("with an explicit deny in an identity-based policy")
+
+
+def test_another_account_may_not_create_aliases_here(service: KmsService) -> None:
+    """Cross-account alias operations do not exist (AWS: "Cross-account use: No"), even for a
+    principal the key policy allows."""
+    other_root = f"arn:aws:iam::{OTHER_ACCOUNT}:root"
+    cross = {
+        "Effect": "Allow",
+        "Principal": {"AWS": other_root},
+        "Action": "kms:*",
+        "Resource": "*",
+    }
+    key_id = new_key(service, key_policy(ROOT_ALL, cross))
+    with pytest.raises(AccessDeniedException) as info:
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/theirs", TargetKeyId=service.arns.key(key_id)),
+            caller=caller(other_root),
+        )
+    assert f"on resource: {_alias_arn('theirs')}" in info.value.message
+
+
+def test_a_resource_aliases_condition_cannot_be_met_by_taking_an_alias(
+    service: KmsService,
+) -> None:
+    """ABAC by alias: a user allowed GenerateDataKey on keys with alias/finance-key, and
+    CreateAlias on its own keys' aliases alias/alice-*, cannot give another key the finance
+    alias to pass the condition."""
+    key_id = new_key(service)
+    alice = caller(
+        ALICE,
+        _policy(
+            {
+                "Effect": "Allow",
+                "Action": "kms:GenerateDataKey",
+                "Resource": "*",
+                "Condition": {
+                    "ForAnyValue:StringEquals": {"kms:ResourceAliases": "alias/finance-key"}
+                },
+            },
+            {"Effect": "Allow", "Action": "kms:CreateAlias", "Resource": "*"},
+            {"Effect": "Deny", "Action": "kms:CreateAlias", "Resource": _alias_arn("finance-*")},
+        ),
+    )
+    with pytest.raises(AccessDeniedException):
+        service.create_alias(
+            m.CreateAliasRequest(AliasName="alias/finance-key", TargetKeyId=key_id), alice
+        )
+    with pytest.raises(AccessDeniedException):
+        service.generate_data_key(
+            m.GenerateDataKeyRequest(KeyId=key_id, KeySpec="AES_256"), caller=alice
+        )

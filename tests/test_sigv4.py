@@ -725,8 +725,10 @@ def _tamper_host(r: SignedRequest) -> SignedRequest:
 
 
 def _tamper_signed_list(r: SignedRequest) -> SignedRequest:
-    authz = _header(r, "Authorization").replace("content-type;", "")
-    return _with_authorization(r, authz)
+    # A header no rule requires (Accept), taken off the signed list after signing.
+    signed = _signed([("Accept", "application/json")])
+    authz = _header(signed, "Authorization").replace("accept;", "")
+    return _with_authorization(signed, authz)
 
 
 def _tamper_repeat_signed_header(r: SignedRequest) -> SignedRequest:
@@ -985,3 +987,118 @@ def test_sign_then_verify_round_trips(
     tampered = dataclasses.replace(signed, body=body + b"!")
     with pytest.raises(InvalidSignatureException):
         _verify(tampered)
+
+
+# --------------------------------------------------------------------------------------------
+# Signed-header rules: Content-Type and every X-Amz-* header present must be signed
+# --------------------------------------------------------------------------------------------
+
+
+def _unsigning(request: SignedRequest, name: str) -> SignedRequest:
+    """``request`` with ``name`` taken off its SignedHeaders (the header itself stays)."""
+    authz = _header(request, "Authorization")
+    signed = _signed_headers_of(authz)
+    kept = ";".join(n for n in signed.split(";") if n != name)
+    return _with_authorization(
+        request, authz.replace(f"SignedHeaders={signed}", f"SignedHeaders={kept}")
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("x-amz-target", "X-Amz-Target"), ("content-type", "Content-Type")],
+)
+def test_an_unsigned_target_or_content_type_is_refused(name: str, shown: str) -> None:
+    """The defect: X-Amz-Target (the operation) could be left unsigned and changed on the way
+    (a signed DescribeKey became ScheduleKeyDeletion). Now such a request is refused before the
+    signature is even computed, naming the header."""
+    with pytest.raises(InvalidSignatureException) as info:
+        _verify(_unsigning(_signed(), name))
+    assert info.value.message == f"'{shown}' must be a 'SignedHeader' in the AWS Authorization."
+
+
+def test_an_x_amz_header_added_after_signing_is_refused() -> None:
+    request = _with_header(_signed(), "X-Amz-Target", "TrentService.ScheduleKeyDeletion")
+    # a repeated signed header changes the signature (the two values are joined)
+    with pytest.raises(InvalidSignatureException):
+        _verify(request)
+    added = _with_header(_signed(), "X-Amz-Meta-Anything", "1")
+    with pytest.raises(InvalidSignatureException) as info:
+        _verify(added)
+    assert info.value.message == (
+        "'X-Amz-Meta-Anything' must be a 'SignedHeader' in the AWS Authorization."
+    )
+
+
+def test_headers_clients_leave_unsigned_stay_allowed() -> None:
+    """botocore and the other SDKs sign every header but User-Agent, X-Amzn-Trace-Id, Expect
+    and the like: those may be added (or changed) on the way, as before."""
+    request = _signed()
+    for name, value in [
+        ("X-Amzn-Trace-Id", "Root=1-abc"),
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("Expect", "100-continue"),
+        ("Amz-Sdk-Request", "attempt=1"),
+    ]:
+        request = _with_header(request, name, value)
+    assert _verify(request) == CREDENTIAL
+    # A request without Content-Type at all needs nothing more signed.
+    bare = sigv4.sign(
+        SignedRequest("POST", "/", "", [("Host", "kms.example"), ("X-Amz-Target", "T.X")], b""),
+        CREDENTIAL,
+        region=REGION,
+        when=NOW,
+    )
+    assert _verify(bare) == CREDENTIAL
+
+
+def test_the_rule_is_a_parameter() -> None:
+    """``signed_header_rule`` is the service's own: None adds none (host and the date remain
+    required); :func:`require_signed` builds others (the XKS proxy API passes its own)."""
+    unsigned_target = _unsigning(_signed([("X-Custom", "v")]), "x-amz-target")
+    with pytest.raises(InvalidSignatureException) as info:
+        sigv4.verify(unsigned_target, _lookup, region=REGION, now=NOW, signed_header_rule=None)
+    assert info.value.message == sigv4.SIGNATURE_MISMATCH_MESSAGE  # only the signature fails
+    request = _unsigning(_signed([("X-Custom", "v")]), "x-custom")
+    rule = sigv4.require_signed(headers=("x-custom",))
+    with pytest.raises(InvalidSignatureException) as info:
+        sigv4.verify(request, _lookup, region=REGION, now=NOW, signed_header_rule=rule)
+    assert info.value.message == "'X-Custom' must be a 'SignedHeader' in the AWS Authorization."
+
+
+# Names with other checks of their own (a second Authorization, a session token) are left out.
+_HEADER_NAME = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True).filter(
+    lambda n: n.lower() not in {"authorization", "x-amz-security-token"}
+)
+
+
+@settings(max_examples=150)
+@given(
+    st.lists(st.tuples(_HEADER_NAME, st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True)), max_size=4)
+)
+def test_unsigned_extra_headers_pass_unless_the_rule_names_them(
+    extra: list[tuple[str, str]],
+) -> None:
+    """Headers added after signing (so unsigned) are ignored, unless one is Content-Type or an
+    X-Amz-* header, or repeats a signed one (then the signature fails)."""
+    base = _signed()
+    signed_names = set(_signed_headers_of(_header(base, "Authorization")).split(";"))
+    request = base
+    for name, value in extra:
+        request = _with_header(request, name, value)
+    names = {n.lower() for n, _ in extra}
+    refused = any(n == "content-type" or n.startswith("x-amz-") for n in names) or bool(
+        names & signed_names
+    )
+    if refused:
+        with pytest.raises(InvalidSignatureException):
+            _verify(request)
+    else:
+        assert _verify(request) == CREDENTIAL
+
+
+def test_signature_of_reads_the_accepted_signature() -> None:
+    request = _signed()
+    authz = _header(request, "Authorization")
+    assert sigv4.signature_of(request) == authz.rsplit("Signature=", 1)[1]
+    assert sigv4.signature_of(_drop_header(request, "Authorization")) is None

@@ -11,14 +11,24 @@ Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (th
 worker that answered). Operations are dispatched generically through their descriptors
 (:data:`hsmkms.service.OPERATIONS`), so a new operation needs no change here.
 
-Audit: every ``POST /`` — allowed or denied, successful or failed, authenticated or not —
-produces exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), and its answer is
+Audit: every authenticated ``POST /`` — allowed or denied, successful or failed — produces
+exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), and its answer is
 sent only once the record is committed (:meth:`Backend.commit_audit`: group commit with the
 records of the other requests waiting). While the trail cannot be written, a request is
 refused at once (:meth:`Backend.check_audit`: 503 naming the cause) before anything is done;
 a request whose record then fails to commit is answered with that error instead of its
 result. ``/healthz``, ``/metrics`` and requests to other paths or with other methods are not
-audited (``docs/audit.md``).
+audited (``docs/audit.md``). A request that did not authenticate gets its own record only
+while its source's budget lasts; beyond it, it is counted into a summary record per source
+and interval (:mod:`hsmkms.api.unauthenticated`), so a flood cannot fill the disk.
+
+Security: the client address (``aws:SourceIp``, ``sourceIPAddress``) is the connection's peer,
+an IPv4-mapped IPv6 address (a server on ``::``) written as IPv4; the request must sign
+``Content-Type`` and every ``X-Amz-*`` header (:data:`sigv4.KMS_SIGNED_HEADER_RULE`); a
+signature of a request that changes state is accepted once per node when the operator turns
+that on (``HSMKMS_REFUSE_REPLAYS``; all operations but
+:data:`~hsmkms.service.operations.REPLAYABLE_OPERATIONS`; :meth:`Backend.first_use`,
+``docs/authentication.md``).
 
 Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
 operations (whose descriptor says ``inline``, :mod:`hsmkms.service.operations`) run inline on
@@ -39,6 +49,7 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -54,8 +65,16 @@ from pydantic import BaseModel
 
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
-from hsmkms.audit import AuditRecord, PreparedRecord, UserIdentity, prepare_api_call
+from hsmkms.api.unauthenticated import UnauthenticatedRecords
+from hsmkms.audit import (
+    AuditRecord,
+    PreparedRecord,
+    UserIdentity,
+    prepare_api_call,
+    unauthenticated_summary_record,
+)
 from hsmkms.errors import (
+    InvalidSignatureException,
     KMSError,
     KMSInternalException,
     UnknownOperationException,
@@ -64,7 +83,7 @@ from hsmkms.errors import (
 )
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
-from hsmkms.service.operations import ALL_OPERATIONS
+from hsmkms.service.operations import ALL_OPERATIONS, REPLAYABLE_OPERATIONS
 from hsmkms.types import Caller
 
 __all__ = ["UNKNOWN_EVENT_NAME", "Backend", "KmsApp", "create_app"]
@@ -94,6 +113,11 @@ _TARGET_NAME = re.compile(r"TrentService\.([A-Za-z][A-Za-z0-9]{0,63})")
 # does.
 _CLAIMED_KEY = re.compile(r"Credential=([A-Z0-9]{16,128})/")
 _MAX_USER_AGENT = 1024
+DEFAULT_UNAUTHENTICATED_INTERVAL = 60.0
+REPLAY_MESSAGE = (
+    "This request was received before: a request that changes state is accepted once per "
+    "signature. Sign it again to repeat it."
+)
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +131,16 @@ _JSON_HEADERS = [(b"content-type", protocol.CONTENT_TYPE.encode())]
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _Replayed(Exception):
+    """The signature of a request that changes state was accepted before on this node."""
+
+
+def _failure_code(failure: BaseException | None) -> str:
+    if isinstance(failure, KMSError):
+        return failure.code
+    return "KMSInternalException" if failure is not None else "OK"
 
 
 _fault_logged: dict[str, tuple[float, int]] = {}
@@ -149,6 +183,10 @@ class Backend(Protocol):
     def lookup(self, access_key_id: str) -> sigv4.Credential | None:
         """The SigV4 credential of an access key id, or None."""
 
+    def first_use(self, signature: str) -> bool:
+        """Record the signature of a request that changes state; False when this node accepted
+        it already within the signature's window (a replay)."""
+
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Write one audit record, returning once it is committed (a thread); a
         :class:`KMSError` when it cannot be."""
@@ -175,6 +213,25 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def client_address(host: str) -> str:
+    """The client's address as policies and the audit trail see it: an IPv4-mapped IPv6
+    address (``::ffff:192.0.2.1``, how a server on ``::`` sees an IPv4 client) as the IPv4
+    address, so that IPv4 ``aws:SourceIp`` conditions (an IP deny list) apply to it."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return host
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client_address(client[0]) if client else None
 
 
 def _event_name(target: str | None) -> str:
@@ -217,6 +274,8 @@ class KmsApp:
         *,
         max_body: int = protocol.MAX_BODY,
         task_interval: float = DEFAULT_TASK_INTERVAL,
+        unauthenticated_interval: float = DEFAULT_UNAUTHENTICATED_INTERVAL,
+        refuse_replays: bool = False,
         console: bool = False,
     ) -> None:
         self._factory = runtime_factory
@@ -229,6 +288,12 @@ class KmsApp:
             2, thread_name_prefix="hsmkms-internal"
         )
         self._tasks: asyncio.Task[None] | None = None
+        self._unauthenticated = UnauthenticatedRecords(
+            interval=unauthenticated_interval, clock=time.time
+        )
+        self._summaries: asyncio.Task[None] | None = None
+        self._summary_interval = unauthenticated_interval
+        self._refuse_replays = refuse_replays
         self._console: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
         if console:  # the read-only web console at /console/ (hsmkms serve --console)
             from hsmkms.api.console import ConsoleApp
@@ -258,12 +323,16 @@ class KmsApp:
                     return
                 if self._task_interval > 0:
                     self._tasks = asyncio.create_task(self._periodic())
+                self._summaries = asyncio.create_task(self._write_summaries())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._tasks is not None:
                     self._tasks.cancel()
+                if self._summaries is not None:
+                    self._summaries.cancel()
                 loop = asyncio.get_running_loop()
                 if self._runtime is not None:
+                    await self._audit_summaries(self._unauthenticated.drain())
                     await loop.run_in_executor(self._executor, self._runtime.close)
                 self._executor.shutdown(wait=True)
                 self._internal_executor.shutdown(wait=False, cancel_futures=True)
@@ -290,6 +359,34 @@ class KmsApp:
                 await loop.run_in_executor(self._executor, self.runtime.run_due_tasks)
             except Exception:
                 log.exception("due_tasks_failed")
+
+    async def _write_summaries(self) -> None:
+        """Write the summary records of unauthenticated requests as their intervals end."""
+        while True:
+            await asyncio.sleep(self._summary_interval / 2)
+            await self._audit_summaries(self._unauthenticated.due())
+
+    async def _audit_summaries(self, summaries: list[Any]) -> None:
+        runtime = self.runtime
+        for summary in summaries:
+            record = unauthenticated_summary_record(
+                account_id=runtime.account_id,
+                region=runtime.region,
+                source_ip=summary.source,
+                count=summary.count,
+                first=dt.datetime.fromtimestamp(summary.first, dt.UTC),
+                last=dt.datetime.fromtimestamp(summary.last, dt.UTC),
+                error_codes=summary.error_codes,
+            )
+            try:
+                await runtime.commit_audit(record, retain=True)
+            except Exception as exc:
+                log.error(
+                    "audit_summary_failed",
+                    source=summary.source,
+                    requests=summary.count,
+                    error=type(exc).__name__,
+                )
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -379,7 +476,7 @@ class KmsApp:
             except KMSError:
                 refused = True
                 raise
-            caller = self._authenticate(scope, body)
+            caller, signature = self._authenticate(scope, body)
             operation = protocol.operation_name(target, _API_OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
             op = OPERATIONS.get(operation)
@@ -388,13 +485,21 @@ class KmsApp:
             assert op.request_model is not None  # OPERATIONS holds implemented ones only
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.worker)
-            if op.inline:
+            once = self._refuse_replays and op.name not in REPLAYABLE_OPERATIONS
+            if op.inline and not once:
                 result = method_fn(request, caller=caller)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self._executor, functools.partial(method_fn, request, caller=caller)
-                )
+                run = functools.partial(method_fn, request, caller=caller)
+                if once:
+                    run = functools.partial(self._once, signature, run)
+                try:
+                    result = await loop.run_in_executor(self._executor, run)
+                except _Replayed:
+                    # Recorded like a request that did not authenticate: a replay flood is
+                    # counted, not recorded request by request.
+                    caller = None
+                    raise InvalidSignatureException(REPLAY_MESSAGE) from None
             payload = protocol.encode_response(result)
             response = result
         except KMSError as exc:
@@ -409,11 +514,18 @@ class KmsApp:
         try:
             if not refused:
                 name = operation if operation != NO_OPERATION else _event_name(target)
-                record = self._record(scope, name, request_id, caller, request, response, failure)
-                descriptor = ALL_OPERATIONS.get(name)
-                retain = descriptor is None or not descriptor.read_only
-                # The answer leaves only once its record is committed (group commit).
-                await self.runtime.commit_audit(record, retain=retain)
+                if caller is not None or self._unauthenticated.admit(
+                    _peer(scope), _failure_code(failure)
+                ):
+                    record = self._record(
+                        scope, name, request_id, caller, request, response, failure
+                    )
+                    descriptor = ALL_OPERATIONS.get(name)
+                    retain = descriptor is None or not descriptor.read_only
+                    # The answer leaves only once its record is committed (group commit).
+                    await self.runtime.commit_audit(record, retain=retain)
+                else:
+                    await self._audit_summaries(self._unauthenticated.due())
         except Exception as exc:
             # No record, no result: the caller gets the error instead of an unaudited answer.
             if isinstance(exc, KMSError):
@@ -458,8 +570,7 @@ class KmsApp:
                     extra = {"keyVersion": versions[0]}
         else:
             identity = _unknown_identity(scope)
-            client = scope.get("client")
-            source_ip = client[0] if client else None
+            source_ip = _peer(scope)
             user_agent = _header(scope, b"user-agent")
         if user_agent is not None and len(user_agent) > _MAX_USER_AGENT:
             user_agent = user_agent[:_MAX_USER_AGENT]
@@ -485,8 +596,15 @@ class KmsApp:
             additional_event_data=extra,
         )
 
-    def _authenticate(self, scope: Scope, body: bytes) -> Caller:
-        """SigV4-verify the request; the caller (identity, identity policy, origin)."""
+    def _once(self, signature: str | None, run: Callable[[], Any]) -> Any:
+        """``run()`` unless this node accepted ``signature`` before (a replay: _Replayed)."""
+        if signature is None or not self.runtime.first_use(signature):
+            raise _Replayed
+        return run()
+
+    def _authenticate(self, scope: Scope, body: bytes) -> tuple[Caller, str | None]:
+        """SigV4-verify the request; the caller (identity, identity policy, origin) and the
+        request's signature."""
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         request = sigv4.SignedRequest(
@@ -501,17 +619,18 @@ class KmsApp:
             self.runtime.lookup,
             region=self.runtime.region,
             now=dt.datetime.now(dt.UTC),
+            signed_header_rule=sigv4.KMS_SIGNED_HEADER_RULE,
         )
-        client = scope.get("client")
-        return Caller(
+        caller = Caller(
             principal_arn=credential.principal_arn,
             account_id=account_of(credential.principal_arn),
             identity_policy=credential.identity_policy,
             access_key_id=credential.access_key_id,
-            source_ip=client[0] if client else None,
+            source_ip=_peer(scope),
             secure_transport=scope.get("scheme") == "https",
             user_agent=_header(scope, b"user-agent"),
         )
+        return caller, sigv4.signature_of(request)
 
     async def _internal(self, path: str, method: str, send: Send, request_id: str) -> None:
         if method not in ("GET", "HEAD"):
@@ -585,4 +704,10 @@ def create_app(
     configure_logging(log_level)
     reserve_files()
     settings = Settings.load(data_dir)
-    return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval, console=console)
+    return KmsApp(
+        lambda: Runtime.open(settings),
+        task_interval=task_interval,
+        unauthenticated_interval=settings.unauthenticated_audit_interval,
+        refuse_replays=settings.refuse_replays,
+        console=console,
+    )

@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy import text
 
 from hsmkms.api.metrics import count_due_task_run, observe_hsm_call
+from hsmkms.api.replay import REPLAY_FILE, ReplayCache
 from hsmkms.api.sigv4 import Credential
 from hsmkms.audit import AuditRecord, PreparedRecord
 from hsmkms.config import Settings
@@ -81,6 +82,12 @@ class Runtime:
         self.service = system.service
         self.writer = system.writer
         self._lookup = system.credentials.lookup
+        self.replays = ReplayCache(self.settings.data_dir / REPLAY_FILE)
+        # Only an operator's explicit opt-in lets a weak root secret through initialization;
+        # then every health report says so (asked once: the root changes only at a start).
+        self._weak_root = (
+            self.settings.allow_weak_root_secret and system.credentials.root_secret_is_weak()
+        )
         self._self_test_error: str | None = None
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -115,6 +122,11 @@ class Runtime:
     def lookup(self, access_key_id: str) -> Credential | None:
         """The SigV4 lookup: the credentials store's answer."""
         return self._lookup(access_key_id)
+
+    def first_use(self, signature: str) -> bool:
+        """The replay check of a request that changes state (``replay.db`` in the data
+        directory, shared by the node's workers)."""
+        return self.replays.first_use(signature)
 
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Write one audit record and return once it is committed (a thread: the console's
@@ -192,6 +204,11 @@ class Runtime:
             report["database"] = f"fail: {type(exc).__name__}"
         audit_error = self.writer.error
         report["audit"] = "ok" if audit_error is None else f"fail: {audit_error}"
+        if self._weak_root:
+            report["warnings"] = [
+                "the root secret is shorter than 20 characters (HSMKMS_ALLOW_WEAK_ROOT_SECRET): "
+                "for throwaway test servers only"
+            ]
         ok = all(report[part] == "ok" for part in ("disk", "keystore", "database", "audit"))
         report["status"] = "ok" if ok else "fail"
         return report
@@ -217,4 +234,5 @@ class Runtime:
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join(10)
+        self.replays.close()
         self.system.close()

@@ -24,8 +24,10 @@ Checks, in order (error code in brackets; see ``docs/authentication.md``):
 3. no ``X-Amz-Security-Token``: hsmkms issues no session credentials
    [UnrecognizedClientException];
 4. the scope names this region, this service and ``aws4_request``; ``host`` and the date
-   header are signed; the scope date is the request's date; the request time is within
-   ``max_skew`` of ``now``; ``X-Amz-Content-Sha256``, when sent, is the body's hash
+   header are signed; the service's signed-header rule holds (for the KMS API,
+   :data:`KMS_SIGNED_HEADER_RULE`: ``Content-Type`` and every ``X-Amz-*`` header present are
+   signed); the scope date is the request's date; the request time is within ``max_skew`` of
+   ``now``; ``X-Amz-Content-Sha256``, when sent, is the body's hash
    [InvalidSignatureException];
 5. the access key id is known [UnrecognizedClientException];
 6. every signed header is present, and the signature matches, compared in constant time
@@ -40,7 +42,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -56,7 +58,9 @@ from hsmkms.types import Credential
 
 __all__ = [
     "ALGORITHM",
+    "KMS_SIGNED_HEADER_RULE",
     "Credential",
+    "SignedHeaderRule",
     "SignedRequest",
     "canonical_request",
     "sign",
@@ -85,6 +89,52 @@ _UNSIGNED_HEADERS = frozenset(
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _QUOTE_SAFE = "-_.~"  # with ASCII letters and digits: RFC 3986 unreserved characters
 _MAX_ECHO = 64  # longest client-supplied value repeated in an error message
+
+
+SignedHeaderRule = Callable[[Collection[str], Collection[str]], None]
+"""A service's own rule on what must be signed: called with the (lowercased) names of the
+request's headers and of its signed headers; raises InvalidSignatureException to refuse. The
+KMS API and the XKS proxy API (``kms-xks-proxy``) share :func:`verify`, each with its service
+name and rule."""
+
+
+def _shown_name(name: str) -> str:
+    """A lowercased header name as AWS writes it in messages: ``X-Amz-Target``."""
+    return _clip("-".join(part.capitalize() for part in name.split("-")))
+
+
+def require_signed(
+    *, headers: Collection[str] = (), prefixes: Collection[str] = ()
+) -> SignedHeaderRule:
+    """A :data:`SignedHeaderRule`: every header of ``headers`` that the request carries, and
+    every header whose name starts with one of ``prefixes``, must be signed (names lowercase).
+    Unsigned headers are otherwise ignored, so a header that must not be altered on the way
+    has to be in one of the two."""
+    named = frozenset(headers)
+    starts = tuple(prefixes)
+
+    def rule(present: Collection[str], signed: Collection[str]) -> None:
+        signed_set = signed if isinstance(signed, frozenset | set) else frozenset(signed)
+        for name in sorted(present):
+            if name not in signed_set and (name in named or name.startswith(starts)):
+                raise InvalidSignatureException(
+                    f"'{_shown_name(name)}' must be a 'SignedHeader' in the AWS Authorization."
+                )
+
+    return rule
+
+
+KMS_SIGNED_HEADER_RULE: SignedHeaderRule = require_signed(
+    headers=("content-type",), prefixes=("x-amz-",)
+)
+"""The KMS API's rule: ``Content-Type`` and every ``X-Amz-*`` header present must be signed.
+
+spec: AWS SigV4, "Create a canonical request" — the signed headers must include ``host``, the
+``Content-Type`` header when the request has one, and every ``x-amz-*`` header the request
+carries. Unsigned, ``X-Amz-Target`` (the operation) could be changed on the way: a signed
+DescribeKey became a ScheduleKeyDeletion. botocore, the AWS SDKs for Go, Java and JavaScript
+sign every header but a few (``User-Agent``, ``X-Amzn-Trace-Id``, ``Expect``, ...), so real
+clients pass."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,13 +450,20 @@ def verify(
     service: str = "kms",
     now: datetime,
     max_skew: timedelta = DEFAULT_MAX_SKEW,
+    signed_header_rule: SignedHeaderRule | None = KMS_SIGNED_HEADER_RULE,
 ) -> Credential:
     """Authenticate a SigV4-signed request; return the credential that signed it.
 
-    ``lookup`` maps an access key id to its credential (None when unknown). ``now`` should be
-    an aware datetime; a naive one is taken as UTC. Raises MissingAuthenticationTokenException,
+    ``lookup`` maps an access key id to its credential (None when unknown). ``service`` is the
+    scope's service name (``kms``; ``kms-xks-proxy`` for the XKS proxy API) and
+    ``signed_header_rule`` the service's own rule on signed headers, beyond ``host`` and the
+    date (the KMS API's by default; ``None``: no further rule). ``now`` should be an aware
+    datetime; a naive one is taken as UTC. Raises MissingAuthenticationTokenException,
     IncompleteSignatureException, UnrecognizedClientException or InvalidSignatureException;
     the messages never reveal the secret, the expected signature or the string to sign.
+
+    A valid request can be replayed until the window closes; the server refuses replays of
+    requests that change state (``docs/authentication.md``), using :func:`signature_of`.
     """
     header_map = _header_map(request.headers)
 
@@ -444,6 +501,8 @@ def verify(
         raise InvalidSignatureException(
             f"'{shown}' must be a 'SignedHeader' in the AWS Authorization."
         )
+    if signed_header_rule is not None:
+        signed_header_rule(header_map.keys(), auth.signed_names)
     if auth.date != amz_date[:8]:
         raise InvalidSignatureException(
             "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date "
@@ -481,6 +540,20 @@ def verify(
     if not hmac.compare_digest(expected.encode("ascii"), provided):
         raise InvalidSignatureException(SIGNATURE_MISMATCH_MESSAGE)
     return credential
+
+
+def signature_of(request: SignedRequest) -> str | None:
+    """The ``Signature`` of the request's ``Authorization`` header (lowercase hex, as
+    :func:`verify` accepts it), or None when it has none. For the replay check, after
+    :func:`verify` accepted the request: equal signatures are the same signed request."""
+    values = [v for k, v in request.headers if k.lower() == "authorization"]
+    if len(values) != 1:
+        return None
+    for part in values[0].split(","):
+        name, equals, value = part.strip().rpartition(" ")[2].partition("=")
+        if equals and name == "Signature":
+            return value.strip().lower()
+    return None
 
 
 def _check_skew(amz_date: str, request_time: datetime, now: datetime, max_skew: timedelta) -> None:

@@ -18,6 +18,7 @@ from hsmkms.audit.records import (
     prepare_api_call,
     prepare_record,
     service_event_record,
+    unauthenticated_summary_record,
 )
 from hsmkms.audit.trail import (
     AuditSink,
@@ -47,4 +48,5 @@ __all__ = [
     "prepare_api_call",
     "prepare_record",
     "service_event_record",
+    "unauthenticated_summary_record",
 ]

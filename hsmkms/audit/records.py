@@ -47,10 +47,13 @@ from hsmkms.types import utc_now
 __all__ = [
     "ADDITIONAL_EVENT_DATA_FIELDS",
     "EVENT_VERSION",
+    "MAX_ERROR_MESSAGE",
+    "MAX_REQUEST_PARAMETERS",
     "REQUEST_FIELDS",
     "RESPONSE_FIELDS",
     "SEARCH_COLUMNS",
     "SERVICE_EVENT_DETAIL_FIELDS",
+    "UNAUTHENTICATED_SUMMARY_EVENT",
     "AuditRecord",
     "PreparedRecord",
     "UserIdentity",
@@ -67,6 +70,7 @@ __all__ = [
     "response_elements",
     "search_columns",
     "service_event_record",
+    "unauthenticated_summary_record",
 ]
 
 AuditRecord = dict[str, Any]
@@ -76,6 +80,12 @@ EVENT_VERSION: Final = "1.08"
 EVENT_SOURCE: Final = "kms.amazonaws.com"
 KEY_RESOURCE_TYPE: Final = "AWS::KMS::Key"
 _OMITTED: Final = "[omitted]"
+MAX_REQUEST_PARAMETERS: Final = 64 * 1024
+"""The most bytes ``requestParameters`` takes in a record's canonical JSON: beyond it, the
+largest members are replaced by ``"[omitted: <n> bytes]"`` until it fits (a request of 1 MiB,
+escaped, would otherwise make a record of several MB)."""
+MAX_ERROR_MESSAGE: Final = 2048
+"""The most characters of ``errorMessage`` a record keeps (``"...[truncated]"`` marks a cut)."""
 # Values of omitted members shorter than this are not cut out of error messages: too likely to
 # match ordinary words.
 _MIN_SCRUB_LENGTH: Final = 6
@@ -294,6 +304,10 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     # pagination
     "Limit": _int,
     "Marker": _str,
+    # credential changes by ``hsmkms credentials`` (IAM's member names; never a secret)
+    "UserName": _str,
+    "AccessKeyId": _str,
+    "PolicyDocument": _str,
 }
 """Request members that may be copied into ``requestParameters``, with their shapes.
 
@@ -330,6 +344,9 @@ _KEY_METADATA = _structure(
 )
 
 RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
+    "AccessKey": _structure(
+        {"AccessKeyId": _str, "UserName": _str, "Status": _str, "CreateDate": _str}
+    ),  # never SecretAccessKey
     "KeyMetadata": _KEY_METADATA,
     "KeyId": _str,
     "KeyState": _str,
@@ -353,6 +370,10 @@ ADDITIONAL_EVENT_DATA_FIELDS: Final = frozenset(
         "failureReason",
         "authorization",
         "dryRun",
+        "requestCount",
+        "firstEventTime",
+        "lastEventTime",
+        "errorCodes",
     }
 )
 """Names allowed in ``additionalEventData`` (values: str, int, float, bool or null)."""
@@ -420,6 +441,32 @@ def request_parameters(
         # spec: §5.2 — Decrypt entries always include encryptionAlgorithm, even if not sent.
         params.setdefault("encryptionAlgorithm", "SYMMETRIC_DEFAULT")
     return params or None
+
+
+def _bounded_parameters(params: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """``params`` and its canonical JSON, its largest members replaced by a marker until the
+    JSON is at most :data:`MAX_REQUEST_PARAMETERS` bytes (most records: unchanged, encoded
+    once)."""
+    encoded = _json(params)
+    if params is None or len(encoded) <= MAX_REQUEST_PARAMETERS:
+        return params, encoded
+    sizes = {name: len(_json(value)) for name, value in params.items()}
+    bounded = dict(params)
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        bounded[name] = f"[omitted: {sizes[name]} bytes]"
+        encoded = _json(bounded)
+        if len(encoded) <= MAX_REQUEST_PARAMETERS:
+            break
+    return bounded, encoded
+
+
+def _error_message(message: str, members: Mapping[str, Any]) -> str:
+    """The ``errorMessage`` of a record: omitted values cut out, at most
+    :data:`MAX_ERROR_MESSAGE` characters."""
+    message = _scrub(message, _omitted_values(members))
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 14] + "...[truncated]"
+    return message
 
 
 def response_elements(
@@ -510,9 +557,11 @@ def api_call_record(
     additional_event_data: Mapping[str, Any] | None = None,
     event_time: dt.datetime | None = None,
     event_id: str | None = None,
+    event_source: str = EVENT_SOURCE,
 ) -> AuditRecord:
     """The record of one API call (``eventType`` ``AwsApiCall``), allowed or denied, successful
-    or failed.
+    or failed. ``event_source`` is ``kms.amazonaws.com`` but for the credential changes of
+    ``hsmkms credentials`` (``iam.amazonaws.com``, as IAM's own records).
 
     ``read_only`` is CloudTrail's ``readOnly`` for the operation (its ``responseElements`` are
     then null); the service's operation descriptors say which operations are.
@@ -527,12 +576,12 @@ def api_call_record(
         "eventVersion": EVENT_VERSION,
         "userIdentity": identity.to_dict(),
         "eventTime": format_event_time(event_time or utc_now()),
-        "eventSource": EVENT_SOURCE,
+        "eventSource": event_source,
         "eventName": event_name,
         "awsRegion": region,
         "sourceIPAddress": source_ip,
         "userAgent": user_agent,
-        "requestParameters": request_parameters(event_name, members),
+        "requestParameters": _bounded_parameters(request_parameters(event_name, members))[0],
         "responseElements": None
         if error_code
         else response_elements(response, read_only=read_only),
@@ -547,10 +596,62 @@ def api_call_record(
     }
     if error_code is not None:
         record["errorCode"] = error_code
-        record["errorMessage"] = _scrub(error_message or "", _omitted_values(members))
+        record["errorMessage"] = _error_message(error_message or "", members)
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     if extra is not None:
         record["additionalEventData"] = extra
+    return record
+
+
+UNAUTHENTICATED_SUMMARY_EVENT: Final = "UnauthenticatedRequests"
+
+
+def unauthenticated_summary_record(
+    *,
+    account_id: str,
+    region: str,
+    source_ip: str,
+    count: int,
+    first: dt.datetime,
+    last: dt.datetime,
+    error_codes: Sequence[tuple[str, int]],
+    event_id: str | None = None,
+) -> AuditRecord:
+    """The record standing for ``count`` requests from ``source_ip`` that did not authenticate
+    and were counted rather than recorded one by one (:mod:`hsmkms.api.unauthenticated`):
+    ``eventName`` ``UnauthenticatedRequests``, ``userIdentity`` ``Unknown``, the count, the
+    times of the first and last, and the error codes with their counts
+    (``"InvalidSignatureException:12,UnrecognizedClientException:3"``)."""
+    record: AuditRecord = {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": {"type": "Unknown"},
+        "eventTime": format_event_time(last),
+        "eventSource": EVENT_SOURCE,
+        "eventName": UNAUTHENTICATED_SUMMARY_EVENT,
+        "awsRegion": region,
+        "sourceIPAddress": source_ip,
+        "userAgent": None,
+        "requestParameters": None,
+        "responseElements": None,
+        "requestID": None,
+        "eventID": event_id or str(uuid.uuid4()),
+        "readOnly": True,
+        "resources": [],
+        "eventType": "AwsApiCall",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+    }
+    record["additionalEventData"] = _scalars(
+        {
+            "requestCount": count,
+            "firstEventTime": format_event_time(first),
+            "lastEventTime": format_event_time(last),
+            "errorCodes": ",".join(f"{code}:{n}" for code, n in error_codes),
+        },
+        ADDITIONAL_EVENT_DATA_FIELDS,
+        "additionalEventData",
+    )
     return record
 
 
@@ -772,6 +873,7 @@ def prepare_api_call(
     additional_event_data: Mapping[str, Any] | None = None,
     event_time: dt.datetime | None = None,
     event_id: str | None = None,
+    event_source: str = EVENT_SOURCE,
 ) -> PreparedRecord:
     """``prepare_record(api_call_record(...))`` with the same arguments, byte for byte (a test
     holds the two together), at a fraction of the cost: the record's members are encoded one by
@@ -781,22 +883,23 @@ def prepare_api_call(
         raise ValueError("an audit record needs an eventName")
     when = format_event_time(event_time) if event_time is not None else _now_text()
     resources, key_ids = _resources_json(tuple(key_arns), account_id)
-    params = _json(request_parameters(event_name, request))
+    params = _bounded_parameters(request_parameters(event_name, request))[1]
     if error_code is None:
         errors = ""
         elements = _json(response_elements(response, read_only=read_only))
     else:
-        message = _json(_scrub(error_message or "", _omitted_values(_members(request))))
+        message = _json(_error_message(error_message or "", _members(request)))
         errors = f'"errorCode":{_json(error_code)},"errorMessage":{message},'
         elements = "null" if error_code else _json(response_elements(response, read_only=read_only))
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     head = "" if extra is None else f'"additionalEventData":{_json(extra)},'
     read_only_json = "true" if read_only else "false"
+    source = _EVENT_SOURCE_JSON if event_source == EVENT_SOURCE else _json(event_source)
     # The members in sorted order (canonical JSON); the property test checks the order too.
     body = (
         f'{{{head}"awsRegion":{_json(region)},{errors}"eventCategory":"Management",'
         f'"eventID":{_json(event_id or _uuid4_text())},"eventName":{_json(event_name)},'
-        f'"eventSource":{_EVENT_SOURCE_JSON},"eventTime":{_json(when)},'
+        f'"eventSource":{source},"eventTime":{_json(when)},'
         f'"eventType":"AwsApiCall","eventVersion":{_EVENT_VERSION_JSON},'
         f'"managementEvent":true,"readOnly":{read_only_json},'
         f'"recipientAccountId":{_json(account_id)},"requestID":{_json(request_id)},'

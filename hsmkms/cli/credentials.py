@@ -2,7 +2,8 @@
 accepts, and the identity policies attached to them.
 
 Changes take effect at once in a running server (each request consults the store). A secret is
-printed once, at creation, and never again.
+printed once, at creation, and never again. Every change (create, delete, set-policy) is
+recorded in the audit trail (:class:`hsmkms.system.OperatorCredentials`) before it is reported.
 
 A policy file (``--policy-file F``, ``-`` for stdin) is read and checked before anything is
 opened: a file that cannot be read, is not UTF-8 or is not a valid identity policy is one line
@@ -22,7 +23,7 @@ from hsmkms.config import Settings
 from hsmkms.errors import LimitExceededException, MalformedPolicyDocumentException
 from hsmkms.identity import ROOT_NAME, CredentialStore
 from hsmkms.policy import MAX_POLICY_BYTES, parse_identity_policy
-from hsmkms.system import System, initialize
+from hsmkms.system import OperatorCredentials, System, initialize
 
 EXIT_BAD_POLICY = 2
 """A policy file that cannot be used (argparse's exit code for a usage error)."""
@@ -140,11 +141,20 @@ def _bad_policy(message: str) -> int:
 @contextlib.contextmanager
 def _credentials(args: argparse.Namespace) -> Iterator[CredentialStore]:
     """The credentials store of an initialized data directory (created when missing, with the
-    root identity, as ``hsmkms serve`` does); closed on exit."""
+    root identity, as ``hsmkms serve`` does), for reading; closed on exit."""
     settings = Settings.load(args.data_dir)
     initialize(settings)
     with System.open(settings, audit=None, identity=True) as system:
         yield system.credentials
+
+
+@contextlib.contextmanager
+def _changes(args: argparse.Namespace, command: str) -> Iterator[OperatorCredentials]:
+    """The credentials store for changes, each recorded in the audit trail."""
+    settings = Settings.load(args.data_dir)
+    initialize(settings)
+    with System.open(settings, audit="direct", identity=True) as system:
+        yield OperatorCredentials(system, command=f"credentials {command}")
 
 
 def run_create(args: argparse.Namespace) -> int:
@@ -152,7 +162,7 @@ def run_create(args: argparse.Namespace) -> int:
         policy = None if args.policy_file is None else read_policy_file(args.policy_file)
     except PolicyFileError as exc:
         return _bad_policy(str(exc))
-    with _credentials(args) as store:
+    with _changes(args, "create") as store:
         try:
             issued = store.create(args.name, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
@@ -208,7 +218,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    with _credentials(args) as store:
+    with _changes(args, "delete") as store:
         removed = store.delete(args.credential)
     print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
     return 0
@@ -219,7 +229,7 @@ def run_set_policy(args: argparse.Namespace) -> int:
         policy = None if args.clear else read_policy_file(args.policy_file)
     except PolicyFileError as exc:
         return _bad_policy(str(exc))
-    with _credentials(args) as store:
+    with _changes(args, "set-policy") as store:
         try:
             info = store.set_policy(args.credential, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above

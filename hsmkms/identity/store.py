@@ -96,6 +96,7 @@ from hsmkms.types import Clock, Credential, utc_now
 
 __all__ = [
     "IDENTITY_KEY_ID",
+    "MIN_ROOT_SECRET",
     "ROOT_NAME",
     "CredentialInfo",
     "CredentialIntegrityError",
@@ -126,6 +127,8 @@ _NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
 _ROOT_LOCK: Final = 0x68736D6B6D7352  # "hsmkmsR"
 _MAX_NEGATIVE = 4096  # unknown key ids remembered between database changes
+MIN_ROOT_SECRET: Final = 20
+"""The shortest root secret accepted without ``allow_weak`` (AWS's are 40 characters)."""
 _ERRORS = ErrorMessages(
     busy="The credentials store is busy.",
     failed="The credentials store failed.",
@@ -482,13 +485,22 @@ class CredentialStore:
         return IssuedCredential(access_key_id, secret, arn, name)
 
     def ensure_root(
-        self, access_key_id: str | None = None, secret: str | None = None
+        self,
+        access_key_id: str | None = None,
+        secret: str | None = None,
+        *,
+        allow_weak: bool = False,
     ) -> IssuedCredential | None:
         """Make sure the account root identity exists.
 
         With ``access_key_id`` and ``secret`` (``HSMKMS_ROOT_*``), the root identity is set to
         them (replacing a different one). Without, a root identity is generated when none
         exists. Returns the credential when this call created or replaced it, else None.
+
+        A root secret shorter than :data:`MIN_ROOT_SECRET` characters — given, or kept from an
+        earlier start — is refused (ValidationException) unless ``allow_weak``
+        (``HSMKMS_ALLOW_WEAK_ROOT_SECRET``, for throwaway test servers); then it is logged as
+        a warning (``weak_root_secret``, its length only).
         """
         if (access_key_id is None) != (secret is None):
             raise ValidationException(
@@ -500,12 +512,16 @@ class CredentialStore:
             )
         if secret is not None and not 1 <= len(secret) <= 128:
             raise ValidationException("HSMKMS_ROOT_SECRET_ACCESS_KEY must be 1-128 characters")
+        if secret is not None:
+            self._check_root_secret(len(secret), allow_weak, given=True)
         with self._read() as conn:
             row = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).first()
         if row is not None:
-            if access_key_id is None:
-                return None
             current = self._unseal_row(row._mapping)
+            if access_key_id is None:
+                if current is not None:
+                    self._check_root_secret(len(current.secret), allow_weak, given=False)
+                return None
             if current is not None and (current.access_key_id, current.secret) == (
                 access_key_id,
                 secret,
@@ -527,6 +543,30 @@ class CredentialStore:
             ) from None
         log.info("root_credential_set", access_key_id=access_key_id)
         return IssuedCredential(access_key_id, secret, self.root_arn, ROOT_NAME)
+
+    @staticmethod
+    def _check_root_secret(length: int, allow_weak: bool, *, given: bool) -> None:
+        if length >= MIN_ROOT_SECRET:
+            return
+        if not allow_weak:
+            where = (
+                "HSMKMS_ROOT_SECRET_ACCESS_KEY is"
+                if given
+                else "the root secret kept from an earlier HSMKMS_ROOT_SECRET_ACCESS_KEY is"
+            )
+            raise ValidationException(
+                f"{where} shorter than {MIN_ROOT_SECRET} characters: use a longer one, or set "
+                "HSMKMS_ALLOW_WEAK_ROOT_SECRET=1 for a throwaway test server"
+            )
+        log.warning("weak_root_secret", length=length, minimum=MIN_ROOT_SECRET)
+
+    def root_secret_is_weak(self) -> bool:
+        """Whether the root's secret is shorter than :data:`MIN_ROOT_SECRET` characters (for
+        the health report; one token call)."""
+        with self._read() as conn:
+            row = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).first()
+        current = None if row is None else self._unseal_row(row._mapping)
+        return current is not None and len(current.secret) < MIN_ROOT_SECRET
 
     def list(self) -> list[CredentialInfo]:
         """Every credential, without secrets, by name."""

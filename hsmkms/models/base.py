@@ -6,9 +6,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict
 
-from hsmkms.models.constraints import Length, Pattern
+from hsmkms.models.constraints import EncryptionContextRules, Length, Pattern
 
 __all__ = [
+    "MAX_ENCRYPTION_CONTEXT_BYTES",
     "AliasNameType",
     "EncryptionContextType",
     "GrantTokenList",
@@ -41,4 +42,12 @@ LimitType = int
 
 GrantTokenList = Annotated[list[Annotated[str, Length(1, 8192)]], Length(0, 10)]
 
-EncryptionContextType = dict[str, str]
+MAX_ENCRYPTION_CONTEXT_BYTES = 8192
+"""The largest encryption context a request may carry, measured as its canonical encoding
+(``docs/kms-operations.md``, "Encryption context"): the XKS proxy API's AAD limit, and the
+envelope format's."""
+
+EncryptionContextType = Annotated[
+    dict[str, str], EncryptionContextRules(MAX_ENCRYPTION_CONTEXT_BYTES)
+]
+"""An encryption context: keys unique ignoring case, at most 8,192 bytes encoded."""

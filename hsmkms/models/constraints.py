@@ -53,7 +53,65 @@ class Pattern:
         return re.fullmatch(self.regex, value) is not None
 
 
-_CONSTRAINTS = (Length, Range, Pattern)
+@dataclasses.dataclass(frozen=True)
+class EncryptionContextRules:
+    """The rules of an encryption context (a map of strings to strings).
+
+    * No two keys may differ only in case: condition key names are case-insensitive
+      (``kms:EncryptionContext:tenant`` names ``Tenant`` too), so a context holding ``tenant``
+      and ``Tenant`` would give a policy two values for one condition key.
+    * Its canonical encoding (:func:`hsmkms.ciphertext.encode_encryption_context`: 2 bytes, then
+      per pair 4 bytes and the UTF-8 bytes of the key and the value) is at most ``max_bytes``.
+    """
+
+    max_bytes: int
+
+    def problems(self, path: str, value: Any) -> list[str]:
+        """The AWS validation clauses ``value`` fails (none when it passes). The context itself
+        is never echoed (it may be large); a colliding key is, cut to 64 characters."""
+        if not isinstance(value, dict):
+            return []
+        out: list[str] = []
+        size = 2
+        seen: dict[str, str] = {}
+        collision: tuple[str, str] | None = None
+        for key, item in value.items():
+            size += 4 + _utf8_length(key) + _utf8_length(item)
+            # The fold the policy engine uses for condition key names (hsmkms.policy.context).
+            folded = key.lower() if isinstance(key, str) else key
+            first = seen.setdefault(folded, key)
+            if first is not key and collision is None:
+                collision = (first, key)
+        if collision is not None:
+            a, b = (_clip(k) for k in collision)
+            out.append(
+                f"Value at '{path}' failed to satisfy constraint: Member must not have keys "
+                f"that differ only in case ('{a}' and '{b}')"
+            )
+        if size > self.max_bytes:
+            out.append(
+                f"Value at '{path}' failed to satisfy constraint: Member must have an encoded "
+                f"length less than or equal to {self.max_bytes} bytes"
+            )
+        return out
+
+
+def _utf8_length(text: Any) -> int:
+    if not isinstance(text, str):
+        return 0
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+_MAX_ECHO = 1024  # the longest value a validation message repeats
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_CONSTRAINTS = (Length, Range, Pattern, EncryptionContextRules)
 
 
 def member_path(name: str) -> str:
@@ -69,8 +127,12 @@ def _show(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    return str(value)
+        shown = "[" + ", ".join(str(v) for v in value) + "]"
+    else:
+        shown = str(value)
+    # A request may carry a megabyte in one member: the message (and the audit record that
+    # repeats it) gets its beginning only.
+    return _clip(shown, _MAX_ECHO)
 
 
 def constraint_error(path: str, value: Any, constraint: str) -> str:
@@ -116,6 +178,8 @@ def _check(path: str, value: Any, metadata: Sequence[Any], out: list[str]) -> No
                         path, value, f"Member must have value less than or equal to {item.max}"
                     )
                 )
+        elif isinstance(item, EncryptionContextRules):
+            out.extend(item.problems(path, value))
         elif isinstance(item, Pattern) and isinstance(value, str) and not item.matches(value):
             out.append(
                 constraint_error(

@@ -7,7 +7,13 @@ import datetime as dt
 from typing import Annotated
 
 from hsmkms.models import enums
-from hsmkms.models.base import GrantTokenList, KeyIdType, KmsModel, MarkerType
+from hsmkms.models.base import (
+    EncryptionContextType,
+    GrantTokenList,
+    KeyIdType,
+    KmsModel,
+    MarkerType,
+)
 from hsmkms.models.constraints import Length, Pattern, Range
 
 PrincipalIdType = Annotated[str, Length(1, 256), Pattern(r"^[\w+=,.@:/-]+$")]
@@ -19,8 +25,8 @@ GrantNameType = Annotated[str, Length(1, 256), Pattern(r"^[a-zA-Z0-9:/_-]+$")]
 class GrantConstraints(KmsModel):
     """At most one of the two is meaningful per grant in practice; AWS accepts both."""
 
-    EncryptionContextSubset: dict[str, str] | None = None
-    EncryptionContextEquals: dict[str, str] | None = None
+    EncryptionContextSubset: EncryptionContextType | None = None
+    EncryptionContextEquals: EncryptionContextType | None = None
 
 
 class CreateGrantRequest(KmsModel):

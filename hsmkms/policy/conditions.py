@@ -238,12 +238,18 @@ def _to_bytes(value: object) -> bytes | None:
 
 
 def _to_address(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A request's address. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, how a server
+    listening on ``::`` sees IPv4 clients) is its IPv4 address, so IPv4 conditions apply to it
+    (the server passes addresses normalized already; this holds for any other caller)."""
     if not isinstance(value, str):
         return None
     try:
-        return ipaddress.ip_address(value.strip())
+        address = ipaddress.ip_address(value.strip())
     except ValueError:
         return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _to_network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

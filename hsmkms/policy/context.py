@@ -2,8 +2,14 @@
 
 Condition key *names* are case-insensitive in IAM, including the part after
 ``kms:EncryptionContext:`` (reference §4.3), so the context stores keys folded to lower case.
-Two request keys that differ only by case (an encryption context with both ``Dept`` and
-``dept``) are merged into one multi-valued entry rather than one silently hiding the other.
+An encryption context whose keys differ only by case (``tenant`` and ``Tenant``) cannot be
+represented: ``kms:EncryptionContext:tenant`` is single-valued, and merging the two values
+would let ``StringEquals`` match either (a principal confined to ``tenant = A`` could encrypt
+with ``{"tenant": "B", "Tenant": "A"}``). Requests carrying one are refused before they get here
+(ValidationException, :class:`hsmkms.models.constraints.EncryptionContextRules`), and
+:func:`request_context` raises ``ValueError`` for one. Other keys that collide when folded (two
+tags ``Team`` and ``team``) are merged into one multi-valued entry rather than one silently
+hiding the other.
 
 Values that cost a query (the key's tags ``aws:ResourceTag/<k>`` and aliases
 ``kms:ResourceAliases``) are loaded only when a condition names them: see
@@ -216,9 +222,11 @@ def request_context(
     parameters that have a default (``kms:KeySpec`` = SYMMETRIC_DEFAULT on CreateKey) must be
     passed with the default filled in (reference §4.3).
 
-    ``resource_tags`` and ``resource_aliases`` are the tags and alias names of the key the
-    request acts on (``aws:ResourceTag/<k>``, ``kms:ResourceAliases``); a key with more than
-    :data:`RESOURCE_ALIASES_QUOTA` aliases makes ``kms:ResourceAliases`` :data:`UNEVALUABLE`.
+    ``encryption_context`` must not hold two keys that differ only in case (``ValueError``:
+    :func:`check_encryption_context_keys`). ``resource_tags`` and ``resource_aliases`` are the
+    tags and alias names of the key the request acts on (``aws:ResourceTag/<k>``,
+    ``kms:ResourceAliases``); a key with more than :data:`RESOURCE_ALIASES_QUOTA` aliases
+    makes ``kms:ResourceAliases`` :data:`UNEVALUABLE`.
     """
     values: dict[str, ContextInput] = {}
     if principal_arn is not None:
@@ -226,6 +234,7 @@ def request_context(
     if caller_account is not None:
         values["kms:CallerAccount"] = caller_account
     if encryption_context is not None:
+        check_encryption_context_keys(encryption_context)
         values["kms:EncryptionContextKeys"] = list(encryption_context)
         for name, value in encryption_context.items():
             values[f"kms:EncryptionContext:{name}"] = value
@@ -266,9 +275,14 @@ def request_context(
         )
     if extra:
         values.update(extra)
-    # ``Dept`` and ``dept`` in one encryption context are distinct keys here and are merged
-    # into one multi-valued entry by ConditionContext.
     return ConditionContext(values)
+
+
+def check_encryption_context_keys(encryption_context: Mapping[str, str]) -> None:
+    """``ValueError`` when two keys of ``encryption_context`` differ only in case (they would
+    be one condition key, ``kms:EncryptionContext:<k>``, with two values)."""
+    if len({name.lower() for name in encryption_context}) != len(encryption_context):
+        raise ValueError("encryption context keys must not differ only in case")
 
 
 def deferred_request_context(

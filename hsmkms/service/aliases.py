@@ -110,8 +110,11 @@ class AliasOperations(ServiceCore):
 
     @operation("CreateAlias", prepare=_prepare_create_alias)
     def create_alias(self, call: Call[CreateAliasRequest]) -> EmptyResponse:
-        """CreateAlias: a new name for a key (at most 50 per key; ``alias/aws/`` reserved)."""
+        """CreateAlias: a new name for a key (at most 50 per key; ``alias/aws/`` reserved).
+        The template authorized ``kms:CreateAlias`` on the key; the alias resource is
+        authorized here (spec: AWS KMS — both are required)."""
         name, key = call.request.AliasName, call.key
+        self._authz.check_alias(call.caller, "kms:CreateAlias", self.arns.alias(name))
         try:
             with self._alias_write(key):
                 self._store.create_alias(
@@ -125,8 +128,12 @@ class AliasOperations(ServiceCore):
 
     @operation("UpdateAlias", prepare=_prepare_alias)
     def update_alias(self, call: Call[UpdateAliasRequest]) -> EmptyResponse:
-        """UpdateAlias: point an existing alias at another key of the same type and usage."""
+        """UpdateAlias: point an existing alias at another key of the same type and usage.
+        spec: AWS KMS — kms:UpdateAlias on the alias (identity policy), on the current key and
+        on the new key; the alias first, so a caller not allowed on it does not learn whether
+        it exists."""
         request, caller = call.request, call.caller
+        self._authz.check_alias(caller, "kms:UpdateAlias", self.arns.alias(request.AliasName))
         alias = self._store.get_alias(request.AliasName)
         if alias is None:
             raise self._alias_not_found(request.AliasName)
@@ -156,8 +163,10 @@ class AliasOperations(ServiceCore):
 
     @operation("DeleteAlias", prepare=_prepare_alias)
     def delete_alias(self, call: Call[DeleteAliasRequest]) -> EmptyResponse:
-        """DeleteAlias: in every key state."""
+        """DeleteAlias: in every key state. spec: AWS KMS — kms:DeleteAlias on the alias
+        (identity policy) and on its key; the alias first, as UpdateAlias."""
         name, caller = call.request.AliasName, call.caller
+        self._authz.check_alias(caller, "kms:DeleteAlias", self.arns.alias(name))
         if caller is not None:
             alias = self._store.get_alias(name)
             target = self._store.get_key(alias.key_id) if alias is not None else None

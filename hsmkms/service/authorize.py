@@ -5,7 +5,10 @@ The order is AWS's: an explicit Deny in any policy wins; then an Allow from the 
 (directly, or by delegation to the caller's identity policy); then a grant to the caller that
 covers the operation (grants only add permissions); else an implicit deny. Account-level
 actions (CreateKey, ListKeys, ListAliases, GenerateRandom, ListRetirableGrants) are decided by
-the identity policy alone. ``caller=None`` is the local operator and is never asked.
+the identity policy alone, and so are the alias operations on the alias resource
+(``arn:aws:kms:<region>:<account>:alias/<name>``: an alias has no resource policy), which
+CreateAlias, UpdateAlias and DeleteAlias need besides their permission on each key involved.
+``caller=None`` is the local operator and is never asked.
 
 The condition context of an operation on a key carries the key's tags
 (``aws:ResourceTag/<k>``) and alias names (``kms:ResourceAliases``), read from the store only
@@ -32,7 +35,9 @@ from hsmkms.policy import (
     GrantConstraints,
     Outcome,
     PolicyDocument,
+    PolicySource,
     access_denied_message,
+    account_of,
     deferred_request_context,
     evaluate_identity_access,
     evaluate_key_access,
@@ -151,6 +156,7 @@ class Authorizer:
         encryption_algorithm: str | None,
         request_alias: str | None,
         extra: Mapping[str, ContextInput] | None,
+        resource: str | None = None,
     ) -> AccessRequest:
         tags: Callable[[], Mapping[str, str]] | None = None
         aliases: Callable[[], Sequence[str]] | None = None
@@ -181,7 +187,7 @@ class Authorizer:
             principal_arn=caller.principal_arn,
             principal_account=caller.account_id,
             action=action,
-            resource=key.arn if key is not None else "*",
+            resource=resource if resource is not None else key.arn if key is not None else "*",
             context=context,
         )
 
@@ -311,6 +317,39 @@ class Authorizer:
             key_arn=key_arn,
             context=request.context,
         )
+
+    def check_alias(self, caller: Caller | None, action: str, alias_arn: str) -> None:
+        """Raise AccessDeniedException unless the caller may do ``action``
+        (``kms:CreateAlias``, ``kms:UpdateAlias``, ``kms:DeleteAlias``) on the alias resource
+        ``alias_arn``.
+
+        spec: AWS KMS "Controlling access to aliases" — the alias operations need permission on
+        the alias, given by an IAM (identity) policy, as well as on every key involved. So the
+        caller's identity policy decides (an Allow whose Resource covers the alias ARN: ``*``,
+        the ARN, or a pattern such as ``arn:aws:kms:*:*:alias/team-a-*``); the account root
+        may do anything not explicitly denied; a principal of another account may not act on
+        this account's aliases (no cross-account use).
+        """
+        if caller is None:
+            return
+        if account_of(alias_arn) != caller.account_id:
+            decision = Decision(Outcome.IMPLICIT_DENY, PolicySource.RESOURCE)
+        else:
+            request = self._request(
+                caller,
+                action,
+                None,
+                encryption_context=None,
+                encryption_algorithm=None,
+                request_alias=None,
+                extra=None,
+                resource=alias_arn,
+            )
+            decision = evaluate_identity_access(caller_identity_policy(caller), request)
+        if not decision.allowed:
+            raise AccessDeniedException(
+                access_denied_message(caller.principal_arn, action, alias_arn, decision)
+            )
 
     def check_account(
         self,

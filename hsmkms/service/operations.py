@@ -13,7 +13,8 @@ Every other list is derived here and nowhere else: the policy actions
 (:data:`KEY_RESOURCE_ACTIONS`, :data:`ACCOUNT_ACTIONS`), the grant operations and which key types
 admit them (:data:`GRANT_OPERATIONS`, :func:`valid_grant_operations`), the operations grant
 constraints restrict (:data:`ENCRYPTION_CONTEXT_OPERATIONS`), CloudTrail's read-only set
-(:data:`READ_ONLY_OPERATIONS`) and the operations run inline (:data:`INLINE_OPERATIONS`).
+(:data:`READ_ONLY_OPERATIONS`), the operations run inline (:data:`INLINE_OPERATIONS`) and
+those whose signed requests may be accepted more than once (:data:`REPLAYABLE_OPERATIONS`).
 
 The worker of an operation is the :class:`~hsmkms.service.core.operation`-decorated method of
 :class:`~hsmkms.service.KmsService` named by :attr:`Operation.worker`; the template that runs
@@ -45,6 +46,7 @@ __all__ = [
     "KEY_RESOURCE_ACTIONS",
     "OPERATIONS",
     "READ_ONLY_OPERATIONS",
+    "REPLAYABLE_OPERATIONS",
     "Operation",
     "Resolution",
     "Resource",
@@ -502,6 +504,15 @@ READ_ONLY_OPERATIONS: Final = frozenset(op.name for op in ALL_OPERATIONS.values(
 
 INLINE_OPERATIONS: Final = frozenset(op.name for op in ALL_OPERATIONS.values() if op.inline)
 """Operations the HTTP layer runs on the event loop; all others run on its worker thread."""
+
+REPLAYABLE_OPERATIONS: Final = READ_ONLY_OPERATIONS | {"CreateKey"}
+"""Operations whose signed request the HTTP layer accepts more than once (every other request
+is accepted once per signature: ``docs/authentication.md``, "Replays"). The read-only ones
+change nothing. CreateKey changes no existing state — a replay adds an unused key with the
+policy the signer chose, giving no one anything new — while refusing it would break every
+client that creates two keys with the same parameters within one second (SigV4 dates have
+one-second steps, and boto3 leaves its per-call headers unsigned, so the two requests are
+byte for byte the same signed request)."""
 
 _ACTION_TO_OPERATION: Final = {
     action: op for op in ALL_OPERATIONS.values() for action in op.actions if op.grants

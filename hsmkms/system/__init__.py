@@ -9,7 +9,8 @@ It sits above ``service/``, ``store/``, ``keystore/``, ``identity/`` and ``audit
 * :mod:`hsmkms.system.datadir` — :func:`initialize`: the data directory, the token, the
   database and the root identity (``serve``'s parent, ``hsmkms credentials``);
 * :mod:`hsmkms.system.operator` — :class:`OperatorService`: the local operator's key
-  operations, each recorded in the audit trail like an API call.
+  operations, each recorded in the audit trail like an API call; :class:`OperatorCredentials`:
+  the changes of ``hsmkms credentials``, recorded the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hsmkms.system.datadir import (
 from hsmkms.system.operator import (
     LOCAL_OPERATOR_TYPE,
     LOCAL_SOURCE,
+    OperatorCredentials,
     OperatorService,
     local_operator_identity,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "ROOT_SECRET_ENV",
     "AuditMode",
     "InitReport",
+    "OperatorCredentials",
     "OperatorService",
     "System",
     "database_device",

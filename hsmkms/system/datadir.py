@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hsmkms.config import Settings
 from hsmkms.identity import ROOT_NAME, IssuedCredential
+from hsmkms.system.operator import OperatorCredentials
 from hsmkms.system.root import System
 
 __all__ = [
@@ -92,9 +93,14 @@ def initialize(settings: Settings) -> InitReport:
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     root_file = data_dir / ROOT_CREDENTIALS_FILE
     env_key, env_secret = _root_from_env()
-    with _init_lock(data_dir), System.open(settings, audit=None, identity=True) as system:
+    with _init_lock(data_dir), System.open(settings, audit="direct", identity=True) as system:
         credentials = system.credentials
-        issued = credentials.ensure_root(env_key, env_secret)
+        issued = credentials.ensure_root(
+            env_key, env_secret, allow_weak=settings.allow_weak_root_secret
+        )
+        if issued is not None:
+            # A root created or replaced is a credential change like any other: recorded.
+            OperatorCredentials(system, command="initialize").record_created(issued)
         if issued is not None and env_key is None:
             _write_root_file(root_file, issued, settings.region)
         elif issued is not None:

@@ -9,6 +9,11 @@ all the same, through the server's path: :class:`OperatorService` builds each ca
 answer is used. No record, no result: when the record cannot be written, the call's answer is
 dropped and the error raised instead, as the server answers with the error.
 
+``hsmkms credentials create``, ``delete`` and ``set-policy`` change who may call the API; they
+are recorded the same way (:class:`OperatorCredentials`), as IAM records its own changes:
+``eventSource`` ``iam.amazonaws.com``, ``eventName`` ``CreateAccessKey``, ``DeleteAccessKey``,
+``PutUserPolicy`` or ``DeleteUserPolicy``, never a secret.
+
 Who the record names (``docs/audit.md``, "Local operator records")::
 
     "userIdentity": {"type": "LocalOperator", "principalId": "<os user>@<host>",
@@ -30,6 +35,7 @@ from hsmkms import __version__
 from hsmkms.audit import UserIdentity, prepare_api_call
 from hsmkms.ciphertext import CiphertextBlob
 from hsmkms.errors import KMSError, caller_error_fields
+from hsmkms.identity import CredentialInfo, IssuedCredential
 from hsmkms.models.crypto import (
     DecryptRequest,
     DecryptResponse,
@@ -44,8 +50,10 @@ from hsmkms.system.root import System
 from hsmkms.types import Caller
 
 __all__ = [
+    "IAM_EVENT_SOURCE",
     "LOCAL_OPERATOR_TYPE",
     "LOCAL_SOURCE",
+    "OperatorCredentials",
     "OperatorService",
     "keys_used",
     "local_operator_identity",
@@ -58,6 +66,9 @@ principal made the call, and the record says so rather than borrow ``Root``)."""
 LOCAL_SOURCE = "hsmkms-cli"
 """``sourceIPAddress`` of a local operator's call: no network address was involved, so it
 names the origin, as CloudTrail names a service (``kms.amazonaws.com``) there."""
+
+IAM_EVENT_SOURCE = "iam.amazonaws.com"
+"""``eventSource`` of the records of credential changes (hsmkms's credentials are its IAM)."""
 
 # Request and response members that name a key, in the order the service notes them.
 _KEY_NAME_MEMBERS = ("KeyId", "SourceKeyId", "DestinationKeyId")
@@ -201,3 +212,121 @@ class OperatorService:
         self._operator_only(caller)
         response: ReEncryptResponse = self.invoke("ReEncrypt", request)
         return response
+
+
+def _looks_like_key_id(value: str) -> bool:
+    """Whether a credential named on the command line is an access key id this store made
+    (else it is taken for a user name, in the record of a failed change)."""
+    return len(value) == 20 and value.startswith("AKIA") and value.isalnum() and value.isupper()
+
+
+class OperatorCredentials:
+    """The credentials store as the local operator changes it (``hsmkms credentials``), every
+    change — successful or failed — recorded in the audit trail through
+    :meth:`System.audit <hsmkms.system.System.audit>` before its result is used. No record, no
+    result: when the record cannot be written, its error is raised instead (a credential
+    created meanwhile exists, but its secret is never shown: delete it).
+
+    Records (``eventSource`` ``iam.amazonaws.com``, ``userIdentity`` ``LocalOperator``):
+    ``CreateAccessKey`` (``userName``; the response's ``accessKey`` without the secret),
+    ``DeleteAccessKey`` (``userName``, ``accessKeyId``), ``PutUserPolicy`` (``userName``,
+    ``policyDocument``: identity policies are not secret, as IAM logs them) and
+    ``DeleteUserPolicy``. The root credential set from ``HSMKMS_ROOT_*`` at a start is a
+    ``CreateAccessKey`` of ``root``.
+    """
+
+    def __init__(self, system: System, *, command: str) -> None:
+        self._system = system
+        self._store = system.credentials
+        self._identity = local_operator_identity(system.settings.account_id)
+        self._user_agent = f"hsmkms-cli/{__version__} ({command})"
+
+    def __repr__(self) -> str:
+        return f"OperatorCredentials(user_agent={self._user_agent!r})"
+
+    def _record(
+        self,
+        event: str,
+        request: dict[str, Any],
+        response: dict[str, Any] | None,
+        failure: Exception | None,
+    ) -> None:
+        error_code = error_message = None
+        if failure is not None:
+            error_code, error_message = caller_error_fields(failure)
+        settings = self._system.settings
+        self._system.audit(
+            prepare_api_call(
+                event,
+                read_only=False,
+                identity=self._identity,
+                account_id=settings.account_id,
+                region=settings.region,
+                request_id=str(uuid.uuid4()),
+                request=request,
+                response=response,
+                source_ip=LOCAL_SOURCE,
+                user_agent=self._user_agent,
+                error_code=error_code,
+                error_message=error_message,
+                event_source=IAM_EVENT_SOURCE,
+            )
+        )
+
+    @staticmethod
+    def _named(name_or_key_id: str) -> dict[str, Any]:
+        member = "AccessKeyId" if _looks_like_key_id(name_or_key_id) else "UserName"
+        return {member: name_or_key_id}
+
+    def create(self, name: str, policy: str | None = None) -> IssuedCredential:
+        """:meth:`CredentialStore.create`, recorded as ``CreateAccessKey`` (and the policy it
+        attaches as part of the request)."""
+        request: dict[str, Any] = {"UserName": name}
+        if policy is not None:
+            request["PolicyDocument"] = policy
+        try:
+            issued = self._store.create(name, policy)
+        except Exception as exc:
+            self._record("CreateAccessKey", request, None, exc)
+            raise
+        self.record_created(issued, policy)
+        return issued
+
+    def record_created(self, issued: IssuedCredential, policy: str | None = None) -> None:
+        """Record a credential created (also the root set from ``HSMKMS_ROOT_*``)."""
+        request: dict[str, Any] = {"UserName": issued.name}
+        if policy is not None:
+            request["PolicyDocument"] = policy
+        access_key = {
+            "AccessKeyId": issued.access_key_id,
+            "UserName": issued.name,
+            "Status": "Active",
+        }
+        self._record("CreateAccessKey", request, {"AccessKey": access_key}, None)
+
+    def delete(self, name_or_key_id: str) -> CredentialInfo:
+        """:meth:`CredentialStore.delete`, recorded as ``DeleteAccessKey``."""
+        try:
+            info = self._store.delete(name_or_key_id)
+        except Exception as exc:
+            self._record("DeleteAccessKey", self._named(name_or_key_id), None, exc)
+            raise
+        request = {"UserName": info.name, "AccessKeyId": info.access_key_id}
+        self._record("DeleteAccessKey", request, None, None)
+        return info
+
+    def set_policy(self, name_or_key_id: str, policy: str | None) -> CredentialInfo:
+        """:meth:`CredentialStore.set_policy`, recorded as ``PutUserPolicy`` (with the policy)
+        or ``DeleteUserPolicy`` (``policy`` None)."""
+        event = "DeleteUserPolicy" if policy is None else "PutUserPolicy"
+        request = self._named(name_or_key_id)
+        if policy is not None:
+            request["PolicyDocument"] = policy
+        try:
+            info = self._store.set_policy(name_or_key_id, policy)
+        except Exception as exc:
+            self._record(event, request, None, exc)
+            raise
+        request.update({"UserName": info.name, "AccessKeyId": info.access_key_id})
+        self._record(event, request, None, None)
+        return info
