@@ -420,7 +420,7 @@ def test_aad_with_policy_is_the_v1_aad_plus_the_policy_digest(
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("credential-policies") / "data"
-    assert cli("credentials", "list", data_dir=path).returncode == 0
+    assert cli("init", data_dir=path).returncode == 0
     return path
 
 

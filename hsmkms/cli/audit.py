@@ -15,7 +15,7 @@ import sys
 from hsmkms.audit.records import canonical_json
 from hsmkms.audit.trail import AuditTrail, VerifyStatus
 from hsmkms.config import Settings
-from hsmkms.system import open_audit_reader, open_audit_verifier
+from hsmkms.system import open_audit_reader, open_audit_verifier, require_data_directory
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1
@@ -90,8 +90,14 @@ def _expected_seal(value: str) -> tuple[int, bytes]:
     return parsed
 
 
+def _settings(args: argparse.Namespace, *, token: bool) -> Settings:
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings, token=token)
+    return settings
+
+
 def run_verify(args: argparse.Namespace) -> int:
-    with open_audit_verifier(Settings.load(args.data_dir)) as trail:
+    with open_audit_verifier(_settings(args, token=True)) as trail:
         result = trail.verify(expect_seal=args.expect_seal)
     for gap in result.gaps:
         print(
@@ -114,7 +120,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _reader(args: argparse.Namespace) -> AuditTrail:
-    return open_audit_reader(Settings.load(args.data_dir))
+    return open_audit_reader(_settings(args, token=False))
 
 
 def run_tail(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from hsmkms.config import Settings
 from hsmkms.errors import LimitExceededException, MalformedPolicyDocumentException
 from hsmkms.identity import ROOT_NAME, CredentialStore
 from hsmkms.policy import MAX_POLICY_BYTES, parse_identity_policy
-from hsmkms.system import System, initialize
+from hsmkms.system import System, require_data_directory
 
 EXIT_BAD_POLICY = 2
 """A policy file that cannot be used (argparse's exit code for a usage error)."""
@@ -139,11 +139,11 @@ def _bad_policy(message: str) -> int:
 
 @contextlib.contextmanager
 def _credentials(args: argparse.Namespace) -> Iterator[CredentialStore]:
-    """The credentials store of an initialized data directory (created when missing, with the
-    root identity, as ``hsmkms serve`` does); closed on exit."""
+    """The credentials store of an existing data directory (``hsmkms init`` or ``hsmkms serve``
+    made it, with the root identity); closed on exit."""
     settings = Settings.load(args.data_dir)
-    initialize(settings)
-    with System.open(settings, audit=None, identity=True) as system:
+    require_data_directory(settings)
+    with System.open(settings, audit=None, identity=True, prepare=False) as system:
         yield system.credentials
 
 

@@ -34,7 +34,7 @@ from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
 from hsmkms.envelope.stream import Progress
 from hsmkms.errors import ValidationException
 from hsmkms.service import KmsService
-from hsmkms.system import OperatorService, System
+from hsmkms.system import OperatorService, System, require_data_directory
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -165,18 +165,22 @@ def _boto3_client(args: argparse.Namespace) -> Any:
 
 
 @contextlib.contextmanager
-def _local_system(data_dir: Path | None) -> Iterator[System]:
-    """The system on the data directory (the embedded token is created when missing), its
-    audit records appended to the trail as they are made."""
-    with System.open(Settings.load(data_dir), audit="direct") as system:
+def _local_system(data_dir: Path | None, *, create: bool = False) -> Iterator[System]:
+    """The system on an existing data directory (``create``: made when missing, for tests and
+    benchmarks), its audit records appended to the trail as they are made."""
+    settings = Settings.load(data_dir)
+    if not create:
+        require_data_directory(settings)
+    with System.open(settings, audit="direct", prepare=create) as system:
         yield system
 
 
 @contextlib.contextmanager
 def _local_service(data_dir: Path | None) -> Iterator[KmsService]:
     """The KmsService on the data directory, as the local operator's calls reach it (for
-    tests and benchmarks that set up keys; calls made on it directly are not audited)."""
-    with _local_system(data_dir) as system:
+    tests and benchmarks that set up keys; calls made on it directly are not audited). Makes
+    the data directory when missing."""
+    with _local_system(data_dir, create=True) as system:
         yield system.service
 
 

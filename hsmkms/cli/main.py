@@ -11,15 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hsmkms.cli import audit, credentials, doctor, envelope, purge, report, serve
+from hsmkms.cli import audit, credentials, doctor, envelope, init, purge, report, serve
 from hsmkms.errors import KMSError
 from hsmkms.log import configure_logging
+from hsmkms.system.datadir import NoDataDirectory
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
-COMMANDS = (doctor, serve, purge, credentials, envelope, audit, report)
+COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report)
 
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 
 
@@ -52,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
+    except NoDataDirectory as exc:
+        print(f"hsmkms {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     except KMSError as exc:
         print(f"hsmkms {args.command}: {exc.message or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILURE

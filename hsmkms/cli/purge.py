@@ -8,7 +8,7 @@ import argparse
 
 from hsmkms.config import Settings
 from hsmkms.errors import KMSInternalException
-from hsmkms.system import System
+from hsmkms.system import System, require_data_directory
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     # One DeleteKey service event per purged key goes to the audit trail as it happens, the
     # way the server's periodic purge records them.
-    with System.open(Settings.load(args.data_dir), audit="direct") as system:
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit="direct", prepare=False) as system:
         purged = system.service.purge_due()
         lost = system.lost_service_events
     for key_id in purged:

@@ -31,7 +31,7 @@ from hsmkms.report import (
     verify_document,
 )
 from hsmkms.report.signing import public_key_pem
-from hsmkms.system import System
+from hsmkms.system import System, require_data_directory
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -142,7 +142,8 @@ def run_report(args: argparse.Namespace) -> int:
             else ReportFormat.HTML
         )
     settings = Settings.load(args.data_dir)
-    with System.open(settings, audit=None, identity=True) as system:
+    require_data_directory(settings)
+    with System.open(settings, audit=None, identity=True, prepare=False) as system:
         report = build_report(
             system,
             deployment=_deployment(settings),
@@ -197,6 +198,7 @@ def run_verify(args: argparse.Namespace) -> int:
         source = f"the key in {args.public_key}"
     else:
         settings = Settings.load(args.data_dir)
+        require_data_directory(settings)
         with System.open(settings, audit=None, prepare=False) as system:
             trusted = [k.public_key for k in find_signing_keys(system.keystore)]
             source = f"a report signing key of token {system.keystore.info().serial}"
@@ -218,7 +220,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_key(args: argparse.Namespace) -> int:
-    with System.open(Settings.load(args.data_dir), audit=None) as system:
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit=None, prepare=False) as system:
         key = signing_key(system.keystore)
         assert key is not None
         serial = system.keystore.info().serial

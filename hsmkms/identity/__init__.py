@@ -13,6 +13,7 @@ from hsmkms.identity.store import (
     UnknownCredential,
     generate_access_key_id,
     generate_secret,
+    root_account,
     validate_identity_policy,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "UnknownCredential",
     "generate_access_key_id",
     "generate_secret",
+    "root_account",
     "validate_identity_policy",
 ]

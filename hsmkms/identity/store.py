@@ -65,6 +65,7 @@ from sqlalchemy import (
     Text,
     delete,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -105,6 +106,7 @@ __all__ = [
     "UnknownCredential",
     "generate_access_key_id",
     "generate_secret",
+    "root_account",
     "validate_identity_policy",
 ]
 
@@ -247,6 +249,19 @@ def _aad(access_key_id: str, principal_arn: str, policy: str | None) -> bytes:
     if policy is None:
         return aad  # schema v1 rows and credentials without a policy
     return aad + _AAD_POLICY + hashlib.sha256(policy.encode()).digest()
+
+
+def root_account(database: Database) -> str | None:
+    """The account of the stored root credential (``arn:aws:iam::<account>:root``), or None
+    when the database has no identity tables or no root yet. Reads only."""
+    with database.read(_ERRORS) as conn:
+        if not inspect(conn).has_table(_C.name):
+            return None
+        arn = conn.execute(select(_C.c.principal_arn).where(_C.c.name == ROOT_NAME)).scalar()
+    if arn is None:
+        return None
+    parts = str(arn).split(":")
+    return parts[4] if len(parts) >= 6 and parts[4] else None
 
 
 def _info(row: Any) -> CredentialInfo:

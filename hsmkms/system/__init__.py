@@ -7,7 +7,8 @@ It sits above ``service/``, ``store/``, ``keystore/``, ``identity/`` and ``audit
   credentials store, audit trail and writer), :func:`open_audit_reader`,
   :func:`open_audit_verifier`; the only module constructing those parts;
 * :mod:`hsmkms.system.datadir` — :func:`initialize`: the data directory, the token, the
-  database and the root identity (``serve``'s parent, ``hsmkms credentials``);
+  database and the root identity (``hsmkms init``, ``serve``'s parent);
+  :func:`require_data_directory`: every other command's first question;
 * :mod:`hsmkms.system.operator` — :class:`OperatorService`: the local operator's key
   operations, each recorded in the audit trail like an API call.
 """
@@ -19,7 +20,10 @@ from hsmkms.system.datadir import (
     ROOT_KEY_ENV,
     ROOT_SECRET_ENV,
     InitReport,
+    NoDataDirectory,
+    data_directory_exists,
     initialize,
+    require_data_directory,
 )
 from hsmkms.system.operator import (
     LOCAL_OPERATOR_TYPE,
@@ -43,11 +47,14 @@ __all__ = [
     "ROOT_SECRET_ENV",
     "AuditMode",
     "InitReport",
+    "NoDataDirectory",
     "OperatorService",
     "System",
+    "data_directory_exists",
     "initialize",
     "local_operator_identity",
     "open_audit_reader",
     "open_audit_verifier",
+    "require_data_directory",
     "service_event_sink",
 ]

@@ -1,10 +1,13 @@
-"""Data-directory initialization, for the parent of ``hsmkms serve`` and the ``hsmkms
-credentials`` command.
+"""The data directory: whether there is one, and its initialization (``hsmkms init`` and the
+parent of ``hsmkms serve``, the only two that may create one).
 
 :func:`initialize` creates the embedded SoftHSM2 token when needed, migrates the database (the
 metadata store opened with its row sealer, so its integrity key exists from the start), and
 creates the account root identity, writing freshly generated root credentials to
 ``<data_dir>/root-credentials.json`` (mode 0600).
+
+:func:`require_data_directory` is what every other command asks first: a command run in the
+wrong directory must say so, not make a new token, database and root credential there.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hsmkms.config import Settings
+from hsmkms.db import database_exists
+from hsmkms.errors import ClientError
 from hsmkms.identity import ROOT_NAME, IssuedCredential
+from hsmkms.softhsm import CONF_NAME
 from hsmkms.system.root import System
 
 __all__ = [
@@ -26,12 +32,20 @@ __all__ = [
     "ROOT_KEY_ENV",
     "ROOT_SECRET_ENV",
     "InitReport",
+    "NoDataDirectory",
+    "data_directory_exists",
     "initialize",
+    "require_data_directory",
 ]
 
 ROOT_CREDENTIALS_FILE = "root-credentials.json"
 ROOT_KEY_ENV = "HSMKMS_ROOT_ACCESS_KEY_ID"
 ROOT_SECRET_ENV = "HSMKMS_ROOT_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name)
+
+
+class NoDataDirectory(ClientError):
+    """The data directory the command was pointed at does not exist (or holds no hsmkms data).
+    A usage error: the command line exits 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +56,30 @@ class InitReport:
     root_access_key_id: str
     root_credentials_file: Path | None  # None when the root identity comes from the environment
     root_created: bool
+    created: bool = False
+    """The data directory did not exist (or held no hsmkms data) before."""
+
+
+def data_directory_exists(settings: Settings, *, token: bool = True) -> bool:
+    """Whether the configured data directory holds what this configuration keeps there: the
+    embedded token's ``softhsm2.conf`` (embedded default; not asked with ``token=False``, for
+    a command that reads only the database) and the SQLite database (unless
+    ``HSMKMS_DATABASE_URL`` names another database). A configuration that keeps nothing there
+    (a hardware token and a database server) needs none: always True."""
+    data_dir = settings.data_dir
+    if token and settings.is_embedded and not (data_dir / CONF_NAME).exists():
+        return False
+    return settings.database_url is not None or database_exists(settings.sqlite_url)
+
+
+def require_data_directory(settings: Settings, *, token: bool = True) -> None:
+    """Raise :class:`NoDataDirectory` unless :func:`data_directory_exists`: every command but
+    ``init`` and ``serve`` asks this before it opens anything, so that none of them creates a
+    token, a database or root credentials by being run in the wrong directory."""
+    if not data_directory_exists(settings, token=token):
+        raise NoDataDirectory(
+            f"no data directory at {settings.data_dir} (run hsmkms init or pass --data-dir)"
+        )
 
 
 def _root_from_env() -> tuple[str | None, str | None]:
@@ -89,6 +127,7 @@ def initialize(settings: Settings) -> InitReport:
     ``<data_dir>/root-credentials.json`` (0600).
     """
     data_dir = settings.data_dir
+    created = not data_directory_exists(settings)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     root_file = data_dir / ROOT_CREDENTIALS_FILE
     env_key, env_secret = _root_from_env()
@@ -107,4 +146,5 @@ def initialize(settings: Settings) -> InitReport:
         root_access_key_id=root.access_key_id,
         root_credentials_file=root_file if root_file.exists() else None,
         root_created=issued is not None,
+        created=created,
     )
