@@ -2,9 +2,10 @@
 streams (:mod:`hsmkms.envelope`).
 
 Data keys come from the local data directory (the KMS service in this process; each call is
-recorded in the audit trail as the local operator's) or, with ``--endpoint-url``, from any KMS
-endpoint through boto3 (credentials and region from the usual AWS environment variables or
-profile). ``-`` means stdin or stdout.
+recorded in the audit trail as the local operator's) or, with ``--endpoint-url`` — or
+``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL`` in the environment, as every AWS tool reads them,
+unless ``--data-dir`` is given — from any KMS endpoint through boto3 (credentials and region
+from the usual AWS environment variables or profile). ``-`` means stdin or stdout.
 
 Output files are written atomically: nothing appears under the output name unless the whole
 operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
@@ -50,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "--endpoint-url",
             metavar="URL",
             help="use this KMS endpoint (an hsmkms server or AWS KMS) through boto3 instead of "
-            "the local data directory",
+            "the local data directory (default: $AWS_ENDPOINT_URL_KMS, else $AWS_ENDPOINT_URL, "
+            "unless --data-dir is given)",
         )
         parser.add_argument("--region", help="AWS region for --endpoint-url")
         parser.add_argument(
@@ -133,10 +135,26 @@ def parse_context(pairs: Sequence[str]) -> dict[str, str]:
     return context
 
 
+def configured_endpoint(args: argparse.Namespace) -> str | None:
+    """The KMS endpoint to use instead of the local data directory: ``--endpoint-url``; else,
+    unless ``--data-dir`` was given, the one every AWS tool takes from the environment —
+    ``AWS_ENDPOINT_URL_KMS``, then ``AWS_ENDPOINT_URL`` — unless
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true (botocore's rule)."""
+    if args.endpoint_url:
+        return str(args.endpoint_url)
+    if args.data_dir is not None:
+        return None
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_KMS") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 @contextlib.contextmanager
 def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
     segment_size = getattr(args, "segment_size", DEFAULT_SEGMENT_SIZE)
-    if args.endpoint_url:
+    endpoint = configured_endpoint(args)
+    if endpoint is not None:
+        args.endpoint_url = endpoint
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
     with _local_system(args.data_dir) as system:
