@@ -531,6 +531,11 @@ class Settings(BaseSettings):
         return self.data_dir / "softhsm2.conf"
 
     @property
+    def token_write_lock(self) -> Path:
+        """The embedded token's write lock (``hsmkms backup``; KeystoreConfig.write_lock)."""
+        return self.data_dir / softhsm.TOKEN_WRITE_LOCK
+
+    @property
     def token_dir(self) -> Path:
         """The SoftHSM2 token directory of the embedded default."""
         return self.data_dir / "tokens"
@@ -805,4 +810,5 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         slot_id=slot_id,
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
+        write_lock=str(settings.token_write_lock) if settings.is_embedded else None,
     )

@@ -40,6 +40,7 @@ from hsmkms.errors import KMSInternalException
 DEFAULT_LABEL = "hsmkms"
 CONF_NAME = "softhsm2.conf"
 TOKEN_DIR_NAME = "tokens"  # noqa: S105 (a directory name)
+TOKEN_WRITE_LOCK = ".token-writes.lock"  # noqa: S105 (a file name)
 MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -277,4 +278,132 @@ def ensure_token(data_dir: Path, label: str = DEFAULT_LABEL) -> Path:
         _softhsm2_util(
             conf, "--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", user_pin
         )
+    return conf
+
+
+# --------------------------------------------------------------------------------------------
+# Copying the token files while SoftHSM2 may be writing them (hsmkms backup)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCopy:
+    """What :func:`copy_token_files` copied (paths relative to the target) and left out."""
+
+    files: tuple[Path, ...]
+    skipped: tuple[str, ...]
+    """Object files left out: written after ``since`` or while being copied (objects being
+    created or changed), or destroyed while being read."""
+
+
+def _read_locked(path: Path) -> tuple[bytes, os.stat_result] | None:
+    """``path``'s bytes and status, read under a POSIX read lock on the whole file — the lock
+    SoftHSM2 2.6 itself reads under, which its writers' write lock excludes (``File::lock``:
+    ``fcntl`` ``F_SETLKW`` with ``F_RDLCK``/``F_WRLCK``; ``ObjectFile::store`` truncates and
+    rewrites an object file while holding ``F_WRLCK``). None when the file is gone, or was
+    removed while it was read (a destroyed object)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            opened = os.fstat(fd)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return None
+    if (now.st_ino, now.st_dev) != (opened.st_ino, opened.st_dev):
+        return None
+    return b"".join(chunks), opened
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def copy_token_files(token_dir: Path, target: Path, *, since: float) -> TokenCopy:
+    """Copy SoftHSM2's token directories in ``token_dir`` into the new directory ``target``
+    while other processes may be creating, using and destroying objects: every object whose
+    file was last written before ``since`` (a ``time.time()``) and did not change during the
+    copy, whole.
+
+    Each file is read under a read lock (:func:`_read_locked`), so no copy holds half of one
+    write. But SoftHSM2 2.6 writes an object in many steps — the object file is rewritten for
+    each attribute it sets while creating it (measured: 20 and more whole-file rewrites per
+    AES key, each a consistent file) — so a file read while an object is being created is a
+    whole file of an unfinished object. hsmkms processes create and destroy objects only
+    while holding the token's write lock shared, so the caller holds it exclusively
+    (:func:`hold_token_writes`) and no hsmkms process is inside a creation. Against other
+    writers (``softhsm2-util``, ``pkcs11-tool``) two rules remain: an object file written at
+    or after ``since`` is left out, and so is one whose bytes differ when read again after the
+    copy. An object hsmkms has recorded is never rewritten (its attributes are not
+    modifiable) and its last write precedes the database commit that records it, so with
+    ``since`` taken after the database's write lock, before its snapshot, every object the
+    snapshot names is copied.
+
+    ``token.object`` and ``generation`` are copied as read. Lock files (``*.lock``) are always
+    empty and are made anew, one per copied object and one per token: SoftHSM2 refuses to
+    destroy an object whose lock file is missing."""
+    target.mkdir(mode=0o700)
+    files: list[Path] = []
+    skipped: list[str] = []
+    copied: dict[Path, bytes] = {}
+    since_ns = int(since * 1e9)
+    for token in sorted(p for p in token_dir.iterdir() if p.is_dir()):
+        out = target / token.name
+        out.mkdir(mode=0o700)
+        for path in sorted(token.iterdir()):
+            if path.suffix == ".lock" or not path.is_file():
+                continue
+            read = _read_locked(path)
+            is_object = path.suffix == ".object" and path.name != "token.object"
+            if read is None or (is_object and read[1].st_mtime_ns >= since_ns):
+                skipped.append(f"{token.name}/{path.name}")
+                continue
+            _write_new(out / path.name, read[0])
+            if is_object:
+                copied[path] = read[0]
+    for path, data in copied.items():
+        again = _read_locked(path)
+        if again is None or again[0] != data:
+            (target / path.parent.name / path.name).unlink()
+            skipped.append(f"{path.parent.name}/{path.name}")
+    for token in sorted(p for p in target.iterdir()):
+        for path in sorted(token.iterdir()):
+            files.append(Path(token.name) / path.name)
+            if path.suffix == ".object":
+                _write_new(token / f"{path.stem}.lock", b"")
+                files.append(Path(token.name) / f"{path.stem}.lock")
+    return TokenCopy(tuple(sorted(files)), tuple(sorted(skipped)))
+
+
+@contextlib.contextmanager
+def hold_token_writes(data_dir: Path) -> Iterator[None]:
+    """Hold ``<data_dir>/.token-writes.lock`` exclusively: every hsmkms process holds it shared
+    while it creates or destroys token objects (``KeystoreConfig.write_lock``), so while this
+    is held no object is half written by hsmkms. Waits for the creations in flight."""
+    fd = os.open(data_dir / TOKEN_WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_conf(data_dir: Path) -> Path:
+    """Write ``<data_dir>/softhsm2.conf`` (replacing any), pointing at ``<data_dir>/tokens``."""
+    data_dir = data_dir.absolute()
+    conf = data_dir / CONF_NAME
+    _replace_file(conf, CONF_TEMPLATE.format(token_dir=data_dir / TOKEN_DIR_NAME))
     return conf

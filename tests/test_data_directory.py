@@ -244,3 +244,28 @@ def test_a_changed_account_is_refused_before_any_key_exists(tmp_path: Path) -> N
     assert proc.returncode == 1
     assert "belongs to account 111122223333, but HSMKMS_ACCOUNT_ID is 444455556666" in proc.stderr
     assert "serving" not in proc.stdout
+
+
+def test_make_clean_keeps_the_data_directory_and_clean_data_says_what_it_deletes(
+    tmp_path: Path,
+) -> None:
+    makefile = Path(__file__).resolve().parents[1] / "Makefile"
+    for name in (".venv", ".cache", ".hsmkms/tokens"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / ".hsmkms" / "user.pin").write_text("x")
+
+    def make(target: str) -> str:
+        proc = subprocess.run(
+            ["make", "-s", "-f", str(makefile), "-C", str(tmp_path), target],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return proc.stdout
+
+    out = make("clean")
+    assert not (tmp_path / ".venv").exists()
+    assert not (tmp_path / ".cache").exists()
+    assert (tmp_path / ".hsmkms" / "user.pin").exists()
+    assert "kept .hsmkms (the embedded token: every key); 'make clean-data' deletes it" in out
+    out = make("clean-data")
+    assert "deleting .hsmkms: the embedded SoftHSM2 token with every key in it" in out
+    assert not (tmp_path / ".hsmkms").exists()

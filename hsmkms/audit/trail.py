@@ -38,6 +38,7 @@ append through :class:`hsmkms.audit.writer.AuditWriter`, which batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -435,6 +436,20 @@ class AuditTrail:
 
     def _read(self) -> AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
+
+    def head(self) -> tuple[int, Seal | None]:
+        """The number of records and the newest seal (None: no seal), read without checking
+        anything (``verify`` checks)."""
+        with self._read() as conn:
+            return self._head(conn)[0], self._newest_seal(conn)
+
+    @contextlib.contextmanager
+    def hold_writes(self) -> Iterator[None]:
+        """Hold the trail's write lock for the block: no process appends a record or a seal
+        meanwhile (they wait, up to their busy timeout). ``hsmkms backup`` copies the trail
+        and the token inside it, so the copy of the trail and of the token agree."""
+        with self._write():
+            yield
 
     @property
     def keystore(self) -> Keystore:

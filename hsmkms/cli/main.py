@@ -11,14 +11,24 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hsmkms.cli import audit, credentials, doctor, envelope, init, purge, report, serve
+from hsmkms.cli import (
+    audit,
+    backup,
+    credentials,
+    doctor,
+    envelope,
+    init,
+    purge,
+    report,
+    serve,
+)
 from hsmkms.errors import KMSError
 from hsmkms.log import configure_logging
 from hsmkms.system.datadir import NoDataDirectory
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
-COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report)
+COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report, backup)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -10,7 +10,14 @@ name a dialect. ``tests/test_db.py`` fails when one does.
 from __future__ import annotations
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal, ReadCache
-from hsmkms.db.database import Database, database_exists, database_location, file_url
+from hsmkms.db.database import (
+    Database,
+    database_exists,
+    database_location,
+    file_url,
+    snapshot_database,
+)
+from hsmkms.db.dialects import check_database_file
 from hsmkms.db.errors import ErrorMessages
 from hsmkms.db.migrations import Component, LegacyMarker, Migration, add_column, migrate
 from hsmkms.db.types import BigIntKey, UTCDateTime
@@ -27,8 +34,10 @@ __all__ = [
     "ReadCache",
     "UTCDateTime",
     "add_column",
+    "check_database_file",
     "database_exists",
     "database_location",
     "file_url",
     "migrate",
+    "snapshot_database",
 ]

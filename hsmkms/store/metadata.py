@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -399,6 +399,15 @@ class MetadataStore:
 
     def _read(self) -> contextlib.AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
+
+    @contextlib.contextmanager
+    def hold_writes(self) -> Iterator[None]:
+        """Hold the database's write lock for the block: no process commits a key, version,
+        alias, grant or credential change meanwhile (they wait, up to their busy timeout).
+        ``hsmkms backup`` copies the database and the token inside it: every row then names
+        token objects that the copy holds."""
+        with self._write():
+            yield
 
     def _lock_key(self, conn: Connection, key_id: str) -> KeyRecord:
         key = self._lock_key_if_there(conn, key_id)
