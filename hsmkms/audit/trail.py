@@ -437,10 +437,29 @@ class AuditTrail:
     def _read(self) -> AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
 
-    def head(self) -> tuple[int, Seal | None]:
-        """The number of records and the newest seal (None: no seal), read without checking
-        anything (``verify`` checks)."""
+    def check_key(self) -> None:
+        """Check that the trail's audit key reference names the audit key on the token, as a
+        writer does when it opens the trail (nothing to check before the trail exists). A
+        :class:`~hsmkms.errors.KMSError` naming the problem."""
         with self._read() as conn:
+            if not self._exists(conn):
+                return
+            ref = self._settings(conn).get("audit_key")
+        # Not remembered as this trail's key: a trail that knows its key seals on close.
+        if ref is None:
+            raise KMSInternalException("The audit trail has no audit key.")
+        try:
+            self._checked_key(ref)
+        except ValueError as exc:
+            raise KMSInternalException(f"The audit trail's audit key is wrong: {exc}.") from exc
+
+    def head(self) -> tuple[int, Seal | None]:
+        """The number of records and the newest seal (None: no seal; ``(0, None)`` for a
+        database that holds no trail yet), read without checking anything (``verify``
+        checks)."""
+        with self._read() as conn:
+            if not self._exists(conn):
+                return 0, None
             return self._head(conn)[0], self._newest_seal(conn)
 
     @contextlib.contextmanager

@@ -7,6 +7,7 @@ works on through :mod:`hsmkms.system`."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from hsmkms.cli import (
     report,
     serve,
 )
+from hsmkms.config import LOG_FORMATS, LOG_LEVELS
 from hsmkms.errors import KMSError
 from hsmkms.log import configure_logging
 from hsmkms.system.datadir import NoDataDirectory
@@ -43,7 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    for leaf in _leaves(parser):
+        add_log_options(leaf)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (has a ``run`` default), nested ones included."""
+    found = [parser] if parser.get_default("run") is not None else []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.extend(_leaves(child))
+    return found
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format``, which every command takes (defaults from
+    ``HSMKMS_LOG_LEVEL`` and ``HSMKMS_LOG_FORMAT``)."""
+    level = os.environ.get("HSMKMS_LOG_LEVEL", "").lower() or "warning"
+    fmt = os.environ.get("HSMKMS_LOG_FORMAT", "").lower() or None
+    group = parser.add_argument_group("logging (stderr)")
+    group.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=level,
+        type=str.lower,
+        help="the least severe level logged (default $HSMKMS_LOG_LEVEL, else warning); for "
+        "serve, of the server and its workers",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=fmt,
+        type=str.lower,
+        help="json lines, or console lines (default $HSMKMS_LOG_FORMAT, else console on a "
+        "terminal and json otherwise)",
+    )
 
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +96,13 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    # stdout may carry command output (a decrypted file, JSON): logs go to stderr.
-    configure_logging(getattr(args, "log_level", None) or "WARNING")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # stdout may carry command output (a decrypted file, JSON): logs go to stderr.
+        configure_logging(args.log_level, fmt=args.log_format)
+    except ValueError as exc:  # a bad HSMKMS_LOG_LEVEL / HSMKMS_LOG_FORMAT
+        parser.error(str(exc))
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

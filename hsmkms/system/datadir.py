@@ -24,6 +24,7 @@ from hsmkms.config import Settings
 from hsmkms.db import database_exists
 from hsmkms.errors import ClientError
 from hsmkms.identity import ROOT_NAME, IssuedCredential
+from hsmkms.keystore.base import TokenInfo
 from hsmkms.softhsm import CONF_NAME
 from hsmkms.system.root import System
 
@@ -33,6 +34,7 @@ __all__ = [
     "ROOT_SECRET_ENV",
     "InitReport",
     "NoDataDirectory",
+    "check_data_directory",
     "data_directory_exists",
     "initialize",
     "require_data_directory",
@@ -115,6 +117,22 @@ def _init_lock(data_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_data_directory(settings: Settings) -> TokenInfo:
+    """Open what a server worker will open and check it works, the way ``hsmkms doctor`` does:
+    the PKCS#11 module loads, the token is found, the PIN logs in, a self-test encrypts and
+    decrypts with temporary keys, and the metadata database and the audit trail answer.
+    Returns the token's description; raises the first problem as a :class:`KMSError` with a
+    one-line message (``hsmkms serve`` says it before printing any endpoint)."""
+    with System.open(settings, audit=None, prepare=False) as system:
+        info = system.keystore.info()
+        system.keystore.self_test()
+        system.store.schema_version()
+        if database_exists(settings.audit_database_url):
+            with system.audit_reader() as trail:
+                trail.check_key()  # the audit key a worker's writer will seal with
+    return info
 
 
 def initialize(settings: Settings) -> InitReport:
