@@ -222,7 +222,14 @@ def _run(
             f"serial {token.serial} ({token.manufacturer} {token.model})",
             flush=True,
         )
-        if report.root_credentials_file is not None:
+        if report.root_environment_retired is not None:
+            print(
+                f"hsmkms: HSMKMS_ROOT_ACCESS_KEY_ID names a root key retired on "
+                f"{report.root_environment_retired}: ignored (the root's access key is "
+                f"{report.root_access_key_id}; remove the HSMKMS_ROOT_* variables)",
+                flush=True,
+            )
+        elif report.root_credentials_file is not None:
             print(f"hsmkms: root credentials in {report.root_credentials_file}", flush=True)
         else:
             print(

@@ -19,7 +19,15 @@ from hsmkms.db.database import (
 )
 from hsmkms.db.dialects import check_database_file
 from hsmkms.db.errors import ErrorMessages
-from hsmkms.db.migrations import Component, LegacyMarker, Migration, add_column, migrate
+from hsmkms.db.migrations import (
+    Component,
+    LegacyMarker,
+    Migration,
+    add_column,
+    drop_unique,
+    migrate,
+    rebuild_table,
+)
 from hsmkms.db.types import BigIntKey, UTCDateTime
 
 __all__ = [
@@ -37,7 +45,9 @@ __all__ = [
     "check_database_file",
     "database_exists",
     "database_location",
+    "drop_unique",
     "file_url",
     "migrate",
+    "rebuild_table",
     "snapshot_database",
 ]

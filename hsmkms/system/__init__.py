@@ -25,6 +25,7 @@ from hsmkms.system.datadir import (
     data_directory_exists,
     initialize,
     require_data_directory,
+    write_root_file,
 )
 from hsmkms.system.operator import (
     LOCAL_OPERATOR_TYPE,
@@ -59,4 +60,5 @@ __all__ = [
     "open_audit_verifier",
     "require_data_directory",
     "service_event_sink",
+    "write_root_file",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "data_directory_exists",
     "initialize",
     "require_data_directory",
+    "write_root_file",
 ]
 
 ROOT_CREDENTIALS_FILE = "root-credentials.json"
@@ -60,6 +61,9 @@ class InitReport:
     root_created: bool
     created: bool = False
     """The data directory did not exist (or held no hsmkms data) before."""
+    root_environment_retired: str | None = None
+    """When ``HSMKMS_ROOT_ACCESS_KEY_ID`` names a root key retired by ``hsmkms credentials
+    delete``: since when (the variables were ignored)."""
 
 
 def data_directory_exists(settings: Settings, *, token: bool = True) -> bool:
@@ -88,6 +92,11 @@ def _root_from_env() -> tuple[str | None, str | None]:
     key = os.environ.get(ROOT_KEY_ENV) or None
     secret = os.environ.get(ROOT_SECRET_ENV) or None
     return key, secret
+
+
+def write_root_file(path: Path, issued: IssuedCredential, region: str) -> None:
+    """Write root credentials to ``path`` (mode 0600, atomically)."""
+    _write_root_file(path, issued, region)
 
 
 def _write_root_file(path: Path, issued: IssuedCredential, region: str) -> None:
@@ -141,8 +150,8 @@ def initialize(settings: Settings) -> InitReport:
     Idempotent; safe across processes.
 
     Root credentials: ``HSMKMS_ROOT_ACCESS_KEY_ID`` / ``HSMKMS_ROOT_SECRET_ACCESS_KEY`` when set
-    (nothing is written to disk then), else generated once and written to
-    ``<data_dir>/root-credentials.json`` (0600).
+    (nothing is written to disk then) unless they name a retired root key (then ignored), else
+    generated once and written to ``<data_dir>/root-credentials.json`` (0600).
     """
     data_dir = settings.data_dir
     created = not data_directory_exists(settings)
@@ -158,11 +167,16 @@ def initialize(settings: Settings) -> InitReport:
             # The environment now defines root: a file of an earlier generated root is stale.
             with contextlib.suppress(FileNotFoundError):
                 root_file.unlink()
-        root = next(c for c in credentials.list() if c.name == ROOT_NAME)
+        retired = (
+            credentials.retired_at(env_key) if env_key is not None and issued is None else None
+        )
+        # The newest root key (a rotated root holds two until the old one is deleted).
+        root = [c for c in credentials.list() if c.name == ROOT_NAME][-1]
     return InitReport(
         data_dir=data_dir,
         root_access_key_id=root.access_key_id,
         root_credentials_file=root_file if root_file.exists() else None,
         root_created=issued is not None,
         created=created,
+        root_environment_retired=retired,
     )
