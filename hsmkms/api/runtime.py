@@ -64,7 +64,8 @@ class Runtime:
     due-task lock). Thread-safe.
 
     Every record goes through :meth:`audit` to the worker's :class:`AuditWriter`, which
-    appends in batches from its own thread to the trail in the metadata database."""
+    appends in batches from its own thread to the trail (``Settings.audit_database_url``:
+    ``audit.db`` on the embedded default)."""
 
     def __init__(self, system: System) -> None:
         if system.writer is None:
