@@ -748,6 +748,21 @@ class AuditTrail:
             if len(rows) < _PAGE:
                 return
 
+    def records_after(self, seq: int, limit: int = _PAGE) -> list[tuple[int, AuditRecord]]:
+        """The records numbered above ``seq``, oldest first, at most ``limit``, each with its
+        number (``hsmkms audit tail -f`` follows the trail with it). Not proof of integrity."""
+        with self._read() as conn:
+            if not self._exists(conn):
+                return []
+            query = select(_R.c.seq, _R.c.record).where(_R.c.seq > seq).order_by(_R.c.seq)
+            rows = conn.execute(query.limit(limit)).all()
+        found = []
+        for row in rows:
+            record = _load(row.record)
+            if record is not None:
+                found.append((int(row.seq), record))
+        return found
+
     def tail(self, n: int = 10) -> list[AuditRecord]:
         """The newest ``n`` records, oldest first."""
         with self._read() as conn:

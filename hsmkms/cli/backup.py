@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import string
 import sys
 from pathlib import Path
 from typing import Any
 
 from hsmkms.audit.trail import VerifyStatus
+from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
 from hsmkms.errors import KMSError
 from hsmkms.system import open_audit_verifier
@@ -133,6 +135,9 @@ def _checks(settings: Settings) -> dict[str, Any]:
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    digest = args.expect_digest
+    if digest is not None and (len(digest) != 64 or not all(c in string.hexdigits for c in digest)):
+        raise UsageError("--expect-digest takes the 64 hex digits 'hsmkms backup' printed")
     settings = Settings.load(args.data_dir)
     result = restore_data_directory(args.file, settings, expect_digest=args.expect_digest)
     checks = _checks(settings)

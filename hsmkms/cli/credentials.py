@@ -24,9 +24,10 @@ import json
 import sys
 from collections.abc import Iterator
 
+from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
 from hsmkms.errors import LimitExceededException, MalformedPolicyDocumentException
-from hsmkms.identity import ROOT_NAME, CredentialStore, IssuedCredential
+from hsmkms.identity import ROOT_NAME, USER_NAME, CredentialStore, IssuedCredential
 from hsmkms.policy import MAX_POLICY_BYTES, parse_identity_policy
 from hsmkms.system import (
     ROOT_CREDENTIALS_FILE,
@@ -97,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_data_dir(remove)
     remove.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
+    remove.add_argument("--json", action="store_true", help="print one JSON object")
     remove.set_defaults(run=run_delete)
 
     set_policy = actions.add_parser(
@@ -111,6 +113,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     choice = set_policy.add_mutually_exclusive_group(required=True)
     add_policy_file(choice, "the identity policy (IAM JSON; - for stdin)")
     choice.add_argument("--clear", action="store_true", help="remove the identity policy")
+    set_policy.add_argument("--json", action="store_true", help="print one JSON object")
     set_policy.set_defaults(run=run_set_policy)
 
     get_policy = actions.add_parser(
@@ -121,6 +124,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_data_dir(get_policy)
     get_policy.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
+    get_policy.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: the credential and its policy (null when it has none)",
+    )
     get_policy.set_defaults(run=run_get_policy)
 
 
@@ -179,6 +187,10 @@ def _credentials(args: argparse.Namespace) -> Iterator[CredentialStore]:
 
 
 def run_create(args: argparse.Namespace) -> int:
+    if not USER_NAME.fullmatch(args.name):
+        raise UsageError(
+            f"--name {args.name!r}: a user name is 1-64 characters of letters, digits and +=,.@_-"
+        )
     try:
         policy = None if args.policy_file is None else read_policy_file(args.policy_file)
     except PolicyFileError as exc:
@@ -266,7 +278,10 @@ def run_delete(args: argparse.Namespace) -> int:
     settings = Settings.load(args.data_dir)
     with _credentials(args) as store:
         removed = store.delete(args.credential)
-    print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
+    if args.json:
+        print(json.dumps({"Deleted": removed.access_key_id, "Arn": removed.principal_arn}))
+    else:
+        print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
     root_file = settings.data_dir / ROOT_CREDENTIALS_FILE
     if removed.name == ROOT_NAME and root_file.exists():
         try:
@@ -275,7 +290,7 @@ def run_delete(args: argparse.Namespace) -> int:
             named = None
         if named == removed.access_key_id:
             root_file.unlink()
-            print(f"removed {root_file}, which held that key")
+            print(f"removed {root_file}, which held that key", file=sys.stderr)
     return 0
 
 
@@ -289,6 +304,9 @@ def run_set_policy(args: argparse.Namespace) -> int:
             info = store.set_policy(args.credential, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
             return _bad_policy(exc.message)
+    if args.json:
+        print(json.dumps({"Arn": info.principal_arn, "HasPolicy": info.has_policy}))
+        return 0
     done = "set on" if info.has_policy else "removed from"
     print(f"identity policy {done} {info.access_key_id} ({info.principal_arn})")
     return 0
@@ -297,6 +315,10 @@ def run_set_policy(args: argparse.Namespace) -> int:
 def run_get_policy(args: argparse.Namespace) -> int:
     with _credentials(args) as store:
         info, policy = store.get_policy(args.credential)
+    if args.json:
+        document = None if policy is None else json.loads(policy)
+        print(json.dumps({"Arn": info.principal_arn, "Name": info.name, "Policy": document}))
+        return 0
     if policy is None:
         why = (
             "is the account root, not governed by identity policies"

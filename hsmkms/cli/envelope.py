@@ -28,12 +28,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO
 
+from hsmkms.audit.records import key_id_of
+from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
 from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
+from hsmkms.envelope.errors import DecryptionFailed
 from hsmkms.envelope.files import atomic_output
-from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
+from hsmkms.envelope.format import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_HEADER_LENGTH,
+    EnvelopeHeader,
+    Readable,
+    header_problem,
+    payload_length_fits,
+)
 from hsmkms.envelope.stream import Progress
-from hsmkms.errors import ValidationException
+from hsmkms.errors import ClientError, NotFoundException, ValidationException
 from hsmkms.service import KmsService
 from hsmkms.system import OperatorService, System, require_data_directory
 
@@ -76,7 +86,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="encryption context pair (repeatable); needed again to decrypt",
+        help="encryption context pair (repeatable), bound to the file: decrypt-file needs "
+        "none of it, but refuses the file when a --context pair it is given is missing from "
+        "the file's context or has another value (pairs it is not given are not checked)",
     )
     encrypt.add_argument(
         "--segment-size", type=int, default=DEFAULT_SEGMENT_SIZE, help=argparse.SUPPRESS
@@ -97,7 +109,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="require this encryption context pair (repeatable)",
+        help="require this encryption context pair in the file (repeatable): every pair "
+        "given must be in the file's context with this value; the file may hold more",
     )
     decrypt.add_argument("--key-id", help="require the input to be encrypted under this key")
     decrypt.add_argument(
@@ -123,14 +136,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def parse_context(pairs: Sequence[str]) -> dict[str, str]:
-    """``["k=v", ...]`` as a dict; ``ValidationException`` for a malformed or repeated key."""
+    """``["k=v", ...]`` as a dict; :class:`UsageError` for a malformed or repeated key."""
     context: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValidationException(f"--context needs KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--context needs KEY=VALUE, got {pair!r}")
         if key in context:
-            raise ValidationException(f"--context key {key!r} given twice")
+            raise UsageError(f"--context key {key!r} given twice")
         context[key] = value
     return context
 
@@ -178,7 +191,7 @@ def _boto3_client(args: argparse.Namespace) -> Any:
         return boto3.client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
     except (boto_errors.BotoCoreError, ValueError) as exc:
         if isinstance(exc, ValueError):
-            raise ValidationException(f"invalid --endpoint-url: {args.endpoint_url}") from None
+            raise UsageError(f"invalid --endpoint-url: {args.endpoint_url}") from None
         raise map_boto_error(exc) from exc
 
 
@@ -337,6 +350,102 @@ def run_encrypt(args: argparse.Namespace) -> int:
 
 def run_decrypt(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
+    try:
+        return _decrypt(args, context)
+    except (DecryptionFailed, NotFoundException):
+        # (NotFoundException: a header naming a key ARN of another account or region.)
+        reason = _why_not(args, context)
+        if reason is None:
+            raise
+        raise DecryptionFailedBecause(f"decryption failed: {reason}") from None
+
+
+class DecryptionFailedBecause(ClientError):
+    """What the command line says when the file's header tells why it cannot be decrypted.
+    The payload's own failure stays the one fixed message (:class:`DecryptionFailed`); an API
+    caller never sees this (it is the command line's, after the failure)."""
+
+    code = "InvalidCiphertextException"
+
+
+def _why_not(args: argparse.Namespace, context: dict[str, str]) -> str | None:
+    """Why ``args.input`` cannot be decrypted, from what the file shows without any key: not
+    an hsmkms file; cut short in its header or its payload; another key than ``--key-id``; a
+    ``--context`` pair the file does not hold; a key this data directory (or endpoint) does
+    not hold. None when the header tells nothing: the payload failed to authenticate
+    (modified, cut at a segment boundary, or the data key's), which stays one opaque failure."""
+    if args.input == STDIO:
+        return None  # read once, not kept: nothing to look at again
+    path = Path(args.input)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as source:
+            prefix = source.read(MAX_HEADER_LENGTH)
+    except OSError:
+        return None
+    problem = header_problem(prefix)
+    if problem == "not-envelope":
+        return f"{args.input} is not a file made by hsmkms encrypt-file"
+    if problem == "truncated":
+        return f"{args.input} is cut short: its header is incomplete ({size} bytes)"
+    header, header_length = EnvelopeHeader.parse(prefix)
+    arn = header.key_arn
+    given = args.key_id
+    is_alias = given is not None and (given.startswith("alias/") or ":alias/" in given)
+    if given and not is_alias and given not in (arn, key_id_of(arn)):
+        return f"{args.input} was encrypted under key {arn}, not {given}"
+    actual = header.encryption_context
+    differing = sorted(k for k, v in context.items() if actual.get(k) != v)
+    if differing:
+        keys = ", ".join(sorted(actual)) or "none"
+        return (
+            f"{args.input}'s encryption context does not hold --context "
+            f"{', '.join(f'{k}=...' for k in differing)} as given (its keys: {keys})"
+        )
+    missing = _missing_key(args, arn)
+    if missing is not None:
+        return missing
+    if not payload_length_fits(size - header_length, header.segment_size):
+        return (
+            f"{args.input} is cut short or has bytes added after its end (its payload is no "
+            "whole number of segments)"
+        )
+    return None
+
+
+def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
+    """That the key ``arn`` is not where the command looked, when that is so."""
+    parts = arn.split(":")
+    if len(parts) < 6 or not parts[5].startswith("key/"):
+        return None
+    region, account, key_id = parts[3], parts[4], parts[5].removeprefix("key/")
+    endpoint = configured_endpoint(args)
+    if endpoint is not None:
+        try:
+            _boto3_client(args).describe_key(KeyId=arn)
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code == "NotFoundException":
+                return f"{args.input} was encrypted under key {arn}, which {endpoint} does not hold"
+        return None
+    settings = Settings.load(args.data_dir)
+    if (account, region) != (settings.account_id, settings.region):
+        return (
+            f"{args.input} was encrypted under a key of account {account} in {region}; this data "
+            f"directory is account {settings.account_id} in {settings.region} (another data "
+            "directory, or --endpoint-url)"
+        )
+    with System.open(settings, audit=None, prepare=False) as system:
+        known = system.store.get_key(key_id) is not None
+    if not known:
+        return (
+            f"{args.input} was encrypted under key {arn}, which the data directory "
+            f"{settings.data_dir} does not hold (another data directory, or --endpoint-url)"
+        )
+    return None
+
+
+def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
     with (
         _terminate_as_interrupt(),
         _client(args) as client,
@@ -359,7 +468,7 @@ def run_decrypt(args: argparse.Namespace) -> int:
 
 def run_rewrap(args: argparse.Namespace) -> int:
     if args.file == STDIO:
-        raise ValidationException("rewrap needs a file, not -")
+        raise UsageError("rewrap needs a file, not -")
     with _terminate_as_interrupt(), _client(args) as client:
         client.rewrap_file(args.file, args.key_id, fsync=args.fsync)
     return 0

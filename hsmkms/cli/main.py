@@ -7,11 +7,14 @@ works on through :mod:`hsmkms.system`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hsmkms import __version__
 from hsmkms.cli import (
     audit,
     backup,
@@ -23,6 +26,15 @@ from hsmkms.cli import (
     report,
     serve,
 )
+from hsmkms.cli.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PIPE_CLOSED,
+    EXIT_USAGE,
+    UsageError,
+    describe_os_error,
+)
 from hsmkms.config import LOG_FORMATS, LOG_LEVELS
 from hsmkms.errors import KMSError
 from hsmkms.log import configure_logging
@@ -32,16 +44,13 @@ from hsmkms.system.datadir import NoDataDirectory
 # is called with the parsed arguments and returns the exit code.
 COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report, backup)
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 70
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsmkms",
         description="A key management service whose root keys live in a PKCS#11 token.",
     )
+    parser.add_argument("--version", action="version", version=f"hsmkms {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
@@ -105,22 +114,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
-    except NoDataDirectory as exc:
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here at the latest
+        return code
+    except BrokenPipeError:
+        return _pipe_closed()
+    except (NoDataDirectory, UsageError) as exc:
         print(f"hsmkms {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except KMSError as exc:
         print(f"hsmkms {args.command}: {exc.message or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
-        target = f" {exc.filename}" if exc.filename else ""
-        print(f"hsmkms {args.command}: {exc.strerror or exc}{target}", file=sys.stderr)
+        if exc.errno == errno.EPIPE:
+            return _pipe_closed()
+        print(f"hsmkms {args.command}: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # one line, never a traceback
         print(f"hsmkms {args.command}: internal error ({type(exc).__name__})", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _pipe_closed() -> int:
+    """stdout's reader went away (``hsmkms audit tail -n 1000 | head``): stop quietly. What is
+    still buffered for stdout can never be written: point stdout at /dev/null so that the
+    interpreter's own flush at exit does not report it again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ finishes on the next run. Each purged key is a ``DeleteKey`` service event in th
 from __future__ import annotations
 
 import argparse
+import json
 
 from hsmkms.config import Settings
 from hsmkms.errors import KMSInternalException
@@ -21,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "date has passed. Safe to run at any time and to re-run after an interruption.",
     )
     add_data_dir(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
 
@@ -32,9 +34,12 @@ def run(args: argparse.Namespace) -> int:
     with System.open(settings, audit="direct", prepare=False) as system:
         purged = system.service.purge_due()
         lost = system.lost_service_events
-    for key_id in purged:
-        print(f"deleted {key_id}")
-    print(f"{len(purged)} key(s) deleted")
+    if args.json:
+        print(json.dumps({"Deleted": list(purged), "LostAuditRecords": lost}, sort_keys=True))
+    else:
+        for key_id in purged:
+            print(f"deleted {key_id}")
+        print(f"{len(purged)} key(s) deleted")
     if lost:
         raise KMSInternalException(
             f"{lost} DeleteKey record(s) could not be written to the audit trail (see the log)"

@@ -9,9 +9,11 @@ given on the command line wins.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from hsmkms.api.server import DEFAULT_HOST, DEFAULT_PORT, ServeOptions, default_workers
+from hsmkms.cli.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,8 +69,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from hsmkms.api.server import serve
-    from hsmkms.config import ConfigError, ServeSettings, Settings
+    from hsmkms.config import ServeSettings, Settings
 
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError("--port must be from 0 to 65535")
+    if (args.tls_cert is None) != (args.tls_key is None) and not (
+        os.environ.get("HSMKMS_TLS_CERT") or os.environ.get("HSMKMS_TLS_KEY")
+    ):
+        raise UsageError("--tls-cert and --tls-key must be given together")
     env = ServeSettings.load()
     workers: int | None = args.workers if args.workers is not None else env.workers
     options = ServeOptions(
@@ -82,6 +92,4 @@ def run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         console=args.console if args.console is not None else env.console,
     )
-    if not 0 <= options.port <= 65535:
-        raise ConfigError("--port must be from 0 to 65535")
     return serve(Settings.load(args.data_dir), options)

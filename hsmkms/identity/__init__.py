@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hsmkms.identity.store import (
     ROOT_NAME,
+    USER_NAME,
     CredentialInfo,
     CredentialIntegrityError,
     CredentialStore,
@@ -19,6 +20,7 @@ from hsmkms.identity.store import (
 
 __all__ = [
     "ROOT_NAME",
+    "USER_NAME",
     "CredentialInfo",
     "CredentialIntegrityError",
     "CredentialStore",

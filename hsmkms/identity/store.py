@@ -107,6 +107,7 @@ __all__ = [
     "IDENTITY_KEY_ID",
     "MAX_ACCESS_KEYS",
     "ROOT_NAME",
+    "USER_NAME",
     "CredentialInfo",
     "CredentialIntegrityError",
     "CredentialStore",
@@ -136,7 +137,8 @@ _AAD_POLICY = b"\x00policy\x00"
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _SECRET_ALPHABET = string.ascii_letters + string.digits + "+/"
 # spec: IAM user names: 1-64 of letters, digits and +=,.@_-
-_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+USER_NAME: Final = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+_NAME = USER_NAME
 # What this store accepts as an access key id: its own (AKIA + 16 base32) and any an operator
 # sets through HSMKMS_ROOT_ACCESS_KEY_ID (AWS: 16-128 word characters; we allow from 1).
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
