@@ -400,7 +400,8 @@ def test_restore_into_an_empty_directory_with_the_digest(
 
 
 def test_restore_refuses_another_digest(made: tuple[Path, str], tmp_path: Path) -> None:
-    _restore_fails(made[0], tmp_path / "t", "not the 00ff expected", "--expect-digest", "00ff")
+    wrong = "0" * 64
+    _restore_fails(made[0], tmp_path / "t", f"not the {wrong} expected", "--expect-digest", wrong)
 
 
 def test_restore_refuses_a_changed_file(made: tuple[Path, str], tmp_path: Path) -> None:
