@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make run` and `make test` need, when it is missing:
-#   - softhsm2 and opensc through apt-get (sudo when not root), and chromium (browser tests),
+#   - softhsm2, opensc and postgresql through apt-get (sudo when not root; the tests run their
+#     own throwaway PostgreSQL server with initdb/pg_ctl: the packaged cluster is not used),
+#     and chromium (browser tests),
 #   - uv (pinned) into .cache/uv-venv, then the locked Python dependencies into .venv.
 # Idempotent and non-interactive: safe in CI (no terminal, no standard input).
 set -euo pipefail
@@ -8,13 +10,16 @@ cd "$(dirname "$0")/.."
 
 UV_VERSION=0.13.9
 
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+
 if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -e /usr/lib/softhsm/libsofthsm2.so ] \
-   || ! command -v pkcs11-tool >/dev/null 2>&1; then
+   || ! command -v pkcs11-tool >/dev/null 2>&1 || ! have_initdb; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-    echo "bootstrap: installing softhsm2 and opensc with apt-get" >&2
+    echo "bootstrap: installing softhsm2, opensc and postgresql with apt-get" >&2
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 opensc </dev/null >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        softhsm2 opensc postgresql </dev/null >/dev/null
 fi
 
 # Debian's chromium, for the console's browser tests (Playwright drives /usr/bin/chromium; it

@@ -141,28 +141,6 @@ def test_a_wrong_audit_key_is_found_before_serving_in_one_line(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_a_worker_that_cannot_start_stops_the_server_without_serving(tmp_path: Path) -> None:
-    """Something only a worker meets — its audit trail's database stays locked past the busy
-    timeout while it opens the trail as a writer: it says why in one line, the server exits
-    1, and "serving" never appears."""
-    data_dir = tmp_path / "data"
-    assert run_cli("init", "--data-dir", str(data_dir)).returncode == 0
-    with running_server(data_dir) as server:
-        server.client().create_key()
-    holder = sqlite3.connect(data_dir / "audit.db", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # the write lock, held: readers still read
-    try:
-        proc = run_cli("serve", "--port", "0", "--workers", "1", "--data-dir", str(data_dir))
-    finally:
-        holder.rollback()
-        holder.close()
-    assert proc.returncode == 1
-    assert "serving" not in proc.stdout
-    lines = [x for x in proc.stderr.splitlines() if not x.startswith("{")]
-    assert lines == ["hsmkms serve: worker cannot start: The audit trail is busy."]
-    assert "Traceback" not in proc.stderr
-
-
 def test_settings_come_from_the_environment_and_options_win(data_dir: Path) -> None:
     port = _free_port()
     env = {"HSMKMS_HOST": "127.0.0.1", "HSMKMS_PORT": str(port), "HSMKMS_WORKERS": "2"}

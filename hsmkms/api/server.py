@@ -7,8 +7,10 @@ a missing module is one line and a non-zero exit before anything else is printed
 listening socket, then starts the workers with the *spawn* method (uvicorn's supervisor): each
 is a fresh interpreter that opens PKCS#11 itself. "serving" is printed once every worker has
 finished its start-up (each answers the supervisor's readiness ping). The parent never serves;
-it restarts a worker that dies and, on SIGTERM or SIGINT, asks every worker to finish its
-in-flight requests and stop.
+it restarts a worker that dies — logging, at the default level, which worker died and why (its
+exit status or signal, or that it stopped answering) — and, on SIGTERM or SIGINT, asks every
+worker to finish its in-flight requests and stop. A replacement that cannot start is retried,
+waiting longer each time (up to :data:`MAX_RESTART_DELAY` seconds).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import dataclasses
 import functools
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from hsmkms.api.metrics import MULTIPROC_ENV
 from hsmkms.config import ConfigError, Settings
@@ -30,7 +35,14 @@ if TYPE_CHECKING:
     from hsmkms.keystore.base import TokenInfo
     from hsmkms.system import InitReport
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServeOptions", "default_workers", "serve"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "ServeOptions",
+    "death_reason",
+    "default_workers",
+    "serve",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -40,6 +52,29 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 # How long a worker may take to start (load PKCS#11, log in, probe the token, open the
 # databases and the audit trail) before the server gives up.
 STARTUP_SECONDS = 120.0
+MAX_RESTART_DELAY = 30.0
+"""The longest wait before another try at starting a replacement worker that failed to."""
+
+log = structlog.get_logger(__name__)
+
+
+def death_reason(exitcode: int | None, *, hung: bool = False, timeout: float = 0.0) -> str:
+    """Why a worker process ended, in words (``killed by signal SIGBUS``)."""
+    if hung:
+        return f"stopped answering the supervisor for {timeout:g} s (killed with SIGKILL)"
+    if exitcode is None:
+        return "ended for an unknown reason"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        else:
+            name = f"signal {name}"
+        return f"killed by {name}"
+    if exitcode == 3:
+        return "failed to start (exit status 3; its reason is logged above)"
+    return f"exited with status {exitcode}"
 
 
 def default_workers() -> int:
@@ -129,15 +164,19 @@ def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
     """uvicorn's worker supervisor, which also waits, after starting the workers, until each
     has finished its start-up — uvicorn's own readiness ping (``Process.is_ready``: the worker's
     server has started) — and then calls ``on_ready``. A worker that exits first, or a start-up
-    longer than :data:`STARTUP_SECONDS`, stops the server; ``failed`` says why."""
+    longer than :data:`STARTUP_SECONDS`, stops the server; ``failed`` says why. Afterwards it
+    says why a worker died (:func:`death_reason`) and keeps retrying replacements that fail to
+    start."""
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
     class Supervisor(Multiprocess):
         failed: str | None = None
 
         def init_processes(self) -> None:
             super().init_processes()
+            self.restart_at: dict[int, float] = {}
+            self.restart_delay: dict[int, float] = {}
             deadline = time.monotonic() + STARTUP_SECONDS
             for process in self.processes:
                 while not self.should_exit.is_set():
@@ -149,7 +188,7 @@ def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
                         self.failed = (
                             ""
                             if code == STARTUP_FAILURE
-                            else f"a worker exited with code {code} before it was ready"
+                            else f"a worker {death_reason(code)} before it was ready"
                         )
                         self.should_exit.set()
                         return
@@ -161,6 +200,41 @@ def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
                         return
             if not self.should_exit.is_set():
                 on_ready()
+
+        def keep_subprocess_alive(self) -> None:
+            if self.should_exit.is_set():
+                return
+            timeout = self.config.timeout_worker_healthcheck
+            for idx, process in enumerate(self.processes):
+                when = self.restart_at.get(idx)
+                if when is not None:
+                    if time.monotonic() >= when:
+                        del self.restart_at[idx]
+                        self._replace(idx)
+                    continue
+                if process.is_alive(timeout=timeout):
+                    continue
+                hung = process.process.is_alive()
+                process.kill()
+                process.join()
+                code = process.exitcode
+                reason = death_reason(code, hung=hung, timeout=timeout)
+                if self.should_exit.is_set():
+                    return
+                if code == STARTUP_FAILURE:
+                    delay = min(2 * self.restart_delay.get(idx, 0.5), MAX_RESTART_DELAY)
+                    self.restart_delay[idx] = delay
+                    self.restart_at[idx] = time.monotonic() + delay
+                    log.error("worker_died", pid=process.pid, reason=reason, retry_in=delay)
+                    continue
+                self.restart_delay.pop(idx, None)
+                log.error("worker_died", pid=process.pid, reason=reason)
+                self._replace(idx)
+
+        def _replace(self, idx: int) -> None:
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes[idx] = process
 
     return Supervisor(config, sockets=[sock])
 

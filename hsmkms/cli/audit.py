@@ -1,12 +1,15 @@
 """``hsmkms audit``: verify the audit trail against the token, show its tail, search it.
 
 ``verify`` exits 0 when the trail is intact, 1 when it finds tampering (naming the first bad
-record) or no trail, 3 when the trail is stale (the newest seal is overdue: a removed tail or a
-writer that stopped sealing). ``tail`` and ``search`` print one JSON record per line (``--json``:
-one JSON array) and need no token; ``tail -f`` follows the trail as it grows. ``search`` takes a
-key by id, ARN or alias (resolved, with the token, to the key the alias names now) and a
-principal by ARN, access key id or user name (``root`` for the account root); when nothing
-matches it says which filter matched nothing and exits 1, as ``grep`` does.
+record; a tail cut back past the seal the token's anchor names is tampering) or no trail, 3
+when the trail is intact as far as it goes but its end is not proven: a writer stopped without
+a clean shutdown (a crash, a kill), a seal's write was interrupted, the newest seal is overdue,
+or the token holds no anchor. ``resume`` lets writers go on after a cut, recording it for
+ever. ``tail`` and ``search`` print one JSON record per line (``--json``: one JSON array) and
+need no token; ``tail -f`` follows the trail as it grows. ``search`` takes a key by id, ARN or
+alias (resolved, with the token, to the key the alias names now) and a principal by ARN, access
+key id or user name (``root`` for the account root); when nothing matches it says which filter
+matched nothing and exits 1, as ``grep`` does.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
 from hsmkms.errors import ClientError
 from hsmkms.service.operations import ALL_OPERATIONS
-from hsmkms.system import System, open_audit_reader, open_audit_verifier, require_data_directory
+from hsmkms.system import (
+    System,
+    open_audit_reader,
+    open_audit_resumer,
+    open_audit_verifier,
+    require_data_directory,
+)
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1
@@ -75,9 +84,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     verify = actions.add_parser(
         "verify",
         help="check the trail against the token's audit key",
-        description="Check every seal (inside the token), the hash chain of every record and "
-        "that the newest seal is not overdue. Exit 0: intact; 1: tampering found (the first "
-        "bad record is named) or no trail; 3: stale (the newest seal is overdue).",
+        description="Check every seal (inside the token), the hash chain of every record, that "
+        "the trail ends at the seal the token's anchor names, and that every writer either "
+        "shut down cleanly or is still sealing. Exit 0: intact; 1: tampering found (the first "
+        "bad record is named) or no trail; 3: intact as far as it goes, but its end is not "
+        "proven (a writer stopped without a clean shutdown, an interrupted seal, no anchor).",
     )
     add_data_dir(verify)
     verify.add_argument(
@@ -93,6 +104,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="print one JSON object (the same exit codes)",
     )
     verify.set_defaults(run=run_verify)
+
+    resume = actions.add_parser(
+        "resume",
+        help="let writers go on after the trail's tail was cut",
+        description="When 'hsmkms audit verify' reports that seals and records were removed "
+        "from the tail (the token's anchor names a seal the trail no longer holds), writers "
+        "refuse to seal it and the server answers 503. Restore the trail from a copy that "
+        "holds the missing tail if you can; otherwise this writes a 'resume' seal recording "
+        "the lost anchor — verify reports the cut for ever after — and lets writers go on.",
+    )
+    add_data_dir(resume)
+    resume.add_argument("--json", action="store_true", help="print one JSON object")
+    resume.set_defaults(run=run_resume)
 
     tail = actions.add_parser(
         "tail",
@@ -188,7 +212,7 @@ def run_verify(args: argparse.Namespace) -> int:
         EXIT_OK
         if result.status is VerifyStatus.OK
         else EXIT_STALE
-        if result.status is VerifyStatus.STALE
+        if result.status in (VerifyStatus.STALE, VerifyStatus.UNCLEAN)
         else EXIT_TAMPERED
     )
     if args.json:
@@ -197,10 +221,19 @@ def run_verify(args: argparse.Namespace) -> int:
     for gap in result.gaps:
         print(
             f"warning: no seal for {gap.seconds:.0f} s after seal {gap.after_seal} (at most "
-            f"{gap.allowed:g} s expected): an unclean stop, or records and seals removed from "
-            "the tail at that time",
+            f"{gap.allowed:g} s expected): its writer stalled or stopped without a shutdown seal",
             file=sys.stderr,
         )
+    for stop in result.unclean:
+        if stop.noted_by is not None:
+            print(
+                f"warning: writer {stop.writer} stopped without a clean shutdown after seal "
+                f"{stop.last_seal} ({stop.last_seal_at}), noted by seal {stop.noted_by}: calls "
+                "it had not answered may be missing; every answered call was committed first",
+                file=sys.stderr,
+            )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if result.status is VerifyStatus.OK:
         seal = result.newest_seal
         newest = f"{seal.seal_seq}:{seal.tag.hex()} at {seal.sealed_at}" if seal else "-"
@@ -212,6 +245,20 @@ def run_verify(args: argparse.Namespace) -> int:
         return code
     print(f"hsmkms audit verify: {result.problem}", file=sys.stderr)
     return code
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    with open_audit_resumer(_settings(args, token=True)) as trail:
+        seal = trail.resume()
+    lost = (seal.supersedes or "?").partition(":")[0]
+    if args.json:
+        print(json.dumps({"ResumeSeal": seal.seal_seq, "LostAnchorSeal": lost}, sort_keys=True))
+        return EXIT_OK
+    print(
+        f"audit trail resumed: seal {seal.seal_seq} records that the token's anchor named "
+        f"seal {lost}, which the trail no longer holds"
+    )
+    return EXIT_OK
 
 
 def _reader(args: argparse.Namespace) -> AuditTrail:

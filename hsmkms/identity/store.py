@@ -142,10 +142,12 @@ _NAME = USER_NAME
 # What this store accepts as an access key id: its own (AKIA + 16 base32) and any an operator
 # sets through HSMKMS_ROOT_ACCESS_KEY_ID (AWS: 16-128 word characters; we allow from 1).
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
+_ROOT_LOCK: Final = 0x68736D6B6D7352  # "hsmkmsR"
 _MAX_NEGATIVE = 4096  # unknown key ids remembered between database changes
 _ERRORS = ErrorMessages(
     busy="The credentials store is busy.",
     failed="The credentials store failed.",
+    unavailable="The credentials store is unavailable.",
     handled=(IntegrityError,),  # a duplicate name or key id: the caller says which
 )
 
@@ -549,7 +551,9 @@ class CredentialStore:
         # The account root is never governed by an identity policy.
         values = self._row_values(access_key_id, ROOT_NAME, self.root_arn, secret)
         try:
-            with self._write() as conn:
+            # The root lock: two processes setting the root at once take turns (on PostgreSQL
+            # the second one's delete would otherwise miss the first one's new row).
+            with self._db.write(_ERRORS, lock=_ROOT_LOCK) as conn:
                 conn.execute(delete(_C).where(_C.c.name == ROOT_NAME))
                 conn.execute(insert(_C).values(**values))
         except IntegrityError:

@@ -3,7 +3,8 @@ store. Every public operation takes its request model and the request's ``caller
 its response model.
 
 The operations are grouped by concern, one module each (keys, aliases and tags, crypto,
-rotation, policies, grants, maintenance); each runs through the one template of
+asymmetric, mac, data key pairs, last usage, multi-Region, rotation, policies, grants,
+maintenance); each runs through the one template of
 :class:`~hsmkms.service.core.ServiceCore` as its descriptor in
 :mod:`hsmkms.service.operations` says. The API writes the call's audit record from the result
 (:mod:`hsmkms.api.app`).
@@ -12,10 +13,15 @@ rotation, policies, grants, maintenance); each runs through the one template of
 from __future__ import annotations
 
 from hsmkms.service.aliases import AliasOperations
+from hsmkms.service.asymmetric import AsymmetricOperations
 from hsmkms.service.crypto import CryptoOperations
+from hsmkms.service.data_key_pairs import DataKeyPairOperations
 from hsmkms.service.grants import GrantOperations
 from hsmkms.service.keys import KeyOperations
+from hsmkms.service.last_usage import LastUsageOperations
+from hsmkms.service.mac import MacOperations
 from hsmkms.service.maintenance import Maintenance
+from hsmkms.service.multi_region import MultiRegionOperations
 from hsmkms.service.policies import PolicyOperations
 from hsmkms.service.rotation import RotationOperations
 
@@ -24,6 +30,11 @@ class KmsService(
     KeyOperations,
     AliasOperations,
     CryptoOperations,
+    AsymmetricOperations,
+    MacOperations,
+    DataKeyPairOperations,
+    LastUsageOperations,
+    MultiRegionOperations,
     RotationOperations,
     PolicyOperations,
     GrantOperations,

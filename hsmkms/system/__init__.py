@@ -36,7 +36,9 @@ from hsmkms.system.operator import (
 from hsmkms.system.root import (
     AuditMode,
     System,
+    database_device,
     open_audit_reader,
+    open_audit_resumer,
     open_audit_verifier,
     service_event_sink,
 )
@@ -54,9 +56,11 @@ __all__ = [
     "System",
     "check_data_directory",
     "data_directory_exists",
+    "database_device",
     "initialize",
     "local_operator_identity",
     "open_audit_reader",
+    "open_audit_resumer",
     "open_audit_verifier",
     "require_data_directory",
     "service_event_sink",
