@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-postgresql lint bootstrap bench clean
+.PHONY: run test test-postgresql lint bootstrap bench clean clean-data
 PYTEST_RC = || { rc=$$?; [ $$rc -eq 5 ] && exit 1; exit $$rc; }
 
 bootstrap:
@@ -33,5 +33,12 @@ lint: bootstrap
 bench: bootstrap
 	$(BIN)/python benchmarks/keystore.py
 
+# Caches and the virtualenv only: the data directory holds the embedded token, the only copy of
+# every key (hsmkms backup makes another).
 clean:
-	rm -rf $(VENV) .cache .hsmkms .mypy_cache .pytest_cache .ruff_cache .coverage
+	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache .coverage
+	@if [ -d .hsmkms ]; then echo "kept .hsmkms (the embedded token: every key); 'make clean-data' deletes it"; fi
+
+clean-data:
+	@echo "deleting .hsmkms: the embedded SoftHSM2 token with every key in it, the database and the audit trail"
+	rm -rf .hsmkms

@@ -4,6 +4,10 @@ Usage::
 
     .venv/bin/python benchmarks/http_api.py [--connections 16] [--seconds 10] [--workers 2]
         [--no-moto] [--endpoint URL --access-key-id K --secret S --key-id ID]
+        [--log-level info --server-log FILE]
+
+``--log-level info`` runs the server with its access log on (one line per request), written
+to ``--server-log`` (default: discarded), to measure what the access log costs.
 
 Without ``--endpoint`` it starts ``hsmkms serve`` on a fresh temporary data directory (and,
 unless ``--no-moto``, ``moto_server``), creates a key in each, and loads both in the same run.
@@ -170,12 +174,18 @@ def wait_http(url: str, timeout: float = 60) -> None:
             time.sleep(0.1)
 
 
-def start_hsmkms(data_dir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, Credential]:
+def start_hsmkms(
+    data_dir: Path, workers: int, log_level: str = "warning", log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str, Credential]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
+    init = [sys.executable, "-m", "hsmkms.cli.main", "init", "--data-dir", str(data_dir)]
+    subprocess.run(init, env=env, check=True, capture_output=True)
+    stderr = log.open("wb") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "hsmkms.cli.main", "serve", "--data-dir", str(data_dir),
-         "--port", "0", "--workers", str(workers)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+         "--port", "0", "--workers", str(workers), "--log-level", log_level,
+         "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=stderr, env=env, start_new_session=True,
     )  # fmt: skip
     assert proc.stdout is not None
     endpoint = ""
@@ -234,6 +244,8 @@ def main() -> int:
     parser.add_argument("--endpoint")
     parser.add_argument("--access-key-id")
     parser.add_argument("--secret")
+    parser.add_argument("--log-level", default="warning", help="the server's (info: access log)")
+    parser.add_argument("--server-log", type=Path, help="where the server's log goes")
     args = parser.parse_args()
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -243,7 +255,9 @@ def main() -> int:
             endpoint = args.endpoint
             credential = Credential(args.access_key_id, args.secret, "")
         else:
-            proc, endpoint, credential = start_hsmkms(Path(tmp.name) / "data", args.workers)
+            proc, endpoint, credential = start_hsmkms(
+                Path(tmp.name) / "data", args.workers, args.log_level, args.server_log
+            )
             procs.append(proc)
         ours = bench_target("hsmkms", endpoint, credential, args.connections, args.seconds)
         if not args.no_moto:

@@ -44,12 +44,15 @@ from hsmkms.profiles import MechanismProfile
 
 __all__ = [
     "EMBEDDED_TOKEN_LABEL",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "MODULE_SEARCH_DIRS",
     "OBJECT_TYPES",
     "SOFTHSM2_MODULE_CANDIDATES",
     "ConfigError",
     "PinSource",
     "Pkcs11Uri",
+    "ServeSettings",
     "Settings",
     "embedded_module_path",
     "find_module_by_name",
@@ -572,6 +575,11 @@ class Settings(BaseSettings):
         return self.data_dir / "softhsm2.conf"
 
     @property
+    def token_write_lock(self) -> Path:
+        """The embedded token's write lock (``hsmkms backup``; KeystoreConfig.write_lock)."""
+        return self.data_dir / softhsm.TOKEN_WRITE_LOCK
+
+    @property
     def token_dir(self) -> Path:
         """The SoftHSM2 token directory of the embedded default."""
         return self.data_dir / "tokens"
@@ -605,6 +613,70 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'audit.db').as_posix()}"
+
+
+LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS: tuple[str, ...] = ("json", "console")
+
+
+class ServeSettings(BaseSettings):
+    """The settings of ``hsmkms serve`` that may come from the environment — for containers and
+    systemd units, which configure a service that way: ``HSMKMS_HOST``, ``HSMKMS_PORT``,
+    ``HSMKMS_WORKERS``, ``HSMKMS_TLS_CERT``, ``HSMKMS_TLS_KEY``, ``HSMKMS_TASK_INTERVAL``,
+    ``HSMKMS_CONSOLE``. A command-line option wins over its variable. Read by ``serve`` only,
+    so that a bad value stops the server, not every other command."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=_ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    task_interval: float = 60.0
+    console: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+    @classmethod
+    def load(cls) -> ServeSettings:
+        """From the environment; :class:`ConfigError` naming the variable at fault."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from exc
+
+    @field_validator("port")
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError("must be a port number from 0 to 65535")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _valid_workers(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 1024:
+            raise ValueError("must be a number of worker processes from 1 to 1024")
+        return value
+
+    @field_validator("task_interval")
+    @classmethod
+    def _valid_interval(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError("must be a number of seconds, 0 or more")
+        return value
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -846,4 +918,5 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         slot_id=slot_id,
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
+        write_lock=str(settings.token_write_lock) if settings.is_embedded else None,
     )

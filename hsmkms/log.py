@@ -1,10 +1,13 @@
-"""Logging: structlog, one JSON object per line, with secrets masked centrally.
+"""Logging: structlog, one JSON object per line (or a console line), with secrets masked
+centrally.
 
 :func:`configure_logging` is the one logging set-up of every entry point: each command of the
-command line (:func:`hsmkms.cli.main.main`, at ``WARNING``; ``serve`` at its ``--log-level``),
-the parent of ``hsmkms serve`` and each of its workers (:func:`hsmkms.api.app.create_app`).
-structlog events and stdlib ``logging`` records (uvicorn's) leave through the same processor,
-:func:`redact_secrets`, to stderr: stdout carries command output.
+command line (:func:`hsmkms.cli.main.main`, at its ``--log-level``, default ``warning``), the
+parent of ``hsmkms serve`` and each of its workers (:func:`hsmkms.api.app.create_app`).
+structlog events and stdlib ``logging`` records (uvicorn's) leave through the same processors,
+:func:`redact_secrets` first, to stderr: stdout carries command output. The format is JSON
+lines (``--log-format json``, the default when stderr is not a terminal: for log shippers) or
+one readable line per event (``console``, the default on a terminal).
 
 :func:`redact_secrets` replaces the value of any field whose name says it holds a secret
 (plaintext, data keys, PINs, secrets, Authorization headers, ...) with ``[secure]`` (as httpx
@@ -16,7 +19,9 @@ are not rendered at all.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -34,14 +39,28 @@ _SECRET_NAME = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
+def _secret_name(name: str) -> bool:
+    """Whether a field called ``name`` holds a secret (the names a program logs are few: the
+    answer is remembered)."""
+    return _SECRET_NAME.search(name) is not None
+
+
+# Values that are never secret containers and print as themselves: returned untouched at once
+# (the access log's fields, most fields of every event).
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
 def _scrub(value: Any, depth: int = 0) -> Any:
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, bytes | bytearray | memoryview):
         return f"<{len(value)} bytes>"
     if depth > 4:
         return value
     if isinstance(value, Mapping):
         return {
-            k: (MASK if isinstance(k, str) and _SECRET_NAME.search(k) else _scrub(v, depth + 1))
+            k: (MASK if isinstance(k, str) and _secret_name(k) else _scrub(v, depth + 1))
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -59,7 +78,7 @@ def redact_secrets(
             if isinstance(event, bytes | bytearray | memoryview):
                 event_dict[key] = _scrub(event)
             continue
-        if _SECRET_NAME.search(key):
+        if _secret_name(key):
             event_dict[key] = MASK
         else:
             event_dict[key] = _scrub(event_dict[key])
@@ -90,22 +109,47 @@ def _scrub_stdlib_arguments(
     return event_dict
 
 
-def configure_logging(level: str = "INFO", *, stream: Any = None) -> None:
-    """Send structlog (and stdlib logging, e.g. uvicorn's) to ``stream`` (default stderr) as
-    JSON lines, through :func:`redact_secrets`, at ``level`` (a level name, any case) and
-    above. Called once by each entry point; calling it again replaces the set-up."""
+LOG_FORMATS = ("json", "console")
+
+
+def default_format(stream: Any) -> str:
+    """``console`` when ``stream`` is a terminal, else ``json``."""
+    try:
+        return "console" if stream.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
+
+
+def _renderer(fmt: str, stream: Any) -> Any:
+    if fmt == "json":
+        return structlog.processors.JSONRenderer(sort_keys=True)
+    if fmt == "console":
+        colors = default_format(stream) == "console" and "NO_COLOR" not in os.environ
+        return structlog.dev.ConsoleRenderer(colors=colors, sort_keys=True)
+    raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
+
+
+def configure_logging(level: str = "INFO", *, stream: Any = None, fmt: str | None = None) -> None:
+    """Send structlog (and stdlib logging, e.g. uvicorn's) to ``stream`` (default stderr),
+    through :func:`redact_secrets`, at ``level`` (a level name, any case) and above, as JSON
+    lines or console lines (``fmt``; None: :func:`default_format`). Called once by each entry
+    point; calling it again replaces the set-up."""
     out = stream if stream is not None else sys.stderr
+    renderer = _renderer(fmt if fmt is not None else default_format(out), out)
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
         structlog.processors.format_exc_info,
-        structlog.processors.JSONRenderer(sort_keys=True),
+        renderer,
     ]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
@@ -116,7 +160,7 @@ def configure_logging(level: str = "INFO", *, stream: Any = None) -> None:
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 redact_secrets,
                 structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(sort_keys=True),
+                renderer,
             ],
             foreign_pre_chain=[
                 _scrub_stdlib_arguments,
@@ -129,7 +173,14 @@ def configure_logging(level: str = "INFO", *, stream: Any = None) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(numeric)
+    # uvicorn sets its own loggers' levels from its log_level; they propagate here, where the
+    # root's level and handler decide. Loggers that keep their own handlers would bypass the
+    # format and the redaction: none may.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
 
 
 def get_logger(name: str) -> Any:

@@ -29,6 +29,17 @@ export SOFTHSM2_CONF="$conf"
 exec 9>>"$data_dir/.init.lock"
 flock 9
 
+# A copied or moved data directory: its config still names the old place's token directory.
+# Point it at its own when that holds a token (as hsmkms does on every start; SoftHSM2 would
+# read a relative tokendir against the working directory, so it has to stay absolute).
+configured=$(sed -n 's/^[[:space:]]*directories\.tokendir[[:space:]]*=[[:space:]]*//p' "$conf" | head -n1)
+if [ "$configured" != "$data_dir/tokens" ] \
+   && [ -n "$(find "$data_dir/tokens" -mindepth 2 -maxdepth 2 -name token.object -print -quit)" ]; then
+    sed "s#^\([[:space:]]*directories\.tokendir[[:space:]]*=[[:space:]]*\).*#\1$data_dir/tokens#" "$conf" > "$conf.tmp"
+    mv "$conf.tmp" "$conf"
+    echo "init-token: $conf named $configured; now $data_dir/tokens" >&2
+fi
+
 # SoftHSM2 leaves out a token whose files it cannot read at that moment (another process is
 # writing it): wait until it shows as many initialized tokens as the directory holds, so that
 # a busy token is never mistaken for a missing one and initialized twice.

@@ -596,7 +596,7 @@ def test_a_key_re_enabled_in_the_database_is_refused(server: RunningServer, root
     message = client_error("KMSInvalidStateException", root.encrypt, KeyId=key_id, Plaintext=b"x")
     assert "failed its integrity check" in message
     assert key_id in message
-    doctor = server.cli("doctor")
+    doctor = server.cli("doctor", env=ENV)  # the data directory's account
     assert doctor.returncode != 0
     assert key_id in doctor.stdout + doctor.stderr
     # restored: the MAC matches again

@@ -227,11 +227,11 @@ def test_root_from_environment_and_sigint(tmp_path: Path) -> None:
 
 def test_tls_options_must_come_together(tmp_path: Path) -> None:
     proc = run_cli("serve", "--data-dir", str(tmp_path / "d"), "--tls-cert", str(tmp_path / "c"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error
     assert proc.stderr.strip() == "hsmkms serve: --tls-cert and --tls-key must be given together"
 
 
 def test_zero_workers_is_one_line_error(tmp_path: Path) -> None:
     proc = run_cli("serve", "--data-dir", str(tmp_path / "d"), "--workers", "0")
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error
     assert proc.stderr.strip() == "hsmkms serve: --workers must be at least 1"

@@ -39,6 +39,15 @@ def doctor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProces
     )
 
 
+def init(data_dir: Path, **env: str) -> None:
+    """``hsmkms init``: doctor checks a data directory, it does not make one."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
+    subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "init", "--data-dir", str(data_dir)],
+        env={**clean, **env}, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+
 def assert_one_line_failure(proc: subprocess.CompletedProcess[str], expected: str) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -48,8 +57,19 @@ def assert_one_line_failure(proc: subprocess.CompletedProcess[str], expected: st
     assert expected in lines[0]
 
 
-def test_doctor_creates_the_embedded_default_and_reports_json(tmp_path: Path) -> None:
+def test_doctor_on_a_missing_data_directory_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    proc = doctor(tmp_path / "data")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"hsmkms doctor: no data directory at {tmp_path / 'data'} (run hsmkms init or pass "
+        "--data-dir)\n"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_doctor_reports_the_embedded_default_as_json(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
+    init(data_dir)
     proc = doctor(data_dir, "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -89,6 +109,7 @@ def test_doctor_creates_the_embedded_default_and_reports_json(tmp_path: Path) ->
 
 
 def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
+    init(tmp_path)
     assert doctor(tmp_path).returncode == 0
     serial = json.loads(doctor(tmp_path, "--json").stdout)["token_serial"]
     proc = doctor(tmp_path)
@@ -106,13 +127,14 @@ def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
 
 
 def test_doctor_reports_the_forced_portable_profile(tmp_path: Path) -> None:
+    init(tmp_path)
     proc = doctor(tmp_path, "--json", HSMKMS_PROFILE="AES_256_CBC_HMAC_SHA_256")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["profile"] == "AES_256_CBC_HMAC_SHA_256"
 
 
 def test_doctor_wrong_pin(tmp_path: Path) -> None:
-    assert doctor(tmp_path).returncode == 0
+    init(tmp_path)
     wrong = tmp_path / "wrong.pin"
     wrong.write_text("0000-not-the-pin\n")
     wrong.chmod(0o600)
@@ -122,7 +144,7 @@ def test_doctor_wrong_pin(tmp_path: Path) -> None:
 
 
 def test_doctor_missing_module(tmp_path: Path) -> None:
-    assert doctor(tmp_path).returncode == 0
+    init(tmp_path)
     proc = doctor(
         tmp_path,
         HSMKMS_MODULE_PATH="/usr/lib/nowhere/libpkcs11.so",
@@ -133,12 +155,15 @@ def test_doctor_missing_module(tmp_path: Path) -> None:
 
 
 def test_doctor_missing_token(tmp_path: Path) -> None:
+    init(tmp_path)
     proc = doctor(tmp_path, HSMKMS_TOKEN_LABEL="no-such-token")
     assert_one_line_failure(proc, "no token matches label=no-such-token")
 
 
 def test_doctor_unreadable_softhsm_config(tmp_path: Path) -> None:
-    (tmp_path / "softhsm2.conf").mkdir(parents=True)
+    init(tmp_path)
+    (tmp_path / "softhsm2.conf").unlink()
+    (tmp_path / "softhsm2.conf").mkdir()
     proc = doctor(tmp_path)
     assert_one_line_failure(proc, f"cannot read SoftHSM2 configuration {tmp_path}/softhsm2.conf")
 
@@ -162,7 +187,7 @@ def _material(service: KmsService, key_id: str) -> KeyMaterialRef:
 def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None:
     """An object no key refers to fails doctor (exit 1) until removed with --remove-orphans;
     a key version whose object is gone fails doctor."""
-    assert doctor(tmp_path).returncode == 0
+    init(tmp_path)
     with _system(tmp_path) as system:
         service = system.service
         orphan = new_key_version(service.keystore, "0badc0de-0000-4000-8000-000000000000")

@@ -331,7 +331,11 @@ def test_v1_database_migrates_in_place_and_old_rows_keep_working(
     with capture_logs() as logs:
         store = CredentialStore(url, keystore, account_id=ACCOUNT)
     try:
-        assert [e["event"] for e in logs] == ["identity_schema_migrated"]
+        # 1 -> 2 (the policy column added in place), 2 -> 3 (name no longer unique: rebuilt).
+        assert [(e["event"], e["from_version"]) for e in logs] == [
+            ("identity_schema_migrated", 1),
+            ("identity_schema_migrated", 2),
+        ]
         assert column(db, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == (
             str(SCHEMA_VERSION)
         )
@@ -363,12 +367,14 @@ def test_v1_database_without_version_row_is_migrated(db: Path, keystore: Pkcs11K
     store = CredentialStore(store_url(db), keystore, account_id=ACCOUNT)
     try:
         assert store.lookup(rows["olduser"][0]) is not None
-        assert column(db, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == "2"
+        assert column(db, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == (
+            str(SCHEMA_VERSION)
+        )
     finally:
         store.close()
 
 
-@pytest.mark.parametrize("version", ["3", "x"])
+@pytest.mark.parametrize("version", [str(SCHEMA_VERSION + 1), "x"])
 def test_newer_or_unknown_schema_is_refused(
     db: Path, keystore: Pkcs11Keystore, version: str
 ) -> None:
@@ -404,7 +410,7 @@ def test_aad_with_policy_is_the_v1_aad_plus_the_policy_digest(
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("credential-policies") / "data"
-    assert cli("credentials", "list", data_dir=path).returncode == 0
+    assert cli("init", data_dir=path).returncode == 0
     return path
 
 

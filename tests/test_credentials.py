@@ -313,6 +313,7 @@ def test_root_from_environment_on_a_fresh_data_dir(tmp_path: Path) -> None:
         "HSMKMS_ROOT_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
         "HSMKMS_ROOT_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     }
+    assert run_cli("init", "--data-dir", str(tmp_path / "d"), env=env).returncode == 0
     proc = run_cli("credentials", "list", "--json", "--data-dir", str(tmp_path / "d"), env=env)
     assert proc.returncode == 0, proc.stderr
     (root,) = json.loads(proc.stdout)

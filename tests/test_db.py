@@ -387,7 +387,9 @@ def test_one_version_table_for_every_component(tmp_path: Path, keystore: Pkcs11K
     assert _rows(database) == _expected(METADATA, IDENTITY, AUDIT)
     database.close()
     # The markers of hsmkms before the layer, kept current for it.
-    assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [("2",)]
+    assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [
+        (str(IDENTITY.latest),)
+    ]
     assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("2",)]
 
 
@@ -459,10 +461,14 @@ def test_a_legacy_marker_adopts_that_many_migrations(path: Path) -> None:
         "PRIMARY KEY (access_key_id), UNIQUE (name))",
     )
     with database.write(WORDING) as conn:
-        assert migrate(conn, IDENTITY, clock) == [2]
-        assert applied_versions(conn, "identity") == [1, 2]
+        assert migrate(conn, IDENTITY, clock) == [2, 3]
+        assert applied_versions(conn, "identity") == [1, 2, 3]
     database.close()
-    assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [("2",)]
+    assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [("3",)]
+    # Migration 3 dropped the uniqueness of name (the table was rebuilt on SQLite).
+    assert "UNIQUE (name)" not in str(
+        _sql(path, "SELECT sql FROM sqlite_master WHERE name = 'identity_credentials'")
+    )
 
 
 @pytest.mark.parametrize("component", [METADATA, IDENTITY, AUDIT], ids=lambda c: c.name)
@@ -526,7 +532,7 @@ def test_processes_adopting_one_database_at_once_take_turns(
         assert proc.exitcode == 0
     applied = sorted(results.get(timeout=5) for _ in procs)
     # Exactly one process ran identity's migrations; the metadata store's were adopted.
-    assert applied == [[[], []]] * 3 + [[[], [1, 2]]]
+    assert applied == [[[], []]] * 3 + [[[], list(range(1, IDENTITY.latest + 1))]]
     database = Database(url)
     assert _rows(database) == _expected(METADATA, IDENTITY)
     database.close()

@@ -154,3 +154,43 @@ def test_cli_with_endpoint_url(server: RunningServer, keys: tuple[str, str]) -> 
     assert bad.returncode == 1
     assert bad.stdout == b""
     assert bad.stderr.decode().count("\n") == 1
+
+
+def test_cli_takes_the_endpoint_from_aws_endpoint_url_kms(
+    server: RunningServer, keys: tuple[str, str], tmp_path: Path
+) -> None:
+    """Like every AWS tool: with AWS_ENDPOINT_URL_KMS set (as the README exports it) the
+    commands use that server, not a data directory in the working directory; --data-dir
+    still means the local data directory."""
+    env = clean_env(
+        AWS_ACCESS_KEY_ID=server.access_key_id,
+        AWS_SECRET_ACCESS_KEY=server.secret_access_key,
+        AWS_DEFAULT_REGION=server.region,
+        AWS_ENDPOINT_URL_KMS=server.endpoint,
+    )
+
+    def cli(*args: str, stdin: bytes | None = None, **extra: str) -> Any:
+        return subprocess.run(
+            [sys.executable, "-m", "hsmkms.cli.main", *args],
+            input=stdin, capture_output=True, env={**env, **extra}, timeout=120, check=False,
+            cwd=tmp_path,
+        )  # fmt: skip
+
+    enc = cli("encrypt-file", "-", "-", "--key-id", keys[1], stdin=b"from the environment")
+    assert enc.returncode == 0, enc.stderr
+    dec = cli("decrypt-file", "-", "-", stdin=enc.stdout)
+    assert dec.returncode == 0, dec.stderr
+    assert dec.stdout == b"from the environment"
+    assert not (tmp_path / ".hsmkms").exists()
+    # AWS_ENDPOINT_URL (all services) is the fallback; AWS_IGNORE_CONFIGURED_ENDPOINT_URLS
+    # turns both off, as in botocore.
+    general = cli("decrypt-file", "-", "-", stdin=enc.stdout, AWS_ENDPOINT_URL_KMS="",
+                  AWS_ENDPOINT_URL=server.endpoint)  # fmt: skip
+    assert general.stdout == b"from the environment"
+    ignored = cli("decrypt-file", "-", "-", stdin=enc.stdout,
+                  AWS_IGNORE_CONFIGURED_ENDPOINT_URLS="true")  # fmt: skip
+    assert ignored.returncode == 2
+    assert b"no data directory at" in ignored.stderr
+    local = cli("decrypt-file", "-", "-", "--data-dir", str(tmp_path / "d"), stdin=enc.stdout)
+    assert local.returncode == 2
+    assert f"no data directory at {tmp_path / 'd'}".encode() in local.stderr

@@ -99,6 +99,7 @@ def test_a_command_logs_json_lines_to_stderr_through_the_redaction(
         raise ClientError("no database at nowhere")
 
     monkeypatch.setattr(cli_audit, "open_audit_reader", reader)
+    (tmp_path / "hsmkms.db").touch()  # a data directory, as far as `audit tail` asks
     assert main(["audit", "tail", "--data-dir", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""

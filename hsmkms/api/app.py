@@ -51,6 +51,7 @@ import datetime as dt
 import functools
 import ipaddress
 import json
+import logging
 import os
 import re
 import sys
@@ -120,6 +121,8 @@ REPLAY_MESSAGE = (
 )
 
 log = structlog.get_logger(__name__)
+access_log = structlog.get_logger("hsmkms.access")
+_ROOT = logging.getLogger()
 
 # Every operation of the AWS KMS API: one this service does not implement is recognised (AWS
 # knows it) and answered UnsupportedOperationException, not UnknownOperationException.
@@ -437,23 +440,40 @@ class KmsApp:
         path = scope["path"]
         method = scope["method"]
         if path == "/healthz" or path == "/metrics":
-            await self._internal(path, method, send, request_id)
+            began = time.perf_counter()
+            status = await self._internal(path, method, send, request_id)
+            # Probes and scrapes come every few seconds: their lines are debug.
+            if _ROOT.isEnabledFor(logging.DEBUG):
+                _access_line(logging.DEBUG, scope, request_id, status, began, path=path)
             return
         if self._console is not None and (path == "/console" or path.startswith("/console/")):
-            await self._console(scope, receive, send)
+            if not _ROOT.isEnabledFor(logging.INFO):
+                await self._console(scope, receive, send)
+                return
+            began, answered = time.perf_counter(), [0]
+
+            async def sending(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    answered[0] = int(message["status"])
+                await send(message)
+
+            await self._console(scope, receive, sending)
+            _access_line(logging.INFO, scope, request_id, answered[0], began, path=path)
             return
-        if path != "/":
-            exc: KMSError = UnknownOperationException(
-                "hsmkms serves the KMS API at / (POST), /healthz and /metrics."
-            )
+        if path != "/" or method != "POST":
+            began = time.perf_counter()
+            if path != "/":
+                exc: KMSError = UnknownOperationException(
+                    "hsmkms serves the KMS API at / (POST), /healthz and /metrics."
+                )
+                status, headers = 404, None
+            else:
+                exc = UnknownOperationException("The KMS API takes POST requests at /.")
+                status, headers = 405, [*_JSON_HEADERS, (b"allow", b"POST")]
             _, body = protocol.encode_error(exc)
-            await self._respond(send, 404, body, request_id)
-            return
-        if method != "POST":
-            exc = UnknownOperationException("The KMS API takes POST requests at /.")
-            _, body = protocol.encode_error(exc)
-            headers = [*_JSON_HEADERS, (b"allow", b"POST")]
-            await self._respond(send, 405, body, request_id, headers)
+            await self._respond(send, status, body, request_id, headers)
+            if _ROOT.isEnabledFor(logging.INFO):
+                _access_line(logging.INFO, scope, request_id, status, began, path=path)
             return
         start = time.perf_counter()
         operation = NO_OPERATION
@@ -544,6 +564,18 @@ class KmsApp:
         observe_request(operation, code, time.perf_counter() - start)
         headers = [*_JSON_HEADERS, *extra_headers] if extra_headers else _JSON_HEADERS
         await self._respond(send, status, answer, request_id, headers)
+        # The access line is written after the answer left: it adds nothing to its latency.
+        if _ROOT.isEnabledFor(logging.INFO):
+            _access_line(
+                logging.INFO,
+                scope,
+                request_id,
+                status,
+                start,
+                operation=operation if operation != NO_OPERATION else _event_name(target),
+                code=code,
+                caller=caller,
+            )
 
     def _record(
         self,
@@ -632,18 +664,19 @@ class KmsApp:
         )
         return caller, sigv4.signature_of(request)
 
-    async def _internal(self, path: str, method: str, send: Send, request_id: str) -> None:
+    async def _internal(self, path: str, method: str, send: Send, request_id: str) -> int:
+        """Answer ``/healthz`` or ``/metrics``; the status sent."""
         if method not in ("GET", "HEAD"):
             exc = UnknownOperationException(f"{path} takes GET requests.")
             _, body = protocol.encode_error(exc)
             await self._respond(send, 405, body, request_id, [*_JSON_HEADERS, (b"allow", b"GET")])
-            return
+            return 405
         loop = asyncio.get_running_loop()
         if path == "/metrics":
             text = await loop.run_in_executor(self._internal_executor, exposition)
             headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
             await self._respond(send, 200, text, request_id, headers)
-            return
+            return 200
         try:
             report = await asyncio.wait_for(
                 loop.run_in_executor(self._internal_executor, self.runtime.health),
@@ -661,6 +694,43 @@ class KmsApp:
         await self._respond(
             send, status, body, request_id, [(b"content-type", b"application/json")]
         )
+        return status
+
+
+def _access_line(
+    level: int,
+    scope: Scope,
+    request_id: str,
+    status: int,
+    began: float,
+    *,
+    path: str | None = None,
+    operation: str | None = None,
+    code: str | None = None,
+    caller: Caller | None = None,
+) -> None:
+    """The access log line of one request (event ``request``): who asked for what and how it
+    ended — request id, operation (or method and path), HTTP status, error code, latency,
+    principal and access key id, client address. Never a body, a header or a secret."""
+    client = scope.get("client")
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "status": status,
+        "latency_ms": round((time.perf_counter() - began) * 1000, 3),
+        "source_ip": client[0] if client else None,
+    }
+    if operation is not None:
+        fields["operation"] = operation
+        fields["code"] = code
+        fields["principal"] = caller.principal_arn if caller is not None else None
+        fields["access_key_id"] = caller.access_key_id if caller is not None else None
+    else:
+        fields["method"] = scope.get("method")
+        fields["path"] = path
+    if level == logging.DEBUG:
+        access_log.debug("request", **fields)
+    else:
+        access_log.info("request", **fields)
 
 
 async def _drain(receive: Receive, received: int) -> None:
@@ -688,10 +758,11 @@ def create_app(
     task_interval: float = DEFAULT_TASK_INTERVAL,
     log_level: str = "warning",
     console: bool = False,
+    log_format: str | None = None,
 ) -> KmsApp:
     """The application for one worker (uvicorn factory). Settings come from the environment
     (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``. Logging is set up as for every
-    entry point (:func:`hsmkms.log.configure_logging`), at ``log_level``."""
+    entry point (:func:`hsmkms.log.configure_logging`), at ``log_level``, in ``log_format``."""
     import faulthandler
 
     from hsmkms.api.metrics import reserve_files
@@ -701,7 +772,7 @@ def create_app(
 
     # A worker killed by a fatal signal (SIGSEGV, SIGBUS) prints where, for the operator.
     faulthandler.enable()
-    configure_logging(log_level)
+    configure_logging(log_level, fmt=log_format)
     reserve_files()
     settings = Settings.load(data_dir)
     return KmsApp(

@@ -69,7 +69,8 @@ class Runtime:
 
     Every record goes to the worker's :class:`AuditWriter` and is committed before the call
     that made it returns: :meth:`commit_audit` on the event loop, :meth:`audit` on a thread.
-    :meth:`check_audit` refuses at once while the trail cannot be written."""
+    :meth:`check_audit` refuses at once while the trail cannot be written. The trail is
+    ``Settings.audit_database_url`` (``audit.db`` on the embedded default)."""
 
     def __init__(self, system: System) -> None:
         if system.writer is None:

@@ -1,13 +1,16 @@
-"""Running the API: initialize the data directory, bind, and supervise N uvicorn workers.
+"""Running the API: initialize and check the data directory, bind, and supervise N uvicorn
+workers.
 
-The parent process initializes (token, database, root identity), binds the listening socket,
-then starts the workers with the *spawn* method (uvicorn's supervisor): each is a fresh
-interpreter that opens PKCS#11 itself. The parent never serves; it restarts a worker that
-dies — logging, at the default level, which worker died and why (its exit status or signal,
-or that it stopped answering) — and, on SIGTERM or SIGINT, asks every worker to finish its
-in-flight requests and stop. A worker of the first generation that cannot start stops the
-server (a configuration error fails the same way every time); a replacement that cannot
-start is retried, waiting longer each time (up to :data:`MAX_RESTART_DELAY` seconds).
+The parent process initializes (token, database, root identity) and checks what the workers
+will open — the module, the token, the PIN, a self-test, the databases — so that a wrong PIN or
+a missing module is one line and a non-zero exit before anything else is printed. It binds the
+listening socket, then starts the workers with the *spawn* method (uvicorn's supervisor): each
+is a fresh interpreter that opens PKCS#11 itself. "serving" is printed once every worker has
+finished its start-up (each answers the supervisor's readiness ping). The parent never serves;
+it restarts a worker that dies — logging, at the default level, which worker died and why (its
+exit status or signal, or that it stopped answering) — and, on SIGTERM or SIGINT, asks every
+worker to finish its in-flight requests and stop. A replacement that cannot start is retried,
+waiting longer each time (up to :data:`MAX_RESTART_DELAY` seconds).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hsmkms.api.metrics import MULTIPROC_ENV
 from hsmkms.config import ConfigError, Settings
 
 if TYPE_CHECKING:
+    from hsmkms.keystore.base import TokenInfo
     from hsmkms.system import InitReport
 
 __all__ = [
@@ -45,6 +49,9 @@ DEFAULT_PORT = 8080
 # In-flight KMS requests take milliseconds; the bound matters for idle TLS keep-alive
 # connections, whose close waits for the client's close_notify.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+# How long a worker may take to start (load PKCS#11, log in, probe the token, open the
+# databases and the audit trail) before the server gives up.
+STARTUP_SECONDS = 120.0
 MAX_RESTART_DELAY = 30.0
 """The longest wait before another try at starting a replacement worker that failed to."""
 
@@ -70,61 +77,6 @@ def death_reason(exitcode: int | None, *, hung: bool = False, timeout: float = 0
     return f"exited with status {exitcode}"
 
 
-def _supervisor(config: Any, sockets: list[socket.socket]) -> Any:
-    """uvicorn's :class:`~uvicorn.supervisors.Multiprocess` that says why a worker died and
-    keeps retrying replacements that fail to start (see the module docstring)."""
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors.multiprocess import Multiprocess, Process
-
-    class Supervisor(Multiprocess):
-        def init_processes(self) -> None:
-            super().init_processes()
-            self.first_generation = {id(p) for p in self.processes}
-            self.restart_at: dict[int, float] = {}
-            self.restart_delay: dict[int, float] = {}
-
-        def keep_subprocess_alive(self) -> None:
-            if self.should_exit.is_set():
-                return
-            timeout = self.config.timeout_worker_healthcheck
-            for idx, process in enumerate(self.processes):
-                when = self.restart_at.get(idx)
-                if when is not None:
-                    if time.monotonic() >= when:
-                        del self.restart_at[idx]
-                        self._replace(idx)
-                    continue
-                if process.is_alive(timeout=timeout):
-                    continue
-                hung = process.process.is_alive()
-                process.kill()
-                process.join()
-                code = process.exitcode
-                reason = death_reason(code, hung=hung, timeout=timeout)
-                if code == STARTUP_FAILURE and id(process) in self.first_generation:
-                    log.error("worker_failed_to_start", pid=process.pid, reason=reason)
-                    self.should_exit.set()
-                    return
-                if self.should_exit.is_set():
-                    return
-                if code == STARTUP_FAILURE:
-                    delay = min(2 * self.restart_delay.get(idx, 0.5), MAX_RESTART_DELAY)
-                    self.restart_delay[idx] = delay
-                    self.restart_at[idx] = time.monotonic() + delay
-                    log.error("worker_died", pid=process.pid, reason=reason, retry_in=delay)
-                    continue
-                self.restart_delay.pop(idx, None)
-                log.error("worker_died", pid=process.pid, reason=reason)
-                self._replace(idx)
-
-        def _replace(self, idx: int) -> None:
-            process = Process(self.config, self.sockets)
-            process.start()
-            self.processes[idx] = process
-
-    return Supervisor(config, sockets)
-
-
 def default_workers() -> int:
     """One worker per CPU this process may run on (PKCS#11 is serialized per process)."""
     try:
@@ -144,12 +96,15 @@ class ServeOptions:
     tls_key: Path | None = None
     task_interval: float = 60.0
     log_level: str = "warning"
+    log_format: str | None = None
     console: bool = False
 
 
 def _check_tls(options: ServeOptions) -> None:
     if (options.tls_cert is None) != (options.tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key must be given together")
+        raise ConfigError(
+            "--tls-cert and --tls-key (HSMKMS_TLS_CERT, HSMKMS_TLS_KEY) must be given together"
+        )
     for path in (options.tls_cert, options.tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"TLS file {path} does not exist")
@@ -187,25 +142,111 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(settings: Settings, options: ServeOptions) -> int:
-    """Initialize, bind and serve until SIGTERM/SIGINT. Returns the exit code."""
+    """Initialize, check, bind and serve until SIGTERM/SIGINT. Returns the exit code."""
     if options.workers < 1:
         raise ConfigError("--workers must be at least 1")
     _check_tls(options)
+
+    from hsmkms.system import check_data_directory, initialize
+
+    report = initialize(settings)
+    token = check_data_directory(settings)
     # Before anything imports prometheus-client in a worker (and, to be safe, here).
     _prepare_metrics_dir(settings.data_dir)
-
-    from hsmkms.system import initialize
-
     sock = _bind(options.host, options.port)
     try:
-        return _run(settings, options, sock, initialize(settings))
+        return _run(settings, options, sock, report, token)
     finally:
         sock.close()
 
 
-def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report: InitReport) -> int:
-    import uvicorn
+def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
+    """uvicorn's worker supervisor, which also waits, after starting the workers, until each
+    has finished its start-up — uvicorn's own readiness ping (``Process.is_ready``: the worker's
+    server has started) — and then calls ``on_ready``. A worker that exits first, or a start-up
+    longer than :data:`STARTUP_SECONDS`, stops the server; ``failed`` says why. Afterwards it
+    says why a worker died (:func:`death_reason`) and keeps retrying replacements that fail to
+    start."""
     from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+    class Supervisor(Multiprocess):
+        failed: str | None = None
+
+        def init_processes(self) -> None:
+            super().init_processes()
+            self.restart_at: dict[int, float] = {}
+            self.restart_delay: dict[int, float] = {}
+            deadline = time.monotonic() + STARTUP_SECONDS
+            for process in self.processes:
+                while not self.should_exit.is_set():
+                    self.handle_signals()
+                    if not process.process.is_alive():
+                        process.join()
+                        code = process.exitcode
+                        # A worker that could not start has said why in one line already.
+                        self.failed = (
+                            ""
+                            if code == STARTUP_FAILURE
+                            else f"a worker {death_reason(code)} before it was ready"
+                        )
+                        self.should_exit.set()
+                        return
+                    if process.is_ready(timeout=0.5):
+                        break
+                    if time.monotonic() > deadline:
+                        self.failed = f"a worker was not ready after {STARTUP_SECONDS:g} s"
+                        self.should_exit.set()
+                        return
+            if not self.should_exit.is_set():
+                on_ready()
+
+        def keep_subprocess_alive(self) -> None:
+            if self.should_exit.is_set():
+                return
+            timeout = self.config.timeout_worker_healthcheck
+            for idx, process in enumerate(self.processes):
+                when = self.restart_at.get(idx)
+                if when is not None:
+                    if time.monotonic() >= when:
+                        del self.restart_at[idx]
+                        self._replace(idx)
+                    continue
+                if process.is_alive(timeout=timeout):
+                    continue
+                hung = process.process.is_alive()
+                process.kill()
+                process.join()
+                code = process.exitcode
+                reason = death_reason(code, hung=hung, timeout=timeout)
+                if self.should_exit.is_set():
+                    return
+                if code == STARTUP_FAILURE:
+                    delay = min(2 * self.restart_delay.get(idx, 0.5), MAX_RESTART_DELAY)
+                    self.restart_delay[idx] = delay
+                    self.restart_at[idx] = time.monotonic() + delay
+                    log.error("worker_died", pid=process.pid, reason=reason, retry_in=delay)
+                    continue
+                self.restart_delay.pop(idx, None)
+                log.error("worker_died", pid=process.pid, reason=reason)
+                self._replace(idx)
+
+        def _replace(self, idx: int) -> None:
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes[idx] = process
+
+    return Supervisor(config, sockets=[sock])
+
+
+def _run(
+    settings: Settings,
+    options: ServeOptions,
+    sock: socket.socket,
+    report: InitReport,
+    token: TokenInfo,
+) -> int:
+    import uvicorn
 
     from hsmkms.api.app import create_app
 
@@ -217,6 +258,7 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
             options.task_interval,
             options.log_level,
             console=options.console,
+            log_format=options.log_format,
         ),
         factory=True,
         host=options.host,
@@ -225,9 +267,11 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
         loop="uvloop",
         http="httptools",
         lifespan="on",
+        # The access log is hsmkms's own (one line per request from the app, with the
+        # operation, status, latency and principal: hsmkms.api.app), not uvicorn's.
         access_log=False,
-        # uvicorn's own records go to the root logger, which hsmkms.log set up (JSON lines
-        # through the secret redaction) in this process and in each worker (create_app).
+        # uvicorn's own records go to the root logger, which hsmkms.log set up in this process
+        # and in each worker (create_app): the same format, level and secret redaction.
         log_config=None,
         # aws:SourceIp, aws:SecureTransport and the audit trail's sourceIPAddress come from
         # the connection itself: forwarding headers are client-controlled, never trusted.
@@ -241,24 +285,37 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
     port = sock.getsockname()[1]
     scheme = "https" if options.tls_cert else "http"
     host = f"[{options.host}]" if ":" in options.host else options.host
-    print(f"hsmkms: serving the KMS API on {scheme}://{host}:{port}", flush=True)
-    if options.console:
-        print(f"hsmkms: read-only console on {scheme}://{host}:{port}/console/", flush=True)
-    print(
-        f"hsmkms: data directory {report.data_dir}; {options.workers} worker(s); "
-        f"region {settings.region}; account {settings.account_id}",
-        flush=True,
-    )
-    if report.root_credentials_file is not None:
-        print(f"hsmkms: root credentials in {report.root_credentials_file}", flush=True)
-    else:
+
+    def ready() -> None:
+        print(f"hsmkms: serving the KMS API on {scheme}://{host}:{port}", flush=True)
+        if options.console:
+            print(f"hsmkms: read-only console on {scheme}://{host}:{port}/console/", flush=True)
         print(
-            f"hsmkms: root access key {report.root_access_key_id} (from HSMKMS_ROOT_ACCESS_KEY_ID)",
+            f"hsmkms: data directory {report.data_dir}; {options.workers} worker(s); "
+            f"region {settings.region}; account {settings.account_id}; token {token.label!r} "
+            f"serial {token.serial} ({token.manufacturer} {token.model})",
             flush=True,
         )
-    supervisor = _supervisor(config, [sock])
+        if report.root_environment_retired is not None:
+            print(
+                f"hsmkms: HSMKMS_ROOT_ACCESS_KEY_ID names a root key retired on "
+                f"{report.root_environment_retired}: ignored (the root's access key is "
+                f"{report.root_access_key_id}; remove the HSMKMS_ROOT_* variables)",
+                flush=True,
+            )
+        elif report.root_credentials_file is not None:
+            print(f"hsmkms: root credentials in {report.root_credentials_file}", flush=True)
+        else:
+            print(
+                f"hsmkms: root access key {report.root_access_key_id} (from "
+                "HSMKMS_ROOT_ACCESS_KEY_ID)",
+                flush=True,
+            )
+
+    supervisor = _supervisor(config, sock, ready)
     supervisor.run()
-    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
-        print("hsmkms serve: a worker failed to start (see above)", file=sys.stderr)
+    if supervisor.failed is not None:
+        if supervisor.failed:
+            print(f"hsmkms serve: {supervisor.failed}", file=sys.stderr)
         return 1
     return 0

@@ -63,6 +63,7 @@ __all__ = [
     "format_event_time",
     "key_id_of",
     "lower_camel",
+    "operator_event_record",
     "prepare_api_call",
     "prepare_record",
     "record_key_ids",
@@ -380,6 +381,8 @@ ADDITIONAL_EVENT_DATA_FIELDS: Final = frozenset(
 
 SERVICE_EVENT_DETAIL_FIELDS: Final = frozenset(
     {"keyId", "keyVersion", "keyMaterialId", "rotationType", "deletionDate", "keyState"}
+    # an operator's act on the data directory (operator_event_record)
+    | {"backupDigest", "backupCreatedAt", "backupSource", "backupNewestSeal", "dataDirectory"}
 )
 """Names allowed in ``serviceEventDetails`` (values: str, int, float, bool or null)."""
 
@@ -700,6 +703,51 @@ def service_event_record(
     if extra is not None:
         record["additionalEventData"] = extra
     return record
+
+
+OPERATOR_EVENTS: Final = frozenset({"BackupDataDirectory", "RestoreDataDirectory"})
+"""What an operator does to a data directory that the trail records (``hsmkms backup``,
+``hsmkms restore``): every key leaves with a backup, and a restore rolls the keys and the trail
+back to the backup's time, so both must be visible in the trail."""
+
+
+def operator_event_record(
+    event_name: str,
+    *,
+    identity: UserIdentity,
+    account_id: str,
+    region: str,
+    details: Mapping[str, Any],
+    user_agent: str,
+    event_time: dt.datetime | None = None,
+) -> AuditRecord:
+    """The record of an operator's act on the whole data directory (:data:`OPERATOR_EVENTS`):
+    ``eventType`` ``AwsServiceEvent`` (no API request made it) with the local operator as
+    ``userIdentity`` and ``serviceEventDetails`` from ``details`` (allow-listed, scalars)."""
+    if event_name not in OPERATOR_EVENTS:
+        raise ValueError(f"not an operator event: {event_name!r}")
+    return {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": identity.to_dict(),
+        "eventTime": format_event_time(event_time or utc_now()),
+        "eventSource": EVENT_SOURCE,
+        "eventName": event_name,
+        "awsRegion": region,
+        "sourceIPAddress": "hsmkms-cli",
+        "userAgent": user_agent,
+        "requestParameters": None,
+        "responseElements": None,
+        "eventID": str(uuid.uuid4()),
+        "readOnly": event_name == "BackupDataDirectory",
+        "resources": [],
+        "eventType": "AwsServiceEvent",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+        "serviceEventDetails": _scalars(
+            details, SERVICE_EVENT_DETAIL_FIELDS, "serviceEventDetails"
+        ),
+    }
 
 
 CONSOLE_EVENT_SOURCE: Final = "signin.amazonaws.com"

@@ -669,6 +669,39 @@ class AuditTrail:
     def _read(self) -> AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
 
+    def check_key(self) -> None:
+        """Check that the trail's audit key reference names the audit key on the token, as a
+        writer does when it opens the trail (nothing to check before the trail exists). A
+        :class:`~hsmkms.errors.KMSError` naming the problem."""
+        with self._read() as conn:
+            if not self._exists(conn):
+                return
+            ref = self._settings(conn).get("audit_key")
+        # Not remembered as this trail's key: a trail that knows its key seals on close.
+        if ref is None:
+            raise KMSInternalException("The audit trail has no audit key.")
+        try:
+            self._checked_key(ref)
+        except ValueError as exc:
+            raise KMSInternalException(f"The audit trail's audit key is wrong: {exc}.") from exc
+
+    def head(self) -> tuple[int, Seal | None]:
+        """The number of records and the newest seal (None: no seal; ``(0, None)`` for a
+        database that holds no trail yet), read without checking anything (``verify``
+        checks)."""
+        with self._read() as conn:
+            if not self._exists(conn):
+                return 0, None
+            return self._head(conn)[0], self._newest_seal(conn)
+
+    @contextlib.contextmanager
+    def hold_writes(self) -> Iterator[None]:
+        """Hold the trail's write lock for the block: no process appends a record or a seal
+        meanwhile (they wait, up to their busy timeout). ``hsmkms backup`` copies the trail
+        and the token inside it, so the copy of the trail and of the token agree."""
+        with self._write():
+            yield
+
     @property
     def keystore(self) -> Keystore:
         """The keystore (``KMSInternalException`` for a reader opened without one)."""
@@ -1063,6 +1096,21 @@ class AuditTrail:
                         return
             if len(rows) < _PAGE:
                 return
+
+    def records_after(self, seq: int, limit: int = _PAGE) -> list[tuple[int, AuditRecord]]:
+        """The records numbered above ``seq``, oldest first, at most ``limit``, each with its
+        number (``hsmkms audit tail -f`` follows the trail with it). Not proof of integrity."""
+        with self._read() as conn:
+            if not self._exists(conn):
+                return []
+            query = select(_R.c.seq, _R.c.record).where(_R.c.seq > seq).order_by(_R.c.seq)
+            rows = conn.execute(query.limit(limit)).all()
+        found = []
+        for row in rows:
+            record = _load(row.record)
+            if record is not None:
+                found.append((int(row.seq), record))
+        return found
 
     def last_use(self, key_id: str, event_names: Collection[str]) -> AuditRecord | None:
         """The newest record of a *successful* call named in ``event_names`` (no

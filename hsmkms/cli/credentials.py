@@ -1,9 +1,15 @@
-"""``hsmkms credentials create|list|delete|set-policy|get-policy``: the access keys the API
-accepts, and the identity policies attached to them.
+"""``hsmkms credentials create|list|rotate|delete|set-policy|get-policy``: the access keys the
+API accepts, and the identity policies attached to them.
 
 Changes take effect at once in a running server (each request consults the store). A secret is
 printed once, at creation, and never again. Every change (create, delete, set-policy) is
 recorded in the audit trail (:class:`hsmkms.system.OperatorCredentials`) before it is reported.
+
+Rotation without downtime, as with AWS IAM: ``rotate NAME`` gives the user a second access key
+(at most two), the application moves to it, ``delete OLD_ACCESS_KEY_ID`` retires the first. The
+same works for ``root``: the new root key also replaces ``root-credentials.json`` when the root
+was generated there; a deleted root key is retired for good, so ``HSMKMS_ROOT_*`` still naming it
+is ignored rather than bringing it back.
 
 A policy file (``--policy-file F``, ``-`` for stdin) is read and checked before anything is
 opened: a file that cannot be read, is not UTF-8 or is not a valid identity policy is one line
@@ -19,11 +25,18 @@ import json
 import sys
 from collections.abc import Iterator
 
+from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
 from hsmkms.errors import LimitExceededException, MalformedPolicyDocumentException
-from hsmkms.identity import ROOT_NAME, CredentialStore
+from hsmkms.identity import ROOT_NAME, USER_NAME, CredentialStore, IssuedCredential
 from hsmkms.policy import MAX_POLICY_BYTES, parse_identity_policy
-from hsmkms.system import OperatorCredentials, System, initialize
+from hsmkms.system import (
+    ROOT_CREDENTIALS_FILE,
+    OperatorCredentials,
+    System,
+    require_data_directory,
+    write_root_file,
+)
 
 EXIT_BAD_POLICY = 2
 """A policy file that cannot be used (argparse's exit code for a usage error)."""
@@ -64,9 +77,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(run=run_list)
 
-    remove = actions.add_parser("delete", help="delete an access key; it stops working at once")
+    rotate = actions.add_parser(
+        "rotate",
+        help="give a user (or root) a second access key, for rotation without downtime",
+        description="Add a second access key to the user (or 'root') named, with the same "
+        "principal and identity policy, and print it (once). The first key keeps working "
+        "until 'hsmkms credentials delete OLD_ACCESS_KEY_ID': move the application to the new "
+        "key in between. A user holds at most two keys, as in AWS IAM. For root, the new key "
+        "also replaces root-credentials.json when the root was generated there.",
+    )
+    add_data_dir(rotate)
+    rotate.add_argument("credential", metavar="NAME_OR_ACCESS_KEY_ID")
+    rotate.add_argument("--json", action="store_true", help="print one JSON object")
+    rotate.set_defaults(run=run_rotate)
+
+    remove = actions.add_parser(
+        "delete",
+        help="delete an access key; it stops working at once",
+        description="Delete an access key (by its id, or by its user's name when the user "
+        "holds one key); it stops working at once. The account root's only key cannot be "
+        "deleted: rotate it first. A deleted root key is retired for good.",
+    )
     add_data_dir(remove)
     remove.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
+    remove.add_argument("--json", action="store_true", help="print one JSON object")
     remove.set_defaults(run=run_delete)
 
     set_policy = actions.add_parser(
@@ -81,6 +115,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     choice = set_policy.add_mutually_exclusive_group(required=True)
     add_policy_file(choice, "the identity policy (IAM JSON; - for stdin)")
     choice.add_argument("--clear", action="store_true", help="remove the identity policy")
+    set_policy.add_argument("--json", action="store_true", help="print one JSON object")
     set_policy.set_defaults(run=run_set_policy)
 
     get_policy = actions.add_parser(
@@ -91,6 +126,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_data_dir(get_policy)
     get_policy.add_argument("credential", metavar="ACCESS_KEY_ID_OR_NAME")
+    get_policy.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: the credential and its policy (null when it has none)",
+    )
     get_policy.set_defaults(run=run_get_policy)
 
 
@@ -140,11 +180,11 @@ def _bad_policy(message: str) -> int:
 
 @contextlib.contextmanager
 def _credentials(args: argparse.Namespace) -> Iterator[CredentialStore]:
-    """The credentials store of an initialized data directory (created when missing, with the
-    root identity, as ``hsmkms serve`` does), for reading; closed on exit."""
+    """The credentials store of an existing data directory (``hsmkms init`` or ``hsmkms serve``
+    made it, with the root identity); closed on exit."""
     settings = Settings.load(args.data_dir)
-    initialize(settings)
-    with System.open(settings, audit=None, identity=True) as system:
+    require_data_directory(settings)
+    with System.open(settings, audit=None, identity=True, prepare=False) as system:
         yield system.credentials
 
 
@@ -152,12 +192,16 @@ def _credentials(args: argparse.Namespace) -> Iterator[CredentialStore]:
 def _changes(args: argparse.Namespace, command: str) -> Iterator[OperatorCredentials]:
     """The credentials store for changes, each recorded in the audit trail."""
     settings = Settings.load(args.data_dir)
-    initialize(settings)
-    with System.open(settings, audit="direct", identity=True) as system:
+    require_data_directory(settings)
+    with System.open(settings, audit="direct", identity=True, prepare=False) as system:
         yield OperatorCredentials(system, command=f"credentials {command}")
 
 
 def run_create(args: argparse.Namespace) -> int:
+    if not USER_NAME.fullmatch(args.name):
+        raise UsageError(
+            f"--name {args.name!r}: a user name is 1-64 characters of letters, digits and +=,.@_-"
+        )
     try:
         policy = None if args.policy_file is None else read_policy_file(args.policy_file)
     except PolicyFileError as exc:
@@ -167,20 +211,8 @@ def run_create(args: argparse.Namespace) -> int:
             issued = store.create(args.name, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
             return _bad_policy(exc.message)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "AccessKeyId": issued.access_key_id,
-                    "SecretAccessKey": issued.secret_access_key,
-                    "Arn": issued.principal_arn,
-                }
-            )
-        )
-    else:
-        print(f"Arn:             {issued.principal_arn}")
-        print(f"AccessKeyId:     {issued.access_key_id}")
-        print(f"SecretAccessKey: {issued.secret_access_key}")
+    _print_issued(issued, args.json)
+    if not args.json:
         if policy is None:
             print("IdentityPolicy:  none (only what key policies or grants give it by name)")
         else:
@@ -217,10 +249,59 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_issued(issued: IssuedCredential, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "AccessKeyId": issued.access_key_id,
+                    "SecretAccessKey": issued.secret_access_key,
+                    "Arn": issued.principal_arn,
+                }
+            )
+        )
+        return
+    print(f"Arn:             {issued.principal_arn}")
+    print(f"AccessKeyId:     {issued.access_key_id}")
+    print(f"SecretAccessKey: {issued.secret_access_key}")
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    settings = Settings.load(args.data_dir)
+    with _credentials(args) as store:
+        issued = store.rotate(args.credential)
+        keys = [c.access_key_id for c in store.list() if c.name == issued.name]
+    root_file = settings.data_dir / ROOT_CREDENTIALS_FILE
+    wrote = issued.name == ROOT_NAME and root_file.exists()
+    if wrote:
+        write_root_file(root_file, issued, settings.region)
+    _print_issued(issued, args.json)
+    if not args.json:
+        old = ", ".join(k for k in keys if k != issued.access_key_id)
+        print(f"The secret is shown only now; store it safely. {old} keeps working until")
+        print(f"'hsmkms credentials delete {old}': move to the new key first.")
+        if wrote:
+            print(f"{root_file} now holds the new root key.")
+    return 0
+
+
 def run_delete(args: argparse.Namespace) -> int:
+    settings = Settings.load(args.data_dir)
     with _changes(args, "delete") as store:
         removed = store.delete(args.credential)
-    print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
+    if args.json:
+        print(json.dumps({"Deleted": removed.access_key_id, "Arn": removed.principal_arn}))
+    else:
+        print(f"deleted {removed.access_key_id} ({removed.principal_arn})")
+    root_file = settings.data_dir / ROOT_CREDENTIALS_FILE
+    if removed.name == ROOT_NAME and root_file.exists():
+        try:
+            named = json.loads(root_file.read_text()).get("AccessKeyId")
+        except (OSError, ValueError):
+            named = None
+        if named == removed.access_key_id:
+            root_file.unlink()
+            print(f"removed {root_file}, which held that key", file=sys.stderr)
     return 0
 
 
@@ -234,6 +315,9 @@ def run_set_policy(args: argparse.Namespace) -> int:
             info = store.set_policy(args.credential, policy)
         except MalformedPolicyDocumentException as exc:  # pragma: no cover - checked above
             return _bad_policy(exc.message)
+    if args.json:
+        print(json.dumps({"Arn": info.principal_arn, "HasPolicy": info.has_policy}))
+        return 0
     done = "set on" if info.has_policy else "removed from"
     print(f"identity policy {done} {info.access_key_id} ({info.principal_arn})")
     return 0
@@ -242,6 +326,10 @@ def run_set_policy(args: argparse.Namespace) -> int:
 def run_get_policy(args: argparse.Namespace) -> int:
     with _credentials(args) as store:
         info, policy = store.get_policy(args.credential)
+    if args.json:
+        document = None if policy is None else json.loads(policy)
+        print(json.dumps({"Arn": info.principal_arn, "Name": info.name, "Policy": document}))
+        return 0
     if policy is None:
         why = (
             "is the account root, not governed by identity policies"

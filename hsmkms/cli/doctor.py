@@ -11,10 +11,11 @@ import json
 import sys
 from typing import Any
 
-from hsmkms.config import Settings, pin_file_is_private
+from hsmkms.config import ConfigError, Settings, pin_file_is_private
 from hsmkms.errors import KMSInternalException
 from hsmkms.keystore.specs import KeyMaterialSpec
-from hsmkms.system import System
+from hsmkms.softhsm import conf_state
+from hsmkms.system import System, require_data_directory
 
 ORPHAN_GRACE = 15.0
 """Seconds between the two looks of ``--remove-orphans`` (longer than a row's longest wait)."""
@@ -29,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Print the module, token, mechanisms and chosen profile; check login; run "
         "an encrypt/decrypt self-test with temporary session keys; probe which key specs the "
         "token can host (a real operation each); check the integrity MAC of "
-        "every key, key version, grant, alias and tag row in the database. On the embedded "
-        "default, create the data directory and token when missing.",
+        "every key, key version, grant, alias and tag row in the database; on the embedded "
+        "default, that softhsm2.conf points at the data directory's own token directory.",
     )
     add_data_dir(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -53,6 +54,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.set_defaults(run=run)
 
 
+def _conf_warnings(settings: Settings) -> list[str]:
+    """What is wrong with where the embedded default's ``softhsm2.conf`` points: a config left
+    naming the directory this one was copied or moved from is repointed when the system opens
+    (a warning); one naming another directory while this one holds no token is an error."""
+    state = conf_state(settings.data_dir)
+    if state is None or not state.outside:
+        return []
+    named = state.configured if state.configured is not None else "no token directory"
+    if state.own_tokens:
+        return [
+            f"{state.conf} named {named}, outside its data directory (copied or moved from "
+            f"there): now points at {state.expected}"
+        ]
+    raise ConfigError(
+        f"{state.conf} points at {named}, outside its data directory {settings.data_dir}, "
+        f"whose {state.expected.name}/ holds no token: point it at {state.expected}, or use "
+        "that token through HSMKMS_PKCS11_URI and SOFTHSM2_CONF"
+    )
+
+
 def diagnose(
     settings: Settings, *, remove_orphans: bool = False, grace: float = ORPHAN_GRACE
 ) -> dict[str, Any]:
@@ -60,12 +81,15 @@ def diagnose(
     ``remove_orphans``: destroy orphan objects first (those seen twice, ``grace`` seconds
     apart), reported as ``removed``."""
     report: dict[str, Any] = {"data_dir": str(settings.data_dir)}
+    require_data_directory(settings)
+    warnings: list[str] = []
     if settings.is_embedded:
         report["softhsm2_conf"] = str(settings.softhsm2_conf)
         report["user_pin_file"] = str(settings.user_pin_file)
-    # Creates the embedded token when missing; configuration errors come first, each with its
-    # own message. Doctor acts on no key: nothing for the audit trail.
-    with System.open(settings, audit=None) as system:
+        warnings.extend(_conf_warnings(settings))
+    # Configuration errors come first, each with its own message. Doctor acts on no key:
+    # nothing for the audit trail.
+    with System.open(settings, audit=None, prepare=False) as system:
         info = system.keystore.info()  # opens the module, finds the token and logs in
         system.keystore.self_test()
         capabilities = system.keystore.capabilities()
@@ -106,7 +130,6 @@ def diagnose(
         ],
         removed=[{"object_id": o.object_id, "label": o.label} for o in removed],
     )  # fmt: skip
-    warnings = []
     pin_file = settings.user_pin_file if settings.is_embedded else settings.pin_file
     if pin_file is not None and not pin_file_is_private(pin_file):
         warnings.append(f"PIN file {pin_file} is readable by group or others")

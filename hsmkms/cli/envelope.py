@@ -2,9 +2,10 @@
 streams (:mod:`hsmkms.envelope`).
 
 Data keys come from the local data directory (the KMS service in this process; each call is
-recorded in the audit trail as the local operator's) or, with ``--endpoint-url``, from any KMS
-endpoint through boto3 (credentials and region from the usual AWS environment variables or
-profile). ``-`` means stdin or stdout.
+recorded in the audit trail as the local operator's) or, with ``--endpoint-url`` — or
+``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL`` in the environment, as every AWS tool reads them,
+unless ``--data-dir`` is given — from any KMS endpoint through boto3 (credentials and region
+from the usual AWS environment variables or profile). ``-`` means stdin or stdout.
 
 Output files are written atomically: nothing appears under the output name unless the whole
 operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
@@ -27,14 +28,24 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO
 
+from hsmkms.audit.records import key_id_of
+from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
 from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
+from hsmkms.envelope.errors import DecryptionFailed
 from hsmkms.envelope.files import atomic_output
-from hsmkms.envelope.format import DEFAULT_SEGMENT_SIZE, Readable
+from hsmkms.envelope.format import (
+    DEFAULT_SEGMENT_SIZE,
+    MAX_HEADER_LENGTH,
+    EnvelopeHeader,
+    Readable,
+    header_problem,
+    payload_length_fits,
+)
 from hsmkms.envelope.stream import Progress
-from hsmkms.errors import ValidationException
+from hsmkms.errors import ClientError, NotFoundException, ValidationException
 from hsmkms.service import KmsService
-from hsmkms.system import OperatorService, System
+from hsmkms.system import OperatorService, System, require_data_directory
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -50,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "--endpoint-url",
             metavar="URL",
             help="use this KMS endpoint (an hsmkms server or AWS KMS) through boto3 instead of "
-            "the local data directory",
+            "the local data directory (default: $AWS_ENDPOINT_URL_KMS, else $AWS_ENDPOINT_URL, "
+            "unless --data-dir is given)",
         )
         parser.add_argument("--region", help="AWS region for --endpoint-url")
         parser.add_argument(
@@ -74,7 +86,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="encryption context pair (repeatable); needed again to decrypt",
+        help="encryption context pair (repeatable), bound to the file: decrypt-file needs "
+        "none of it, but refuses the file when a --context pair it is given is missing from "
+        "the file's context or has another value (pairs it is not given are not checked)",
     )
     encrypt.add_argument(
         "--segment-size", type=int, default=DEFAULT_SEGMENT_SIZE, help=argparse.SUPPRESS
@@ -95,7 +109,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="require this encryption context pair (repeatable)",
+        help="require this encryption context pair in the file (repeatable): every pair "
+        "given must be in the file's context with this value; the file may hold more",
     )
     decrypt.add_argument("--key-id", help="require the input to be encrypted under this key")
     decrypt.add_argument(
@@ -121,22 +136,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def parse_context(pairs: Sequence[str]) -> dict[str, str]:
-    """``["k=v", ...]`` as a dict; ``ValidationException`` for a malformed or repeated key."""
+    """``["k=v", ...]`` as a dict; :class:`UsageError` for a malformed or repeated key."""
     context: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValidationException(f"--context needs KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--context needs KEY=VALUE, got {pair!r}")
         if key in context:
-            raise ValidationException(f"--context key {key!r} given twice")
+            raise UsageError(f"--context key {key!r} given twice")
         context[key] = value
     return context
+
+
+def configured_endpoint(args: argparse.Namespace) -> str | None:
+    """The KMS endpoint to use instead of the local data directory: ``--endpoint-url``; else,
+    unless ``--data-dir`` was given, the one every AWS tool takes from the environment —
+    ``AWS_ENDPOINT_URL_KMS``, then ``AWS_ENDPOINT_URL`` — unless
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true (botocore's rule)."""
+    if args.endpoint_url:
+        return str(args.endpoint_url)
+    if args.data_dir is not None:
+        return None
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_KMS") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
 @contextlib.contextmanager
 def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
     segment_size = getattr(args, "segment_size", DEFAULT_SEGMENT_SIZE)
-    if args.endpoint_url:
+    endpoint = configured_endpoint(args)
+    if endpoint is not None:
+        args.endpoint_url = endpoint
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
     with _local_system(args.data_dir) as system:
@@ -160,23 +191,27 @@ def _boto3_client(args: argparse.Namespace) -> Any:
         return boto3.client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
     except (boto_errors.BotoCoreError, ValueError) as exc:
         if isinstance(exc, ValueError):
-            raise ValidationException(f"invalid --endpoint-url: {args.endpoint_url}") from None
+            raise UsageError(f"invalid --endpoint-url: {args.endpoint_url}") from None
         raise map_boto_error(exc) from exc
 
 
 @contextlib.contextmanager
-def _local_system(data_dir: Path | None) -> Iterator[System]:
-    """The system on the data directory (the embedded token is created when missing), its
-    audit records appended to the trail as they are made."""
-    with System.open(Settings.load(data_dir), audit="direct") as system:
+def _local_system(data_dir: Path | None, *, create: bool = False) -> Iterator[System]:
+    """The system on an existing data directory (``create``: made when missing, for tests and
+    benchmarks), its audit records appended to the trail as they are made."""
+    settings = Settings.load(data_dir)
+    if not create:
+        require_data_directory(settings)
+    with System.open(settings, audit="direct", prepare=create) as system:
         yield system
 
 
 @contextlib.contextmanager
 def _local_service(data_dir: Path | None) -> Iterator[KmsService]:
     """The KmsService on the data directory, as the local operator's calls reach it (for
-    tests and benchmarks that set up keys; calls made on it directly are not audited)."""
-    with _local_system(data_dir) as system:
+    tests and benchmarks that set up keys; calls made on it directly are not audited). Makes
+    the data directory when missing."""
+    with _local_system(data_dir, create=True) as system:
         yield system.service
 
 
@@ -315,6 +350,102 @@ def run_encrypt(args: argparse.Namespace) -> int:
 
 def run_decrypt(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
+    try:
+        return _decrypt(args, context)
+    except (DecryptionFailed, NotFoundException):
+        # (NotFoundException: a header naming a key ARN of another account or region.)
+        reason = _why_not(args, context)
+        if reason is None:
+            raise
+        raise DecryptionFailedBecause(f"decryption failed: {reason}") from None
+
+
+class DecryptionFailedBecause(ClientError):
+    """What the command line says when the file's header tells why it cannot be decrypted.
+    The payload's own failure stays the one fixed message (:class:`DecryptionFailed`); an API
+    caller never sees this (it is the command line's, after the failure)."""
+
+    code = "InvalidCiphertextException"
+
+
+def _why_not(args: argparse.Namespace, context: dict[str, str]) -> str | None:
+    """Why ``args.input`` cannot be decrypted, from what the file shows without any key: not
+    an hsmkms file; cut short in its header or its payload; another key than ``--key-id``; a
+    ``--context`` pair the file does not hold; a key this data directory (or endpoint) does
+    not hold. None when the header tells nothing: the payload failed to authenticate
+    (modified, cut at a segment boundary, or the data key's), which stays one opaque failure."""
+    if args.input == STDIO:
+        return None  # read once, not kept: nothing to look at again
+    path = Path(args.input)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as source:
+            prefix = source.read(MAX_HEADER_LENGTH)
+    except OSError:
+        return None
+    problem = header_problem(prefix)
+    if problem == "not-envelope":
+        return f"{args.input} is not a file made by hsmkms encrypt-file"
+    if problem == "truncated":
+        return f"{args.input} is cut short: its header is incomplete ({size} bytes)"
+    header, header_length = EnvelopeHeader.parse(prefix)
+    arn = header.key_arn
+    given = args.key_id
+    is_alias = given is not None and (given.startswith("alias/") or ":alias/" in given)
+    if given and not is_alias and given not in (arn, key_id_of(arn)):
+        return f"{args.input} was encrypted under key {arn}, not {given}"
+    actual = header.encryption_context
+    differing = sorted(k for k, v in context.items() if actual.get(k) != v)
+    if differing:
+        keys = ", ".join(sorted(actual)) or "none"
+        return (
+            f"{args.input}'s encryption context does not hold --context "
+            f"{', '.join(f'{k}=...' for k in differing)} as given (its keys: {keys})"
+        )
+    missing = _missing_key(args, arn)
+    if missing is not None:
+        return missing
+    if not payload_length_fits(size - header_length, header.segment_size):
+        return (
+            f"{args.input} is cut short or has bytes added after its end (its payload is no "
+            "whole number of segments)"
+        )
+    return None
+
+
+def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
+    """That the key ``arn`` is not where the command looked, when that is so."""
+    parts = arn.split(":")
+    if len(parts) < 6 or not parts[5].startswith("key/"):
+        return None
+    region, account, key_id = parts[3], parts[4], parts[5].removeprefix("key/")
+    endpoint = configured_endpoint(args)
+    if endpoint is not None:
+        try:
+            _boto3_client(args).describe_key(KeyId=arn)
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code == "NotFoundException":
+                return f"{args.input} was encrypted under key {arn}, which {endpoint} does not hold"
+        return None
+    settings = Settings.load(args.data_dir)
+    if (account, region) != (settings.account_id, settings.region):
+        return (
+            f"{args.input} was encrypted under a key of account {account} in {region}; this data "
+            f"directory is account {settings.account_id} in {settings.region} (another data "
+            "directory, or --endpoint-url)"
+        )
+    with System.open(settings, audit=None, prepare=False) as system:
+        known = system.store.get_key(key_id) is not None
+    if not known:
+        return (
+            f"{args.input} was encrypted under key {arn}, which the data directory "
+            f"{settings.data_dir} does not hold (another data directory, or --endpoint-url)"
+        )
+    return None
+
+
+def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
     with (
         _terminate_as_interrupt(),
         _client(args) as client,
@@ -337,7 +468,7 @@ def run_decrypt(args: argparse.Namespace) -> int:
 
 def run_rewrap(args: argparse.Namespace) -> int:
     if args.file == STDIO:
-        raise ValidationException("rewrap needs a file, not -")
+        raise UsageError("rewrap needs a file, not -")
     with _terminate_as_interrupt(), _client(args) as client:
         client.rewrap_file(args.file, args.key_id, fsync=args.fsync)
     return 0

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings, pin_file_is_private
 from hsmkms.db import database_location
 from hsmkms.errors import ClientError
@@ -31,7 +33,7 @@ from hsmkms.report import (
     verify_document,
 )
 from hsmkms.report.signing import public_key_pem
-from hsmkms.system import System
+from hsmkms.system import System, require_data_directory
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -62,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=ReportFormat.ALL,
         default=None,
         help="html (default, or from --out's suffix), json or md",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="the report in JSON (the same as --format json)"
     )
     parser.add_argument("--out", type=Path, default=None, help="file to write (default stdout)")
     parser.add_argument(
@@ -102,6 +107,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="PEM",
         help="trust this public key (from 'hsmkms report key') instead of asking the token",
     )
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(run=run_verify)
 
     key = actions.add_parser(
@@ -109,6 +115,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="print the report signing key (fingerprint and PEM), making it on first use",
     )
     add_data_dir(key)
+    key.add_argument(
+        "--json", action="store_true", help="print one JSON object (fingerprint, PEM, token)"
+    )
     key.set_defaults(run=run_key)
 
 
@@ -135,6 +144,10 @@ def _deployment(settings: Settings) -> Deployment:
 
 def run_report(args: argparse.Namespace) -> int:
     fmt = args.format
+    if args.json:
+        if fmt not in (None, ReportFormat.JSON):
+            raise UsageError(f"--json and --format {fmt} ask for two formats")
+        fmt = ReportFormat.JSON
     if fmt is None:
         fmt = (
             _SUFFIXES.get(args.out.suffix.lower(), ReportFormat.HTML)
@@ -142,7 +155,8 @@ def run_report(args: argparse.Namespace) -> int:
             else ReportFormat.HTML
         )
     settings = Settings.load(args.data_dir)
-    with System.open(settings, audit=None, identity=True) as system:
+    require_data_directory(settings)
+    with System.open(settings, audit=None, identity=True, prepare=False) as system:
         report = build_report(
             system,
             deployment=_deployment(settings),
@@ -174,16 +188,21 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _invalid(args: argparse.Namespace, problem: str) -> int:
+    if args.json:
+        print(json.dumps({"File": str(args.file), "Intact": False, "Problem": problem}))
+    print(f"hsmkms report verify: {args.file}: {problem}", file=sys.stderr)
+    return EXIT_INVALID
+
+
 def run_verify(args: argparse.Namespace) -> int:
     data = _read(args.file)
     try:
         found = verify_document(data)
     except InvalidReportSignature as exc:
-        print(f"hsmkms report verify: {args.file}: {exc} (edited after signing)", file=sys.stderr)
-        return EXIT_INVALID
+        return _invalid(args, f"{exc} (edited after signing)")
     except UnsignedDocument as exc:
-        print(f"hsmkms report verify: {args.file}: not a signed report: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return _invalid(args, f"not a signed report: {exc}")
     if args.public_key is not None:
         try:
             pinned = serialization.load_pem_public_key(_read(args.public_key))
@@ -197,16 +216,30 @@ def run_verify(args: argparse.Namespace) -> int:
         source = f"the key in {args.public_key}"
     else:
         settings = Settings.load(args.data_dir)
+        require_data_directory(settings)
         with System.open(settings, audit=None, prepare=False) as system:
             trusted = [k.public_key for k in find_signing_keys(system.keystore)]
             source = f"a report signing key of token {system.keystore.info().serial}"
     if not found.trusted(trusted):
-        print(
-            f"hsmkms report verify: {args.file}: the signature is valid but made by "
-            f"{found.fingerprint}, which is not {source}",
-            file=sys.stderr,
+        return _invalid(
+            args, f"the signature is valid but made by {found.fingerprint}, which is not {source}"
         )
-        return EXIT_INVALID
+    if args.json:
+        report = found.report or {}
+        print(
+            json.dumps(
+                {
+                    "File": str(args.file),
+                    "Intact": True,
+                    "Format": found.format,
+                    "SignedBy": found.fingerprint,
+                    "TrustedAs": source,
+                    "ReportId": report.get("reportId"),
+                    "GeneratedAt": report.get("generatedAt"),
+                }
+            )
+        )
+        return EXIT_OK
     detail = ""
     if found.report is not None:
         detail = f", report {found.report.get('reportId')} of {found.report.get('generatedAt')}"
@@ -218,10 +251,25 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_key(args: argparse.Namespace) -> int:
-    with System.open(Settings.load(args.data_dir), audit=None) as system:
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit=None, prepare=False) as system:
         key = signing_key(system.keystore)
         assert key is not None
         serial = system.keystore.info().serial
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "Fingerprint": key.fingerprint,
+                    "KeySpec": "ECC_NIST_P256",
+                    "TokenSerial": serial,
+                    "Label": "hsmkms:report",
+                    "PublicKeyPem": public_key_pem(key.public_key),
+                }
+            )
+        )
+        return EXIT_OK
     print(
         f"report signing key {key.fingerprint} (ECC_NIST_P256, token {serial}, label "
         "hsmkms:report)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -59,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_data_dir(check)
     check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(run=run_check)
 
     apply = actions.add_parser(
@@ -70,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_data_dir(apply)
     apply.add_argument("file", type=Path, metavar="FILE")
+    apply.add_argument("--json", action="store_true", help="print one JSON object")
     apply.set_defaults(run=run_apply)
 
 
@@ -129,6 +132,9 @@ def run_check(args: argparse.Namespace) -> int:
             plan = plan_seed(document, system)
     else:
         plan = plan_seed(document, None)
+    if args.json:
+        print(json.dumps({"Valid": True, "Changes": list(plan.lines())}))
+        return 0
     for line in plan.lines():
         print(line)
     print(f"seed {document.source}: valid; applying it makes {len(plan.steps)} change(s)")
@@ -136,5 +142,9 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    apply_seed_file(Settings.load(args.data_dir), args.file)
+    if not args.json:
+        apply_seed_file(Settings.load(args.data_dir), args.file)
+        return 0
+    report = apply_seed_file(Settings.load(args.data_dir), args.file, say=lambda _: None)
+    print(json.dumps({"Applied": list(report.applied), "Summary": report.summary()}))
     return 0

@@ -10,9 +10,24 @@ name a dialect. ``tests/test_db.py`` fails when one does.
 from __future__ import annotations
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal, ReadCache
-from hsmkms.db.database import Database, database_exists, database_location, file_url
+from hsmkms.db.database import (
+    Database,
+    database_exists,
+    database_location,
+    file_url,
+    snapshot_database,
+)
+from hsmkms.db.dialects import check_database_file
 from hsmkms.db.errors import ErrorMessages
-from hsmkms.db.migrations import Component, LegacyMarker, Migration, add_column, migrate
+from hsmkms.db.migrations import (
+    Component,
+    LegacyMarker,
+    Migration,
+    add_column,
+    drop_unique,
+    migrate,
+    rebuild_table,
+)
 from hsmkms.db.types import BigIntKey, UTCDateTime
 
 __all__ = [
@@ -27,8 +42,12 @@ __all__ = [
     "ReadCache",
     "UTCDateTime",
     "add_column",
+    "check_database_file",
     "database_exists",
     "database_location",
+    "drop_unique",
     "file_url",
     "migrate",
+    "rebuild_table",
+    "snapshot_database",
 ]

@@ -18,7 +18,7 @@ from hsmkms.db.dialects import WRITE_OPTION, ConnectionOptions, Dialect, dialect
 from hsmkms.db.errors import DEFAULT_DEVICE, ErrorMessages, map_error
 from hsmkms.db.forks import FORKS
 
-__all__ = ["Database", "database_exists", "database_location", "file_url"]
+__all__ = ["Database", "database_exists", "database_location", "file_url", "snapshot_database"]
 
 _PLACEHOLDERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 
@@ -207,6 +207,14 @@ class Database:
             cache = ref()
             if cache is not None:
                 cache.rebind(self._signal)
+
+
+def snapshot_database(url: str | URL, target: Path) -> None:
+    """Copy a consistent snapshot of the database at ``url`` (a file: the embedded default)
+    into the new file ``target`` while other processes keep using it (``hsmkms backup``).
+    ``ValueError`` for a database server, which has its own backup tools."""
+    parsed = make_url(url)
+    dialect_for(parsed.get_backend_name()).snapshot(parsed, target)
 
 
 def file_url(path: str | os.PathLike[str]) -> str:

@@ -28,7 +28,13 @@ from sqlalchemy.engine import URL
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal
 
-__all__ = ["ConnectionOptions", "Dialect", "SQLiteDialect", "dialect_for"]
+__all__ = [
+    "ConnectionOptions",
+    "Dialect",
+    "SQLiteDialect",
+    "check_database_file",
+    "dialect_for",
+]
 
 WRITE_OPTION = "hsmkms_write"
 """Execution option of a connection whose next transaction writes (takes the write lock)."""
@@ -114,6 +120,14 @@ class Dialect:
     def location(self, url: URL) -> str:
         """Where the database is, for messages (never with a password)."""
         return url.render_as_string(hide_password=True)
+
+    def snapshot(self, url: URL, target: Path) -> None:
+        """Copy a consistent snapshot of the database at ``url`` into the new file ``target``
+        while other connections keep writing. Only a database kept in a file can be copied
+        so; a database server has its own tools (``pg_dump``)."""
+        raise ValueError(
+            f"{self.location(url)} is not a database file: back it up with its own tools"
+        )
 
 
 # SQLite's primary result codes (the low byte of an extended code) for a lock that was not
@@ -240,6 +254,41 @@ class SQLiteDialect(Dialect):
     def location(self, url: URL) -> str:
         path = _file(url)
         return super().location(url) if path is None else str(Path(path))
+
+    def snapshot(self, url: URL, target: Path) -> None:
+        # SQLite's online backup API, all pages in one step: one read transaction, so the copy
+        # is the database as of one commit, whatever other connections (in WAL mode, any
+        # number of readers and one writer) do meanwhile. The copy is a plain file (no WAL).
+        path = _file(url)
+        if path is None:
+            raise ValueError("an in-memory database cannot be copied")
+        # Opened read-write (it only reads): a read-only open of a WAL file fails when its
+        # shared-memory file is missing (no process has it open).
+        source = sqlite3.connect(path, timeout=10)
+        try:
+            dest = sqlite3.connect(target)
+            try:
+                source.backup(dest)
+                dest.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                dest.close()
+        finally:
+            source.close()
+
+
+def check_database_file(path: Path) -> str | None:
+    """What is wrong with the SQLite file at ``path`` (``PRAGMA integrity_check``), or None
+    when it is intact. Opens it read-only."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"not a readable SQLite database ({exc})"
+    problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+    return "; ".join(problems[:3]) if problems else None
 
 
 class _WriterGate:

@@ -62,8 +62,10 @@ __all__ = [
     "Migration",
     "add_column",
     "applied_versions",
+    "drop_unique",
     "metadata",
     "migrate",
+    "rebuild_table",
     "schema_migrations",
 ]
 
@@ -186,6 +188,59 @@ def _record(
             for m in migrations
         ]
         conn.execute(insert(_M), rows)
+
+
+def rebuild_table(conn: Connection, declared: Table) -> None:
+    """Rebuild the table ``declared`` names as it is declared now, keeping its rows (the
+    columns the old and the new table share): for a change ``ALTER TABLE`` cannot make on
+    every dialect (SQLite cannot drop a constraint). Runs in the migration's transaction: the
+    old table is renamed, the new one created with its indexes, the rows copied, the old one
+    dropped."""
+    name = declared.name
+    old = f"{name}_before_rebuild"
+    inspector = inspect(conn)
+    shared = [
+        c["name"]
+        for c in inspector.get_columns(name)
+        if c["name"] in {col.name for col in declared.columns}
+    ]
+    explicit = [i["name"] for i in inspector.get_indexes(name) if i.get("name")]
+    conn.execute(text(f"ALTER TABLE {name} RENAME TO {old}"))
+    for index in explicit:  # they moved with the table and would collide with the new ones
+        conn.execute(text(f"DROP INDEX {index}"))
+    declared.create(conn)
+    source = table(old, *(column(c) for c in shared))
+    conn.execute(insert(declared).from_select(shared, select(*source.c)))
+    conn.execute(text(f"DROP TABLE {old}"))
+
+
+def drop_unique(conn: Connection, declared: Table, columns: Sequence[str]) -> bool:
+    """Drop the uniqueness of ``columns`` in the table ``declared`` names (declared now without
+    it), keeping every row. SQLite cannot drop a constraint: the table is rebuilt
+    (:func:`rebuild_table`); other dialects drop the constraint or unique index by name.
+    Returns whether there was one."""
+    inspector = inspect(conn)
+    wanted = list(columns)
+    constraints = [
+        u for u in inspector.get_unique_constraints(declared.name) if u["column_names"] == wanted
+    ]
+    indexes = [
+        i
+        for i in inspector.get_indexes(declared.name)
+        if i["unique"] and i["column_names"] == wanted
+    ]
+    if not constraints and not indexes:
+        return False
+    if conn.dialect.name == "sqlite":
+        rebuild_table(conn, declared)
+        return True
+    quote = conn.dialect.identifier_preparer.quote
+    for constraint in constraints:
+        name = quote(str(constraint["name"]))
+        conn.execute(text(f"ALTER TABLE {quote(declared.name)} DROP CONSTRAINT {name}"))
+    for index in indexes:
+        conn.execute(text(f"DROP INDEX {quote(str(index['name']))}"))
+    return True
 
 
 def _ensure_version_table(conn: Connection) -> None:

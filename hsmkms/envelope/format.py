@@ -97,6 +97,8 @@ __all__ = [
     "MessageCipher",
     "Readable",
     "decode_encryption_context",
+    "header_problem",
+    "payload_length_fits",
     "read_exact",
 ]
 
@@ -382,6 +384,57 @@ class EnvelopeHeader:
         if not hmac.compare_digest(commitment, self.commitment) or aead is None:
             raise ValidationException("the data key does not match the header")
         return MessageCipher(aead)
+
+
+def header_problem(data: bytes) -> str | None:
+    """Why ``data`` — the first bytes of a file, at least :data:`MAX_HEADER_LENGTH` of them
+    unless the file is shorter — does not start with a v1 header: ``"not-envelope"`` (another
+    format, or a header no encoder makes), ``"truncated"`` (a v1 header cut short), or None
+    when it does. For the command line's explanation of a failure; decryption itself answers
+    every failure with the same :class:`DecryptionFailed`. Reads only what is not secret."""
+    if len(data) >= 2 and (
+        data[0] != FORMAT_VERSION or data[1] != SUITE_AES_256_GCM_HKDF_SHA256_COMMIT
+    ):
+        return "not-envelope"
+    if len(data) < 2:
+        return "truncated" if data in (b"", bytes([FORMAT_VERSION])) else "not-envelope"
+    try:
+        EnvelopeHeader.parse(data)
+        return None
+    except DecryptionFailed:
+        pass
+    # Well-formed as far as it goes, or not? Follow the lengths until the data ends.
+    need = _FIXED.size
+    if len(data) < need:
+        return "truncated"
+    _, _, segment_size, _, context_length = _FIXED.unpack_from(data)
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE or not (
+        2 <= context_length <= MAX_CONTEXT_BYTES
+    ):
+        return "not-envelope"
+    for limit_low, limit_high in ((1, MAX_KEY_ARN), (1, MAX_ENCRYPTED_DATA_KEY)):
+        need += context_length if limit_high == MAX_KEY_ARN else 0
+        if len(data) < need + 2:
+            return "truncated"
+        (length,) = _U16.unpack_from(data, need)
+        if not limit_low <= length <= limit_high:
+            return "not-envelope"
+        need += 2 + length
+        context_length = 0
+    if len(data) < need + COMMITMENT_LENGTH:
+        return "truncated"
+    return "not-envelope"
+
+
+def payload_length_fits(length: int, segment_size: int) -> bool:
+    """Whether a payload of ``length`` bytes is a whole number of segments of a message with
+    ``segment_size``-byte segments: full segments of ``segment_size + 16`` bytes, then a last
+    one of 17 to ``segment_size + 16`` bytes — or a lone 16-byte segment (an empty message).
+    False proves a payload cut short or extended; True proves nothing."""
+    if length == TAG_LENGTH:
+        return True
+    rest = length % (segment_size + TAG_LENGTH)
+    return length > 0 and (rest == 0 or rest > TAG_LENGTH)
 
 
 class _BytesReader:

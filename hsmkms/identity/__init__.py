@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hsmkms.identity.store import (
     ROOT_NAME,
+    USER_NAME,
     CredentialInfo,
     CredentialIntegrityError,
     CredentialStore,
@@ -14,11 +15,13 @@ from hsmkms.identity.store import (
     check_credential,
     generate_access_key_id,
     generate_secret,
+    root_account,
     validate_identity_policy,
 )
 
 __all__ = [
     "ROOT_NAME",
+    "USER_NAME",
     "CredentialInfo",
     "CredentialIntegrityError",
     "CredentialStore",
@@ -28,5 +31,6 @@ __all__ = [
     "check_credential",
     "generate_access_key_id",
     "generate_secret",
+    "root_account",
     "validate_identity_policy",
 ]

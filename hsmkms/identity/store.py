@@ -13,12 +13,19 @@ in the database's ``schema_migrations``; see :mod:`hsmkms.db.migrations`)::
                           pre-v2 text, still read); ``schema_version`` ("2"), the version as
                           hsmkms before the database layer kept it (adopted from there, and kept
                           equal to the latest applied version)
-    identity_credentials  access_key_id (PK), name (unique), principal_arn, secret_iv,
-                          secret_sealed, wrapping_key, row_version, created_at,
-                          policy (v2: the identity policy JSON as given, or NULL)
+    identity_credentials  access_key_id (PK), name (indexed; v3: at most two rows per name,
+                          unique before), principal_arn, secret_iv, secret_sealed, wrapping_key,
+                          row_version, created_at, policy (v2: the identity policy JSON as
+                          given, or NULL)
+    identity_retired      access_key_id (PK), principal_arn, retired_at (v3): access keys of
+                          the account root deleted with ``hsmkms credentials delete``, so that
+                          HSMKMS_ROOT_ACCESS_KEY_ID naming one cannot bring it back
 
 Migration 2 adds the nullable ``policy`` column in place (``ALTER TABLE ... ADD COLUMN``, under
-the write lock); v1 rows have no policy and open unchanged.
+the write lock); v1 rows have no policy and open unchanged. Migration 3 rebuilds
+``identity_credentials`` without the uniqueness of ``name`` (a user may hold two access keys,
+as in AWS IAM, to rotate without downtime), keeping every row as it was, and adds
+``identity_retired``.
 
 Sealing: ``(iv, sealed) = keystore.encrypt(wrapping_key, secret, aad)`` with::
 
@@ -58,6 +65,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
+    Index,
     LargeBinary,
     MetaData,
     String,
@@ -65,7 +73,7 @@ from sqlalchemy import (
     Text,
     delete,
     insert,
-    or_,
+    inspect,
     select,
     update,
 )
@@ -78,6 +86,7 @@ from hsmkms.db import (
     LegacyMarker,
     Migration,
     add_column,
+    drop_unique,
     migrate,
 )
 from hsmkms.errors import (
@@ -96,8 +105,10 @@ from hsmkms.types import Clock, Credential, utc_now
 
 __all__ = [
     "IDENTITY_KEY_ID",
+    "MAX_ACCESS_KEYS",
     "MIN_ROOT_SECRET",
     "ROOT_NAME",
+    "USER_NAME",
     "CredentialInfo",
     "CredentialIntegrityError",
     "CredentialStore",
@@ -107,12 +118,19 @@ __all__ = [
     "check_credential",
     "generate_access_key_id",
     "generate_secret",
+    "root_account",
     "validate_identity_policy",
 ]
 
 log = structlog.get_logger(__name__)
 
 ROOT_NAME = "root"
+MAX_ACCESS_KEYS = 2
+"""Access keys a user (or the account root) may hold at once: AWS IAM's quota, which lets an
+application move to a new key before the old one is deleted."""
+# Writers of the identity tables take this lock (PostgreSQL: an advisory lock; SQLite's write
+# transaction holds the one write lock already), so "at most two keys per name" holds. "hsmkmsI"
+_WRITE_LOCK: Final = 0x68736D6B6D7349
 IDENTITY_KEY_ID = "identity-credentials"
 """The ``key_id`` of the wrapping key (token label ``hsmkms:identitycredentials:1``)."""
 
@@ -121,7 +139,8 @@ _AAD_POLICY = b"\x00policy\x00"
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _SECRET_ALPHABET = string.ascii_letters + string.digits + "+/"
 # spec: IAM user names: 1-64 of letters, digits and +=,.@_-
-_NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+USER_NAME: Final = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
+_NAME = USER_NAME
 # What this store accepts as an access key id: its own (AKIA + 16 base32) and any an operator
 # sets through HSMKMS_ROOT_ACCESS_KEY_ID (AWS: 16-128 word characters; we allow from 1).
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
@@ -147,7 +166,7 @@ identity_credentials = Table(
     "identity_credentials",
     metadata,
     Column("access_key_id", String(128), primary_key=True),
-    Column("name", String(64), nullable=False, unique=True),
+    Column("name", String(64), nullable=False),  # unique before schema v3
     Column("principal_arn", String(2048), nullable=False),
     Column("secret_iv", LargeBinary, nullable=False),
     Column("secret_sealed", LargeBinary, nullable=False),
@@ -155,8 +174,17 @@ identity_credentials = Table(
     Column("row_version", BigInteger, nullable=False),
     Column("created_at", String(40), nullable=False),
     Column("policy", Text, nullable=True),  # schema v2
+    Index("ix_identity_credentials_name", "name"),  # schema v3
 )
 _C = identity_credentials
+identity_retired = Table(
+    "identity_retired",
+    metadata,
+    Column("access_key_id", String(128), primary_key=True),
+    Column("principal_arn", String(2048), nullable=False),
+    Column("retired_at", String(40), nullable=False),
+)
+_R = identity_retired
 
 
 def _v1_initial(conn: Connection) -> None:
@@ -170,11 +198,21 @@ def _v2_policy(conn: Connection) -> None:
         log.info("identity_schema_migrated", from_version=1, to_version=2)
 
 
+def _v3_two_access_keys(conn: Connection) -> None:
+    # Made by migration 1 of this code, the table has no uniqueness on name already.
+    if drop_unique(conn, _C, ["name"]):
+        log.info("identity_schema_migrated", from_version=2, to_version=3)
+    for index in _C.indexes:
+        index.create(conn, checkfirst=True)
+    _R.create(conn, checkfirst=True)
+
+
 COMPONENT: Final = Component(
     "identity",
     [
         Migration(1, "identity_meta, identity_credentials", _v1_initial),
         Migration(2, "identity policies: identity_credentials.policy", _v2_policy),
+        Migration(3, "two access keys per user; identity_retired", _v3_two_access_keys),
     ],
     legacy=LegacyMarker(identity_meta),
     refused="the identity tables are of schema version {found}; this hsmkms knows {latest}: "
@@ -279,12 +317,30 @@ def _aad(access_key_id: str, principal_arn: str, policy: str | None) -> bytes:
     return aad + _AAD_POLICY + hashlib.sha256(policy.encode()).digest()
 
 
+def root_account(database: Database) -> str | None:
+    """The account of the stored root credential (``arn:aws:iam::<account>:root``), or None
+    when the database has no identity tables or no root yet. Reads only."""
+    with database.read(_ERRORS) as conn:
+        if not inspect(conn).has_table(_C.name):
+            return None
+        arn = conn.execute(select(_C.c.principal_arn).where(_C.c.name == ROOT_NAME)).scalar()
+    if arn is None:
+        return None
+    parts = str(arn).split(":")
+    return parts[4] if len(parts) >= 6 and parts[4] else None
+
+
+def _shown(created_at: object) -> str:
+    """A creation time as shown: to the second (stored to the microsecond, for order)."""
+    return re.sub(r"\.\d+(?=[+-]|Z|$)", "", str(created_at))
+
+
 def _info(row: Any) -> CredentialInfo:
     return CredentialInfo(
         str(row.access_key_id),
         str(row.name),
         str(row.principal_arn),
-        str(row.created_at),
+        _shown(row.created_at),
         bool(row.has_policy),
     )
 
@@ -355,7 +411,7 @@ class CredentialStore:
 
     def _write(self) -> AbstractContextManager[Connection]:
         """One write transaction (the write lock taken first, so read-then-write is atomic)."""
-        return self._db.write(_ERRORS)
+        return self._db.write(_ERRORS, lock=_WRITE_LOCK)
 
     def _read(self) -> AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
@@ -438,7 +494,9 @@ class CredentialStore:
             "access_key_id": access_key_id,
             "name": name,
             "principal_arn": arn,
-            "created_at": self._clock().astimezone(dt.UTC).isoformat(timespec="seconds"),
+            # Microseconds: a rotated key is ordered after the key it replaces, even within a
+            # second (rows made before keep whole seconds, which sort first within theirs).
+            "created_at": self._clock().astimezone(dt.UTC).isoformat(timespec="microseconds"),
             **self._sealed_values(self._wrapping(), access_key_id, arn, secret, policy),
         }
 
@@ -473,6 +531,8 @@ class CredentialStore:
         values = self._row_values(access_key_id, name, arn, secret, policy)
         try:
             with self._write() as conn:
+                if conn.execute(select(_C.c.access_key_id).where(_C.c.name == name)).first():
+                    raise DuplicateCredential(f"a credential named {name!r} already exists")
                 conn.execute(insert(_C).values(**values))
         except IntegrityError:
             raise DuplicateCredential(f"a credential {taken} already exists") from None
@@ -493,9 +553,13 @@ class CredentialStore:
     ) -> IssuedCredential | None:
         """Make sure the account root identity exists.
 
-        With ``access_key_id`` and ``secret`` (``HSMKMS_ROOT_*``), the root identity is set to
-        them (replacing a different one). Without, a root identity is generated when none
-        exists. Returns the credential when this call created or replaced it, else None.
+        Without ``access_key_id`` and ``secret``, a root access key is generated when the root
+        has none. With them (``HSMKMS_ROOT_*``), they become the root's one access key —
+        replacing whatever keys it had — unless the root already holds that key (then nothing
+        changes: a second key added with :meth:`rotate` stays), or unless that key was retired
+        with :meth:`delete` (then the values are ignored, and :meth:`retired_at` says since
+        when: rotating the root needs no change to the environment, and a retired key never
+        comes back). Returns the credential when this call created or replaced it, else None.
 
         A root secret shorter than :data:`MIN_ROOT_SECRET` characters — given, or kept from an
         earlier start — is refused (ValidationException) unless ``allow_weak``
@@ -515,17 +579,23 @@ class CredentialStore:
         if secret is not None:
             self._check_root_secret(len(secret), allow_weak, given=True)
         with self._read() as conn:
-            row = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).first()
-        if row is not None:
-            current = self._unseal_row(row._mapping)
-            if access_key_id is None:
+            rows = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).all()
+        if rows and access_key_id is None:
+            for row in rows:
+                current = self._unseal_row(row._mapping)
                 if current is not None:
                     self._check_root_secret(len(current.secret), allow_weak, given=False)
-                return None
-            if current is not None and (current.access_key_id, current.secret) == (
-                access_key_id,
-                secret,
-            ):
+            return None
+        if access_key_id is not None:
+            for row in rows:
+                current = self._unseal_row(row._mapping)
+                if current is not None and (current.access_key_id, current.secret) == (
+                    access_key_id,
+                    secret,
+                ):
+                    return None
+            if self.retired_at(access_key_id) is not None:
+                log.warning("root_environment_key_retired", access_key_id=access_key_id)
                 return None
         if access_key_id is None or secret is None:
             access_key_id, secret = generate_access_key_id(), generate_secret()
@@ -564,36 +634,109 @@ class CredentialStore:
         """Whether the root's secret is shorter than :data:`MIN_ROOT_SECRET` characters (for
         the health report; one token call)."""
         with self._read() as conn:
-            row = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).first()
-        current = None if row is None else self._unseal_row(row._mapping)
-        return current is not None and len(current.secret) < MIN_ROOT_SECRET
+            rows = conn.execute(select(_C).where(_C.c.name == ROOT_NAME)).all()
+        for row in rows:
+            current = self._unseal_row(row._mapping)
+            if current is not None and len(current.secret) < MIN_ROOT_SECRET:
+                return True
+        return False
+
+    def retired_at(self, access_key_id: str) -> str | None:
+        """When the root access key ``access_key_id`` was retired by :meth:`delete`, or None."""
+        with self._read() as conn:
+            found = conn.execute(
+                select(_R.c.retired_at).where(_R.c.access_key_id == access_key_id)
+            ).scalar()
+        return None if found is None else str(found)
 
     def list(self) -> list[CredentialInfo]:
-        """Every credential, without secrets, by name."""
+        """Every access key, without secrets, by name, then oldest first."""
         with self._read() as conn:
-            rows = conn.execute(select(*_INFO).order_by(_C.c.name)).all()
+            rows = conn.execute(
+                select(*_INFO).order_by(_C.c.name, _C.c.created_at, _C.c.access_key_id)
+            ).all()
         return [_info(r) for r in rows]
 
     @staticmethod
-    def _named(access_key_id_or_name: str) -> Any:
-        return or_(_C.c.access_key_id == access_key_id_or_name, _C.c.name == access_key_id_or_name)
+    def _user_rows(conn: Connection, access_key_id_or_name: str, *, lock: bool = False) -> Any:
+        """(the rows of the user an access key id or a name names, the row the access key id
+        names or None); raises UnknownCredential when there is none."""
+        by_id = select(_C).where(_C.c.access_key_id == access_key_id_or_name)
+        row = conn.execute(by_id.with_for_update() if lock else by_id).mappings().first()
+        name = str(row["name"]) if row is not None else access_key_id_or_name
+        by_name = select(_C).where(_C.c.name == name).order_by(_C.c.created_at, _C.c.access_key_id)
+        rows = list(conn.execute(by_name.with_for_update() if lock else by_name).mappings())
+        if not rows:
+            raise UnknownCredential(f"no credential {access_key_id_or_name!r}")
+        return rows, row
+
+    def rotate(self, access_key_id_or_name: str) -> IssuedCredential:
+        """Give a user (or the account root) a second access key, with the same principal and
+        identity policy; the secret is returned once. The first key keeps working until it is
+        deleted: an application moves to the new one without downtime. At most
+        :data:`MAX_ACCESS_KEYS` per user (``LimitExceededException``, AWS IAM's quota)."""
+        with self._write() as conn:
+            rows, _ = self._user_rows(conn, access_key_id_or_name, lock=True)
+            name = str(rows[0]["name"])
+            if len(rows) >= MAX_ACCESS_KEYS:
+                keys = ", ".join(str(r["access_key_id"]) for r in rows)
+                raise LimitExceededException(
+                    f"{name} has {len(rows)} access keys ({keys}), the most a user may hold: "
+                    "delete one first"
+                )
+            current = rows[0]
+            if self._open(current, warn=False) is None:
+                raise CredentialIntegrityError(
+                    f"the credential {current['access_key_id']} does not open (its database row "
+                    "was altered): delete it and create a new one"
+                )
+            arn = str(current["principal_arn"])
+            policy = None if current["policy"] is None else str(current["policy"])
+            access_key_id, secret = generate_access_key_id(), generate_secret()
+            conn.execute(
+                insert(_C).values(**self._row_values(access_key_id, name, arn, secret, policy))
+            )
+        log.info("credential_rotated", access_key_id=access_key_id, principal=arn)
+        return IssuedCredential(access_key_id, secret, arn, name)
 
     def delete(self, access_key_id_or_name: str) -> CredentialInfo:
-        """Delete a credential named by its access key id or its name; it stops working at once.
-
-        The root credential cannot be deleted (set ``HSMKMS_ROOT_*`` to replace it).
-        """
+        """Delete an access key named by its id, or by its user's name when the user holds one
+        key; it stops working at once. A root key can be deleted only while the root holds
+        another (:meth:`rotate` first); it is then retired for good (:meth:`retired_at`)."""
         with self._write() as conn:
-            row = conn.execute(select(*_INFO).where(self._named(access_key_id_or_name))).first()
-            if row is None:
-                raise UnknownCredential(f"no credential {access_key_id_or_name!r}")
-            if row.name == ROOT_NAME:
-                raise ValidationException(
-                    "the root credential cannot be deleted (set HSMKMS_ROOT_ACCESS_KEY_ID and "
-                    "HSMKMS_ROOT_SECRET_ACCESS_KEY to replace it)"
+            rows, by_id = self._user_rows(conn, access_key_id_or_name)
+            if by_id is None and len(rows) > 1:
+                keys = ", ".join(
+                    f"{r['access_key_id']} (made {_shown(r['created_at'])})" for r in rows
                 )
-            conn.execute(delete(_C).where(_C.c.access_key_id == row.access_key_id))
-        info = _info(row)
+                raise ValidationException(
+                    f"{access_key_id_or_name} has {len(rows)} access keys: name the one to "
+                    f"delete by its access key id: {keys}"
+                )
+            row = by_id if by_id is not None else rows[0]
+            is_root = row["name"] == ROOT_NAME
+            if is_root and len(rows) == 1:
+                raise ValidationException(
+                    "the account root's only access key cannot be deleted: give the root a "
+                    "second one first (hsmkms credentials rotate root), or set "
+                    "HSMKMS_ROOT_ACCESS_KEY_ID and HSMKMS_ROOT_SECRET_ACCESS_KEY to replace it"
+                )
+            conn.execute(delete(_C).where(_C.c.access_key_id == row["access_key_id"]))
+            if is_root:
+                conn.execute(
+                    insert(_R).values(
+                        access_key_id=row["access_key_id"],
+                        principal_arn=row["principal_arn"],
+                        retired_at=self._clock().astimezone(dt.UTC).isoformat(timespec="seconds"),
+                    )
+                )
+            info = CredentialInfo(
+                str(row["access_key_id"]),
+                str(row["name"]),
+                str(row["principal_arn"]),
+                _shown(row["created_at"]),
+                row["policy"] is not None,
+            )
         self._forget(info.access_key_id)
         log.info(
             "credential_deleted", access_key_id=info.access_key_id, principal=info.principal_arn
@@ -601,49 +744,51 @@ class CredentialStore:
         return info
 
     def set_policy(self, access_key_id_or_name: str, policy: str | None) -> CredentialInfo:
-        """Attach ``policy`` (IAM JSON, stored as given) to a user credential, replacing its
-        identity policy; ``None`` removes it. Takes effect at once, in every process.
+        """Attach ``policy`` (IAM JSON, stored as given) to a user, replacing its identity
+        policy, on each of its access keys; ``None`` removes it. Takes effect at once, in every
+        process.
 
-        The secret is unsealed and sealed again under the new policy in one transaction.
+        Each secret is unsealed and sealed again under the new policy in one transaction.
         Raises MalformedPolicyDocumentException for an invalid policy, UnknownCredential,
         ValidationException for the account root (not governed by identity policies), and
-        CredentialIntegrityError when the stored credential does not open (altered row).
+        CredentialIntegrityError when a stored credential does not open (altered row).
         """
         if policy is not None:
             validate_identity_policy(policy)
         with self._write() as conn:
-            row = (
-                conn.execute(select(_C).where(self._named(access_key_id_or_name)).with_for_update())
-                .mappings()
-                .first()
-            )
-            if row is None:
-                raise UnknownCredential(f"no credential {access_key_id_or_name!r}")
-            access_key_id = str(row["access_key_id"])
-            arn = str(row["principal_arn"])
-            if row["name"] == ROOT_NAME or arn == self.root_arn:
+            rows, _ = self._user_rows(conn, access_key_id_or_name, lock=True)
+            first = rows[0]
+            if first["name"] == ROOT_NAME or str(first["principal_arn"]) == self.root_arn:
                 raise ValidationException(
                     "the account root is not governed by identity policies: it may do "
                     "whatever key policies allow the account"
                 )
-            secret = self._open(row, warn=False)
-            if secret is None:
-                raise CredentialIntegrityError(
-                    f"the credential {access_key_id} does not open (its database row was "
-                    "altered): delete it and create a new one"
-                )
-            ref = KeyMaterialRef.from_str(str(row["wrapping_key"]))
-            values = self._sealed_values(ref, access_key_id, arn, secret, policy)
-            conn.execute(update(_C).where(_C.c.access_key_id == access_key_id).values(**values))
-        self._forget(access_key_id)
+            for row in rows:
+                access_key_id = str(row["access_key_id"])
+                arn = str(row["principal_arn"])
+                secret = self._open(row, warn=False)
+                if secret is None:
+                    raise CredentialIntegrityError(
+                        f"the credential {access_key_id} does not open (its database row was "
+                        "altered): delete it and create a new one"
+                    )
+                ref = KeyMaterialRef.from_str(str(row["wrapping_key"]))
+                values = self._sealed_values(ref, access_key_id, arn, secret, policy)
+                conn.execute(update(_C).where(_C.c.access_key_id == access_key_id).values(**values))
+        for row in rows:
+            self._forget(str(row["access_key_id"]))
         log.info(
             "credential_policy_set",
-            access_key_id=access_key_id,
-            principal=arn,
+            access_key_id=str(first["access_key_id"]),
+            principal=str(first["principal_arn"]),
             has_policy=policy is not None,
         )
         return CredentialInfo(
-            access_key_id, str(row["name"]), arn, str(row["created_at"]), policy is not None
+            str(first["access_key_id"]),
+            str(first["name"]),
+            str(first["principal_arn"]),
+            _shown(first["created_at"]),
+            policy is not None,
         )
 
     def get_policy(self, access_key_id_or_name: str) -> tuple[CredentialInfo, str | None]:
@@ -653,20 +798,19 @@ class CredentialStore:
         Raises UnknownCredential, and CredentialIntegrityError when the row was altered.
         """
         with self._read() as conn:
-            row = conn.execute(select(_C).where(self._named(access_key_id_or_name))).first()
-        if row is None:
-            raise UnknownCredential(f"no credential {access_key_id_or_name!r}")
-        credential = self._unseal_row(row._mapping, warn=False)
+            rows, by_id = self._user_rows(conn, access_key_id_or_name)
+        row = by_id if by_id is not None else rows[0]
+        credential = self._unseal_row(row, warn=False)
         if credential is None:
             raise CredentialIntegrityError(
-                f"the credential {row.access_key_id} does not open (its database row was "
+                f"the credential {row['access_key_id']} does not open (its database row was "
                 "altered): delete it and create a new one"
             )
         info = CredentialInfo(
             credential.access_key_id,
-            str(row.name),
+            str(row["name"]),
             credential.principal_arn,
-            str(row.created_at),
+            _shown(row["created_at"]),
             credential.identity_policy is not None,
         )
         return info, credential.identity_policy

@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -457,6 +458,23 @@ class Pkcs11Keystore:
 
     # -- timing ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _token_writes(self) -> Iterator[None]:
+        """Hold the token's write lock shared (``KeystoreConfig.write_lock``) while objects are
+        created or destroyed, so that a backup copying the token files, which holds it
+        exclusively, never copies an object SoftHSM2 is still writing. Taken before the
+        process lock: waiting for a backup must not stop this process's other calls."""
+        path = self._config.write_lock
+        if path is None:
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _observed(self, operation: str, fn: Callable[[], _T]) -> _T:
         """``fn()``, timed for the observer when there is one. (The hot operations inline the
         same few lines rather than paying for this extra call.)"""
@@ -655,7 +673,8 @@ class Pkcs11Keystore:
                     conn.public[raw] = public
             return KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
 
-        return self._call("creating a key", work)
+        with self._token_writes():
+            return self._call("creating a key", work)
 
     def destroy(self, ref: KeyMaterialRef) -> None:
         """Destroy the token object(s) of ``ref``; objects already gone are not an error."""
@@ -668,7 +687,8 @@ class Pkcs11Keystore:
                 for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                     obj.destroy()
 
-        self._observed("destroy", lambda: self._call("destroying a key", work))
+        with self._token_writes():
+            self._observed("destroy", lambda: self._call("destroying a key", work))
 
     # -- using material ----------------------------------------------------------------------
 

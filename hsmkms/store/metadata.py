@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,6 +39,7 @@ from sqlalchemy import (
     and_,
     delete,
     func,
+    insert,
     or_,
     select,
     update,
@@ -262,6 +263,9 @@ _T = schema.tags
 _G = schema.grants
 _S = schema.store_settings
 _INTEGRITY_KEY = "integrity_key"
+# store_settings: the account and region the keys belong to (claim_deployment).
+_ACCOUNT = "account_id"
+_REGION = "region"
 _SEALED_TABLES = (_K, _V, _G, _A, _T)
 # store_settings: the sealed tables whose rows were adopted, sorted and joined by ",". Missing
 # beside an integrity key: a database sealed before migration 4, which adopted these.
@@ -408,6 +412,15 @@ class MetadataStore:
     def _read(self) -> contextlib.AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
 
+    @contextlib.contextmanager
+    def hold_writes(self) -> Iterator[None]:
+        """Hold the database's write lock for the block: no process commits a key, version,
+        alias, grant or credential change meanwhile (they wait, up to their busy timeout).
+        ``hsmkms backup`` copies the database and the token inside it: every row then names
+        token objects that the copy holds."""
+        with self._write():
+            yield
+
     def _lock_key(self, conn: Connection, key_id: str) -> KeyRecord:
         key = self._lock_key_if_there(conn, key_id)
         if key is None:
@@ -531,6 +544,38 @@ class MetadataStore:
                         )
                     )
         return problems
+
+    # -- the deployment the data belongs to ----------------------------------------------------
+
+    def claim_deployment(
+        self, account_id: str, region: str, *, known_account: Callable[[], str | None]
+    ) -> tuple[str, str]:
+        """The account and region this database's keys belong to, recorded in
+        ``store_settings`` (``account_id``, ``region``) by the first process to open it: the
+        values of its first key's ARN when it has keys (a database from before the record),
+        else the account ``known_account()`` names (the root credential's) and ``region``, else
+        ``account_id`` and ``region``. The composition root compares them with the settings: a
+        changed ``HSMKMS_ACCOUNT_ID`` would otherwise mint ARNs that name no stored key."""
+        names = (_ACCOUNT, _REGION)
+        query = select(_S.c.name, _S.c.value).where(_S.c.name.in_(names))
+        with self._read() as conn:
+            stored = dict(conn.execute(query).all())
+        if len(stored) == len(names):
+            return stored[_ACCOUNT], stored[_REGION]
+        with self._write() as conn:
+            stored = dict(conn.execute(query).all())
+            arn = conn.execute(select(_K.c.arn).order_by(_K.c.created_at).limit(1)).scalar()
+            parts = str(arn).split(":") if arn is not None else []
+            inferred = {_ACCOUNT: account_id, _REGION: region}
+            if len(parts) >= 6 and parts[0] == "arn":
+                inferred = {_ACCOUNT: parts[4], _REGION: parts[3]}
+            elif (account := known_account()) is not None:
+                inferred[_ACCOUNT] = account
+            for name in names:
+                if name not in stored:
+                    conn.execute(insert(_S).values(name=name, value=inferred[name]))
+                    stored[name] = inferred[name]
+        return stored[_ACCOUNT], stored[_REGION]
 
     # -- schema ---------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ It sits above ``service/``, ``store/``, ``keystore/``, ``identity/`` and ``audit
   credentials store, audit trail and writer), :func:`open_audit_reader`,
   :func:`open_audit_verifier`; the only module constructing those parts;
 * :mod:`hsmkms.system.datadir` — :func:`initialize`: the data directory, the token, the
-  database and the root identity (``serve``'s parent, ``hsmkms credentials``);
+  database and the root identity (``hsmkms init``, ``serve``'s parent);
+  :func:`require_data_directory`: every other command's first question;
 * :mod:`hsmkms.system.operator` — :class:`OperatorService`: the local operator's key
   operations, each recorded in the audit trail like an API call; :class:`OperatorCredentials`:
   the changes of ``hsmkms credentials``, recorded the same way.
@@ -20,7 +21,12 @@ from hsmkms.system.datadir import (
     ROOT_KEY_ENV,
     ROOT_SECRET_ENV,
     InitReport,
+    NoDataDirectory,
+    check_data_directory,
+    data_directory_exists,
     initialize,
+    require_data_directory,
+    write_root_file,
 )
 from hsmkms.system.operator import (
     LOCAL_OPERATOR_TYPE,
@@ -47,14 +53,19 @@ __all__ = [
     "ROOT_SECRET_ENV",
     "AuditMode",
     "InitReport",
+    "NoDataDirectory",
     "OperatorCredentials",
     "OperatorService",
     "System",
+    "check_data_directory",
+    "data_directory_exists",
     "database_device",
     "initialize",
     "local_operator_identity",
     "open_audit_reader",
     "open_audit_resumer",
     "open_audit_verifier",
+    "require_data_directory",
     "service_event_sink",
+    "write_root_file",
 ]

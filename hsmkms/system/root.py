@@ -32,14 +32,14 @@ import structlog
 
 from hsmkms.audit import AuditRecord, AuditTrail, AuditWriter, PreparedRecord, service_event_record
 from hsmkms.audit.records import key_id_of
-from hsmkms.config import Settings, keystore_config
+from hsmkms.config import ConfigError, Settings, keystore_config
 from hsmkms.db import Database, database_exists, database_location
 from hsmkms.errors import ClientError, KMSError, KMSInternalException
-from hsmkms.identity import CredentialStore
+from hsmkms.identity import CredentialStore, root_account
 from hsmkms.keystore.base import CallObserver, Keystore
 from hsmkms.service import EventSink, KmsService, ServiceEvent
 from hsmkms.service.last_usage import KeyUsageHistory, KeyUse
-from hsmkms.softhsm import ensure_token
+from hsmkms.softhsm import ensure_token, relocate_conf
 from hsmkms.store import MetadataStore
 from hsmkms.store.integrity import TokenRowSealer
 from hsmkms.types import Clock, utc_now
@@ -131,10 +131,43 @@ def database_device(settings: Settings, url: str) -> str | None:
 
 def _token(settings: Settings, observer: CallObserver | None) -> Keystore:
     """The configured PKCS#11 token. Imported here, not at module level: opening the system
-    loads python-pkcs11, importing it (a command that needs no token) does not."""
+    loads python-pkcs11, importing it (a command that needs no token) does not. On the
+    embedded default, a config left pointing at the token directory of the place this data
+    directory was copied or moved from is pointed back at its own first
+    (:func:`hsmkms.softhsm.relocate_conf`)."""
     from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 
+    if settings.is_embedded:
+        relocate_conf(settings.data_dir)
+
     return Pkcs11Keystore(keystore_config(settings), observer=observer)
+
+
+def _check_deployment(settings: Settings, store: MetadataStore) -> None:
+    """Refuse settings whose account or region differ from those the database's keys were made
+    for (recorded by :meth:`MetadataStore.claim_deployment`): the ARNs this process would mint
+    would name no stored key, and the root credential another account."""
+    account, region = store.claim_deployment(
+        settings.account_id,
+        settings.region,
+        known_account=lambda: root_account(store.database),
+    )
+    where = (
+        f"the data directory {settings.data_dir}"
+        if settings.database_url is None
+        else f"the database {database_location(settings.effective_database_url)}"
+    )
+    if account != settings.account_id:
+        raise ConfigError(
+            f"{where} belongs to account {account}, but HSMKMS_ACCOUNT_ID is "
+            f"{settings.account_id}: set it to {account} (or unset it if that is the default), "
+            "or use another data directory"
+        )
+    if region != settings.region:
+        raise ConfigError(
+            f"{where} belongs to region {region}, but HSMKMS_REGION is "
+            f"{settings.region}: set it to {region}, or use another data directory"
+        )
 
 
 class System:
@@ -229,6 +262,7 @@ class System:
             opened.append(database.close)
             store = MetadataStore(database, sealer=TokenRowSealer(keystore))
             opened.append(store.close)
+            _check_deployment(settings, store)
             system = cls(settings, keystore, store, audit=audit, clock=clock)
             system._database = database
             if identity:
