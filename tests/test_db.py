@@ -453,7 +453,8 @@ def test_a_version_this_code_does_not_know_is_refused(path: Path, component: Com
 
 def test_a_newer_metadata_schema_is_refused_at_open(path: Path) -> None:
     MetadataStore.open_sqlite(path).close()
-    _sql(path, "INSERT INTO schema_migrations VALUES ('metadata', 5, 'future', '2030-01-01')")
+    future = MetadataStore.latest_schema_version() + 1
+    _sql(path, f"INSERT INTO schema_migrations VALUES ('metadata', {future}, 'future', '2030-01-01')")
     with pytest.raises(KMSInternalException, match="upgrade hsmkms"):
         MetadataStore.open_sqlite(path)
 

@@ -101,7 +101,12 @@ def test_create_key_with_description_tags_and_policy(service: KmsService) -> Non
         ({"KeySpec": "RSA_2048", "KeyUsage": "ENCRYPT_DECRYPT"}, UnsupportedOperationException),
         ({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}, UnsupportedOperationException),
         ({"KeyUsage": "SIGN_VERIFY"}, ValidationException),
-        ({"Origin": "EXTERNAL"}, UnsupportedOperationException),
+        ({"Origin": "EXTERNAL", "MultiRegion": True}, UnsupportedOperationException),
+        ({"KeySpec": "HMAC_256", "Origin": "EXTERNAL"}, ValidationException),
+        (
+            {"KeySpec": "HMAC_256", "KeyUsage": "ENCRYPT_DECRYPT", "Origin": "EXTERNAL"},
+            ValidationException,
+        ),
         ({"Origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),
         ({"CustomKeyStoreId": "cks-1234567890abcdef0"}, UnsupportedOperationException),
         ({"MultiRegion": True}, UnsupportedOperationException),

@@ -38,10 +38,11 @@ ISSUE_3_OPERATIONS = {
 GRANT_API = {
     "CreateGrant", "ListGrants", "ListRetirableGrants", "RetireGrant", "RevokeGrant",
 }  # fmt: skip
+IMPORT_API = {"GetParametersForImport", "ImportKeyMaterial", "DeleteImportedKeyMaterial"}
 
 
 def test_registry_covers_every_operation_of_the_issues() -> None:
-    assert set(OPERATIONS) == ISSUE_3_OPERATIONS | GRANT_API
+    assert set(OPERATIONS) == ISSUE_3_OPERATIONS | GRANT_API | IMPORT_API
 
 
 def test_descriptors_name_every_operation_of_the_aws_api() -> None:
@@ -56,7 +57,7 @@ def test_descriptors_name_every_operation_of_the_aws_api() -> None:
     assert all(op.request_model is None for op in ALL_OPERATIONS.values() if not op.api)
 
 
-@pytest.mark.parametrize("name", sorted(ISSUE_3_OPERATIONS | GRANT_API))
+@pytest.mark.parametrize("name", sorted(ISSUE_3_OPERATIONS | GRANT_API | IMPORT_API))
 def test_every_implemented_descriptor_has_its_typed_worker(name: str) -> None:
     op = OPERATIONS[name]
     assert op.request_model is not None

@@ -287,6 +287,14 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "PendingWindowInDays": _int,
     "RotationPeriodInDays": _int,
     "IncludeKeyMaterial": _str,
+    # imported key material (never the ImportToken or the EncryptedKeyMaterial)
+    "WrappingAlgorithm": _str,
+    "WrappingKeySpec": _str,
+    "ExpirationModel": _str,
+    "ValidTo": _time,
+    "ImportType": _str,
+    "KeyMaterialDescription": _str,
+    "KeyMaterialId": _str,
     # pagination
     "Limit": _int,
     "Marker": _str,
@@ -294,7 +302,8 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
 """Request members that may be copied into ``requestParameters``, with their shapes.
 
 ``Plaintext``, ``CiphertextBlob``, ``Message``, ``Mac``, ``Signature``, ``GrantTokens``,
-``GrantToken``, ``PublicKey``, import material and any unknown member are absent on purpose.
+``GrantToken``, ``PublicKey``, ``ImportToken``, ``EncryptedKeyMaterial`` and any unknown member
+are absent on purpose.
 """
 
 _KEY_METADATA = _structure(
@@ -313,6 +322,7 @@ _KEY_METADATA = _structure(
         "KeyManager": _str,
         "CustomerMasterKeySpec": _str,
         "KeySpec": _str,
+        "ExpirationModel": _str,
         "EncryptionAlgorithms": _str_list,
         "SigningAlgorithms": _str_list,
         "MacAlgorithms": _str_list,

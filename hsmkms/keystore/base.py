@@ -17,7 +17,6 @@ does).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
 import re
 from collections.abc import Callable, Mapping
@@ -350,12 +349,12 @@ class KeyBackend(Protocol):
         ...
 
     def create_wrapping_key(
-        self, spec: WrappingKeySpec, name: MaterialName, *, expires: dt.date | None = None
+        self, spec: WrappingKeySpec, name: MaterialName
     ) -> tuple[WrappingKeyRef, bytes]:
         """Generate an RSA wrapping key pair for importing key material: the private key a token
-        object that can only unwrap (sensitive, never extractable), the public key not kept.
-        Returns its reference and its public key (DER ``SubjectPublicKeyInfo``). ``expires``
-        is recorded on the object (``CKA_END_DATE``) so leftovers can be recognized."""
+        object that can only unwrap (sensitive, never extractable), labelled ``name``
+        (:func:`~hsmkms.keystore.imports.wrapping_key_name`), the public key not kept. Returns
+        its reference and its public key (DER ``SubjectPublicKeyInfo``)."""
         ...
 
     def destroy_wrapping_key(self, ref: WrappingKeyRef) -> None:

@@ -32,11 +32,12 @@ from them): never change one.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 import re
 from typing import Final
 
-from hsmkms.keystore.base import DEFAULT_STORE, KeyMaterialRef
+from hsmkms.keystore.base import DEFAULT_STORE, KeyMaterialRef, MaterialName
 from hsmkms.keystore.specs import KeyMaterialSpec, MaterialKind
 
 __all__ = [
@@ -50,10 +51,36 @@ __all__ = [
     "WrappingKeySpec",
     "kwp_length",
     "material_format",
+    "wrapping_key_end",
+    "wrapping_key_name",
 ]
 
 WRAPPING_LABEL_PREFIX: Final = "hsmkms:import:"
 """The label of every wrapping key pair's private key object starts with this."""
+
+_WRAPPING_LABEL = re.compile(r"hsmkms:import:[0-9a-f]{16}:([0-9]{8})")
+
+
+def wrapping_key_name(key_id: str, ends: dt.date) -> MaterialName:
+    """The name of a wrapping key pair for key ``key_id`` that is of no use after ``ends``:
+    ``hsmkms:import:<first 16 hex of the key id>:<YYYYMMDD>`` (39 bytes; the day is in the
+    label because SoftHSM 2.6.1 stores ``CKA_END_DATE`` but fails to read it back, measured)."""
+    return MaterialName(
+        f"{WRAPPING_LABEL_PREFIX}{key_id.replace('-', '')[:16]}:{ends:%Y%m%d}", per_role=False
+    )
+
+
+def wrapping_key_end(label: str) -> dt.date | None:
+    """The day after which the wrapping key pair labelled ``label`` is of no use; None when the
+    label is not one :func:`wrapping_key_name` makes."""
+    found = _WRAPPING_LABEL.fullmatch(label)
+    if found is None:
+        return None
+    try:
+        return dt.datetime.strptime(found.group(1), "%Y%m%d").date()
+    except ValueError:
+        return None
+
 
 CHECK_BLOCK: Final = b"hsmkms-kcv-v1\x00\x00\x00"
 """The AES block a symmetric check value encrypts (16 bytes)."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import os
 import threading
 import time
@@ -577,7 +576,7 @@ class Pkcs11Keystore:
     # -- importing material ------------------------------------------------------------------
 
     def create_wrapping_key(
-        self, spec: WrappingKeySpec, name: MaterialName, *, expires: dt.date | None = None
+        self, spec: WrappingKeySpec, name: MaterialName
     ) -> tuple[WrappingKeyRef, bytes]:
         """Generate an RSA wrapping key pair for importing key material (see
         :meth:`~hsmkms.keystore.base.KeyBackend.create_wrapping_key`): the private key a
@@ -591,9 +590,7 @@ class Pkcs11Keystore:
             for attempt in range(_CREATE_ATTEMPTS):
                 raw = self._new_object_id(conn)
                 try:
-                    private, der = generate_wrapping_key(
-                        conn.session, spec, raw, label, end_date=expires
-                    )
+                    private, der = generate_wrapping_key(conn.session, spec, raw, label)
                     break
                 except TRANSIENT_CREATE_ERRORS:
                     _destroy_by_id(conn, [raw])

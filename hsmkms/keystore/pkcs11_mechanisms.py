@@ -19,7 +19,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import datetime as dt
 import functools
 import hashlib
 import hmac
@@ -403,20 +402,12 @@ in the token, which SoftHSM 2.6.1 and a YubiHSM 2 lack.)"""
 
 
 def generate_wrapping_key(
-    session: Any,
-    spec: WrappingKeySpec,
-    raw_id: bytes,
-    label: str,
-    *,
-    end_date: dt.date | None,
-    store: bool = True,
+    session: Any, spec: WrappingKeySpec, raw_id: bytes, label: str, *, store: bool = True
 ) -> tuple[Any, bytes]:
     """An RSA wrapping key pair: the private key a token object that only unwraps (hardened),
     the public key a session object read once and destroyed. Returns the private key and the
     public key as DER ``SubjectPublicKeyInfo``."""
     private_template = _template(_WRAPPING_PRIVATE, store=store)
-    if end_date is not None:
-        private_template[Attribute.END_DATE] = end_date
     public, private = session.generate_keypair(
         KeyType.RSA, spec.bits, id=raw_id, label=label, store=store,
         capabilities=MechanismFlag.UNWRAP | MechanismFlag.WRAP,
@@ -561,9 +552,7 @@ def probe_wrapping(session: Any, listed: frozenset[Any]) -> frozenset[WrappingAl
     spec = WrappingKeySpec.RSA_2048
     with _temporary([]) as objects:
         with _refusal_is_probe_refused():
-            private, der = generate_wrapping_key(
-                session, spec, b"", "hsmkms-probe", end_date=None, store=False
-            )
+            private, der = generate_wrapping_key(session, spec, b"", "hsmkms-probe", store=False)
         objects.append(private)
         public = serialization.load_der_public_key(der)
         assert isinstance(public, rsa.RSAPublicKey)

@@ -24,11 +24,14 @@ class KeyMetadata(KmsModel):
     KeyUsage: enums.KeyUsage
     KeyState: enums.KeyState
     DeletionDate: dt.datetime | None = None
+    ValidTo: dt.datetime | None = None
     Origin: enums.OriginType
     KeyManager: enums.KeyManager
     CustomerMasterKeySpec: enums.KeySpec
     KeySpec: enums.KeySpec
+    ExpirationModel: enums.ExpirationModel | None = None
     EncryptionAlgorithms: list[enums.EncryptionAlgorithmSpec] | None = None
+    MacAlgorithms: list[enums.MacAlgorithmSpec] | None = None
     MultiRegion: bool = False
     PendingDeletionWindowInDays: int | None = None
     CurrentKeyMaterialId: str | None = None

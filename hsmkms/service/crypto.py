@@ -32,7 +32,6 @@ from hsmkms.models import (
 from hsmkms.models.constraints import validation_exception
 from hsmkms.models.enums import DataKeySpec, EncryptionAlgorithmSpec
 from hsmkms.service.core import Call, ServiceCore, check_algorithm, operation
-from hsmkms.service.identifiers import key_material_id
 from hsmkms.service.operations import OPERATIONS
 from hsmkms.service.states import Access
 
@@ -154,7 +153,7 @@ class CryptoOperations(ServiceCore):
             KeyId=key.arn,
             Plaintext=plaintext,
             EncryptionAlgorithm=request.EncryptionAlgorithm or SYMMETRIC_DEFAULT,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation("ReEncrypt", prepare=_prepare_re_encrypt)
@@ -198,9 +197,9 @@ class CryptoOperations(ServiceCore):
             KeyId=destination.arn,
             SourceEncryptionAlgorithm=check_algorithm(request.SourceEncryptionAlgorithm),
             DestinationEncryptionAlgorithm=check_algorithm(request.DestinationEncryptionAlgorithm),
-            SourceKeyMaterialId=key_material_id(source.key_id, source_version.version),
-            DestinationKeyMaterialId=key_material_id(
-                destination.key_id, destination_version.version
+            SourceKeyMaterialId=self._key_material_id(source, source_version.version),
+            DestinationKeyMaterialId=self._key_material_id(
+                destination, destination_version.version
             ),
         )
 
@@ -221,7 +220,7 @@ class CryptoOperations(ServiceCore):
             CiphertextBlob=blob,
             Plaintext=data_key,
             KeyId=key.arn,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation(
@@ -242,7 +241,7 @@ class CryptoOperations(ServiceCore):
         return GenerateDataKeyWithoutPlaintextResponse.model_construct(
             CiphertextBlob=blob,
             KeyId=key.arn,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation("GenerateRandom", prepare=_prepare_generate_random)

@@ -3,8 +3,8 @@ store. Every public operation takes its request model and the request's ``caller
 its response model.
 
 The operations are grouped by concern, one module each (keys, aliases and tags, crypto,
-rotation, policies, grants, maintenance); each runs through the one template of
-:class:`~hsmkms.service.core.ServiceCore` as its descriptor in
+imported key material, rotation, policies, grants, maintenance); each runs through the one
+template of :class:`~hsmkms.service.core.ServiceCore` as its descriptor in
 :mod:`hsmkms.service.operations` says. The API writes the call's audit record from the result
 (:mod:`hsmkms.api.app`).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 from hsmkms.service.aliases import AliasOperations
 from hsmkms.service.crypto import CryptoOperations
 from hsmkms.service.grants import GrantOperations
+from hsmkms.service.imports import ImportOperations
 from hsmkms.service.keys import KeyOperations
 from hsmkms.service.maintenance import Maintenance
 from hsmkms.service.policies import PolicyOperations
@@ -24,6 +25,7 @@ class KmsService(
     KeyOperations,
     AliasOperations,
     CryptoOperations,
+    ImportOperations,
     RotationOperations,
     PolicyOperations,
     GrantOperations,
