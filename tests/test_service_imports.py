@@ -136,7 +136,8 @@ def wrap(public_der: bytes, algorithm: str, material: bytes) -> bytes:
     """Wrap ``material`` as an AWS KMS client does (reference/xks-and-key-stores.md §3)."""
     public = serialization.load_der_public_key(public_der)
     assert isinstance(public, rsa.RSAPublicKey)
-    digest: hashes.HashAlgorithm = hashes.SHA1() if algorithm.endswith("_SHA_1") else hashes.SHA256()
+    sha1 = algorithm.endswith("_SHA_1")
+    digest: hashes.HashAlgorithm = hashes.SHA1() if sha1 else hashes.SHA256()  # noqa: S303
     oaep = padding.OAEP(mgf=padding.MGF1(digest), algorithm=digest, label=None)
     if algorithm.startswith("RSAES_OAEP"):
         return public.encrypt(material, oaep)
@@ -169,7 +170,8 @@ def test_create_key_with_external_origin_has_no_material(env: Env) -> None:
     assert meta.Enabled is False
     assert meta.KeySpec is m.KeySpec.SYMMETRIC_DEFAULT
     assert meta.CurrentKeyMaterialId is None
-    assert meta.ExpirationModel is None and meta.ValidTo is None
+    assert meta.ExpirationModel is None
+    assert meta.ValidTo is None
     assert env.store.list_versions(meta.KeyId).items == []
     assert env.describe(meta.KeyId) == meta
 
@@ -244,7 +246,8 @@ def test_parameters_are_a_wrapping_key_pair_in_the_token_and_a_token_bound_to_th
     assert params.KeyId == env.describe(key_id).Arn
     assert params.ParametersValidTo == T0 + dt.timedelta(hours=24)
     public = serialization.load_der_public_key(params.PublicKey)
-    assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 2048
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.key_size == 2048
     token_id, token_key, valid_to = decode_import_token(params.ImportToken)
     assert (token_key, valid_to) == (key_id, params.ParametersValidTo)
     row = env.store.get_import_token(token_id)
@@ -279,7 +282,8 @@ def test_longer_wrapping_keys(env: Env, spec: str, bits: int) -> None:
     key_id = env.create().KeyId
     params = env.parameters(key_id, "RSA_AES_KEY_WRAP_SHA_1", spec)
     public = serialization.load_der_public_key(params.PublicKey)
-    assert isinstance(public, rsa.RSAPublicKey) and public.key_size == bits
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.key_size == bits
     material = os.urandom(32)
     env.import_(key_id, material, "RSA_AES_KEY_WRAP_SHA_1", params)
     assert offline_decrypt(material, env.encrypt(key_id)) == b"payload"
@@ -324,7 +328,10 @@ def test_parameters_for_a_key_whose_material_the_token_made_are_unsupported(env:
     ):
         with pytest.raises(UnsupportedOperationException) as info:
             call()
-        assert info.value.message == f"{key.Arn} origin is AWS_KMS which is not valid for this operation."
+        assert (
+            info.value.message
+            == f"{key.Arn} origin is AWS_KMS which is not valid for this operation."
+        )
 
 
 def test_parameters_refused_while_pending_deletion(env: Env) -> None:
@@ -350,12 +357,14 @@ def test_imported_symmetric_material_encrypts_inside_the_token(env: Env, algorit
     material = os.urandom(32)
     result = env.import_(key_id, material, algorithm)
     meta = env.describe(key_id)
-    assert meta.KeyState is m.KeyState.Enabled and meta.Enabled
+    assert meta.KeyState is m.KeyState.Enabled
+    assert meta.Enabled
     assert meta.ExpirationModel is m.ExpirationModel.KEY_MATERIAL_DOES_NOT_EXPIRE
     assert meta.ValidTo is None
     assert result.KeyId == meta.Arn
     assert result.KeyMaterialId == meta.CurrentKeyMaterialId
-    assert result.KeyMaterialId is not None and len(result.KeyMaterialId) == 64
+    assert result.KeyMaterialId is not None
+    assert len(result.KeyMaterialId) == 64
     blob = env.encrypt(key_id, b"hello imported key")
     # The token holds exactly the material the client wrapped.
     assert offline_decrypt(material, blob) == b"hello imported key"
@@ -368,7 +377,8 @@ def test_imported_material_objects_are_hardened_and_not_local(env: Env) -> None:
     key_id = env.create().KeyId
     env.import_(key_id, os.urandom(32))
     (ref,) = env.refs(key_id)
-    assert ref.profile is not None and ref.profile.value == "AES_256_GCM"
+    assert ref.profile is not None
+    assert ref.profile.value == "AES_256_GCM"
     (object_id,) = ref.object_ids
     names = ["TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "NEVER_EXTRACTABLE", "LOCAL",
              "ALWAYS_SENSITIVE", "MODIFIABLE", "ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP",
@@ -380,7 +390,7 @@ def test_imported_material_objects_are_hardened_and_not_local(env: Env) -> None:
         "MODIFIABLE": False, "ENCRYPT": True, "DECRYPT": True, "SIGN": False, "VERIFY": False,
         "WRAP": False, "UNWRAP": False, "DERIVE": False,
     }  # fmt: skip
-    with pytest.raises(Exception, match="AttributeSensitive|reading attributes"):
+    with pytest.raises(Exception, match=r"AttributeSensitive|reading attributes"):
         env.keystore.attributes(object_id, ["VALUE"])
 
 
@@ -605,7 +615,9 @@ def test_a_token_completes_in_another_service_on_the_same_database(
         env.path, clock=env.clock, sealer=TokenRowSealer(keystore)
     )
     try:
-        other = KmsService(keystore, other_store, region=REGION, account_id=ACCOUNT, clock=env.clock)
+        other = KmsService(
+            keystore, other_store, region=REGION, account_id=ACCOUNT, clock=env.clock
+        )
         material = os.urandom(32)
         other.import_key_material(
             m.ImportKeyMaterialRequest(
@@ -714,7 +726,9 @@ def test_delete_keeps_a_key_pending_deletion_and_its_deletion_destroys_everythin
     assert env.service.run_due_tasks().purged == [key_id]
     token_id = decode_import_token(params.ImportToken)[0]
     assert env.store.get_import_token(token_id) is None
-    assert not [o for o in env.keystore.list_objects() if o.is_wrapping_key and key_id[:8] in o.label]
+    assert not [
+        o for o in env.keystore.list_objects() if o.is_wrapping_key and key_id[:8] in o.label
+    ]
     assert env.sql("SELECT COUNT(*) FROM imported_key_material") == [(0,)]
 
 
@@ -767,7 +781,8 @@ def test_imported_hmac_material_macs_inside_the_token(
     result = env.import_(meta.KeyId, material, algorithm)
     assert result.KeyMaterialId is None  # spec: KeyMaterialId is for symmetric keys only
     described = env.describe(meta.KeyId)
-    assert described.KeyState is m.KeyState.Enabled and described.CurrentKeyMaterialId is None
+    assert described.KeyState is m.KeyState.Enabled
+    assert described.CurrentKeyMaterialId is None
     (ref,) = env.refs(meta.KeyId)
     assert env.keystore.mac(ref, b"message") == hmac.new(material, b"message", digest).digest()
     attributes = env.keystore.attributes(
@@ -801,7 +816,9 @@ def test_import_members_for_symmetric_keys_only_are_refused_for_hmac_keys(env: E
 
 def test_hmac_keys_are_created_for_imported_material_only_here(env: Env) -> None:
     with pytest.raises(UnsupportedOperationException):
-        env.service.create_key(m.CreateKeyRequest(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC"))
+        env.service.create_key(
+            m.CreateKeyRequest(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")
+        )
 
 
 # -- new key material and on-demand rotation ---------------------------------------------------
@@ -825,7 +842,9 @@ def test_new_material_waits_for_an_on_demand_rotation(env: Env) -> None:
         listed = env.service.list_key_rotations(
             m.ListKeyRotationsRequest(KeyId=key_id, IncludeKeyMaterial="ALL_KEY_MATERIAL")
         ).Rotations
-        return [(r.KeyMaterialId, r.KeyMaterialState, r.ImportState, r.RotationType) for r in listed]
+        return [
+            (r.KeyMaterialId, r.KeyMaterialState, r.ImportState, r.RotationType) for r in listed
+        ]
 
     assert rotations() == [
         (one, m.KeyMaterialState.CURRENT, m.ImportState.IMPORTED, None),
@@ -847,7 +866,8 @@ def test_new_material_waits_for_an_on_demand_rotation(env: Env) -> None:
     described = env.service.list_key_rotations(
         m.ListKeyRotationsRequest(KeyId=key_id, IncludeKeyMaterial="ALL_KEY_MATERIAL", Limit=1)
     )
-    assert described.Truncated and described.Rotations[0].KeyMaterialDescription == "first"
+    assert described.Truncated
+    assert described.Rotations[0].KeyMaterialDescription == "first"
     # Deleting the old material makes the key unusable until it is imported again.
     env.delete_material(key_id, KeyMaterialId=one)
     assert env.describe(key_id).KeyState is m.KeyState.PendingImport
