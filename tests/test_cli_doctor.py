@@ -72,6 +72,8 @@ def test_doctor_creates_the_embedded_default_and_reports_json(tmp_path: Path) ->
         },
         "profiles": ["AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"],
         "unverified": [],
+        # Measured on SoftHSM 2.6.1: RSA-OAEP unwrap with SHA-1 only.
+        "wrapping_algorithms": ["RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1"],
     }
     assert "AES_GCM" in report["mechanisms"]
     assert (data_dir / "user.pin").stat().st_mode & 0o077 == 0
@@ -89,6 +91,9 @@ def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
     assert (
         "capabilities:    SYMMETRIC_DEFAULT (AES_256_GCM, AES_256_CBC_HMAC_SHA_256), HMAC_224, "
         "HMAC_256, HMAC_384, HMAC_512, RSA_2048, ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY)\n"
+    ) in proc.stdout
+    assert (
+        "key import:      RSAES_OAEP_SHA_1, RSA_AES_KEY_WRAP_SHA_1 (unwrapped in the token)\n"
     ) in proc.stdout
 
 

@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="check the PKCS#11 module, token, login and a self-test",
         description="Print the module, token, mechanisms and chosen profile; check login; run "
         "an encrypt/decrypt self-test with temporary session keys; probe which key specs the "
-        "token can host (a real operation each); check the integrity MAC of "
+        "token can host and which wrapping algorithms of imported key material it unwraps (a "
+        "real operation each); check the integrity MAC of "
         "every key, key version, grant, alias and tag row in the database. On the embedded "
         "default, create the data directory and token when missing.",
     )
@@ -65,6 +66,7 @@ def diagnose(settings: Settings) -> dict[str, Any]:
             },
             "profiles": [p.value for p in capabilities.profiles],
             "unverified": sorted(s.value for s in capabilities.unverified),
+            "wrapping_algorithms": sorted(a.value for a in capabilities.wrapping_algorithms),
         },
         integrity=[dataclasses.asdict(p) for p in integrity],
         orphans=[] if found is None else [
@@ -97,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         if key in report:
             print(f"{key + ':':<{width}} {report[key]}")
     print(f"{'capabilities:':<{width}} {_capabilities_line(report['capabilities'])}")
+    wrapping = report["capabilities"]["wrapping_algorithms"]
+    print(f"{'key import:':<{width}} {', '.join(wrapping) or 'none'} (unwrapped in the token)")
     print(
         f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
     )
