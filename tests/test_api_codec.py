@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 from typing import Annotated
 
 import pytest
@@ -208,5 +209,7 @@ def test_every_operation_model_decodes_an_empty_object_or_names_what_is_missing(
             decode_request(operation.request_model, b"{}")
         except ValidationException as exc:
             message = exc.message
-        assert not message or message.startswith(("1 validation error", "2 validation errors"))
+        assert not message or re.match(
+            r"(1 validation error|[2-9] validation errors) detected: ", message
+        )
         assert issubclass(operation.response_model, BaseModel)
