@@ -70,6 +70,7 @@ from hsmkms.models.enums import (
 )
 from hsmkms.models.enums import WrappingKeySpec as WireWrappingKeySpec
 from hsmkms.policy import ContextInput
+from hsmkms.profiles import MechanismProfile
 from hsmkms.service.core import Call, Prepared, ServiceCore, log, operation
 from hsmkms.service.identifiers import imported_key_material_id
 from hsmkms.service.states import Access, check_state
@@ -278,6 +279,8 @@ class ImportOperations(ServiceCore):
         _check_combination(key, algorithm, spec)
         backend = self._stores.default
         self._check_token_unwraps(backend, algorithm)
+        if key.key_spec == KeySpec.SYMMETRIC_DEFAULT:
+            self._check_token_hosts_gcm(backend)
         now = self._clock()
         valid_to = _to_millis(now + IMPORT_TOKEN_LIFETIME)
         # Named with the day after its expiry: leftovers of a crash are recognized by it.
@@ -324,6 +327,17 @@ class ImportOperations(ServiceCore):
             f"token cannot unwrap it inside the token ({_NEEDS[algorithm]}). Wrapping "
             f"algorithms it supports: {offered}."
         )
+
+    @staticmethod
+    def _check_token_hosts_gcm(backend: Keystore) -> None:
+        """Imported symmetric material is one AES key under AES_256_GCM (the portable profile
+        needs an independent MAC key, which imported material does not bring): a token without
+        GCM cannot use it (UnsupportedOperationException, naming the mechanism)."""
+        if MechanismProfile.AES_256_GCM not in backend.capabilities().profiles:
+            raise UnsupportedOperationException(
+                "Imported symmetric key material is used with CKM_AES_GCM, which this key "
+                "store's token does not perform."
+            )
 
     def _destroy_wrapping_key_quietly(self, backend: Keystore, ref: WrappingKeyRef) -> None:
         try:
