@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what `make run` and `make test` need, when it is missing:
-#   - softhsm2 and opensc through apt-get (sudo when not root),
+#   - softhsm2 and opensc through apt-get (sudo when not root), and chromium (browser tests),
 #   - uv (pinned) into .cache/uv-venv, then the locked Python dependencies into .venv.
 # Idempotent and non-interactive: safe in CI (no terminal, no standard input).
 set -euo pipefail
@@ -15,6 +15,16 @@ if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -e /usr/lib/softhsm/libsoft
     echo "bootstrap: installing softhsm2 and opensc with apt-get" >&2
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 opensc </dev/null >/dev/null
+fi
+
+# Debian's chromium, for the console's browser tests (Playwright drives /usr/bin/chromium; it
+# never downloads a browser of its own).
+if [ ! -x /usr/bin/chromium ]; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    echo "bootstrap: installing chromium with apt-get" >&2
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium </dev/null >/dev/null
 fi
 
 if [ ! -x .cache/uv-venv/bin/uv ]; then

@@ -97,3 +97,15 @@ def _restore_logging() -> Iterator[None]:
     structlog.configure(**config)
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / ".artifacts"
+"""Where tests keep what a person should look at (the console's screenshots)."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the artifact directories this run wrote to."""
+    for directory in sorted(ARTIFACTS.glob("*")) if ARTIFACTS.exists() else []:
+        files = list(directory.glob("*.png"))
+        if files:
+            terminalreporter.write_line(f"artifacts: {len(files)} screenshots in {directory}")

@@ -5,6 +5,7 @@ Routes::
     POST /          a KMS operation (X-Amz-Target), SigV4-authenticated
     GET  /healthz   deep health check, unauthenticated: 200 or 503
     GET  /metrics   Prometheus text, unauthenticated
+    /console/...    the read-only web console, with ``console=True`` (hsmkms.api.console)
 
 Every response carries ``x-amzn-RequestId`` (a UUID) and ``x-hsmkms-worker`` (the pid of the
 worker that answered). Operations are dispatched generically through their descriptors
@@ -164,6 +165,7 @@ class KmsApp:
         *,
         max_body: int = protocol.MAX_BODY,
         task_interval: float = DEFAULT_TASK_INTERVAL,
+        console: bool = False,
     ) -> None:
         self._factory = runtime_factory
         self._runtime: Backend | None = None
@@ -171,6 +173,11 @@ class KmsApp:
         self._task_interval = task_interval
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsmkms")
         self._tasks: asyncio.Task[None] | None = None
+        self._console: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+        if console:  # the read-only web console at /console/ (hsmkms serve --console)
+            from hsmkms.api.console import ConsoleApp
+
+            self._console = ConsoleApp(lambda: self.runtime, self._executor)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -272,6 +279,9 @@ class KmsApp:
         method = scope["method"]
         if path == "/healthz" or path == "/metrics":
             await self._internal(path, method, send, request_id)
+            return
+        if self._console is not None and (path == "/console" or path.startswith("/console/")):
+            await self._console(scope, receive, send)
             return
         if path != "/":
             exc: KMSError = UnknownOperationException(
@@ -458,6 +468,7 @@ def create_app(
     data_dir: Path | None = None,
     task_interval: float = DEFAULT_TASK_INTERVAL,
     log_level: str = "warning",
+    console: bool = False,
 ) -> KmsApp:
     """The application for one worker (uvicorn factory). Settings come from the environment
     (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``. Logging is set up as for every
@@ -468,4 +479,4 @@ def create_app(
 
     configure_logging(log_level)
     settings = Settings.load(data_dir)
-    return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval)
+    return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval, console=console)

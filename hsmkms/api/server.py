@@ -51,6 +51,7 @@ class ServeOptions:
     tls_key: Path | None = None
     task_interval: float = 60.0
     log_level: str = "warning"
+    console: bool = False
 
 
 def _check_tls(options: ServeOptions) -> None:
@@ -118,7 +119,13 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
 
     os.environ["HSMKMS_DATA_DIR"] = str(settings.data_dir)
     config = uvicorn.Config(
-        functools.partial(create_app, settings.data_dir, options.task_interval, options.log_level),
+        functools.partial(
+            create_app,
+            settings.data_dir,
+            options.task_interval,
+            options.log_level,
+            console=options.console,
+        ),
         factory=True,
         host=options.host,
         port=options.port,
@@ -143,6 +150,8 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
     scheme = "https" if options.tls_cert else "http"
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"hsmkms: serving the KMS API on {scheme}://{host}:{port}", flush=True)
+    if options.console:
+        print(f"hsmkms: read-only console on {scheme}://{host}:{port}/console/", flush=True)
     print(
         f"hsmkms: data directory {report.data_dir}; {options.workers} worker(s); "
         f"region {settings.region}; account {settings.account_id}",

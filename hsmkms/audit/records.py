@@ -56,6 +56,7 @@ __all__ = [
     "UserIdentity",
     "api_call_record",
     "canonical_json",
+    "console_sign_in_record",
     "format_event_time",
     "key_id_of",
     "lower_camel",
@@ -601,6 +602,51 @@ def service_event_record(
     extra = _scalars(additional_event_data, ADDITIONAL_EVENT_DATA_FIELDS, "additionalEventData")
     if extra is not None:
         record["additionalEventData"] = extra
+    return record
+
+
+CONSOLE_EVENT_SOURCE: Final = "signin.amazonaws.com"
+
+
+def console_sign_in_record(
+    *,
+    identity: UserIdentity,
+    account_id: str,
+    region: str,
+    success: bool,
+    source_ip: str | None,
+    user_agent: str | None,
+    event_name: str = "ConsoleLogin",
+    event_time: dt.datetime | None = None,
+) -> AuditRecord:
+    """The record of a sign-in to the read-only web console (``eventType``
+    ``AwsConsoleSignIn``, shaped as CloudTrail's ``ConsoleLogin``), allowed or refused.
+    ``event_name`` ``ConsoleLogout`` records a sign-out. No credential secret is ever passed
+    here: ``identity`` holds at most the access key id."""
+    if event_name not in ("ConsoleLogin", "ConsoleLogout"):
+        raise ValueError(f"not a console sign-in event: {event_name!r}")
+    record: AuditRecord = {
+        "eventVersion": EVENT_VERSION,
+        "userIdentity": identity.to_dict(),
+        "eventTime": format_event_time(event_time or utc_now()),
+        "eventSource": CONSOLE_EVENT_SOURCE,
+        "eventName": event_name,
+        "awsRegion": region,
+        "sourceIPAddress": source_ip,
+        "userAgent": user_agent,
+        "requestParameters": None,
+        "responseElements": {event_name: "Success" if success else "Failure"},
+        "additionalEventData": {"MFAUsed": "No"},
+        "eventID": str(uuid.uuid4()),
+        "readOnly": False,
+        "resources": [],
+        "eventType": "AwsConsoleSignIn",
+        "managementEvent": True,
+        "recipientAccountId": account_id,
+        "eventCategory": "Management",
+    }
+    if not success:
+        record["errorMessage"] = "Failed authentication"
     return record
 
 

@@ -41,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="seconds between runs of due rotations and deletions; 0 disables (default 60)",
     )
     parser.add_argument(
+        "--console",
+        action="store_true",
+        help="also serve the read-only web console at /console/ (off by default)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="warning",
@@ -61,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         task_interval=args.task_interval,
         log_level=args.log_level,
+        console=args.console,
     )
     return serve(Settings.load(args.data_dir), options)

@@ -237,6 +237,9 @@ class TokenInfo:
     label: str
     mechanisms: tuple[str, ...]
     profile: MechanismProfile
+    firmware_version: str = ""
+    """``major.minor`` as the token reports it (empty when unknown)."""
+    hardware_version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

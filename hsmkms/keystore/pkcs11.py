@@ -484,6 +484,8 @@ class Pkcs11Keystore:
                 label=str(token.label),
                 mechanisms=self._mechanisms,
                 profile=self.profile,
+                firmware_version=_version_text(getattr(token, "firmware_version", None)),
+                hardware_version=_version_text(getattr(token, "hardware_version", None)),
             )
 
         return self._observed("info", lambda: self._call("reading token information", work))
@@ -1021,6 +1023,15 @@ def _mech_name(mechanism: Any) -> str:
 
 def _key_type_name(key_type: Any) -> str:
     return getattr(key_type, "name", None) or str(key_type)
+
+
+def _version_text(version: Any) -> str:
+    """A CK_VERSION as python-pkcs11 gives it (``(major, minor)`` or text) as ``major.minor``."""
+    if version is None:
+        return ""
+    if isinstance(version, tuple | list) and len(version) == 2:
+        return f"{int(version[0])}.{int(version[1])}"
+    return str(version).strip()
 
 
 def _name(value: Any) -> str:

@@ -223,6 +223,20 @@ class System:
             finally:
                 trail.close()
 
+    @contextlib.contextmanager
+    def audit_reader(self) -> Iterator[AuditTrail]:
+        """The audit trail with this system's token, for reading, searching and verifying
+        (``hsmkms report``, the console); writes nothing. A server's own trail when it has
+        one (left open), else one opened for the block and closed on exit."""
+        if self.trail is not None:
+            yield self.trail
+            return
+        trail = AuditTrail(self.settings.audit_database_url, self.keystore, create=False)
+        try:
+            yield trail
+        finally:
+            trail.close()
+
     # -- closing ------------------------------------------------------------------------------
 
     def close(self) -> None:
