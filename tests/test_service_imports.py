@@ -1038,3 +1038,31 @@ def test_leftover_wrapping_keys_are_destroyed_once_their_day_has_passed(env: Env
     assert fresh.object_id in present
     env.import_(key_id, os.urandom(32), params=params)  # its pair is still there
     env.keystore.destroy_wrapping_key(fresh)
+
+
+def test_the_custody_report_tells_imported_material_apart(tmp_path: Path) -> None:
+    """``hsmkms report`` on a data directory with imported material (CKA_LOCAL false) and a key
+    still waiting for it: the report is made, and says where the material came from."""
+    import subprocess
+    import sys
+
+    from local_system import open_system
+
+    data_dir = tmp_path / "data"
+    with open_system(data_dir) as system:
+        local = Env(system.service, system.store, system.keystore, ManualClock(), data_dir, [])  # type: ignore[arg-type]
+        imported = local.create(Description="imported").KeyId
+        local.import_(imported, os.urandom(32))
+        waiting = local.create(Description="waiting").KeyId
+    out = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "report", "--data-dir", str(data_dir),
+         "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    keys = {k["keyId"]: k for k in json.loads(out.stdout)["report"]["keys"]}
+    assert keys[waiting]["versions"] == []
+    (version,) = keys[imported]["versions"]
+    reasons = " ".join(version["custody"]["reasons"])
+    assert "CKA_LOCAL false" in reasons
+    assert "Origin EXTERNAL" in reasons
