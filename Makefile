@@ -1,10 +1,13 @@
 # The two commands of the README: `make run` and `make test`.
-# Both install what they need first (SoftHSM2 through apt-get, Python dependencies into .venv).
+# Both install what they need first (SoftHSM2 and PostgreSQL through apt-get, Python dependencies
+# into .venv). `make test` runs the suite on SQLite, then the tests marked `database` (service,
+# API, stores, credentials, audit) again on a throwaway PostgreSQL server (tests/postgres.py).
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bootstrap bench clean
+.PHONY: run test test-postgresql lint bootstrap bench clean
+PYTEST_RC = || { rc=$$?; [ $$rc -eq 5 ] && exit 1; exit $$rc; }
 
 bootstrap:
 	@ci/bootstrap.sh
@@ -16,7 +19,11 @@ test: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict
-	$(BIN)/pytest --cov --cov-branch --cov-report=term:skip-covered $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && exit 1; exit $$rc; }
+	$(BIN)/pytest --cov --cov-branch --cov-report= $(PYTEST_ARGS) $(PYTEST_RC)
+	HSMKMS_TEST_DATABASE=postgresql $(BIN)/pytest --cov --cov-append --cov-branch --cov-report=term:skip-covered $(PYTEST_ARGS) $(PYTEST_RC)
+
+test-postgresql: bootstrap
+	HSMKMS_TEST_DATABASE=postgresql $(BIN)/pytest $(PYTEST_ARGS) $(PYTEST_RC)
 
 lint: bootstrap
 	$(BIN)/ruff check .

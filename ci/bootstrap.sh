@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # Installs what `make run` and `make test` need, when it is missing:
-#   - softhsm2 and opensc through apt-get (sudo when not root), and chromium (browser tests),
-#   - uv (pinned) into .cache/uv-venv, then the locked Python dependencies into .venv.
+#   - softhsm2, opensc and postgresql through apt-get (sudo when not root; the tests run their
+#     own throwaway PostgreSQL server with initdb/pg_ctl: the packaged cluster is not used),
+#     and chromium (browser tests),
+#   - a container engine for the container smoke test (tests/test_container.py): when neither
+#     docker nor podman can run a container, Debian's podman, runc and debootstrap
+#     (HSMKMS_CONTAINER_TESTS=0 skips this, and the test then says why it is skipped),
+#   - node and npm (Debian's, when there is no node), then the JavaScript SDK's locked packages
+#     (tests/js/package-lock.json) with `npm ci`,
+#   - uv (pinned) into .cache/uv-venv, then the locked Python dependencies into .venv, and the
+#     AWS Encryption SDK CLI's own locked environment (tests/esdk_cli) into .cache/esdk-cli-venv.
 # Idempotent and non-interactive: safe in CI (no terminal, no standard input).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 UV_VERSION=0.13.9
 
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+
 if ! command -v softhsm2-util >/dev/null 2>&1 || [ ! -e /usr/lib/softhsm/libsofthsm2.so ] \
-   || ! command -v pkcs11-tool >/dev/null 2>&1; then
+   || ! command -v pkcs11-tool >/dev/null 2>&1 || ! have_initdb; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-    echo "bootstrap: installing softhsm2 and opensc with apt-get" >&2
+    echo "bootstrap: installing softhsm2, opensc and postgresql with apt-get" >&2
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 opensc </dev/null >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        softhsm2 opensc postgresql </dev/null >/dev/null
 fi
 
 # Debian's chromium, for the console's browser tests (Playwright drives /usr/bin/chromium; it
@@ -27,6 +38,38 @@ if [ ! -x /usr/bin/chromium ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium </dev/null >/dev/null
 fi
 
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: no apt-get here: install $* yourself" >&2
+        return 0
+    fi
+    echo "bootstrap: installing $* with apt-get" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" </dev/null >/dev/null
+}
+
+# A container engine that can run containers (a docker client without a daemon cannot).
+if [ "${HSMKMS_CONTAINER_TESTS:-1}" != 0 ] \
+   && ! { command -v docker >/dev/null 2>&1 && timeout 20 docker info >/dev/null 2>&1; }; then
+    missing=()
+    for tool in podman runc debootstrap; do
+        command -v "$tool" >/dev/null 2>&1 || command -v "/usr/sbin/$tool" >/dev/null 2>&1 \
+            || missing+=("$tool")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+fi
+
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+fi
+if command -v npm >/dev/null 2>&1 && { [ ! -f tests/js/node_modules/.package-lock.json ] \
+        || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; }; then
+    echo "bootstrap: installing the JavaScript SDK (npm ci in tests/js)" >&2
+    (cd tests/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
 if [ ! -x .cache/uv-venv/bin/uv ]; then
     echo "bootstrap: installing uv $UV_VERSION into .cache/uv-venv" >&2
     python3 -m venv .cache/uv-venv
@@ -37,4 +80,11 @@ if [ ! -f .venv/.synced ] || [ pyproject.toml -nt .venv/.synced ] || [ uv.lock -
     echo "bootstrap: syncing Python dependencies into .venv" >&2
     UV_PROJECT_ENVIRONMENT=.venv .cache/uv-venv/bin/uv sync --frozen --quiet --all-extras --compile-bytecode --python python3
     touch .venv/.synced
+fi
+
+if [ ! -f .cache/esdk-cli-venv/.synced ] || [ tests/esdk_cli/uv.lock -nt .cache/esdk-cli-venv/.synced ]; then
+    echo "bootstrap: syncing the AWS Encryption SDK CLI into .cache/esdk-cli-venv" >&2
+    UV_PROJECT_ENVIRONMENT="$PWD/.cache/esdk-cli-venv" .cache/uv-venv/bin/uv sync --frozen --quiet \
+        --project tests/esdk_cli --python python3
+    touch .cache/esdk-cli-venv/.synced
 fi

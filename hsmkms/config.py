@@ -22,6 +22,7 @@ object defined here (:class:`Pkcs11Uri`, :class:`PinSource`, :class:`Settings`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import platform
 import re
@@ -31,8 +32,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from hsmkms import softhsm
 from hsmkms.errors import ClientError
@@ -441,6 +444,9 @@ class Settings(BaseSettings):
     region: str = "us-east-1"
     account_id: str = "111122223333"
     database_url: str | None = None
+    audit_seal_interval: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds between a server writer session's seals (its heartbeat; a session silent for
+    twice this long has stopped without a clean shutdown)."""
 
     @classmethod
     def settings_customise_sources(
@@ -499,6 +505,28 @@ class Settings(BaseSettings):
     def _valid_region(cls, value: str) -> str:
         if len(value) > 32 or not _REGION.fullmatch(value):
             raise ValueError("must look like an AWS region name, such as us-east-1")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str | None) -> str | None:
+        # Messages never repeat the URL: it may carry a password.
+        if value is None:
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB)"
+            ) from None
+        backend, driver = url.get_backend_name(), url.get_driver_name()
+        if backend == "postgresql":
+            if driver != "psycopg":
+                raise ValueError("PostgreSQL is reached through psycopg 3: postgresql+psycopg://")
+            if importlib.util.find_spec("psycopg") is None:
+                raise ValueError("PostgreSQL needs psycopg: pip install 'hsmkms[postgresql]'")
+        elif backend != "sqlite":
+            raise ValueError("must be a SQLite or PostgreSQL URL")
         return value
 
     @field_validator("account_id")

@@ -9,6 +9,8 @@
     │   ├── KMSInvalidStateException
     │   │   └── KeyIntegrityError         the key's metadata row failed its token MAC check
     │   ├── InvalidCiphertextException     every decryption failure; never carries detail
+    │   ├── KMSInvalidSignatureException   Verify: the signature does not verify; no detail
+    │   ├── KMSInvalidMacException         VerifyMac: the MAC does not verify; no detail
     │   ├── IncorrectKeyException
     │   ├── InvalidKeyUsageException
     │   ├── ValidationException
@@ -33,12 +35,20 @@
         ├── KMSInternalException
         ├── KeyUnavailableException
         ├── DependencyTimeoutException (503)
+        │   └── ServiceUnavailable (503)  a fault the caller is told the cause of (a full
+        │       │                         disk, the audit trail down): ``shows_cause``
+        │       └── StorageUnavailable    a database cannot be written (disk full, I/O error)
         └── KeystoreError                 the PKCS#11 layer (``hsmkms.keystore``); tree in
             │                             ``hsmkms.keystore.errors``
-            └── ...
+            └── ...  (TokenUnavailable: 503, ``shows_cause``)
 
 Status codes follow what AWS KMS sends on the wire (reference/aws-kms-api.md §2.2: 400 for
 every client error), not the Smithy model's httpError values.
+
+A server fault's message never reaches the caller (:data:`SERVER_FAULT_MESSAGE` instead),
+except for the classes that set ``shows_cause``: faults of the service's surroundings that an
+operator words (a full disk, the token away, the audit trail down) and whose cause the caller
+may know — they are answered 503 with their message (``docs/operations-faults.md``).
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ class KMSError(Exception):
 
     code: ClassVar[str] = "KMSInternalException"
     status: ClassVar[int] = 500
+    shows_cause: ClassVar[bool] = False
+    """Whether a server fault's message is shown to the caller (client errors always are)."""
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message)
@@ -120,6 +132,26 @@ class InvalidCiphertextException(ClientError):
 
     def __init__(self, message: str = "") -> None:
         # spec: AWS KMS answers InvalidCiphertextException with an empty message (reference §8).
+        super().__init__("")
+
+
+class KMSInvalidSignatureException(ClientError):
+    """Verify: the signature is not valid for the message, key and algorithm. Carries no detail
+    (spec: AWS answers a failed Verify with this error, never ``SignatureValid: false``)."""
+
+    code = "KMSInvalidSignatureException"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__("")
+
+
+class KMSInvalidMacException(ClientError):
+    """VerifyMac: the MAC is not valid for the message, key and algorithm. Carries no detail
+    (spec: AWS answers a failed VerifyMac with this error, never ``MacValid: false``)."""
+
+    code = "KMSInvalidMacException"
+
+    def __init__(self, message: str = "") -> None:
         super().__init__("")
 
 
@@ -293,12 +325,27 @@ class DependencyTimeoutException(ServerError):
     status = 503
 
 
+class ServiceUnavailable(DependencyTimeoutException):
+    """hsmkms cannot serve the request now, for a cause the caller is told (503, retryable):
+    the audit trail cannot be written, the token is away. The message is worded by hsmkms
+    and names the cause, never a secret or a path; AWS KMS's own 503 code
+    (``DependencyTimeoutException``) so that SDKs retry it."""
+
+    shows_cause = True
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """A database cannot be written: no space left on its device, or an I/O error
+    (:mod:`hsmkms.db.errors`)."""
+
+
 def caller_error_fields(failure: BaseException) -> tuple[str, str]:
     """``(errorCode, errorMessage)`` of a failed call as its caller sees them: a client error's
     code and message; a server fault's code (``KMSInternalException`` for anything not a
-    :class:`KMSError`) with :data:`SERVER_FAULT_MESSAGE`, never its internal detail."""
+    :class:`KMSError`) with :data:`SERVER_FAULT_MESSAGE`, never its internal detail — unless
+    its class ``shows_cause`` (then its own message)."""
     if isinstance(failure, KMSError):
-        if failure.status < 500:
+        if failure.status < 500 or failure.shows_cause:
             return failure.code, failure.message
         return failure.code, SERVER_FAULT_MESSAGE
     return KMSInternalException.code, SERVER_FAULT_MESSAGE

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from postgres import Cluster, cluster, on_postgresql, stop_cluster
 
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.config import KeystoreConfig
@@ -23,6 +24,40 @@ from hsmkms.softhsm import ensure_token, find_module
 GCM_LABEL = "hsmkms"
 PORTABLE_LABEL = "hsmkms-portable"
 SCRATCH_LABEL = "hsmkms-scratch"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a PostgreSQL run (``HSMKMS_TEST_DATABASE=postgresql``, the second pass of
+    ``make test``) only the tests marked ``database`` run, except those marked ``sqlite``."""
+    if not on_postgresql():
+        return
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        on_both = item.get_closest_marker("database") and not item.get_closest_marker("sqlite")
+        (kept if on_both else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_postgresql() -> Iterator[None]:
+    """Stop the session's PostgreSQL server (started by the first test that needed it)."""
+    yield
+    stop_cluster()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Cluster:
+    """A PostgreSQL server of this test session (``tests/postgres.py``)."""
+    return cluster()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Cluster) -> str:
+    """The SQLAlchemy URL of a new, empty PostgreSQL database."""
+    return pg_cluster.url(pg_cluster.create_database())
 
 
 @pytest.fixture(scope="session")

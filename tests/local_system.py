@@ -5,9 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from postgres import database_url_for
+
 from hsmkms.config import Settings
 from hsmkms.system import AuditMode, System
 from hsmkms.types import Clock, utc_now
+
+
+def settings_for(data_dir: Path) -> Settings:
+    """The settings a command would load for ``--data-dir data_dir`` (on a PostgreSQL test run,
+    with ``data_dir``'s database)."""
+    settings = Settings.load(data_dir)
+    url = database_url_for(data_dir)
+    return settings if url is None else settings.model_copy(update={"database_url": url})
 
 
 def open_system(
@@ -20,4 +30,4 @@ def open_system(
     """:meth:`System.open` on ``data_dir`` (the embedded token is created when missing), with
     the settings a command would load for ``--data-dir data_dir``. Close it (or use it as a
     context manager)."""
-    return System.open(Settings.load(data_dir), audit=audit, identity=identity, clock=clock)
+    return System.open(settings_for(data_dir), audit=audit, identity=identity, clock=clock)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
+from postgres import database_url_for
 
 from hsmkms.api.sigv4 import Credential, SignedRequest, sign
 
@@ -165,22 +166,44 @@ class RunningServer:
         return run_cli(*args, "--data-dir", str(self.data_dir), env=env)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal the server and wait for it; its exit code."""
+        """Signal the server and wait for it; its exit code. SIGKILL (and a server that does
+        not stop in time) kills the whole process group: the parent and its workers, which
+        would otherwise live on without their supervisor."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                self._kill_group()
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._kill_group()
                 self.process.wait(10)
         return self.process.returncode
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
+def database_env(data_dir: Path, env: Mapping[str, str] | None) -> dict[str, str]:
+    """``env`` plus, on a PostgreSQL test run, ``HSMKMS_DATABASE_URL`` of ``data_dir``'s database
+    (unless ``env`` names one)."""
+    merged = dict(env or {})
+    url = database_url_for(data_dir)
+    if url is not None:
+        merged.setdefault("HSMKMS_DATABASE_URL", url)
+    return merged
+
+
 def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the ``hsmkms`` command line in a subprocess with a clean environment."""
+    """Run the ``hsmkms`` command line in a subprocess with a clean environment (and, on a
+    PostgreSQL test run, the database of the ``--data-dir`` it names)."""
+    if "--data-dir" in args:
+        env = database_env(Path(args[args.index("--data-dir") + 1]), env)
     return subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args],
         env=clean_env(**(env or {})),
@@ -198,10 +221,14 @@ def start_server(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ca_file: Path | None = None,
+    wait_healthy: bool = True,
 ) -> RunningServer:
-    """Start ``hsmkms serve`` on a free loopback port and wait until it is healthy.
-    ``ca_file``: the certificate clients should trust (with ``--tls-cert`` in ``args``)."""
+    """Start ``hsmkms serve`` on a free loopback port and wait until it is healthy (with
+    ``wait_healthy=False``: until every worker answers ``/healthz`` at all, healthy or not).
+    ``ca_file``: the certificate clients should trust (with ``--tls-cert`` in ``args``). On a
+    PostgreSQL test run the server keeps its tables in ``data_dir``'s database."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    env = database_env(data_dir, env)
     log_path = data_dir.parent / f"{data_dir.name}-server.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
@@ -248,7 +275,7 @@ def start_server(
     while len(healthy) < workers:
         with contextlib.suppress(OSError):
             resp = server.raw("GET", "/healthz")
-            if resp.status == 200:
+            if resp.status == 200 or (not wait_healthy and resp.status == 503):
                 healthy.add(resp.headers["x-hsmkms-worker"])
                 continue
         if process.poll() is not None or time.monotonic() > deadline:
@@ -266,9 +293,12 @@ def running_server(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     ca_file: Path | None = None,
+    wait_healthy: bool = True,
 ) -> Iterator[RunningServer]:
     """:func:`start_server` as a context manager that stops the server on exit."""
-    server = start_server(data_dir, workers=workers, args=args, env=env, ca_file=ca_file)
+    server = start_server(
+        data_dir, workers=workers, args=args, env=env, ca_file=ca_file, wait_healthy=wait_healthy
+    )
     try:
         yield server
     finally:

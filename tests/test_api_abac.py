@@ -15,7 +15,7 @@ import botocore.exceptions
 import pytest
 from server import RunningServer, running_server
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "444455556666"
 ENV = {"HSMKMS_ACCOUNT_ID": ACCOUNT}

@@ -13,7 +13,7 @@ from server import Response, RunningServer, running_server
 
 from hsmkms.api.sigv4 import Credential, SignedRequest, sign
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")

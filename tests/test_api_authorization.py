@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,9 +21,10 @@ import botocore.exceptions
 import botocore.session
 import pytest
 from policy_docs import EXAMPLE_ADMIN, EXAMPLE_ROOT, EXAMPLE_USER, separation_of_duties
+from postgres import outside_sql
 from server import RunningServer, running_server
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "444455556666"
 ROOT_ARN = f"arn:aws:iam::{ACCOUNT}:root"
@@ -586,24 +586,21 @@ def test_separation_of_duties_users(
 
 
 def test_a_key_re_enabled_in_the_database_is_refused(server: RunningServer, root: Any) -> None:
-    """An edit made directly in SQLite (re-enabling a disabled key) is detected by the row's
+    """An edit made directly in the database (re-enabling a disabled key) is detected by the row's
     token HMAC: the request fails closed with a clear error, and doctor names the key."""
     key_id = root.create_key()["KeyMetadata"]["KeyId"]
     root.disable_key(KeyId=key_id)
-    conn = sqlite3.connect(server.data_dir / "hsmkms.db", isolation_level=None)
-    try:
-        conn.execute("UPDATE keys SET state = 'Enabled' WHERE id = ?", (key_id,))
-    finally:
-        conn.close()
+    outside_sql(
+        server.data_dir / "hsmkms.db", "UPDATE keys SET state = 'Enabled' WHERE id = ?", key_id
+    )
     message = client_error("KMSInvalidStateException", root.encrypt, KeyId=key_id, Plaintext=b"x")
     assert "failed its integrity check" in message
     assert key_id in message
     doctor = server.cli("doctor")
     assert doctor.returncode != 0
     assert key_id in doctor.stdout + doctor.stderr
-    conn = sqlite3.connect(server.data_dir / "hsmkms.db", isolation_level=None)
-    try:  # restored: the MAC matches again
-        conn.execute("UPDATE keys SET state = 'Disabled' WHERE id = ?", (key_id,))
-    finally:
-        conn.close()
+    # restored: the MAC matches again
+    outside_sql(
+        server.data_dir / "hsmkms.db", "UPDATE keys SET state = 'Disabled' WHERE id = ?", key_id
+    )
     client_error("DisabledException", root.encrypt, KeyId=key_id, Plaintext=b"x")

@@ -16,11 +16,12 @@ from typing import Any
 import botocore.exceptions
 import pytest
 from server import RunningServer, clean_env, running_server
+from test_api_key_types import KEY_TYPE_OPERATIONS
 
 from hsmkms.api.protocol import MAX_BODY
 from hsmkms.service import OPERATIONS
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +92,12 @@ def test_unknown_key_is_not_found(kms: Any) -> None:
 
 
 def test_unsupported_key_spec(kms: Any) -> None:
-    raises(
-        "UnsupportedOperationException", kms.create_key, KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY"
+    """A spec SoftHSM 2.6.1 cannot host; the key types the token can are in
+    tests/test_api_key_types.py."""
+    message = raises(
+        "UnsupportedOperationException", kms.create_key, KeySpec="ML_DSA_65", KeyUsage="SIGN_VERIFY"
     )
+    assert "CKM_ML_DSA" in message
 
 
 def test_invalid_enum_is_validation_error(kms: Any) -> None:
@@ -409,5 +413,5 @@ def test_every_registered_operation_was_called_end_to_end(server: RunningServer)
     }
     if "Encrypt" not in answered:
         pytest.skip("meaningful only after the rest of this module ran")
-    missing = sorted(set(OPERATIONS) - answered)
+    missing = sorted(set(OPERATIONS) - answered - KEY_TYPE_OPERATIONS)
     assert not missing, f"operations without an end-to-end call: {missing}"

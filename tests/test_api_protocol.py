@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from server import Response, RunningServer, running_server
 
 from hsmkms.api.protocol import MAX_BODY
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +162,40 @@ def test_oversize_chunked_body_is_refused_with_400(server: RunningServer) -> Non
         conn.close()
     assert resp.status == 400
     assert json.loads(body)["__type"] == "ValidationException"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_8_mib_post_through_urllib_gets_the_400_not_a_reset(
+    server: RunningServer, chunked: bool
+) -> None:
+    """Issue 14: an 8 MiB POST was refused by resetting the connection while urllib still sent
+    it. The server reads the body to its end (up to a bound) before answering 400 with the
+    AWS error and closing the connection, so a simple client sees the answer."""
+    body = b"x" * (8 << 20)
+    data: bytes | Iterator[bytes] = body
+    if chunked:  # urllib sends an iterable body with Transfer-Encoding: chunked
+        data = iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)])
+    request = urllib.request.Request(  # noqa: S310 (the test's own loopback server)
+        server.endpoint + "/",
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/x-amz-json-1.1",
+                 "X-Amz-Target": "TrentService.ListKeys"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)  # noqa: S310
+    answer = refused.value
+    assert answer.code == 400
+    assert answer.headers["connection"] == "close"
+    payload = json.loads(answer.read())
+    assert payload["__type"] == "ValidationException"
+    assert payload["message"] == f"The request body is larger than the limit of {MAX_BODY} bytes."
+    # The refused call is recorded like any other.
+    request_id = answer.headers["x-amzn-RequestId"]
+    found = server.cli("audit", "search", "--event-name", "ListKeys")
+    records = [json.loads(line) for line in found.stdout.splitlines()]
+    (record,) = [r for r in records if r["requestID"] == request_id]
+    assert record["errorCode"] == "ValidationException"
 
 
 def test_unsupported_content_type_is_serialization_error(server: RunningServer) -> None:

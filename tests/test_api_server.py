@@ -21,7 +21,7 @@ from server import RunningServer, run_cli, running_server, start_server
 
 from hsmkms.api.runtime import run_exclusively
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")

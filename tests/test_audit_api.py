@@ -9,8 +9,6 @@ import base64
 import concurrent.futures
 import dataclasses
 import json
-import shutil
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -19,13 +17,14 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from postgres import outside_fetch, outside_sql, stored_bytes
 from server import Response, RunningServer, running_server
 
 from hsmkms.api.app import UNKNOWN_EVENT_NAME, _error_fields, _event_name
 from hsmkms.api.protocol import SERVER_FAULT_MESSAGE
 from hsmkms.errors import DependencyTimeoutException, KMSInternalException, NotFoundException
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 PLAINTEXT = b"the plaintext that must never be audited"
@@ -58,9 +57,7 @@ class Workload:
         return self.server.data_dir / "audit.db"
 
     def records(self) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.database) as conn:
-            rows = conn.execute("SELECT record FROM audit_records ORDER BY seq").fetchall()
-        conn.close()
+        rows = outside_fetch(self.database, "SELECT record FROM audit_records ORDER BY seq")
         return [json.loads(body) for (body,) in rows]
 
     def by_request(self) -> dict[str, dict[str, Any]]:
@@ -178,11 +175,9 @@ def test_graceful_shutdown_flushed_and_sealed_everything(workload: Workload) -> 
     proc = workload.server.cli("audit", "verify")
     assert proc.returncode == 0, proc.stderr
     assert "(0 unsealed)" in proc.stdout
-    with sqlite3.connect(workload.database) as conn:
-        (reason,) = conn.execute(
-            "SELECT reason FROM audit_seals ORDER BY seal_seq DESC LIMIT 1"
-        ).fetchone()
-    conn.close()
+    ((reason,),) = outside_fetch(
+        workload.database, "SELECT reason FROM audit_seals ORDER BY seal_seq DESC LIMIT 1"
+    )
     assert reason == "shutdown"
 
 
@@ -251,7 +246,7 @@ def _forms(secret: bytes) -> list[bytes]:
 
 def test_no_secret_in_the_database_or_the_search_output(workload: Workload) -> None:
     # Every database file of the data directory: the trail, the metadata and credentials.
-    stored = b"".join(p.read_bytes() for p in workload.database.parent.glob("*.db*"))
+    stored = stored_bytes(workload.database.parent / "hsmkms.db") + stored_bytes(workload.database)
     search = workload.server.cli("audit", "search")
     assert search.returncode == 0, search.stderr
     output = search.stdout.encode()
@@ -268,19 +263,16 @@ def test_no_secret_in_the_database_or_the_search_output(workload: Workload) -> N
 
 def test_a_tampered_record_is_named_by_verify(workload: Workload, tmp_path: Path) -> None:
     """Last in the module: it edits the database (and puts it back)."""
-    backup = tmp_path / "audit.db"
-    shutil.copy(workload.database, backup)
     decrypt_id = workload.calls[2].request_id
+    seq, body = next(
+        (seq, bytes(body))
+        for seq, body in outside_fetch(workload.database, "SELECT seq, record FROM audit_records")
+        if decrypt_id.encode() in bytes(body)
+    )
+    forged = body.replace(b'"Decrypt"', b'"Encrypt"')
+    edit = "UPDATE audit_records SET record = ? WHERE seq = ?"
     try:
-        with sqlite3.connect(workload.database) as conn:
-            seq, body = next(
-                (seq, bytes(body))
-                for seq, body in conn.execute("SELECT seq, record FROM audit_records")
-                if decrypt_id.encode() in bytes(body)
-            )
-            forged = body.replace(b'"Decrypt"', b'"Encrypt"')
-            conn.execute("UPDATE audit_records SET record = ? WHERE seq = ?", (forged, seq))
-        conn.close()
+        outside_sql(workload.database, edit, forged, seq)
         proc = workload.server.cli("audit", "verify")
         assert proc.returncode == 1
         assert proc.stderr.strip() == (
@@ -288,7 +280,7 @@ def test_a_tampered_record_is_named_by_verify(workload: Workload, tmp_path: Path
             "removed record)"
         )
     finally:
-        shutil.copy(backup, workload.database)
+        outside_sql(workload.database, edit, body, seq)
     assert workload.server.cli("audit", "verify").returncode == 0
 
 
@@ -317,9 +309,7 @@ def test_two_workers_record_every_request_once_in_each_workers_order(tmp_path: P
                 sequential.append(one())  # each on a new connection
             concurrent_ids = [rid for rid, _ in background]
     assert srv.process.returncode == 0
-    with sqlite3.connect(srv.data_dir / "audit.db") as conn:
-        rows = conn.execute("SELECT record FROM audit_records ORDER BY seq").fetchall()
-    conn.close()
+    rows = outside_fetch(srv.data_dir / "audit.db", "SELECT record FROM audit_records ORDER BY seq")
     trail = [json.loads(body)["requestID"] for (body,) in rows]
     assert len(trail) == len(set(trail)) == 1 + 300 + len(sequential)
     assert set(concurrent_ids) | {rid for rid, _ in sequential} <= set(trail)

@@ -113,7 +113,14 @@ def test_verify_stale_trail_exits_three(
     proc = audit(softhsm_dir, path, "verify")
     assert proc.returncode == 3
     (line,) = proc.stderr.splitlines()
-    assert line.startswith("hsmkms audit verify: trail stale: the newest seal")
+    assert line.startswith(
+        "hsmkms audit verify: writer stopped without a clean shutdown: "
+        f"{trail.writer_id} (newest seal 2, "
+    )
+    assert line.endswith(
+        "Intact through seal 2 (record 0), which the token's anchor names; 1 records after it "
+        "are chained but not sealed"
+    )
 
 
 def test_verify_without_database_fails_in_one_line(softhsm_dir: Path, tmp_path: Path) -> None:

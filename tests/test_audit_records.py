@@ -49,6 +49,7 @@ NOT_LOGGED = frozenset(
         "Signature",
         "Mac",
         "PublicKey",
+        "SharedSecretCiphertextBlob",
         "EncryptedKeyMaterial",
         "ImportToken",
     }

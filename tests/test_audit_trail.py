@@ -321,16 +321,23 @@ def test_deleted_last_seal_leaves_too_many_unsealed_records(trail: AuditTrail, d
           "5 are allowed")  # fmt: skip
 
 
-def test_deleted_tail_with_its_seal_is_found_once_overdue(
-    trail: AuditTrail, db: Path, clock: FakeClock
+def test_deleted_newest_seal_and_the_tail_after_the_one_before_is_not_intact(
+    trail: AuditTrail, db: Path
 ) -> None:
-    """Removing the last seal and the records after the one before: invisible until that seal
-    is older than its promised interval allows, then reported as stale."""
+    """Removing the newest seal and the records after the one before: the token's anchor still
+    names the removed seal. One seal short is what an interrupted seal write also leaves, so
+    it is reported as not proven (not as intact, and at once — not once overdue)."""
     sql(db, "DELETE FROM audit_seals WHERE seal_seq = 4")
     sql(db, "DELETE FROM audit_records WHERE seq > 5")
-    assert trail.verify().ok
-    clock.advance(2 * INTERVAL)
-    check(trail, VerifyStatus.STALE, 6, "trail stale: the newest seal (seal 3")
+    check(trail, VerifyStatus.UNCLEAN, 6, "the token's anchor names seal 4, which the trail "
+          "does not hold: its write was interrupted")  # fmt: skip
+
+
+def test_deleted_seals_and_tail_are_found_by_the_anchor(trail: AuditTrail, db: Path) -> None:
+    sql(db, "DELETE FROM audit_seals WHERE seal_seq > 2")
+    sql(db, "DELETE FROM audit_records")
+    check(trail, VerifyStatus.TAMPERED, 1, "record 1: missing (the token's anchor names seal 4 "
+          "but the trail ends at seal 2: seals and records removed from the tail)")  # fmt: skip
 
 
 def test_deleted_middle_seal_is_found(trail: AuditTrail, db: Path) -> None:
@@ -364,7 +371,7 @@ def test_seal_copied_from_another_trail_is_found(
     other.engine.dispose()
     sql(db, "DELETE FROM audit_seals WHERE seal_seq = 4")
     seal = sql(other_db, "SELECT * FROM audit_seals WHERE seal_seq = 4")[0]
-    sql(db, "INSERT INTO audit_seals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", *seal)
+    sql(db, f"INSERT INTO audit_seals VALUES ({', '.join('?' for _ in seal)})", *seal)  # noqa: S608
     check(trail, VerifyStatus.TAMPERED, 6, "seal 4: invalid tag")
 
 
@@ -400,25 +407,31 @@ def test_removed_audit_key_reference_is_found_and_not_replaced(
         AuditTrail(f"sqlite:///{db}", keystore)
 
 
-def test_rollback_is_found_with_a_seal_kept_outside(
+def test_rollback_is_found_by_the_anchor_and_with_a_seal_kept_outside(
     trail: AuditTrail, db: Path, tmp_path: Path, clock: FakeClock
 ) -> None:
-    """A database restored from an older copy verifies on its own; the newest seal of a later
-    verify, kept elsewhere, exposes it."""
+    """A database restored from an older copy: the token's anchor names a later seal; the
+    newest seal of a later verify, kept elsewhere, exposes it too."""
     backup = tmp_path / "backup.db"
     with sqlite3.connect(db) as src, sqlite3.connect(backup) as dst:
         src.backup(dst)
     src.close()
     dst.close()
+    trail.seal()
     trail.close()
     kept = trail.verify().newest_seal
     assert kept is not None
     assert trail.verify(expect_seal=(kept.seal_seq, kept.tag)).ok
     restored = AuditTrail(f"sqlite:///{backup}", trail.keystore, create=False, clock=clock)
-    assert restored.verify().ok  # alone, the old copy looks fine
+    result = restored.verify()
+    assert result.status is VerifyStatus.TAMPERED
+    assert result.problem == (
+        "record 11: missing (the token's anchor names seal 6 but the trail ends at seal 4: "
+        "seals and records removed from the tail)"
+    )
     result = restored.verify(expect_seal=(kept.seal_seq, kept.tag))
     assert result.status is VerifyStatus.TAMPERED
-    assert result.problem == "seal 5: missing (the trail ends at seal 4: rolled back)"
+    assert result.problem == "seal 6: missing (the trail ends at seal 4: rolled back)"
     assert result.first_bad_seq == 11
     result = restored.verify(expect_seal=(4, kept.tag))
     assert result.problem == "seal 4: not the seal recorded earlier (trail rolled back or replaced)"
@@ -430,16 +443,27 @@ def test_edited_search_column_is_found(trail: AuditTrail, db: Path) -> None:
     check(trail, VerifyStatus.TAMPERED, 4, "record 4: search columns do not match the record")
 
 
-def test_stale_trail_is_reported_and_shutdown_seal_ends_the_duty(
+def test_a_writer_that_stopped_sealing_is_an_unclean_stop_and_shutdown_ends_the_duty(
     trail: AuditTrail, clock: FakeClock
 ) -> None:
     clock.advance(2 * INTERVAL + 1)
     result = trail.verify()
-    assert result.status is VerifyStatus.STALE
-    assert "trail stale" in (result.problem or "")
+    assert result.status is VerifyStatus.UNCLEAN
+    assert result.problem is not None
+    assert result.problem.startswith(
+        f"writer stopped without a clean shutdown: {trail.writer_id} (newest seal 4, "
+    )
+    assert result.problem.endswith(
+        "Intact through seal 4 (record 10), which the token's anchor names; 2 records after it "
+        "are chained but not sealed"
+    )
+    (stop,) = result.unclean
+    assert (stop.writer, stop.last_seal, stop.noted_by) == (trail.writer_id, 4, None)
     trail.close()
     clock.advance(30 * 24 * 3600)
-    assert trail.verify().ok
+    result = trail.verify()
+    assert result.ok, result.problem
+    assert (result.unclean, result.live, result.unsealed) == ((), (), 0)
 
 
 def test_seal_gap_is_reported_as_warning(trail: AuditTrail, clock: FakeClock) -> None:
@@ -555,7 +579,7 @@ def test_tail_returns_the_newest_oldest_first(varied: AuditTrail) -> None:
 def test_append_to_a_locked_database_fails_as_dependency_timeout(
     varied: AuditTrail, db: Path, keystore: Pkcs11Keystore
 ) -> None:
-    impatient = AuditTrail(f"sqlite:///{db}", keystore, create=False, busy_timeout_ms=50)
+    impatient = AuditTrail(f"sqlite:///{db}", keystore, command=True, busy_timeout_ms=50)
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:

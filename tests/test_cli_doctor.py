@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from local_system import open_system
+from postgres import outside_fetch, outside_sql
+from server import database_env
 
 from conftest import new_key_version
 from hsmkms import models as m
@@ -23,14 +24,14 @@ from hsmkms.store import GrantRecord
 from hsmkms.system import System
 from hsmkms.types import Clock, utc_now
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 
 def doctor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
     return subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", "doctor", "--data-dir", str(data_dir), *args],
-        env={**clean, **env},
+        env={**clean, **database_env(data_dir, env)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -67,13 +68,21 @@ def test_doctor_creates_the_embedded_default_and_reports_json(tmp_path: Path) ->
             "HMAC_256": ["GENERATE_VERIFY_MAC"],
             "HMAC_384": ["GENERATE_VERIFY_MAC"],
             "HMAC_512": ["GENERATE_VERIFY_MAC"],
-            "RSA_2048": ["SIGN_VERIFY"],
+            "RSA_2048": ["ENCRYPT_DECRYPT", "SIGN_VERIFY"],
+            "RSA_3072": ["ENCRYPT_DECRYPT", "SIGN_VERIFY"],
+            "RSA_4096": ["ENCRYPT_DECRYPT", "SIGN_VERIFY"],
             "ECC_NIST_P256": ["KEY_AGREEMENT", "SIGN_VERIFY"],
+            "ECC_NIST_P384": ["KEY_AGREEMENT", "SIGN_VERIFY"],
+            "ECC_NIST_P521": ["KEY_AGREEMENT", "SIGN_VERIFY"],
+            "ECC_SECG_P256K1": ["SIGN_VERIFY"],
+            "ECC_NIST_EDWARDS25519": ["SIGN_VERIFY"],
         },
         "profiles": ["AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"],
         "unverified": [],
         # Measured on SoftHSM 2.6.1: RSA-OAEP unwrap with SHA-1 only.
         "wrapping_algorithms": ["RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1"],
+        # SoftHSM 2.6.1 ignores CKM_EDDSA's prehash flag; it has no ML-DSA or ML-KEM.
+        "unsupported_algorithms": ["ED25519_PH_SHA_512"],
     }
     assert "AES_GCM" in report["mechanisms"]
     assert (data_dir / "user.pin").stat().st_mode & 0o077 == 0
@@ -90,7 +99,11 @@ def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
     assert "profile:         AES_256_GCM" in proc.stdout
     assert (
         "capabilities:    SYMMETRIC_DEFAULT (AES_256_GCM, AES_256_CBC_HMAC_SHA_256), HMAC_224, "
-        "HMAC_256, HMAC_384, HMAC_512, RSA_2048, ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY)\n"
+        "HMAC_256, HMAC_384, HMAC_512, RSA_2048 (ENCRYPT_DECRYPT, SIGN_VERIFY), "
+        "RSA_3072 (ENCRYPT_DECRYPT, SIGN_VERIFY), RSA_4096 (ENCRYPT_DECRYPT, SIGN_VERIFY), "
+        "ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY), ECC_NIST_P384 (KEY_AGREEMENT, SIGN_VERIFY), "
+        "ECC_NIST_P521 (KEY_AGREEMENT, SIGN_VERIFY), ECC_SECG_P256K1, ECC_NIST_EDWARDS25519; "
+        "not performed: ED25519_PH_SHA_512\n"
     ) in proc.stdout
     assert (
         "key import:      RSAES_OAEP_SHA_1, RSA_AES_KEY_WRAP_SHA_1 (unwrapped in the token)\n"
@@ -152,18 +165,34 @@ def _material(service: KmsService, key_id: str) -> KeyMaterialRef:
 
 
 def test_doctor_reports_orphans_and_missing_key_material(tmp_path: Path) -> None:
-    """An object no key refers to is listed; a key version whose object is gone fails doctor."""
+    """An object no key refers to fails doctor (exit 1) until removed with --remove-orphans;
+    a key version whose object is gone fails doctor."""
     assert doctor(tmp_path).returncode == 0
     with _system(tmp_path) as system:
         service = system.service
         orphan = new_key_version(service.keystore, "0badc0de-0000-4000-8000-000000000000")
         key_id = service.create_key(CreateKeyRequest()).KeyMetadata.KeyId
         material = _material(service, key_id)
-    report = json.loads(doctor(tmp_path, "--json").stdout)
+    found = doctor(tmp_path, "--json")
+    report = json.loads(found.stdout)
     assert report["orphans"] == [
         {"object_id": orphan.object_ids[0], "label": "hsmkms:0badc0de000040008000:1:a"}
     ]
     assert report["missing"] == []
+    assert_one_line_failure(
+        found,
+        f"token object {orphan.object_ids[0]} (hsmkms:0badc0de000040008000:1:a) belongs to no "
+        "key: left by a key creation interrupted half-way; remove with hsmkms doctor "
+        "--remove-orphans",
+    )
+    removed = doctor(tmp_path, "--remove-orphans", "--orphan-grace", "0.2")
+    assert removed.returncode == 0, removed.stderr
+    assert f"removed token object {orphan.object_ids[0]}" in removed.stdout
+    assert "orphans:         0" in removed.stdout
+    with _system(tmp_path) as system:
+        assert not system.keystore.exists(orphan)
+        assert system.keystore.exists(material)  # a key's own material is never touched
+    assert doctor(tmp_path).returncode == 0
 
     with _system(tmp_path) as system:
         service = system.service
@@ -182,6 +211,7 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
             ScheduleKeyDeletionRequest(KeyId=key_id, PendingWindowInDays=7)
         )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
+    clean.update(database_env(tmp_path, None))
     proc = subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", "purge", "--data-dir", str(tmp_path)],
         env=clean, capture_output=True, text=True, timeout=120, check=False,
@@ -240,24 +270,23 @@ def test_doctor_reports_each_tampered_row_and_fails(tmp_path: Path) -> None:
     assert json.loads(clean.stdout)["integrity"] == []
     assert "integrity:       ok" in doctor(tmp_path).stdout
 
-    db = sqlite3.connect(tmp_path / "hsmkms.db", isolation_level=None)
-    try:
-        db.execute("UPDATE keys SET state = 'Enabled' WHERE id = ?", (keys[0],))
-        db.execute("UPDATE keys SET policy = '{}' WHERE id = ?", (keys[1],))
-        refs = dict(db.execute("SELECT key_id, material_ref FROM key_versions").fetchall())
-        db.execute(
-            "UPDATE key_versions SET material_ref = ? WHERE key_id = ?", (refs[keys[5]], keys[2])
-        )
-        db.execute(
-            "INSERT INTO grants SELECT ?, key_id, name, ?, retiring_principal, operations, "
-            "constraints, issuing_account, created_at, mac FROM grants",
-            (f"{2:064x}", MALLORY),
-        )
-        db.execute("UPDATE key_versions SET key_id = ? WHERE key_id = ? AND version = 2",
-                   (keys[5], keys[4]))  # fmt: skip
-        db.execute("UPDATE keys SET mac = NULL WHERE id = ?", (keys[5],))
-    finally:
-        db.close()
+    db = tmp_path / "hsmkms.db"
+    outside_sql(db, "UPDATE keys SET state = 'Enabled' WHERE id = ?", keys[0])
+    outside_sql(db, "UPDATE keys SET policy = '{}' WHERE id = ?", keys[1])
+    refs = dict(outside_fetch(db, "SELECT key_id, material_ref FROM key_versions"))
+    outside_sql(
+        db, "UPDATE key_versions SET material_ref = ? WHERE key_id = ?", refs[keys[5]], keys[2]
+    )
+    outside_sql(
+        db,
+        "INSERT INTO grants SELECT ?, key_id, name, ?, retiring_principal, operations, "
+        "constraints, issuing_account, created_at, mac FROM grants",
+        f"{2:064x}",
+        MALLORY,
+    )
+    outside_sql(db, "UPDATE key_versions SET key_id = ? WHERE key_id = ? AND version = 2",
+                keys[5], keys[4])  # fmt: skip
+    outside_sql(db, "UPDATE keys SET mac = NULL WHERE id = ?", keys[5])
 
     proc = doctor(tmp_path)
     assert_one_line_failure(proc, "6 rows failed their integrity check")

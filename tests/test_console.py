@@ -11,7 +11,6 @@ import dataclasses
 import http.client
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
+from postgres import outside_sql
 from server import RunningServer, running_server, start_server
 
 from conftest import ARTIFACTS
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 ENV = {"HSMKMS_ACCOUNT_ID": ACCOUNT}
@@ -329,20 +329,16 @@ def test_a_session_row_written_into_the_database_does_not_open(d: Deployment) ->
     import hashlib
 
     token = "forged-session-token-forged-session-token"
-    db = sqlite3.connect(d.server.data_dir / "hsmkms.db")
-    with db:
-        db.execute(
-            "INSERT INTO console_sessions VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                hashlib.sha256(token.encode()).hexdigest(),
-                d.root.access_key_id,
-                "2020-01-01T00:00:00.000000Z",
-                "2999-01-01T00:00:00.000000Z",
-                "c",
-                "00" * 32,
-            ),
-        )
-    db.close()
+    outside_sql(
+        d.server.data_dir / "hsmkms.db",
+        "INSERT INTO console_sessions VALUES (?, ?, ?, ?, ?, ?)",
+        hashlib.sha256(token.encode()).hexdigest(),
+        d.root.access_key_id,
+        "2020-01-01T00:00:00.000000Z",
+        "2999-01-01T00:00:00.000000Z",
+        "c",
+        "00" * 32,
+    )
     status, headers, _ = _request(
         d, "GET", "/console/keys", headers={"Cookie": f"hsmkms_session={token}"}
     )

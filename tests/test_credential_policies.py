@@ -7,14 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server import clean_env
+from postgres import on_postgresql, outside_fetch, outside_sql, store_url
+from server import clean_env, database_env
 from structlog.testing import capture_logs
 
 from conftest import new_key_version
@@ -28,7 +28,7 @@ from hsmkms.identity import (
 from hsmkms.identity.store import IDENTITY_KEY_ID, SCHEMA_VERSION
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 KEY_ARN = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -72,28 +72,19 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db: Path, keystore: Pkcs11Keystore) -> Iterator[CredentialStore]:
-    credentials = CredentialStore(f"sqlite:///{db}", keystore, account_id=ACCOUNT)
+    credentials = CredentialStore(store_url(db), keystore, account_id=ACCOUNT)
     yield credentials
     credentials.close()
 
 
 def tamper(db: Path, sql: str, *params: object) -> None:
     """Change the database directly, as someone with write access to the file could."""
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute(sql, params)
-    finally:
-        conn.close()
+    outside_sql(db, sql, *params)
 
 
 def column(db: Path, sql: str, *params: object) -> object:
-    conn = sqlite3.connect(db)
-    try:
-        row = conn.execute(sql, params).fetchone()
-    finally:
-        conn.close()
-    return None if row is None else row[0]
+    rows = outside_fetch(db, sql, *params)
+    return rows[0][0] if rows else None
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -168,7 +159,7 @@ def test_set_policy_replaces_and_clears(store: CredentialStore, by: str) -> None
 def test_set_policy_is_seen_at_once_by_another_store(db: Path, keystore: Pkcs11Keystore) -> None:
     """As a running server would: its cached credential gives way to the new policy on the
     very next lookup."""
-    url = f"sqlite:///{db}"
+    url = store_url(db)
     admin = CredentialStore(url, keystore, account_id=ACCOUNT)
     server = CredentialStore(url, keystore, account_id=ACCOUNT)
     try:
@@ -288,7 +279,7 @@ def test_policy_moved_between_rows_does_not_open(
         "UPDATE identity_credentials SET policy = (SELECT policy FROM identity_credentials "
         "WHERE name = 'mallory'), row_version = row_version + 1 WHERE name = 'judy'",
     )
-    fresh = CredentialStore(f"sqlite:///{db}", keystore, account_id=ACCOUNT)
+    fresh = CredentialStore(store_url(db), keystore, account_id=ACCOUNT)
     try:
         assert fresh.lookup(narrow.access_key_id) is None
     finally:
@@ -312,27 +303,23 @@ def make_v1_database(db: Path, keystore: Pkcs11Keystore) -> dict[str, tuple[str,
     rows sealed with the v1 AAD spelled out here. Returns name -> (key id, sealed secret)."""
     ref = new_key_version(keystore, IDENTITY_KEY_ID)
     rows = {}
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            for statement in V1_TABLES:
-                conn.execute(statement)
-            conn.execute("INSERT INTO identity_meta VALUES ('schema_version', '1')")
-            conn.execute("INSERT INTO identity_meta VALUES ('wrapping_key', ?)", (ref.to_str(),))
-            for name, key_id in (
-                ("root", "AKIAV1ROOT0000000000"),
-                ("olduser", "AKIAV1USER0000000000"),
-            ):
-                arn = f"arn:aws:iam::{ACCOUNT}:" + ("root" if name == "root" else f"user/{name}")
-                aad = b"hsmkms:identity:v1\x00" + key_id.encode() + b"\x00" + arn.encode()
-                iv, body = keystore.encrypt(ref, f"secret-of-{name}".encode(), aad)
-                conn.execute(
-                    "INSERT INTO identity_credentials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key_id, name, arn, iv, body, ref.to_str(), 7, "2026-01-01"),
-                )
-                rows[name] = (key_id, body)
-    finally:
-        conn.close()
+    for statement in V1_TABLES:
+        outside_sql(db, statement.replace("BLOB", "BYTEA") if on_postgresql() else statement)
+    outside_sql(db, "INSERT INTO identity_meta VALUES ('schema_version', '1')")
+    outside_sql(db, "INSERT INTO identity_meta VALUES ('wrapping_key', ?)", ref.to_str())
+    for name, key_id in (
+        ("root", "AKIAV1ROOT0000000000"),
+        ("olduser", "AKIAV1USER0000000000"),
+    ):
+        arn = f"arn:aws:iam::{ACCOUNT}:" + ("root" if name == "root" else f"user/{name}")
+        aad = b"hsmkms:identity:v1\x00" + key_id.encode() + b"\x00" + arn.encode()
+        iv, body = keystore.encrypt(ref, f"secret-of-{name}".encode(), aad)
+        outside_sql(
+            db,
+            "INSERT INTO identity_credentials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            key_id, name, arn, iv, body, ref.to_str(), 7, "2026-01-01",
+        )  # fmt: skip
+        rows[name] = (key_id, body)
     return rows
 
 
@@ -340,7 +327,7 @@ def test_v1_database_migrates_in_place_and_old_rows_keep_working(
     db: Path, keystore: Pkcs11Keystore
 ) -> None:
     rows = make_v1_database(db, keystore)
-    url = f"sqlite:///{db}"
+    url = store_url(db)
     with capture_logs() as logs:
         store = CredentialStore(url, keystore, account_id=ACCOUNT)
     try:
@@ -373,7 +360,7 @@ def test_v1_database_migrates_in_place_and_old_rows_keep_working(
 def test_v1_database_without_version_row_is_migrated(db: Path, keystore: Pkcs11Keystore) -> None:
     rows = make_v1_database(db, keystore)
     tamper(db, "DELETE FROM identity_meta WHERE name = 'schema_version'")
-    store = CredentialStore(f"sqlite:///{db}", keystore, account_id=ACCOUNT)
+    store = CredentialStore(store_url(db), keystore, account_id=ACCOUNT)
     try:
         assert store.lookup(rows["olduser"][0]) is not None
         assert column(db, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == "2"
@@ -385,10 +372,10 @@ def test_v1_database_without_version_row_is_migrated(db: Path, keystore: Pkcs11K
 def test_newer_or_unknown_schema_is_refused(
     db: Path, keystore: Pkcs11Keystore, version: str
 ) -> None:
-    CredentialStore(f"sqlite:///{db}", keystore, account_id=ACCOUNT).close()
+    CredentialStore(store_url(db), keystore, account_id=ACCOUNT).close()
     tamper(db, "UPDATE identity_meta SET value = ? WHERE name = 'schema_version'", version)
     with pytest.raises(KMSInternalException, match="upgrade hsmkms"):
-        CredentialStore(f"sqlite:///{db}", keystore, account_id=ACCOUNT)
+        CredentialStore(store_url(db), keystore, account_id=ACCOUNT)
 
 
 def test_aad_with_policy_is_the_v1_aad_plus_the_policy_digest(
@@ -396,14 +383,11 @@ def test_aad_with_policy_is_the_v1_aad_plus_the_policy_digest(
 ) -> None:
     """Known answer: the layout in the module docstring, opened here without the store."""
     issued = store.create("ken", EVERYTHING)
-    conn = sqlite3.connect(db)
-    try:
-        iv, body, wrapping = conn.execute(
-            "SELECT secret_iv, secret_sealed, wrapping_key FROM identity_credentials "
-            "WHERE name = 'ken'"
-        ).fetchone()
-    finally:
-        conn.close()
+    ((iv, body, wrapping),) = outside_fetch(
+        db,
+        "SELECT secret_iv, secret_sealed, wrapping_key FROM identity_credentials "
+        "WHERE name = 'ken'",
+    )
     from hsmkms.keystore.base import KeyMaterialRef
 
     aad = b"\x00".join(
@@ -435,7 +419,7 @@ def cli(*args: str, data_dir: Path, stdin: bytes = b"") -> Result:
     """``hsmkms ARGS --data-dir DATA_DIR`` in a subprocess, ``stdin`` on its standard input."""
     proc = subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args, "--data-dir", str(data_dir)],
-        env=clean_env(),
+        env=clean_env(**database_env(data_dir, None)),
         input=stdin,
         capture_output=True,
         timeout=120,

@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import botocore.exceptions
 import pytest
+from postgres import outside_sql, stored_bytes
 from server import RunningServer, run_cli, running_server
 from sqlalchemy import create_engine, text
 
@@ -28,7 +28,7 @@ from hsmkms.identity import (
 from hsmkms.identity.store import IDENTITY_KEY_ID
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 
@@ -256,15 +256,11 @@ def test_key_whose_policy_was_edited_in_the_database_fails_at_once(server: Runni
     issued = create(server, "app6")
     client = server.client(issued["AccessKeyId"], issued["SecretAccessKey"])
     client.list_keys()
-    conn = sqlite3.connect(server.data_dir / "hsmkms.db")
-    try:
-        with conn:
-            conn.execute(
-                "UPDATE identity_credentials SET policy = ? WHERE name = 'app6'",
-                (ALLOW_ALL.replace("kms:*", "kms:Decrypt"),),
-            )
-    finally:
-        conn.close()
+    outside_sql(
+        server.data_dir / "hsmkms.db",
+        "UPDATE identity_credentials SET policy = ? WHERE name = 'app6'",
+        ALLOW_ALL.replace("kms:*", "kms:Decrypt"),
+    )
     with pytest.raises(botocore.exceptions.ClientError) as info:
         client.list_keys()
     assert info.value.response["Error"]["Code"] == "UnrecognizedClientException"
@@ -296,7 +292,7 @@ def test_deleting_unknown_or_root_is_one_line_error(server: RunningServer) -> No
 def test_database_holds_no_secret_in_clear(server: RunningServer) -> None:
     issued = create(server, "app5")
     secrets = [issued["SecretAccessKey"], server.secret_access_key]
-    blobs = b"".join(p.read_bytes() for p in server.data_dir.glob("hsmkms.db*"))
+    blobs = stored_bytes(server.data_dir / "hsmkms.db")
     assert issued["AccessKeyId"].encode() in blobs  # the scan does see the rows
     for secret in secrets:
         for form in (secret.encode(), base64.b64encode(secret.encode()), secret.encode()[:20]):

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import fcntl
 import inspect as pyinspect
 import multiprocessing
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ from hsmkms.db import (
 from hsmkms.db.dialects import SQLiteDialect
 from hsmkms.db.errors import RULES, Outcome, classify, map_error
 from hsmkms.db.migrations import LEGACY_COMPONENT, applied_versions, schema_migrations
-from hsmkms.errors import DependencyTimeoutException, KMSInternalException, NotFoundException
+from hsmkms.errors import KMSInternalException, NotFoundException, ServiceUnavailable
 from hsmkms.identity import CredentialStore
 from hsmkms.identity.store import COMPONENT as IDENTITY
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
@@ -126,6 +129,33 @@ def test_an_error_the_component_handles_passes_unchanged(db: Database) -> None:
     assert isinstance(_raised(run), IntegrityError)
 
 
+def test_writers_with_a_writer_lock_take_turns_at_a_file_lock(db: Database, path: Path) -> None:
+    """On SQLite, writes with a writer lock (the audit trail's) wait their turn at a file lock
+    before they begin — woken as soon as it is free, never failing with the busy timeout (here
+    50 ms) nor polling in SQLite's busy handler — while another process holds it."""
+    done: list[int] = []
+
+    def write() -> None:
+        with db.write(WORDING, lock=1) as conn:
+            conn.execute(things.insert().values(id=10, name="after"))
+        done.append(1)
+
+    holder = os.open(f"{path}-writers.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as another process between its BEGIN and COMMIT
+    try:
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(0.5)  # ten busy timeouts
+        assert done == []
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    thread.join(10)
+    assert done == [1]
+    with db.read(WORDING) as conn:
+        assert conn.execute(select(things.c.name).where(things.c.id == 10)).scalar() == "after"
+
+
 def test_write_lock_held_elsewhere_is_busy(db: Database, held: WriteLockHeld) -> None:
     """BEGIN IMMEDIATE while another connection writes: SQLITE_BUSY after the busy timeout."""
 
@@ -134,7 +164,7 @@ def test_write_lock_held_elsewhere_is_busy(db: Database, held: WriteLockHeld) ->
             pass
 
     error = _raised(run)
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     assert error.message == "The thing is busy."
     cause = error.__cause__
     assert isinstance(cause, OperationalError)
@@ -150,7 +180,7 @@ def test_busy_in_driver_sql_is_busy(db: Database, held: WriteLockHeld) -> None:
             cursor.execute("INSERT INTO things VALUES (7, 'n7')")
 
     error = _raised(run)
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     assert type(error.__cause__) is sqlite3.OperationalError
 
 
@@ -165,7 +195,7 @@ def test_a_table_locked_by_its_own_connection_is_busy(db: Database) -> None:
             conn.exec_driver_sql("DROP TABLE things")
 
     error = _raised(run)
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     cause = error.__cause__
     assert isinstance(cause, OperationalError)
     assert cause.orig.sqlite_errorcode == sqlite3.SQLITE_LOCKED  # type: ignore[union-attr]
@@ -269,6 +299,9 @@ def test_the_rules_are_ordered_from_most_to_least_specific() -> None:
         Outcome.UNCHANGED,
         Outcome.UNCHANGED,
         Outcome.BUSY,
+        Outcome.UNAVAILABLE,
+        Outcome.FULL,
+        Outcome.IO_ERROR,
         Outcome.FAILED,
     ]
 
@@ -304,7 +337,7 @@ def test_each_component_says_busy_in_its_own_words(
         error = _raised(write)
     finally:
         holder.close()
-    assert type(error) is DependencyTimeoutException
+    assert type(error) is ServiceUnavailable
     assert error.message == message
     component.close()
 
@@ -355,7 +388,7 @@ def test_one_version_table_for_every_component(tmp_path: Path, keystore: Pkcs11K
     database.close()
     # The markers of hsmkms before the layer, kept current for it.
     assert _sql(path, "SELECT value FROM identity_meta WHERE name = 'schema_version'") == [("2",)]
-    assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("1",)]
+    assert _sql(path, "SELECT value FROM audit_settings WHERE name = 'schema_version'") == [("2",)]
 
 
 def _to_pre_layer_shape(path: Path) -> list[Any]:

@@ -17,7 +17,7 @@ import pytest
 
 from hsmkms.envelope import EnvelopeHeader
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 SEGMENT = 4096
 PLAINTEXT = os.urandom(10 * SEGMENT + 77)

@@ -30,7 +30,7 @@ from hsmkms.errors import (
     NotFoundException,
 )
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 CTX = {"app": "envelope-tests"}
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from postgres import store_url
 
 from hsmkms import models as m
 from hsmkms.envelope import (
@@ -28,14 +29,14 @@ from hsmkms.service import KmsService
 from hsmkms.store import MetadataStore
 from hsmkms.types import EncryptionContext
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 CTX = {"purpose": "backup", "host": "db1"}
 
 
 @pytest.fixture
 def service(keystore: Pkcs11Keystore, tmp_path: Path) -> Iterator[KmsService]:
-    store = MetadataStore.open_sqlite(tmp_path / "kms.db")
+    store = MetadataStore(store_url(tmp_path / "kms.db"))
     yield KmsService(keystore, store, region="us-east-1", account_id="111122223333")
     store.close()
 

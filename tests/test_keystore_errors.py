@@ -8,8 +8,8 @@ import pkcs11.exceptions as p11e
 import pytest
 
 from hsmkms.errors import KMSError
-from hsmkms.keystore.errors import DecryptionFailed, DeviceFailure, KeystoreError
-from hsmkms.keystore.pkcs11_errors import PKCS11_ERROR_MAP, map_pkcs11_error
+from hsmkms.keystore.errors import DecryptionFailed, DeviceFailure, KeystoreError, TokenUnavailable
+from hsmkms.keystore.pkcs11_errors import PKCS11_ERROR_MAP, ckr_name, map_pkcs11_error
 
 
 def _pkcs11_exception_classes() -> list[type[Exception]]:
@@ -32,7 +32,31 @@ def test_mapped_errors_are_kms_errors_without_internal_detail() -> None:
         assert isinstance(mapped, KeystoreError)
         assert isinstance(mapped, KMSError)
         assert mapped.status >= 500
-        assert mapped.message == f"doing something: {cls.__name__}"
+        if isinstance(mapped, TokenUnavailable):
+            # Shown to the caller (503): the PKCS#11 reason and the action, nothing else.
+            assert mapped.shows_cause
+            assert mapped.status == 503
+            assert mapped.detail == f"{ckr_name(cls())} while doing something"
+        else:
+            assert not mapped.shows_cause
+            assert mapped.message == f"doing something: {cls.__name__}"
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        (p11e.DeviceRemoved, "CKR_DEVICE_REMOVED"),
+        (p11e.TokenNotPresent, "CKR_TOKEN_NOT_PRESENT"),
+        (p11e.GeneralError, "CKR_GENERAL_ERROR"),
+        (p11e.SessionHandleInvalid, "CKR_SESSION_HANDLE_INVALID"),
+        (p11e.NoSuchToken, "NoSuchToken"),
+        (p11e.PKCS11Error, "PKCS11Error"),
+    ],
+)
+def test_pkcs11_reasons_are_named_as_the_standard_names_them(
+    cls: type[Exception], name: str
+) -> None:
+    assert ckr_name(cls()) == name
 
 
 def test_general_error_is_a_device_fault_except_while_decrypting() -> None:

@@ -100,8 +100,21 @@ def test_spec_facts() -> None:
     ecc = KeyMaterialSpec.ECC_NIST_P256.facts
     assert ecc.usage(None) is MaterialUsage.SIGN_VERIFY
     assert ecc.usage(MaterialUsage.KEY_AGREEMENT) is MaterialUsage.KEY_AGREEMENT
-    with pytest.raises(ValueError, match="not for ENCRYPT_DECRYPT"):
-        KeyMaterialSpec.RSA_2048.facts.usage(MaterialUsage.ENCRYPT_DECRYPT)
+    with pytest.raises(ValueError, match="not for KEY_AGREEMENT"):
+        KeyMaterialSpec.RSA_2048.facts.usage(MaterialUsage.KEY_AGREEMENT)
+    rsa = KeyMaterialSpec.RSA_4096.facts
+    assert (rsa.kind, rsa.key_bits, rsa.usage(None)) == (
+        MaterialKind.RSA, 4096, MaterialUsage.SIGN_VERIFY,
+    )  # fmt: skip
+    assert rsa.usage(MaterialUsage.ENCRYPT_DECRYPT) is MaterialUsage.ENCRYPT_DECRYPT
+    assert KeyMaterialSpec.ECC_NIST_P521.facts.key_bits == 521
+    for only_signing in ("ECC_SECG_P256K1", "ECC_NIST_EDWARDS25519", "ML_DSA_65"):
+        facts = KeyMaterialSpec(only_signing).facts
+        assert facts.usages == (MaterialUsage.SIGN_VERIFY,)
+        with pytest.raises(ValueError, match="not for KEY_AGREEMENT"):
+            facts.usage(MaterialUsage.KEY_AGREEMENT)
+    kem = KeyMaterialSpec.ML_KEM_768.facts
+    assert kem.usages == (MaterialUsage.ENCAPSULATE_DECAPSULATE,)
 
 
 # -- key material references ----------------------------------------------------------------

@@ -17,17 +17,19 @@ from typing import Any
 
 import pytest
 from local_system import open_system
+from postgres import on_postgresql
 from pydantic import BaseModel
+from server import database_env
 
 from hsmkms import __version__
 from hsmkms import models as m
-from hsmkms.errors import DisabledException, KMSInternalException, NotFoundException
+from hsmkms.errors import DisabledException, NotFoundException, StorageUnavailable
 from hsmkms.service.identifiers import Arns
 from hsmkms.system import LOCAL_SOURCE, OperatorService, System, open_audit_reader
 from hsmkms.system.operator import keys_used
 from hsmkms.types import Caller
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 REGION = "us-east-1"
@@ -46,7 +48,8 @@ def _key(system: System) -> str:
 
 
 def _records(system: System) -> list[dict[str, Any]]:
-    if not (system.settings.data_dir / "audit.db").exists():  # nothing recorded yet
+    on_sqlite = system.settings.database_url is None
+    if on_sqlite and not (system.settings.data_dir / "audit.db").exists():  # nothing recorded yet
         return []
     trail = open_audit_reader(system.settings)
     try:
@@ -159,6 +162,7 @@ def test_a_failed_call_is_recorded_and_raised(system: System) -> None:
     assert unknown["errorCode"] == "NotFoundException"
 
 
+@pytest.mark.sqlite  # breaks the trail's own SQLite file
 def test_no_record_no_result(tmp_path: Path) -> None:
     """When the record cannot be written, the call's answer is not handed out: the error is."""
     data_dir = tmp_path / "data"
@@ -166,7 +170,7 @@ def test_no_record_no_result(tmp_path: Path) -> None:
         key = _key(system)
         (data_dir / "audit.db").mkdir()  # the trail cannot be opened
         operator = OperatorService(system, command="encrypt-file")
-        with pytest.raises(KMSInternalException, match="audit trail"):
+        with pytest.raises(StorageUnavailable, match="audit trail failed: I/O error"):
             operator.generate_data_key(m.GenerateDataKeyRequest(KeyId=key, KeySpec="AES_256"))
 
 
@@ -189,8 +193,9 @@ with _local_service(Path(sys.argv[1])) as service:
 """
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("HSMKMS_", "AWS_"))}
+def _env(data_dir: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HSMKMS_", "AWS_"))}
+    return {**clean, **database_env(data_dir, None)}
 
 
 def hsmkms(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -198,7 +203,7 @@ def hsmkms(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "hsmkms.cli.main", *args, "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=_env(data_dir),
         timeout=120,
         check=False,
     )
@@ -216,10 +221,15 @@ def test_file_commands_on_a_data_directory_leave_verifiable_records(tmp_path: Pa
     data_dir = tmp_path / "data"
     made = subprocess.run(
         [sys.executable, "-c", _MAKE_KEYS, str(data_dir)],
-        capture_output=True, text=True, env=_env(), timeout=120, check=True,
+        capture_output=True, text=True, env=_env(data_dir), timeout=120, check=True,
     )  # fmt: skip
     first, second = [line for line in made.stdout.splitlines() if line.startswith("arn:")]
-    assert not (data_dir / "audit.db").exists()  # creating keys directly records nothing
+    # Creating keys directly records nothing.
+    assert (
+        _search(data_dir, "CreateKey") == []
+        if on_postgresql()
+        else not (data_dir / "audit.db").exists()
+    )
     (tmp_path / "plain").write_bytes(b"local operator payload")
     plain, ct, out = (str(tmp_path / n) for n in ("plain", "ct", "out"))
 

@@ -21,6 +21,8 @@ from hsmkms.cli.main import main
 from hsmkms.errors import ClientError
 from hsmkms.log import MASK, configure_logging, get_logger, redact_secrets
 
+pytestmark = pytest.mark.database
+
 
 def test_secret_named_fields_are_masked_and_bytes_never_logged() -> None:
     stream = io.StringIO()

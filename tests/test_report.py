@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from local_system import open_system
+from local_system import open_system, settings_for
 from policy_docs import separation_of_duties
+from server import database_env
 
 from hsmkms import models as m
 from hsmkms.report import ReportFormat, UnsignedDocument, schema, verify_document
@@ -35,7 +37,7 @@ from hsmkms.service.testing import ManualClock
 from hsmkms.store import GrantRecord
 from hsmkms.system import OperatorService
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 ACCOUNT = "111122223333"
 ROOT = f"arn:aws:iam::{ACCOUNT}:root"
@@ -56,8 +58,12 @@ GOOD = {
 
 
 def hsmkms(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if "--data-dir" in args:  # on a PostgreSQL test run, the data directory's database
+        env.update(database_env(Path(args[args.index("--data-dir") + 1]), None))
     return subprocess.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -69,11 +75,10 @@ def hsmkms(*args: str) -> subprocess.CompletedProcess[str]:
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory with keys: one rotated, one pending deletion, one disabled with an
     overdue rotation, one deleted (purged, with its records); and the root credentials."""
-    from hsmkms.config import Settings
     from hsmkms.system import initialize
 
     path = tmp_path_factory.mktemp("report") / "data"
-    initialize(Settings.load(path))
+    initialize(settings_for(path))
     clock = ManualClock(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     with open_system(path, clock=clock, identity=True) as system:
         service = system.service

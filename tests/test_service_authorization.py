@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy
+from postgres import outside_sql, store_url
 
 from hsmkms import models as m
 from hsmkms.errors import (
@@ -33,7 +33,7 @@ from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore, TokenRowSealer
 from hsmkms.types import Caller
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "us-east-2"
 ACCOUNT = "111122223333"
@@ -70,7 +70,7 @@ ROOT_ALL = {"Effect": "Allow", "Principal": {"AWS": ROOT}, "Action": "kms:*", "R
 @pytest.fixture
 def service(keystore: Pkcs11Keystore, tmp_path: Path) -> Iterator[KmsService]:
     clock = ManualClock(T0)
-    store = MetadataStore.open_sqlite(tmp_path / "kms.db", clock=clock)
+    store = MetadataStore(store_url(tmp_path / "kms.db"), clock=clock)
     svc = KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
     yield svc
     store.close()
@@ -858,12 +858,11 @@ def test_an_edited_tag_row_fails_a_tag_condition_closed(
     grants nor denies through aws:ResourceTag: the request that reads it fails with
     KeyIntegrityError. A policy that never reads the tags does not touch them."""
     path = tmp_path / "sealed.db"
-    store = MetadataStore.open_sqlite(path, sealer=TokenRowSealer(keystore))
+    store = MetadataStore(store_url(path), sealer=TokenRowSealer(keystore))
     try:
         service = KmsService(keystore, store, region=REGION, account_id=ACCOUNT)
         key_id = new_key(service, Tags=[m.Tag(TagKey="Project", TagValue="red")])
-        with sqlite3.connect(path) as db:
-            db.execute("UPDATE tags SET tag_value = 'blue' WHERE key_id = ?", (key_id,))
+        outside_sql(path, "UPDATE tags SET tag_value = 'blue' WHERE key_id = ?", key_id)
         with pytest.raises(KeyIntegrityError):
             encrypt(service, key_id, caller(ALICE, allow("kms:Encrypt", Condition=BLUE_ONLY)))
         on_context = {"StringEquals": {"kms:EncryptionContext:a": "b"}}

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import structlog.testing
+from postgres import store_url, stored_bytes
 
 from hsmkms import models as m
 from hsmkms.ciphertext import CiphertextBlob
@@ -33,7 +34,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "us-east-2"
 ACCOUNT = "111122223333"
@@ -46,7 +47,7 @@ def clock() -> ManualClock:
 
 
 def _service(keystore: Pkcs11Keystore, path: Path, clock: ManualClock) -> KmsService:
-    store = MetadataStore.open_sqlite(path, clock=clock)
+    store = MetadataStore(store_url(path), clock=clock)
     return KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
 
 
@@ -561,18 +562,16 @@ def test_database_never_holds_plaintext_or_data_keys(
     service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key.KeyId))
     assert _decrypt(service, blob, {"ctx": "v"}) == plaintext
 
-    # Everything SQLite wrote: the database, its WAL and shared memory, before and after close.
+    # Everything the database wrote (SQLite: the file, its WAL and shared memory; PostgreSQL:
+    # the database's files and a dump), before and after close.
     def scan() -> None:
-        files = list(tmp_path.glob("scan.db*"))
-        assert files
-        for file in files:
-            content = file.read_bytes()
-            for secret in (plaintext, data_key.Plaintext):
-                assert secret not in content, file.name
-                assert base64.b64encode(secret) not in content, file.name
-                assert secret.hex().encode() not in content, file.name
+        content = stored_bytes(path)
+        for secret in (plaintext, data_key.Plaintext):
+            assert secret not in content
+            assert base64.b64encode(secret) not in content
+            assert secret.hex().encode() not in content
 
-    assert b"scan" in path.read_bytes() + (tmp_path / "scan.db-wal").read_bytes()
+    assert b"scan" in stored_bytes(path)
     scan()
     service.store.close()
     scan()

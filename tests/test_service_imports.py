@@ -814,13 +814,6 @@ def test_import_members_for_symmetric_keys_only_are_refused_for_hmac_keys(env: E
             env.import_(key_id, os.urandom(32), **kwargs)
 
 
-def test_hmac_keys_are_created_for_imported_material_only_here(env: Env) -> None:
-    with pytest.raises(UnsupportedOperationException):
-        env.service.create_key(
-            m.CreateKeyRequest(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")
-        )
-
-
 # -- new key material and on-demand rotation ---------------------------------------------------
 
 

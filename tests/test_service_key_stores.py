@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import outside_fetch, store_url
 
 from conftest import new_key_version
 from hsmkms import models as m
@@ -25,7 +25,7 @@ from hsmkms.service.testing import ManualClock
 from hsmkms.store import KeyRecord, KeyVersionRecord, MetadataStore
 from hsmkms.store.integrity import TokenRowSealer
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "eu-central-1"
 ACCOUNT = "111122223333"
@@ -41,11 +41,7 @@ class Env:
     service: KmsService
 
     def column(self, sql: str, *params: object) -> list[object]:
-        conn = sqlite3.connect(self.path)
-        try:
-            return [row[0] for row in conn.execute(sql, params)]
-        finally:
-            conn.close()
+        return [row[0] for row in outside_fetch(self.path, sql, *params)]
 
     def round_trip(self, key_id: str, data: bytes = b"secret") -> bytes:
         blob = self.service.encrypt(m.EncryptRequest(KeyId=key_id, Plaintext=data)).CiphertextBlob
@@ -69,7 +65,7 @@ class Env:
 
 def _env(path: Path, stores: Keystore | KeyStores, default: Keystore) -> Env:
     clock = ManualClock(T0)
-    store = MetadataStore.open_sqlite(path, clock=clock, sealer=TokenRowSealer(default))
+    store = MetadataStore(store_url(path), clock=clock, sealer=TokenRowSealer(default))
     service = KmsService(stores, store, region=REGION, account_id=ACCOUNT, clock=clock)
     return Env(path, clock, store, service)
 

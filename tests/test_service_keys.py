@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres import store_url
 
 from hsmkms import models as m
 from hsmkms.errors import (
@@ -34,7 +35,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "eu-west-1"
 ACCOUNT = "111122223333"
@@ -48,7 +49,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def service(keystore: Pkcs11Keystore, tmp_path: Path, clock: ManualClock) -> Iterator[KmsService]:
-    store = MetadataStore.open_sqlite(tmp_path / "kms.db", clock=clock)
+    store = MetadataStore(store_url(tmp_path / "kms.db"), clock=clock)
     yield KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
     store.close()
 
@@ -68,7 +69,7 @@ def test_create_key_defaults(service: KmsService) -> None:
     assert meta.Enabled is True
     assert meta.KeyState is m.KeyState.Enabled
     assert meta.KeySpec is m.KeySpec.SYMMETRIC_DEFAULT
-    assert meta.CustomerMasterKeySpec is m.KeySpec.SYMMETRIC_DEFAULT
+    assert meta.CustomerMasterKeySpec is m.CustomerMasterKeySpec.SYMMETRIC_DEFAULT
     assert meta.KeyUsage is m.KeyUsage.ENCRYPT_DECRYPT
     assert meta.Origin is m.OriginType.AWS_KMS
     assert meta.KeyManager is m.KeyManager.CUSTOMER
@@ -98,8 +99,10 @@ def test_create_key_with_description_tags_and_policy(service: KmsService) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"KeySpec": "RSA_2048", "KeyUsage": "ENCRYPT_DECRYPT"}, UnsupportedOperationException),
-        ({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}, UnsupportedOperationException),
+        ({"KeySpec": "RSA_2048"}, ValidationException),
+        ({"KeySpec": "HMAC_256", "KeyUsage": "SIGN_VERIFY"}, ValidationException),
+        ({"KeySpec": "SM2", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
+        ({"KeySpec": "ML_DSA_44", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
         ({"KeyUsage": "SIGN_VERIFY"}, ValidationException),
         ({"Origin": "EXTERNAL", "MultiRegion": True}, UnsupportedOperationException),
         ({"KeySpec": "HMAC_256", "Origin": "EXTERNAL"}, ValidationException),
@@ -436,7 +439,7 @@ def matrix_env(
     """One service and one key per state for the whole matrix: token keys are slow to make
     (tens of ms each on SoftHSM2), and each case puts its key back into the state it needs."""
     clock = ManualClock(T0)
-    store = MetadataStore.open_sqlite(tmp_path_factory.mktemp("matrix") / "kms.db", clock=clock)
+    store = MetadataStore(store_url(tmp_path_factory.mktemp("matrix") / "kms.db"), clock=clock)
     service = KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
     keys = {}
     for state in STATES:

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from postgres import store_url
 
 from conftest import GCM_LABEL
 from hsmkms import models as m
@@ -22,7 +23,7 @@ from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service import KmsService
 from hsmkms.store import MetadataStore
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "eu-central-1"
 ACCOUNT = "111122223333"
@@ -45,7 +46,7 @@ def _child(softhsm_dir: Path, db: Path, body: str) -> dict[str, str]:
         import logging, structlog
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
         ks = Pkcs11Keystore(token_config(Path({str(softhsm_dir)!r}), {GCM_LABEL!r}))
-        store = MetadataStore.open_sqlite({str(db)!r})
+        store = MetadataStore({store_url(db)!r})
         service = KmsService(ks, store, region={REGION!r}, account_id={ACCOUNT!r})
         out = {{}}
         """
@@ -65,7 +66,7 @@ def test_keys_made_in_one_process_serve_another(
     softhsm_dir: Path, keystore: Pkcs11Keystore, tmp_path: Path
 ) -> None:
     db = tmp_path / "shared.db"
-    store = MetadataStore.open_sqlite(db)
+    store = MetadataStore(store_url(db))
     service = KmsService(keystore, store, region=REGION, account_id=ACCOUNT)
     mine = service.create_key(m.CreateKeyRequest()).KeyMetadata
     mine_blob = service.encrypt(
@@ -103,7 +104,7 @@ def test_keys_made_in_one_process_serve_another(
 
 
 def test_threads_share_one_service(keystore: Pkcs11Keystore, tmp_path: Path) -> None:
-    store = MetadataStore.open_sqlite(tmp_path / "threads.db")
+    store = MetadataStore(store_url(tmp_path / "threads.db"))
     service = KmsService(keystore, store, region=REGION, account_id=ACCOUNT)
     key = service.create_key(m.CreateKeyRequest()).KeyMetadata
     errors: list[BaseException] = []
@@ -152,7 +153,7 @@ def test_due_rotation_races_between_services(keystore: Pkcs11Keystore, tmp_path:
     db = tmp_path / "race.db"
     start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     now = [start]
-    stores = [MetadataStore.open_sqlite(db) for _ in range(2)]
+    stores = [MetadataStore(store_url(db)) for _ in range(2)]
     services = [
         KmsService(keystore, s, region=REGION, account_id=ACCOUNT, clock=lambda: now[0])
         for s in stores

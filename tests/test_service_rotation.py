@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import store_url
 
 from conftest import new_key_version
 from hsmkms import models as m
@@ -27,7 +28,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore, schema
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "ap-southeast-2"
 ACCOUNT = "111122223333"
@@ -41,7 +42,7 @@ def clock() -> ManualClock:
 
 
 def _service(keystore: Pkcs11Keystore, path: Path, clock: ManualClock) -> KmsService:
-    store = MetadataStore.open_sqlite(path, clock=clock)
+    store = MetadataStore(store_url(path), clock=clock)
     return KmsService(keystore, store, region=REGION, account_id=ACCOUNT, clock=clock)
 
 
@@ -267,7 +268,11 @@ def test_twenty_five_on_demand_rotations(service: KmsService, key: m.KeyMetadata
         service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key.KeyId))
     with pytest.raises(LimitExceededException) as info:
         service.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key.KeyId))
-    assert "on-demand rotations limit" in info.value.message
+    # spec: the wording LocalStack models on AWS's answer.
+    assert info.value.message == (
+        "The on-demand rotations limit has been reached for the given keyId. No more on-demand "
+        f"rotations can be performed for this key: {key.Arn}"
+    )
     assert service.store.get_key(key.KeyId).current_version == 4  # type: ignore[union-attr]
 
 

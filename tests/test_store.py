@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres import on_postgresql, store_url
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from hsmkms.audit import trail
 from hsmkms.audit.trail import AuditTrail
-from hsmkms.db import file_url
 from hsmkms.db import migrations as versions
+from hsmkms.db.postgresql import change_counter
 from hsmkms.errors import DependencyTimeoutException, InvalidMarkerException, KMSInternalException
 from hsmkms.identity import CredentialStore
 from hsmkms.identity import store as identity_store
@@ -34,6 +35,8 @@ from hsmkms.store import (
     schema,
 )
 from hsmkms.store.migrations import MIGRATIONS
+
+pytestmark = pytest.mark.database
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -63,7 +66,7 @@ def _version(key_id: str, version: int = 1, rotation_type: str | None = None) ->
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    s = MetadataStore.open_sqlite(tmp_path / "meta.db", clock=lambda: T0)
+    s = MetadataStore(store_url(tmp_path / "meta.db"), clock=lambda: T0)
     yield s
     s.close()
 
@@ -76,10 +79,10 @@ def _add(store: MetadataStore, key_id: str, **changes: object) -> KeyRecord:
 
 def test_migrations_run_at_open_and_are_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    first = MetadataStore.open_sqlite(path)
+    first = MetadataStore(store_url(path))
     assert first.schema_version() == MetadataStore.latest_schema_version() == MIGRATIONS[-1][0]
     first.close()
-    again = MetadataStore.open_sqlite(path)
+    again = MetadataStore(store_url(path))
     with again.engine.connect() as conn:
         rows = conn.execute(text("SELECT version FROM schema_migrations")).all()
     assert [r[0] for r in rows] == [v for v, _, _ in MIGRATIONS]
@@ -91,7 +94,7 @@ def test_migrated_database_matches_declared_schema(
 ) -> None:
     """Every component's tables, migrated into one database (as with HSMKMS_DATABASE_URL set),
     are exactly the tables, columns and primary keys that the components declare."""
-    url = file_url(tmp_path / "all.db")
+    url = store_url(tmp_path / "all.db")
     store = MetadataStore(url)
     CredentialStore(url, keystore, account_id="111122223333").close()
     AuditTrail(url, keystore).close()
@@ -100,6 +103,8 @@ def test_migrated_database_matches_declared_schema(
         for tables in (schema.metadata, identity_store.metadata, trail.metadata, versions.metadata)
         for table in tables.sorted_tables
     ]
+    if on_postgresql():
+        declared.append(change_counter)  # the database layer's change signal (hsmkms.db.postgresql)
     insp = inspect(store.engine)
     assert sorted(insp.get_table_names()) == sorted(t.name for t in declared)
     for table in declared:
@@ -110,6 +115,7 @@ def test_migrated_database_matches_declared_schema(
     store.close()
 
 
+@pytest.mark.sqlite
 def test_sqlite_pragmas_on_every_connection(store: MetadataStore) -> None:
     for _ in range(3):
         with store.engine.connect() as conn:
@@ -318,8 +324,8 @@ def test_read_cache_sees_own_writes_at_once(store: MetadataStore) -> None:
 
 def test_read_cache_sees_changes_from_another_process_after_the_interval(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
-    a = MetadataStore.open_sqlite(path, cache_check_interval=0.05)
-    b = MetadataStore.open_sqlite(path)
+    a = MetadataStore(store_url(path), cache_check_interval=0.05)
+    b = MetadataStore(store_url(path))
     _add(a, "k1")
     assert a.get_key_and_version("k1") is not None
     assert b.transition("k1", ["Enabled"], "Disabled")
@@ -333,8 +339,8 @@ def test_read_cache_sees_changes_from_another_process_after_the_interval(tmp_pat
 
 def test_read_cache_sees_changes_from_another_store(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
-    a = MetadataStore.open_sqlite(path, cache_check_interval=0)
-    b = MetadataStore.open_sqlite(path)
+    a = MetadataStore(store_url(path), cache_check_interval=0)
+    b = MetadataStore(store_url(path))
     _add(a, "k1")
     first = a.get_key_and_version("k1")
     assert first is not None
@@ -347,8 +353,8 @@ def test_read_cache_sees_changes_from_another_store(tmp_path: Path) -> None:
     b.close()
 
 
-def _worker(path: str, key_ids: list[str]) -> None:
-    s = MetadataStore.open_sqlite(path)
+def _worker(url: str, key_ids: list[str]) -> None:
+    s = MetadataStore(url)
     for key_id in key_ids:
         s.create_key(_key(key_id), _version(key_id), {"by": "worker"})
         s.put_tags(key_id, {"n": key_id})
@@ -356,7 +362,7 @@ def _worker(path: str, key_ids: list[str]) -> None:
 
 
 def test_two_processes_open_and_write_the_same_file(tmp_path: Path) -> None:
-    path = str(tmp_path / "multi.db")
+    path = store_url(tmp_path / "multi.db")
     # fork: the workers only touch SQLite (never PKCS#11), and spawning costs seconds.
     ctx = multiprocessing.get_context("fork")
     procs = [
@@ -368,15 +374,16 @@ def test_two_processes_open_and_write_the_same_file(tmp_path: Path) -> None:
     for proc in procs:
         proc.join(60)
         assert proc.exitcode == 0
-    store = MetadataStore.open_sqlite(path)
+    store = MetadataStore(path)
     assert len(store.list_keys(100).items) == 30
     assert store.schema_version() == MetadataStore.latest_schema_version()
     store.close()
 
 
+@pytest.mark.sqlite
 def test_busy_database_maps_to_dependency_timeout(tmp_path: Path) -> None:
     path = tmp_path / "busy.db"
-    store = MetadataStore.open_sqlite(path, busy_timeout_ms=50)
+    store = MetadataStore(store_url(path), busy_timeout_ms=50)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import store_url
 
 from hsmkms.errors import InvalidMarkerException
 from hsmkms.store import (
@@ -21,6 +22,8 @@ from hsmkms.store import (
     MetadataStore,
 )
 
+pytestmark = pytest.mark.database
+
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 ALICE = "arn:aws:iam::111122223333:user/alice"
 BOB = "arn:aws:iam::111122223333:user/bob"
@@ -29,7 +32,7 @@ RETIRER = "arn:aws:iam::111122223333:role/retirer"
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    s = MetadataStore.open_sqlite(tmp_path / "meta.db", clock=lambda: T0)
+    s = MetadataStore(store_url(tmp_path / "meta.db"), clock=lambda: T0)
     for key_id in ("k1", "k2"):
         s.create_key(
             KeyRecord(
@@ -231,7 +234,7 @@ def test_grants_for_cache_returns_fresh_lists(store: MetadataStore) -> None:
 
 
 def test_grants_for_sees_grants_from_another_store(store: MetadataStore) -> None:
-    other = MetadataStore(str(store.engine.url))
+    other = MetadataStore(store.engine.url.render_as_string(hide_password=False))
     try:
         assert store.grants_for("k1", ALICE) == []
         grant = other.create_grant(_grant(1))

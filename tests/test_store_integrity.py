@@ -2,20 +2,21 @@
 directly in the SQLite file is refused (fail closed); ``hsmkms doctor``'s report of it is tested in
 tests/test_cli_doctor.py, aliases and tags through boto3 in tests/test_store_integrity_api.py.
 
-Real parts: the session SoftHSM2 token, a real SQLite file, edits with the ``sqlite3`` module.
+Real parts: the session SoftHSM2 token, a real database (SQLite, or PostgreSQL on that test
+run), edits on a connection of their own (``tests/postgres.py`` ``outside_sql``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres import outside_fetch, outside_sql, store_url
 from sqlalchemy import inspect
 
 from conftest import new_mac_key
@@ -41,7 +42,7 @@ from hsmkms.store.integrity import (
 )
 from hsmkms.types import Caller
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 REGION = "eu-west-1"
 ACCOUNT = "111122223333"
@@ -84,8 +85,8 @@ class Env:
         self.sealer = CountingSealer(self.keystore)
         # Checked on every read, the read cache sees each edit of Env.sql at once (with the
         # default 1 ms interval a read right after the edit could still be answered from it).
-        self.store = MetadataStore.open_sqlite(
-            self.path, clock=self.clock, sealer=self.sealer, cache_check_interval=0
+        self.store = MetadataStore(
+            store_url(self.path), clock=self.clock, sealer=self.sealer, cache_check_interval=0
         )
         self.service = KmsService(
             self.keystore, self.store, region=REGION, account_id=ACCOUNT, clock=self.clock
@@ -94,21 +95,15 @@ class Env:
 
     def sql(self, statement: str, *params: object) -> int:
         """Run one statement directly on the database file, as an attacker with file access."""
-        conn = sqlite3.connect(self.path, isolation_level=None)
         try:
-            return conn.execute(statement, params).rowcount
+            return outside_sql(self.path, statement, *params)
         finally:
-            conn.close()
             # Another writer's commit is seen by the store's read cache within its check
             # interval (1 ms); on a fast disk this write can take less than that.
             time.sleep(0.002)
 
     def fetch(self, statement: str, *params: object) -> list[Any]:
-        conn = sqlite3.connect(self.path)
-        try:
-            return conn.execute(statement, params).fetchall()
-        finally:
-            conn.close()
+        return outside_fetch(self.path, statement, *params)
 
     def key(self, **kwargs: Any) -> str:
         return self.service.create_key(m.CreateKeyRequest(**kwargs)).KeyMetadata.KeyId
@@ -234,21 +229,19 @@ def test_a_new_store_adopts_an_unsealed_database_once(
     """Rows written without a sealer are sealed by the first open with one; later, a NULL MAC
     is tampering."""
     path = tmp_path / "kms.db"
-    plain = MetadataStore.open_sqlite(path)
+    plain = MetadataStore(store_url(path))
     service = KmsService(keystore, plain, region=REGION, account_id=ACCOUNT)
     key_id = service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
     plain.create_grant(_grant(key_id, ALICE))
     plain.close()
 
-    sealed = MetadataStore.open_sqlite(path, sealer=TokenRowSealer(keystore))
+    sealed = MetadataStore(store_url(path), sealer=TokenRowSealer(keystore))
     assert sealed.integrity_problems() == []
     assert sealed.get_key(key_id) is not None
     sealed.close()
 
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE keys SET mac = NULL")
-    conn.close()
-    again = MetadataStore.open_sqlite(path, sealer=TokenRowSealer(keystore))
+    outside_sql(path, "UPDATE keys SET mac = NULL")
+    again = MetadataStore(store_url(path), sealer=TokenRowSealer(keystore))
     try:
         _refused(lambda: again.get_key(key_id), key_id)
     finally:
@@ -261,13 +254,12 @@ def test_upgrade_from_a_database_without_mac_columns(
     """A database of the schema before integrity MACs (version 1: no mac columns, no grants,
     no settings) is migrated and adopted by the open that runs the migration."""
     path = tmp_path / "old.db"
-    plain = MetadataStore.open_sqlite(path)
+    plain = MetadataStore(store_url(path))
     service = KmsService(keystore, plain, region=REGION, account_id=ACCOUNT)
     key_id = service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
     plain.create_alias("alias/old", key_id, T0)
     plain.put_tags(key_id, {"old": "yes"})
     plain.close()
-    conn = sqlite3.connect(path, isolation_level=None)
     for statement in (
         "DROP TABLE grants",
         "DROP TABLE store_settings",
@@ -277,10 +269,9 @@ def test_upgrade_from_a_database_without_mac_columns(
         "ALTER TABLE tags DROP COLUMN mac",
         "DELETE FROM schema_migrations WHERE version > 1",
     ):
-        conn.execute(statement)
-    conn.close()
+        outside_sql(path, statement)
 
-    store = MetadataStore.open_sqlite(path, sealer=TokenRowSealer(keystore))
+    store = MetadataStore(store_url(path), sealer=TokenRowSealer(keystore))
     try:
         assert store.schema_version() == MetadataStore.latest_schema_version()
         insp = inspect(store.engine)
@@ -317,7 +308,7 @@ def test_a_reference_to_another_token_key_fails_closed(env: Env) -> None:
 
 def test_a_store_without_sealer_refuses_to_write_sealed_rows(env: Env) -> None:
     key_id = env.key()
-    plain = MetadataStore.open_sqlite(env.path)
+    plain = MetadataStore(store_url(env.path))
     try:
         with pytest.raises(KMSInternalException, match="sealed"):
             plain.set_description(key_id, "unsealed")
@@ -663,7 +654,7 @@ def test_a_database_sealed_before_aliases_and_tags_adopts_them_once(env: Env) ->
     ):
         env.sql(statement)
 
-    parent = MetadataStore.open_sqlite(env.path)  # migrates, seals nothing
+    parent = MetadataStore(store_url(env.path))  # migrates, seals nothing
     parent.close()
     assert env.fetch("SELECT mac FROM aliases") == [(None,)]
     assert env.fetch("SELECT mac FROM tags") == [(None,)]

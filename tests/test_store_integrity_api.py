@@ -5,16 +5,16 @@ The same refusals without HTTP: tests/test_store_integrity.py.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
 import pytest
+from postgres import outside_sql
 from server import RunningServer, running_server
 
-pytestmark = [pytest.mark.server, pytest.mark.hsm]
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 
 @pytest.fixture
@@ -24,11 +24,7 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
 
 
 def _sql(server: RunningServer, statement: str, *params: object) -> None:
-    conn = sqlite3.connect(server.data_dir / "hsmkms.db", isolation_level=None)
-    try:
-        assert conn.execute(statement, params).rowcount == 1
-    finally:
-        conn.close()
+    assert outside_sql(server.data_dir / "hsmkms.db", statement, *params) == 1
 
 
 def _invalid_state(call: Callable[..., Any], **kwargs: Any) -> str:

@@ -7,19 +7,23 @@ import ast
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from local_system import open_system
+from local_system import open_system, settings_for
+from postgres import outside_fetch
 
 import hsmkms
 from hsmkms import models as m
 from hsmkms.audit import service_event_record
 from hsmkms.audit.trail import VerifyStatus
 from hsmkms.config import Settings
-from hsmkms.errors import ClientError, KMSInternalException
+from hsmkms.errors import ClientError, KMSInternalException, StorageUnavailable
 from hsmkms.system import initialize, open_audit_reader, open_audit_verifier
+
+pytestmark = pytest.mark.database
 
 PACKAGE = Path(hsmkms.__file__).parent
 ROOT_MODULE = "hsmkms/system/root.py"
@@ -161,11 +165,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings_rows(db: Path) -> dict[str, str]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT name, value FROM store_settings").fetchall())
-    finally:
-        conn.close()
+    return dict(outside_fetch(db, "SELECT name, value FROM store_settings"))
 
 
 @pytest.mark.hsm
@@ -173,13 +173,13 @@ def test_initialize_opens_the_store_with_its_row_sealer(data_dir: Path) -> None:
     """Initialization (serve's parent, ``hsmkms credentials``) opens the metadata store the way
     every other entry point does: with its sealer, so the integrity key exists from the start
     and no unsealed row is ever written."""
-    report = initialize(Settings.load(data_dir))
+    report = initialize(settings_for(data_dir))
     assert report.root_created
     assert report.root_credentials_file == data_dir / "root-credentials.json"
     assert report.root_credentials_file.stat().st_mode & 0o077 == 0
     integrity_key = _settings_rows(data_dir / "hsmkms.db")["integrity_key"]
     assert integrity_key.startswith("v2:default:HMAC_256:")
-    again = initialize(Settings.load(data_dir))
+    again = initialize(settings_for(data_dir))
     assert not again.root_created
     assert again.root_access_key_id == report.root_access_key_id
 
@@ -196,7 +196,7 @@ def test_a_writer_system_seals_at_start_and_after_its_last_record(data_dir: Path
                 "RotateKey", account_id=key.AWSAccountId, region="us-east-1", key_arn=key.Arn
             )
         )
-    settings = Settings.load(data_dir)
+    settings = settings_for(data_dir)
     with open_audit_verifier(settings) as trail:
         result = trail.verify()
     assert result.status is VerifyStatus.OK, result.problem
@@ -208,8 +208,8 @@ def test_a_writer_system_seals_at_start_and_after_its_last_record(data_dir: Path
 @pytest.mark.hsm
 def test_a_direct_system_opens_the_trail_only_for_a_record(tmp_path: Path) -> None:
     """audit="direct" (a command): no trail until something is recorded; then each record is
-    in the trail, sealed by a shutdown seal, when audit() returns: the trail verifies while
-    the command still runs."""
+    in the trail, sealed by a ``command`` seal (no writer session: no start, no shutdown), when
+    audit() returns: the trail verifies while the command still runs."""
     data_dir = tmp_path / "data"
     with open_system(data_dir) as system:
         key = system.service.create_key(m.CreateKeyRequest()).KeyMetadata
@@ -229,7 +229,17 @@ def test_a_direct_system_opens_the_trail_only_for_a_record(tmp_path: Path) -> No
             result = trail.verify()
         assert result.status is VerifyStatus.OK, result.problem
         assert result.newest_seal is not None
-        assert result.newest_seal.reason == "shutdown"
+        assert result.newest_seal.reason == "command"
+        assert result.newest_seal.writer is not None
+        assert result.newest_seal.writer.startswith("command:")
+        assert (result.unsealed, result.live, result.unclean) == (0, (), ())
+        reader = open_audit_reader(system.settings)
+        try:
+            with reader.engine.connect() as conn:
+                reasons = [r for (r,) in conn.exec_driver_sql("SELECT reason FROM audit_seals")]
+        finally:
+            reader.close()
+        assert reasons == ["genesis", "command"]
 
 
 @pytest.mark.hsm
@@ -258,14 +268,55 @@ def test_reading_the_trail_of_a_missing_database_is_one_error(tmp_path: Path) ->
 
 
 @pytest.mark.hsm
+@pytest.mark.sqlite  # breaks the trail's own SQLite file
 def test_a_part_that_fails_to_open_closes_the_parts_before_it(tmp_path: Path) -> None:
-    """An audit trail that cannot be opened fails System.open with one KMSError, after closing
-    the keystore and store opened before it; the next open in this process works."""
+    """An audit trail that is wrong (its key reference names another key) fails System.open
+    with one KMSError, after closing the keystore and store opened before it; the next open in
+    this process works."""
+    data_dir = tmp_path / "data"
+    with open_system(data_dir, audit="writer"):
+        pass
+    with sqlite3.connect(data_dir / "audit.db") as conn:
+        conn.execute(
+            "UPDATE audit_settings SET value = 'HMAC_SHA_256:abcd' WHERE name = 'audit_key'"
+        )
+    conn.close()
+    with pytest.raises(KMSInternalException, match="audit key is wrong"):
+        open_system(data_dir, audit="writer")
+    with open_system(data_dir, audit=None) as system:
+        assert system.keystore.info().label == "hsmkms"
+
+
+@pytest.mark.hsm
+@pytest.mark.sqlite  # the trail's own SQLite file made a directory
+def test_a_server_opens_with_a_trail_it_cannot_write_yet(tmp_path: Path) -> None:
+    """A server's trail that cannot be written (a full disk, an I/O error; here a directory
+    where its file should be) does not stop the worker: System.open succeeds, records are
+    refused with the cause (503), and the writer opens the trail once it can."""
     data_dir = tmp_path / "data"
     with open_system(data_dir):
         pass
     (data_dir / "audit.db").mkdir()
-    with pytest.raises(KMSInternalException, match="audit trail"):
-        open_system(data_dir, audit="writer")
-    with open_system(data_dir, audit=None) as system:
-        assert system.keystore.info().label == "hsmkms"
+    with open_system(data_dir, audit="writer") as system:
+        assert system.writer is not None
+        failure = system.writer.failure
+        assert isinstance(failure, StorageUnavailable)
+        assert failure.status == 503
+        assert failure.message == (
+            "The audit trail failed: I/O error on the data directory's device."
+        )
+        record = service_event_record(
+            "RotateKey", account_id="111122223333", region="us-east-1",
+            key_arn="arn:aws:kms:us-east-1:111122223333:key/k",
+        )  # fmt: skip
+        with pytest.raises(StorageUnavailable):
+            system.audit(record)
+        (data_dir / "audit.db").rmdir()
+        deadline = time.monotonic() + 15
+        while system.writer.failure is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        system.audit(record)
+    with open_audit_verifier(system.settings) as trail:
+        result = trail.verify()
+    assert result.ok, result.problem
+    assert result.records == 1

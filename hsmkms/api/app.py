@@ -12,17 +12,25 @@ worker that answered). Operations are dispatched generically through their descr
 (:data:`hsmkms.service.OPERATIONS`), so a new operation needs no change here.
 
 Audit: every ``POST /`` — allowed or denied, successful or failed, authenticated or not —
-produces exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), queued through
-:meth:`Backend.audit` before the response is sent; a request whose record cannot be queued is
-answered with that error instead of its result. ``/healthz``, ``/metrics`` and requests to
-other paths or with other methods are not audited (``docs/audit.md``).
+produces exactly one audit record (:func:`hsmkms.audit.prepare_api_call`), and its answer is
+sent only once the record is committed (:meth:`Backend.commit_audit`: group commit with the
+records of the other requests waiting). While the trail cannot be written, a request is
+refused at once (:meth:`Backend.check_audit`: 503 naming the cause) before anything is done;
+a request whose record then fails to commit is answered with that error instead of its
+result. ``/healthz``, ``/metrics`` and requests to other paths or with other methods are not
+audited (``docs/audit.md``).
 
 Execution model (``docs/http-api.md``): service calls are synchronous. The cryptographic
 operations (whose descriptor says ``inline``, :mod:`hsmkms.service.operations`) run inline on
 the event loop: they take a fraction of a millisecond, PKCS#11 calls are serialized per process
 anyway, and a thread hop would cost as much as the work. Everything else (key administration,
 which writes the database and may wait on SQLite's write lock) runs on one worker thread, so a
-slow write does not stall the crypto fast path.
+slow write does not stall the crypto fast path. ``/healthz`` and ``/metrics`` run on threads of
+their own and answer within :data:`HEALTH_TIMEOUT` whatever the token or the admin thread do.
+
+A body over the limit is read and discarded (up to :data:`DRAIN_LIMIT` bytes, for at most
+:data:`DRAIN_SECONDS`) before the 400 is sent with ``Connection: close``, so a client still
+sending sees the answer rather than a reset connection.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from hsmkms.errors import (
     KMSError,
     KMSInternalException,
     UnknownOperationException,
+    UnsupportedOperationException,
     caller_error_fields,
 )
 from hsmkms.policy import account_of
@@ -66,6 +75,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_TASK_INTERVAL = 60.0
+HEALTH_TIMEOUT = 1.0
+"""Seconds ``/healthz`` waits for its checks before answering 503 without them."""
+DRAIN_LIMIT = 16 << 20
+"""How much of an oversized body is read and discarded before the 400 is sent (beyond it, the
+answer goes out and the connection is closed while the client may still be sending)."""
+DRAIN_SECONDS = 10.0
+"""How long draining an oversized body may take."""
+_FAULT_LOG_EVERY = 10.0
 
 UNKNOWN_EVENT_NAME = "UnknownOperation"
 """The ``eventName`` of a request whose ``X-Amz-Target`` is missing or is not
@@ -80,12 +97,38 @@ _MAX_USER_AGENT = 1024
 
 log = structlog.get_logger(__name__)
 
+# Every operation of the AWS KMS API: one this service does not implement is recognised (AWS
+# knows it) and answered UnsupportedOperationException, not UnknownOperationException.
+_API_OPERATIONS = frozenset(name for name, op in ALL_OPERATIONS.items() if op.api)
+
 _PID = str(os.getpid()).encode()
 _JSON_HEADERS = [(b"content-type", protocol.CONTENT_TYPE.encode())]
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+_fault_logged: dict[str, tuple[float, int]] = {}
+
+
+def _log_fault(exc: KMSError, operation: str, request_id: str) -> None:
+    """Log a server fault: every one, except faults whose cause the caller is told (a full
+    disk, the token away), which come in floods while they last — at most one line per cause
+    every few seconds, with the number of requests it stands for."""
+    fields: dict[str, Any] = {
+        "operation": operation, "request_id": request_id, "error": type(exc).__name__,
+        "detail": exc.message,
+    }  # fmt: skip
+    if exc.shows_cause:
+        now = time.monotonic()
+        since, count = _fault_logged.get(exc.message, (0.0, 0))
+        if now - since < _FAULT_LOG_EVERY:
+            _fault_logged[exc.message] = (since, count + 1)
+            return
+        _fault_logged[exc.message] = (now, 0)
+        fields["requests_since_last_line"] = count
+    log.error("server_fault", **fields)
 
 
 class Backend(Protocol):
@@ -107,7 +150,16 @@ class Backend(Protocol):
         """The SigV4 credential of an access key id, or None."""
 
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
-        """Queue one audit record; a :class:`KMSError` when it cannot be queued."""
+        """Write one audit record, returning once it is committed (a thread); a
+        :class:`KMSError` when it cannot be."""
+
+    async def commit_audit(self, record: AuditRecord | PreparedRecord, *, retain: bool) -> None:
+        """Write one audit record without blocking the event loop, returning once it is
+        committed; a :class:`KMSError` when it cannot be. ``retain``: the call may have
+        changed state (keep the record if its batch fails)."""
+
+    def check_audit(self) -> None:
+        """Raise at once (503 naming the cause) while the audit trail cannot be written."""
 
     def warm_up(self) -> None: ...
 
@@ -172,6 +224,10 @@ class KmsApp:
         self._max_body = max_body
         self._task_interval = task_interval
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsmkms")
+        # /healthz and /metrics: never behind admin operations or the token.
+        self._internal_executor = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="hsmkms-internal"
+        )
         self._tasks: asyncio.Task[None] | None = None
         self._console: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
         if console:  # the read-only web console at /console/ (hsmkms serve --console)
@@ -210,6 +266,7 @@ class KmsApp:
                 if self._runtime is not None:
                     await loop.run_in_executor(self._executor, self._runtime.close)
                 self._executor.shutdown(wait=True)
+                self._internal_executor.shutdown(wait=False, cancel_futures=True)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -256,6 +313,8 @@ class KmsApp:
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+            if int(declared) <= DRAIN_LIMIT:
+                await _drain(receive, 0)
             raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
@@ -264,12 +323,15 @@ class KmsApp:
             if message["type"] == "http.disconnect":
                 break
             chunk = message.get("body", b"")
+            more = message.get("more_body", False)
             if chunk:
                 size += len(chunk)
                 if size > self._max_body:
+                    if more:
+                        await _drain(receive, size)
                     raise _BodyTooLarge
                 chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -304,16 +366,26 @@ class KmsApp:
         response: BaseModel | None = None
         failure: BaseException | None = None
         payload = b""
+        refused = False  # the audit trail cannot be written: nothing done, nothing recorded
+        extra_headers: list[tuple[bytes, bytes]] = []
         try:
             try:
                 body = await self._read_body(scope, receive)
             except _BodyTooLarge:
+                extra_headers.append((b"connection", b"close"))
                 raise protocol.oversize_error(self._max_body) from None
+            try:
+                self.runtime.check_audit()
+            except KMSError:
+                refused = True
+                raise
             caller = self._authenticate(scope, body)
-            operation = protocol.operation_name(target, OPERATIONS)
+            operation = protocol.operation_name(target, _API_OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
-            op = OPERATIONS[operation]
-            assert op.request_model is not None  # operation_name admits implemented ones only
+            op = OPERATIONS.get(operation)
+            if op is None:
+                raise UnsupportedOperationException(f"hsmkms does not support {operation}.")
+            assert op.request_model is not None  # OPERATIONS holds implemented ones only
             request = protocol.decode_request(op.request_model, body)
             method_fn = getattr(self.runtime.service, op.worker)
             if op.inline:
@@ -327,22 +399,21 @@ class KmsApp:
             response = result
         except KMSError as exc:
             if exc.status >= 500:
-                # The caller sees no detail; the operator gets the class and message.
-                log.error(
-                    "server_fault",
-                    operation=operation,
-                    request_id=request_id,
-                    error=type(exc).__name__,
-                    detail=exc.message,
-                )
+                # The caller sees no detail (unless the fault names its cause, a full disk or
+                # the token away); the operator gets the class and message.
+                _log_fault(exc, operation, request_id)
             failure = exc
         except Exception as exc:
             log.exception("request_failed", operation=operation, request_id=request_id)
             failure = exc
         try:
-            name = operation if operation != NO_OPERATION else _event_name(target)
-            record = self._record(scope, name, request_id, caller, request, response, failure)
-            self.runtime.audit(record)
+            if not refused:
+                name = operation if operation != NO_OPERATION else _event_name(target)
+                record = self._record(scope, name, request_id, caller, request, response, failure)
+                descriptor = ALL_OPERATIONS.get(name)
+                retain = descriptor is None or not descriptor.read_only
+                # The answer leaves only once its record is committed (group commit).
+                await self.runtime.commit_audit(record, retain=retain)
         except Exception as exc:
             # No record, no result: the caller gets the error instead of an unaudited answer.
             if isinstance(exc, KMSError):
@@ -359,7 +430,8 @@ class KmsApp:
         # Counted before the answer leaves, so a client that reads /metrics right after its
         # request (from either worker) finds it counted.
         observe_request(operation, code, time.perf_counter() - start)
-        await self._respond(send, status, answer, request_id)
+        headers = [*_JSON_HEADERS, *extra_headers] if extra_headers else _JSON_HEADERS
+        await self._respond(send, status, answer, request_id, headers)
 
     def _record(
         self,
@@ -449,12 +521,20 @@ class KmsApp:
             return
         loop = asyncio.get_running_loop()
         if path == "/metrics":
-            text = await loop.run_in_executor(None, exposition)
+            text = await loop.run_in_executor(self._internal_executor, exposition)
             headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
             await self._respond(send, 200, text, request_id, headers)
             return
         try:
-            report = await loop.run_in_executor(self._executor, self.runtime.health)
+            report = await asyncio.wait_for(
+                loop.run_in_executor(self._internal_executor, self.runtime.health),
+                HEALTH_TIMEOUT,
+            )
+        except TimeoutError:
+            report = {
+                "status": "fail",
+                "error": f"the health checks did not finish within {HEALTH_TIMEOUT:g} s",
+            }
         except Exception as exc:  # the check itself failed
             report = {"status": "fail", "error": type(exc).__name__}
         status = 200 if report.get("status") == "ok" else 503
@@ -462,6 +542,26 @@ class KmsApp:
         await self._respond(
             send, status, body, request_id, [(b"content-type", b"application/json")]
         )
+
+
+async def _drain(receive: Receive, received: int) -> None:
+    """Read and discard the rest of an oversized body (up to :data:`DRAIN_LIMIT` bytes in
+    all, for at most :data:`DRAIN_SECONDS`), so that the client, still sending, reads the
+    answer instead of a reset connection."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while received <= DRAIN_LIMIT:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except TimeoutError:
+            return
+        if message["type"] == "http.disconnect":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def create_app(
@@ -473,10 +573,16 @@ def create_app(
     """The application for one worker (uvicorn factory). Settings come from the environment
     (``HSMKMS_*``); ``data_dir`` overrides ``HSMKMS_DATA_DIR``. Logging is set up as for every
     entry point (:func:`hsmkms.log.configure_logging`), at ``log_level``."""
+    import faulthandler
+
+    from hsmkms.api.metrics import reserve_files
     from hsmkms.api.runtime import Runtime
     from hsmkms.config import Settings
     from hsmkms.log import configure_logging
 
+    # A worker killed by a fatal signal (SIGSEGV, SIGBUS) prints where, for the operator.
+    faulthandler.enable()
     configure_logging(log_level)
+    reserve_files()
     settings = Settings.load(data_dir)
     return KmsApp(lambda: Runtime.open(settings), task_interval=task_interval, console=console)

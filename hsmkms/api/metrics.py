@@ -17,12 +17,20 @@ Metrics::
 
 ``operation`` is the KMS operation, or ``-`` when the request names none this service knows
 (label values are never taken from the request unchecked).
+
+prometheus-client maps its multiprocess files into memory and grows them sparsely: a page
+first written while the device is full kills the process with ``SIGBUS``. So each worker
+reserves its files' blocks once, at start (:func:`reserve_files`, ``posix_fallocate``);
+a worker that cannot (the data directory's device is full) keeps no metrics of its own rather
+than risk its life, and says so in the log.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -41,13 +49,23 @@ __all__ = [
     "NO_OPERATION",
     "REQUESTS",
     "REQUEST_LATENCY",
+    "count_due_task_run",
     "exposition",
     "observe_hsm_call",
     "observe_request",
+    "reserve_files",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NO_OPERATION = "-"
+RESERVED_BYTES = 4 << 20
+"""Bytes reserved per metrics file of a worker: room for ~20,000 label sets, far more than
+hsmkms's bounded labels make, so a file never grows past its reserved blocks."""
+# The prometheus-client value types hsmkms's metrics use (its files: <type>_<pid>.db).
+_FILE_TYPES = ("counter", "histogram")
+
+log = structlog.get_logger(__name__)
+_enabled = True
 
 REQUESTS = Counter(
     "hsmkms_requests_total",
@@ -80,8 +98,45 @@ _latency_children: dict[str, Histogram] = {}
 _hsm_children: dict[str, Histogram] = {}
 
 
+def reserve_files(size: int = RESERVED_BYTES) -> bool:
+    """In a worker, before its first observation: create this process's multiprocess files
+    with ``size`` bytes of blocks allocated, which prometheus-client then uses as they are.
+    When the blocks cannot be had (no space left), this process records no metrics (returns
+    False, logged). Nothing to do outside multiprocess mode."""
+    global _enabled
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return True
+    try:
+        for kind in _FILE_TYPES:
+            path = Path(directory) / f"{kind}_{os.getpid()}.db"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        _enabled = False
+        log.error(
+            "metrics_disabled",
+            reason=f"cannot reserve the metrics files: {exc.strerror or exc}",
+            pid=os.getpid(),
+        )
+        return False
+    _enabled = True
+    return True
+
+
+def count_due_task_run(result: str) -> None:
+    """Count one periodic task pass (``ran`` or ``skipped``)."""
+    if _enabled:
+        DUE_TASK_RUNS.labels(result).inc()
+
+
 def observe_request(operation: str, code: str, seconds: float) -> None:
     """Count one answered request and record its latency."""
+    if not _enabled:
+        return
     counter = _request_children.get((operation, code))
     if counter is None:
         counter = _request_children[(operation, code)] = REQUESTS.labels(operation, code)
@@ -95,6 +150,8 @@ def observe_request(operation: str, code: str, seconds: float) -> None:
 def observe_hsm_call(call: str, seconds: float) -> None:
     """Record one keystore call's latency: the keystore's observer hook
     (:data:`hsmkms.keystore.base.CallObserver`), failures included."""
+    if not _enabled:
+        return
     histogram = _hsm_children.get(call)
     if histogram is None:
         histogram = _hsm_children[call] = HSM_CALLS.labels(call)

@@ -363,12 +363,16 @@ def encode_response(response: BaseModel) -> bytes:
 
 def encode_error(exc: BaseException) -> tuple[int, bytes]:
     """(HTTP status, body) for an error. Client errors carry their message; server faults and
-    foreign exceptions get :data:`SERVER_FAULT_MESSAGE` and no detail."""
-    if isinstance(exc, KMSError) and exc.status < 500:
+    foreign exceptions get :data:`SERVER_FAULT_MESSAGE` and no detail — except a fault whose
+    class ``shows_cause`` (a full disk, the token away: 503 naming the cause)."""
+    if isinstance(exc, KMSError) and (exc.status < 500 or exc.shows_cause):
         code, status, message = exc.code, exc.status, exc.message
     elif isinstance(exc, KMSError):
         code, status, message = exc.code, exc.status, SERVER_FAULT_MESSAGE
     else:
         code, status, message = "KMSInternalException", 500, SERVER_FAULT_MESSAGE
-    body = json.dumps({"__type": code, "message": message}, separators=(",", ":"))
+    # spec: AWS sends no message member where it has nothing to say (InvalidCiphertextException,
+    # KMSInvalidSignatureException, KMSInvalidMacException), not an empty one.
+    members = {"__type": code, "message": message} if message else {"__type": code}
+    body = json.dumps(members, separators=(",", ":"))
     return status, body.encode()

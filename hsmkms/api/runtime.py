@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy import text
 
-from hsmkms.api.metrics import DUE_TASK_RUNS, observe_hsm_call
+from hsmkms.api.metrics import count_due_task_run, observe_hsm_call
 from hsmkms.api.sigv4 import Credential
 from hsmkms.audit import AuditRecord, PreparedRecord
 from hsmkms.config import Settings
 from hsmkms.errors import KMSError
+from hsmkms.keystore.errors import TokenUnavailable
 from hsmkms.service import DueTaskReport
 from hsmkms.system import System
 
@@ -34,6 +35,8 @@ __all__ = ["Runtime", "run_exclusively"]
 
 TASKS_LOCK_FILE = "tasks.lock"
 SELF_TEST_INTERVAL = 5.0
+LOW_DISK_BYTES = 1 << 20
+"""Below this much free space on the data directory's device, ``/healthz`` fails (``disk``)."""
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -60,11 +63,12 @@ def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
 
 class Runtime:
     """The service objects of one worker process: a :class:`~hsmkms.system.System` opened
-    for a server, and what the HTTP layer adds to it (HSM call timing, the health check, the
-    due-task lock). Thread-safe.
+    for a server, and what the HTTP layer adds to it (HSM call timing, the health check and
+    its background token self-test, the due-task lock). Thread-safe.
 
-    Every record goes through :meth:`audit` to the worker's :class:`AuditWriter`, which
-    appends in batches from its own thread to the trail in the metadata database."""
+    Every record goes to the worker's :class:`AuditWriter` and is committed before the call
+    that made it returns: :meth:`commit_audit` on the event loop, :meth:`audit` on a thread.
+    :meth:`check_audit` refuses at once while the trail cannot be written."""
 
     def __init__(self, system: System) -> None:
         if system.writer is None:
@@ -76,11 +80,10 @@ class Runtime:
         self.credentials = system.credentials
         self.service = system.service
         self.writer = system.writer
-        self._submit = system.writer.submit
         self._lookup = system.credentials.lookup
-        self._health_lock = threading.Lock()
-        self._self_test_at = -SELF_TEST_INTERVAL
         self._self_test_error: str | None = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -114,36 +117,73 @@ class Runtime:
         return self._lookup(access_key_id)
 
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
-        """Queue one audit record (returns at once; see :meth:`AuditWriter.submit` for a full
-        queue: ``DependencyTimeoutException``)."""
-        self._submit(record)
+        """Write one audit record and return once it is committed (a thread: the console's
+        pages, service events); :class:`~hsmkms.errors.ServiceUnavailable` when it cannot be
+        (see :meth:`AuditWriter.append`)."""
+        self.writer.append(record)
+
+    async def commit_audit(self, record: AuditRecord | PreparedRecord, *, retain: bool) -> None:
+        """On the event loop: write one audit record, returning once it is committed (see
+        :meth:`AuditWriter.commit`). ``retain``: the call may have changed state, so a record
+        whose batch fails is kept and appended when the trail works again."""
+        await self.writer.commit(record, retain=retain)
+
+    def check_audit(self) -> None:
+        """Raise, at once, why the audit trail cannot be written (503 naming the cause), if it
+        cannot: nothing is done that cannot be recorded."""
+        self.writer.check()
 
     def warm_up(self) -> None:
-        """Initialize PKCS#11 and log in now rather than on the first request."""
+        """Initialize PKCS#11 and log in now rather than on the first request, and start the
+        background token self-test the health check reports."""
         self.keystore.info()
+        if self._monitor is None:
+            self._monitor = threading.Thread(
+                target=self._self_tests, name="hsmkms-health", daemon=True
+            )
+            self._monitor.start()
+
+    def _self_tests(self) -> None:
+        """The token self-test, every :data:`SELF_TEST_INTERVAL` seconds, off the request path:
+        ``/healthz`` reports the last result and never waits for the token."""
+        while not self._stopping.is_set():
+            try:
+                self.keystore.self_test()
+                self._self_test_error = None
+            except TokenUnavailable:
+                self._self_test_error = None  # the keystore's outage() says so, and when it ends
+            except KMSError as exc:
+                self._self_test_error = exc.message if exc.shows_cause else exc.code
+            except Exception as exc:
+                self._self_test_error = type(exc).__name__
+            self._stopping.wait(SELF_TEST_INTERVAL)
 
     def health(self) -> dict[str, Any]:
-        """Deep check: token self-test (at most every few seconds), ``SELECT 1``, and whether
-        the audit writer's appends succeed.
+        """Health without waiting for the token: free space on the data directory's device,
+        the token's state (its keystore's last outage, else the background self-test's last
+        result), ``SELECT 1`` on the metadata database, and whether the audit trail can be
+        written.
 
-        Returns ``{"status": "ok"|"fail", "keystore": ..., "database": ..., "audit": ...}``; a
-        failed part shows the error's code only.
+        Returns ``{"status": "ok"|"fail", "disk": ..., "keystore": ..., "database": ...,
+        "audit": ...}``; a failed part shows ``fail: <cause>``: the cause as an API caller
+        would be told it (a full disk, a PKCS#11 reason), or the error's code — never internal
+        detail.
         """
         report: dict[str, Any] = {"pid": os.getpid()}
-        with self._health_lock:
-            now = time.monotonic()
-            if now - self._self_test_at >= SELF_TEST_INTERVAL:
-                try:
-                    self.keystore.self_test()
-                    self._self_test_error = None
-                except KMSError as exc:
-                    self._self_test_error = exc.code
-                except Exception as exc:
-                    self._self_test_error = type(exc).__name__
-                self._self_test_at = now
-            report["keystore"] = (
-                "ok" if self._self_test_error is None else f"fail: {self._self_test_error}"
-            )
+        try:
+            free = shutil.disk_usage(self.settings.data_dir).free
+        except OSError as exc:
+            report["disk"] = f"fail: {exc.strerror or type(exc).__name__}"
+        else:
+            low = free < LOW_DISK_BYTES
+            report["disk"] = "fail: no space left on the data directory's device" if low else "ok"
+        outage = self.keystore.outage()
+        if outage is not None:
+            report["keystore"] = f"fail: the HSM token is unavailable ({outage})"
+        elif self._self_test_error is not None:
+            report["keystore"] = f"fail: {self._self_test_error}"
+        else:
+            report["keystore"] = "ok"
         try:
             with self.store.engine.connect() as conn:
                 conn.execute(text("SELECT 1")).scalar()
@@ -152,22 +192,29 @@ class Runtime:
             report["database"] = f"fail: {type(exc).__name__}"
         audit_error = self.writer.error
         report["audit"] = "ok" if audit_error is None else f"fail: {audit_error}"
-        ok = report["keystore"] == "ok" and report["database"] == "ok" and audit_error is None
+        ok = all(report[part] == "ok" for part in ("disk", "keystore", "database", "audit"))
         report["status"] = "ok" if ok else "fail"
         return report
 
     def run_due_tasks(self) -> DueTaskReport | None:
-        """Run the service's periodic work unless another worker is running it (an fcntl lock
-        on ``<data_dir>/tasks.lock``). Returns None when skipped."""
+        """Destroy what this worker's failed key creations left on the token
+        (:meth:`~hsmkms.service.KmsService.clean_leftovers`), then run the service's periodic
+        work unless another worker is running it (an fcntl lock on ``<data_dir>/tasks.lock``).
+        Returns None when skipped."""
+        self.service.clean_leftovers()
         report = run_exclusively(
             self.settings.data_dir / TASKS_LOCK_FILE, self.service.run_due_tasks
         )
-        DUE_TASK_RUNS.labels("skipped" if report is None else "ran").inc()
+        count_due_task_run("skipped" if report is None else "ran")
         if report is not None and (report.rotated or report.purged):
             log.info("due_tasks", rotated=len(report.rotated), purged=len(report.purged))
         return report
 
     def close(self) -> None:
-        """Close everything (end of the worker): the audit writer appends what is queued and
-        the trail writes its ``shutdown`` seal before the token session closes."""
+        """Close everything (end of the worker): the self-test thread stops; the audit writer
+        appends what is queued and the trail writes its ``shutdown`` seal before the token
+        session closes."""
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(10)
         self.system.close()

@@ -3,7 +3,11 @@
 The parent process initializes (token, database, root identity), binds the listening socket,
 then starts the workers with the *spawn* method (uvicorn's supervisor): each is a fresh
 interpreter that opens PKCS#11 itself. The parent never serves; it restarts a worker that
-dies and, on SIGTERM or SIGINT, asks every worker to finish its in-flight requests and stop.
+dies — logging, at the default level, which worker died and why (its exit status or signal,
+or that it stopped answering) — and, on SIGTERM or SIGINT, asks every worker to finish its
+in-flight requests and stop. A worker of the first generation that cannot start stops the
+server (a configuration error fails the same way every time); a replacement that cannot
+start is retried, waiting longer each time (up to :data:`MAX_RESTART_DELAY` seconds).
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ import dataclasses
 import functools
 import os
 import shutil
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from hsmkms.api.metrics import MULTIPROC_ENV
 from hsmkms.config import ConfigError, Settings
@@ -23,13 +31,98 @@ from hsmkms.config import ConfigError, Settings
 if TYPE_CHECKING:
     from hsmkms.system import InitReport
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServeOptions", "default_workers", "serve"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "ServeOptions",
+    "death_reason",
+    "default_workers",
+    "serve",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 # In-flight KMS requests take milliseconds; the bound matters for idle TLS keep-alive
 # connections, whose close waits for the client's close_notify.
 GRACEFUL_SHUTDOWN_SECONDS = 5
+MAX_RESTART_DELAY = 30.0
+"""The longest wait before another try at starting a replacement worker that failed to."""
+
+log = structlog.get_logger(__name__)
+
+
+def death_reason(exitcode: int | None, *, hung: bool = False, timeout: float = 0.0) -> str:
+    """Why a worker process ended, in words (``killed by signal SIGBUS``)."""
+    if hung:
+        return f"stopped answering the supervisor for {timeout:g} s (killed with SIGKILL)"
+    if exitcode is None:
+        return "ended for an unknown reason"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        else:
+            name = f"signal {name}"
+        return f"killed by {name}"
+    if exitcode == 3:
+        return "failed to start (exit status 3; its reason is logged above)"
+    return f"exited with status {exitcode}"
+
+
+def _supervisor(config: Any, sockets: list[socket.socket]) -> Any:
+    """uvicorn's :class:`~uvicorn.supervisors.Multiprocess` that says why a worker died and
+    keeps retrying replacements that fail to start (see the module docstring)."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+    class Supervisor(Multiprocess):
+        def init_processes(self) -> None:
+            super().init_processes()
+            self.first_generation = {id(p) for p in self.processes}
+            self.restart_at: dict[int, float] = {}
+            self.restart_delay: dict[int, float] = {}
+
+        def keep_subprocess_alive(self) -> None:
+            if self.should_exit.is_set():
+                return
+            timeout = self.config.timeout_worker_healthcheck
+            for idx, process in enumerate(self.processes):
+                when = self.restart_at.get(idx)
+                if when is not None:
+                    if time.monotonic() >= when:
+                        del self.restart_at[idx]
+                        self._replace(idx)
+                    continue
+                if process.is_alive(timeout=timeout):
+                    continue
+                hung = process.process.is_alive()
+                process.kill()
+                process.join()
+                code = process.exitcode
+                reason = death_reason(code, hung=hung, timeout=timeout)
+                if code == STARTUP_FAILURE and id(process) in self.first_generation:
+                    log.error("worker_failed_to_start", pid=process.pid, reason=reason)
+                    self.should_exit.set()
+                    return
+                if self.should_exit.is_set():
+                    return
+                if code == STARTUP_FAILURE:
+                    delay = min(2 * self.restart_delay.get(idx, 0.5), MAX_RESTART_DELAY)
+                    self.restart_delay[idx] = delay
+                    self.restart_at[idx] = time.monotonic() + delay
+                    log.error("worker_died", pid=process.pid, reason=reason, retry_in=delay)
+                    continue
+                self.restart_delay.pop(idx, None)
+                log.error("worker_died", pid=process.pid, reason=reason)
+                self._replace(idx)
+
+        def _replace(self, idx: int) -> None:
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes[idx] = process
+
+    return Supervisor(config, sockets)
 
 
 def default_workers() -> int:
@@ -113,7 +206,6 @@ def serve(settings: Settings, options: ServeOptions) -> int:
 def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report: InitReport) -> int:
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     from hsmkms.api.app import create_app
 
@@ -164,7 +256,7 @@ def _run(settings: Settings, options: ServeOptions, sock: socket.socket, report:
             f"hsmkms: root access key {report.root_access_key_id} (from HSMKMS_ROOT_ACCESS_KEY_ID)",
             flush=True,
         )
-    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor = _supervisor(config, [sock])
     supervisor.run()
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         print("hsmkms serve: a worker failed to start (see above)", file=sys.stderr)

@@ -269,6 +269,7 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "MessageType": _str,
     "MacAlgorithm": _str,
     "KeyAgreementAlgorithm": _str,
+    "EncapsulationAlgorithm": _str,
     "Recipient": _structure({"KeyEncryptionAlgorithm": _str}),
     "DryRun": _bool,
     "DryRunModifiers": _str_list,
@@ -296,6 +297,8 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "ImportType": _str,
     "KeyMaterialDescription": _str,
     "KeyMaterialId": _str,
+    "ReplicaRegion": _str,
+    "PrimaryRegion": _str,
     # pagination
     "Limit": _int,
     "Marker": _str,
@@ -303,8 +306,8 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
 """Request members that may be copied into ``requestParameters``, with their shapes.
 
 ``Plaintext``, ``CiphertextBlob``, ``Message``, ``Mac``, ``Signature``, ``GrantTokens``,
-``GrantToken``, ``PublicKey``, ``ImportToken``, ``EncryptedKeyMaterial`` and any unknown member
-are absent on purpose.
+``GrantToken``, ``PublicKey`` (a peer's key: DeriveSharedSecret), ``SharedSecretCiphertextBlob``,
+import material and any unknown member are absent on purpose.
 """
 
 _KEY_METADATA = _structure(
@@ -327,6 +330,8 @@ _KEY_METADATA = _structure(
         "EncryptionAlgorithms": _str_list,
         "SigningAlgorithms": _str_list,
         "MacAlgorithms": _str_list,
+        "KeyAgreementAlgorithms": _str_list,
+        "EncapsulationAlgorithms": _str_list,
         "MultiRegion": _bool,
         "PendingDeletionWindowInDays": _int,
         "CurrentKeyMaterialId": _str,

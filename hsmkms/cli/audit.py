@@ -1,9 +1,11 @@
 """``hsmkms audit``: verify the audit trail against the token, show its tail, search it.
 
 ``verify`` exits 0 when the trail is intact, 1 when it finds tampering (naming the first bad
-record) or no trail, 3 when the trail is stale (the newest seal is overdue: a removed tail or a
-writer that stopped sealing). ``tail`` and ``search`` print one JSON record per line and need
-no token.
+record; a tail cut back past the seal the token's anchor names is tampering) or no trail, 3
+when the trail is intact as far as it goes but its end is not proven: a writer stopped without
+a clean shutdown (a crash, a kill), a seal's write was interrupted, or the token holds no
+anchor. ``resume`` lets writers go on after a cut, recording it for ever. ``tail`` and
+``search`` print one JSON record per line and need no token.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from hsmkms.audit.records import canonical_json
 from hsmkms.audit.trail import AuditTrail, VerifyStatus
 from hsmkms.config import Settings
-from hsmkms.system import open_audit_reader, open_audit_verifier
+from hsmkms.system import open_audit_reader, open_audit_resumer, open_audit_verifier
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1
@@ -36,9 +38,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     verify = actions.add_parser(
         "verify",
         help="check the trail against the token's audit key",
-        description="Check every seal (inside the token), the hash chain of every record and "
-        "that the newest seal is not overdue. Exit 0: intact; 1: tampering found (the first "
-        "bad record is named) or no trail; 3: stale (the newest seal is overdue).",
+        description="Check every seal (inside the token), the hash chain of every record, that "
+        "the trail ends at the seal the token's anchor names, and that every writer either "
+        "shut down cleanly or is still sealing. Exit 0: intact; 1: tampering found (the first "
+        "bad record is named) or no trail; 3: intact as far as it goes, but its end is not "
+        "proven (a writer stopped without a clean shutdown, an interrupted seal, no anchor).",
     )
     add_data_dir(verify)
     verify.add_argument(
@@ -49,6 +53,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "database; fail when the trail no longer holds it (rolled back)",
     )
     verify.set_defaults(run=run_verify)
+
+    resume = actions.add_parser(
+        "resume",
+        help="let writers go on after the trail's tail was cut",
+        description="When 'hsmkms audit verify' reports that seals and records were removed "
+        "from the tail (the token's anchor names a seal the trail no longer holds), writers "
+        "refuse to seal it and the server answers 503. Restore the trail from a copy that "
+        "holds the missing tail if you can; otherwise this writes a 'resume' seal recording "
+        "the lost anchor — verify reports the cut for ever after — and lets writers go on.",
+    )
+    add_data_dir(resume)
+    resume.set_defaults(run=run_resume)
 
     tail = actions.add_parser("tail", help="print the newest records, one JSON per line")
     add_data_dir(tail)
@@ -96,10 +112,19 @@ def run_verify(args: argparse.Namespace) -> int:
     for gap in result.gaps:
         print(
             f"warning: no seal for {gap.seconds:.0f} s after seal {gap.after_seal} (at most "
-            f"{gap.allowed:g} s expected): an unclean stop, or records and seals removed from "
-            "the tail at that time",
+            f"{gap.allowed:g} s expected): its writer stalled or stopped without a shutdown seal",
             file=sys.stderr,
         )
+    for stop in result.unclean:
+        if stop.noted_by is not None:
+            print(
+                f"warning: writer {stop.writer} stopped without a clean shutdown after seal "
+                f"{stop.last_seal} ({stop.last_seal_at}), noted by seal {stop.noted_by}: calls "
+                "it had not answered may be missing; every answered call was committed first",
+                file=sys.stderr,
+            )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if result.status is VerifyStatus.OK:
         seal = result.newest_seal
         newest = f"{seal.seal_seq}:{seal.tag.hex()} at {seal.sealed_at}" if seal else "-"
@@ -110,7 +135,18 @@ def run_verify(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     print(f"hsmkms audit verify: {result.problem}", file=sys.stderr)
-    return EXIT_STALE if result.status is VerifyStatus.STALE else EXIT_TAMPERED
+    unproven = (VerifyStatus.STALE, VerifyStatus.UNCLEAN)
+    return EXIT_STALE if result.status in unproven else EXIT_TAMPERED
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    with open_audit_resumer(Settings.load(args.data_dir)) as trail:
+        seal = trail.resume()
+    print(
+        f"audit trail resumed: seal {seal.seal_seq} records that the token's anchor named "
+        f"seal {(seal.supersedes or '?').partition(':')[0]}, which the trail no longer holds"
+    )
+    return EXIT_OK
 
 
 def _reader(args: argparse.Namespace) -> AuditTrail:

@@ -1,5 +1,7 @@
-"""``hsmkms doctor``: check the module, the token, login, the crypto path and the metadata's
-integrity MACs, and say what is wrong in one line when something is."""
+"""``hsmkms doctor``: check the module, the token, login, the crypto path, the metadata's
+integrity MACs and the token against the metadata (missing material, orphan objects), and say
+what is wrong in one line when something is (exit 1). ``--remove-orphans`` destroys the token
+objects that interrupted key creations left behind."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from hsmkms.config import Settings, pin_file_is_private
 from hsmkms.errors import KMSInternalException
 from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.system import System
+
+ORPHAN_GRACE = 15.0
+"""Seconds between the two looks of ``--remove-orphans`` (longer than a row's longest wait)."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,11 +35,31 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_data_dir(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--remove-orphans",
+        action="store_true",
+        help="destroy token objects of key versions that no key refers to (left by a "
+        "CreateKey or rotation interrupted half-way), after checking twice, "
+        "--orphan-grace seconds apart. Not after restoring the database from an older copy: "
+        "the objects of keys created since look the same, and are their only material",
+    )
+    parser.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=ORPHAN_GRACE,
+        metavar="SECONDS",
+        help=f"seconds between the two looks of --remove-orphans (default {ORPHAN_GRACE:g}: "
+        "longer than a key creation waits for the database)",
+    )
     parser.set_defaults(run=run)
 
 
-def diagnose(settings: Settings) -> dict[str, Any]:
-    """Everything doctor reports, as a dict. Raises a KMSError naming the first problem."""
+def diagnose(
+    settings: Settings, *, remove_orphans: bool = False, grace: float = ORPHAN_GRACE
+) -> dict[str, Any]:
+    """Everything doctor reports, as a dict. Raises a KMSError naming the first problem.
+    ``remove_orphans``: destroy orphan objects first (those seen twice, ``grace`` seconds
+    apart), reported as ``removed``."""
     report: dict[str, Any] = {"data_dir": str(settings.data_dir)}
     if settings.is_embedded:
         report["softhsm2_conf"] = str(settings.softhsm2_conf)
@@ -47,6 +72,9 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         capabilities = system.keystore.capabilities()
         integrity = system.store.integrity_problems()
         # Comparing the token with rows that failed their check would trust them: skip it.
+        removed = []
+        if remove_orphans and not integrity:
+            removed = system.service.remove_orphans(grace=grace)
         found = None if integrity else system.service.find_inconsistencies()
     report.update(
         module=info.module,
@@ -67,6 +95,9 @@ def diagnose(settings: Settings) -> dict[str, Any]:
             "profiles": [p.value for p in capabilities.profiles],
             "unverified": sorted(s.value for s in capabilities.unverified),
             "wrapping_algorithms": sorted(a.value for a in capabilities.wrapping_algorithms),
+            "unsupported_algorithms": sorted(
+                a.value for a in capabilities.unsupported_algorithms
+            ),
         },
         integrity=[dataclasses.asdict(p) for p in integrity],
         orphans=[] if found is None else [
@@ -75,6 +106,7 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         missing=[] if found is None else [
             {"key_id": key_id, "version": version} for key_id, version in found.missing
         ],
+        removed=[{"object_id": o.object_id, "label": o.label} for o in removed],
     )  # fmt: skip
     warnings = []
     pin_file = settings.user_pin_file if settings.is_embedded else settings.pin_file
@@ -85,12 +117,17 @@ def diagnose(settings: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = diagnose(Settings.load(args.data_dir))
+    report = diagnose(
+        Settings.load(args.data_dir),
+        remove_orphans=args.remove_orphans,
+        grace=max(0.0, args.orphan_grace),
+    )
     missing = report["missing"]
     integrity = report["integrity"]
+    orphans = report["orphans"]
     if args.json:
         print(json.dumps(report, sort_keys=True))
-        _raise_for(missing, integrity)
+        _raise_for(missing, integrity, orphans)
         return 0
     width = 16
     for key in ("data_dir", "softhsm2_conf", "user_pin_file", "module", "library",
@@ -113,9 +150,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'orphans:':<{width}} {len(report['orphans'])}")
     for orphan in report["orphans"]:
         print(f"  token object {orphan['object_id']} ({orphan['label']}) belongs to no key")
+    for gone in report["removed"]:
+        print(f"  removed token object {gone['object_id']} ({gone['label']})")
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    _raise_for(missing, integrity)
+    _raise_for(missing, integrity, orphans)
     return 0
 
 
@@ -133,14 +172,30 @@ def _capabilities_line(capabilities: dict[str, Any]) -> str:
     line = ", ".join(parts) or "none"
     if capabilities["unverified"]:
         line += f"; listed, not probed: {', '.join(capabilities['unverified'])}"
+    if capabilities["unsupported_algorithms"]:
+        line += f"; not performed: {', '.join(capabilities['unsupported_algorithms'])}"
     return line
 
 
-def _raise_for(missing: list[dict[str, Any]], integrity: list[dict[str, Any]]) -> None:
+def _raise_for(
+    missing: list[dict[str, Any]], integrity: list[dict[str, Any]], orphans: list[dict[str, Any]]
+) -> None:
     if integrity:
         raise KMSInternalException(_integrity_message(integrity))
     if missing:
         raise KMSInternalException(_missing_message(missing))
+    if orphans:
+        raise KMSInternalException(_orphan_message(orphans))
+
+
+def _orphan_message(orphans: list[dict[str, Any]]) -> str:
+    first = orphans[0]
+    more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+    return (
+        f"token object {first['object_id']} ({first['label']}) belongs to no key{more}: left "
+        "by a key creation interrupted half-way; remove with hsmkms doctor --remove-orphans "
+        "(unless the database was restored from an older copy)"
+    )
 
 
 def _integrity_message(integrity: list[dict[str, Any]]) -> str:

@@ -11,13 +11,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hsmkms.cli import audit, credentials, doctor, envelope, purge, report, serve
+from hsmkms.cli import audit, credentials, doctor, envelope, purge, report, seed, serve
 from hsmkms.errors import KMSError
 from hsmkms.log import configure_logging
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
-COMMANDS = (doctor, serve, purge, credentials, envelope, audit, report)
+COMMANDS = (doctor, serve, purge, credentials, envelope, audit, report, seed)
 
 EXIT_FAILURE = 1
 EXIT_INTERNAL = 70

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 from hsmkms.api.server import DEFAULT_HOST, DEFAULT_PORT, ServeOptions, default_workers
@@ -46,6 +49,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also serve the read-only web console at /console/ (off by default)",
     )
     parser.add_argument(
+        "--seed",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="apply this seed file at start: keys, aliases, credentials (default $HSMKMS_SEED; "
+        "docs/seed-file.md)",
+    )
+    parser.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="use a new temporary data directory, removed at exit (not with --data-dir)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="warning",
@@ -55,9 +71,35 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from hsmkms.config import ConfigError
+
+    if not args.ephemeral:
+        return _serve(args, args.data_dir)
+    if args.data_dir is not None:
+        raise ConfigError("--ephemeral makes its own data directory: do not give --data-dir")
+    data_dir = Path(tempfile.mkdtemp(prefix="hsmkms-ephemeral-"))
+    print(f"hsmkms: ephemeral data directory {data_dir} (removed at exit)", flush=True)
+    # A SIGTERM before the server takes the signals over (while seeding) must still clean up.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        return _serve(args, data_dir)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _serve(args: argparse.Namespace, data_dir: Path | None) -> int:
     from hsmkms.api.server import serve
+    from hsmkms.cli.seed import apply_seed_file, seed_path_from_env
     from hsmkms.config import Settings
 
+    settings = Settings.load(data_dir)
+    seed = args.seed if args.seed is not None else seed_path_from_env()
+    if seed is not None:
+        apply_seed_file(settings, seed, lambda line: print(line, flush=True))
     options = ServeOptions(
         host=args.host,
         port=args.port,
@@ -68,4 +110,4 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         console=args.console,
     )
-    return serve(Settings.load(args.data_dir), options)
+    return serve(settings, options)

@@ -5,8 +5,9 @@ A :class:`ChangeSignal` answers one question, "has anything been committed since
 as an opaque token that moves on every commit by any connection, process or node. Each
 dialect provides its own (:mod:`hsmkms.db.dialects`): SQLite reads ``PRAGMA data_version`` on a
 connection that never writes; a dialect without one gets :class:`NoChangeSignal`, which makes
-every cache miss. PostgreSQL will provide one in a later issue, from a change counter that
-every write transaction bumps (read in one indexed query) or from ``LISTEN``/``NOTIFY``.
+every cache miss. PostgreSQL's is a change counter that every write transaction of a
+component with caches bumps as its last statement, read in one primary-key lookup
+(:mod:`hsmkms.db.postgresql`).
 """
 
 from __future__ import annotations

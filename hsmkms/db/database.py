@@ -15,7 +15,7 @@ from sqlalchemy.engine import URL, make_url
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal, ReadCache
 from hsmkms.db.dialects import WRITE_OPTION, ConnectionOptions, Dialect, dialect_for
-from hsmkms.db.errors import ErrorMessages, map_error
+from hsmkms.db.errors import DEFAULT_DEVICE, ErrorMessages, map_error
 from hsmkms.db.forks import FORKS
 
 __all__ = ["Database", "database_exists", "database_location", "file_url"]
@@ -34,6 +34,9 @@ class Database:
 
     Fork-safe: in a forked child the first use drops the parent's pooled connections and change
     signal without closing them (they belong to the parent) and opens its own.
+
+    ``device``: how error messages name where the database lives when its device is full or
+    failing (``the data directory's device``; default ``the database's device``).
     """
 
     def __init__(
@@ -43,16 +46,20 @@ class Database:
         busy_timeout_ms: int = 10_000,
         durable: bool = True,
         foreign_keys: bool = True,
+        device: str | None = None,
     ) -> None:
-        self._engine: Engine = create_engine(make_url(url))
-        self._dialect: Dialect = dialect_for(self._engine.dialect.name)
+        parsed = make_url(url)
+        self._dialect: Dialect = dialect_for(parsed.get_backend_name())
+        self._engine: Engine = create_engine(parsed, **self._dialect.engine_options(parsed))
+        self._device = device or DEFAULT_DEVICE
         self._dialect.configure(
             self._engine, ConnectionOptions(busy_timeout_ms, durable, foreign_keys)
         )
         self._forks = FORKS.count
         self._lock = threading.Lock()
         # Opens its connection on first use: a database without read caches never does.
-        self._signal: ChangeSignal = self._dialect.change_signal(self._engine.url)
+        self._signal: ChangeSignal = self._dialect.change_signal(self._engine)
+        self._read_options = self._dialect.read_options()
         self._closed = False
         # Replaced, never changed in place: writers iterate it without the lock.
         self._caches: tuple[weakref.ref[ReadCache], ...] = ()
@@ -83,43 +90,63 @@ class Database:
         if self._forks != FORKS.count:
             self._after_fork()
         try:
-            with self._engine.connect() as conn, conn.begin():
-                yield conn
+            with self._engine.connect() as conn:
+                if self._read_options:
+                    conn.execution_options(**self._read_options)
+                with conn.begin():
+                    yield conn
         except Exception as exc:
-            mapped = map_error(exc, errors, self._dialect)
+            mapped = map_error(exc, errors, self._dialect, self._device)
             if mapped is None:
                 raise
             raise mapped from exc
 
     @contextlib.contextmanager
-    def write(self, errors: ErrorMessages, *, lock: int | None = None) -> Iterator[Connection]:
-        """A write transaction that holds the write lock from its start, so a read-check-write
-        sequence inside is atomic across processes (SQLite: ``BEGIN IMMEDIATE``). ``lock``
-        (a positive 63-bit number) also serializes every writer passing the same number on
-        databases whose writers do not already take turns (PostgreSQL: an advisory lock).
+    def write(
+        self, errors: ErrorMessages, *, lock: int | None = None, cached: bool = True
+    ) -> Iterator[Connection]:
+        """A write transaction whose read-check-write sequences are atomic across processes
+        (SQLite: ``BEGIN IMMEDIATE``, the write lock from the start; PostgreSQL: the rows the
+        sequence depends on locked first, see :mod:`hsmkms.db.postgresql`). ``lock`` (a
+        positive 63-bit number) also serializes every writer passing the same number on
+        databases whose writers do not already take turns (PostgreSQL: an advisory lock); on
+        SQLite such writers take turns at a file lock before they begin, so a writer waiting
+        for another is woken at once instead of polling in SQLite's busy handler.
 
-        Errors are mapped as in :meth:`read`. After the transaction (committed or not) every
-        read cache of this database is emptied, so this process sees its own writes at once.
+        ``cached``: whether the transaction may change what a read cache holds (the default).
+        Then it is announced to the change signal of every process (PostgreSQL: the change
+        counter, bumped last in the transaction) and, after it (committed or not), every read
+        cache of this database is emptied, so this process sees its own writes at once. A
+        component none of whose tables is cached (the audit trail) passes ``False``, so its
+        frequent writes empty no cache. Errors are mapped as in :meth:`read`.
         """
         if self._forks != FORKS.count:
             self._after_fork()
+        gate = (
+            self._dialect.writer_gate(self._engine.url)
+            if lock is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with self._engine.connect() as conn:
+            with gate, self._engine.connect() as conn:
                 conn.execution_options(**{WRITE_OPTION: True})
                 with conn.begin():
                     if lock is not None:
                         self._dialect.lock(conn, lock)
                     yield conn
+                    if cached:
+                        self._dialect.announce(conn)
         except Exception as exc:
-            mapped = map_error(exc, errors, self._dialect)
+            mapped = map_error(exc, errors, self._dialect, self._device)
             if mapped is None:
                 raise
             raise mapped from exc
         finally:
-            for ref in self._caches:
-                cache = ref()
-                if cache is not None:
-                    cache.invalidate()
+            if cached:
+                for ref in self._caches:
+                    cache = ref()
+                    if cache is not None:
+                        cache.invalidate()
 
     # -- read caches ----------------------------------------------------------------------------
 
@@ -161,7 +188,7 @@ class Database:
             self._engine.dispose(close=False)
             # The parent's signal is dropped, not closed; the child watches with its own.
             if not self._closed:
-                self._signal = self._dialect.change_signal(self._engine.url)
+                self._signal = self._dialect.change_signal(self._engine)
             self._forks = FORKS.count
         self._rebind_caches()
 

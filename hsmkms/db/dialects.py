@@ -1,28 +1,34 @@
-"""What differs between database engines, in one place: connection set-up, which driver errors
-mean "busy", the change signal for read caches, writer locks, and whether a database exists.
+"""What differs between database engines, in one place: engine options and connection set-up,
+read transactions' options, which driver errors mean "busy" or "unavailable", the change signal
+for read caches and how a write announces itself to it, writer locks, and whether a database
+exists.
 
 :class:`Dialect` is the behaviour of a database this layer has no special knowledge of (no
 set-up, no busy errors, no change signal: caches always miss); :class:`SQLiteDialect` is the
-embedded default; :class:`PostgreSQLDialect` keeps the writer lock that the audit trail has
-taken there from the start (the rest of PostgreSQL is a later issue).
+embedded default; PostgreSQL's is :class:`hsmkms.db.postgresql.PostgreSQLDialect`, in a module
+of its own (it builds on this one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal
 
-__all__ = ["ConnectionOptions", "Dialect", "PostgreSQLDialect", "SQLiteDialect", "dialect_for"]
+__all__ = ["ConnectionOptions", "Dialect", "SQLiteDialect", "dialect_for"]
 
 WRITE_OPTION = "hsmkms_write"
 """Execution option of a connection whose next transaction writes (takes the write lock)."""
@@ -45,22 +51,60 @@ class Dialect:
     """A database engine with nothing special about it."""
 
     driver_error: type[Exception] = _NoDriverError
+    _dbapi: Any = None  # the driver module, known after configure()
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        """Keyword arguments for ``create_engine`` on ``url``."""
+        return {}
 
     def configure(self, engine: Engine, options: ConnectionOptions) -> None:
         """Install the connection set-up on ``engine`` (before its first connection)."""
-        self.driver_error = engine.dialect.loaded_dbapi.Error
+        self._dbapi = engine.dialect.loaded_dbapi
+        self.driver_error = self._dbapi.Error
+
+    def read_options(self) -> dict[str, Any]:
+        """Execution options of a read transaction's connection."""
+        return {}
 
     def is_busy(self, error: BaseException) -> bool:
         """Whether a driver exception means a lock was held past the wait allowed."""
         return False
 
-    def change_signal(self, url: URL) -> ChangeSignal:
-        """A new change signal for the database at ``url``."""
+    def unavailable(self, error: BaseException) -> str | None:
+        """Why the database cannot be reached, when a driver exception says so (a few words,
+        for the caller's message); ``None`` for any other error."""
+        return None
+
+    def is_full(self, error: BaseException) -> bool:
+        """Whether a driver exception means the database's device has no space left."""
+        return False
+
+    def is_io_error(self, error: BaseException) -> bool:
+        """Whether a driver exception means the database's device failed a read or write."""
+        return False
+
+    def change_signal(self, engine: Engine) -> ChangeSignal:
+        """A new change signal for ``engine``'s database."""
         return NoChangeSignal()
+
+    def prepare(self, conn: Connection) -> None:
+        """Create what the layer itself keeps in the database (called by the migration runner
+        with its lock held; here: nothing)."""
+
+    def announce(self, conn: Connection) -> None:
+        """Make a write transaction's commit visible to the change signal of every process
+        (called last in the transaction; here: nothing to do, or the database tells by
+        itself)."""
 
     def lock(self, conn: Connection, key: int) -> None:
         """Take writer lock ``key`` until the end of ``conn``'s transaction (here: nothing to
         take)."""
+
+    def writer_gate(self, url: URL) -> AbstractContextManager[None]:
+        """Held around a whole write transaction that takes a writer lock (before it begins,
+        until after it commits): writers wait their turn here rather than in the database
+        (here: nothing)."""
+        return contextlib.nullcontext()
 
     def exists(self, url: URL) -> bool:
         """Whether the database at ``url`` exists. A database server's database is taken to
@@ -72,17 +116,14 @@ class Dialect:
         return url.render_as_string(hide_password=True)
 
 
-class PostgreSQLDialect(Dialect):
-    """PostgreSQL: writer locks are transaction-scoped advisory locks (they need no table, so
-    they also serialize the first creation of tables)."""
-
-    def lock(self, conn: Connection, key: int) -> None:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-
-
 # SQLite's primary result codes (the low byte of an extended code) for a lock that was not
 # given up in time: another connection's (BUSY) or this connection's own (LOCKED).
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _sqlite_code(error: BaseException) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(error, sqlite3.Error) and isinstance(code, int) else None
 
 
 def _sqlite_busy(error: BaseException) -> bool:
@@ -177,8 +218,18 @@ class SQLiteDialect(Dialect):
     def is_busy(self, error: BaseException) -> bool:
         return _sqlite_busy(error)
 
-    def change_signal(self, url: URL) -> ChangeSignal:
+    def writer_gate(self, url: URL) -> AbstractContextManager[None]:
         path = _file(url)
+        return contextlib.nullcontext() if path is None else _gate(path)
+
+    def is_full(self, error: BaseException) -> bool:
+        return _sqlite_code(error) == sqlite3.SQLITE_FULL
+
+    def is_io_error(self, error: BaseException) -> bool:
+        return _sqlite_code(error) in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+
+    def change_signal(self, engine: Engine) -> ChangeSignal:
+        path = _file(engine.url)
         # An in-memory database is one per connection: nothing to watch.
         return NoChangeSignal() if path is None else _DataVersion(path)
 
@@ -189,6 +240,55 @@ class SQLiteDialect(Dialect):
     def location(self, url: URL) -> str:
         path = _file(url)
         return super().location(url) if path is None else str(Path(path))
+
+
+class _WriterGate:
+    """Turn-taking of the writers of one SQLite file across threads and processes: a thread
+    lock, then an exclusive ``flock`` on ``<file>-writers.lock``. A writer that finds the file
+    locked otherwise waits in SQLite's busy handler, which sleeps 1, 2, 5, 10 … 100 ms between
+    looks: under steady writing from several processes (the audit trail's group commits) that
+    turns a 1 ms wait into tens of milliseconds. The kernel wakes a ``flock`` waiter as soon as
+    the lock is free. Fork-aware (a child opens its own descriptor); without the lock file
+    (it cannot be made) the gate lets everyone through and SQLite's own lock still decides."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path + "-writers.lock"
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _descriptor(self) -> int | None:
+        if self._fd is None or self._pid != os.getpid():
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                return None
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._thread_lock:
+            fd = self._descriptor()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_GATES: dict[str, _WriterGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def _gate(path: str) -> AbstractContextManager[None]:
+    with _GATES_LOCK:
+        gate = _GATES.get(path)
+        if gate is None:
+            gate = _GATES[path] = _WriterGate(path)
+    return gate()
 
 
 def _file(url: URL) -> str | None:
@@ -202,5 +302,8 @@ def dialect_for(name: str) -> Dialect:
     if name == "sqlite":
         return SQLiteDialect()
     if name == "postgresql":
+        # Imported here: hsmkms.db.postgresql builds on this module.
+        from hsmkms.db.postgresql import PostgreSQLDialect
+
         return PostgreSQLDialect()
     return Dialect()

@@ -56,6 +56,7 @@ from hsmkms.types import Clock
 
 __all__ = [
     "LEGACY_COMPONENT",
+    "MIGRATION_LOCK",
     "Component",
     "LegacyMarker",
     "Migration",
@@ -84,7 +85,7 @@ LEGACY_COMPONENT: Final = "metadata"
 _OLD_TABLE: Final = "schema_migrations_v0"
 # Writers of the version table take this lock first (PostgreSQL: an advisory lock; SQLite's
 # write transaction holds the one write lock already). "hsmkmsM".
-_LOCK: Final = 0x68736D6B6D734D
+MIGRATION_LOCK: Final = 0x68736D6B6D734D
 _REFUSED: Final = (
     "The {component} tables are of schema version {found}; this hsmkms knows up to {latest}: "
     "upgrade hsmkms."
@@ -150,7 +151,9 @@ def migrate(conn: Connection, component: Component, clock: Clock) -> list[int]:
     Raises :class:`~hsmkms.errors.KMSInternalException` when the database is of a version this
     code does not know.
     """
-    dialect_for(conn.dialect.name).lock(conn, _LOCK)
+    dialect = dialect_for(conn.dialect.name)
+    dialect.lock(conn, MIGRATION_LOCK)
+    dialect.prepare(conn)
     _ensure_version_table(conn)
     applied = applied_versions(conn, component.name)
     legacy = _read_legacy(conn, component)

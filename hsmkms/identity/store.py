@@ -103,6 +103,7 @@ __all__ = [
     "DuplicateCredential",
     "IssuedCredential",
     "UnknownCredential",
+    "check_credential",
     "generate_access_key_id",
     "generate_secret",
     "validate_identity_policy",
@@ -123,10 +124,12 @@ _NAME = re.compile(r"[A-Za-z0-9+=,.@_-]{1,64}")
 # What this store accepts as an access key id: its own (AKIA + 16 base32) and any an operator
 # sets through HSMKMS_ROOT_ACCESS_KEY_ID (AWS: 16-128 word characters; we allow from 1).
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
+_ROOT_LOCK: Final = 0x68736D6B6D7352  # "hsmkmsR"
 _MAX_NEGATIVE = 4096  # unknown key ids remembered between database changes
 _ERRORS = ErrorMessages(
     busy="The credentials store is busy.",
     failed="The credentials store failed.",
+    unavailable="The credentials store is unavailable.",
     handled=(IntegrityError,),  # a duplicate name or key id: the caller says which
 )
 
@@ -240,6 +243,30 @@ def validate_identity_policy(policy: str) -> str:
     except LimitExceededException as exc:
         raise MalformedPolicyDocumentException(exc.message) from exc
     return policy
+
+
+def check_credential(
+    name: str,
+    policy: str | None = None,
+    *,
+    access_key_id: str | None = None,
+    secret: str | None = None,
+) -> None:
+    """What :meth:`CredentialStore.create` checks before it stores anything: the name, the
+    identity policy, and a fixed access key id with its secret (both or neither).
+
+    Raises ValidationException or MalformedPolicyDocumentException naming what is wrong (never
+    the secret)."""
+    if not _NAME.fullmatch(name):
+        raise ValidationException("the name must be 1-64 characters of letters, digits and +=,.@_-")
+    if (access_key_id is None) != (secret is None):
+        raise ValidationException("a fixed access key id needs its secret, and the reverse")
+    if access_key_id is not None and not _ACCESS_KEY_ID.fullmatch(access_key_id):
+        raise ValidationException("an access key id must be 1-128 letters, digits or _")
+    if secret is not None and not 1 <= len(secret) <= 128:
+        raise ValidationException("a secret access key must be 1-128 characters")
+    if policy is not None:
+        validate_identity_policy(policy)
 
 
 def _aad(access_key_id: str, principal_arn: str, policy: str | None) -> bytes:
@@ -414,30 +441,38 @@ class CredentialStore:
 
     # -- administration ---------------------------------------------------------------------
 
-    def create(self, name: str, policy: str | None = None) -> IssuedCredential:
+    def create(
+        self,
+        name: str,
+        policy: str | None = None,
+        *,
+        access_key_id: str | None = None,
+        secret: str | None = None,
+    ) -> IssuedCredential:
         """Add a user principal ``name`` with a new access key; the secret is returned once.
 
         ``policy`` is the user's identity policy (IAM JSON, stored as given); without one the
-        user is allowed nothing that a key policy does not grant it by name.
+        user is allowed nothing that a key policy does not grant it by name. ``access_key_id``
+        and ``secret`` (both or neither: a seed file's fixed credential) replace the generated
+        ones; the caller decides how strong a secret it accepts.
 
-        Raises ValidationException for a malformed name, MalformedPolicyDocumentException for
-        an invalid policy (nothing is stored), DuplicateCredential when the name is taken.
+        Raises ValidationException for a malformed name, access key id or secret,
+        MalformedPolicyDocumentException for an invalid policy (nothing is stored),
+        DuplicateCredential when the name or the access key id is taken.
         """
-        if not _NAME.fullmatch(name):
-            raise ValidationException(
-                "the name must be 1-64 characters of letters, digits and +=,.@_-"
-            )
-        if policy is not None:
-            validate_identity_policy(policy)
-        access_key_id = generate_access_key_id()
-        secret = generate_secret()
+        check_credential(name, policy, access_key_id=access_key_id, secret=secret)
+        taken = f"named {name!r}"
+        if access_key_id is None or secret is None:
+            access_key_id, secret = generate_access_key_id(), generate_secret()
+        else:
+            taken += f" or with access key id {access_key_id}"
         arn = self.user_arn(name)
         values = self._row_values(access_key_id, name, arn, secret, policy)
         try:
             with self._write() as conn:
                 conn.execute(insert(_C).values(**values))
         except IntegrityError:
-            raise DuplicateCredential(f"a credential named {name!r} already exists") from None
+            raise DuplicateCredential(f"a credential {taken} already exists") from None
         log.info(
             "credential_created",
             access_key_id=access_key_id,
@@ -481,7 +516,9 @@ class CredentialStore:
         # The account root is never governed by an identity policy.
         values = self._row_values(access_key_id, ROOT_NAME, self.root_arn, secret)
         try:
-            with self._write() as conn:
+            # The root lock: two processes setting the root at once take turns (on PostgreSQL
+            # the second one's delete would otherwise miss the first one's new row).
+            with self._db.write(_ERRORS, lock=_ROOT_LOCK) as conn:
                 conn.execute(delete(_C).where(_C.c.name == ROOT_NAME))
                 conn.execute(insert(_C).values(**values))
         except IntegrityError:

@@ -2,9 +2,9 @@
 reference that names key material in a store.
 
 - :class:`KeyBackend`: create material for a key spec and use it by reference (encrypt and
-  decrypt, MAC, sign and verify, key agreement, public key export), random bytes, and the
-  capabilities the token reports per spec. Every operation is timed through the optional
-  observer hook (:data:`CallObserver`).
+  decrypt, public-key encryption, MAC, sign and verify, key agreement, public key export),
+  random bytes, and the capabilities the token reports per spec. Every operation is timed
+  through the optional observer hook (:data:`CallObserver`).
 - :class:`KeyInventory`: what is on the token, and diagnostics (info, list_objects, exists,
   attributes, self_test).
 - :class:`Keystore`: both; what :class:`~hsmkms.keystore.stores.KeyStores` holds per store.
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from hsmkms.keystore.specs import (
     SPECS,
+    AsymmetricEncryption,
     KeyMaterialSpec,
     MaterialUsage,
     SigningAlgorithm,
@@ -262,6 +263,9 @@ class Capabilities:
     wrapping_algorithms: frozenset[WrappingAlgorithm] = frozenset()
     """The import wrapping algorithms whose unwrap worked inside the token (a temporary RSA
     wrapping key and a temporary secret: :meth:`KeyBackend.import_material`)."""
+    unsupported_algorithms: frozenset[SigningAlgorithm] = frozenset()
+    """Signing algorithms of hosted specs that the token does not perform (SoftHSM 2.6.1 and
+    ED25519_PH_SHA_512: it ignores CKM_EDDSA's prehash flag)."""
 
     @property
     def specs(self) -> frozenset[KeyMaterialSpec]:
@@ -325,16 +329,33 @@ class KeyBackend(Protocol):
         """Whether ``tag`` is the HMAC of ``data`` (checked inside the token)."""
         ...
 
-    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        """Sign a message digest with a key pair's private key. ECDSA signatures are DER
-        (``Ecdsa-Sig-Value``), RSA signatures the modulus size."""
+    def sign(self, ref: KeyMaterialRef, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign with a key pair's private key: ``data`` is what the algorithm signs (a digest
+        for RSA, ECDSA and Ed25519ph, the message for pure EdDSA; see
+        :class:`~hsmkms.keystore.specs.SigningAlgorithm`). ECDSA signatures are DER
+        (``Ecdsa-Sig-Value``), RSA signatures the modulus size, Ed25519 signatures 64 bytes.
+        ``UnsupportedByToken`` for an algorithm the token does not perform."""
         ...
 
     def verify(
-        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, ref: KeyMaterialRef, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        """Whether ``signature`` is a valid signature of ``digest`` (checked inside the token
+        """Whether ``signature`` is a valid signature of ``data`` (checked inside the token
         with the key pair's public key)."""
+        ...
+
+    def asymmetric_encrypt(
+        self, ref: KeyMaterialRef, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """Encrypt for an encryption key pair (RSAES-OAEP): the raw ciphertext, as long as the
+        modulus, which anyone holding the public key could have made."""
+        ...
+
+    def asymmetric_decrypt(
+        self, ref: KeyMaterialRef, ciphertext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """Decrypt with an encryption key pair's private key, inside the token. Any failure
+        raises ``DecryptionFailed``, and nothing else about it."""
         ...
 
     def public_key(self, ref: KeyMaterialRef) -> bytes:
@@ -383,6 +404,19 @@ class KeyBackend(Protocol):
         left on the token."""
         ...
 
+    def write_anchor(self, name: str, value: str) -> None:
+        """Keep ``value`` (ASCII, at most 40 characters, no secret) in the token under
+        ``name``, replacing what was there: state that the database's attacker cannot roll
+        back (the audit trail's newest seal). A value read back is the last one written, also
+        by another process; callers serialize the writes of one name (the audit trail writes
+        under its database write lock). ``UnsupportedByToken`` when the token cannot keep
+        one."""
+        ...
+
+    def read_anchor(self, name: str) -> str | None:
+        """The value last written under ``name``, read from the token; None when none was."""
+        ...
+
     def close(self) -> None:
         """Log out and release the module (end of process)."""
         ...
@@ -413,6 +447,12 @@ class KeyInventory(Protocol):
 
     def self_test(self) -> None:
         """Round trip with temporary keys of the current profile; raises on any failure."""
+        ...
+
+    def outage(self) -> str | None:
+        """Why the token could not be reached by the last attempt (a PKCS#11 reason such as
+        ``CKR_DEVICE_REMOVED while encrypting``), or None when the last attempt worked. Makes
+        no token call and never waits for the token's lock (the health check)."""
         ...
 
 

@@ -12,7 +12,8 @@ not load ``pkcs11``.)
     ├── LoginFailed              login failed for another reason
     │   ├── PinIncorrect         wrong PIN
     │   └── PinLocked            the PIN is locked (too many wrong attempts)
-    ├── TokenUnavailable         the device or session went away (reconnect is attempted first)
+    ├── TokenUnavailable         the device, token or session went away (reconnect is attempted
+    │                            first): 503 with the PKCS#11 reason (``shows_cause``)
     ├── KeyMaterialMissing       the token object of a key version is not on the token
     ├── UnknownKeyStore          a key material reference names a key store not registered
     ├── IncompatibleMaterial     the operation does not apply to the referenced material
@@ -61,9 +62,21 @@ class PinLocked(LoginFailed):
 
 
 class TokenUnavailable(KeystoreError):
-    """The device, token or session went away; retryable."""
+    """The device, token or session went away; retryable. ``detail`` names the PKCS#11 reason
+    (``CKR_DEVICE_REMOVED while encrypting``, ``no token matches label=hsmkms``) and is shown
+    to the caller: answered 503 ``KeyUnavailableException`` within the reconnect window,
+    never after waiting for the token (``docs/operations-faults.md``)."""
 
     code = KeyUnavailableException.code
+    status = 503
+    shows_cause = True
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"The HSM token is unavailable ({detail}). Retry later.")
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[TokenUnavailable], tuple[str]]:
+        return (type(self), (self.detail,))
 
 
 class KeyMaterialMissing(KeystoreError):

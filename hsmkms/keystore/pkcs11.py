@@ -20,9 +20,20 @@ map). The process model follows measured facts (``ARCHITECTURE.md``,
 - **Cached handles.** Objects are enumerated once at open (``CKA_ID -> key``), looked up on a
   miss (another process may have created them) and evicted when the token says a handle is
   invalid. SoftHSM2's lookup is a linear scan of every object file.
-- **Reconnect.** After ``CKR_DEVICE_REMOVED``, ``CKR_SESSION_HANDLE_INVALID``,
-  ``CKR_USER_NOT_LOGGED_IN`` and their kin, sessions are reopened, the user logs in again and
-  the operation is retried once.
+- **Reconnect, and fail fast while the token is away.** After ``CKR_DEVICE_REMOVED``,
+  ``CKR_SESSION_HANDLE_INVALID``, ``CKR_USER_NOT_LOGGED_IN`` and their kin, sessions are
+  reopened, the user logs in again and the operation is retried once. Once the token has been
+  open in this process, reopening is one short attempt (not the start-up discovery wait); when
+  it fails, the call raises :class:`~hsmkms.keystore.errors.TokenUnavailable` naming the
+  PKCS#11 reason, and every call in the next :data:`OUTAGE_RETRY` seconds fails the same way at
+  once, without waiting for the process lock. The first call after that tries again: the
+  keystore recovers by itself when the token returns. :meth:`Pkcs11Keystore.outage` says why
+  the token is away, without a token call (the health check).
+- **Anchors.** Short values the token keeps for the service outside the database
+  (:meth:`Pkcs11Keystore.write_anchor`): one data object (``CKO_DATA``, private, token) per
+  name, found by ``CKA_APPLICATION`` ``hsmkms:<name>``, whose ``CKA_LABEL`` holds the value.
+  The label is changed in place with ``C_SetAttributeValue``: SoftHSM2 keeps ``CKA_VALUE`` of
+  a data object read-only, and creating and destroying objects costs ten times more.
 - **Timing hook.** An optional observer ``(operation, seconds)`` is called after every
   operation (:data:`~hsmkms.keystore.base.CallObserver`); without one, nothing is timed.
 
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -48,7 +60,7 @@ from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from hsmkms.keystore.base import (
     LABEL_PREFIX,
@@ -89,6 +101,7 @@ from hsmkms.keystore.pkcs11_errors import (
     RECONNECT_ERRORS,
     STALE_HANDLE_ERRORS,
     TRANSIENT_CREATE_ERRORS,
+    ckr_name,
     map_pkcs11_error,
 )
 from hsmkms.keystore.pkcs11_mechanisms import (
@@ -96,19 +109,31 @@ from hsmkms.keystore.pkcs11_mechanisms import (
     MATERIALS,
     OBJECT_CLASSES,
     PROFILE_MECHANISMS,
+    EdwardsMaterial,
     HmacMaterial,
     KeyPairMaterial,
     ProbeRefused,
+    RsaMaterial,
     Unwrapper,
     generate_secrets,
     generate_wrapping_key,
     probe_wrapping,
 )
-from hsmkms.keystore.specs import KeyMaterialSpec, MaterialUsage, SigningAlgorithm
+from hsmkms.keystore.specs import (
+    AsymmetricEncryption,
+    KeyMaterialSpec,
+    MaterialUsage,
+    SigningAlgorithm,
+)
 from hsmkms.profiles import PROFILES, MechanismProfile, ObjectRole
 
 _CREATE_ATTEMPTS = 3
 _ENUMERATION_ATTEMPTS = 5
+OUTAGE_RETRY = 0.5
+"""Seconds after a failed reconnect during which calls fail at once (then one tries again)."""
+# Once the token has been open, reopening it waits at most this long (start-up: the configured
+# discovery timeout).
+_RECONNECT_WINDOW = 0.3
 # Opening the token is retried on these (within the discovery timeout), never on PIN errors.
 _TRANSIENT_OPEN_ERRORS: tuple[type[Exception], ...] = (
     TokenNotFound,
@@ -135,6 +160,16 @@ _PID = os.getpid()
 
 # Module path -> (pid, SoftHSM2 config) of the last initialization of the module.
 _INITIALIZED_IN: dict[str, tuple[int, str | None]] = {}
+# Module path -> how many times this process re-initialized it: every re-initialization ends
+# every session of every keystore on the module, so a connection made before is stale.
+_GENERATIONS: dict[str, int] = {}
+
+
+def _reinitialize(lib: Any, path: str) -> None:
+    """``C_Finalize`` + ``C_Initialize``: every session on the module (of any keystore of this
+    process) ends; connections notice the new generation before they use a stale session."""
+    _GENERATIONS[path] = _GENERATIONS.get(path, 0) + 1
+    lib.reinitialize()
 
 
 def _reset_lock_after_fork() -> None:
@@ -169,6 +204,8 @@ class _Connection:
     handles: dict[bytes, Any]  # CKA_ID -> secret or private key
     public: dict[bytes, Any]  # CKA_ID -> public key (of a key pair)
     short_ids: bool
+    generation: int = 0  # the module's re-initialization count when this connection opened
+    anchor_objects: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> data obj
 
 
 class Pkcs11Keystore:
@@ -194,7 +231,12 @@ class Pkcs11Keystore:
         self._mechanisms: tuple[str, ...] = ()
         self._listed: frozenset[Any] = frozenset()
         self._capabilities: Capabilities | None = None
+        self._prehash: bool | None = None  # whether the token performs Ed25519ph
+        self._oaep_sha256: bool | None = None  # whether it performs OAEP with SHA-256
+        self._public_keys: dict[bytes, bytes] = {}  # key pair id -> DER SubjectPublicKeyInfo
         self._closed = False
+        self._ever_open = False  # the token has been open in this process
+        self._outage: tuple[float, str] | None = None  # (when, PKCS#11 reason) of the last failure
 
     def __repr__(self) -> str:
         return f"Pkcs11Keystore(module={self._config.module_path!r}, token={self._token_desc()!r})"
@@ -212,15 +254,55 @@ class Pkcs11Keystore:
         return "the only token"
 
     def _connection(self) -> _Connection:
-        """The live connection of this process; opens (or reopens after fork) under the lock."""
+        """The live connection of this process; opens (or reopens after fork) under the lock.
+
+        Once the token has been open, a failure to reopen it is :class:`TokenUnavailable`
+        with the PKCS#11 reason, remembered for :data:`OUTAGE_RETRY` seconds (calls meanwhile
+        fail at once)."""
         conn = self._conn
-        if conn is not None and conn.pid == _PID:
+        if conn is not None and self._live(conn):
             return conn
+        # Else forgotten, never closed: after a re-initialization the module may have given its
+        # session handles to another keystore's new sessions.
+        self._conn = None
         if self._closed:
-            raise TokenUnavailable("keystore is closed")
-        conn = self._open()
+            raise TokenUnavailable("the keystore is closed")
+        self._check_outage()
+        if not self._ever_open:
+            conn = self._open()
+        else:
+            try:
+                conn = self._open()
+            except (PinIncorrect, PinLocked):
+                raise
+            except (KeystoreError, p11e.PKCS11Error) as exc:
+                raise self._went_away(_outage_detail(exc)) from exc
         self._conn = conn
+        self._ever_open = True
+        self._outage = None
         return conn
+
+    def _live(self, conn: _Connection) -> bool:
+        """Whether ``conn`` belongs to this process and to the module's current
+        initialization."""
+        return conn.pid == _PID and conn.generation == _GENERATIONS.get(self._config.module_path, 0)
+
+    def _check_outage(self) -> None:
+        """Fail at once while a recent reconnect failed (no lock needed)."""
+        outage = self._outage
+        if outage is not None and time.monotonic() - outage[0] < OUTAGE_RETRY:
+            raise TokenUnavailable(outage[1])
+
+    def _went_away(self, detail: str) -> TokenUnavailable:
+        """Remember that the token is away (for :meth:`outage` and the fast failures)."""
+        self._outage = (time.monotonic(), detail)
+        return TokenUnavailable(detail)
+
+    def outage(self) -> str | None:
+        """Why the token could not be reached by the last attempt (the PKCS#11 reason), or
+        None when the last attempt worked. Makes no token call and takes no lock."""
+        outage = self._outage
+        return None if outage is None else outage[1]
 
     def _load_lib(self) -> Any:
         if self._config.softhsm2_conf is not None:
@@ -241,7 +323,7 @@ class Pkcs11Keystore:
                 # in C_Initialize, so without this a second data directory in one process would
                 # silently reach the first one's tokens. Other keystores of this process on the
                 # module lose their sessions and reconnect (re-initializing for their own config).
-                lib.reinitialize()
+                _reinitialize(lib, path)
                 _INITIALIZED_IN[path] = wanted
         except p11e.GeneralError as exc:
             # SoftHSM2 reports a missing or unreadable softhsm2.conf as CKR_GENERAL_ERROR.
@@ -253,7 +335,7 @@ class Pkcs11Keystore:
             if type(exc) is p11e.PKCS11Error and "loading" in str(exc):
                 raise ModuleLoadError(f"cannot load PKCS#11 module {path}") from exc
             if "Should never see this" in str(exc):  # CKR_CRYPTOKI_ALREADY_INITIALIZED
-                lib.reinitialize()
+                _reinitialize(lib, path)
                 return lib
             raise map_pkcs11_error(exc, "initializing the module") from exc
         return lib
@@ -290,8 +372,12 @@ class Pkcs11Keystore:
         # SoftHSM2 can briefly hide a token, or fail a call, while another process writes it,
         # and only sees tokens created after C_Initialize once re-initialized
         # (pkcs11-facts.md §2.4, §2.5): retry the whole opening, re-initializing in between.
-        # Never on a PIN error (a real HSM locks the PIN after a few wrong attempts).
-        deadline = time.monotonic() + self._config.discovery_timeout
+        # Never on a PIN error (a real HSM locks the PIN after a few wrong attempts). Once the
+        # token has been open in this process, briefly: a token that went away fails fast.
+        wait = self._config.discovery_timeout
+        if self._ever_open:
+            wait = min(wait, _RECONNECT_WINDOW)
+        deadline = time.monotonic() + wait
         while True:
             anchor = None
             try:
@@ -299,7 +385,10 @@ class Pkcs11Keystore:
                 anchor = self._login(token)
                 session = token.open(rw=True)
                 short_ids = token.manufacturer_id.startswith("Yubico")
-                conn = _Connection(os.getpid(), lib, token, anchor, session, {}, {}, short_ids)
+                generation = _GENERATIONS.get(self._config.module_path, 0)
+                conn = _Connection(
+                    os.getpid(), lib, token, anchor, session, {}, {}, short_ids, generation
+                )
                 for raw, _label, obj in _project_objects(session):
                     cache = (
                         conn.public if obj.object_class is ObjectClass.PUBLIC_KEY else conn.handles
@@ -315,7 +404,7 @@ class Pkcs11Keystore:
                         raise
                     raise map_pkcs11_error(exc, "opening the token") from exc
                 self._sleep(0.1)
-                lib.reinitialize()
+                _reinitialize(lib, self._config.module_path)
             except p11e.PKCS11Error as exc:
                 raise map_pkcs11_error(exc, "opening the token") from exc
         if self._profile is None:
@@ -347,14 +436,25 @@ class Pkcs11Keystore:
         self, action: str, fn: Callable[[_Connection], _T], *, decrypting: bool = False
     ) -> _T:
         """Run ``fn`` under the process lock; map errors; reconnect and retry once if the
-        device or session went away."""
+        device or session went away. While the token is known to be away (a reconnect failed
+        less than :data:`OUTAGE_RETRY` seconds ago), fail at once without the lock."""
+        if self._conn is None:
+            self._check_outage()
         with _LOCK:
             for attempt in (0, 1):
                 try:
                     return fn(self._connection())
                 except RECONNECT_ERRORS as exc:
                     if attempt:
-                        raise TokenUnavailable(f"{action}: token unavailable") from exc
+                        raise self._went_away(f"{ckr_name(exc)} while {action}") from exc
+                    # Sessions and handles are stale: the next _connection() reopens and logs in.
+                    self._drop_connection()
+                except p11e.GeneralError as exc:
+                    # SoftHSM2 answers CKR_GENERAL_ERROR when its token directory went away
+                    # (and, while decrypting, for a failed tag check: mapped below). Reopening
+                    # tells the two apart: a token that is gone cannot be opened again.
+                    if attempt or decrypting:
+                        raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
                     # Sessions and handles are stale: the next _connection() reopens and logs in.
                     self._drop_connection()
                 except KeyMaterialMissing:
@@ -460,8 +560,16 @@ class Pkcs11Keystore:
                 wrapping = probe_wrapping(conn.session, self._listed)
             except ProbeRefused:
                 wrapping = frozenset()
+            unsupported: set[SigningAlgorithm] = set()
+            edwards = KeyMaterialSpec.ECC_NIST_EDWARDS25519
+            if edwards in usages and not self._prehash_works(conn):
+                unsupported.add(SigningAlgorithm.ED25519_PH_SHA_512)
             return Capabilities(
-                usages, tuple(profiles), frozenset(unverified - set(usages)), wrapping
+                usages,
+                tuple(profiles),
+                frozenset(unverified - set(usages)),
+                wrapping_algorithms=wrapping,
+                unsupported_algorithms=frozenset(unsupported),
             )
 
         found = self._call("probing capabilities", work)
@@ -541,6 +649,10 @@ class Pkcs11Keystore:
             raise TokenRejected(f"the name {name.base!r} is too long for a token label")
 
         def work(conn: _Connection) -> KeyMaterialRef:
+            missing = material.mechanisms(chosen_usage) - self._listed
+            if missing:
+                names = ", ".join(sorted(f"CKM_{_mech_name(m)}" for m in missing))
+                raise UnsupportedByToken(f"the token lacks {names}")
             for attempt in range(_CREATE_ATTEMPTS):
                 ids = [self._new_object_id(conn) for _ in roles]
                 try:
@@ -570,6 +682,7 @@ class Pkcs11Keystore:
             for raw in ref.raw_ids:
                 conn.handles.pop(raw, None)
                 conn.public.pop(raw, None)
+                self._public_keys.pop(raw, None)
                 for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                     obj.destroy()
 
@@ -711,13 +824,17 @@ class Pkcs11Keystore:
         or a stale handle it looks the objects up, reconnecting if the session went away."""
         with _LOCK:
             conn = self._conn
-            if conn is not None and conn.pid == _PID:
+            if conn is not None and self._live(conn):
                 keys = [conn.handles.get(raw) for raw in ref.raw_ids]
                 if None not in keys:
                     try:
                         return fn(conn, keys)
                     except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
                         pass  # the slow path below evicts, reconnects and retries
+                    except p11e.GeneralError as exc:
+                        if decrypting:  # a failed tag check on SoftHSM2
+                            raise map_pkcs11_error(exc, action, decrypting=True) from exc
+                        # else maybe the token went away: the slow path reconnects and tells
                     except p11e.PKCS11Error as exc:
                         raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
 
@@ -797,10 +914,23 @@ class Pkcs11Keystore:
 
     def mac(self, ref: KeyMaterialRef, data: bytes) -> bytes:
         """The HMAC of ``data`` under HMAC material, computed inside the token."""
-        sign = self._hmac(ref).mac
+        material = self._hmac(ref)
         observer = self._observer
         start = perf_counter() if observer is not None else 0.0
         try:
+            with _LOCK:
+                conn = self._conn
+                # Fast path (GenerateMac's): one cached handle, no closure, no retry.
+                if conn is not None and conn.pid == _PID:
+                    key = conn.handles.get(ref.raw_ids[0])
+                    if key is not None:
+                        try:
+                            return bytes(key.sign(data, mechanism=material.mechanism))
+                        except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
+                            pass  # the slow path below evicts, reconnects and retries
+                        except p11e.PKCS11Error as exc:
+                            raise map_pkcs11_error(exc, "computing a MAC") from exc
+            sign = material.mac
             return self._with_keys("computing a MAC", ref, lambda _, keys: sign(keys[0], data))
         finally:
             if observer is not None:
@@ -831,30 +961,74 @@ class Pkcs11Keystore:
             raise IncompatibleMaterial(f"{ref.spec.value} material is not a key pair")
         return material
 
-    def sign(self, ref: KeyMaterialRef, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        """Sign ``digest`` with the private key of a signing key pair, inside the token. ECDSA
-        signatures are DER-encoded."""
+    def _prehash_works(self, conn: _Connection) -> bool:
+        """Whether the token performs Ed25519ph (probed once, with temporary objects; a token
+        that refuses them is not trusted with it). Called with the lock held."""
+        if self._prehash is None:
+            material = MATERIALS[KeyMaterialSpec.ECC_NIST_EDWARDS25519]
+            assert isinstance(material, EdwardsMaterial)
+            try:
+                self._prehash = material.prehash_works(conn.session)
+            except ProbeRefused:
+                self._prehash = False
+        return self._prehash
+
+    def _oaep_sha256_works(self, conn: _Connection) -> bool:
+        """Whether the token decrypts RSAES_OAEP_SHA_256 itself (probed once, with temporary
+        objects); else the raw RSA operation in the token and the OAEP decoding here, which
+        needs CKM_RSA_X_509 (``UnsupportedByToken`` without it). A token that refuses temporary
+        objects is trusted to perform OAEP with SHA-256 unless it lists CKM_RSA_X_509. Called
+        with the lock held."""
+        if self._oaep_sha256 is None:
+            material = MATERIALS[KeyMaterialSpec.RSA_2048]
+            assert isinstance(material, RsaMaterial)
+            try:
+                self._oaep_sha256 = material.probe_oaep_sha256(conn.session)
+            except ProbeRefused:
+                self._oaep_sha256 = Mechanism.RSA_X_509 not in self._listed
+        if not self._oaep_sha256 and Mechanism.RSA_X_509 not in self._listed:
+            raise UnsupportedByToken(
+                "the token performs CKM_RSA_PKCS_OAEP without SHA-256 and lacks CKM_RSA_X_509"
+            )
+        return self._oaep_sha256
+
+    def _check_performed(self, algorithm: SigningAlgorithm) -> None:
+        """``UnsupportedByToken`` for a signing algorithm this token does not perform."""
+        if algorithm is SigningAlgorithm.ED25519_PH_SHA_512 and not self._call(
+            "probing Ed25519ph", self._prehash_works
+        ):
+            raise UnsupportedByToken("the token does not perform Ed25519ph (CKM_EDDSA with phFlag)")
+
+    def sign(self, ref: KeyMaterialRef, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """Sign ``data`` (a digest, or the message for pure EdDSA) with the private key of a
+        signing key pair, inside the token. ECDSA signatures are DER-encoded."""
         material = self._pair(ref)
-        material.check_algorithm(algorithm, digest)
-
-        def sign(_: _Connection, keys: list[Any]) -> bytes:
-            return material.sign(keys[0], digest, algorithm)
-
-        return self._observed("sign", lambda: self._with_keys("signing", ref, sign))
+        material.check_algorithm(algorithm, data)
+        self._check_performed(algorithm)
+        sign = material.sign
+        # Timed inline (a hot operation), as encrypt and mac are.
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            return self._with_keys("signing", ref, lambda _, keys: sign(keys[0], data, algorithm))
+        finally:
+            if observer is not None:
+                observer("sign", perf_counter() - start)
 
     def verify(
-        self, ref: KeyMaterialRef, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, ref: KeyMaterialRef, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        """Whether ``signature`` signs ``digest`` (verified inside the token with the key
+        """Whether ``signature`` signs ``data`` (verified inside the token with the key
         pair's public key)."""
         material = self._pair(ref)
-        material.check_algorithm(algorithm, digest)
+        material.check_algorithm(algorithm, data)
+        self._check_performed(algorithm)
 
         def verify() -> bool:
             try:
                 return self._with_public(
                     "verifying a signature", ref,
-                    lambda public: material.verify(public, digest, signature, algorithm),
+                    lambda public: material.verify(public, data, signature, algorithm),
                     decrypting=True,
                 )  # fmt: skip
             except DecryptionFailed:
@@ -863,11 +1037,46 @@ class Pkcs11Keystore:
         return self._observed("verify", verify)
 
     def public_key(self, ref: KeyMaterialRef) -> bytes:
-        """The public key of a key pair, DER ``SubjectPublicKeyInfo``."""
+        """The public key of a key pair, DER ``SubjectPublicKeyInfo`` (read from the token
+        once per process: a key pair never changes)."""
         material = self._pair(ref)
+        (raw,) = ref.raw_ids
+
+        def read() -> bytes:
+            known = self._public_keys.get(raw)
+            if known is None:
+                known = self._with_public("reading a public key", ref, material.public_key)
+                self._public_keys[raw] = known
+            return known
+
+        return self._observed("public_key", read)
+
+    def asymmetric_encrypt(
+        self, ref: KeyMaterialRef, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """RSAES-OAEP encryption for an encryption key pair. It needs only the public key
+        (read from the token): done on the host, as a caller with GetPublicKey's answer would
+        (see :class:`~hsmkms.keystore.pkcs11_mechanisms.RsaMaterial`)."""
+        material = self._pair(ref)
+        spki = self.public_key(ref)
         return self._observed(
-            "public_key",
-            lambda: self._with_public("reading a public key", ref, material.public_key),
+            "asymmetric_encrypt", lambda: material.encrypt(spki, plaintext, scheme)
+        )
+
+    def asymmetric_decrypt(
+        self, ref: KeyMaterialRef, ciphertext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """RSAES-OAEP decryption with the private key of an encryption key pair, inside the
+        token. Any failure is :class:`DecryptionFailed`."""
+        material = self._pair(ref)
+
+        def decrypt(conn: _Connection, keys: list[Any]) -> bytes:
+            in_token = scheme.facts.hash_name == "sha1" or self._oaep_sha256_works(conn)
+            return material.decrypt(keys[0], ciphertext, scheme, in_token=in_token)
+
+        return self._observed(
+            "asymmetric_decrypt",
+            lambda: self._with_keys("decrypting", ref, decrypt, decrypting=True),
         )
 
     def derive_shared_secret(self, ref: KeyMaterialRef, peer_public_key: bytes) -> bytes:
@@ -920,7 +1129,7 @@ class Pkcs11Keystore:
         try:
             with _LOCK:
                 conn = self._conn
-                if conn is not None and conn.pid == _PID:  # fast path: no closure, no retry
+                if conn is not None and self._live(conn):  # fast path: no closure, no retry
                     try:
                         return bytes(conn.session.generate_random(n * 8))
                     except RECONNECT_ERRORS:
@@ -940,7 +1149,10 @@ class Pkcs11Keystore:
         """Whether every object of ``ref`` is on the token (asks the token, not the cache)."""
 
         def work(conn: _Connection) -> bool:
-            return all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            found = all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            if not found:
+                _confirm_present(conn)
+            return found
 
         return self._observed("exists", lambda: self._call("looking up a key", work))
 
@@ -949,10 +1161,12 @@ class Pkcs11Keystore:
         shows as its private and its public key, with one id)."""
 
         def work(conn: _Connection) -> list[TokenObject]:
-            return [
+            found = [
                 TokenObject(raw.hex(), label, _key_type_name(obj.key_type), _name(obj.object_class))
                 for raw, label, obj in _project_objects(conn.session)
             ]
+            _confirm_present(conn)  # a listing of a token that went away can be partial
+            return found
 
         return self._observed("list_objects", lambda: self._call("listing objects", work))
 
@@ -974,6 +1188,68 @@ class Pkcs11Keystore:
             return {name: key[Attribute[name]] for name in names}
 
         return self._observed("attributes", lambda: self._call("reading attributes", work))
+
+    # -- anchors -----------------------------------------------------------------------------
+
+    def _anchor_object(self, conn: _Connection, name: str) -> Any | None:
+        """The data object of anchor ``name`` (cached handle, else looked up), or None."""
+        obj = conn.anchor_objects.get(name)
+        if obj is None:
+            query = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: _anchor_app(name)}
+            found = list(conn.session.get_objects(query))
+            if len(found) > 1:
+                raise DeviceFailure(f"several token objects hold anchor {name!r}")
+            obj = found[0] if found else None
+            if obj is not None:
+                conn.anchor_objects[name] = obj
+        return obj
+
+    def read_anchor(self, name: str) -> str | None:
+        """The value last written by :meth:`write_anchor` under ``name`` (read from the token:
+        a value another process wrote is seen), or None when there is none."""
+
+        def work(conn: _Connection) -> str | None:
+            obj = self._anchor_object(conn, name)
+            if obj is None:
+                _confirm_present(conn)
+                return None
+            return str(obj[Attribute.LABEL])
+
+        return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
+
+    def write_anchor(self, name: str, value: str) -> None:
+        """Keep ``value`` (ASCII, at most 40 characters) under ``name``: the label of a private
+        token data object found by its ``CKA_APPLICATION`` (``hsmkms:<name>``), changed in
+        place (``C_SetAttributeValue``; ~1 ms on SoftHSM2), created on first use. A token
+        that refuses to change it raises :class:`UnsupportedByToken`."""
+        if not value.isascii() or len(value) > _MAX_LABEL:
+            raise TokenRejected("an anchor value is at most 40 ASCII characters")
+
+        def work(conn: _Connection) -> None:
+            obj = self._anchor_object(conn, name)
+            if obj is None:
+                conn.anchor_objects[name] = conn.session.create_object(
+                    {
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.MODIFIABLE: True,
+                        Attribute.APPLICATION: _anchor_app(name),
+                        Attribute.LABEL: value,
+                    }
+                )
+                return
+            try:
+                obj[Attribute.LABEL] = value
+            except (p11e.AttributeReadOnly, p11e.FunctionNotSupported) as exc:
+                raise UnsupportedByToken(
+                    f"the token does not let anchor {name!r} change ({ckr_name(exc)})"
+                ) from exc
+            except STALE_HANDLE_ERRORS:
+                conn.anchor_objects.pop(name, None)
+                raise
+
+        self._observed("write_anchor", lambda: self._call("writing an anchor", work))
 
     def close(self) -> None:
         """Close the work and anchor sessions (the latter logs the process out)."""
@@ -1005,6 +1281,51 @@ def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
             if attempt == _ENUMERATION_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _confirm_present(conn: _Connection) -> None:
+    """Before reporting what is (or is not) on the token: check that the token is there at
+    all. SoftHSM2 finds no object (or only those made in this session) in a token whose
+    directory went away, rather than failing, and keeps answering its slot list from memory;
+    the objects it had loaded then report ``CKR_OBJECT_HANDLE_INVALID``. So: the slot must be
+    listed, and of up to three cached objects at least one must still answer."""
+    slot_id = conn.token.slot.slot_id
+    if all(slot.slot_id != slot_id for slot in conn.lib.get_slots(token_present=True)):
+        raise p11e.TokenNotPresent()
+    sample = list(itertools.islice(conn.handles.items(), 3))
+    if not sample:
+        return
+    for raw, obj in sample:
+        try:
+            obj[Attribute.CLASS]
+        except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
+            conn.handles.pop(raw, None)
+            continue
+        return
+    raise p11e.TokenNotPresent()
+
+
+def _anchor_app(name: str) -> str:
+    """The ``CKA_APPLICATION`` that finds anchor ``name``'s data object."""
+    return f"{LABEL_PREFIX}{name}"
+
+
+def _outage_detail(exc: Exception) -> str:
+    """The reason a reopen failed, for the caller: the PKCS#11 return value and what was being
+    done (never a file path)."""
+    if isinstance(exc, p11e.PKCS11Error):
+        return f"{ckr_name(exc)} while opening the token"
+    cause = exc.__cause__
+    if isinstance(exc, TokenNotFound):
+        return exc.message
+    assert isinstance(exc, KeystoreError)
+    if isinstance(cause, p11e.PKCS11Error):
+        config = isinstance(exc, TokenConfigError)
+        where = "initializing the module" if config else "opening the token"
+        return f"{ckr_name(cause)} while {where}"
+    if isinstance(exc, TokenUnavailable):
+        return exc.detail
+    return f"{type(exc).__name__} while opening the token"
 
 
 def _destroy_by_id(conn: _Connection, ids: Sequence[bytes]) -> None:

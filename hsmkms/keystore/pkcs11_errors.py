@@ -5,6 +5,8 @@ python-pkcs11 exceptions the PKCS#11 backend retries on. Imported only by the PK
 
 from __future__ import annotations
 
+import re
+
 import pkcs11.exceptions as p11e
 
 from hsmkms.keystore.errors import (
@@ -27,6 +29,7 @@ __all__ = [
     "RECONNECT_ERRORS",
     "STALE_HANDLE_ERRORS",
     "TRANSIENT_CREATE_ERRORS",
+    "ckr_name",
     "map_pkcs11_error",
 ]
 
@@ -147,6 +150,21 @@ TRANSIENT_CREATE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def ckr_name(exc: BaseException) -> str:
+    """The PKCS#11 return value a python-pkcs11 exception stands for (``DeviceRemoved`` ->
+    ``CKR_DEVICE_REMOVED``); python-pkcs11's own conditions (``NoSuchToken``) by class name."""
+    name = type(exc).__name__
+    if not isinstance(exc, p11e.PKCS11Error) or name in _NOT_RETURN_VALUES:
+        return name
+    return "CKR_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
+
+
+# python-pkcs11 exceptions that are no CK_RV of their own.
+_NOT_RETURN_VALUES = frozenset(
+    {"PKCS11Error", "NoSuchKey", "NoSuchToken", "MultipleObjectsReturned", "MultipleTokensReturned"}
+)
+
+
 def map_pkcs11_error(exc: Exception, action: str, *, decrypting: bool = False) -> KeystoreError:
     """The keystore error for a python-pkcs11 exception raised while doing ``action``.
 
@@ -170,4 +188,6 @@ def map_pkcs11_error(exc: Exception, action: str, *, decrypting: bool = False) -
         if klass in PKCS11_ERROR_MAP:
             target = PKCS11_ERROR_MAP[klass]
             break
+    if target is TokenUnavailable:
+        return TokenUnavailable(f"{ckr_name(exc)} while {action}")
     return target(f"{action}: {type(exc).__name__}")

@@ -22,14 +22,14 @@ import dataclasses
 import functools
 import hashlib
 import hmac
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
     Prehashed,
     decode_dss_signature,
@@ -54,6 +54,7 @@ from hsmkms.keystore.imports import (
     kwp_length,
 )
 from hsmkms.keystore.specs import (
+    AsymmetricEncryption,
     KeyMaterialSpec,
     MaterialKind,
     MaterialUsage,
@@ -69,15 +70,18 @@ __all__ = [
     "MATERIALS",
     "OBJECT_CLASSES",
     "PROFILE_MECHANISMS",
+    "EdwardsMaterial",
     "Generated",
     "Imported",
     "KeyPairMaterial",
     "Material",
     "ProbeRefused",
     "ProfileMechanisms",
+    "RsaMaterial",
     "Unwrapper",
     "generate_secrets",
     "generate_wrapping_key",
+    "oaep_decode",
     "probe_wrapping",
 ]
 
@@ -839,17 +843,46 @@ _PSS_PARAMS: Final[Mapping[str, tuple[Mechanism, MGF]]] = {
     "sha384": (Mechanism.SHA384, MGF.SHA384),
     "sha512": (Mechanism.SHA512, MGF.SHA512),
 }
+_HOST_HASHES: Final[Mapping[str, Callable[[], hashes.HashAlgorithm]]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+}
+
+
+def _incompatible(spec: KeyMaterialSpec, what: str) -> IncompatibleMaterial:
+    return IncompatibleMaterial(f"{spec.value} material does not {what}")
+
+
+def _der_octets(value: bytes, length: int) -> bytes:
+    """The ``length`` bytes of a point from ``CKA_EC_POINT``: the DER OCTET STRING that PKCS#11
+    2.40 specifies (short or long form), or the bare point a few modules return."""
+    if len(value) == length:
+        return value
+    if len(value) > 2 and value[0] == 0x04:
+        first = value[1]
+        if first < 0x80:
+            header, size = 2, first
+        else:
+            count = first & 0x7F
+            header, size = 2 + count, int.from_bytes(value[2 : 2 + count], "big")
+        if size == length and len(value) == header + size:
+            return value[header:]
+    raise TokenRejected("the token returned a malformed public point")
 
 
 class KeyPairMaterial(Material):
-    """An asymmetric key pair: a private key object (sign, or derive) and a public key object
-    (verify) sharing one id."""
+    """An asymmetric key pair: a private key object (sign, derive or decrypt, by usage) and a
+    public key object sharing one id. Each subclass implements the operations its kind takes;
+    the others refuse with :class:`IncompatibleMaterial` before the token is asked."""
 
     def _capabilities(self, usage: MaterialUsage) -> tuple[MechanismFlag, MechanismFlag]:
         """(private, public) capabilities for ``usage``."""
         if usage is MaterialUsage.KEY_AGREEMENT:
             # The public half of a key agreement key is only ever exported.
             return MechanismFlag.DERIVE, MechanismFlag(0)
+        if usage is MaterialUsage.ENCRYPT_DECRYPT:
+            # Encryption needs only the public key, which is exported (see asymmetric_encrypt).
+            return MechanismFlag.DECRYPT, MechanismFlag(0)
         return MechanismFlag.SIGN, MechanismFlag.VERIFY
 
     @abc.abstractmethod
@@ -881,7 +914,8 @@ class KeyPairMaterial(Material):
                 **_template(HARDENED, store=store),
                 Attribute.SIGN: bool(private_caps & MechanismFlag.SIGN),
                 Attribute.DERIVE: bool(private_caps & MechanismFlag.DERIVE),
-                Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+                Attribute.DECRYPT: bool(private_caps & MechanismFlag.DECRYPT),
+                Attribute.UNWRAP: False,
             },
         )  # fmt: skip
         return Generated([private], [public])
@@ -909,7 +943,8 @@ class KeyPairMaterial(Material):
                 **_template(HARDENED, store=store), **_NOT_PRIVATE,
                 Attribute.SIGN: bool(private_caps & MechanismFlag.SIGN),
                 Attribute.DERIVE: bool(private_caps & MechanismFlag.DERIVE),
-                Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+                Attribute.DECRYPT: bool(private_caps & MechanismFlag.DECRYPT),
+                Attribute.UNWRAP: False,
             },
             capabilities=private_caps, raw_id=raw, label=label,
         )  # fmt: skip
@@ -936,11 +971,11 @@ class KeyPairMaterial(Material):
             raise
         return Imported(Generated([private], [public]), hashlib.sha256(der).digest())
 
-    @abc.abstractmethod
     def _public_values(self, private: Any, unwrapper: Unwrapper) -> dict[Any, Any]:
         """The public key attributes of an imported private key (:class:`MaterialRejected`
-        when it is not a key of this spec)."""
-        ...
+        when it is not a key of this spec); :class:`UnsupportedByToken` for a spec whose
+        import is not built (Ed25519)."""
+        raise UnsupportedByToken(f"importing {self.spec.value} key material is not supported")
 
     def _check_pair(self, private: Any, public: Any) -> None:
         """:class:`MaterialRejected` unless the halves of an imported signing pair match (a
@@ -953,36 +988,56 @@ class KeyPairMaterial(Material):
         if not self.verify(public, digest, signature, algorithm):
             raise MaterialRejected("the private key's parts do not match")
 
-    def check_algorithm(self, algorithm: SigningAlgorithm, digest: bytes) -> None:
+    def check_algorithm(self, algorithm: SigningAlgorithm, data: bytes) -> None:
         """:class:`IncompatibleMaterial` unless ``algorithm`` signs with this material, and
-        :class:`TokenRejected` unless ``digest`` has its length."""
+        :class:`TokenRejected` unless ``data`` has the length it signs."""
         facts = algorithm.facts
         if facts.kind is not self.facts.kind:
-            raise IncompatibleMaterial(
-                f"{self.spec.value} material does not sign {algorithm.value}"
-            )
-        if len(digest) != facts.digest_length:
+            raise _incompatible(self.spec, f"sign {algorithm.value}")
+        if not facts.input_ok(data):
             raise TokenRejected(f"{algorithm.value} signs a {facts.digest_length}-byte digest")
 
-    @abc.abstractmethod
-    def sign(self, private: Any, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        """The signature of ``digest`` (checked by :meth:`check_algorithm`)."""
-        ...
+    def sign(self, private: Any, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        """The signature of ``data`` (checked by :meth:`check_algorithm`)."""
+        raise _incompatible(self.spec, "sign")
 
-    @abc.abstractmethod
     def verify(
-        self, public: Any, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, public: Any, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        """Whether ``signature`` signs ``digest``."""
-        ...
+        """Whether ``signature`` signs ``data``."""
+        raise _incompatible(self.spec, "verify signatures")
 
     @abc.abstractmethod
     def public_key(self, public: Any) -> bytes:
         """The public key as DER ``SubjectPublicKeyInfo``."""
         ...
 
-    @abc.abstractmethod
-    def _probe_algorithm(self) -> SigningAlgorithm: ...
+    def peer_point(self, peer_public_key: bytes) -> bytes:
+        """The peer's public point for :meth:`derive_shared_secret`, from its DER
+        ``SubjectPublicKeyInfo`` (:class:`TokenRejected` when it is not a key on this curve).
+        Key agreement material only."""
+        raise _incompatible(self.spec, "agree keys")
+
+    def derive_shared_secret(self, private: Any, peer_point: bytes) -> bytes:
+        """ECDH of ``private`` with the peer's point: the raw shared secret."""
+        raise _incompatible(self.spec, "agree keys")
+
+    def encrypt(
+        self, public_key_der: bytes, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        """Encrypt for this key pair with its public key (DER ``SubjectPublicKeyInfo``)."""
+        raise _incompatible(self.spec, "encrypt")
+
+    def decrypt(
+        self, private: Any, ciphertext: bytes, scheme: AsymmetricEncryption, *, in_token: bool
+    ) -> bytes:
+        """Decrypt with the private key; :class:`DecryptionFailed` on any failure.
+        ``in_token``: whether the token performs the whole scheme itself (else what it lacks is
+        done on the host, see :class:`RsaMaterial`)."""
+        raise _incompatible(self.spec, "decrypt")
+
+    def _probe_algorithm(self) -> SigningAlgorithm:
+        raise _incompatible(self.spec, "sign")
 
     def probe(self, session: Any, usage: MaterialUsage) -> bool:
         with _temporary([]) as objects:
@@ -994,35 +1049,46 @@ class KeyPairMaterial(Material):
             objects += [*generated.objects, *generated.public]
             private, public = generated.objects[0], generated.public[0]
             try:
-                if usage is MaterialUsage.KEY_AGREEMENT:
-                    point = self.peer_point(self.public_key(public))
-                    secret = self.derive_shared_secret(private, point)
-                    return len(secret) == self.facts.key_bits // 8
-                algorithm = self._probe_algorithm()
-                digest = hashlib.new(algorithm.facts.hash_name, _PROBE_DATA).digest()
-                signature = self.sign(private, digest, algorithm)
-                return self.verify(public, digest, signature, algorithm) and not self.verify(
-                    public, bytes(len(digest)), signature, algorithm
-                )
-            except p11e.PKCS11Error:
+                return self._probe_usage(private, public, usage)
+            except (p11e.PKCS11Error, DecryptionFailed, TokenRejected):
                 return False
 
-    def peer_point(self, peer_public_key: bytes) -> bytes:
-        """The peer's public point for :meth:`derive_shared_secret`, from its DER
-        ``SubjectPublicKeyInfo`` (:class:`TokenRejected` when it is not a key on this curve).
-        Key agreement material only."""
-        raise IncompatibleMaterial(f"{self.spec.value} material does not agree keys")
-
-    def derive_shared_secret(self, private: Any, peer_point: bytes) -> bytes:
-        """ECDH of ``private`` with the peer's point: the raw shared secret."""
-        raise IncompatibleMaterial(f"{self.spec.value} material does not agree keys")
+    def _probe_usage(self, private: Any, public: Any, usage: MaterialUsage) -> bool:
+        if usage is MaterialUsage.KEY_AGREEMENT:
+            point = self.peer_point(self.public_key(public))
+            return len(self.derive_shared_secret(private, point)) > 0
+        algorithm = self._probe_algorithm()
+        facts = algorithm.facts
+        data = hashlib.new(facts.hash_name, _PROBE_DATA).digest()
+        if not facts.signs_digest:
+            data = _PROBE_DATA
+        signature = self.sign(private, data, algorithm)
+        other = bytes(len(data)) if facts.signs_digest else data + b"!"
+        return self.verify(public, data, signature, algorithm) and not self.verify(
+            public, other, signature, algorithm
+        )
 
 
 class RsaMaterial(KeyPairMaterial):
-    """RSA key pairs: RSASSA-PSS (salt as long as the digest, MGF1 with the same hash, as AWS
-    KMS) and RSASSA-PKCS1-v1_5, both over a digest (CKM_RSA_PKCS_PSS, CKM_RSA_PKCS)."""
+    """RSA key pairs. Signing: RSASSA-PSS (salt as long as the digest, MGF1 with the same hash,
+    as AWS KMS) and RSASSA-PKCS1-v1_5, both over a digest (CKM_RSA_PKCS_PSS, CKM_RSA_PKCS).
+    Encryption: RSAES-OAEP (same hash for OAEP and MGF1, empty label, as AWS KMS).
+
+    Decryption happens in the token: RSAES_OAEP_SHA_1 with CKM_RSA_PKCS_OAEP (every token);
+    RSAES_OAEP_SHA_256 with CKM_RSA_PKCS_OAEP too where the token performs OAEP with SHA-256 (a
+    YubiHSM 2 does, per its module's sources), else with CKM_RSA_X_509 (the raw RSA private-key
+    operation) in the token and the OAEP decoding (RFC 8017 §7.1.2 step 3, :func:`oaep_decode`)
+    on the host: SoftHSM 2.6.1 performs CKM_RSA_PKCS_OAEP with SHA-1 only (CKR_ARGUMENTS_BAD for
+    SHA-256: measured). Which one, :meth:`oaep_sha256_in_token` finds out with a real
+    decryption. The private key never leaves the token either way; the decoded message (the
+    plaintext the caller gets anyway) is in host memory either way. Encryption needs only the
+    public key and is done on the host (pyca/cryptography), exactly as a caller encrypting
+    offline with GetPublicKey does; so the public key object has no capability at all."""
 
     def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
+        if usage is MaterialUsage.ENCRYPT_DECRYPT:
+            # CKM_RSA_X_509 too where the token has no OAEP with SHA-256 (checked on use).
+            return frozenset({Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_OAEP})
         return frozenset(
             {Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_PSS, Mechanism.RSA_PKCS}
         )
@@ -1050,15 +1116,15 @@ class RsaMaterial(KeyPairMaterial):
             return digest, {"mechanism": Mechanism.RSA_PKCS_PSS, "mechanism_param": param}
         return _DIGEST_INFO[facts.hash_name] + digest, {"mechanism": Mechanism.RSA_PKCS}
 
-    def sign(self, private: Any, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        data, mechanism = self._input(digest, algorithm)
-        return bytes(_permitted(private, "sign")(data, **mechanism))
+    def sign(self, private: Any, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        payload, mechanism = self._input(data, algorithm)
+        return bytes(_permitted(private, "sign")(payload, **mechanism))
 
     def verify(
-        self, public: Any, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, public: Any, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
-        data, mechanism = self._input(digest, algorithm)
-        return bool(_permitted(public, "verify")(data, signature, **mechanism))
+        payload, mechanism = self._input(data, algorithm)
+        return bool(_permitted(public, "verify")(payload, signature, **mechanism))
 
     def public_key(self, public: Any) -> bytes:
         return self.public_spki(public)
@@ -1074,8 +1140,123 @@ class RsaMaterial(KeyPairMaterial):
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    @property
+    def modulus_bytes(self) -> int:
+        """The length of a ciphertext or signature."""
+        return (self.facts.key_bits + 7) // 8
+
+    def encrypt(
+        self, public_key_der: bytes, plaintext: bytes, scheme: AsymmetricEncryption
+    ) -> bytes:
+        key = serialization.load_der_public_key(public_key_der)
+        if not isinstance(key, rsa.RSAPublicKey):  # pragma: no cover - the token's own key
+            raise _incompatible(self.spec, "encrypt")
+        if len(plaintext) > scheme.facts.max_plaintext(self.modulus_bytes):
+            raise TokenRejected(f"{scheme.value} cannot encrypt that much with {self.spec.value}")
+        algorithm = _HOST_HASHES[scheme.facts.hash_name]
+        return key.encrypt(plaintext, padding.OAEP(padding.MGF1(algorithm()), algorithm(), None))
+
+    def decrypt(
+        self, private: Any, ciphertext: bytes, scheme: AsymmetricEncryption, *, in_token: bool
+    ) -> bytes:
+        if len(ciphertext) != self.modulus_bytes:
+            raise DecryptionFailed("decryption failed")
+        decrypt = _permitted(private, "decrypt")
+        facts = scheme.facts
+        if facts.hash_name == "sha1" or in_token:
+            param = _OAEP_PARAMS[facts.hash_name]
+            return bytes(
+                decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=param)
+            )
+        encoded = bytes(decrypt(ciphertext, mechanism=Mechanism.RSA_X_509))
+        # A module may drop the leading zero bytes of the raw result: put them back.
+        encoded = encoded.rjust(self.modulus_bytes, b"\x00")
+        message = oaep_decode(encoded, facts.hash_name)
+        if message is None:
+            raise DecryptionFailed("decryption failed")
+        return message
+
     def _probe_algorithm(self) -> SigningAlgorithm:
         return SigningAlgorithm.RSASSA_PSS_SHA_256
+
+    def oaep_sha256_in_token(self, private: Any, public: Any) -> bool:
+        """Whether the token decrypts RSAES_OAEP_SHA_256 itself: tried on this (temporary) key
+        pair with a ciphertext made here."""
+        scheme = AsymmetricEncryption.RSAES_OAEP_SHA_256
+        ciphertext = self.encrypt(self.public_key(public), _PROBE_DATA, scheme)
+        try:
+            return self.decrypt(private, ciphertext, scheme, in_token=True) == _PROBE_DATA
+        except p11e.PKCS11Error:
+            return False
+
+    def probe_oaep_sha256(self, session: Any) -> bool:
+        """:meth:`oaep_sha256_in_token` on temporary objects (:class:`ProbeRefused` when the
+        token will not make them)."""
+        with _temporary([]) as objects:
+            with _refusal_is_probe_refused():
+                generated = self.generate(
+                    session, MaterialName("hsmkms-probe"), [b""], profile=None,
+                    usage=MaterialUsage.ENCRYPT_DECRYPT, store=False,
+                )  # fmt: skip
+            objects += [*generated.objects, *generated.public]
+            return self.oaep_sha256_in_token(generated.objects[0], generated.public[0])
+
+    def _probe_usage(self, private: Any, public: Any, usage: MaterialUsage) -> bool:
+        if usage is not MaterialUsage.ENCRYPT_DECRYPT:
+            return super()._probe_usage(private, public, usage)
+        in_token = self.oaep_sha256_in_token(private, public)
+        spki = self.public_key(public)
+        for scheme in AsymmetricEncryption:
+            ciphertext = self.encrypt(spki, _PROBE_DATA, scheme)
+            if self.decrypt(private, ciphertext, scheme, in_token=in_token) != _PROBE_DATA:
+                return False
+            tampered = ciphertext[:-1] + bytes([ciphertext[-1] ^ 1])
+            try:
+                self.decrypt(private, tampered, scheme, in_token=in_token)
+            except (DecryptionFailed, p11e.PKCS11Error):
+                continue
+            return False
+        return True
+
+
+def _mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
+    """MGF1 (RFC 8017 §B.2.1)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def oaep_decode(encoded: bytes, hash_name: str, label: bytes = b"") -> bytes | None:
+    """EME-OAEP decoding (RFC 8017 §7.1.2 step 3) of the raw RSA result ``encoded``; ``None``
+    when it is not a valid encoding. Every check runs whatever the others found, and the one
+    answer for every failure is ``None``, so the caller's single error says nothing about which
+    check failed (a Manger-style oracle needs that; Python cannot promise constant time)."""
+    h_len = hashlib.new(hash_name).digest_size
+    k = len(encoded)
+    if k < 2 * h_len + 2:
+        return None
+    y, masked_seed, masked_db = encoded[0], encoded[1 : 1 + h_len], encoded[1 + h_len :]
+    seed = bytes(
+        a ^ b for a, b in zip(masked_seed, _mgf1(masked_db, h_len, hash_name), strict=True)
+    )
+    db = bytes(a ^ b for a, b in zip(masked_db, _mgf1(seed, k - h_len - 1, hash_name), strict=True))
+    good = hmac.compare_digest(db[:h_len], hashlib.new(hash_name, label).digest())
+    good &= y == 0
+    # The separator: the first 0x01 after the zero padding; any other byte first is an error.
+    separator = 0
+    looking = True
+    invalid = False
+    for index in range(h_len, len(db)):
+        byte = db[index]
+        found = looking and byte == 0x01
+        invalid |= looking and byte not in (0x00, 0x01)
+        separator = index if found else separator
+        looking = looking and not found
+    good &= not looking and not invalid
+    return db[separator + 1 :] if good else None
 
 
 _HASHES: Final[Mapping[str, hashes.HashAlgorithm]] = {
@@ -1093,18 +1274,31 @@ def _der_octet_string(value: bytes) -> bytes:
     return bytes([0x04, 0x80 | len(size)]) + size + value
 
 
-# DER of the named curve OID secp256r1 / prime256v1 (1.2.840.10045.3.1.7), for CKA_EC_PARAMS.
+# DER of the named curve OIDs for CKA_EC_PARAMS: secp256r1 (1.2.840.10045.3.1.7), secp384r1
+# (1.3.132.0.34), secp521r1 (1.3.132.0.35), secp256k1 (1.3.132.0.10), and id-Ed25519
+# (1.3.101.112, RFC 8410) for the Edwards curve.
 _P256_PARAMS: Final = bytes.fromhex("06082a8648ce3d030107")
+_P384_PARAMS: Final = bytes.fromhex("06052b81040022")
+_P521_PARAMS: Final = bytes.fromhex("06052b81040023")
+_K1_PARAMS: Final = bytes.fromhex("06052b8104000a")
+_ED25519_PARAMS: Final = bytes.fromhex("06032b6570")
 
 
 class EcMaterial(KeyPairMaterial):
     """EC key pairs on a named curve: ECDSA over a digest (CKM_ECDSA; signatures DER-encoded
     as X.509 and AWS KMS do), or ECDH (CKM_ECDH1_DERIVE, no KDF) for key agreement."""
 
-    def __init__(self, facts: SpecFacts, curve: ec.EllipticCurve, params: bytes) -> None:
+    def __init__(
+        self,
+        facts: SpecFacts,
+        curve: ec.EllipticCurve,
+        params: bytes,
+        probe_algorithm: SigningAlgorithm,
+    ) -> None:
         super().__init__(facts)
         self.curve = curve
         self.params = params
+        self._probe_with = probe_algorithm
         self._coordinate = (curve.key_size + 7) // 8
 
     def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
@@ -1164,13 +1358,13 @@ class EcMaterial(KeyPairMaterial):
             .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         )
 
-    def sign(self, private: Any, digest: bytes, algorithm: SigningAlgorithm) -> bytes:
-        raw = bytes(_permitted(private, "sign")(digest, mechanism=Mechanism.ECDSA))
+    def sign(self, private: Any, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        raw = bytes(_permitted(private, "sign")(data, mechanism=Mechanism.ECDSA))
         n = self._coordinate
         return encode_dss_signature(int.from_bytes(raw[:n], "big"), int.from_bytes(raw[n:], "big"))
 
     def verify(
-        self, public: Any, digest: bytes, signature: bytes, algorithm: SigningAlgorithm
+        self, public: Any, data: bytes, signature: bytes, algorithm: SigningAlgorithm
     ) -> bool:
         verify = _permitted(public, "verify")
         try:
@@ -1178,19 +1372,11 @@ class EcMaterial(KeyPairMaterial):
             raw = r.to_bytes(self._coordinate, "big") + s.to_bytes(self._coordinate, "big")
         except (ValueError, OverflowError):
             return False
-        return bool(verify(digest, raw, mechanism=Mechanism.ECDSA))
-
-    def _point(self, public: Any) -> bytes:
-        # CKA_EC_POINT is the DER OCTET STRING of the uncompressed point (PKCS#11 2.40); a few
-        # modules return the bare point.
-        value = bytes(public[Attribute.EC_POINT])
-        bare = 1 + 2 * self._coordinate
-        if len(value) == bare + 2 and value[:2] == bytes([0x04, bare]):
-            return value[2:]
-        return value
+        return bool(verify(data, raw, mechanism=Mechanism.ECDSA))
 
     def public_key(self, public: Any) -> bytes:
-        key = ec.EllipticCurvePublicKey.from_encoded_point(self.curve, self._point(public))
+        point = _der_octets(bytes(public[Attribute.EC_POINT]), 1 + 2 * self._coordinate)
+        key = ec.EllipticCurvePublicKey.from_encoded_point(self.curve, point)
         return key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -1221,11 +1407,113 @@ class EcMaterial(KeyPairMaterial):
                 secret.destroy()
 
     def _probe_algorithm(self) -> SigningAlgorithm:
-        return SigningAlgorithm.ECDSA_SHA_256
+        return self._probe_with
+
+
+class EdwardsMaterial(KeyPairMaterial):
+    """Ed25519 key pairs (CKK_EC_EDWARDS, CKM_EC_EDWARDS_KEY_PAIR_GEN): pure EdDSA over the
+    message (CKM_EDDSA), and Ed25519ph (CKM_EDDSA with ``phFlag``) where the token really
+    performs it — SoftHSM 2.6.1 ignores the flag and returns a pure signature (measured), so
+    :meth:`prehash_works` checks before the first use."""
+
+    _LENGTH = 32
+
+    key_type = KeyType.EC_EDWARDS
+
+    def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
+        return frozenset({Mechanism.EC_EDWARDS_KEY_PAIR_GEN, Mechanism.EDDSA})
+
+    def _generate_pair(self, session: Any, **kwargs: Any) -> tuple[Any, Any]:
+        domain = session.create_domain_parameters(
+            KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: _ED25519_PARAMS}, local=True
+        )
+        return tuple(domain.generate_keypair(mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **kwargs))
+
+    @staticmethod
+    def _params(algorithm: SigningAlgorithm) -> dict[str, Any]:
+        if algorithm.facts.scheme is SignatureScheme.EDDSA_PH:
+            return {"mechanism": Mechanism.EDDSA, "mechanism_param": (True, None)}
+        return {"mechanism": Mechanism.EDDSA}
+
+    def sign(self, private: Any, data: bytes, algorithm: SigningAlgorithm) -> bytes:
+        return bytes(_permitted(private, "sign")(data, **self._params(algorithm)))
+
+    def verify(
+        self, public: Any, data: bytes, signature: bytes, algorithm: SigningAlgorithm
+    ) -> bool:
+        verify = _permitted(public, "verify")
+        if len(signature) != 2 * self._LENGTH:
+            return False
+        return bool(verify(data, signature, **self._params(algorithm)))
+
+    def public_key(self, public: Any) -> bytes:
+        point = _der_octets(bytes(public[Attribute.EC_POINT]), self._LENGTH)
+        return ed25519.Ed25519PublicKey.from_public_bytes(point).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def _probe_algorithm(self) -> SigningAlgorithm:
+        return SigningAlgorithm.ED25519_SHA_512
+
+    def prehash_works(self, session: Any) -> bool:
+        """Whether the token performs Ed25519ph, tried on temporary objects: a signature made
+        with ``phFlag`` must not be a pure Ed25519 signature of the same input (what a token
+        that ignores the flag returns), and the token must verify it as Ed25519ph only.
+        :class:`ProbeRefused` when the token will not make temporary objects."""
+        prehashed = SigningAlgorithm.ED25519_PH_SHA_512
+        data = hashlib.sha512(_PROBE_DATA).digest()
+        with _temporary([]) as objects:
+            with _refusal_is_probe_refused():
+                generated = self.generate(
+                    session, MaterialName("hsmkms-probe"), [b""], profile=None,
+                    usage=MaterialUsage.SIGN_VERIFY, store=False,
+                )  # fmt: skip
+            objects += [*generated.objects, *generated.public]
+            private, public = generated.objects[0], generated.public[0]
+            try:
+                signature = self.sign(private, data, prehashed)
+                pure = serialization.load_der_public_key(self.public_key(public))
+                assert isinstance(pure, ed25519.Ed25519PublicKey)
+                try:
+                    pure.verify(signature, data)
+                except InvalidSignature:
+                    pass
+                else:
+                    return False  # the flag was ignored
+                return self.verify(public, data, signature, prehashed) and not self.verify(
+                    public, bytes(len(data)), signature, prehashed
+                )
+            except (p11e.PKCS11Error, TokenRejected):
+                return False
+
+
+class PostQuantumMaterial(KeyPairMaterial):
+    """ML-DSA and ML-KEM key pairs: their mechanisms are named (CKM_ML_DSA_KEY_PAIR_GEN and
+    CKM_ML_DSA, CKM_ML_KEM_KEY_PAIR_GEN and CKM_ML_KEM, PKCS#11 3.2), so a token that lacks them
+    refuses the spec by name. A token that lists them is still refused: no token with these
+    mechanisms was available to build and test an implementation against (SoftHSM 2.6.1 has
+    none), and python-pkcs11 0.10.1 has no C_EncapsulateKey / C_DecapsulateKey."""
+
+    def __init__(self, facts: SpecFacts, generation: Mechanism, use: Mechanism) -> None:
+        super().__init__(facts)
+        self._mechanisms = frozenset({generation, use})
+
+    def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
+        return self._mechanisms
+
+    def _generate_pair(self, session: Any, **kwargs: Any) -> tuple[Any, Any]:
+        raise UnsupportedByToken(f"hsmkms has no PKCS#11 implementation of {self.spec.value} yet")
+
+    def public_key(self, public: Any) -> bytes:
+        raise UnsupportedByToken(f"hsmkms has no PKCS#11 implementation of {self.spec.value} yet")
+
+    def probe(self, session: Any, usage: MaterialUsage) -> bool:
+        return False
 
 
 def _materials() -> dict[KeyMaterialSpec, Material]:
     spec = KeyMaterialSpec
+    sha256, sha384 = SigningAlgorithm.ECDSA_SHA_256, SigningAlgorithm.ECDSA_SHA_384
     made: list[Material] = [
         SymmetricMaterial(spec.SYMMETRIC_DEFAULT.facts),
         HmacMaterial(spec.HMAC_224.facts, Mechanism.SHA224_HMAC),
@@ -1233,13 +1521,29 @@ def _materials() -> dict[KeyMaterialSpec, Material]:
         HmacMaterial(spec.HMAC_384.facts, Mechanism.SHA384_HMAC),
         HmacMaterial(spec.HMAC_512.facts, Mechanism.SHA512_HMAC),
         RsaMaterial(spec.RSA_2048.facts),
-        EcMaterial(spec.ECC_NIST_P256.facts, ec.SECP256R1(), _P256_PARAMS),
+        RsaMaterial(spec.RSA_3072.facts),
+        RsaMaterial(spec.RSA_4096.facts),
+        EcMaterial(spec.ECC_NIST_P256.facts, ec.SECP256R1(), _P256_PARAMS, sha256),
+        EcMaterial(spec.ECC_NIST_P384.facts, ec.SECP384R1(), _P384_PARAMS, sha384),
+        EcMaterial(
+            spec.ECC_NIST_P521.facts, ec.SECP521R1(), _P521_PARAMS, SigningAlgorithm.ECDSA_SHA_512
+        ),
+        EcMaterial(spec.ECC_SECG_P256K1.facts, ec.SECP256K1(), _K1_PARAMS, sha256),
+        EdwardsMaterial(spec.ECC_NIST_EDWARDS25519.facts),
     ]
+    dsa = (Mechanism.ML_DSA_KEY_PAIR_GEN, Mechanism.ML_DSA)
+    kem = (Mechanism.ML_KEM_KEY_PAIR_GEN, Mechanism.ML_KEM)
+    for name in ("ML_DSA_44", "ML_DSA_65", "ML_DSA_87"):
+        made.append(PostQuantumMaterial(spec[name].facts, *dsa))
+    for name in ("ML_KEM_512", "ML_KEM_768", "ML_KEM_1024"):
+        made.append(PostQuantumMaterial(spec[name].facts, *kem))
+    kinds: dict[MaterialKind, type[Material]] = {
+        MaterialKind.SYMMETRIC: SymmetricMaterial, MaterialKind.HMAC: HmacMaterial,
+        MaterialKind.RSA: RsaMaterial, MaterialKind.EC: EcMaterial,
+        MaterialKind.EDWARDS: EdwardsMaterial, MaterialKind.ML_DSA: PostQuantumMaterial,
+        MaterialKind.ML_KEM: PostQuantumMaterial,
+    }  # fmt: skip
     for material in made:
-        kinds = {
-            MaterialKind.SYMMETRIC: SymmetricMaterial, MaterialKind.HMAC: HmacMaterial,
-            MaterialKind.RSA: RsaMaterial, MaterialKind.EC: EcMaterial,
-        }  # fmt: skip
         assert isinstance(material, kinds[material.facts.kind])
     return {m.spec: m for m in made}
 

@@ -25,10 +25,11 @@ class KeyUsage(enum.StrEnum):
     ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
     GENERATE_VERIFY_MAC = "GENERATE_VERIFY_MAC"
     KEY_AGREEMENT = "KEY_AGREEMENT"
+    ENCAPSULATE_DECAPSULATE = "ENCAPSULATE_DECAPSULATE"
 
 
 class KeySpec(enum.StrEnum):
-    """The type of key material (hsmkms creates SYMMETRIC_DEFAULT only, so far)."""
+    """The type of key material (which of them a token can host: ``hsmkms doctor``)."""
 
     RSA_2048 = "RSA_2048"
     RSA_3072 = "RSA_3072"
@@ -37,7 +38,6 @@ class KeySpec(enum.StrEnum):
     ECC_NIST_P384 = "ECC_NIST_P384"
     ECC_NIST_P521 = "ECC_NIST_P521"
     ECC_SECG_P256K1 = "ECC_SECG_P256K1"
-    ECC_NIST_EDWARDS25519 = "ECC_NIST_EDWARDS25519"
     SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
     HMAC_224 = "HMAC_224"
     HMAC_256 = "HMAC_256"
@@ -47,6 +47,29 @@ class KeySpec(enum.StrEnum):
     ML_DSA_44 = "ML_DSA_44"
     ML_DSA_65 = "ML_DSA_65"
     ML_DSA_87 = "ML_DSA_87"
+    ECC_NIST_EDWARDS25519 = "ECC_NIST_EDWARDS25519"
+    ML_KEM_512 = "ML_KEM_512"
+    ML_KEM_768 = "ML_KEM_768"
+    ML_KEM_1024 = "ML_KEM_1024"
+
+
+class CustomerMasterKeySpec(enum.StrEnum):
+    """The deprecated name of :class:`KeySpec`: the specs that existed when it was replaced
+    (a key of a newer spec has no ``CustomerMasterKeySpec`` in its metadata)."""
+
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    ECC_NIST_P256 = "ECC_NIST_P256"
+    ECC_NIST_P384 = "ECC_NIST_P384"
+    ECC_NIST_P521 = "ECC_NIST_P521"
+    ECC_SECG_P256K1 = "ECC_SECG_P256K1"
+    SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+    HMAC_224 = "HMAC_224"
+    HMAC_256 = "HMAC_256"
+    HMAC_384 = "HMAC_384"
+    HMAC_512 = "HMAC_512"
+    SM2 = "SM2"
 
 
 class KeyFamily(enum.Enum):
@@ -117,6 +140,89 @@ class EncryptionAlgorithmSpec(enum.StrEnum):
     SM2PKE = "SM2PKE"
 
 
+class SigningAlgorithmSpec(enum.StrEnum):
+    """Signing algorithms (Sign, Verify)."""
+
+    RSASSA_PSS_SHA_256 = "RSASSA_PSS_SHA_256"
+    RSASSA_PSS_SHA_384 = "RSASSA_PSS_SHA_384"
+    RSASSA_PSS_SHA_512 = "RSASSA_PSS_SHA_512"
+    RSASSA_PKCS1_V1_5_SHA_256 = "RSASSA_PKCS1_V1_5_SHA_256"
+    RSASSA_PKCS1_V1_5_SHA_384 = "RSASSA_PKCS1_V1_5_SHA_384"
+    RSASSA_PKCS1_V1_5_SHA_512 = "RSASSA_PKCS1_V1_5_SHA_512"
+    ECDSA_SHA_256 = "ECDSA_SHA_256"
+    ECDSA_SHA_384 = "ECDSA_SHA_384"
+    ECDSA_SHA_512 = "ECDSA_SHA_512"
+    SM2DSA = "SM2DSA"
+    ML_DSA_SHAKE_256 = "ML_DSA_SHAKE_256"
+    ED25519_SHA_512 = "ED25519_SHA_512"
+    ED25519_PH_SHA_512 = "ED25519_PH_SHA_512"
+
+
+class MessageType(enum.StrEnum):
+    """What Sign and Verify get in ``Message``: the message, its digest, or ML-DSA's mu."""
+
+    RAW = "RAW"
+    DIGEST = "DIGEST"
+    EXTERNAL_MU = "EXTERNAL_MU"
+
+
+class MacAlgorithmSpec(enum.StrEnum):
+    """MAC algorithms (GenerateMac, VerifyMac): one per HMAC key spec."""
+
+    HMAC_SHA_224 = "HMAC_SHA_224"
+    HMAC_SHA_256 = "HMAC_SHA_256"
+    HMAC_SHA_384 = "HMAC_SHA_384"
+    HMAC_SHA_512 = "HMAC_SHA_512"
+
+
+class KeyAgreementAlgorithmSpec(enum.StrEnum):
+    """Key agreement algorithms (DeriveSharedSecret)."""
+
+    ECDH = "ECDH"
+
+
+class EncapsulationAlgorithmSpec(enum.StrEnum):
+    """Key encapsulation algorithms (Encapsulate, Decapsulate)."""
+
+    ML_KEM = "ML_KEM"
+
+
+class DataKeyPairSpec(enum.StrEnum):
+    """The kinds of data key pair GenerateDataKeyPair makes."""
+
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    ECC_NIST_P256 = "ECC_NIST_P256"
+    ECC_NIST_P384 = "ECC_NIST_P384"
+    ECC_NIST_P521 = "ECC_NIST_P521"
+    ECC_SECG_P256K1 = "ECC_SECG_P256K1"
+    SM2 = "SM2"
+    ECC_NIST_EDWARDS25519 = "ECC_NIST_EDWARDS25519"
+    ML_KEM_512 = "ML_KEM_512"
+    ML_KEM_768 = "ML_KEM_768"
+    ML_KEM_1024 = "ML_KEM_1024"
+
+
+class KeyLastUsageOperation(enum.StrEnum):
+    """The cryptographic operations GetKeyLastUsage reports."""
+
+    Decrypt = "Decrypt"
+    DeriveSharedSecret = "DeriveSharedSecret"
+    Encrypt = "Encrypt"
+    GenerateDataKey = "GenerateDataKey"
+    GenerateDataKeyPair = "GenerateDataKeyPair"
+    GenerateDataKeyPairWithoutPlaintext = "GenerateDataKeyPairWithoutPlaintext"
+    GenerateDataKeyWithoutPlaintext = "GenerateDataKeyWithoutPlaintext"
+    GenerateMac = "GenerateMac"
+    ReEncrypt = "ReEncrypt"
+    Sign = "Sign"
+    Verify = "Verify"
+    VerifyMac = "VerifyMac"
+    Encapsulate = "Encapsulate"
+    Decapsulate = "Decapsulate"
+
+
 class RotationType(enum.StrEnum):
     """How a key version came to be (ListKeyRotations)."""
 
@@ -182,15 +288,6 @@ class ImportState(enum.StrEnum):
     PENDING_IMPORT = "PENDING_IMPORT"
 
 
-class MacAlgorithmSpec(enum.StrEnum):
-    """The MAC algorithm of an HMAC key (one per key spec)."""
-
-    HMAC_SHA_224 = "HMAC_SHA_224"
-    HMAC_SHA_256 = "HMAC_SHA_256"
-    HMAC_SHA_384 = "HMAC_SHA_384"
-    HMAC_SHA_512 = "HMAC_SHA_512"
-
-
 class GrantOperation(enum.StrEnum):
     """The operations a grant can allow (reference §3.2)."""
 
@@ -211,3 +308,5 @@ class GrantOperation(enum.StrEnum):
     GenerateMac = "GenerateMac"
     VerifyMac = "VerifyMac"
     DeriveSharedSecret = "DeriveSharedSecret"
+    Encapsulate = "Encapsulate"
+    Decapsulate = "Decapsulate"

@@ -155,7 +155,9 @@ class Authorizer:
         tags: Callable[[], Mapping[str, str]] | None = None
         aliases: Callable[[], Sequence[str]] | None = None
         if key is not None:
-            # spec: §4.3 — resource conditions exist only for operations on an existing key.
+            # spec: §4.3 — resource conditions exist only for operations on an existing key;
+            # kms:KeyOrigin is the key's Origin there (CreateKey passes the requested one).
+            extra = {"kms:KeyOrigin": key.origin, **(extra or {})}
             if self._tags_of is not None:
                 tags = functools.partial(self._tags_of, key.key_id)
             if self._aliases_of is not None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 import structlog
 from pydantic import BaseModel
@@ -58,6 +59,9 @@ from hsmkms.store import (
     VersionConflict,
 )
 from hsmkms.types import Caller, Clock, utc_now
+
+if TYPE_CHECKING:
+    from hsmkms.service.last_usage import KeyUsageHistory
 
 log = structlog.get_logger(__name__)
 
@@ -231,11 +235,14 @@ class ServiceCore:
         account_id: str,
         clock: Clock = utc_now,
         on_event: EventSink | None = None,
+        usage_history: KeyUsageHistory | None = None,
     ) -> None:
         # A single keystore is the default store of a registry of one.
         self._stores = key_stores(keystore)
         self._keystore = self._stores.default
         self._on_event = on_event
+        # Where GetKeyLastUsage reads (the audit trail); None: not available in this process.
+        self._usage_history = usage_history
         self._authz = Authorizer(
             store.grants_for,
             clock=clock,
@@ -247,6 +254,11 @@ class ServiceCore:
         self.arns = Arns(region, account_id)
         self.region = region
         self.account_id = account_id
+        # Token objects this process made for a key version whose row did not commit, and
+        # could not destroy then (the token or the database away): retried by
+        # clean_leftovers(), which the periodic work calls.
+        self._leftovers: list[tuple[KeyMaterialRef, str, int]] = []
+        self._leftovers_lock = threading.Lock()
 
     def _emit(self, name: str, key_arn: str, key_version: int | None = None) -> None:
         """Report a service event; a failing sink is logged, never fatal to the work."""
@@ -298,6 +310,15 @@ class ServiceCore:
                 caller=caller,
                 action=op.action,
                 encryption_context=getattr(request, "EncryptionContext", None),
+                encryption_algorithm=getattr(request, "EncryptionAlgorithm", None),
+            )
+            return method.worker(self, Call(request, caller, key, version))
+        if resolution is Resolution.MATERIAL:
+            key, version = self._resolve_material(
+                getattr(request, op.key_member),
+                op=op,
+                caller=caller,
+                extra=prepared.conditions if prepared is not None else None,
             )
             return method.worker(self, Call(request, caller, key, version))
         if resolution is Resolution.KEY:
@@ -317,6 +338,20 @@ class ServiceCore:
                 caller, op.action, extra=prepared.conditions if prepared is not None else None
             )
         return method.worker(self, Call(request, caller))
+
+    @classmethod
+    def check_request(cls, name: str, request: BaseModel) -> None:
+        """Check ``request`` for the operation ``name`` as the template does before it resolves
+        a key (the model's constraints, grant tokens, the operation's own ``prepare`` checks),
+        without running it; raises the operation's errors. For a seed file, checked whole
+        before anything is applied."""
+        method: OperationMethod[Any, Any, Any] = getattr(cls, OPERATIONS[name].worker)
+        validate_request(request)
+        tokens = getattr(request, "GrantTokens", None)
+        if method.op.grant_tokens and tokens:
+            cls._check_grant_tokens(tokens)
+        if method.prepare is not None:
+            method.prepare(request)
 
     # -- resolution -----------------------------------------------------------------------------
 
@@ -375,6 +410,37 @@ class ServiceCore:
         check_state(access, key)
         return key
 
+    def _resolve_material(
+        self,
+        identifier: str,
+        *,
+        op: Operation,
+        caller: Caller | None,
+        action: str | None = None,
+        extra: Mapping[str, ContextInput] | None = None,
+    ) -> tuple[KeyRecord, KeyVersionRecord]:
+        """As :meth:`_resolve` for ``op`` (authorized for ``action``, ``op``'s own by default),
+        also returning the key's current version (its key material), both from one cached
+        query: the hot path of Sign, GenerateMac and the other operations on a key that never
+        rotates."""
+        key_id, alias = self._resolve_name(identifier, aliases=op.aliases)
+        found = self._store.get_key_and_version(key_id)
+        if found is None or (found[0].state != _ENABLED and self._gone(found[0], self._clock())):
+            raise self._not_found(key_id)
+        key, version = found
+        if caller is not None:
+            caller.note_key(key.arn)
+            self._authz.check_key(
+                caller, action or op.action, key, request_alias=alias, extra=extra
+            )
+        check_state(op.access, key)
+        self._check_usage(op, key)
+        if version is None:  # the row of the current version must exist (same transaction)
+            raise self._not_found(key_id)
+        if caller is not None:
+            caller.note_key(key.arn, version.version)
+        return key, version
+
     def _resolve_current(
         self,
         identifier: str,
@@ -383,10 +449,12 @@ class ServiceCore:
         caller: Caller | None,
         action: str,
         encryption_context: Mapping[str, str] | None,
+        encryption_algorithm: str | None = None,
     ) -> tuple[KeyRecord, KeyVersionRecord]:
         """For encryption: the usable key and its current version, rotating first when an
         automatic rotation is due (rotation is checked on use). Authorizes ``caller`` for
-        ``action`` with the request's encryption context; the key must suit ``op``."""
+        ``action`` with the request's encryption context and algorithm (SYMMETRIC_DEFAULT when
+        absent); the key must suit ``op``."""
         key_id, alias = self._resolve_name(identifier, aliases=True)
         found = self._store.get_key_and_version(key_id)
         now = self._clock()
@@ -401,7 +469,7 @@ class ServiceCore:
                 action,
                 key,
                 encryption_context=encryption_context,
-                encryption_algorithm=SYMMETRIC_DEFAULT,
+                encryption_algorithm=encryption_algorithm or SYMMETRIC_DEFAULT,
                 request_alias=alias,
             )
         check_state(Access.USE, key)
@@ -429,8 +497,9 @@ class ServiceCore:
     def _check_usage(op: Operation, key: KeyRecord) -> None:
         """InvalidKeyUsageException unless the key's spec and usage suit the operation."""
         if not op.accepts(key.key_spec, key.key_usage):
+            # spec: "<arn> key usage is SIGN_VERIFY which is not valid for Encrypt." (§1.9)
             raise InvalidKeyUsageException(
-                f"{key.arn} key usage is {key.key_usage} which is not valid for this operation."
+                f"{key.arn} key usage is {key.key_usage} which is not valid for {op.name}."
             )
 
     @staticmethod
@@ -570,17 +639,56 @@ class ServiceCore:
     def _destroy_quietly(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
         try:
             self._stores.backend_for(ref).destroy(ref)
-        except Exception:  # the orphan check (hsmkms doctor) reports what is left
-            log.warning("destroy_failed", key_id=key_id, version=version)
+        except Exception as exc:  # kept, and destroyed by clean_leftovers() once it can be
+            log.warning("destroy_failed", key_id=key_id, version=version, error=type(exc).__name__)
+            self._leave(ref, key_id, version)
 
-    def _committed(self, key_id: str, version: int, ref: KeyMaterialRef) -> bool:
+    def _committed(self, key_id: str, version: int, ref: KeyMaterialRef) -> bool | None:
         """Whether the store holds ``ref`` for this version (a commit that reported failure
-        may still have happened: never destroy material the store refers to)."""
+        may still have happened: never destroy material the store refers to); None when the
+        store cannot tell now."""
         try:
             row = self._store.get_version(key_id, version)
         except Exception:
-            return True  # cannot tell: keep the object; the orphan check will tell
+            return None
         return row is not None and row.material_ref == ref.to_str()
+
+    def _discard_uncommitted(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
+        """After a failed write of a version's row: destroy the version's new token object
+        unless the row did commit; when that cannot be told now, keep it for
+        :meth:`clean_leftovers`."""
+        committed = self._committed(key_id, version, ref)
+        if committed is None:
+            self._leave(ref, key_id, version)
+        elif not committed:
+            self._destroy_quietly(ref, key_id, version)
+
+    def _leave(self, ref: KeyMaterialRef, key_id: str, version: int) -> None:
+        with self._leftovers_lock:
+            self._leftovers.append((ref, key_id, version))
+
+    def clean_leftovers(self) -> int:
+        """Destroy the token objects this process made for key versions whose rows did not
+        commit, now that the store and the token answer; returns how many were destroyed
+        (those still unanswered are kept for the next call). A CreateKey or rotation that
+        failed half-way (the token or the database away) leaves no orphan behind."""
+        with self._leftovers_lock:
+            pending, self._leftovers = self._leftovers, []
+        destroyed = 0
+        for ref, key_id, version in pending:
+            committed = self._committed(key_id, version, ref)
+            if committed:
+                continue  # the row committed after all: not an orphan
+            try:
+                if committed is None:
+                    raise LookupError("the store cannot tell")
+                self._stores.backend_for(ref).destroy(ref)
+            except Exception:
+                self._leave(ref, key_id, version)
+                continue
+            destroyed += 1
+            log.info("orphan_destroyed", key_id=key_id, version=version)
+        return destroyed
 
     def _rotate(
         self,
@@ -632,8 +740,7 @@ class ServiceCore:
             self._destroy_quietly(ref, key.key_id, new_version)
             return None
         except BaseException:
-            if not self._committed(key.key_id, new_version, ref):
-                self._destroy_quietly(ref, key.key_id, new_version)
+            self._discard_uncommitted(ref, key.key_id, new_version)
             raise
         log.info(
             "key_rotated", key_id=key.key_id, version=new_version, rotation_type=rotation_type.value

@@ -7,12 +7,13 @@ import datetime as dt
 import uuid
 
 from hsmkms.errors import (
+    AlreadyExistsException,
     KMSInvalidStateException,
     UnsupportedOperationException,
     ValidationException,
 )
 from hsmkms.keystore.base import MaterialName
-from hsmkms.keystore.specs import KeyMaterialSpec
+from hsmkms.keystore.errors import UnsupportedByToken
 from hsmkms.models import (
     CancelKeyDeletionRequest,
     CancelKeyDeletionResponse,
@@ -27,29 +28,28 @@ from hsmkms.models import (
     KeyMetadata,
     ListKeysRequest,
     ListKeysResponse,
+    OperatorCreateKeyRequest,
     ScheduleKeyDeletionRequest,
     ScheduleKeyDeletionResponse,
     UpdateKeyDescriptionRequest,
 )
 from hsmkms.models.enums import (
-    EncryptionAlgorithmSpec,
     ExpirationModel,
-    KeyFamily,
     KeyManager,
     KeySpec,
     KeyState,
     KeyUsage,
-    MacAlgorithmSpec,
     OriginType,
     RotationType,
-    key_family,
 )
 from hsmkms.policy import ContextInput, default_key_policy, parse_policy
 from hsmkms.service.aliases import check_tags, tag_conditions
 from hsmkms.service.authorize import key_policy
 from hsmkms.service.core import Call, Prepared, ServiceCore, log, operation, page_limit
+from hsmkms.service.key_types import KEY_TYPES, customer_master_key_spec
 from hsmkms.service.states import Access
 from hsmkms.store import IMPORTED, ImportedMaterialRecord, KeyRecord, KeyVersionRecord
+from hsmkms.types import Caller
 
 DEFAULT_PENDING_WINDOW_DAYS = 30
 
@@ -61,24 +61,27 @@ def _key_type(request: CreateKeyRequest) -> tuple[KeySpec, KeyUsage, OriginType]
             "You cannot specify KeySpec and CustomerMasterKeySpec in the same request. "
             "CustomerMasterKeySpec is deprecated."
         )
-    spec = request.KeySpec or request.CustomerMasterKeySpec or KeySpec.SYMMETRIC_DEFAULT
+    spec = KeySpec(request.KeySpec or request.CustomerMasterKeySpec or KeySpec.SYMMETRIC_DEFAULT)
+    usage = request.KeyUsage
+    if usage is None:
+        if spec is not KeySpec.SYMMETRIC_DEFAULT:
+            # spec: LocalStack's AWS-validated snapshot test_hmac_create_key_invalid_operations.
+            raise ValidationException(
+                "You must specify a KeyUsage value for all KMS keys except for symmetric "
+                "encryption keys."
+            )
+        usage = KeyUsage.ENCRYPT_DECRYPT
+    key_type = KEY_TYPES[spec]
+    if usage not in key_type.usages:
+        raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
+    if key_type.material is None:
+        raise UnsupportedOperationException(
+            f"KeySpec {spec} is not supported: it exists in the AWS China Regions only, and no "
+            "PKCS#11 token holds it."
+        )
     origin = request.Origin or OriginType.AWS_KMS
     if origin not in (OriginType.AWS_KMS, OriginType.EXTERNAL):
         raise UnsupportedOperationException(f"Origin {origin} is not supported.")
-    if spec is not KeySpec.SYMMETRIC_DEFAULT and request.KeyUsage is None:
-        raise ValidationException(
-            "You must specify a KeyUsage value for all KMS keys except for symmetric "
-            "encryption keys."
-        )
-    usage = request.KeyUsage or KeyUsage.ENCRYPT_DECRYPT
-    if spec is KeySpec.SYMMETRIC_DEFAULT and usage is not KeyUsage.ENCRYPT_DECRYPT:
-        raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
-    if spec is not KeySpec.SYMMETRIC_DEFAULT:
-        # HMAC keys for imported material (issue 18); other specs are the key-types work.
-        if key_family(spec) is not KeyFamily.HMAC or origin is not OriginType.EXTERNAL:
-            raise UnsupportedOperationException(f"KeySpec {spec} is not supported.")
-        if usage is not KeyUsage.GENERATE_VERIFY_MAC:
-            raise ValidationException(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
     if request.CustomKeyStoreId is not None or request.XksKeyId is not None:
         raise UnsupportedOperationException("Custom key stores are not supported.")
     if request.MultiRegion:
@@ -133,52 +136,74 @@ class KeyOperations(ServiceCore):
 
     def _metadata(self, key: KeyRecord) -> KeyMetadata:
         pending = key.state == KeyState.PendingDeletion
-        spec = KeySpec(key.key_spec)
-        symmetric = spec is KeySpec.SYMMETRIC_DEFAULT
+        key_type = KEY_TYPES[KeySpec(key.key_spec)]
+        usage = KeyUsage(key.key_usage)
         model, valid_to = _expiration(self._materials(key), key.current_version)
-        return KeyMetadata(
-            AWSAccountId=self.account_id,
-            KeyId=key.key_id,
-            Arn=key.arn,
-            CreationDate=key.created_at,
-            Enabled=key.state == KeyState.Enabled,
-            Description=key.description,
-            KeyUsage=KeyUsage(key.key_usage),
-            KeyState=KeyState(key.state),
-            DeletionDate=key.deletion_date if pending else None,
-            ValidTo=valid_to,
-            Origin=OriginType(key.origin),
-            KeyManager=KeyManager.CUSTOMER,
-            CustomerMasterKeySpec=spec,
-            KeySpec=spec,
-            ExpirationModel=model,
-            EncryptionAlgorithms=[EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT] if symmetric else None,
-            MacAlgorithms=[MacAlgorithmSpec(f"HMAC_SHA_{spec.value[5:]}")]
-            if key_family(spec.value) is KeyFamily.HMAC
-            else None,
-            MultiRegion=False,
-            PendingDeletionWindowInDays=key.pending_window_days if pending else None,
-            # spec: KeyMetadata — CurrentKeyMaterialId is present for symmetric keys only.
-            CurrentKeyMaterialId=self._key_material_id(key, key.current_version)
-            if symmetric
-            else None,
+        return KeyMetadata.model_validate(
+            {
+                "AWSAccountId": self.account_id,
+                "KeyId": key.key_id,
+                "Arn": key.arn,
+                "CreationDate": key.created_at,
+                "Enabled": key.state == KeyState.Enabled,
+                "Description": key.description,
+                "KeyUsage": usage,
+                "KeyState": KeyState(key.state),
+                "DeletionDate": key.deletion_date if pending else None,
+                "ValidTo": valid_to,
+                "ExpirationModel": model,
+                "Origin": OriginType(key.origin),
+                "KeyManager": KeyManager.CUSTOMER,
+                "CustomerMasterKeySpec": customer_master_key_spec(key.key_spec),
+                "KeySpec": key_type.spec,
+                **key_type.algorithm_lists(usage),
+                "MultiRegion": False,
+                "PendingDeletionWindowInDays": key.pending_window_days if pending else None,
+                # spec: only symmetric encryption keys have a current key material id.
+                "CurrentKeyMaterialId": (
+                    self._key_material_id(key, key.current_version) if key_type.symmetric else None
+                ),
+            }
         )
+
+    def _new_key_id(self, request: CreateKeyRequest, caller: Caller | None) -> str:
+        """A fresh UUID; the local operator (a seed file) may choose it instead."""
+        if not isinstance(request, OperatorCreateKeyRequest):
+            return str(uuid.uuid4())
+        if caller is not None:
+            raise ValidationException("Only the local operator may choose a key id.")
+        if self._store.get_key(request.KeyId) is not None:
+            raise AlreadyExistsException(f"Key '{self.arns.key(request.KeyId)}' already exists")
+        return request.KeyId
 
     @operation("CreateKey", prepare=_prepare_create_key)
     def create_key(self, call: Call[CreateKeyRequest]) -> CreateKeyResponse:
-        """CreateKey: a symmetric encryption key (SYMMETRIC_DEFAULT, ENCRYPT_DECRYPT) whose first
-        version is generated inside the token."""
+        """CreateKey: a key of any spec and usage the token can host, its first version
+        generated inside the token (a symmetric key under the store's mechanism profile; a key
+        pair or HMAC key with only the capabilities its usage needs).
+        UnsupportedOperationException names what a token lacks."""
         request, caller = call.request, call.caller
         spec, usage, origin = _key_type(request)
         now = self._clock()
-        key_id = str(uuid.uuid4())
+        key_id = self._new_key_id(request, caller)
         if request.Policy is not None and not request.BypassPolicyLockoutSafetyCheck:
             self._authz.check_lockout(caller, key_policy(request.Policy), self.arns.key(key_id))
         if origin is OriginType.EXTERNAL:
             return self._create_external_key(call, key_id, spec, usage, now)
-        ref = self._stores.default.create(
-            KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(key_id, 1)
-        )
+        key_type = KEY_TYPES[spec]
+        assert key_type.material is not None  # checked by _key_type
+        name = MaterialName.key_version(key_id, 1)
+        try:
+            if key_type.symmetric:
+                ref = self._stores.default.create(key_type.material, name)
+            else:
+                material_usage = key_type.material_usage(usage)
+                ref = self._stores.default.create(key_type.material, name, usage=material_usage)
+        except UnsupportedByToken as exc:
+            raise UnsupportedOperationException(
+                f"KeySpec {spec} with KeyUsage {usage} is not supported by this key store: "
+                f"{exc.message}."
+            ) from None
         key = KeyRecord(
             key_id=key_id,
             arn=self.arns.key(key_id),
@@ -191,13 +216,13 @@ class KeyOperations(ServiceCore):
             policy=request.Policy or default_key_policy(self.account_id),
             current_version=1,
         )
-        profile = ref.encryption_profile.value
+        # Key pairs and HMAC keys have no mechanism profile: "-", as in their reference text.
+        profile = ref.profile.value if ref.profile is not None else "-"
         version = KeyVersionRecord(key_id, 1, ref.to_str(), profile, now, None)
         try:
             self._store.create_key(key, version, check_tags(request.Tags or []))
         except BaseException:
-            if not self._committed(key_id, 1, ref):
-                self._destroy_quietly(ref, key_id, 1)
+            self._discard_uncommitted(ref, key_id, 1)
             raise
         log.info("key_created", key_id=key_id, profile=profile)
         if caller is not None:

@@ -3,8 +3,9 @@ store. Every public operation takes its request model and the request's ``caller
 its response model.
 
 The operations are grouped by concern, one module each (keys, aliases and tags, crypto,
-imported key material, rotation, policies, grants, maintenance); each runs through the one
-template of :class:`~hsmkms.service.core.ServiceCore` as its descriptor in
+asymmetric, mac, data key pairs, last usage, multi-Region, imported key material, rotation,
+policies, grants, maintenance); each runs through the one template of
+:class:`~hsmkms.service.core.ServiceCore` as its descriptor in
 :mod:`hsmkms.service.operations` says. The API writes the call's audit record from the result
 (:mod:`hsmkms.api.app`).
 """
@@ -12,11 +13,16 @@ template of :class:`~hsmkms.service.core.ServiceCore` as its descriptor in
 from __future__ import annotations
 
 from hsmkms.service.aliases import AliasOperations
+from hsmkms.service.asymmetric import AsymmetricOperations
 from hsmkms.service.crypto import CryptoOperations
+from hsmkms.service.data_key_pairs import DataKeyPairOperations
 from hsmkms.service.grants import GrantOperations
 from hsmkms.service.imports import ImportOperations
 from hsmkms.service.keys import KeyOperations
+from hsmkms.service.last_usage import LastUsageOperations
+from hsmkms.service.mac import MacOperations
 from hsmkms.service.maintenance import Maintenance
+from hsmkms.service.multi_region import MultiRegionOperations
 from hsmkms.service.policies import PolicyOperations
 from hsmkms.service.rotation import RotationOperations
 
@@ -26,6 +32,11 @@ class KmsService(
     AliasOperations,
     CryptoOperations,
     ImportOperations,
+    AsymmetricOperations,
+    MacOperations,
+    DataKeyPairOperations,
+    LastUsageOperations,
+    MultiRegionOperations,
     RotationOperations,
     PolicyOperations,
     GrantOperations,

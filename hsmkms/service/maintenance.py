@@ -8,9 +8,11 @@ import dataclasses
 import datetime as dt
 import threading
 import time
+from collections.abc import Callable
 
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, TokenObject
 from hsmkms.keystore.imports import WrappingKeyRef, WrappingKeySpec, wrapping_key_end
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.models.enums import RotationType
 from hsmkms.service.core import ServiceCore, log
 from hsmkms.store import DELETING, ImportTokenRecord
@@ -43,6 +45,8 @@ class Inconsistencies:
 
     orphans: list[TokenObject]
     missing: list[tuple[str, int]]
+    orphan_stores: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The key store holding each orphan (by object id)."""
 
 
 class Maintenance(ServiceCore):
@@ -198,13 +202,44 @@ class Maintenance(ServiceCore):
             if state != DELETING and not all(oid in in_store for oid in ref.object_ids):
                 missing.append((version.key_id, version.version))
         # Service keys (audit seal, credentials) are not key versions and never orphans here.
-        orphans = [
-            o
-            for store_id, listed in objects.items()
-            for o in listed
-            if o.is_key_version and o.object_id not in referenced[store_id]
-        ]
-        return Inconsistencies(orphans=orphans, missing=missing)
+        orphans = []
+        stores: dict[str, str] = {}
+        for store_id, listed in objects.items():
+            for o in listed:
+                if o.is_key_version and o.object_id not in referenced[store_id]:
+                    orphans.append(o)
+                    stores[o.object_id] = store_id
+        return Inconsistencies(orphans=orphans, missing=missing, orphan_stores=stores)
+
+    def remove_orphans(
+        self, *, grace: float = 15.0, sleep: Callable[[float], None] = time.sleep
+    ) -> list[TokenObject]:
+        """Destroy the token objects of key versions that no row refers to (``hsmkms doctor
+        --remove-orphans``): those that are orphans in two looks ``grace`` seconds apart (an
+        object whose CreateKey or rotation is still committing its row is given that time; a
+        row waits at most the database's busy timeout, 10 s). Returns what was destroyed.
+
+        Only for objects left by interrupted creations: after restoring the database from an
+        older copy, the objects of keys created since look the same — and are their only
+        material."""
+        first = {o.object_id for o in self.find_inconsistencies().orphans}
+        if not first:
+            return []
+        sleep(grace)
+        found = self.find_inconsistencies()
+        removed = []
+        for orphan in found.orphans:
+            if orphan.object_id not in first:
+                continue
+            # destroy() destroys every object holding the id; the spec is not looked at.
+            ref = KeyMaterialRef(
+                KeyMaterialSpec.HMAC_256, None, (orphan.object_id,),
+                found.orphan_stores[orphan.object_id],
+            )  # fmt: skip
+            self._stores.backend_for(ref).destroy(ref)
+            log.warning("orphan_destroyed", object_id=orphan.object_id, label=orphan.label)
+            removed.append(orphan)
+        return removed
 
     def start_background(self, interval: float = 60.0) -> None:
         """Run :meth:`run_due_tasks` every ``interval`` seconds in a daemon thread."""

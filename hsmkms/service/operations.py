@@ -6,8 +6,8 @@ account, how the template finds the key (and whether an alias may name it), whic
 and key types it accepts, which grant operations it maps to, whether CloudTrail marks it
 read-only and whether the HTTP layer runs it inline. :data:`ALL_OPERATIONS` holds every operation of
 the AWS KMS API (the botocore model is the authority: a test compares the names); those without
-models are not implemented yet and answer ``UnknownOperationException`` at the HTTP layer;
-:data:`OPERATIONS` holds the implemented ones.
+models are not implemented yet and answer ``UnsupportedOperationException`` at the HTTP layer
+(AWS recognises them: they are not unknown); :data:`OPERATIONS` holds the implemented ones.
 
 Every other list is derived here and nowhere else: the policy actions
 (:data:`KEY_RESOURCE_ACTIONS`, :data:`ACCOUNT_ACTIONS`), the grant operations and which key types
@@ -74,6 +74,9 @@ class Resolution(enum.Enum):
     CURRENT = "current"
     """As KEY, for encryption: also the key's current version (rotating first when an automatic
     rotation is due), authorized with the request's encryption context."""
+    MATERIAL = "material"
+    """As KEY, and also the key's current version (its key material), read with the key in one
+    cached query: the operations that use a key that never rotates (Sign, GenerateMac, ...)."""
     WORKER = "worker"
     """The worker finds and authorizes the key(s) itself: a ciphertext names the key (Decrypt),
     two keys are involved (ReEncrypt, UpdateAlias), or the key is reached through an alias or a
@@ -94,7 +97,7 @@ class Operation:
     resource: Resource = Resource.KEY
     resolution: Resolution = Resolution.KEY
     key_member: str = "KeyId"
-    """The request member naming the key (KEY and CURRENT resolutions)."""
+    """The request member naming the key (KEY, CURRENT and MATERIAL resolutions)."""
     aliases: bool = False
     """Whether the key may be named by an alias name or alias ARN (spec: §1.3)."""
     access: Access = Access.READ
@@ -170,6 +173,7 @@ _ENCRYPT_DECRYPT: Final = frozenset({KeyUsage.ENCRYPT_DECRYPT})
 _SIGN_VERIFY: Final = frozenset({KeyUsage.SIGN_VERIFY})
 _MAC: Final = frozenset({KeyUsage.GENERATE_VERIFY_MAC})
 _AGREEMENT: Final = frozenset({KeyUsage.KEY_AGREEMENT})
+_ENCAPSULATION: Final = frozenset({KeyUsage.ENCAPSULATE_DECAPSULATE})
 _SYMMETRIC: Final = frozenset({KeyFamily.SYMMETRIC})
 # Key types that encrypt: symmetric keys, RSA (OAEP) and SM2 (SM2PKE).
 _ENCRYPTING: Final = frozenset({KeyFamily.SYMMETRIC, KeyFamily.RSA, KeyFamily.SM2})
@@ -181,6 +185,10 @@ _G = GrantOperation
 # Shorthands for the table below.
 _ACCOUNT: Final[dict[str, Any]] = {"resource": Resource.ACCOUNT, "resolution": Resolution.ACCOUNT}
 _CRYPTO: Final[dict[str, Any]] = {"read_only": True, "inline": True, "grant_tokens": True}
+# The operations on a key pair or HMAC key: the key and its material in one query.
+_KEY_USE: Final[dict[str, Any]] = {
+    **_CRYPTO, "resolution": Resolution.MATERIAL, "aliases": True, "access": Access.USE,
+}  # fmt: skip
 _DATA_KEY: Final[dict[str, Any]] = {
     **_CRYPTO, "resolution": Resolution.CURRENT, "aliases": True, "access": Access.USE,
     "usages": _ENCRYPT_DECRYPT, "families": _SYMMETRIC, "encryption_context": True,
@@ -221,9 +229,19 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
             m.CancelKeyDeletionResponse,
             access=Access.CANCEL_DELETION,
         ),
-        _op("GetKeyLastUsage", None, None, read_only=True),
-        _op("ReplicateKey", None, None),
-        _op("UpdatePrimaryRegion", None, None),
+        _op(
+            "GetKeyLastUsage",
+            m.GetKeyLastUsageRequest,
+            m.GetKeyLastUsageResponse,
+            read_only=True,
+        ),
+        _op("ReplicateKey", m.ReplicateKeyRequest, m.ReplicateKeyResponse, access=Access.MANAGE),
+        _op(
+            "UpdatePrimaryRegion",
+            m.UpdatePrimaryRegionRequest,
+            m.EmptyResponse,
+            access=Access.MANAGE,
+        ),
         _op("SynchronizeMultiRegionKey", None, None, api=False),
         # -- aliases and tags -------------------------------------------------------------------
         _op(
@@ -294,11 +312,17 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
             _DATA_KEY,
             grants=(_G.GenerateDataKeyWithoutPlaintext,),
         ),
-        _op("GenerateDataKeyPair", None, None, _DATA_KEY, grants=(_G.GenerateDataKeyPair,)),
+        _op(
+            "GenerateDataKeyPair",
+            m.GenerateDataKeyPairRequest,
+            m.GenerateDataKeyPairResponse,
+            _DATA_KEY,
+            grants=(_G.GenerateDataKeyPair,),
+        ),
         _op(
             "GenerateDataKeyPairWithoutPlaintext",
-            None,
-            None,
+            m.GenerateDataKeyPairWithoutPlaintextRequest,
+            m.GenerateDataKeyPairWithoutPlaintextResponse,
             _DATA_KEY,
             grants=(_G.GenerateDataKeyPairWithoutPlaintext,),
         ),
@@ -312,87 +336,74 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
         ),
         _op(
             "Sign",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.SignRequest,
+            m.SignResponse,
+            _KEY_USE,
             usages=_SIGN_VERIFY,
             families=_SIGNING,
             grants=(_G.Sign,),
         ),
         _op(
             "Verify",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.VerifyRequest,
+            m.VerifyResponse,
+            _KEY_USE,
             usages=_SIGN_VERIFY,
             families=_SIGNING,
             grants=(_G.Verify,),
         ),
         _op(
             "GenerateMac",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.GenerateMacRequest,
+            m.GenerateMacResponse,
+            _KEY_USE,
             usages=_MAC,
             families=frozenset({KeyFamily.HMAC}),
             grants=(_G.GenerateMac,),
         ),
         _op(
             "VerifyMac",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.VerifyMacRequest,
+            m.VerifyMacResponse,
+            _KEY_USE,
             usages=_MAC,
             families=frozenset({KeyFamily.HMAC}),
             grants=(_G.VerifyMac,),
         ),
         _op(
             "DeriveSharedSecret",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.DeriveSharedSecretRequest,
+            m.DeriveSharedSecretResponse,
+            _KEY_USE,
             usages=_AGREEMENT,
             families=frozenset({KeyFamily.ECC, KeyFamily.SM2}),
             grants=(_G.DeriveSharedSecret,),
         ),
         _op(
             "GetPublicKey",
-            None,
-            None,
-            aliases=True,
-            grant_tokens=True,
-            read_only=True,
-            access=Access.USE,
+            m.GetPublicKeyRequest,
+            m.GetPublicKeyResponse,
+            _KEY_USE,
             families=_ASYMMETRIC,
             grants=(_G.GetPublicKey,),
         ),
         _op(
             "Encapsulate",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.EncapsulateRequest,
+            m.EncapsulateResponse,
+            _KEY_USE,
+            usages=_ENCAPSULATION,
             families=frozenset({KeyFamily.ML_KEM}),
+            grants=(_G.Encapsulate,),
         ),
         _op(
             "Decapsulate",
-            None,
-            None,
-            _CRYPTO,
-            aliases=True,
-            access=Access.USE,
+            m.DecapsulateRequest,
+            m.DecapsulateResponse,
+            _KEY_USE,
+            usages=_ENCAPSULATION,
             families=frozenset({KeyFamily.ML_KEM}),
+            grants=(_G.Decapsulate,),
         ),
         # -- imported key material --------------------------------------------------------------
         _op(

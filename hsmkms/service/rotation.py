@@ -43,6 +43,19 @@ from hsmkms.store import IMPORTED, ImportConflict, KeyRecord
 MAX_ON_DEMAND_ROTATIONS = 25
 DEFAULT_ROTATION_PERIOD_DAYS = 365
 ON_DEMAND_CONFLICT_WINDOW = dt.timedelta(minutes=20)
+# spec: AWS's answer to a rotation operation on an asymmetric or HMAC key (seen in terraform
+# reports of AWS responses, hashicorp/terraform-provider-aws users and floci-io/floci #586).
+NOT_ROTATABLE_MESSAGE = (
+    "You cannot perform this operation on a non-symmetric key or a key with non-ENCRYPT_DECRYPT "
+    "key usage."
+)
+
+
+def _check_rotatable(key: KeyRecord) -> None:
+    """UnsupportedOperationException unless the key is a symmetric encryption key: only those
+    rotate (asymmetric and HMAC keys have one key material for life)."""
+    if key.key_spec != "SYMMETRIC_DEFAULT" or key.key_usage != "ENCRYPT_DECRYPT":
+        raise UnsupportedOperationException(NOT_ROTATABLE_MESSAGE)
 
 
 def _prepare_enable_key_rotation(request: EnableKeyRotationRequest) -> Prepared:
@@ -68,6 +81,7 @@ class RotationOperations(ServiceCore):
         """EnableKeyRotation: rotate every RotationPeriodInDays (90-2560, default 365); the first
         rotation comes one period after this call."""
         _automatic_rotation_allowed(call.key)
+        _check_rotatable(call.key)
         period = page_limit(call.request.RotationPeriodInDays, DEFAULT_ROTATION_PERIOD_DAYS)
         self._store.set_rotation(
             call.key.key_id,
@@ -81,6 +95,7 @@ class RotationOperations(ServiceCore):
     def disable_key_rotation(self, call: Call[DisableKeyRotationRequest]) -> EmptyResponse:
         """DisableKeyRotation: no more automatic rotations (existing versions stay)."""
         _automatic_rotation_allowed(call.key)
+        _check_rotatable(call.key)
         self._store.set_rotation(
             call.key.key_id, enabled=False, period_days=None, next_rotation_date=None
         )
@@ -109,6 +124,7 @@ class RotationOperations(ServiceCore):
         """RotateKeyOnDemand: a new key version now (at most 25 per key); the automatic
         schedule is unchanged."""
         key = call.key
+        _check_rotatable(key)
         now = self._clock()
         if key.origin == OriginType.EXTERNAL:
             return self._rotate_imported(key, now)
@@ -117,9 +133,10 @@ class RotationOperations(ServiceCore):
             if current.state != KeyState.Enabled:
                 self._resolve(current.key_id, aliases=False, access=Access.USE)
             if current.on_demand_rotations >= MAX_ON_DEMAND_ROTATIONS:
+                # spec: LocalStack's AWS-modelled wording of the limit.
                 raise LimitExceededException(
-                    "The on-demand rotations limit has been reached for this key. "
-                    f"A key can be rotated on demand at most {MAX_ON_DEMAND_ROTATIONS} times."
+                    "The on-demand rotations limit has been reached for the given keyId. "
+                    f"No more on-demand rotations can be performed for this key: {current.arn}"
                 )
             if (
                 current.rotation_enabled

@@ -100,7 +100,11 @@ class ImportConflict(StoreError):
 log = structlog.get_logger(__name__)
 
 _CACHE_MAX = 10_000
-_ERRORS = ErrorMessages(busy="The metadata store is busy.", failed="The metadata store failed.")
+_ERRORS = ErrorMessages(
+    busy="The metadata store is busy.",
+    failed="The metadata store failed.",
+    unavailable="The metadata store is unavailable.",
+)
 
 
 def _encode_marker(kind: str, last: str | int) -> str:
@@ -344,6 +348,14 @@ def _pk(table: Table, m: Mapping[Any, Any]) -> tuple[Any, ...]:
 
 def _pk_clause(table: Table, pk: tuple[Any, ...]) -> ColumnElement[bool]:
     return and_(*(c == v for c, v in zip(table.primary_key.columns, pk, strict=True)))
+
+
+def _lock_key_row(conn: Connection, key_id: str) -> None:
+    """Lock the key row (not verified: for writes that only remove rows of the key), so that
+    a write is not interleaved with another one of the same key where the database has row
+    locks: a tag removed between ``put_tags``' read and its update, an alias added while
+    ``delete_key`` runs (its foreign key would then fail the purge)."""
+    conn.execute(select(_K.c.id).where(_K.c.id == key_id).with_for_update())
 
 
 def _owner(table: Table, m: Mapping[Any, Any]) -> Any:
@@ -897,6 +909,7 @@ class MetadataStore:
         """Delete the key's rows: import tokens, imported material, grants, tags, aliases,
         versions, then the key itself."""
         with self._write() as conn:
+            _lock_key_row(conn, key_id)
             conn.execute(delete(_IT).where(_IT.c.key_id == key_id))
             conn.execute(delete(_IM).where(_IM.c.key_id == key_id))
             conn.execute(delete(_G).where(_G.c.key_id == key_id))
@@ -1266,6 +1279,7 @@ class MetadataStore:
         if not tag_keys:
             return
         with self._write() as conn:
+            _lock_key_row(conn, key_id)
             conn.execute(delete(_T).where(_T.c.key_id == key_id, _T.c.tag_key.in_(list(tag_keys))))
 
     def list_tags(

@@ -30,7 +30,9 @@ from hsmkms.system.operator import (
 from hsmkms.system.root import (
     AuditMode,
     System,
+    database_device,
     open_audit_reader,
+    open_audit_resumer,
     open_audit_verifier,
     service_event_sink,
 )
@@ -45,9 +47,11 @@ __all__ = [
     "InitReport",
     "OperatorService",
     "System",
+    "database_device",
     "initialize",
     "local_operator_identity",
     "open_audit_reader",
+    "open_audit_resumer",
     "open_audit_verifier",
     "service_event_sink",
 ]

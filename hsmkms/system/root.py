@@ -9,8 +9,9 @@ credentials store, the audit trail and its writer, and the service (a source sca
   directory; records are batched by an :class:`~hsmkms.audit.AuditWriter`;
 * the command line: ``System.open(settings)`` (``purge``, ``doctor``, the envelope commands on a
   local data directory; ``identity=True`` for ``credentials``), whose records are appended to
-  the trail directly; :func:`open_audit_reader` (``audit tail|search``, no token) and
-  :func:`open_audit_verifier` (``audit verify``, the token but no store);
+  the trail directly, each append sealed by a ``command`` seal (no writer session);
+  :func:`open_audit_reader` (``audit tail|search``, no token) and :func:`open_audit_verifier`
+  (``audit verify``, the token but no store);
 * the tests, through the same calls.
 
 The layers below (``service/``, ``store/``, ``keystore/``, ``identity/``, ``audit/``) never read
@@ -20,41 +21,48 @@ settings or open files by themselves; they are handed what they work on from her
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Literal
+
+import structlog
 
 from hsmkms.audit import AuditRecord, AuditTrail, AuditWriter, PreparedRecord, service_event_record
 from hsmkms.audit.records import key_id_of
 from hsmkms.config import Settings, keystore_config
 from hsmkms.db import Database, database_exists, database_location
-from hsmkms.errors import ClientError, KMSInternalException
+from hsmkms.errors import ClientError, KMSError, KMSInternalException
 from hsmkms.identity import CredentialStore
 from hsmkms.keystore.base import CallObserver, Keystore
 from hsmkms.service import EventSink, KmsService, ServiceEvent
+from hsmkms.service.last_usage import KeyUsageHistory, KeyUse
 from hsmkms.softhsm import ensure_token
 from hsmkms.store import MetadataStore
 from hsmkms.store.integrity import TokenRowSealer
 from hsmkms.types import Clock, utc_now
 
+log = structlog.get_logger(__name__)
+
 __all__ = [
     "AuditMode",
     "System",
+    "database_device",
     "open_audit_reader",
+    "open_audit_resumer",
     "open_audit_verifier",
     "service_event_sink",
 ]
 
 AuditMode = Literal["writer", "direct"]
-"""How a :class:`System` writes audit records: ``"writer"`` queues them to an
-:class:`~hsmkms.audit.AuditWriter` (a server: batched, from a thread of its own, which also
-keeps the trail's seals coming); ``"direct"`` appends each one before returning, in a writer
-session of its own — the trail opened (``start`` seal), the record appended, the trail closed
-(``shutdown`` seal) — so a command leaves nothing queued, and no seal that falls due while it
-runs on (a long file encryption) for ``hsmkms audit verify`` to report as overdue."""
-
-"""Wraps the token's keystore for one process (the server's call-latency metrics)."""
+"""How a :class:`System` writes audit records: ``"writer"`` through an
+:class:`~hsmkms.audit.AuditWriter` (a server: a writer session with its heartbeat seals; the
+records of concurrent requests committed together, each request waiting for its own);
+``"direct"`` appends each one before returning, as a command: records and a ``command`` seal in
+one transaction, no writer session (a command has no thread to keep seals coming while it
+runs, and must not open or close a session as if it were a server)."""
 
 
 def service_event_sink(
@@ -81,6 +89,44 @@ def service_event_sink(
         )
 
     return on_event
+
+
+class TrailUsageHistory:
+    """The service's :class:`~hsmkms.service.last_usage.KeyUsageHistory`, read from the audit
+    trail: ``trail()`` gives the trail for one query (the server's own, or a reader opened
+    for the call)."""
+
+    def __init__(self, trail: Callable[[], contextlib.AbstractContextManager[AuditTrail]]) -> None:
+        self._trail = trail
+
+    def tracking_start(self) -> dt.datetime | None:
+        with self._trail() as trail:
+            return trail.first_event_time()
+
+    def last_use(self, key_id: str, operations: Collection[str]) -> KeyUse | None:
+        with self._trail() as trail:
+            record = trail.last_use(key_id, operations)
+        if record is None:
+            return None
+        event_id, request_id = record.get("eventID"), record.get("requestID")
+        return KeyUse(
+            operation=str(record["eventName"]),
+            time=dt.datetime.fromisoformat(str(record["eventTime"])),
+            event_id=event_id if isinstance(event_id, str) else None,
+            request_id=request_id if isinstance(request_id, str) else None,
+        )
+
+
+def database_device(settings: Settings, url: str) -> str | None:
+    """How messages name where the database at ``url`` lives when its device is full: ``the
+    data directory's device`` for a SQLite file in the data directory (the embedded default),
+    else None (the database layer's generic wording)."""
+    location = database_location(url)
+    try:
+        inside = Path(location).resolve().is_relative_to(settings.data_dir.resolve())
+    except (OSError, ValueError):
+        return None
+    return "the data directory's device" if inside else None
 
 
 def _token(settings: Settings, observer: CallObserver | None) -> Keystore:
@@ -117,6 +163,7 @@ class System:
         self.writer: AuditWriter | None = None
         self._audit_mode = audit
         self._trail_lock = threading.Lock()
+        self._command_trail: AuditTrail | None = None  # with audit="direct", on first record
         self.lost_service_events = 0
         """Service events whose record could not be written (the service logs each one as
         ``service_event_failed`` and goes on; a command reports the count)."""
@@ -133,6 +180,9 @@ class System:
                     self.lost_service_events += 1
                     raise
 
+        usage_history: KeyUsageHistory | None = None
+        if audit is not None:
+            usage_history = TrailUsageHistory(self._usage_trail)
         self.service = KmsService(
             keystore,
             store,
@@ -140,6 +190,7 @@ class System:
             account_id=settings.account_id,
             clock=clock,
             on_event=on_event,
+            usage_history=usage_history,
         )
 
     @classmethod
@@ -173,7 +224,8 @@ class System:
         opened: list[Callable[[], object]] = [keystore.close]
         try:
             # One engine (and one change probe) for the metadata and the identity tables.
-            database = Database(settings.effective_database_url)
+            url = settings.effective_database_url
+            database = Database(url, device=database_device(settings, url))
             opened.append(database.close)
             store = MetadataStore(database, sealer=TokenRowSealer(keystore))
             opened.append(store.close)
@@ -185,9 +237,9 @@ class System:
                 )
                 opened.append(system._credentials.close)
             if audit == "writer":
-                system.trail = AuditTrail(settings.audit_database_url, keystore)
+                system.trail, failure = _open_writer_trail(settings, keystore)
                 opened.append(system.trail.close)
-                system.writer = AuditWriter(system.trail)
+                system.writer = AuditWriter(system.trail, failure=failure)
         except BaseException:
             for close in reversed(opened):
                 with contextlib.suppress(Exception):
@@ -204,24 +256,42 @@ class System:
 
     # -- audit --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _usage_trail(self) -> Iterator[AuditTrail]:
+        """The trail GetKeyLastUsage reads: the writer's (a server), else a reader opened for
+        the query (no trail yet: an empty one)."""
+        if self.trail is not None:
+            yield self.trail
+            return
+        trail = AuditTrail(self.settings.audit_database_url, None, create=False)
+        try:
+            yield trail
+        finally:
+            trail.close()
+
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
-        """Write one audit record the way this system was opened for: queued to the writer
-        (see :meth:`AuditWriter.submit`), or appended to the trail before returning. A
-        :class:`~hsmkms.errors.KMSError` when it cannot be."""
+        """Write one audit record and return once it is committed: through the writer (which
+        commits it with the records of other waiting requests; see
+        :meth:`AuditWriter.append`), or appended to the trail with a ``command`` seal. A
+        :class:`~hsmkms.errors.KMSError` when it cannot be (503
+        :class:`~hsmkms.errors.ServiceUnavailable` naming the cause)."""
         if self.writer is not None:
-            self.writer.submit(record)
+            self.writer.append(record)
             return
         if self._audit_mode != "direct":
             raise KMSInternalException("This hsmkms process was opened without an audit trail.")
         with self._trail_lock:
-            trail = AuditTrail(self.settings.audit_database_url, self.keystore)
-            try:
-                if isinstance(record, PreparedRecord):
-                    trail.append_prepared((record,))
-                else:
-                    trail.append(record)
-            finally:
-                trail.close()
+            trail = self._command_trail
+            if trail is None:
+                url = self.settings.audit_database_url
+                trail = AuditTrail(
+                    url, self.keystore, command=True, device=database_device(self.settings, url)
+                )
+                self._command_trail = trail
+            if isinstance(record, PreparedRecord):
+                trail.append_prepared((record,))
+            else:
+                trail.append(record)
 
     @contextlib.contextmanager
     def audit_reader(self) -> Iterator[AuditTrail]:
@@ -249,6 +319,8 @@ class System:
                 self.writer.close()
             if self.trail is not None:
                 self.trail.close()
+            if self._command_trail is not None:
+                self._command_trail.close()
         finally:
             try:
                 if self._credentials is not None:
@@ -271,6 +343,32 @@ class System:
         self.close()
 
 
+def _open_writer_trail(
+    settings: Settings, keystore: Keystore
+) -> tuple[AuditTrail, KMSError | None]:
+    """A server's trail, and why it could not be opened yet: a fault of its surroundings (a
+    full disk, the token away) does not stop the worker — its writer keeps trying, and
+    requests are answered 503 with the cause meanwhile; anything else (a wrong audit key
+    reference, a schema this hsmkms does not know) does."""
+    url = settings.audit_database_url
+    trail = AuditTrail(
+        url,
+        keystore,
+        start=False,
+        seal_interval=settings.audit_seal_interval,
+        device=database_device(settings, url),
+    )
+    try:
+        trail.start()
+    except KMSError as exc:
+        if not exc.shows_cause:
+            trail.close()
+            raise
+        log.error("audit_trail_unavailable", error=exc.message)
+        return trail, exc
+    return trail, None
+
+
 # --------------------------------------------------------------------------------------------
 # Narrower openers: the audit commands
 # --------------------------------------------------------------------------------------------
@@ -289,6 +387,22 @@ def open_audit_reader(settings: Settings) -> AuditTrail:
     """The audit trail for reading (``tail``, ``search``): no token, nothing written. The caller
     closes it. :class:`~hsmkms.errors.ClientError` when its SQLite file does not exist."""
     return AuditTrail(_existing_audit_database(settings), None, create=False)
+
+
+@contextlib.contextmanager
+def open_audit_resumer(settings: Settings) -> Iterator[AuditTrail]:
+    """The audit trail opened to write a ``resume`` seal (``hsmkms audit resume``): the
+    token, no writer session; closed on exit."""
+    url = _existing_audit_database(settings)
+    keystore = _token(settings, None)
+    try:
+        trail = AuditTrail(url, keystore, command=True, device=database_device(settings, url))
+        try:
+            yield trail
+        finally:
+            trail.close()
+    finally:
+        keystore.close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,154 @@
+"""The PKCS#11 keystore's anchors (short values kept in the token for the service) and its
+behaviour when the token goes away and comes back, on real SoftHSM2 tokens."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import new_key_version, token_config
+from hsmkms.keystore.errors import TokenRejected, TokenUnavailable
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore, process_lock
+from hsmkms.softhsm import ensure_token
+
+pytestmark = pytest.mark.hsm
+
+KEY_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def token_dir(tmp_path: Path) -> Path:
+    """A data directory with a token of its own (the tests move it away)."""
+    ensure_token(tmp_path, "hsmkms")
+    return tmp_path
+
+
+@pytest.fixture
+def own(token_dir: Path) -> Iterator[Pkcs11Keystore]:
+    ks = Pkcs11Keystore(token_config(token_dir, "hsmkms"))
+    yield ks
+    ks.close()
+
+
+# -- anchors ----------------------------------------------------------------------------------
+
+
+def test_an_anchor_reads_back_the_last_value_written(keystore: Pkcs11Keystore) -> None:
+    assert keystore.read_anchor("test-anchor-a") is None
+    keystore.write_anchor("test-anchor-a", "1:aaaa")
+    keystore.write_anchor("test-anchor-a", "2:bbbb")
+    keystore.write_anchor("test-anchor-b", "7:cccc")
+    assert keystore.read_anchor("test-anchor-a") == "2:bbbb"
+    assert keystore.read_anchor("test-anchor-b") == "7:cccc"
+
+
+def test_an_anchor_value_is_short_ascii(keystore: Pkcs11Keystore) -> None:
+    with pytest.raises(TokenRejected, match="at most 40 ASCII characters"):
+        keystore.write_anchor("test-anchor-c", "x" * 41)
+    with pytest.raises(TokenRejected):
+        keystore.write_anchor("test-anchor-c", "é")
+    assert keystore.read_anchor("test-anchor-c") is None
+
+
+def _read_and_write(data_dir: str, queue: multiprocessing.Queue[object]) -> None:
+    ks = Pkcs11Keystore(token_config(Path(data_dir), "hsmkms"))
+    try:
+        queue.put(ks.read_anchor("shared"))
+        ks.write_anchor("shared", "from-the-child")
+        queue.put(_object_facts(ks))
+    finally:
+        ks.close()
+
+
+def _object_facts(ks: Pkcs11Keystore) -> dict[str, object]:
+    """The anchor's data object as the token reports it (through the keystore's session)."""
+    from pkcs11 import Attribute, ObjectClass
+
+    with process_lock():
+        session = ks._connection().session
+        query = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: "hsmkms:shared"}
+        (obj,) = list(session.get_objects(query))
+        return {name: obj[getattr(Attribute, name)] for name in ("TOKEN", "PRIVATE", "LABEL")}
+
+
+def test_an_anchor_written_by_another_process_is_read_here(
+    own: Pkcs11Keystore, token_dir: Path
+) -> None:
+    own.write_anchor("shared", "from-the-parent")
+    assert own.read_anchor("shared") == "from-the-parent"
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue[object] = ctx.Queue()
+    child = ctx.Process(target=_read_and_write, args=(str(token_dir), queue))
+    child.start()
+    seen, facts = queue.get(timeout=60), queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert seen == "from-the-parent"
+    assert own.read_anchor("shared") == "from-the-child"  # through this process's cached handle
+    # A private token object: kept across restarts, readable only after login.
+    assert facts == {"TOKEN": True, "PRIVATE": True, "LABEL": "from-the-child"}
+
+
+# -- the token away -----------------------------------------------------------------------------
+
+
+def _move_token_away(token_dir: Path) -> tuple[Path, Path]:
+    (slot_dir,) = (token_dir / "tokens").iterdir()
+    away = token_dir / "away"
+    shutil.move(str(slot_dir), str(away))
+    return away, slot_dir
+
+
+def test_a_token_that_went_away_fails_with_the_pkcs11_reason_and_comes_back(
+    own: Pkcs11Keystore, token_dir: Path
+) -> None:
+    ref = new_key_version(own, KEY_ID)
+    own.encrypt(ref, b"before", b"")
+    assert own.outage() is None
+    away, home = _move_token_away(token_dir)
+    for _ in range(3):
+        with pytest.raises(TokenUnavailable) as gone:
+            own.encrypt(ref, b"while away", b"")
+        assert gone.value.status == 503
+        assert gone.value.shows_cause
+        assert gone.value.message == (
+            "The HSM token is unavailable (no token matches label=hsmkms). Retry later."
+        )
+    assert own.outage() == "no token matches label=hsmkms"
+    with pytest.raises(TokenUnavailable):
+        own.self_test()
+    with pytest.raises(TokenUnavailable):
+        own.write_anchor("while-away", "1:x")
+    shutil.move(str(away), str(home))
+    # The next attempt after the retry pause reconnects by itself.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            iv, body = own.encrypt(ref, b"after", b"")
+            break
+        except TokenUnavailable:
+            assert time.monotonic() < deadline, "no reconnect once the token came back"
+            time.sleep(0.05)
+    assert own.decrypt(ref, iv, body, b"") == b"after"
+    assert own.outage() is None
+
+
+def test_a_token_directory_removed_entirely_names_the_module_error(
+    own: Pkcs11Keystore, token_dir: Path
+) -> None:
+    ref = new_key_version(own, KEY_ID)
+    tokens = token_dir / "tokens"
+    aside = token_dir / "tokens-aside"
+    tokens.rename(aside)
+    try:
+        with pytest.raises(TokenUnavailable) as gone:
+            own.encrypt(ref, b"x", b"")
+        assert "CKR_" in gone.value.detail
+        assert str(token_dir) not in gone.value.message  # no path reaches a caller
+    finally:
+        aside.rename(tokens)
