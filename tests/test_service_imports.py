@@ -814,6 +814,15 @@ def test_import_members_for_symmetric_keys_only_are_refused_for_hmac_keys(env: E
             env.import_(key_id, os.urandom(32), **kwargs)
 
 
+def test_ed25519_keys_for_imported_material_are_refused(env: Env) -> None:
+    with pytest.raises(UnsupportedOperationException, match="ECC_NIST_EDWARDS25519"):
+        env.service.create_key(
+            m.CreateKeyRequest(
+                KeySpec="ECC_NIST_EDWARDS25519", KeyUsage="SIGN_VERIFY", Origin="EXTERNAL"
+            )
+        )
+
+
 # -- new key material and on-demand rotation ---------------------------------------------------
 
 

@@ -82,6 +82,11 @@ def _key_type(request: CreateKeyRequest) -> tuple[KeySpec, KeyUsage, OriginType]
     origin = request.Origin or OriginType.AWS_KMS
     if origin not in (OriginType.AWS_KMS, OriginType.EXTERNAL):
         raise UnsupportedOperationException(f"Origin {origin} is not supported.")
+    if origin is OriginType.EXTERNAL and spec is KeySpec.ECC_NIST_EDWARDS25519:
+        # The keystore cannot rebuild an imported Ed25519 key's public half in the token.
+        raise UnsupportedOperationException(
+            f"KeySpec {spec} with Origin EXTERNAL is not supported by this key store."
+        )
     if request.CustomKeyStoreId is not None or request.XksKeyId is not None:
         raise UnsupportedOperationException("Custom key stores are not supported.")
     if request.MultiRegion:
