@@ -26,6 +26,8 @@
     │   ├── AccessDeniedException
     │   ├── DryRunOperationException
     │   ├── InvalidGrantTokenException, InvalidGrantIdException
+    │   ├── ExpiredImportTokenException, InvalidImportTokenException,
+    │   │   IncorrectKeyMaterialException   importing key material
     │   ├── UnknownOperationException, SerializationException
     │   └── UnrecognizedClientException, InvalidSignatureException,
     │       IncompleteSignatureException, MissingAuthenticationTokenException
@@ -247,6 +249,25 @@ class InvalidGrantIdException(ClientError):
     """The grant id is not valid."""
 
     code = "InvalidGrantIdException"
+
+
+class ExpiredImportTokenException(ClientError):
+    """The import token (GetParametersForImport) has expired: get new parameters."""
+
+    code = "ExpiredImportTokenException"
+
+
+class InvalidImportTokenException(ClientError):
+    """The import token is not one of ours, or belongs to another key."""
+
+    code = "InvalidImportTokenException"
+
+
+class IncorrectKeyMaterialException(ClientError):
+    """The imported key material is not what the key expects: not the material imported
+    before, or not new when new material was asked for."""
+
+    code = "IncorrectKeyMaterialException"
 
 
 class UnknownOperationException(ClientError):

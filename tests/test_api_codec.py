@@ -209,5 +209,7 @@ def test_every_operation_model_decodes_an_empty_object_or_names_what_is_missing(
             decode_request(operation.request_model, b"{}")
         except ValidationException as exc:
             message = exc.message
-        assert not message or re.match(r"[1-9] validation errors? detected: ", message)
+        assert not message or re.match(
+            r"(1 validation error|[2-9] validation errors) detected: ", message
+        )
         assert issubclass(operation.response_model, BaseModel)

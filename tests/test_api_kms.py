@@ -306,6 +306,32 @@ def test_grants(kms: Any, key_id: str) -> None:
     raises("InvalidGrantTokenException", kms.retire_grant, GrantToken="nope")
 
 
+def test_imported_key_material(kms: Any) -> None:
+    """The import operations answer here too (their own module, test_api_imports.py, covers
+    them in depth)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    key_id = kms.create_key(Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+    params = kms.get_parameters_for_import(
+        KeyId=key_id, WrappingAlgorithm="RSAES_OAEP_SHA_1", WrappingKeySpec="RSA_2048"
+    )
+    public = serialization.load_der_public_key(params["PublicKey"])
+    assert isinstance(public, rsa.RSAPublicKey)
+    sha1 = hashes.SHA1()  # noqa: S303 - AWS's RSAES_OAEP_SHA_1
+    wrapped = public.encrypt(
+        os.urandom(32), padding.OAEP(mgf=padding.MGF1(sha1), algorithm=sha1, label=None)
+    )
+    kms.import_key_material(
+        KeyId=key_id, ImportToken=params["ImportToken"], EncryptedKeyMaterial=wrapped,
+        ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+    )  # fmt: skip
+    blob = kms.encrypt(KeyId=key_id, Plaintext=b"imported")["CiphertextBlob"]
+    assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"imported"
+    kms.delete_imported_key_material(KeyId=key_id)
+    raises("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob)
+
+
 # -- other clients --------------------------------------------------------------------------
 
 

@@ -99,6 +99,8 @@ def test_doctor_reports_the_embedded_default_as_json(tmp_path: Path) -> None:
         },
         "profiles": ["AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"],
         "unverified": [],
+        # Measured on SoftHSM 2.6.1: RSA-OAEP unwrap with SHA-1 only.
+        "wrapping_algorithms": ["RSAES_OAEP_SHA_1", "RSA_AES_KEY_WRAP_SHA_1"],
         # SoftHSM 2.6.1 ignores CKM_EDDSA's prehash flag; it has no ML-DSA or ML-KEM.
         "unsupported_algorithms": ["ED25519_PH_SHA_512"],
     }
@@ -123,6 +125,9 @@ def test_doctor_is_idempotent_and_prints_a_human_report(tmp_path: Path) -> None:
         "ECC_NIST_P256 (KEY_AGREEMENT, SIGN_VERIFY), ECC_NIST_P384 (KEY_AGREEMENT, SIGN_VERIFY), "
         "ECC_NIST_P521 (KEY_AGREEMENT, SIGN_VERIFY), ECC_SECG_P256K1, ECC_NIST_EDWARDS25519; "
         "not performed: ED25519_PH_SHA_512\n"
+    ) in proc.stdout
+    assert (
+        "key import:      RSAES_OAEP_SHA_1, RSA_AES_KEY_WRAP_SHA_1 (unwrapped in the token)\n"
     ) in proc.stdout
 
 

@@ -492,7 +492,13 @@ def test_a_version_this_code_does_not_know_is_refused(path: Path, component: Com
 
 def test_a_newer_metadata_schema_is_refused_at_open(path: Path) -> None:
     MetadataStore.open_sqlite(path).close()
-    _sql(path, "INSERT INTO schema_migrations VALUES ('metadata', 5, 'future', '2030-01-01')")
+    future = MetadataStore.latest_schema_version() + 1
+    insert = "INSERT INTO schema_migrations VALUES ('metadata', ?, 'future', '2030-01-01')"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(insert, (future,))
+    finally:
+        conn.close()
     with pytest.raises(KMSInternalException, match="upgrade hsmkms"):
         MetadataStore.open_sqlite(path)
 

@@ -104,7 +104,12 @@ def test_create_key_with_description_tags_and_policy(service: KmsService) -> Non
         ({"KeySpec": "SM2", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
         ({"KeySpec": "ML_DSA_44", "KeyUsage": "SIGN_VERIFY"}, UnsupportedOperationException),
         ({"KeyUsage": "SIGN_VERIFY"}, ValidationException),
-        ({"Origin": "EXTERNAL"}, UnsupportedOperationException),
+        ({"Origin": "EXTERNAL", "MultiRegion": True}, UnsupportedOperationException),
+        ({"KeySpec": "HMAC_256", "Origin": "EXTERNAL"}, ValidationException),
+        (
+            {"KeySpec": "HMAC_256", "KeyUsage": "ENCRYPT_DECRYPT", "Origin": "EXTERNAL"},
+            ValidationException,
+        ),
         ({"Origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),
         ({"CustomKeyStoreId": "cks-1234567890abcdef0"}, UnsupportedOperationException),
         ({"MultiRegion": True}, UnsupportedOperationException),

@@ -666,7 +666,7 @@ def test_a_database_sealed_before_aliases_and_tags_adopts_them_once(env: Env) ->
     assert env.decrypt(env.encrypt("alias/legacy")) == b"secret"
     assert env.tags(key_id) == {"Project": "old"}
     (record,) = env.fetch("SELECT value FROM store_settings WHERE name = 'sealed_tables'")
-    assert record == ("aliases,grants,key_versions,keys,tags",)
+    assert record == ("aliases,grants,import_tokens,imported_key_material,key_versions,keys,tags",)
 
     env.sql("UPDATE aliases SET mac = NULL")
     env.open()

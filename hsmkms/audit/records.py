@@ -300,6 +300,14 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "PendingWindowInDays": _int,
     "RotationPeriodInDays": _int,
     "IncludeKeyMaterial": _str,
+    # imported key material (never the ImportToken or the EncryptedKeyMaterial)
+    "WrappingAlgorithm": _str,
+    "WrappingKeySpec": _str,
+    "ExpirationModel": _str,
+    "ValidTo": _time,
+    "ImportType": _str,
+    "KeyMaterialDescription": _str,
+    "KeyMaterialId": _str,
     "ReplicaRegion": _str,
     "PrimaryRegion": _str,
     # pagination
@@ -333,6 +341,7 @@ _KEY_METADATA = _structure(
         "KeyManager": _str,
         "CustomerMasterKeySpec": _str,
         "KeySpec": _str,
+        "ExpirationModel": _str,
         "EncryptionAlgorithms": _str_list,
         "SigningAlgorithms": _str_list,
         "MacAlgorithms": _str_list,

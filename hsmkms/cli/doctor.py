@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="check the PKCS#11 module, token, login and a self-test",
         description="Print the module, token, mechanisms and chosen profile; check login; run "
         "an encrypt/decrypt self-test with temporary session keys; probe which key specs the "
-        "token can host (a real operation each); check the integrity MAC of "
+        "token can host and which wrapping algorithms of imported key material it unwraps (a "
+        "real operation each); check the integrity MAC of "
         "every key, key version, grant, alias and tag row in the database; on the embedded "
         "default, that softhsm2.conf points at the data directory's own token directory.",
     )
@@ -117,6 +118,7 @@ def diagnose(
             },
             "profiles": [p.value for p in capabilities.profiles],
             "unverified": sorted(s.value for s in capabilities.unverified),
+            "wrapping_algorithms": sorted(a.value for a in capabilities.wrapping_algorithms),
             "unsupported_algorithms": sorted(
                 a.value for a in capabilities.unsupported_algorithms
             ),
@@ -157,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         if key in report:
             print(f"{key + ':':<{width}} {report[key]}")
     print(f"{'capabilities:':<{width}} {_capabilities_line(report['capabilities'])}")
+    wrapping = report["capabilities"]["wrapping_algorithms"]
+    print(f"{'key import:':<{width}} {', '.join(wrapping) or 'none'} (unwrapped in the token)")
     print(
         f"{'mechanisms:':<{width}} {len(report['mechanisms'])} ({', '.join(report['mechanisms'])})"
     )

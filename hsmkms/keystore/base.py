@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from hsmkms.keystore.specs import (
     SPECS,
@@ -30,6 +30,14 @@ from hsmkms.keystore.specs import (
     SigningAlgorithm,
 )
 from hsmkms.profiles import MechanismProfile, ObjectRole
+
+if TYPE_CHECKING:
+    from hsmkms.keystore.imports import (
+        ImportedMaterial,
+        WrappingAlgorithm,
+        WrappingKeyRef,
+        WrappingKeySpec,
+    )
 
 __all__ = [
     "DEFAULT_STORE",
@@ -212,6 +220,11 @@ class TokenObject:
         as the audit or credentials key."""
         return _KEY_VERSION_LABEL.fullmatch(self.label) is not None
 
+    @property
+    def is_wrapping_key(self) -> bool:
+        """Whether the object is the private key of an import wrapping key pair."""
+        return self.label.startswith(LABEL_PREFIX + "import:")
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenInfo:
@@ -247,6 +260,9 @@ class Capabilities:
     is), in registry order."""
     unverified: frozenset[KeyMaterialSpec] = frozenset()
     """Specs the token lists the mechanisms for but that could not be probed."""
+    wrapping_algorithms: frozenset[WrappingAlgorithm] = frozenset()
+    """The import wrapping algorithms whose unwrap worked inside the token (a temporary RSA
+    wrapping key and a temporary secret: :meth:`KeyBackend.import_material`)."""
     unsupported_algorithms: frozenset[SigningAlgorithm] = frozenset()
     """Signing algorithms of hosted specs that the token does not perform (SoftHSM 2.6.1 and
     ED25519_PH_SHA_512: it ignores CKM_EDDSA's prehash flag)."""
@@ -354,6 +370,38 @@ class KeyBackend(Protocol):
 
     def random(self, n: int) -> bytes:
         """``n`` bytes from the token's random generator."""
+        ...
+
+    def create_wrapping_key(
+        self, spec: WrappingKeySpec, name: MaterialName
+    ) -> tuple[WrappingKeyRef, bytes]:
+        """Generate an RSA wrapping key pair for importing key material: the private key a token
+        object that can only unwrap (sensitive, never extractable), labelled ``name``
+        (:func:`~hsmkms.keystore.imports.wrapping_key_name`), the public key not kept. Returns
+        its reference and its public key (DER ``SubjectPublicKeyInfo``)."""
+        ...
+
+    def destroy_wrapping_key(self, ref: WrappingKeyRef) -> None:
+        """Destroy a wrapping key pair's private key; already gone is not an error."""
+        ...
+
+    def import_material(
+        self,
+        spec: KeyMaterialSpec,
+        name: MaterialName,
+        wrapping_key: WrappingKeyRef,
+        algorithm: WrappingAlgorithm,
+        wrapped: bytes,
+        *,
+        profile: MechanismProfile | None = None,
+        usage: MaterialUsage | None = None,
+    ) -> ImportedMaterial:
+        """Unwrap ``wrapped`` (``algorithm`` under ``wrapping_key``) inside the token into new
+        ``spec`` material named ``name``: token objects as :meth:`create` makes them (sensitive,
+        non-extractable, only the capabilities the spec and ``usage`` need), and its check
+        value. The material never leaves the token. ``DecryptionFailed`` when the wrapping is
+        wrong, ``TokenRejected`` when the material does not fit the spec; on failure nothing is
+        left on the token."""
         ...
 
     def write_anchor(self, name: str, value: str) -> None:

@@ -19,6 +19,7 @@ not load ``pkcs11``.)
     ├── IncompatibleMaterial     the operation does not apply to the referenced material
     ├── DecryptionFailed         authentication failed: wrong key, AAD, IV or ciphertext
     ├── TokenRejected            the token refused the input or the template
+    │   └── MaterialRejected     unwrapped key material does not fit its key spec
     ├── UnsupportedByToken       the mechanism or function is not offered by this token
     └── DeviceFailure            any other device or module fault
 """
@@ -101,6 +102,11 @@ class DecryptionFailed(KeystoreError):
 
 class TokenRejected(KeystoreError):
     """The token rejected the input, parameters or template."""
+
+
+class MaterialRejected(TokenRejected):
+    """Key material unwrapped for import does not fit the key spec (length, key type, curve,
+    a private key that does not match its public key). Says nothing about the material."""
 
 
 class UnsupportedByToken(KeystoreError):

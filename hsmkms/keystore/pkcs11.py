@@ -79,6 +79,7 @@ from hsmkms.keystore.errors import (
     IncompatibleMaterial,
     KeyMaterialMissing,
     KeystoreError,
+    MaterialRejected,
     ModuleLoadError,
     MultipleTokens,
     PinIncorrect,
@@ -89,6 +90,14 @@ from hsmkms.keystore.errors import (
     TokenUnavailable,
     UnsupportedByToken,
 )
+from hsmkms.keystore.imports import (
+    WRAPPING_LABEL_PREFIX,
+    ImportedMaterial,
+    WrappingAlgorithm,
+    WrappingKeyRef,
+    WrappingKeySpec,
+    material_format,
+)
 from hsmkms.keystore.pkcs11_errors import (
     RECONNECT_ERRORS,
     STALE_HANDLE_ERRORS,
@@ -97,6 +106,7 @@ from hsmkms.keystore.pkcs11_errors import (
     map_pkcs11_error,
 )
 from hsmkms.keystore.pkcs11_mechanisms import (
+    IMPORT_PROFILE,
     MATERIALS,
     OBJECT_CLASSES,
     PROFILE_MECHANISMS,
@@ -105,7 +115,10 @@ from hsmkms.keystore.pkcs11_mechanisms import (
     KeyPairMaterial,
     ProbeRefused,
     RsaMaterial,
+    Unwrapper,
     generate_secrets,
+    generate_wrapping_key,
+    probe_wrapping,
 )
 from hsmkms.keystore.specs import (
     AsymmetricEncryption,
@@ -113,7 +126,7 @@ from hsmkms.keystore.specs import (
     MaterialUsage,
     SigningAlgorithm,
 )
-from hsmkms.profiles import PROFILES, MechanismProfile
+from hsmkms.profiles import PROFILES, MechanismProfile, ObjectRole
 
 _CREATE_ATTEMPTS = 3
 _ENUMERATION_ATTEMPTS = 5
@@ -561,6 +574,10 @@ class Pkcs11Keystore:
                         unverified.add(spec)
                 if hosted:
                     usages[spec] = frozenset(hosted)
+            try:
+                wrapping = probe_wrapping(conn.session, self._listed)
+            except ProbeRefused:
+                wrapping = frozenset()
             unsupported: set[SigningAlgorithm] = set()
             edwards = KeyMaterialSpec.ECC_NIST_EDWARDS25519
             if edwards in usages and not self._prehash_works(conn):
@@ -569,7 +586,8 @@ class Pkcs11Keystore:
                 usages,
                 tuple(profiles),
                 frozenset(unverified - set(usages)),
-                frozenset(unsupported),
+                wrapping_algorithms=wrapping,
+                unsupported_algorithms=frozenset(unsupported),
             )
 
         found = self._call("probing capabilities", work)
@@ -689,6 +707,105 @@ class Pkcs11Keystore:
 
         with self._token_writes():
             self._observed("destroy", lambda: self._call("destroying a key", work))
+
+    # -- importing material ------------------------------------------------------------------
+
+    def create_wrapping_key(
+        self, spec: WrappingKeySpec, name: MaterialName
+    ) -> tuple[WrappingKeyRef, bytes]:
+        """Generate an RSA wrapping key pair for importing key material (see
+        :meth:`~hsmkms.keystore.base.KeyBackend.create_wrapping_key`): the private key a
+        hardened token object that can only unwrap, labelled ``name`` (which must start with
+        ``hsmkms:import:``), the public key returned as DER and not kept."""
+        label = name.label(ObjectRole.KEY_PAIR) if name.per_role else name.base
+        if not label.startswith(WRAPPING_LABEL_PREFIX) or len(label.encode()) > _MAX_LABEL:
+            raise TokenRejected(f"{label!r} is not a wrapping key label")
+
+        def work(conn: _Connection) -> tuple[WrappingKeyRef, bytes]:
+            for attempt in range(_CREATE_ATTEMPTS):
+                raw = self._new_object_id(conn)
+                try:
+                    private, der = generate_wrapping_key(conn.session, spec, raw, label)
+                    break
+                except TRANSIENT_CREATE_ERRORS:
+                    _destroy_by_id(conn, [raw])
+                    if attempt == _CREATE_ATTEMPTS - 1:
+                        raise
+                    self._sleep(0.005 * (attempt + 1))
+            conn.handles[raw] = private
+            return WrappingKeyRef(spec, raw.hex()), der
+
+        return self._observed(
+            "create_wrapping_key", lambda: self._call("creating a wrapping key", work)
+        )
+
+    def destroy_wrapping_key(self, ref: WrappingKeyRef) -> None:
+        """Destroy a wrapping key pair's private key object; already gone is not an error."""
+
+        def work(conn: _Connection) -> None:
+            raw = ref.raw_id
+            conn.handles.pop(raw, None)
+            for obj in list(conn.session.get_objects({Attribute.ID: raw})):
+                obj.destroy()
+
+        self._observed(
+            "destroy_wrapping_key", lambda: self._call("destroying a wrapping key", work)
+        )
+
+    def import_material(
+        self,
+        spec: KeyMaterialSpec,
+        name: MaterialName,
+        wrapping_key: WrappingKeyRef,
+        algorithm: WrappingAlgorithm,
+        wrapped: bytes,
+        *,
+        profile: MechanismProfile | None = None,
+        usage: MaterialUsage | None = None,
+    ) -> ImportedMaterial:
+        """Unwrap ``wrapped`` inside the token into new ``spec`` material (see
+        :meth:`~hsmkms.keystore.base.KeyBackend.import_material`). Symmetric material is kept
+        under the AES_256_GCM profile (one AES key), whatever the default profile."""
+        material = MATERIALS[spec]
+        facts = material.facts
+        if facts.takes_profile:
+            profile = profile or IMPORT_PROFILE
+        try:
+            chosen_usage = facts.usage(usage)
+            roles = facts.roles(profile)
+        except ValueError as exc:
+            raise IncompatibleMaterial(str(exc)) from None
+        if any(len(name.label(role).encode()) > _MAX_LABEL for role in roles):
+            raise TokenRejected(f"the name {name.base!r} is too long for a token label")
+        form = material_format(spec)
+        if not algorithm.two_step and not form.oaep_allowed:
+            raise MaterialRejected(f"{spec.value} material must be wrapped with RSA_AES_KEY_WRAP")
+
+        def work(conn: _Connection) -> ImportedMaterial:
+            unwrapping = self._key(conn, wrapping_key.object_id, ObjectClass.PRIVATE_KEY)
+            ids = [self._new_object_id(conn) for _ in roles]
+            with Unwrapper(
+                unwrapping, wrapping_key.spec, algorithm, wrapped, form.length
+            ) as unwrapper:
+                try:
+                    imported = material.unwrap(
+                        conn.session, unwrapper, name, ids, profile=profile, usage=chosen_usage
+                    )
+                except BaseException:
+                    _destroy_by_id(conn, ids)  # what a failure left behind, if anything
+                    raise
+            made = imported.made
+            for raw, obj, public in zip(ids, made.objects, made.public, strict=True):
+                conn.handles[raw] = obj
+                if public is not None:
+                    conn.public[raw] = public
+            ref = KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
+            return ImportedMaterial(ref, imported.check_value)
+
+        return self._observed(
+            "import_material",
+            lambda: self._call("importing key material", work, decrypting=True),
+        )
 
     # -- using material ----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,20 +28,30 @@ from typing import Any, Final
 import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
+    Prehashed,
     decode_dss_signature,
     encode_dss_signature,
 )
 from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.constants import DEFAULT
 
 from hsmkms.keystore.base import MaterialName
 from hsmkms.keystore.errors import (
     DecryptionFailed,
     IncompatibleMaterial,
+    MaterialRejected,
     TokenRejected,
     UnsupportedByToken,
+)
+from hsmkms.keystore.imports import (
+    CHECK_BLOCK,
+    CHECK_DATA,
+    WrappingAlgorithm,
+    WrappingKeySpec,
+    kwp_length,
 )
 from hsmkms.keystore.specs import (
     AsymmetricEncryption,
@@ -55,18 +66,23 @@ from hsmkms.profiles import PROFILES, MechanismProfile, ObjectRole
 
 __all__ = [
     "HARDENED",
+    "IMPORT_PROFILE",
     "MATERIALS",
     "OBJECT_CLASSES",
     "PROFILE_MECHANISMS",
     "EdwardsMaterial",
     "Generated",
+    "Imported",
     "KeyPairMaterial",
     "Material",
     "ProbeRefused",
     "ProfileMechanisms",
     "RsaMaterial",
+    "Unwrapper",
     "generate_secrets",
+    "generate_wrapping_key",
     "oaep_decode",
+    "probe_wrapping",
 ]
 
 HARDENED: Final[Mapping[Any, Any]] = {
@@ -325,6 +341,265 @@ if set(PROFILE_MECHANISMS) != {p.name for p in PROFILES}:  # pragma: no cover - 
     raise ImportError("a mechanism profile has no PKCS#11 implementation")
 
 
+# -- importing key material ------------------------------------------------------------------
+#
+# The wrapped forms and the check values are defined in hsmkms.keystore.imports. Everything
+# secret happens in the token: C_UnwrapKey with CKM_RSA_PKCS_OAEP (SoftHSM 2.6.1 has no
+# CKM_RSA_AES_KEY_WRAP, so the RSA_AES algorithms are two unwraps: the ephemeral AES key into a
+# session object, then CKM_AES_KEY_WRAP_PAD into the material's object), and the checks of the
+# result are operations on the new objects.
+
+_OAEP_PARAMS: Final[Mapping[str, tuple[Mechanism, MGF, None]]] = {
+    "sha1": (Mechanism.SHA_1, MGF.SHA1, None),
+    "sha256": (Mechanism.SHA256, MGF.SHA256, None),
+}
+_WRAPPING_PRIVATE: Final[Mapping[Any, Any]] = {
+    **HARDENED,
+    Attribute.UNWRAP: True,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.DERIVE: False,
+}
+# Capability attributes PKCS#11 defines for public keys only: a private key template leaves
+# them out (SoftHSM2 answers CKR_ATTRIBUTE_TYPE_INVALID).
+_NOT_PRIVATE: Final[Mapping[Any, Any]] = {
+    Attribute.ENCRYPT: DEFAULT,
+    Attribute.VERIFY: DEFAULT,
+    Attribute.WRAP: DEFAULT,
+}
+# What a failed unwrap says: the wrapping (or the ciphertext) is wrong. SoftHSM 2.6.1 answers a
+# failed OAEP decoding or RFC 5649 integrity check with CKR_GENERAL_ERROR (measured).
+_UNWRAP_FAILURES: Final = (
+    p11e.GeneralError,
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.WrappedKeyInvalid,
+    p11e.WrappedKeyLenRange,
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+)
+# A token that does not do the wrapping algorithm: the mechanism or its parameters refused
+# (SoftHSM 2.6.1 answers OAEP with SHA-256 with CKR_ARGUMENTS_BAD, measured).
+_UNWRAP_UNSUPPORTED: Final = (
+    p11e.ArgumentsBad,
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.FunctionNotSupported,
+)
+# Material that unwrapped but does not fit: a secret of a length the mechanism refuses, a
+# PKCS#8 blob the token cannot parse (SoftHSM 2.6.1: CKR_FUNCTION_FAILED, measured) or of
+# another key type.
+_MATERIAL_FAILURES: Final = (
+    p11e.KeySizeRange,
+    p11e.KeyTypeInconsistent,
+    p11e.MechanismInvalid,
+    p11e.FunctionFailed,
+    p11e.TemplateInconsistent,
+    p11e.AttributeValueInvalid,
+    p11e.DomainParamsInvalid,
+)
+
+IMPORT_PROFILE: Final = MechanismProfile.AES_256_GCM
+"""Imported symmetric material is one AES key: the profile with one AES object. (The portable
+profile needs a second, independent MAC key; deriving one from imported material needs a KDF
+in the token, which SoftHSM 2.6.1 and a YubiHSM 2 lack.)"""
+
+
+def generate_wrapping_key(
+    session: Any, spec: WrappingKeySpec, raw_id: bytes, label: str, *, store: bool = True
+) -> tuple[Any, bytes]:
+    """An RSA wrapping key pair: the private key a token object that only unwraps (hardened),
+    the public key a session object read once and destroyed. Returns the private key and the
+    public key as DER ``SubjectPublicKeyInfo``."""
+    private_template = _template(_WRAPPING_PRIVATE, store=store)
+    public, private = session.generate_keypair(
+        KeyType.RSA, spec.bits, id=raw_id, label=label, store=store,
+        capabilities=MechanismFlag.UNWRAP | MechanismFlag.WRAP,
+        public_template={
+            Attribute.TOKEN: False, Attribute.PRIVATE: False, Attribute.WRAP: True,
+            Attribute.ENCRYPT: False, Attribute.VERIFY: False,
+        },
+        private_template=private_template,
+    )  # fmt: skip
+    try:
+        der = RsaMaterial.public_spki(public)
+    except BaseException:
+        with contextlib.suppress(p11e.PKCS11Error):
+            private.destroy()
+        raise
+    finally:
+        with contextlib.suppress(p11e.PKCS11Error):
+            public.destroy()
+    return private, der
+
+
+class Unwrapper:
+    """Unwraps one wrapped blob inside the token, as often as asked (the checks of imported
+    material need a second, temporary copy). For the RSA_AES algorithms the ephemeral AES key
+    is unwrapped once, as a session object that can only unwrap, and destroyed by
+    :meth:`close`. The blob's size is checked first (it is public): :class:`DecryptionFailed`
+    when it cannot be a wrapping of ``expected_length`` bytes (None: any length)."""
+
+    def __init__(
+        self,
+        wrapping_key: Any,
+        spec: WrappingKeySpec,
+        algorithm: WrappingAlgorithm,
+        wrapped: bytes,
+        expected_length: int | None,
+    ) -> None:
+        self._algorithm = algorithm
+        self._oaep = {
+            "mechanism": Mechanism.RSA_PKCS_OAEP,
+            "mechanism_param": _OAEP_PARAMS[algorithm.hash_name],
+        }
+        modulus = spec.modulus_length
+        self._ephemeral: Any | None = None
+        if not algorithm.two_step:
+            if len(wrapped) != modulus:
+                raise DecryptionFailed("the wrapped material has the wrong length")
+            self._unwrapping_key, self._blob = wrapping_key, wrapped
+            self._mechanism = self._oaep
+            return
+        body = wrapped[modulus:]
+        if (
+            len(body) < 16
+            or len(body) % 8
+            or (expected_length is not None and len(body) != kwp_length(expected_length))
+        ):
+            raise DecryptionFailed("the wrapped material has the wrong length")
+        self._ephemeral = self._unwrap(
+            wrapping_key, ObjectClass.SECRET_KEY, KeyType.AES, wrapped[:modulus], self._oaep,
+            template=_template(HARDENED, store=False), capabilities=MechanismFlag.UNWRAP,
+        )  # fmt: skip
+        self._unwrapping_key, self._blob = self._ephemeral, body
+        self._mechanism = {"mechanism": Mechanism.AES_KEY_WRAP_PAD}
+
+    @staticmethod
+    def _unwrap(
+        key: Any,
+        object_class: ObjectClass,
+        key_type: KeyType,
+        blob: bytes,
+        mechanism: Mapping[str, Any],
+        *,
+        template: Mapping[Any, Any],
+        capabilities: MechanismFlag,
+        **naming: Any,
+    ) -> Any:
+        try:
+            return key.unwrap_key(
+                object_class, key_type, blob, capabilities=capabilities, template=dict(template),
+                **mechanism, **naming,
+            )  # fmt: skip
+        except _UNWRAP_UNSUPPORTED as exc:
+            raise UnsupportedByToken(
+                f"the token does not unwrap with {type(exc).__name__} for this algorithm"
+            ) from None
+        except _UNWRAP_FAILURES:
+            raise DecryptionFailed("unwrapping failed") from None
+        except p11e.FunctionFailed:
+            if object_class is ObjectClass.PRIVATE_KEY:
+                # SoftHSM 2.6.1: a PKCS#8 blob it cannot parse (or of another key type).
+                raise MaterialRejected("the private key is not a PKCS#8 key of this type") from None
+            raise
+
+    def unwrap(
+        self,
+        object_class: ObjectClass,
+        key_type: KeyType,
+        *,
+        template: Mapping[Any, Any],
+        capabilities: MechanismFlag,
+        raw_id: bytes = b"",
+        label: str | None = None,
+    ) -> Any:
+        """A new object holding the material (``template`` decides token or session)."""
+        naming: dict[str, Any] = {"id": raw_id}
+        if label is not None:
+            naming["label"] = label
+        return self._unwrap(
+            self._unwrapping_key, object_class, key_type, self._blob, self._mechanism,
+            template=template, capabilities=capabilities, **naming,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Destroy the ephemeral AES key (RSA_AES algorithms)."""
+        ephemeral, self._ephemeral = self._ephemeral, None
+        if ephemeral is not None:
+            with contextlib.suppress(p11e.PKCS11Error):
+                ephemeral.destroy()
+
+    def __enter__(self) -> Unwrapper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclasses.dataclass
+class Imported:
+    """What :meth:`Material.unwrap` made: the objects (as :class:`Generated`) and the
+    material's check value (:mod:`hsmkms.keystore.imports`)."""
+
+    made: Generated
+    check_value: bytes
+
+
+def probe_wrapping(session: Any, listed: frozenset[Any]) -> frozenset[WrappingAlgorithm]:
+    """The wrapping algorithms the token unwraps correctly: a temporary RSA_2048 wrapping key,
+    a throwaway secret wrapped on the host with each algorithm, unwrapped into a temporary
+    HMAC key whose MAC must match. :class:`ProbeRefused` when the token makes no temporary
+    objects."""
+    if not {Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_OAEP} <= listed:
+        return frozenset()
+    spec = WrappingKeySpec.RSA_2048
+    with _temporary([]) as objects:
+        with _refusal_is_probe_refused():
+            private, der = generate_wrapping_key(session, spec, b"", "hsmkms-probe", store=False)
+        objects.append(private)
+        public = serialization.load_der_public_key(der)
+        assert isinstance(public, rsa.RSAPublicKey)
+        secret = bytes(session.generate_random(256))  # a throwaway value, never key material
+        expected = hmac.new(secret, _PROBE_DATA, "sha256").digest()
+        works = set()
+        for algorithm in WrappingAlgorithm:
+            if algorithm.two_step and Mechanism.AES_KEY_WRAP_PAD not in listed:
+                continue
+            wrapped = wrap_on_host(public, algorithm, secret, bytes(session.generate_random(256)))
+            try:
+                with Unwrapper(private, spec, algorithm, wrapped, len(secret)) as unwrapper:
+                    key = unwrapper.unwrap(
+                        ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET,
+                        template=_template(HARDENED, store=False), capabilities=MechanismFlag.SIGN,
+                    )  # fmt: skip
+                    try:
+                        if bytes(key.sign(_PROBE_DATA, mechanism=Mechanism.SHA256_HMAC)) == (
+                            expected
+                        ):
+                            works.add(algorithm)
+                    finally:
+                        with contextlib.suppress(p11e.PKCS11Error):
+                            key.destroy()
+            except (UnsupportedByToken, DecryptionFailed, MaterialRejected, p11e.PKCS11Error):
+                continue
+        return frozenset(works)
+
+
+def wrap_on_host(
+    public: rsa.RSAPublicKey, algorithm: WrappingAlgorithm, material: bytes, ephemeral: bytes
+) -> bytes:
+    """Wrap ``material`` as a caller would (probes and the self-test only: the material is a
+    throwaway value). ``ephemeral`` is the AES key of the RSA_AES algorithms."""
+    algo: hashes.HashAlgorithm = (
+        hashes.SHA1() if algorithm.hash_name == "sha1" else hashes.SHA256()  # noqa: S303
+    )
+    oaep = padding.OAEP(mgf=padding.MGF1(algo), algorithm=algo, label=None)
+    if not algorithm.two_step:
+        return public.encrypt(material, oaep)
+    return public.encrypt(ephemeral, oaep) + keywrap.aes_key_wrap_with_padding(ephemeral, material)
+
+
 # -- key material per spec ------------------------------------------------------------------
 
 
@@ -373,6 +648,46 @@ class Material(abc.ABC):
         the token will not make temporary objects."""
         ...
 
+    @abc.abstractmethod
+    def unwrap(
+        self,
+        session: Any,
+        unwrapper: Unwrapper,
+        name: MaterialName,
+        ids: Sequence[bytes],
+        *,
+        profile: MechanismProfile | None,
+        usage: MaterialUsage,
+        store: bool = True,
+    ) -> Imported:
+        """Import material: the objects (one per id) unwrapped inside the token with the
+        hardened template, checked, and the check value. :class:`MaterialRejected` when the
+        material does not fit the spec; on failure, what was made is destroyed."""
+        ...
+
+
+def _destroy_all(objects: Sequence[Any]) -> None:
+    for obj in objects:
+        with contextlib.suppress(p11e.PKCS11Error):
+            obj.destroy()
+
+
+def _require_mac_key_length(unwrapper: Unwrapper, mechanism: Mechanism) -> None:
+    """:class:`MaterialRejected` unless the material is as long as ``mechanism`` needs of an
+    HMAC key at least (SoftHSM2 refuses shorter keys with CKR_KEY_SIZE_RANGE): a temporary
+    copy, used once and destroyed. The token does not report an unwrapped secret's length
+    (SoftHSM 2.6.1 leaves CKA_VALUE_LEN 0 and refuses it in an unwrap template)."""
+    copy = unwrapper.unwrap(
+        ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET,
+        template=_template(HARDENED, store=False), capabilities=MechanismFlag.SIGN,
+    )  # fmt: skip
+    try:
+        copy.sign(CHECK_DATA, mechanism=mechanism)
+    except _MATERIAL_FAILURES:
+        raise MaterialRejected("the key material is shorter than the key spec") from None
+    finally:
+        _destroy_all([copy])
+
 
 class SymmetricMaterial(Material):
     """SYMMETRIC_DEFAULT: the objects of its mechanism profile."""
@@ -399,6 +714,40 @@ class SymmetricMaterial(Material):
 
     def probe(self, session: Any, usage: MaterialUsage) -> bool:
         return any(impl.probe(session) for impl in PROFILE_MECHANISMS.values())
+
+    def unwrap(
+        self,
+        session: Any,
+        unwrapper: Unwrapper,
+        name: MaterialName,
+        ids: Sequence[bytes],
+        *,
+        profile: MechanismProfile | None,
+        usage: MaterialUsage,
+        store: bool = True,
+    ) -> Imported:
+        if profile is not IMPORT_PROFILE:
+            raise UnsupportedByToken(
+                f"imported symmetric material is kept under {IMPORT_PROFILE.value} only"
+            )
+        (spec,) = PROFILE_MECHANISMS[profile].objects
+        (raw,) = ids
+        key = unwrapper.unwrap(
+            ObjectClass.SECRET_KEY, KeyType.AES, template=_template(HARDENED, store=store),
+            capabilities=spec.capabilities, raw_id=raw, label=name.label(spec.role),
+        )  # fmt: skip
+        try:
+            try:
+                # AES-ECB refuses any length but 16, 24 or 32 bytes; the MAC copy any shorter
+                # than 32: together, exactly 32 (measured on SoftHSM 2.6.1).
+                check = bytes(key.encrypt(CHECK_BLOCK, mechanism=Mechanism.AES_ECB))
+            except _MATERIAL_FAILURES:
+                raise MaterialRejected("the key material is not an AES-256 key") from None
+            _require_mac_key_length(unwrapper, Mechanism.SHA256_HMAC)
+        except BaseException:
+            _destroy_all([key])
+            raise
+        return Imported(Generated([key], [None]), check)
 
 
 class HmacMaterial(Material):
@@ -454,6 +803,34 @@ class HmacMaterial(Material):
             except p11e.PKCS11Error:
                 return False
 
+    def unwrap(
+        self,
+        session: Any,
+        unwrapper: Unwrapper,
+        name: MaterialName,
+        ids: Sequence[bytes],
+        *,
+        profile: MechanismProfile | None,
+        usage: MaterialUsage,
+        store: bool = True,
+    ) -> Imported:
+        (raw,) = ids
+        key = unwrapper.unwrap(
+            ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET,
+            template=_template(HARDENED, store=store), capabilities=self._object.capabilities,
+            raw_id=raw, label=name.label(self._object.role),
+        )  # fmt: skip
+        try:
+            try:
+                # SoftHSM2 refuses an HMAC key shorter than the digest (CKR_KEY_SIZE_RANGE).
+                check = self.mac(key, CHECK_DATA)
+            except _MATERIAL_FAILURES:
+                raise MaterialRejected("the key material is shorter than the key spec") from None
+        except BaseException:
+            _destroy_all([key])
+            raise
+        return Imported(Generated([key], [None]), check)
+
 
 # DigestInfo prefixes for RSASSA-PKCS1-v1_5 over a precomputed digest (RFC 8017 §9.2, note 1).
 _DIGEST_INFO: Final[Mapping[str, bytes]] = {
@@ -465,10 +842,6 @@ _PSS_PARAMS: Final[Mapping[str, tuple[Mechanism, MGF]]] = {
     "sha256": (Mechanism.SHA256, MGF.SHA256),
     "sha384": (Mechanism.SHA384, MGF.SHA384),
     "sha512": (Mechanism.SHA512, MGF.SHA512),
-}
-_OAEP_PARAMS: Final[Mapping[str, tuple[Mechanism, MGF, None]]] = {
-    "sha1": (Mechanism.SHA_1, MGF.SHA1, None),
-    "sha256": (Mechanism.SHA256, MGF.SHA256, None),
 }
 _HOST_HASHES: Final[Mapping[str, Callable[[], hashes.HashAlgorithm]]] = {
     "sha1": hashes.SHA1,
@@ -546,6 +919,74 @@ class KeyPairMaterial(Material):
             },
         )  # fmt: skip
         return Generated([private], [public])
+
+    key_type: KeyType
+    """The PKCS#11 key type of both halves."""
+
+    def unwrap(
+        self,
+        session: Any,
+        unwrapper: Unwrapper,
+        name: MaterialName,
+        ids: Sequence[bytes],
+        *,
+        profile: MechanismProfile | None,
+        usage: MaterialUsage,
+        store: bool = True,
+    ) -> Imported:
+        (raw,) = ids
+        private_caps, public_caps = self._capabilities(usage)
+        label = name.label(ObjectRole.KEY_PAIR)
+        private = unwrapper.unwrap(
+            ObjectClass.PRIVATE_KEY, self.key_type,
+            template={
+                **_template(HARDENED, store=store), **_NOT_PRIVATE,
+                Attribute.SIGN: bool(private_caps & MechanismFlag.SIGN),
+                Attribute.DERIVE: bool(private_caps & MechanismFlag.DERIVE),
+                Attribute.DECRYPT: bool(private_caps & MechanismFlag.DECRYPT),
+                Attribute.UNWRAP: False,
+            },
+            capabilities=private_caps, raw_id=raw, label=label,
+        )  # fmt: skip
+        made = [private]
+        try:
+            try:
+                public_values = self._public_values(private, unwrapper)
+                public = session.create_object(
+                    {
+                        **_template(_PUBLIC, store=store), **public_values,
+                        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: self.key_type,
+                        Attribute.ID: raw, Attribute.LABEL: label,
+                        Attribute.VERIFY: bool(public_caps), Attribute.ENCRYPT: False,
+                        Attribute.WRAP: False, Attribute.DERIVE: False,
+                    }
+                )  # fmt: skip
+                made.append(public)
+                der = self.public_key(public)
+                self._check_pair(private, public)
+            except _MATERIAL_FAILURES:
+                raise MaterialRejected(f"the private key is not {self.spec.value}") from None
+        except BaseException:
+            _destroy_all(made)
+            raise
+        return Imported(Generated([private], [public]), hashlib.sha256(der).digest())
+
+    def _public_values(self, private: Any, unwrapper: Unwrapper) -> dict[Any, Any]:
+        """The public key attributes of an imported private key (:class:`MaterialRejected`
+        when it is not a key of this spec); :class:`UnsupportedByToken` for a spec whose
+        import is not built (Ed25519)."""
+        raise UnsupportedByToken(f"importing {self.spec.value} key material is not supported")
+
+    def _check_pair(self, private: Any, public: Any) -> None:
+        """:class:`MaterialRejected` unless the halves of an imported signing pair match (a
+        PKCS#8 key whose parts disagree signs nothing its public key verifies)."""
+        if not private[Attribute.SIGN]:
+            return
+        algorithm = self._probe_algorithm()
+        digest = hashlib.new(algorithm.facts.hash_name, _PROBE_DATA).digest()
+        signature = self.sign(private, digest, algorithm)
+        if not self.verify(public, digest, signature, algorithm):
+            raise MaterialRejected("the private key's parts do not match")
 
     def check_algorithm(self, algorithm: SigningAlgorithm, data: bytes) -> None:
         """:class:`IncompatibleMaterial` unless ``algorithm`` signs with this material, and
@@ -652,8 +1093,18 @@ class RsaMaterial(KeyPairMaterial):
             {Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_PSS, Mechanism.RSA_PKCS}
         )
 
+    key_type = KeyType.RSA
+
     def _generate_pair(self, session: Any, **kwargs: Any) -> tuple[Any, Any]:
         return tuple(session.generate_keypair(KeyType.RSA, self.facts.key_bits, **kwargs))
+
+    def _public_values(self, private: Any, unwrapper: Unwrapper) -> dict[Any, Any]:
+        # An RSA private key object carries its public modulus and exponent (not sensitive).
+        modulus = bytes(private[Attribute.MODULUS])
+        if int.from_bytes(modulus, "big").bit_length() != self.facts.key_bits:
+            raise MaterialRejected(f"the private key is not {self.spec.value}")
+        exponent = bytes(private[Attribute.PUBLIC_EXPONENT])
+        return {Attribute.MODULUS: modulus, Attribute.PUBLIC_EXPONENT: exponent}
 
     @staticmethod
     def _input(digest: bytes, algorithm: SigningAlgorithm) -> tuple[bytes, dict[str, Any]]:
@@ -676,6 +1127,11 @@ class RsaMaterial(KeyPairMaterial):
         return bool(_permitted(public, "verify")(payload, signature, **mechanism))
 
     def public_key(self, public: Any) -> bytes:
+        return self.public_spki(public)
+
+    @staticmethod
+    def public_spki(public: Any) -> bytes:
+        """An RSA public key object as DER ``SubjectPublicKeyInfo``."""
         numbers = rsa.RSAPublicNumbers(
             int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
             int.from_bytes(public[Attribute.MODULUS], "big"),
@@ -803,6 +1259,21 @@ def oaep_decode(encoded: bytes, hash_name: str, label: bytes = b"") -> bytes | N
     return db[separator + 1 :] if good else None
 
 
+_HASHES: Final[Mapping[str, hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+
+def _der_octet_string(value: bytes) -> bytes:
+    """``value`` as a DER OCTET STRING (CKA_EC_POINT's encoding, PKCS#11 2.40)."""
+    if len(value) < 0x80:
+        return bytes([0x04, len(value)]) + value
+    size = len(value).to_bytes((len(value).bit_length() + 7) // 8, "big")
+    return bytes([0x04, 0x80 | len(size)]) + size + value
+
+
 # DER of the named curve OIDs for CKA_EC_PARAMS: secp256r1 (1.2.840.10045.3.1.7), secp384r1
 # (1.3.132.0.34), secp521r1 (1.3.132.0.35), secp256k1 (1.3.132.0.10), and id-Ed25519
 # (1.3.101.112, RFC 8410) for the Edwards curve.
@@ -834,11 +1305,58 @@ class EcMaterial(KeyPairMaterial):
         use = Mechanism.ECDH1_DERIVE if usage is MaterialUsage.KEY_AGREEMENT else Mechanism.ECDSA
         return frozenset({Mechanism.EC_KEY_PAIR_GEN, use})
 
+    key_type = KeyType.EC
+
     def _generate_pair(self, session: Any, **kwargs: Any) -> tuple[Any, Any]:
         domain = session.create_domain_parameters(
             KeyType.EC, {Attribute.EC_PARAMS: self.params}, local=True
         )
         return tuple(domain.generate_keypair(**kwargs))
+
+    def _public_values(self, private: Any, unwrapper: Unwrapper) -> dict[Any, Any]:
+        # An EC private key object has no public point (SoftHSM 2.6.1, measured), and the
+        # PKCS#8 blob is not seen on the host. So a temporary copy that may sign and derive
+        # finds it: ECDH with the curve's generator G gives x(d.G), the public point's x; of
+        # the two points with that x, the public key is the one that verifies the copy's
+        # signature.
+        if bytes(private[Attribute.EC_PARAMS]) != self.params:
+            raise MaterialRejected(f"the private key is not on {self.curve.name}")
+        copy = unwrapper.unwrap(
+            ObjectClass.PRIVATE_KEY, KeyType.EC,
+            template={
+                **_template(HARDENED, store=False), **_NOT_PRIVATE, Attribute.SIGN: True,
+                Attribute.DERIVE: True, Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+            },
+            capabilities=MechanismFlag.SIGN | MechanismFlag.DERIVE,
+        )  # fmt: skip
+        try:
+            x = self.derive_shared_secret(copy, self._generator)
+            algorithm = self._probe_algorithm()
+            digest = hashlib.new(algorithm.facts.hash_name, _PROBE_DATA).digest()
+            signature = self.sign(copy, digest, algorithm)
+        finally:
+            _destroy_all([copy])
+        prehashed = ec.ECDSA(Prehashed(_HASHES[algorithm.facts.hash_name]))
+        for prefix in (b"\x02", b"\x03"):
+            try:
+                candidate = ec.EllipticCurvePublicKey.from_encoded_point(self.curve, prefix + x)
+                candidate.verify(signature, digest, prehashed)
+            except (ValueError, InvalidSignature):
+                continue
+            point = candidate.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+            return {Attribute.EC_PARAMS: self.params, Attribute.EC_POINT: _der_octet_string(point)}
+        raise MaterialRejected(f"the private key is not a key on {self.curve.name}")
+
+    @functools.cached_property
+    def _generator(self) -> bytes:
+        """The curve's generator point, uncompressed."""
+        return (
+            ec.derive_private_key(1, self.curve)
+            .public_key()
+            .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        )
 
     def sign(self, private: Any, data: bytes, algorithm: SigningAlgorithm) -> bytes:
         raw = bytes(_permitted(private, "sign")(data, mechanism=Mechanism.ECDSA))
@@ -899,6 +1417,8 @@ class EdwardsMaterial(KeyPairMaterial):
     :meth:`prehash_works` checks before the first use."""
 
     _LENGTH = 32
+
+    key_type = KeyType.EC_EDWARDS
 
     def mechanisms(self, usage: MaterialUsage) -> frozenset[Mechanism]:
         return frozenset({Mechanism.EC_EDWARDS_KEY_PAIR_GEN, Mechanism.EDDSA})

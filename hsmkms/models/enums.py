@@ -247,10 +247,45 @@ class KeyMaterialState(enum.StrEnum):
 
 
 class ExpirationModel(enum.StrEnum):
-    """Whether imported key material expires (always KEY_MATERIAL_DOES_NOT_EXPIRE here)."""
+    """Whether imported key material expires."""
 
     KEY_MATERIAL_EXPIRES = "KEY_MATERIAL_EXPIRES"
     KEY_MATERIAL_DOES_NOT_EXPIRE = "KEY_MATERIAL_DOES_NOT_EXPIRE"
+
+
+class WrappingAlgorithmSpec(enum.StrEnum):
+    """How key material is wrapped for import (AWS ``AlgorithmSpec``). RSAES_PKCS1_V1_5 (no
+    longer accepted by AWS) and SM2PKE (China Regions only) are refused."""
+
+    RSAES_PKCS1_V1_5 = "RSAES_PKCS1_V1_5"
+    RSAES_OAEP_SHA_1 = "RSAES_OAEP_SHA_1"
+    RSAES_OAEP_SHA_256 = "RSAES_OAEP_SHA_256"
+    RSA_AES_KEY_WRAP_SHA_1 = "RSA_AES_KEY_WRAP_SHA_1"
+    RSA_AES_KEY_WRAP_SHA_256 = "RSA_AES_KEY_WRAP_SHA_256"
+    SM2PKE = "SM2PKE"
+
+
+class WrappingKeySpec(enum.StrEnum):
+    """The public key GetParametersForImport returns (SM2: China Regions only, refused)."""
+
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    SM2 = "SM2"
+
+
+class ImportType(enum.StrEnum):
+    """Whether ImportKeyMaterial brings new key material or material the key had before."""
+
+    NEW_KEY_MATERIAL = "NEW_KEY_MATERIAL"
+    EXISTING_KEY_MATERIAL = "EXISTING_KEY_MATERIAL"
+
+
+class ImportState(enum.StrEnum):
+    """Whether an imported key material is in the key store now (ListKeyRotations)."""
+
+    IMPORTED = "IMPORTED"
+    PENDING_IMPORT = "PENDING_IMPORT"
 
 
 class GrantOperation(enum.StrEnum):

@@ -28,11 +28,13 @@ class KeyMetadata(KmsModel):
     KeyUsage: enums.KeyUsage
     KeyState: enums.KeyState
     DeletionDate: dt.datetime | None = None
+    ValidTo: dt.datetime | None = None
     Origin: enums.OriginType
     KeyManager: enums.KeyManager
     CustomerMasterKeySpec: enums.CustomerMasterKeySpec | None = None
     """Absent for the specs that came after it was deprecated (Ed25519, ML-DSA, ML-KEM)."""
     KeySpec: enums.KeySpec
+    ExpirationModel: enums.ExpirationModel | None = None
     EncryptionAlgorithms: list[enums.EncryptionAlgorithmSpec] | None = None
     SigningAlgorithms: list[enums.SigningAlgorithmSpec] | None = None
     KeyAgreementAlgorithms: list[enums.KeyAgreementAlgorithmSpec] | None = None

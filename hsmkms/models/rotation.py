@@ -50,8 +50,11 @@ class ListKeyRotationsRequest(KmsModel):
 class RotationsListEntry(KmsModel):
     KeyId: str
     KeyMaterialId: str | None = None
+    KeyMaterialDescription: str | None = None
+    ImportState: enums.ImportState | None = None
     KeyMaterialState: enums.KeyMaterialState | None = None
     ExpirationModel: enums.ExpirationModel | None = None
+    ValidTo: dt.datetime | None = None
     RotationDate: dt.datetime | None = None
     RotationType: enums.RotationType | None = None
 

@@ -43,14 +43,16 @@ from hsmkms.keystore.errors import DecryptionFailed
 from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.keystore.stores import KeyStores, key_stores
 from hsmkms.models import validate_request
-from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, RotationType
+from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, OriginType, RotationType
 from hsmkms.policy import ContextInput
 from hsmkms.service.authorize import Authorizer, GrantCheck
-from hsmkms.service.identifiers import Arns, parse_grant_token
+from hsmkms.service.identifiers import Arns, key_material_id, parse_grant_token
 from hsmkms.service.operations import OPERATIONS, Operation, Resolution
 from hsmkms.service.states import Access, check_state
 from hsmkms.store import (
     DELETING,
+    IMPORTED,
+    ImportedMaterialRecord,
     KeyRecord,
     KeyVersionRecord,
     MetadataStore,
@@ -65,6 +67,7 @@ log = structlog.get_logger(__name__)
 
 SYMMETRIC_DEFAULT = EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT.value
 _ENABLED = KeyState.Enabled.value
+_EXTERNAL = OriginType.EXTERNAL.value
 
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
@@ -579,6 +582,49 @@ class ServiceCore:
             # Raised outside the handler: no cause or context reaches the caller.
             raise InvalidCiphertextException()
         return key, version, plaintext
+
+    # -- imported key material ------------------------------------------------------------------
+
+    def _materials(self, key: KeyRecord) -> tuple[ImportedMaterialRecord, ...]:
+        """The key materials imported into a key (none unless its origin is EXTERNAL)."""
+        if key.origin != _EXTERNAL:
+            return ()
+        return self._store.imported_materials(key.key_id)
+
+    def _key_material_id(self, key: KeyRecord, version: int) -> str | None:
+        """The KeyMaterialId of one of a key's versions: derived from the key id and version
+        for material made in the token, the imported material's own id (derived from the key
+        id and the material) for imported material; None when no material has that version."""
+        if key.origin != _EXTERNAL:
+            return key_material_id(key.key_id, version)
+        for material in self._store.imported_materials(key.key_id):
+            if material.version == version:
+                return material.key_material_id
+        return None
+
+    def _all_material_imported(self, key: KeyRecord) -> bool:
+        """Whether every key material of the key is in the token (always, unless its origin is
+        EXTERNAL): AWS enables a key with imported material only then."""
+        if key.origin != _EXTERNAL:
+            return True
+        materials = self._store.imported_materials(key.key_id)
+        return bool(materials) and all(m.import_state == IMPORTED for m in materials)
+
+    def _forget_material(self, key_id: str, version: int) -> bool:
+        """Delete an imported key material from the token: its row says PENDING_IMPORT and the
+        key becomes PendingImport (a key pending deletion stays so) in one transaction, then
+        the token objects are destroyed. False when it was not imported (nothing done)."""
+
+        def state(key: KeyRecord) -> str | None:
+            if key.state in (KeyState.Enabled, KeyState.Disabled):
+                return KeyState.PendingImport.value
+            return None
+
+        removed = self._store.remove_material(key_id, version, state=state)
+        if removed is None:
+            return False
+        self._destroy_quietly(material_ref(removed.material_ref), key_id, version)
+        return True
 
     # -- versions -------------------------------------------------------------------------------
 

@@ -40,7 +40,6 @@ from hsmkms.models import (
 from hsmkms.models.constraints import validation_exception
 from hsmkms.models.enums import DataKeySpec, EncryptionAlgorithmSpec, KeySpec
 from hsmkms.service.core import Call, ServiceCore, check_algorithm, material_ref, operation
-from hsmkms.service.identifiers import key_material_id
 from hsmkms.service.key_types import KEY_TYPES
 from hsmkms.service.operations import OPERATIONS, Operation
 from hsmkms.service.states import Access
@@ -283,7 +282,7 @@ class CryptoOperations(ServiceCore):
             KeyId=key.arn,
             Plaintext=plaintext,
             EncryptionAlgorithm=request.EncryptionAlgorithm or SYMMETRIC_DEFAULT,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation("ReEncrypt")
@@ -355,12 +354,12 @@ class CryptoOperations(ServiceCore):
             SourceEncryptionAlgorithm=source_algorithm or SYMMETRIC_DEFAULT,
             DestinationEncryptionAlgorithm=destination_algorithm or SYMMETRIC_DEFAULT,
             SourceKeyMaterialId=(
-                key_material_id(source.key_id, source_version.version)
+                self._key_material_id(source, source_version.version)
                 if source_version is not None
                 else None
             ),
             DestinationKeyMaterialId=(
-                key_material_id(destination.key_id, destination_version.version)
+                self._key_material_id(destination, destination_version.version)
                 if symmetric_destination
                 else None
             ),
@@ -383,7 +382,7 @@ class CryptoOperations(ServiceCore):
             CiphertextBlob=blob,
             Plaintext=data_key,
             KeyId=key.arn,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation(
@@ -404,7 +403,7 @@ class CryptoOperations(ServiceCore):
         return GenerateDataKeyWithoutPlaintextResponse.model_construct(
             CiphertextBlob=blob,
             KeyId=key.arn,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation("GenerateRandom", prepare=_prepare_generate_random)

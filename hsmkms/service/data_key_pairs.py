@@ -33,7 +33,6 @@ from hsmkms.models import (
 )
 from hsmkms.models.enums import DataKeyPairSpec
 from hsmkms.service.core import Call, ServiceCore, operation
-from hsmkms.service.identifiers import key_material_id
 
 __all__ = ["DataKeyPairOperations", "generate_key_pair"]
 
@@ -103,7 +102,7 @@ class DataKeyPairOperations(ServiceCore):
             PublicKey=public,
             KeyId=key.arn,
             KeyPairSpec=request.KeyPairSpec,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )
 
     @operation("GenerateDataKeyPairWithoutPlaintext")
@@ -120,5 +119,5 @@ class DataKeyPairOperations(ServiceCore):
             PublicKey=public,
             KeyId=key.arn,
             KeyPairSpec=request.KeyPairSpec,
-            KeyMaterialId=key_material_id(key.key_id, version.version),
+            KeyMaterialId=self._key_material_id(key, version.version),
         )

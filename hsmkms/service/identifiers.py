@@ -109,6 +109,15 @@ def key_material_id(key_id: str, version: int) -> str:
     return hashlib.sha256(f"hsmkms:key-material:{key_id}:{version}".encode()).hexdigest()
 
 
+def imported_key_material_id(key_id: str, key_spec: str, check_value: bytes) -> str:
+    """The KeyMaterialId of imported key material: 64 lowercase hex characters, derived (as
+    AWS derives it) from the key id and the material, through the material's check value
+    computed in the token (:mod:`hsmkms.keystore.imports`). The same material imported into
+    the same key always gets the same id; this is how a re-import is recognized."""
+    head = f"hsmkms:imported-key-material:v1:{key_id}:{key_spec}:".encode()
+    return hashlib.sha256(head + check_value).hexdigest()
+
+
 _TOKEN_VERSION = 1
 _TOKEN_LENGTH = 1 + 16 + 32 + 16
 

@@ -34,6 +34,7 @@ from hsmkms.models import (
     UpdateKeyDescriptionRequest,
 )
 from hsmkms.models.enums import (
+    ExpirationModel,
     KeyManager,
     KeySpec,
     KeyState,
@@ -45,10 +46,9 @@ from hsmkms.policy import ContextInput, default_key_policy, parse_policy
 from hsmkms.service.aliases import check_tags, tag_conditions
 from hsmkms.service.authorize import key_policy
 from hsmkms.service.core import Call, Prepared, ServiceCore, log, operation, page_limit
-from hsmkms.service.identifiers import key_material_id
 from hsmkms.service.key_types import KEY_TYPES, customer_master_key_spec
 from hsmkms.service.states import Access
-from hsmkms.store import KeyRecord, KeyVersionRecord
+from hsmkms.store import IMPORTED, ImportedMaterialRecord, KeyRecord, KeyVersionRecord
 from hsmkms.types import Caller
 
 DEFAULT_PENDING_WINDOW_DAYS = 30
@@ -80,13 +80,38 @@ def _key_type(request: CreateKeyRequest) -> tuple[KeySpec, KeyUsage, OriginType]
             "PKCS#11 token holds it."
         )
     origin = request.Origin or OriginType.AWS_KMS
-    if origin is not OriginType.AWS_KMS:
+    if origin not in (OriginType.AWS_KMS, OriginType.EXTERNAL):
         raise UnsupportedOperationException(f"Origin {origin} is not supported.")
+    if origin is OriginType.EXTERNAL and spec is KeySpec.ECC_NIST_EDWARDS25519:
+        # The keystore cannot rebuild an imported Ed25519 key's public half in the token.
+        raise UnsupportedOperationException(
+            f"KeySpec {spec} with Origin EXTERNAL is not supported by this key store."
+        )
     if request.CustomKeyStoreId is not None or request.XksKeyId is not None:
         raise UnsupportedOperationException("Custom key stores are not supported.")
     if request.MultiRegion:
         raise UnsupportedOperationException("Multi-Region keys are not supported.")
     return spec, usage, origin
+
+
+def _expiration(
+    materials: tuple[ImportedMaterialRecord, ...], current_version: int
+) -> tuple[ExpirationModel | None, dt.datetime | None]:
+    """KeyMetadata's ExpirationModel and ValidTo for a key's imported material: absent until
+    material was imported; ValidTo is the earliest expiry of the material in the token."""
+    if not materials:
+        return None, None
+    expiring = [
+        m.valid_to
+        for m in materials
+        if m.import_state == IMPORTED
+        and m.expiration_model == ExpirationModel.KEY_MATERIAL_EXPIRES
+        and m.valid_to is not None
+    ]
+    if expiring:
+        return ExpirationModel.KEY_MATERIAL_EXPIRES, min(expiring)
+    current = next((m for m in materials if m.version == current_version), materials[-1])
+    return ExpirationModel(current.expiration_model), None
 
 
 def _prepare_create_key(request: CreateKeyRequest) -> Prepared:
@@ -118,6 +143,7 @@ class KeyOperations(ServiceCore):
         pending = key.state == KeyState.PendingDeletion
         key_type = KEY_TYPES[KeySpec(key.key_spec)]
         usage = KeyUsage(key.key_usage)
+        model, valid_to = _expiration(self._materials(key), key.current_version)
         return KeyMetadata.model_validate(
             {
                 "AWSAccountId": self.account_id,
@@ -129,6 +155,8 @@ class KeyOperations(ServiceCore):
                 "KeyUsage": usage,
                 "KeyState": KeyState(key.state),
                 "DeletionDate": key.deletion_date if pending else None,
+                "ValidTo": valid_to,
+                "ExpirationModel": model,
                 "Origin": OriginType(key.origin),
                 "KeyManager": KeyManager.CUSTOMER,
                 "CustomerMasterKeySpec": customer_master_key_spec(key.key_spec),
@@ -138,7 +166,7 @@ class KeyOperations(ServiceCore):
                 "PendingDeletionWindowInDays": key.pending_window_days if pending else None,
                 # spec: only symmetric encryption keys have a current key material id.
                 "CurrentKeyMaterialId": (
-                    key_material_id(key.key_id, key.current_version) if key_type.symmetric else None
+                    self._key_material_id(key, key.current_version) if key_type.symmetric else None
                 ),
             }
         )
@@ -165,6 +193,8 @@ class KeyOperations(ServiceCore):
         key_id = self._new_key_id(request, caller)
         if request.Policy is not None and not request.BypassPolicyLockoutSafetyCheck:
             self._authz.check_lockout(caller, key_policy(request.Policy), self.arns.key(key_id))
+        if origin is OriginType.EXTERNAL:
+            return self._create_external_key(call, key_id, spec, usage, now)
         key_type = KEY_TYPES[spec]
         assert key_type.material is not None  # checked by _key_type
         name = MaterialName.key_version(key_id, 1)
@@ -202,6 +232,35 @@ class KeyOperations(ServiceCore):
         log.info("key_created", key_id=key_id, profile=profile)
         if caller is not None:
             caller.note_key(key.arn, 1)  # spec: §5.2 — the CreateKey record names the new key
+        return CreateKeyResponse(KeyMetadata=self._metadata(key))
+
+    def _create_external_key(
+        self,
+        call: Call[CreateKeyRequest],
+        key_id: str,
+        spec: KeySpec,
+        usage: KeyUsage,
+        now: dt.datetime,
+    ) -> CreateKeyResponse:
+        """CreateKey with Origin EXTERNAL: a key without material, PendingImport until
+        ImportKeyMaterial brings it (:mod:`hsmkms.service.imports`)."""
+        request, caller = call.request, call.caller
+        key = KeyRecord(
+            key_id=key_id,
+            arn=self.arns.key(key_id),
+            description=request.Description or "",
+            key_usage=usage.value,
+            key_spec=spec.value,
+            origin=OriginType.EXTERNAL.value,
+            state=KeyState.PendingImport.value,
+            created_at=now,
+            policy=request.Policy or default_key_policy(self.account_id),
+            current_version=0,
+        )
+        self._store.create_key(key, None, check_tags(request.Tags or []))
+        log.info("key_created", key_id=key_id, origin=OriginType.EXTERNAL.value)
+        if caller is not None:
+            caller.note_key(key.arn)
         return CreateKeyResponse(KeyMetadata=self._metadata(key))
 
     @operation("DescribeKey")
@@ -262,7 +321,7 @@ class KeyOperations(ServiceCore):
         fell due while disabled rotates at once."""
         key = call.key
         if key.state != KeyState.Enabled:
-            self._transition(key, (KeyState.Disabled,), KeyState.Enabled, Access.MANAGE)
+            self._transition(key, (KeyState.Disabled,), KeyState.Enabled, Access.MANAGE_MATERIAL)
         current = self._store.get_key(key.key_id)
         if current is not None and self._rotation_due(current, self._clock()):
             self._rotate(current, RotationType.AUTOMATIC)
@@ -273,7 +332,7 @@ class KeyOperations(ServiceCore):
         """DisableKey: Enabled -> Disabled (no-op when Disabled)."""
         key = call.key
         if key.state != KeyState.Disabled:
-            self._transition(key, (KeyState.Enabled,), KeyState.Disabled, Access.MANAGE)
+            self._transition(key, (KeyState.Enabled,), KeyState.Disabled, Access.MANAGE_MATERIAL)
         return EmptyResponse()
 
     @operation("ScheduleKeyDeletion", prepare=_prepare_schedule_key_deletion)
@@ -287,7 +346,7 @@ class KeyOperations(ServiceCore):
         deletion_date = self._clock() + dt.timedelta(days=days)
         self._transition(
             key,
-            (KeyState.Enabled, KeyState.Disabled),
+            (KeyState.Enabled, KeyState.Disabled, KeyState.PendingImport),
             KeyState.PendingDeletion,
             Access.MANAGE,
             deletion_date=deletion_date,
@@ -305,12 +364,13 @@ class KeyOperations(ServiceCore):
     def cancel_key_deletion(
         self, call: Call[CancelKeyDeletionRequest]
     ) -> CancelKeyDeletionResponse:
-        """CancelKeyDeletion: PendingDeletion -> Disabled (always Disabled, as AWS)."""
+        """CancelKeyDeletion: PendingDeletion -> Disabled (always Disabled, as AWS), or
+        PendingImport for a key whose imported material is not all in the token."""
         key = call.key
         self._transition(
             key,
             (KeyState.PendingDeletion,),
-            KeyState.Disabled,
+            KeyState.Disabled if self._all_material_imported(key) else KeyState.PendingImport,
             Access.CANCEL_DELETION,
             deletion_after=self._clock(),
         )

@@ -3,8 +3,8 @@ store. Every public operation takes its request model and the request's ``caller
 its response model.
 
 The operations are grouped by concern, one module each (keys, aliases and tags, crypto,
-asymmetric, mac, data key pairs, last usage, multi-Region, rotation, policies, grants,
-maintenance); each runs through the one template of
+asymmetric, mac, data key pairs, last usage, multi-Region, imported key material, rotation,
+policies, grants, maintenance); each runs through the one template of
 :class:`~hsmkms.service.core.ServiceCore` as its descriptor in
 :mod:`hsmkms.service.operations` says. The API writes the call's audit record from the result
 (:mod:`hsmkms.api.app`).
@@ -17,6 +17,7 @@ from hsmkms.service.asymmetric import AsymmetricOperations
 from hsmkms.service.crypto import CryptoOperations
 from hsmkms.service.data_key_pairs import DataKeyPairOperations
 from hsmkms.service.grants import GrantOperations
+from hsmkms.service.imports import ImportOperations
 from hsmkms.service.keys import KeyOperations
 from hsmkms.service.last_usage import LastUsageOperations
 from hsmkms.service.mac import MacOperations
@@ -30,6 +31,7 @@ class KmsService(
     KeyOperations,
     AliasOperations,
     CryptoOperations,
+    ImportOperations,
     AsymmetricOperations,
     MacOperations,
     DataKeyPairOperations,

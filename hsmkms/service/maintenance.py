@@ -1,19 +1,25 @@
-"""The service's own work: due automatic rotations and purges of deleted keys (periodically in
-a background thread, or once), and the comparison of the token with the store that
-``hsmkms doctor`` reports."""
+"""The service's own work: due automatic rotations, purges of deleted keys, expiry of imported
+key material and of import tokens (periodically in a background thread, or once), and the
+comparison of the token with the store that ``hsmkms doctor`` reports."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable
 
-from hsmkms.keystore.base import KeyMaterialRef, TokenObject
+from hsmkms.keystore.base import KeyMaterialRef, Keystore, TokenObject
+from hsmkms.keystore.imports import WrappingKeyRef, WrappingKeySpec, wrapping_key_end
 from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.models.enums import RotationType
 from hsmkms.service.core import ServiceCore, log
-from hsmkms.store import DELETING
+from hsmkms.store import DELETING, ImportTokenRecord
+
+LEFTOVER_SWEEP_INTERVAL = 3600.0
+"""Seconds between two looks for wrapping key pairs that no import token names (a crash between
+making one and recording its token): each look lists the token's objects."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +28,10 @@ class DueTaskReport:
 
     rotated: list[str]
     purged: list[str]
+    expired: list[str] = dataclasses.field(default_factory=list)
+    """Keys whose imported key material expired (and was deleted) in this pass."""
+    import_tokens: int = 0
+    """Import tokens that expired in this pass (their wrapping key pairs destroyed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,7 @@ class Maintenance(ServiceCore):
 
     _thread: threading.Thread | None = None
     _stop_event: threading.Event | None = None
+    _last_leftover_sweep: float | None = None
 
     def rotate_due(self) -> list[str]:
         """Rotate every Enabled key whose automatic rotation is due. Returns their ids."""
@@ -57,6 +68,83 @@ class Maintenance(ServiceCore):
             if updated is not None:
                 rotated.append(key.key_id)
         return rotated
+
+    def expire_due_material(self) -> list[str]:
+        """Delete imported key material whose ValidTo has come: its token objects are destroyed
+        and the key becomes PendingImport (as DeleteImportedKeyMaterial; a CloudTrail
+        ``DeleteExpiredKeyMaterial`` service event). Returns the key ids."""
+        expired = []
+        for material in self._store.expired_materials(self._clock()):
+            key = self._store.get_key(material.key_id)
+            if key is None or key.state == DELETING:
+                continue
+            try:
+                if not self._forget_material(material.key_id, material.version):
+                    continue
+            except Exception:
+                log.exception("material_expiry_failed", key_id=material.key_id)
+                continue
+            log.info("key_material_expired", key_id=material.key_id, version=material.version)
+            self._emit("DeleteExpiredKeyMaterial", key.arn, material.version)
+            expired.append(material.key_id)
+        return expired
+
+    def purge_import_tokens(self) -> int:
+        """Forget expired import tokens and destroy their wrapping key pairs; now and then,
+        also wrapping key pairs no token names whose label's day has passed (left by a crash
+        between making the pair and recording its token). Returns the number of tokens
+        purged."""
+        now = self._clock()
+        purged = 0
+        for token in self._store.import_tokens(expired_by=now):
+            if self._destroy_import_token(token):
+                purged += 1
+        last = self._last_leftover_sweep
+        if last is None or time.monotonic() - last >= LEFTOVER_SWEEP_INTERVAL:
+            self._last_leftover_sweep = time.monotonic()
+            self._sweep_leftover_wrapping_keys(now.date())
+        return purged
+
+    def _destroy_import_token(self, token: ImportTokenRecord) -> bool:
+        try:
+            ref = WrappingKeyRef.from_str(token.wrapping_key)
+            self._stores.get(ref.store).destroy_wrapping_key(ref)
+            return self._store.delete_import_token(token.token_id)
+        except Exception:
+            log.exception("import_token_purge_failed", key_id=token.key_id)
+            return False
+
+    def _sweep_leftover_wrapping_keys(self, today: dt.date) -> None:
+        named = {
+            WrappingKeyRef.from_str(t.wrapping_key).object_id for t in self._store.import_tokens()
+        }
+        for store_id, backend in self._stores.items():
+            try:
+                leftovers = [
+                    o
+                    for o in backend.list_objects()
+                    if o.is_wrapping_key and o.object_id not in named
+                ]
+                for obj in leftovers:
+                    self._destroy_leftover(store_id, backend, obj, today)
+            except Exception:
+                log.exception("wrapping_key_sweep_failed", store=store_id)
+
+    @staticmethod
+    def _destroy_leftover(
+        store_id: str, backend: Keystore, obj: TokenObject, today: dt.date
+    ) -> None:
+        end = wrapping_key_end(obj.label)
+        # A pair made moments ago, whose token row is not committed yet, ends in the future.
+        if end is None or end >= today:
+            return
+        modulus = backend.attributes(obj.object_id, ["MODULUS"]).get("MODULUS")
+        try:
+            spec = WrappingKeySpec(f"RSA_{len(modulus or b'') * 8}")
+        except ValueError:
+            return
+        backend.destroy_wrapping_key(WrappingKeyRef(spec, obj.object_id, store_id))
+        log.info("leftover_wrapping_key_destroyed", store=store_id)
 
     def purge_due(self) -> list[str]:
         """Destroy keys whose deletion date has passed: every token object of every version
@@ -75,6 +163,9 @@ class Maintenance(ServiceCore):
                 for version in self._store.list_versions(key.key_id).items:
                     ref = KeyMaterialRef.from_str(version.material_ref)
                     self._stores.backend_for(ref).destroy(ref)
+                for token in self._store.import_tokens(key_id=key.key_id):
+                    wrapping = WrappingKeyRef.from_str(token.wrapping_key)
+                    self._stores.get(wrapping.store).destroy_wrapping_key(wrapping)
                 self._store.delete_key(key.key_id)
             except Exception:
                 log.exception("purge_failed", key_id=key.key_id)
@@ -85,8 +176,14 @@ class Maintenance(ServiceCore):
         return purged
 
     def run_due_tasks(self) -> DueTaskReport:
-        """One pass of the periodic work: due automatic rotations, then due deletions."""
-        return DueTaskReport(rotated=self.rotate_due(), purged=self.purge_due())
+        """One pass of the periodic work: due automatic rotations, due deletions, expired
+        imported key material, expired import tokens."""
+        return DueTaskReport(
+            rotated=self.rotate_due(),
+            purged=self.purge_due(),
+            expired=self.expire_due_material(),
+            import_tokens=self.purge_import_tokens(),
+        )
 
     def find_inconsistencies(self) -> Inconsistencies:
         """Compare the token's objects with the store's key versions (``hsmkms doctor``).

@@ -217,8 +217,8 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
             m.EmptyResponse,
             access=Access.MANAGE,
         ),
-        _op("EnableKey", m.EnableKeyRequest, m.EmptyResponse, access=Access.MANAGE),
-        _op("DisableKey", m.DisableKeyRequest, m.EmptyResponse, access=Access.MANAGE),
+        _op("EnableKey", m.EnableKeyRequest, m.EmptyResponse, access=Access.MANAGE_MATERIAL),
+        _op("DisableKey", m.DisableKeyRequest, m.EmptyResponse, access=Access.MANAGE_MATERIAL),
         _op(
             "ScheduleKeyDeletion",
             m.ScheduleKeyDeletionRequest,
@@ -408,12 +408,30 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
             grants=(_G.Decapsulate,),
         ),
         # -- imported key material --------------------------------------------------------------
-        _op("GetParametersForImport", None, None, read_only=True),
-        _op("ImportKeyMaterial", None, None),
-        _op("DeleteImportedKeyMaterial", None, None),
+        _op(
+            "GetParametersForImport",
+            m.GetParametersForImportRequest,
+            m.GetParametersForImportResponse,
+            read_only=True,
+            access=Access.MANAGE,
+        ),
+        _op(
+            "ImportKeyMaterial",
+            m.ImportKeyMaterialRequest,
+            m.ImportKeyMaterialResponse,
+            access=Access.MANAGE,
+        ),
+        _op(
+            "DeleteImportedKeyMaterial",
+            m.DeleteImportedKeyMaterialRequest,
+            m.DeleteImportedKeyMaterialResponse,
+            access=Access.DELETE_MATERIAL,
+        ),
         # -- rotation ---------------------------------------------------------------------------
-        _op("EnableKeyRotation", m.EnableKeyRotationRequest, m.EmptyResponse, access=Access.USE),
-        _op("DisableKeyRotation", m.DisableKeyRotationRequest, m.EmptyResponse, access=Access.USE),
+        # Their worker checks the state (USE) after the origin: a key with imported material is
+        # UnsupportedOperationException in every state (spec: §3.5 note 6).
+        _op("EnableKeyRotation", m.EnableKeyRotationRequest, m.EmptyResponse, access=Access.READ),
+        _op("DisableKeyRotation", m.DisableKeyRotationRequest, m.EmptyResponse, access=Access.READ),
         _op(
             "GetKeyRotationStatus",
             m.GetKeyRotationStatusRequest,
@@ -441,7 +459,7 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
             "CreateGrant",
             m.CreateGrantRequest,
             m.CreateGrantResponse,
-            access=Access.MANAGE,
+            access=Access.MANAGE_MATERIAL,
             grant_tokens=True,
             grants=(_G.CreateGrant,),
         ),

@@ -8,6 +8,8 @@ import datetime as dt
 
 from hsmkms.errors import (
     ConflictException,
+    InvalidMarkerException,
+    KMSInvalidStateException,
     LimitExceededException,
     UnsupportedOperationException,
 )
@@ -23,11 +25,20 @@ from hsmkms.models import (
     RotateKeyOnDemandResponse,
     RotationsListEntry,
 )
-from hsmkms.models.enums import IncludeKeyMaterial, KeyMaterialState, KeyState, RotationType
-from hsmkms.service.core import Call, Prepared, ServiceCore, operation, page_limit
+from hsmkms.models.enums import (
+    ExpirationModel,
+    ImportState,
+    IncludeKeyMaterial,
+    KeyMaterialState,
+    KeySpec,
+    KeyState,
+    OriginType,
+    RotationType,
+)
+from hsmkms.service.core import Call, Prepared, ServiceCore, log, operation, page_limit
 from hsmkms.service.identifiers import key_material_id
-from hsmkms.service.states import Access
-from hsmkms.store import KeyRecord
+from hsmkms.service.states import Access, check_state
+from hsmkms.store import IMPORTED, ImportConflict, KeyRecord
 
 MAX_ON_DEMAND_ROTATIONS = 25
 DEFAULT_ROTATION_PERIOD_DAYS = 365
@@ -52,6 +63,16 @@ def _prepare_enable_key_rotation(request: EnableKeyRotationRequest) -> Prepared:
     return Prepared({"kms:RotationPeriodInDays": period})
 
 
+def _automatic_rotation_allowed(key: KeyRecord) -> None:
+    """The state check of Enable/DisableKeyRotation, after the origin's: a key with imported
+    material cannot rotate automatically, whatever its state (spec: §3.5 note 6)."""
+    if key.origin == OriginType.EXTERNAL:
+        raise UnsupportedOperationException(
+            f"{key.arn} origin is EXTERNAL which is not valid for this operation."
+        )
+    check_state(Access.USE, key)
+
+
 class RotationOperations(ServiceCore):
     """The rotation operations of :class:`~hsmkms.service.KmsService`."""
 
@@ -59,6 +80,7 @@ class RotationOperations(ServiceCore):
     def enable_key_rotation(self, call: Call[EnableKeyRotationRequest]) -> EmptyResponse:
         """EnableKeyRotation: rotate every RotationPeriodInDays (90-2560, default 365); the first
         rotation comes one period after this call."""
+        _automatic_rotation_allowed(call.key)
         _check_rotatable(call.key)
         period = page_limit(call.request.RotationPeriodInDays, DEFAULT_ROTATION_PERIOD_DAYS)
         self._store.set_rotation(
@@ -72,6 +94,7 @@ class RotationOperations(ServiceCore):
     @operation("DisableKeyRotation")
     def disable_key_rotation(self, call: Call[DisableKeyRotationRequest]) -> EmptyResponse:
         """DisableKeyRotation: no more automatic rotations (existing versions stay)."""
+        _automatic_rotation_allowed(call.key)
         _check_rotatable(call.key)
         self._store.set_rotation(
             call.key.key_id, enabled=False, period_days=None, next_rotation_date=None
@@ -103,6 +126,8 @@ class RotationOperations(ServiceCore):
         key = call.key
         _check_rotatable(key)
         now = self._clock()
+        if key.origin == OriginType.EXTERNAL:
+            return self._rotate_imported(key, now)
 
         def allowed(current: KeyRecord) -> None:
             if current.state != KeyState.Enabled:
@@ -131,12 +156,45 @@ class RotationOperations(ServiceCore):
             key = self._resolve(key.key_id, aliases=False, access=Access.USE)
         raise ConflictException(f"{key.arn} is being rotated concurrently; try again later.")
 
+    def _rotate_imported(self, key: KeyRecord, now: dt.datetime) -> RotateKeyOnDemandResponse:
+        """RotateKeyOnDemand of a key with imported material: the material imported as
+        NEW_KEY_MATERIAL (PENDING_ROTATION) becomes current."""
+        pending = [
+            m for m in self._store.imported_materials(key.key_id) if m.version > key.current_version
+        ]
+        if not pending or pending[0].import_state != IMPORTED:
+            raise KMSInvalidStateException(
+                f"{key.arn} has no key material pending rotation: import new key material "
+                "(ImportType NEW_KEY_MATERIAL) first."
+            )
+
+        def allowed(current: KeyRecord) -> None:
+            check_state(Access.USE, current)
+            if current.on_demand_rotations >= MAX_ON_DEMAND_ROTATIONS:
+                raise LimitExceededException(
+                    "The on-demand rotations limit has been reached for this key. "
+                    f"A key can be rotated on demand at most {MAX_ON_DEMAND_ROTATIONS} times."
+                )
+
+        try:
+            self._store.promote_material(key.key_id, pending[0].version, now, precondition=allowed)
+        except ImportConflict:
+            raise ConflictException(
+                f"{key.arn} is being changed concurrently; try again later."
+            ) from None
+        log.info(
+            "key_rotated", key_id=key.key_id, version=pending[0].version, rotation_type="ON_DEMAND"
+        )
+        return RotateKeyOnDemandResponse(KeyId=key.arn)
+
     @operation("ListKeyRotations")
     def list_key_rotations(self, call: Call[ListKeyRotationsRequest]) -> ListKeyRotationsResponse:
         """ListKeyRotations: the rotations (AUTOMATIC / ON_DEMAND, with dates); with
         ALL_KEY_MATERIAL also the original material."""
         request, key = call.request, call.key
         everything = request.IncludeKeyMaterial is IncludeKeyMaterial.ALL_KEY_MATERIAL
+        if key.origin == OriginType.EXTERNAL:
+            return self._list_imported_rotations(key, everything, request)
         page = self._store.list_versions(
             key.key_id,
             page_limit(request.Limit, 100),
@@ -160,3 +218,51 @@ class RotationOperations(ServiceCore):
         return ListKeyRotationsResponse(
             Rotations=entries, NextMarker=page.next_marker, Truncated=page.truncated
         )
+
+    def _list_imported_rotations(
+        self, key: KeyRecord, everything: bool, request: ListKeyRotationsRequest
+    ) -> ListKeyRotationsResponse:
+        """ListKeyRotations of a key with imported material: one entry per material, with its
+        import state, expiration and description (spec: RotationsListEntry); ROTATIONS_ONLY
+        leaves out the material that no on-demand rotation made current."""
+        symmetric = key.key_spec == KeySpec.SYMMETRIC_DEFAULT
+        materials = [
+            m for m in self._store.imported_materials(key.key_id) if everything or m.rotation_date
+        ]
+        limit = page_limit(request.Limit, 100)
+        start = 0
+        if request.Marker is not None:
+            start = _imported_marker(key.key_id, request.Marker, len(materials))
+        chosen = materials[start : start + limit]
+        more = start + limit < len(materials)
+        entries = [
+            RotationsListEntry(
+                KeyId=key.key_id,
+                KeyMaterialId=m.key_material_id,
+                KeyMaterialDescription=m.description if symmetric else None,
+                ImportState=ImportState(m.import_state) if symmetric else None,
+                KeyMaterialState=(
+                    KeyMaterialState.CURRENT
+                    if m.version == key.current_version
+                    else KeyMaterialState.PENDING_ROTATION
+                    if m.version > key.current_version
+                    else KeyMaterialState.NON_CURRENT
+                ),
+                ExpirationModel=ExpirationModel(m.expiration_model) if symmetric else None,
+                ValidTo=m.valid_to if symmetric else None,
+                RotationDate=m.rotation_date,
+                RotationType=RotationType.ON_DEMAND if m.rotation_date else None,
+            )
+            for m in chosen
+        ]
+        marker = f"imported:{key.key_id}:{start + limit}" if more else None
+        return ListKeyRotationsResponse(Rotations=entries, NextMarker=marker, Truncated=more)
+
+
+def _imported_marker(key_id: str, marker: str, count: int) -> int:
+    """The position a ListKeyRotations marker of a key with imported material names."""
+    prefix = f"imported:{key_id}:"
+    position = marker.removeprefix(prefix)
+    if position == marker or not position.isdigit() or int(position) > count:
+        raise InvalidMarkerException("The marker is not valid.")
+    return int(position)

@@ -19,11 +19,21 @@ class Access(enum.Enum):
     """Crypto ops, and Enable/DisableKeyRotation, RotateKeyOnDemand: Enabled only."""
     MANAGE = "manage"
     """CreateAlias, UpdateAlias (target), TagResource, UntagResource, UpdateKeyDescription,
-    EnableKey, DisableKey, ScheduleKeyDeletion: any state but PendingDeletion."""
+    ScheduleKeyDeletion, GetParametersForImport, ImportKeyMaterial: any state but
+    PendingDeletion (PendingImport included)."""
+    MANAGE_MATERIAL = "manage-material"
+    """EnableKey, DisableKey, CreateGrant: as MANAGE, and not PendingImport either (they need
+    the key's material: "<arn> is pending import.")."""
+    DELETE_MATERIAL = "delete-material"
+    """DeleteImportedKeyMaterial: every state, PendingDeletion included (the key stays pending
+    deletion), but Unavailable, Creating and Updating."""
     READ = "read"
     """DescribeKey, Get/PutKeyPolicy, List*, GetKeyRotationStatus, DeleteAlias: every state."""
     CANCEL_DELETION = "cancel-deletion"
     """CancelKeyDeletion: PendingDeletion only."""
+
+
+_UNSETTLED = frozenset({"Unavailable", "Creating", "Updating"})
 
 
 def check_state(access: Access, key: KeyRecord) -> None:
@@ -36,13 +46,20 @@ def check_state(access: Access, key: KeyRecord) -> None:
             # spec: KMSInvalidStateException "<arn> is not pending deletion." (§3.5)
             raise KMSInvalidStateException(f"{key.arn} is not pending deletion.")
         return
+    if access is Access.DELETE_MATERIAL:
+        if state in _UNSETTLED:
+            raise KMSInvalidStateException(f"{key.arn} is {_describe(state)}.")
+        return
     if state == "PendingDeletion":
         # spec: KMSInvalidStateException "<arn> is pending deletion." (§3.5)
         raise KMSInvalidStateException(f"{key.arn} is pending deletion.")
     if access is Access.USE and state == "Disabled":
         # spec: DisabledException "<arn> is disabled." (§3.5)
         raise DisabledException(f"{key.arn} is disabled.")
+    if state == "PendingImport" and access is Access.MANAGE:
+        return
     if state not in ("Enabled", "Disabled"):
+        # spec: KMSInvalidStateException "<arn> is pending import." (§3.5, note 5)
         raise KMSInvalidStateException(f"{key.arn} is {_describe(state)}.")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from hsmkms.store.integrity import IntegrityProblem, RowSealer, TokenRowSealer
 from hsmkms.store.metadata import (
     DuplicateAlias,
+    ImportConflict,
     KeyMissing,
     LimitReached,
     MetadataStore,
@@ -14,8 +15,12 @@ from hsmkms.store.metadata import (
 )
 from hsmkms.store.records import (
     DELETING,
+    IMPORTED,
+    PENDING_IMPORT,
     AliasRecord,
     GrantRecord,
+    ImportedMaterialRecord,
+    ImportTokenRecord,
     KeyRecord,
     KeyVersionRecord,
     Page,
@@ -23,9 +28,14 @@ from hsmkms.store.records import (
 
 __all__ = [
     "DELETING",
+    "IMPORTED",
+    "PENDING_IMPORT",
     "AliasRecord",
     "DuplicateAlias",
     "GrantRecord",
+    "ImportConflict",
+    "ImportTokenRecord",
+    "ImportedMaterialRecord",
     "IntegrityProblem",
     "KeyMissing",
     "KeyRecord",

@@ -1,7 +1,7 @@
 """Integrity tags on the metadata rows that decide security: the database is not trusted.
 
-Every ``keys``, ``key_versions``, ``grants``, ``aliases`` and ``tags`` row carries ``mac``:
-HMAC-SHA-256, computed
+Every ``keys``, ``key_versions``, ``grants``, ``aliases``, ``tags``, ``import_tokens`` and
+``imported_key_material`` row carries ``mac``: HMAC-SHA-256, computed
 inside the token with a dedicated non-extractable key (label ``hsmkms:metadata-integrity``),
 over the row's canonical bytes::
 
@@ -19,7 +19,8 @@ copied to another key (an alias repointed, a tag moved), or moved to another tab
 check. The column lists are part of the format: a column added to a sealed table later needs a
 new format version and a re-seal. A table added to :data:`SEALED_COLUMNS` later leaves every
 existing row's bytes unchanged, but its own existing rows have no MAC: the store adopts them
-once (``aliases`` and ``tags`` joined this way, with migration 4).
+once (``aliases`` and ``tags`` joined this way, with migration 4; ``import_tokens`` and
+``imported_key_material``, new and empty, with migration 5).
 
 :class:`RowSealer` is the seam the store sees (the store never imports ``pkcs11``);
 :class:`TokenRowSealer` is the implementation over a :class:`~hsmkms.keystore.base.Keystore`.
@@ -70,6 +71,11 @@ SEALED_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     "aliases": ("name", "key_id", "created_at", "updated_at"),
     "tags": ("key_id", "tag_key", "tag_value"),
+    "import_tokens": ("id", "key_id", "wrapping_algorithm", "wrapping_key_spec", "wrapping_key",
+                      "created_at", "valid_to"),
+    "imported_key_material": ("key_id", "version", "key_material_id", "expiration_model",
+                              "valid_to", "description", "import_state", "imported_at",
+                              "rotation_date"),
 }  # fmt: skip
 """Per sealed table, the columns a MAC covers, in order: every column but ``mac``."""
 

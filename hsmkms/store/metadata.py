@@ -61,8 +61,12 @@ from hsmkms.store.integrity import (
 from hsmkms.store.migrations import COMPONENT
 from hsmkms.store.records import (
     DELETING,
+    IMPORTED,
+    PENDING_IMPORT,
     AliasRecord,
     GrantRecord,
+    ImportedMaterialRecord,
+    ImportTokenRecord,
     KeyRecord,
     KeyVersionRecord,
     Page,
@@ -88,6 +92,10 @@ class LimitReached(StoreError):
 
 class KeyMissing(StoreError):
     """The key row is not there (deleted meanwhile)."""
+
+
+class ImportConflict(StoreError):
+    """Another writer changed the key's imported material first (the caller decides again)."""
 
 
 log = structlog.get_logger(__name__)
@@ -224,6 +232,60 @@ def _decode_grant_marker(kind: str, marker: str | None) -> tuple[dt.datetime, st
     return created_at, grant_id
 
 
+def _import_token_from_row(row: Row[Any]) -> ImportTokenRecord:
+    m = row._mapping
+    return ImportTokenRecord(
+        token_id=m["id"],
+        key_id=m["key_id"],
+        wrapping_algorithm=m["wrapping_algorithm"],
+        wrapping_key_spec=m["wrapping_key_spec"],
+        wrapping_key=m["wrapping_key"],
+        created_at=m["created_at"],
+        valid_to=m["valid_to"],
+    )
+
+
+def _import_token_values(token: ImportTokenRecord) -> dict[str, Any]:
+    return {
+        "id": token.token_id,
+        "key_id": token.key_id,
+        "wrapping_algorithm": token.wrapping_algorithm,
+        "wrapping_key_spec": token.wrapping_key_spec,
+        "wrapping_key": token.wrapping_key,
+        "created_at": token.created_at,
+        "valid_to": token.valid_to,
+    }
+
+
+def _material_from_row(row: Row[Any]) -> ImportedMaterialRecord:
+    m = row._mapping
+    return ImportedMaterialRecord(
+        key_id=m["key_id"],
+        version=int(m["version"]),
+        key_material_id=m["key_material_id"],
+        expiration_model=m["expiration_model"],
+        valid_to=m["valid_to"],
+        description=m["description"],
+        import_state=m["import_state"],
+        imported_at=m["imported_at"],
+        rotation_date=m["rotation_date"],
+    )
+
+
+def _material_values(material: ImportedMaterialRecord) -> dict[str, Any]:
+    return {
+        "key_id": material.key_id,
+        "version": material.version,
+        "key_material_id": material.key_material_id,
+        "expiration_model": material.expiration_model,
+        "valid_to": material.valid_to,
+        "description": material.description,
+        "import_state": material.import_state,
+        "imported_at": material.imported_at,
+        "rotation_date": material.rotation_date,
+    }
+
+
 def _key_values(key: KeyRecord) -> dict[str, Any]:
     return {
         "id": key.key_id,
@@ -262,11 +324,13 @@ _A = schema.aliases
 _T = schema.tags
 _G = schema.grants
 _S = schema.store_settings
+_IT = schema.import_tokens
+_IM = schema.imported_key_material
 _INTEGRITY_KEY = "integrity_key"
 # store_settings: the account and region the keys belong to (claim_deployment).
 _ACCOUNT = "account_id"
 _REGION = "region"
-_SEALED_TABLES = (_K, _V, _G, _A, _T)
+_SEALED_TABLES = (_K, _V, _G, _A, _T, _IT, _IM)
 # store_settings: the sealed tables whose rows were adopted, sorted and joined by ",". Missing
 # beside an integrity key: a database sealed before migration 4, which adopted these.
 _ADOPTED = "sealed_tables"
@@ -321,6 +385,12 @@ def _describe(table: Table, m: Mapping[Any, Any], problem: str) -> str:
         return f"alias {safe_alias_name(m['name'])}: {problem}"
     if table is _T:
         return f"tag {safe_tag_key(m['tag_key'])}: {problem}"
+    if table is _IT:
+        return f"import token: {problem}"
+    if table is _IM:
+        version = m["version"]
+        shown = version if isinstance(version, int) else "?"
+        return f"imported key material of version {shown}: {problem}"
     return problem
 
 
@@ -593,14 +663,16 @@ class MetadataStore:
     # -- keys -----------------------------------------------------------------------------------
 
     def create_key(
-        self, key: KeyRecord, first_version: KeyVersionRecord, tags: Mapping[str, str]
+        self, key: KeyRecord, first_version: KeyVersionRecord | None, tags: Mapping[str, str]
     ) -> None:
-        """Insert a key with its first version and tags, in one transaction."""
+        """Insert a key with its first version (None: a key for imported material, which has
+        none yet) and tags, in one transaction."""
         with self._write() as conn:
             conn.execute(_K.insert().values(**_key_values(key)))
-            conn.execute(_V.insert().values(**_version_values(first_version)))
             self._reseal(conn, _K, (key.key_id,))
-            self._reseal(conn, _V, (first_version.key_id, first_version.version))
+            if first_version is not None:
+                conn.execute(_V.insert().values(**_version_values(first_version)))
+                self._reseal(conn, _V, (first_version.key_id, first_version.version))
             if tags:
                 conn.execute(
                     _T.insert(),
@@ -879,14 +951,223 @@ class MetadataStore:
         return self._update_key(key_id, condition, state=DELETING)
 
     def delete_key(self, key_id: str) -> None:
-        """Delete the key's rows: grants, tags, aliases, versions, then the key itself."""
+        """Delete the key's rows: import tokens, imported material, grants, tags, aliases,
+        versions, then the key itself."""
         with self._write() as conn:
             _lock_key_row(conn, key_id)
+            conn.execute(delete(_IT).where(_IT.c.key_id == key_id))
+            conn.execute(delete(_IM).where(_IM.c.key_id == key_id))
             conn.execute(delete(_G).where(_G.c.key_id == key_id))
             conn.execute(delete(_T).where(_T.c.key_id == key_id))
             conn.execute(delete(_A).where(_A.c.key_id == key_id))
             conn.execute(delete(_V).where(_V.c.key_id == key_id))
             conn.execute(delete(_K).where(_K.c.id == key_id))
+
+    # -- imported key material ------------------------------------------------------------------
+
+    def add_import_token(self, token: ImportTokenRecord) -> None:
+        """Record an import token (sealed). :class:`KeyMissing` when the key is gone."""
+        with self._write() as conn:
+            self._lock_key(conn, token.key_id)
+            conn.execute(_IT.insert().values(**_import_token_values(token)))
+            self._reseal(conn, _IT, (token.token_id,))
+
+    def get_import_token(self, token_id: str) -> ImportTokenRecord | None:
+        """The import token ``token_id`` (its row verified), or ``None``."""
+        row = self._one_verified(_IT, select(_IT).where(_IT.c.id == token_id))
+        return None if row is None else _import_token_from_row(row)
+
+    def import_tokens(
+        self, *, key_id: str | None = None, expired_by: dt.datetime | None = None
+    ) -> list[ImportTokenRecord]:
+        """Import tokens of one key, or expired by ``expired_by``, or all (for the periodic
+        work and the purge). A row that fails its integrity check is left out and logged."""
+        stmt = select(_IT).order_by(_IT.c.valid_to, _IT.c.id)
+        if key_id is not None:
+            stmt = stmt.where(_IT.c.key_id == key_id)
+        if expired_by is not None:
+            stmt = stmt.where(_IT.c.valid_to <= expired_by)
+        return [_import_token_from_row(r) for r in self._verified_rows(_IT, stmt)]
+
+    def delete_import_token(self, token_id: str) -> bool:
+        """Delete an import token. ``False`` when it was not there."""
+        with self._write() as conn:
+            res = conn.execute(delete(_IT).where(_IT.c.id == token_id))
+        return res.rowcount > 0
+
+    def imported_materials(self, key_id: str) -> tuple[ImportedMaterialRecord, ...]:
+        """Every key material imported into a key, by version, each row verified (a tampered
+        row fails with :class:`KeyIntegrityError`). Cached like :meth:`grants_for`."""
+        return self._cache.get(("imported", key_id), lambda: self._imported_materials(key_id))
+
+    def _imported_materials(self, key_id: str) -> tuple[ImportedMaterialRecord, ...]:
+        stmt = select(_IM).where(_IM.c.key_id == key_id).order_by(_IM.c.version)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        for r in rows:
+            self._verify(_IM, r._mapping)
+        return tuple(_material_from_row(r) for r in rows)
+
+    def expired_materials(self, now: dt.datetime) -> list[ImportedMaterialRecord]:
+        """Imported key material whose ``valid_to`` has come (for the periodic work). A row
+        that fails its integrity check is left out and logged."""
+        stmt = (
+            select(_IM)
+            .where(_IM.c.import_state == IMPORTED, _IM.c.valid_to <= now)
+            .order_by(_IM.c.key_id, _IM.c.version)
+        )
+        return [_material_from_row(r) for r in self._verified_rows(_IM, stmt)]
+
+    def _verified_rows(self, table: Table, stmt: Select[Any]) -> list[Row[Any]]:
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        kept = []
+        for r in rows:
+            try:
+                self._verify(table, r._mapping)
+            except KeyIntegrityError:
+                log.error("row_integrity_failed", table=table.name)
+                continue
+            kept.append(r)
+        return kept
+
+    def _locked_materials(
+        self, conn: Connection, key_id: str
+    ) -> tuple[ImportedMaterialRecord, ...]:
+        rows = conn.execute(
+            select(_IM).where(_IM.c.key_id == key_id).order_by(_IM.c.version).with_for_update()
+        ).all()
+        for r in rows:
+            self._verify(_IM, r._mapping)
+        return tuple(_material_from_row(r) for r in rows)
+
+    def save_import(
+        self,
+        material: ImportedMaterialRecord,
+        version: KeyVersionRecord | None,
+        *,
+        precondition: Callable[[KeyRecord, tuple[ImportedMaterialRecord, ...]], None],
+        current_version: int | None = None,
+        state: str | None = None,
+    ) -> KeyRecord:
+        """Record an import, in one transaction: the material's row (inserted or replaced),
+        its version's row (``version``: the new token objects; None when the material's
+        objects are there already), and the key's current version and state when given.
+        ``precondition`` runs first on the locked key and its materials and may raise to abort.
+        :class:`ImportConflict` when the version row exists already (another import won)."""
+        with self._write() as conn:
+            key = self._lock_key(conn, material.key_id)
+            precondition(key, self._locked_materials(conn, material.key_id))
+            if version is not None:
+                found = conn.execute(
+                    select(_V.c.version).where(
+                        _V.c.key_id == version.key_id, _V.c.version == version.version
+                    )
+                ).first()
+                if found is not None:
+                    raise ImportConflict(material.key_id)
+                conn.execute(_V.insert().values(**_version_values(version)))
+                self._reseal(conn, _V, (version.key_id, version.version))
+            pk = (material.key_id, material.version)
+            values = _material_values(material)
+            if conn.execute(select(_IM.c.version).where(_pk_clause(_IM, pk))).first() is None:
+                conn.execute(_IM.insert().values(**values))
+            else:
+                conn.execute(update(_IM).where(_pk_clause(_IM, pk)).values(**values))
+            self._reseal(conn, _IM, pk)
+            changes: dict[str, Any] = {}
+            if current_version is not None:
+                changes["current_version"] = current_version
+            if state is not None:
+                changes["state"] = state
+            if changes:
+                conn.execute(update(_K).where(_K.c.id == key.key_id).values(**changes))
+                self._reseal(conn, _K, (key.key_id,))
+            row = conn.execute(select(_K).where(_K.c.id == key.key_id)).one()
+        return _key_from_row(row)
+
+    def remove_material(
+        self,
+        key_id: str,
+        version: int,
+        *,
+        state: Callable[[KeyRecord], str | None],
+    ) -> KeyVersionRecord | None:
+        """Forget that a key material is imported, in one transaction: its version's row is
+        deleted (returned, for destroying its token objects after the commit), its material
+        row becomes :data:`PENDING_IMPORT`, and the key's state becomes ``state(key)`` (None:
+        unchanged). ``None`` (and nothing changed) when the material is not imported."""
+        with self._write() as conn:
+            key = self._lock_key(conn, key_id)
+            pk = (key_id, version)
+            row = conn.execute(select(_IM).where(_pk_clause(_IM, pk)).with_for_update()).first()
+            if row is None:
+                return None
+            self._verify(_IM, row._mapping)
+            if row._mapping["import_state"] != IMPORTED:
+                return None
+            found = conn.execute(
+                select(_V).where(_V.c.key_id == key_id, _V.c.version == version)
+            ).first()
+            removed = None
+            if found is not None:
+                self._verify(_V, found._mapping)
+                removed = _version_from_row(found)
+                conn.execute(delete(_V).where(_V.c.key_id == key_id, _V.c.version == version))
+            conn.execute(update(_IM).where(_pk_clause(_IM, pk)).values(import_state=PENDING_IMPORT))
+            self._reseal(conn, _IM, pk)
+            new_state = state(key)
+            if new_state is not None and new_state != key.state:
+                conn.execute(update(_K).where(_K.c.id == key_id).values(state=new_state))
+                self._reseal(conn, _K, (key_id,))
+        return removed
+
+    def promote_material(
+        self,
+        key_id: str,
+        version: int,
+        now: dt.datetime,
+        *,
+        precondition: Callable[[KeyRecord], None],
+    ) -> KeyRecord:
+        """Make imported material pending rotation current (RotateKeyOnDemand of a key with
+        imported material), in one transaction: the key's current version and on-demand count,
+        the material's rotation date, its version row's rotation type.
+        :class:`ImportConflict` unless ``version`` is the current version + 1 and imported."""
+        with self._write() as conn:
+            key = self._lock_key(conn, key_id)
+            precondition(key)
+            materials = {m.version: m for m in self._locked_materials(conn, key_id)}
+            material = materials.get(version)
+            row = conn.execute(
+                select(_V).where(_V.c.key_id == key_id, _V.c.version == version)
+            ).first()
+            if (
+                version != key.current_version + 1
+                or material is None
+                or material.import_state != IMPORTED
+                or row is None
+            ):
+                raise ImportConflict(key_id)
+            self._verify(_V, row._mapping)
+            conn.execute(
+                update(_K)
+                .where(_K.c.id == key_id)
+                .values(current_version=version, on_demand_rotations=_K.c.on_demand_rotations + 1)
+            )
+            conn.execute(
+                update(_IM).where(_pk_clause(_IM, (key_id, version))).values(rotation_date=now)
+            )
+            conn.execute(
+                update(_V)
+                .where(_V.c.key_id == key_id, _V.c.version == version)
+                .values(rotation_type="ON_DEMAND")
+            )
+            self._reseal(conn, _IM, (key_id, version))
+            self._reseal(conn, _V, (key_id, version))
+            self._reseal(conn, _K, (key_id,))
+            updated = conn.execute(select(_K).where(_K.c.id == key_id)).one()
+        return _key_from_row(updated)
 
     # -- aliases --------------------------------------------------------------------------------
 

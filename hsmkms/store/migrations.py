@@ -45,11 +45,19 @@ def _v4_alias_tag_macs(conn: Connection) -> None:
     _add_mac_columns(conn, "aliases", "tags")
 
 
+def _v5_imported_key_material(conn: Connection) -> None:
+    schema.import_tokens.create(conn, checkfirst=True)
+    schema.imported_key_material.create(conn, checkfirst=True)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     Migration(1, "initial schema: keys, key_versions, aliases, tags", _v1_initial),
     Migration(2, "grants", _v2_grants),
     Migration(3, "integrity MACs on keys and key_versions; store_settings", _v3_row_macs),
     Migration(4, "integrity MACs on aliases and tags", _v4_alias_tag_macs),
+    Migration(
+        5, "imported key material: import_tokens, imported_key_material", _v5_imported_key_material
+    ),
 ]
 
 COMPONENT: Final = Component("metadata", MIGRATIONS)

@@ -93,3 +93,47 @@ class Page(Generic[T]):
     def truncated(self) -> bool:
         """Whether another page follows."""
         return self.next_marker is not None
+
+
+IMPORTED = "IMPORTED"
+"""An imported key material's ``import_state`` while its token objects exist."""
+
+PENDING_IMPORT = "PENDING_IMPORT"
+"""An imported key material's ``import_state`` after it was deleted or expired: the same
+material must be imported again (AWS ``ImportState``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportTokenRecord:
+    """What a GetParametersForImport answer bound its import token to: the key, the wrapping
+    algorithm and the wrapping key pair (``wrapping_key``: its reference text, an object id,
+    never a secret), valid until ``valid_to``."""
+
+    token_id: str
+    key_id: str
+    wrapping_algorithm: str
+    wrapping_key_spec: str
+    wrapping_key: str
+    created_at: dt.datetime
+    valid_to: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedMaterialRecord:
+    """One imported key material of a key (Origin EXTERNAL), as version ``version``.
+
+    ``key_material_id`` is derived from the key id and the material's check value (computed in
+    the token): the same material always gets the same id. While ``import_state`` is
+    :data:`IMPORTED` the version's row in ``key_versions`` names its token objects; after a
+    deletion or expiry it is :data:`PENDING_IMPORT` and that row is gone.
+    """
+
+    key_id: str
+    version: int
+    key_material_id: str
+    expiration_model: str
+    valid_to: dt.datetime | None
+    description: str | None
+    import_state: str
+    imported_at: dt.datetime
+    rotation_date: dt.datetime | None = None

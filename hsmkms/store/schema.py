@@ -11,14 +11,21 @@ Tables::
     aliases          alias name -> key id
     tags             (key_id, tag_key) -> tag_value
     grants           one row per grant: key, grantee, retiring principal, operations, constraints
+    import_tokens    one row per GetParametersForImport answer: the key, wrapping algorithm and
+                     wrapping key pair (token object id) an import token is bound to, its expiry
+    imported_key_material
+                     one row per imported key material of a key (Origin EXTERNAL): its version,
+                     KeyMaterialId, expiration, import state (the material's token objects are
+                     the key_versions row of that version, present while it is imported)
     store_settings   name -> value (``integrity_key``: the token MAC key's reference;
                      ``sealed_tables``: the tables whose rows the store has adopted)
 
 The versions applied (:mod:`hsmkms.store.migrations`) are in the database's ``schema_migrations``
 table (:mod:`hsmkms.db.migrations`), as component ``metadata``.
 
-``keys``, ``key_versions``, ``grants``, ``aliases`` and ``tags`` rows carry ``mac``, a token HMAC
-over the row (:mod:`hsmkms.store.integrity`).
+``keys``, ``key_versions``, ``grants``, ``aliases``, ``tags``, ``import_tokens`` and
+``imported_key_material`` rows carry ``mac``, a token HMAC over the row
+(:mod:`hsmkms.store.integrity`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ __all__ = [
     "UTCDateTime",
     "aliases",
     "grants",
+    "import_tokens",
+    "imported_key_material",
     "key_versions",
     "keys",
     "metadata",
@@ -127,6 +136,41 @@ grants = Table(
 Index("ix_grants_key_grantee", grants.c.key_id, grants.c.grantee_principal)
 Index("ix_grants_grantee", grants.c.grantee_principal)
 Index("ix_grants_retiring", grants.c.retiring_principal)
+
+import_tokens = Table(
+    "import_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),  # hex of the token's 16 random bytes
+    Column("key_id", String(36), ForeignKey("keys.id"), nullable=False),
+    Column("wrapping_algorithm", String(32), nullable=False),
+    Column("wrapping_key_spec", String(16), nullable=False),
+    Column("wrapping_key", String(256), nullable=False),  # WrappingKeyRef text: object ids only
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("valid_to", UTCDateTime, nullable=False),
+    Column("mac", LargeBinary, nullable=True),  # see hsmkms.store.integrity
+)
+Index("ix_import_tokens_key_id", import_tokens.c.key_id)
+Index("ix_import_tokens_valid_to", import_tokens.c.valid_to)
+
+imported_key_material = Table(
+    "imported_key_material",
+    metadata,
+    Column("key_id", String(36), ForeignKey("keys.id"), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("key_material_id", String(64), nullable=False),
+    Column("expiration_model", String(32), nullable=False),
+    Column("valid_to", UTCDateTime, nullable=True),
+    Column("description", String(256), nullable=True),
+    Column("import_state", String(16), nullable=False),  # IMPORTED | PENDING_IMPORT
+    Column("imported_at", UTCDateTime, nullable=False),  # the latest import
+    Column("rotation_date", UTCDateTime, nullable=True),  # made current by RotateKeyOnDemand
+    Column("mac", LargeBinary, nullable=True),  # see hsmkms.store.integrity
+)
+Index(
+    "ix_imported_key_material_expiry",
+    imported_key_material.c.import_state,
+    imported_key_material.c.valid_to,
+)
 
 store_settings = Table(
     "store_settings",
