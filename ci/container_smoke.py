@@ -166,8 +166,14 @@ class Sealed:
 def first_run(engine: Engine, image: str, name: str, volume: str, seed_dir: Path) -> Sealed:
     port = free_port()
     start(engine, image, name, volume, seed_dir, port)
-    output = logs(engine, name)
     say(f"first start healthy on port {port}")
+    # "serving" is printed once the supervisor has seen every worker's readiness ping, which
+    # may come a moment after the first worker answers the health check.
+    deadline = time.monotonic() + 30
+    output = logs(engine, name)
+    while "hsmkms: serving the KMS API" not in output and time.monotonic() < deadline:
+        time.sleep(0.5)
+        output = logs(engine, name)
     if "hsmkms: serving the KMS API on http://0.0.0.0:8080" not in output:
         raise SmokeFailure(f"no endpoint printed:\n{output}")
     if "create alias/app-key" not in output:

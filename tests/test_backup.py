@@ -509,6 +509,7 @@ def test_backup_of_a_hardware_token_holds_what_hsmkms_keeps(tmp_path: Path) -> N
     names = {m.name.removeprefix("hsmkms-backup/files/") for m, _ in _members(out)}
     assert names == {
         "hsmkms-backup/manifest.json", "hsmkms-backup/manifest.mac", "hsmkms.db",
+        "audit.db",  # init records the root's access key it made
         "root-credentials.json",
     }  # fmt: skip
     restored = tmp_path / "restored"

@@ -114,7 +114,7 @@ def test_the_root_rotates_and_a_retired_root_key_never_comes_back(store: Credent
     assert store.lookup(env[0]) is None
     assert store.lookup(new.access_key_id) is not None
     # New values in the environment define the root again (replacing every root key).
-    assert store.ensure_root("AKIANEWROOTKEY000001", "another secret") is not None
+    assert store.ensure_root("AKIANEWROOTKEY000001", "another secret, long enough") is not None
     assert store.lookup(new.access_key_id) is None
     assert [c.access_key_id for c in store.list() if c.name == "root"] == ["AKIANEWROOTKEY000001"]
 

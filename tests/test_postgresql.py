@@ -99,7 +99,7 @@ def test_every_component_migrates_into_postgresql_with_its_types(
     assert types["audit_records", "seq"] == "BIGINT"
     assert types["audit_records", "record"] == "BYTEA"
     assert types["identity_credentials", "policy"] == "TEXT"
-    assert [tuple(v) for v in versions] == [("audit", 2), ("identity", 2), ("metadata", 4)]
+    assert [tuple(v) for v in versions] == [("audit", 2), ("identity", 3), ("metadata", 5)]
     indexes = {i["name"] for i in insp.get_indexes("audit_records")}
     assert {
         "ix_audit_records_event_time",
