@@ -224,10 +224,16 @@ def drop_unique(conn: Connection, declared: Table, columns: Sequence[str]) -> bo
     constraints = [
         u for u in inspector.get_unique_constraints(declared.name) if u["column_names"] == wanted
     ]
+    # PostgreSQL lists the index behind a UNIQUE constraint among the indexes too (with
+    # ``duplicates_constraint``); it goes with its constraint.
+    constraint_names = {u["name"] for u in constraints}
     indexes = [
         i
         for i in inspector.get_indexes(declared.name)
-        if i["unique"] and i["column_names"] == wanted
+        if i["unique"]
+        and i["column_names"] == wanted
+        and i["name"] not in constraint_names
+        and not i.get("duplicates_constraint")
     ]
     if not constraints and not indexes:
         return False
