@@ -208,7 +208,16 @@ def test_the_token_away_fails_fast_with_the_pkcs11_reason_and_comes_back(tmp_pat
             assert (answer.message or "").startswith("The HSM token is unavailable (")
         wait_for(lambda: health(server)[0] == 200)
         # Half-made keys are destroyed by the workers' periodic work: doctor finds no orphan.
-        wait_for(lambda: server.cli("doctor").returncode == 0, timeout=60, step=0.5)
+        doctor: list[Any] = []
+
+        def clean() -> bool:
+            doctor.append(server.cli("doctor"))
+            return bool(doctor[-1].returncode == 0)
+
+        try:
+            wait_for(clean, timeout=60, step=0.5)
+        except AssertionError:
+            raise AssertionError(f"doctor still says: {doctor[-1].stderr}") from None
         assert "worker_died" not in server.log()
     finally:
         server.stop()

@@ -8,12 +8,18 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pkcs11.exceptions as p11e
 import pytest
 
 from conftest import new_key_version, token_config
+from hsmkms.keystore import pkcs11 as keystore_pkcs11
+from hsmkms.keystore.base import MaterialName
 from hsmkms.keystore.errors import TokenRejected, TokenUnavailable
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore, process_lock
+from hsmkms.keystore.pkcs11_mechanisms import MATERIALS, Generated, SymmetricMaterial
+from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.softhsm import ensure_token
 
 pytestmark = pytest.mark.hsm
@@ -136,6 +142,58 @@ def test_a_token_that_went_away_fails_with_the_pkcs11_reason_and_comes_back(
             time.sleep(0.05)
     assert own.decrypt(ref, iv, body, b"") == b"after"
     assert own.outage() is None
+
+
+class _GoneAfterGenerating(SymmetricMaterial):
+    """A token whose directory goes away right after it wrote a new object and before it
+    answered: the real generation, then the token moved away and its error."""
+
+    def __init__(self, token_dir: Path, moved: list[tuple[Path, Path]]) -> None:
+        super().__init__(MATERIALS[KeyMaterialSpec.SYMMETRIC_DEFAULT].facts)
+        self._token_dir = token_dir
+        self._moved = moved
+
+    def generate(self, session: Any, *args: Any, **kwargs: Any) -> Generated:
+        super().generate(session, *args, **kwargs)  # the object is on the token now
+        self._moved.append(_move_token_away(self._token_dir))
+        raise p11e.GeneralError()
+
+
+def test_an_object_left_by_a_creation_failing_with_the_token_away_is_destroyed_on_its_return(
+    own: Pkcs11Keystore, token_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A creation can fail after the token kept its object (the token's directory moved away
+    between the two): the id is remembered, and the object destroyed once the token answers
+    again, by the periodic work (settle_abandoned) or the next creation. No orphan stays."""
+    spec = KeyMaterialSpec.SYMMETRIC_DEFAULT
+    new_key_version(own, KEY_ID)
+    before = own.list_objects()
+    moved: list[tuple[Path, Path]] = []
+    failing = {**MATERIALS, spec: _GoneAfterGenerating(token_dir, moved)}
+    monkeypatch.setattr(keystore_pkcs11, "MATERIALS", failing)
+    with pytest.raises(TokenUnavailable):
+        new_key_version(own, KEY_ID, version=2)
+    monkeypatch.undo()
+    ((away, home),) = moved
+    with pytest.raises(TokenUnavailable):
+        own.settle_abandoned()  # still away: kept for later
+    shutil.move(str(away), str(home))
+    # The object the failed creation left is back with its directory.
+    other = Pkcs11Keystore(token_config(token_dir, "hsmkms"))
+    left = [o for o in other.list_objects() if o not in before]
+    other.close()
+    assert [o.label.startswith(f"{MaterialName.key_version(KEY_ID, 2).base}:") for o in left] == [
+        True
+    ]
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert own.settle_abandoned() == 0
+            break
+        except TokenUnavailable:
+            assert time.monotonic() < deadline, "no reconnect once the token came back"
+            time.sleep(0.05)
+    assert own.list_objects() == before
 
 
 def test_a_token_directory_removed_entirely_names_the_module_error(

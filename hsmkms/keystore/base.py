@@ -417,6 +417,11 @@ class KeyBackend(Protocol):
         """The value last written under ``name``, read from the token; None when none was."""
         ...
 
+    def settle_abandoned(self) -> int:
+        """Destroy what creations that failed while the token was away may have left on it;
+        returns how many are still unsettled. Raises when the token does not answer."""
+        ...
+
     def close(self) -> None:
         """Log out and release the module (end of process)."""
         ...

@@ -235,6 +235,9 @@ class Pkcs11Keystore:
         self._prehash: bool | None = None  # whether the token performs Ed25519ph
         self._oaep_sha256: bool | None = None  # whether it performs OAEP with SHA-256
         self._public_keys: dict[bytes, bytes] = {}  # key pair id -> DER SubjectPublicKeyInfo
+        # Object ids of creations that failed while the token could not be asked whether they
+        # left an object (the token away): destroyed by the next creation or settle_abandoned().
+        self._abandoned: set[bytes] = set()
         self._closed = False
         self._ever_open = False  # the token has been open in this process
         self._outage: tuple[float, str] | None = None  # (when, PKCS#11 reason) of the last failure
@@ -671,6 +674,7 @@ class Pkcs11Keystore:
             if missing:
                 names = ", ".join(sorted(f"CKM_{_mech_name(m)}" for m in missing))
                 raise UnsupportedByToken(f"the token lacks {names}")
+            self._settle(conn)
             for attempt in range(_CREATE_ATTEMPTS):
                 ids = [self._new_object_id(conn) for _ in roles]
                 try:
@@ -681,10 +685,15 @@ class Pkcs11Keystore:
                 except TRANSIENT_CREATE_ERRORS:
                     # generate() destroyed what it returned; an object the token made but whose
                     # handle went stale before python-pkcs11 read it back is found by its id.
-                    _destroy_by_id(conn, ids)
+                    self._abandon(conn, ids)
                     if attempt == _CREATE_ATTEMPTS - 1:
                         raise
                     self._sleep(0.005 * (attempt + 1))
+                except BaseException:
+                    # The token may have kept the object before failing (its directory going
+                    # away between writing the object and answering).
+                    self._abandon(conn, ids)
+                    raise
             for raw, obj, public in zip(ids, made.objects, made.public, strict=True):
                 conn.handles[raw] = obj
                 if public is not None:
@@ -707,6 +716,32 @@ class Pkcs11Keystore:
 
         with self._token_writes():
             self._observed("destroy", lambda: self._call("destroying a key", work))
+
+    def settle_abandoned(self) -> int:
+        """Destroy what creations that failed while the token was away may have left on it
+        (objects under fresh ids no row refers to), now that it answers; returns how many ids
+        are still unsettled (the token still away). Called by the periodic work."""
+        if not self._abandoned:
+            return 0
+        with self._token_writes():
+            self._call("destroying what failed creations left", self._settle)
+        return len(self._abandoned)
+
+    def _abandon(self, conn: _Connection, ids: Sequence[bytes]) -> None:
+        """After a failed creation (under the process lock): destroy any object holding one of
+        ``ids``, and keep the ids for :meth:`_settle` all the same. A token whose directory
+        went away answers from memory (the object found and destroyed, or not found) while
+        the object stays in the directory, to be back with it."""
+        _destroy_by_id(conn, ids)
+        self._abandoned.update(ids)
+
+    def _settle(self, conn: _Connection) -> None:
+        """Destroy the objects of abandoned ids on a token that answers (the connection opened
+        again after the failure, and the token confirmed present after the look)."""
+        if self._abandoned:
+            unsettled = _destroy_by_id(conn, sorted(self._abandoned))
+            _confirm_present(conn)
+            self._abandoned = set(unsettled)
 
     # -- importing material ------------------------------------------------------------------
 
@@ -792,7 +827,7 @@ class Pkcs11Keystore:
                         conn.session, unwrapper, name, ids, profile=profile, usage=chosen_usage
                     )
                 except BaseException:
-                    _destroy_by_id(conn, ids)  # what a failure left behind, if anything
+                    self._abandon(conn, ids)  # what a failure left behind, if anything
                     raise
             made = imported.made
             for raw, obj, public in zip(ids, made.objects, made.public, strict=True):
@@ -1348,14 +1383,18 @@ def _outage_detail(exc: Exception) -> str:
     return f"{type(exc).__name__} while opening the token"
 
 
-def _destroy_by_id(conn: _Connection, ids: Sequence[bytes]) -> None:
-    """Best effort: destroy every object holding one of ``ids`` (fresh random ids, so only
-    what a failed creation left behind)."""
+def _destroy_by_id(conn: _Connection, ids: Sequence[bytes]) -> list[bytes]:
+    """Destroy every object holding one of ``ids`` (fresh random ids, so only what a failed
+    creation left behind). Returns the ids the token could not be asked about or could not
+    destroy (an error answered); an id holding no object is settled."""
+    unsettled = []
     for raw in ids:
-        with contextlib.suppress(p11e.PKCS11Error):
+        try:
             for obj in list(conn.session.get_objects({Attribute.ID: raw})):
-                with contextlib.suppress(p11e.PKCS11Error):
-                    obj.destroy()
+                obj.destroy()
+        except p11e.PKCS11Error:
+            unsettled.append(raw)
+    return unsettled
 
 
 def _mech_name(mechanism: Any) -> str:

@@ -670,8 +670,14 @@ class ServiceCore:
     def clean_leftovers(self) -> int:
         """Destroy the token objects this process made for key versions whose rows did not
         commit, now that the store and the token answer; returns how many were destroyed
-        (those still unanswered are kept for the next call). A CreateKey or rotation that
-        failed half-way (the token or the database away) leaves no orphan behind."""
+        (those still unanswered are kept for the next call), and what creations that failed
+        inside a token left on it (``settle_abandoned``). A CreateKey or rotation that failed
+        half-way (the token or the database away) leaves no orphan behind."""
+        for store_id, backend in self._stores.items():
+            try:
+                backend.settle_abandoned()
+            except Exception as exc:  # the token still away: the next call tries again
+                log.warning("settle_failed", store=store_id, error=type(exc).__name__)
         with self._leftovers_lock:
             pending, self._leftovers = self._leftovers, []
         destroyed = 0
