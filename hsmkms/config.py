@@ -419,7 +419,23 @@ _REGION = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 _ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
-class Settings(BaseSettings):
+class _EnvironmentSettings(BaseSettings):
+    """Settings read from constructor arguments and the environment only: no ``.env`` file,
+    no secrets directory."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+class Settings(_EnvironmentSettings):
     """hsmkms settings, read from ``HSMKMS_*`` environment variables (no ``.env`` file).
 
     An empty variable counts as unset. ``data_dir`` is made absolute at load time. Prefer
@@ -456,18 +472,6 @@ class Settings(BaseSettings):
     audit_seal_interval: float = Field(default=10.0, gt=0, le=3600)
     """Seconds between a server writer session's seals (its heartbeat; a session silent for
     twice this long has stopped without a clean shutdown)."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Constructor arguments and the environment only: no .env, no secrets directory.
-        return (init_settings, env_settings)
 
     @classmethod
     def load(cls, data_dir: Path | None = None) -> Settings:
@@ -619,7 +623,7 @@ LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS: tuple[str, ...] = ("json", "console")
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(_EnvironmentSettings):
     """The settings of ``hsmkms serve`` that may come from the environment — for containers and
     systemd units, which configure a service that way: ``HSMKMS_HOST``, ``HSMKMS_PORT``,
     ``HSMKMS_WORKERS``, ``HSMKMS_TLS_CERT``, ``HSMKMS_TLS_KEY``, ``HSMKMS_TASK_INTERVAL``,
@@ -637,17 +641,6 @@ class ServeSettings(BaseSettings):
     tls_key: Path | None = None
     task_interval: float = 60.0
     console: bool = False
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
 
     @classmethod
     def load(cls) -> ServeSettings:

@@ -83,7 +83,12 @@ class Runtime:
         self.service = system.service
         self.writer = system.writer
         self._lookup = system.credentials.lookup
-        self.replays = ReplayCache(self.settings.data_dir / REPLAY_FILE)
+        # The replay cache exists only where replays are refused (HSMKMS_REFUSE_REPLAYS).
+        self.replays = (
+            ReplayCache(self.settings.data_dir / REPLAY_FILE)
+            if self.settings.refuse_replays
+            else None
+        )
         # Only an operator's explicit opt-in lets a weak root secret through initialization;
         # then every health report says so (asked once: the root changes only at a start).
         self._weak_root = (
@@ -126,8 +131,9 @@ class Runtime:
 
     def first_use(self, signature: str) -> bool:
         """The replay check of a request that changes state (``replay.db`` in the data
-        directory, shared by the node's workers)."""
-        return self.replays.first_use(signature)
+        directory, shared by the node's workers); always a first use where replays are not
+        refused."""
+        return self.replays is None or self.replays.first_use(signature)
 
     def audit(self, record: AuditRecord | PreparedRecord) -> None:
         """Write one audit record and return once it is committed (a thread: the console's
@@ -235,5 +241,6 @@ class Runtime:
         self._stopping.set()
         if self._monitor is not None:
             self._monitor.join(10)
-        self.replays.close()
+        if self.replays is not None:
+            self.replays.close()
         self.system.close()
