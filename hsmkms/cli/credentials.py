@@ -1,9 +1,13 @@
-"""``hsmkms credentials create|list|rotate|delete|set-policy|get-policy``: the access keys the
-API accepts, and the identity policies attached to them.
+"""``hsmkms credentials create|list|rotate|delete|set-policy|get-policy|trust``: the access keys
+the API accepts, and the identity policies attached to them.
 
 Changes take effect at once in a running server (each request consults the store). A secret is
 printed once, at creation, and never again. Every change (create, delete, set-policy) is
 recorded in the audit trail (:class:`hsmkms.system.OperatorCredentials`) before it is reported.
+
+The token remembers the credential set it last saw: after an older copy of the database was put
+back, no access key of it is accepted (an old backup must not bring deleted keys back) until
+``trust`` vouches for the set now in the database (see docs/authentication.md).
 
 Rotation without downtime, as with AWS IAM: ``rotate NAME`` gives the user a second access key
 (at most two), the application moves to it, ``delete OLD_ACCESS_KEY_ID`` retires the first. The
@@ -132,6 +136,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="print one JSON object: the credential and its policy (null when it has none)",
     )
     get_policy.set_defaults(run=run_get_policy)
+
+    trust = actions.add_parser(
+        "trust",
+        help="accept the access keys now in the database after restoring an older copy",
+        description="The token remembers the set of access keys it last saw; after an older "
+        "copy of the database was put back (a restored backup), none of them is accepted, so "
+        "that a deleted key cannot come back. Check the keys with 'hsmkms credentials list', "
+        "then run this to make the set now in the database the one accepted. Recorded in the "
+        "audit trail.",
+    )
+    add_data_dir(trust)
+    trust.add_argument("--json", action="store_true", help="print one JSON object")
+    trust.set_defaults(run=run_trust)
 
 
 def add_policy_file(
@@ -342,4 +359,14 @@ def run_get_policy(args: argparse.Namespace) -> int:
         )
         return 0
     sys.stdout.write(policy if policy.endswith("\n") else policy + "\n")
+    return 0
+
+
+def run_trust(args: argparse.Namespace) -> int:
+    with _changes(args, "trust") as store:
+        count = store.trust()
+    if args.json:
+        print(json.dumps({"AccessKeys": count}))
+    else:
+        print(f"the {count} access keys now in the database are accepted")
     return 0

@@ -44,11 +44,26 @@ secret) changed. A credential created, deleted or given a new policy by ``hsmkms
 in another process therefore takes effect on the next request. Where the database has no
 change signal every lookup reads the row.
 
+Freshness against an old copy of the database: a row deleted, rotated away or given a new
+policy must not come back to life when an old copy of the tables is put back (the seal alone
+binds no time). The token keeps a digest of the whole credential set (every access key id with
+its sealed secret and IV, which change at every sealing), anchored under
+``identity:<wrapping key id>`` (:meth:`Keystore.write_anchor`, a private data object; the name
+follows the wrapping key, so two databases sharing a token keep apart). Every change writes
+the new digest as ``identity-pending:<id>`` before its commit and as the anchor after it, so a
+crash between the two leaves a set that still verifies. A lookup that reads a row checks the
+set's digest (once per change of the tables) against the two; a set matching neither is an
+older copy, and no credential of it is accepted (``credentials_stale`` in the log) until the
+operator vouches for it with ``hsmkms credentials trust``. A database without an anchor yet
+(made before this check existed) is anchored as it is on first use. What still replays: key,
+grant, alias and tag rows (docs/metadata-store.md).
+
 Security contract: no secret appears in a ``repr``, a log line or an exception message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -56,6 +71,7 @@ import re
 import secrets
 import string
 import threading
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
@@ -112,6 +128,7 @@ __all__ = [
     "CredentialInfo",
     "CredentialIntegrityError",
     "CredentialStore",
+    "CredentialsStale",
     "DuplicateCredential",
     "IssuedCredential",
     "UnknownCredential",
@@ -134,6 +151,9 @@ _WRITE_LOCK: Final = 0x68736D6B6D7349
 IDENTITY_KEY_ID = "identity-credentials"
 """The ``key_id`` of the wrapping key (token label ``hsmkms:identitycredentials:1``)."""
 
+_ANCHOR = "identity:"
+_PENDING = "identity-pending:"
+_DIGEST_PREFIX = b"hsmkms:identity-set:v1"
 _AAD_PREFIX = b"hsmkms:identity:v1"
 _AAD_POLICY = b"\x00policy\x00"
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -144,7 +164,6 @@ _NAME = USER_NAME
 # What this store accepts as an access key id: its own (AKIA + 16 base32) and any an operator
 # sets through HSMKMS_ROOT_ACCESS_KEY_ID (AWS: 16-128 word characters; we allow from 1).
 _ACCESS_KEY_ID = re.compile(r"[A-Za-z0-9_]{1,128}")
-_ROOT_LOCK: Final = 0x68736D6B6D7352  # "hsmkmsR"
 _MAX_NEGATIVE = 4096  # unknown key ids remembered between database changes
 MIN_ROOT_SECRET: Final = 20
 """The shortest root secret accepted without ``allow_weak`` (AWS's are 40 characters)."""
@@ -235,6 +254,11 @@ class DuplicateCredential(AlreadyExistsException):
 
 class UnknownCredential(NotFoundException):
     """No credential has this access key id or name."""
+
+
+class CredentialsStale(KMSInternalException):
+    """The credential set is not the one the token last saw (an older copy of the database):
+    nothing was changed."""
 
 
 class CredentialIntegrityError(KMSInternalException):
@@ -345,6 +369,32 @@ def _info(row: Any) -> CredentialInfo:
     )
 
 
+_Sealings = dict[str, tuple[bytes, bytes]]
+"""Access key id -> (IV, sealed secret): a credential set as its digest covers it."""
+
+
+def _credential_set(conn: Connection) -> tuple[str, _Sealings]:
+    """The credential set as this transaction sees it: its digest (40 hex characters, an
+    anchor's size) over every access key id with its IV and sealed secret in key id order, and
+    those sealings."""
+    digest = hashlib.sha256(_DIGEST_PREFIX)
+    sealings: _Sealings = {}
+    rows = conn.execute(
+        select(_C.c.access_key_id, _C.c.secret_iv, _C.c.secret_sealed).order_by(_C.c.access_key_id)
+    )
+    for access_key_id, iv, sealed in rows:
+        sealings[str(access_key_id)] = (bytes(iv), bytes(sealed))
+        for field in (str(access_key_id).encode(), bytes(iv), bytes(sealed)):
+            digest.update(len(field).to_bytes(4, "big") + field)
+    return digest.hexdigest()[:40], sealings
+
+
+def _anchor_names(ref: KeyMaterialRef) -> tuple[str, str]:
+    """(anchor, pending anchor) of the credential set sealed under the wrapping key ``ref``."""
+    object_id = ref.object_ids[0][:16]
+    return f"{_ANCHOR}{object_id}", f"{_PENDING}{object_id}"
+
+
 class CredentialStore:
     """Access keys in SQL, secrets sealed by a key in the token. Thread-safe.
 
@@ -382,6 +432,9 @@ class CredentialStore:
             check_interval=0, max_entries=_MAX_NEGATIVE, keep_none=True
         )
         self._wrapping_key: KeyMaterialRef | None = None
+        # The set last found anchored: its digest and sealings (one tuple, replaced whole).
+        self._verified: tuple[str, _Sealings] | None = None
+        self._stale: str | None = None  # the set digest last refused (logged once)
         try:
             with self._write() as conn:
                 migrate(conn, COMPONENT, clock)
@@ -412,6 +465,72 @@ class CredentialStore:
     def _write(self) -> AbstractContextManager[Connection]:
         """One write transaction (the write lock taken first, so read-then-write is atomic)."""
         return self._db.write(_ERRORS, lock=_WRITE_LOCK)
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[Connection]:
+        """A write transaction that changes the credential set, kept anchored in the token:
+        the set must verify first (:class:`CredentialsStale` otherwise: an old copy is not
+        built on), the new digest is written as the pending anchor before the commit and as
+        the anchor after it."""
+        ref = self._wrapping()
+        anchor, pending = _anchor_names(ref)
+        with self._write() as conn:
+            if not self._anchored(conn, ref):
+                raise CredentialsStale(
+                    "the credentials in the database are not those the token last saw (an "
+                    "older copy of the database?): check them with 'hsmkms credentials list', "
+                    "then vouch for them with 'hsmkms credentials trust'"
+                )
+            yield conn
+            verified = _credential_set(conn)
+            self._keystore.write_anchor(pending, verified[0])
+        self._keystore.write_anchor(anchor, verified[0])
+        self._verified = verified
+
+    def _anchored(self, conn: Connection, ref: KeyMaterialRef, row: Any = None) -> bool:
+        """Whether the credential set ``conn`` sees is the one anchored in the token (or the
+        pending one, then made the anchor); a set with no anchor yet is anchored as it is.
+
+        With ``row`` (a credential row read in ``conn``): one token read when the anchor is the
+        set last verified here and ``row`` is that set's row for its key id (then the row is
+        current, whatever else changed); otherwise the whole set is read and checked."""
+        anchor, pending = _anchor_names(ref)
+        found = self._keystore.read_anchor(anchor)
+        verified = self._verified
+        if row is not None and verified is not None and found == verified[0]:
+            sealing = (bytes(row["secret_iv"]), bytes(row["secret_sealed"]))
+            if verified[1].get(str(row["access_key_id"])) == sealing:
+                return True
+        current = _credential_set(conn)
+        digest = current[0]
+        if found is None:
+            self._keystore.write_anchor(anchor, digest)
+            log.info("credentials_anchored")
+        elif found != digest:
+            if self._keystore.read_anchor(pending) != digest:
+                if self._stale != digest:
+                    self._stale = digest
+                    log.warning("credentials_stale")
+                return False
+            self._keystore.write_anchor(anchor, digest)  # the change committed; its anchor
+        self._verified = current
+        return True
+
+    def trust(self) -> int:
+        """Vouch for the credential set now in the database (``hsmkms credentials trust``,
+        after restoring an older copy on purpose): it becomes the anchored set. Returns how
+        many access keys it holds."""
+        ref = self._wrapping()
+        anchor, pending = _anchor_names(ref)
+        with self._write() as conn:
+            verified = _credential_set(conn)
+            self._keystore.write_anchor(pending, verified[0])
+            self._keystore.write_anchor(anchor, verified[0])
+        self._verified = verified
+        count = len(verified[1])
+        self._confirmed.invalidate()
+        log.warning("credentials_trusted", access_keys=count)
+        return count
 
     def _read(self) -> AbstractContextManager[Connection]:
         return self._db.read(_ERRORS)
@@ -530,7 +649,7 @@ class CredentialStore:
         arn = self.user_arn(name)
         values = self._row_values(access_key_id, name, arn, secret, policy)
         try:
-            with self._write() as conn:
+            with self._changing() as conn:
                 if conn.execute(select(_C.c.access_key_id).where(_C.c.name == name)).first():
                     raise DuplicateCredential(f"a credential named {name!r} already exists")
                 conn.execute(insert(_C).values(**values))
@@ -602,9 +721,9 @@ class CredentialStore:
         # The account root is never governed by an identity policy.
         values = self._row_values(access_key_id, ROOT_NAME, self.root_arn, secret)
         try:
-            # The root lock: two processes setting the root at once take turns (on PostgreSQL
+            # The write lock: two processes setting the root at once take turns (on PostgreSQL
             # the second one's delete would otherwise miss the first one's new row).
-            with self._db.write(_ERRORS, lock=_ROOT_LOCK) as conn:
+            with self._changing() as conn:
                 conn.execute(delete(_C).where(_C.c.name == ROOT_NAME))
                 conn.execute(insert(_C).values(**values))
         except IntegrityError:
@@ -675,7 +794,7 @@ class CredentialStore:
         identity policy; the secret is returned once. The first key keeps working until it is
         deleted: an application moves to the new one without downtime. At most
         :data:`MAX_ACCESS_KEYS` per user (``LimitExceededException``, AWS IAM's quota)."""
-        with self._write() as conn:
+        with self._changing() as conn:
             rows, _ = self._user_rows(conn, access_key_id_or_name, lock=True)
             name = str(rows[0]["name"])
             if len(rows) >= MAX_ACCESS_KEYS:
@@ -703,7 +822,7 @@ class CredentialStore:
         """Delete an access key named by its id, or by its user's name when the user holds one
         key; it stops working at once. A root key can be deleted only while the root holds
         another (:meth:`rotate` first); it is then retired for good (:meth:`retired_at`)."""
-        with self._write() as conn:
+        with self._changing() as conn:
             rows, by_id = self._user_rows(conn, access_key_id_or_name)
             if by_id is None and len(rows) > 1:
                 keys = ", ".join(
@@ -755,7 +874,7 @@ class CredentialStore:
         """
         if policy is not None:
             validate_identity_policy(policy)
-        with self._write() as conn:
+        with self._changing() as conn:
             rows, _ = self._user_rows(conn, access_key_id_or_name, lock=True)
             first = rows[0]
             if first["name"] == ROOT_NAME or str(first["principal_arn"]) == self.root_arn:
@@ -831,6 +950,11 @@ class CredentialStore:
     def _load(self, access_key_id: str) -> Credential | None:
         with self._read() as conn:
             row = conn.execute(select(_C).where(_C.c.access_key_id == access_key_id)).first()
+            if row is not None:
+                # A row is accepted only from the set the token last saw (module docstring).
+                ref = KeyMaterialRef.from_str(str(row._mapping["wrapping_key"]))
+                if not self._anchored(conn, ref, row._mapping):
+                    row = None
         credential = None if row is None else self._unseal_row(row._mapping)
         if credential is None:
             with self._lock:

@@ -231,8 +231,8 @@ class OperatorCredentials:
     ``CreateAccessKey`` (``userName``; the response's ``accessKey`` without the secret),
     ``DeleteAccessKey`` (``userName``, ``accessKeyId``), ``PutUserPolicy`` (``userName``,
     ``policyDocument``: identity policies are not secret, as IAM logs them) and
-    ``DeleteUserPolicy``. The root credential set from ``HSMKMS_ROOT_*`` at a start is a
-    ``CreateAccessKey`` of ``root``.
+    ``DeleteUserPolicy``; ``TrustCredentials`` (``hsmkms credentials trust``). The root
+    credential set from ``HSMKMS_ROOT_*`` at a start is a ``CreateAccessKey`` of ``root``.
     """
 
     def __init__(self, system: System, *, command: str) -> None:
@@ -314,6 +314,17 @@ class OperatorCredentials:
         request = {"UserName": info.name, "AccessKeyId": info.access_key_id}
         self._record("DeleteAccessKey", request, None, None)
         return info
+
+    def trust(self) -> int:
+        """:meth:`CredentialStore.trust`, recorded as ``TrustCredentials`` (an hsmkms event:
+        the operator vouched for the credential set in the database) with the count."""
+        try:
+            count = self._store.trust()
+        except Exception as exc:
+            self._record("TrustCredentials", {}, None, exc)
+            raise
+        self._record("TrustCredentials", {}, {"AccessKeys": count}, None)
+        return count
 
     def set_policy(self, name_or_key_id: str, policy: str | None) -> CredentialInfo:
         """:meth:`CredentialStore.set_policy`, recorded as ``PutUserPolicy`` (with the policy)
