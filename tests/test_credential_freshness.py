@@ -96,7 +96,7 @@ def test_an_older_policy_put_back_does_not_open(store: CredentialStore, engine: 
 def test_a_rotated_away_key_put_back_stays_dead(store: CredentialStore, engine: Engine) -> None:
     first = store.create("erin")
     old = rows(engine)
-    second = store.rotate("erin")
+    store.rotate("erin")
     store.delete(first.access_key_id)
     put_back(engine, old)
     assert store.lookup(first.access_key_id) is None

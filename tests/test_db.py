@@ -46,6 +46,7 @@ from hsmkms.identity.store import COMPONENT as IDENTITY
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.store import KeyRecord, KeyVersionRecord, MetadataStore
 from hsmkms.store.migrations import COMPONENT as METADATA
+from hsmkms.store.uses import COMPONENT as USES
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 WORDING = ErrorMessages(busy="The thing is busy.", failed="The thing failed.")
@@ -471,7 +472,7 @@ def test_a_legacy_marker_adopts_that_many_migrations(path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("component", [METADATA, IDENTITY, AUDIT], ids=lambda c: c.name)
+@pytest.mark.parametrize("component", [METADATA, IDENTITY, AUDIT, USES], ids=lambda c: c.name)
 def test_a_version_this_code_does_not_know_is_refused(path: Path, component: Component) -> None:
     database = Database(file_url(path))
     with database.write(WORDING) as conn:

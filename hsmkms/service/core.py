@@ -35,6 +35,7 @@ from hsmkms.errors import (
     DryRunOperationException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
+    KMSInvalidStateException,
     NotFoundException,
     ServerError,
 )
@@ -45,6 +46,7 @@ from hsmkms.keystore.stores import KeyStores, key_stores
 from hsmkms.models import validate_request
 from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, OriginType, RotationType
 from hsmkms.policy import ContextInput
+from hsmkms.profiles import MechanismProfile
 from hsmkms.service.authorize import Authorizer, GrantCheck
 from hsmkms.service.identifiers import Arns, key_material_id, parse_grant_token
 from hsmkms.service.operations import OPERATIONS, Operation, Resolution
@@ -58,6 +60,7 @@ from hsmkms.store import (
     MetadataStore,
     VersionConflict,
 )
+from hsmkms.store.uses import KeyVersionUses, VersionExhausted
 from hsmkms.types import Caller, Clock, utc_now
 
 if TYPE_CHECKING:
@@ -223,6 +226,15 @@ def operation(
     return decorate
 
 
+def _half_used(key_id: str, version: int) -> None:
+    log.warning(
+        "key_version_half_used",
+        key_id=key_id,
+        version=version,
+        note="half of the 2^32 AES-GCM encryptions one version allows: rotate the key",
+    )
+
+
 class ServiceCore:
     """State and helpers shared by every operation group."""
 
@@ -236,6 +248,7 @@ class ServiceCore:
         clock: Clock = utc_now,
         on_event: EventSink | None = None,
         usage_history: KeyUsageHistory | None = None,
+        uses: KeyVersionUses | None = None,
     ) -> None:
         # A single keystore is the default store of a registry of one.
         self._stores = key_stores(keystore)
@@ -251,6 +264,8 @@ class ServiceCore:
         )
         self._store = store
         self._clock = clock
+        # Encryptions per AES-GCM key version, refused past 2^32 (random 96-bit IVs).
+        self._uses = uses or KeyVersionUses(store.database, clock=clock, on_half=_half_used)
         self.arns = Arns(region, account_id)
         self.region = region
         self.account_id = account_id
@@ -529,6 +544,17 @@ class ServiceCore:
         profile = ref.encryption_profile
         prefix = blob_prefix(key.key_id, version.version, profile)
         aad = prefix + encode_encryption_context(context)
+        if profile is MechanismProfile.AES_256_GCM:
+            try:
+                self._uses.take(key.key_id, version.version)
+            except VersionExhausted:
+                # Not in AWS (whose keys derive a key per request): an AES-GCM key version
+                # with random 96-bit IVs is good for 2^32 encryptions (NIST SP 800-38D 8.3).
+                raise KMSInvalidStateException(
+                    f"{key.arn} key version {version.version} has made the "
+                    f"{self._uses.limit} encryptions AES-GCM with random IVs allows: rotate the "
+                    "key (RotateKeyOnDemand) to encrypt with it again"
+                ) from None
         iv, body = self._stores.backend_for(ref).encrypt(ref, plaintext, aad)
         return blob_bytes(prefix, profile, iv, body)
 
