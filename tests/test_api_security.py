@@ -687,9 +687,9 @@ def test_a_short_root_secret_stops_the_server_unless_allowed(tmp_path: Path) -> 
 def test_credential_changes_are_recorded_without_secrets(
     server: RunningServer, folder: Path
 ) -> None:
-    """``hsmkms credentials create``, ``set-policy`` (and ``--clear``) and ``delete`` — on the
-    data directory of a running server — each leave a record (as IAM records its own), the
-    failed attempts too; no record holds the secret."""
+    """``hsmkms credentials create``, ``set-policy`` (and ``--clear``), ``rotate`` and
+    ``delete`` — on the data directory of a running server — each leave a record (as IAM
+    records its own), the failed attempts too; no record holds a secret."""
     before = len(audit_records(server))
     user = make_user(server, folder, "audited", policy(allow("kms:Encrypt")))
     path = folder / "audited-2.json"
@@ -699,6 +699,10 @@ def test_credential_changes_are_recorded_without_secrets(
         == 0
     )
     assert server.cli("credentials", "set-policy", user.access_key_id, "--clear").returncode == 0
+    rotation = server.cli("credentials", "rotate", "audited", "--json")
+    assert rotation.returncode == 0, rotation.stderr
+    second = json.loads(rotation.stdout)
+    assert server.cli("credentials", "delete", user.access_key_id).returncode == 0
     assert server.cli("credentials", "delete", "audited").returncode == 0
     failed = server.cli("credentials", "delete", "no-such-user")
     assert failed.returncode == 1
@@ -707,15 +711,20 @@ def test_credential_changes_are_recorded_without_secrets(
         "CreateAccessKey",
         "PutUserPolicy",
         "DeleteUserPolicy",
+        "CreateAccessKey",
+        "DeleteAccessKey",
         "DeleteAccessKey",
         "DeleteAccessKey",
     ]
-    created, put, cleared, deleted, refused = records
+    created, put, cleared, rotated, deleted, _, refused = records
     for record in records:
         assert record["userIdentity"]["type"] == "LocalOperator"
         assert record["sourceIPAddress"] == "hsmkms-cli"
         assert record["userAgent"].startswith("hsmkms-cli/")
         assert user.secret_access_key not in json.dumps(record)
+        assert second["SecretAccessKey"] not in json.dumps(record)
+    assert rotated["responseElements"]["accessKey"]["accessKeyId"] == second["AccessKeyId"]
+    assert rotated["userAgent"].endswith("(credentials rotate)")
     assert created["requestParameters"] == {
         "userName": "audited",
         "policyDocument": policy(allow("kms:Encrypt")),

@@ -2,12 +2,13 @@
 the API accepts, and the identity policies attached to them.
 
 Changes take effect at once in a running server (each request consults the store). A secret is
-printed once, at creation, and never again. Every change (create, delete, set-policy) is
-recorded in the audit trail (:class:`hsmkms.system.OperatorCredentials`) before it is reported.
+printed once, at creation, and never again. Every change (create, rotate, delete, set-policy,
+trust) is recorded in the audit trail (:class:`hsmkms.system.OperatorCredentials`) before it
+is reported.
 
 The token remembers the credential set it last saw: after an older copy of the database was put
 back, no access key of it is accepted (an old backup must not bring deleted keys back) until
-``trust`` vouches for the set now in the database (see docs/authentication.md).
+``trust`` vouches for the set now in the database (see docs/credentials.md).
 
 Rotation without downtime, as with AWS IAM: ``rotate NAME`` gives the user a second access key
 (at most two), the application moves to it, ``delete OLD_ACCESS_KEY_ID`` retires the first. The
@@ -285,7 +286,7 @@ def _print_issued(issued: IssuedCredential, as_json: bool) -> None:
 
 def run_rotate(args: argparse.Namespace) -> int:
     settings = Settings.load(args.data_dir)
-    with _credentials(args) as store:
+    with _changes(args, "rotate") as store:
         issued = store.rotate(args.credential)
         keys = [c.access_key_id for c in store.list() if c.name == issued.name]
     root_file = settings.data_dir / ROOT_CREDENTIALS_FILE

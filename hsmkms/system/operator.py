@@ -304,6 +304,21 @@ class OperatorCredentials:
         }
         self._record("CreateAccessKey", request, {"AccessKey": access_key}, None)
 
+    def rotate(self, name_or_key_id: str) -> IssuedCredential:
+        """:meth:`CredentialStore.rotate` (a second access key for the user), recorded as
+        ``CreateAccessKey``, as IAM records a user's second key."""
+        try:
+            issued = self._store.rotate(name_or_key_id)
+        except Exception as exc:
+            self._record("CreateAccessKey", self._named(name_or_key_id), None, exc)
+            raise
+        self.record_created(issued)
+        return issued
+
+    def list(self) -> list[CredentialInfo]:
+        """:meth:`CredentialStore.list` (a read: not recorded)."""
+        return self._store.list()
+
     def delete(self, name_or_key_id: str) -> CredentialInfo:
         """:meth:`CredentialStore.delete`, recorded as ``DeleteAccessKey``."""
         try:
