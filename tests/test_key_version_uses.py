@@ -126,3 +126,18 @@ def test_the_portable_profile_is_not_counted(
         assert uses.reserved(key.KeyId, 1) == 0
     finally:
         store.close()
+
+
+def test_a_forked_child_does_not_use_its_parent_s_block(database: Database) -> None:
+    """A worker forked after its parent reserved a block reserves its own: two processes never
+    count within one block."""
+    import multiprocessing
+
+    counter = KeyVersionUses(database, block=4, limit=100)
+    counter.take(KEY, 1)  # the parent holds [0, 4)
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=counter.take, args=(KEY, 1))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert counter.reserved(KEY, 1) == 8  # the child reserved [4, 8)

@@ -51,12 +51,12 @@ its sealed secret and IV, which change at every sealing), anchored under
 ``identity:<wrapping key id>`` (:meth:`Keystore.write_anchor`, a private data object; the name
 follows the wrapping key, so two databases sharing a token keep apart). Every change writes
 the new digest as ``identity-pending:<id>`` before its commit and as the anchor after it, so a
-crash between the two leaves a set that still verifies. A lookup that reads a row checks the
-set's digest (once per change of the tables) against the two; a set matching neither is an
-older copy, and no credential of it is accepted (``credentials_stale`` in the log) until the
-operator vouches for it with ``hsmkms credentials trust``. A database without an anchor yet
-(made before this check existed) is anchored as it is on first use. What still replays: key,
-grant, alias and tag rows (docs/metadata-store.md).
+crash between the two leaves a set that still verifies. A lookup that reads a row accepts it
+only as a row of the anchored set (:meth:`CredentialStore._anchored`); a set matching neither
+anchor is an older copy, and no credential of it is accepted (``credentials_stale`` in the
+log) until the operator vouches for it with ``hsmkms credentials trust``. A database without
+an anchor yet (made before this check existed) is anchored as it is on first use. What still
+replays: key, grant, alias and tag rows (docs/metadata-store.md).
 
 Security contract: no secret appears in a ``repr``, a log line or an exception message.
 """

@@ -25,6 +25,7 @@ import structlog
 from sqlalchemy import BigInteger, Column, Connection, Integer, MetaData, String, Table, select
 
 from hsmkms.db import Component, Database, ErrorMessages, Migration, migrate
+from hsmkms.db.forks import FORKS
 from hsmkms.types import Clock, utc_now
 
 __all__ = ["BLOCK", "COMPONENT", "LIMIT", "KeyVersionUses", "VersionExhausted"]
@@ -86,8 +87,10 @@ class KeyVersionUses:
         self._limit = limit
         self._on_half = on_half
         self._lock = threading.Lock()
-        # (key id, version) -> [next use, end of the block]
+        # (key id, version) -> [next use, end of the block]; dropped in a forked child, which
+        # must not use the blocks its parent (or a sibling) holds.
         self._blocks: dict[tuple[str, int], list[int]] = {}
+        self._forks = FORKS.count
         with self._db.write(_ERRORS, cached=False) as conn:
             migrate(conn, COMPONENT, clock)
 
@@ -101,6 +104,9 @@ class KeyVersionUses:
         it has made :attr:`limit` already (nothing counted)."""
         where = (key_id, version)
         with self._lock:
+            if self._forks != FORKS.count:
+                self._blocks.clear()
+                self._forks = FORKS.count
             held = self._blocks.get(where)
             if held is not None and held[0] < held[1]:
                 held[0] += 1
