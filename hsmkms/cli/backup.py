@@ -119,8 +119,14 @@ def _checks(settings: Settings) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     try:
         report = diagnose(settings)
-        problems = report["integrity"] or report["missing"]
-        checks["doctor"] = "fail" if problems else "ok"
+        failing, missing = len(report["integrity"]), len(report["missing"])
+        if failing or missing:
+            checks["doctor"] = (
+                f"fail: {failing} rows fail their integrity check, {missing} key versions "
+                "miss their token material (hsmkms doctor says which)"
+            )
+        else:
+            checks["doctor"] = "ok"
         checks["orphans"] = len(report["orphans"])
     except KMSError as exc:
         checks["doctor"] = f"fail: {exc.message}"

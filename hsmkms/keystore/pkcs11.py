@@ -1304,7 +1304,9 @@ class Pkcs11Keystore:
                 conn.anchor_objects.pop(name, None)
                 raise
 
-        self._observed("write_anchor", lambda: self._call("writing an anchor", work))
+        # SoftHSM2 rewrites the object's file: a backup copying the token waits, as for keys.
+        with self._token_writes():
+            self._observed("write_anchor", lambda: self._call("writing an anchor", work))
 
     def close(self) -> None:
         """Close the work and anchor sessions (the latter logs the process out)."""
