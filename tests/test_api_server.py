@@ -10,7 +10,6 @@ import datetime
 import ipaddress
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server import RunningServer, run_cli, running_server, start_server
-
-from hsmkms.api.runtime import run_exclusively
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
@@ -130,25 +127,6 @@ def test_periodic_tasks_run_in_one_worker_at_a_time(server: RunningServer) -> No
             break
         time.sleep(0.2)
     assert value(found, "hsmkms_due_task_runs_total", result="ran") >= 2
-
-
-def test_run_exclusively_skips_while_another_holds_the_lock(tmp_path: Path) -> None:
-    lock = tmp_path / "tasks.lock"
-    inside = threading.Event()
-    release = threading.Event()
-
-    def long_task() -> str:
-        inside.set()
-        release.wait(10)
-        return "done"
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        first = pool.submit(run_exclusively, lock, long_task)
-        assert inside.wait(10)
-        assert run_exclusively(lock, lambda: "second") is None
-        release.set()
-        assert first.result() == "done"
-    assert run_exclusively(lock, lambda: "third") == "third"
 
 
 def test_sigterm_stops_gracefully(server: RunningServer) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,10 +16,13 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
+from load import Load
 from postgres import Cluster, wait_until_accepting
-from server import RunningServer, run_cli, running_server
+from server import RunningServer, run_cli, running_server, start_server
 
+from hsmkms.config import Settings
 from hsmkms.softhsm import find_module
+from hsmkms.system import open_audit_reader
 
 pytestmark = [pytest.mark.postgres, pytest.mark.server, pytest.mark.hsm, pytest.mark.slow]
 
@@ -175,3 +179,77 @@ def test_a_postgresql_restart_under_a_running_server(own_cluster: Cluster, tmp_p
     verified = run_cli("audit", "verify", "--data-dir", str(tmp_path / "data"), env=env)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert own_cluster.password not in srv.log()
+
+
+def _trail_request_ids(data_dir: Path, database_url: str) -> set[str]:
+    reader = open_audit_reader(Settings(data_dir=data_dir, database_url=database_url))
+    try:
+        return {str(r.get("requestID")) for r in reader.search()}
+    finally:
+        reader.close()
+
+
+def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_three_nodes_under_load_lose_nothing_when_one_is_killed(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Three nodes on one database and one token, each under load: ``kill -9`` of one node
+    (its whole process group) leaves the other two answering, every request any node answered
+    200 — the killed one's too — has its record in the one trail, and ``hsmkms audit verify``
+    proves the chain and names the killed node's unclean stop."""
+    env = {"HSMKMS_DATABASE_URL": pg_url, "HSMKMS_AUDIT_SEAL_INTERVAL": "1", **ROOT}
+    other = {**env, **_second_machine(tmp_path / "a")}
+    args = ["--task-interval", "0.5"]  # the periodic work on every node, one at a time
+    nodes = [start_server(tmp_path / "a", env=env, args=args)]
+    loads: list[Load] = []
+    try:
+        nodes += [start_server(tmp_path / n, env=other, args=args) for n in ("b", "c")]
+        key_id = nodes[0].client().create_key()["KeyMetadata"]["KeyId"]
+        mix = [
+            ("Encrypt", lambda i: {"KeyId": key_id, "Plaintext": "aGVsbG8="}),
+            ("GenerateDataKey", lambda i: {"KeyId": key_id, "KeySpec": "AES_256"}),
+            ("CreateKey", lambda i: {"Description": f"load {i}"}),
+        ]
+        loads = [Load(node, mix, threads=2).start() for node in nodes]
+        _wait_for(lambda: all(load.count() > 30 for load in loads))
+        victim = nodes[1]
+        victim.stop(signal.SIGKILL)
+        during = [load.count() for load in loads]
+        _wait_for(lambda: all(loads[i].count() > during[i] + 60 for i in (0, 2)))
+        answers = [load.stop() for load in loads]
+        for survivor in (answers[0], answers[2]):
+            assert [a.status for a in survivor[-30:]] == [200] * 30
+        answered = [a for node in answers for a in node if a.status == 200]
+        assert any(a.target == "CreateKey" for a in answers[1] if a.status == 200)
+        recorded = _trail_request_ids(tmp_path / "a", pg_url)
+        missing = [a for a in answered if a.request_id not in recorded]
+        assert missing == [], f"{len(missing)} of {len(answered)} answered requests unrecorded"
+
+        # The killed node's writer left no shutdown seal: a live node notes it, and verify
+        # proves the chain with the unclean stop in its history.
+        seen: list[str] = []
+
+        def noted() -> bool:
+            done = nodes[0].cli("audit", "verify", env=env)
+            if done.returncode == 0 and "stopped without a clean shutdown" in done.stderr:
+                seen.append(done.stdout)
+                return True
+            return False
+
+        _wait_for(noted)
+        assert seen[-1].startswith("audit trail intact: ")
+        # A key created on the killed node before it died is served by the others.
+        made = [a.body["KeyMetadata"]["KeyId"] for a in answers[1]
+                if a.status == 200 and a.target == "CreateKey"]  # fmt: skip
+        assert nodes[2].client().describe_key(KeyId=made[-1])["KeyMetadata"]["Enabled"]
+    finally:
+        for load in loads:
+            load.stop()
+        for node in nodes:
+            node.stop()

@@ -11,13 +11,10 @@ worker initializes PKCS#11 itself. The keystore reports the latency of each of i
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import threading
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final
 
 import structlog
 from sqlalchemy import text
@@ -32,29 +29,15 @@ from hsmkms.keystore.errors import TokenUnavailable
 from hsmkms.service import DueTaskReport
 from hsmkms.system import System
 
-__all__ = ["Runtime", "run_exclusively"]
+__all__ = ["DUE_TASKS_LOCK", "Runtime"]
 
-TASKS_LOCK_FILE = "tasks.lock"
+DUE_TASKS_LOCK: Final = 0x68736D6B6D7354  # "hsmkmsT"
+"""The lock the periodic work runs under: on one worker of one node at a time."""
 SELF_TEST_INTERVAL = 5.0
 LOW_DISK_BYTES = 1 << 20
 """Below this much free space on the data directory's device, ``/healthz`` fails (``disk``)."""
 
 log = structlog.get_logger(__name__)
-_T = TypeVar("_T")
-
-
-def run_exclusively(lock_path: Path, fn: Callable[[], _T]) -> _T | None:
-    """Run ``fn`` while holding an exclusive fcntl lock on ``lock_path``; when another process
-    (or thread) holds it, return None at once without running ``fn``."""
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
-        try:
-            return fn()
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,12 +206,13 @@ class Runtime:
     def run_due_tasks(self) -> DueTaskReport | None:
         """Destroy what this worker's failed key creations left on the token
         (:meth:`~hsmkms.service.KmsService.clean_leftovers`), then run the service's periodic
-        work unless another worker is running it (an fcntl lock on ``<data_dir>/tasks.lock``).
-        Returns None when skipped."""
+        work unless another worker, of this node or another, is running it (the database's
+        :meth:`~hsmkms.db.Database.exclusive` lock :data:`DUE_TASKS_LOCK`: a PostgreSQL
+        advisory lock shared by every node, an ``flock`` beside a SQLite file). Returns None
+        when skipped."""
         self.service.clean_leftovers()
-        report = run_exclusively(
-            self.settings.data_dir / TASKS_LOCK_FILE, self.service.run_due_tasks
-        )
+        with self.store.database.exclusive(DUE_TASKS_LOCK) as held:
+            report = self.service.run_due_tasks() if held else None
         count_due_task_run("skipped" if report is None else "ran")
         if report is not None and (report.rotated or report.purged):
             log.info("due_tasks", rotated=len(report.rotated), purged=len(report.purged))

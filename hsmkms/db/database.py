@@ -8,6 +8,7 @@ import os
 import threading
 import weakref
 from collections.abc import Hashable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine
@@ -168,6 +169,16 @@ class Database:
             live = tuple(ref for ref in self._caches if ref() is not None)
             self._caches = (*live, weakref.ref(cache))
         return cache
+
+    def exclusive(self, key: int) -> AbstractContextManager[bool]:
+        """Hold lock ``key`` (a positive 63-bit number) for every process of every node using
+        this database, if no one holds it: the context yields whether it is held, without
+        waiting. For work that must run on one node at a time (the periodic rotations and
+        purges). PostgreSQL: a session advisory lock on a connection of its own; SQLite: an
+        ``flock`` on a file beside the database. Released at the end of the context, or by the
+        holder's death."""
+        self.check_fork()
+        return self._dialect.exclusive(self._engine, self._engine.url, key)
 
     def change_token(self) -> Hashable | None:
         """The change signal's current token (:meth:`~hsmkms.db.cache.ChangeSignal.token`)."""

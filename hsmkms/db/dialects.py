@@ -112,6 +112,13 @@ class Dialect:
         (here: nothing)."""
         return contextlib.nullcontext()
 
+    def exclusive(self, engine: Engine, url: URL, key: int) -> AbstractContextManager[bool]:
+        """Hold lock ``key`` for every process of every node on this database while the
+        context lasts, if no one holds it: yields whether it is held (``False``: another holder
+        has it; nothing was waited for). Released when the context ends, or when the holding
+        process dies. Here: a database only this process uses, always held."""
+        return contextlib.nullcontext(True)
+
     def exists(self, url: URL) -> bool:
         """Whether the database at ``url`` exists. A database server's database is taken to
         exist (connecting says otherwise)."""
@@ -246,6 +253,25 @@ class SQLiteDialect(Dialect):
         path = _file(engine.url)
         # An in-memory database is one per connection: nothing to watch.
         return NoChangeSignal() if path is None else _DataVersion(path)
+
+    @contextlib.contextmanager
+    def exclusive(self, engine: Engine, url: URL, key: int) -> Iterator[bool]:
+        # An flock on <file>-<key>.lock: every process on this machine (a SQLite file is not
+        # shared between machines) sees it; the kernel releases it when the process dies.
+        path = _file(url)
+        if path is None:
+            yield True
+            return
+        fd = os.open(f"{path}-{key:x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
 
     def exists(self, url: URL) -> bool:
         path = _file(url)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any, Final
 
 from sqlalchemy import BigInteger, Column, Connection, Engine, Integer, MetaData, Table, event, text
@@ -204,3 +204,19 @@ class PostgreSQLDialect(Dialect):
 
     def lock(self, conn: Connection, key: int) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    @contextlib.contextmanager
+    def exclusive(self, engine: Engine, url: URL, key: int) -> Iterator[bool]:
+        # A session-level advisory lock on a connection of its own, held outside any
+        # transaction: every node sees it, and the server releases it when the connection
+        # ends (the process died, the network went away).
+        with engine.connect() as conn:
+            held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            conn.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    with contextlib.suppress(Exception):  # a lost connection released it
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
