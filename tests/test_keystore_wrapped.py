@@ -6,15 +6,22 @@ SQLite or PostgreSQL store with row MACs) and the real server with boto3."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import botocore.exceptions
+import jsonschema
 import pytest
 from local_system import settings_for
 from postgres import database_url_for, outside_sql, store_url
-from server import running_server
+from server import database_env, running_server
 
 from conftest import token_config
 from hsmkms import models as m
@@ -25,7 +32,9 @@ from hsmkms.keystore.errors import WrappedMaterialInvalid
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.profiles import MechanismProfile
+from hsmkms.report import schema
 from hsmkms.service import KmsService
+from hsmkms.service.testing import ManualClock
 from hsmkms.softhsm import ensure_token
 from hsmkms.store import MetadataStore
 from hsmkms.system import System
@@ -78,7 +87,9 @@ def test_a_wrapped_reference_round_trips_through_its_text() -> None:
     assert ref.token_object_ids == ("ab" * 16,)
     assert ref.text.startswith("v3:default:SYMMETRIC_DEFAULT:AES_256_CBC_HMAC_SHA_256:wrapped:")
     assert KeyMaterialRef.from_str(ref.text) == ref
-    assert "wrapped" not in repr(ref).replace("placement", "")  # the blobs stay out of reprs
+    # The wrapped bytes stay out of reprs (long, and no business of a log line).
+    assert base64.b64encode(bytes(range(40))).decode() not in repr(ref)
+    assert "wrapped=" not in repr(ref)
 
 
 @pytest.mark.parametrize(
@@ -243,9 +254,9 @@ def test_unwrapped_copies_are_cached_bounded_and_refilled_after_a_reconnect(
 # -- the service --------------------------------------------------------------------------------
 
 
-def _system(data_dir: Path, placement: str) -> System:
+def _system(data_dir: Path, placement: str, **kwargs: Any) -> System:
     settings = settings_for(data_dir).model_copy(update={"key_placement": placement})
-    return System.open(settings, audit=None)
+    return System.open(settings, audit=None, **kwargs)
 
 
 def _token_objects(system: System) -> int:
@@ -351,6 +362,57 @@ def test_a_wrapped_blob_changed_without_the_row_mac_fails_as_a_kms_error(
     finally:
         store.close()
         ks.close()
+
+
+@pytest.mark.database
+def test_purging_a_wrapped_key_deletes_its_rows_and_leaves_the_token_alone(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(dt.datetime(2026, 3, 1, tzinfo=dt.UTC))
+    with _system(tmp_path / "data", "wrapped", clock=clock) as system:
+        kms = system.service
+        key_id = kms.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+        kms.rotate_key_on_demand(m.RotateKeyOnDemandRequest(KeyId=key_id))
+        objects = sorted(o.object_id for o in system.keystore.list_objects())
+        kms.schedule_key_deletion(m.ScheduleKeyDeletionRequest(KeyId=key_id, PendingWindowInDays=7))
+        clock.advance(dt.timedelta(days=8))
+        assert kms.purge_due() == [key_id]
+        assert system.store.get_key(key_id) is None
+        assert sorted(o.object_id for o in system.keystore.list_objects()) == objects
+        assert kms.find_inconsistencies().missing == []
+
+
+@pytest.mark.database
+def test_the_report_says_wrapped_under_the_kek(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with _system(data_dir, "wrapped") as system:
+        key_id = system.service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+        version = system.store.get_version(key_id, 1)
+        assert version is not None
+        kek_id = KeyMaterialRef.from_str(version.material_ref).kek_id
+    env = {**os.environ, **database_env(data_dir, None)}
+    out = subprocess.run(
+        [sys.executable, "-m", "hsmkms.cli.main", "report", "--data-dir", str(data_dir),
+         "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    document = json.loads(out.stdout)
+    jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker()).validate(
+        document
+    )
+    (key,) = document["report"]["keys"]
+    (found,) = key["versions"]
+    assert found["placement"] == "WRAPPED"
+    assert found["custody"]["text"] == (
+        f"wrapped under KEK {kek_id}, LOCAL=true (generated in the HSM, stored wrapped)"
+    )
+    assert found["custody"]["verdict"] == "NOT_EXTRACTABLE"
+    (kek,) = found["objects"]
+    assert kek["role"] == "kek"
+    assert kek["objectId"] == kek_id
+    assert kek["attributes"]["EXTRACTABLE"] is False
+    assert kek["attributes"]["NEVER_EXTRACTABLE"] is True
 
 
 # -- the server ---------------------------------------------------------------------------------
