@@ -9,7 +9,6 @@ import base64
 import datetime as dt
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,9 +18,10 @@ from typing import Any
 import botocore.exceptions
 import jsonschema
 import pytest
+import sqlalchemy
 from local_system import settings_for
 from postgres import database_url_for, outside_sql, store_url
-from server import database_env, running_server
+from server import database_env, run_cli, running_server
 
 from conftest import token_config
 from hsmkms import models as m
@@ -415,6 +415,26 @@ def test_the_report_says_wrapped_under_the_kek(tmp_path: Path) -> None:
     assert kek["attributes"]["NEVER_EXTRACTABLE"] is True
 
 
+def test_a_backup_restores_wrapped_keys_with_their_kek(tmp_path: Path) -> None:
+    """The database holds the wrapped material, the token the KEK: a backup takes both."""
+    data_dir = tmp_path / "data"
+    with _system(data_dir, "wrapped") as system:
+        key_id = system.service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+        blob = system.service.encrypt(
+            m.EncryptRequest(KeyId=key_id, Plaintext=b"kept")
+        ).CiphertextBlob
+    out = tmp_path / "b.tar.gz"
+    made = run_cli("backup", "--out", str(out), "--data-dir", str(data_dir))
+    assert made.returncode == 0, made.stdout + made.stderr
+    target = tmp_path / "restored"
+    restored = run_cli("restore", str(out), "--data-dir", str(target))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    with _system(target, "token") as system:
+        back = system.service.decrypt(m.DecryptRequest(CiphertextBlob=blob))
+        assert back.Plaintext == b"kept"
+        assert system.service.find_inconsistencies().missing == []
+
+
 # -- the server ---------------------------------------------------------------------------------
 
 
@@ -422,10 +442,13 @@ def test_the_report_says_wrapped_under_the_kek(tmp_path: Path) -> None:
 @pytest.mark.database
 def test_boto3_against_a_server_keeping_keys_wrapped(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    with running_server(data_dir, env={"HSMKMS_KEY_PLACEMENT": "wrapped"}) as server:
+    env = {"HSMKMS_KEY_PLACEMENT": "wrapped"}
+    with running_server(data_dir, workers=2, env=env) as server:
         kms = server.client()
         key_id = kms.create_key()["KeyMetadata"]["KeyId"]
         blob = kms.encrypt(KeyId=key_id, Plaintext=b"over http")["CiphertextBlob"]
+        for _ in range(10):  # two workers: each unwraps the version on its first use
+            assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"over http"
         kms.rotate_key_on_demand(KeyId=key_id)
         data_key = kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")
         assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"over http"
@@ -468,14 +491,16 @@ def test_boto3_against_a_server_keeping_keys_wrapped(tmp_path: Path) -> None:
 
 
 def _material_refs(db: Path, key_id: str) -> list[str]:
-    url = database_url_for(db)
-    if url is not None:
-        pytest.skip("reads the SQLite file directly")
-    conn = sqlite3.connect(db)
+    """The stored references of a key's versions, read outside hsmkms."""
+    engine = sqlalchemy.create_engine(store_url(db))
     try:
-        rows = conn.execute(
-            "SELECT material_ref FROM key_versions WHERE key_id = ? ORDER BY version", (key_id,)
-        ).fetchall()
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sqlalchemy.text(
+                    "SELECT material_ref FROM key_versions WHERE key_id = :k ORDER BY version"
+                ),
+                {"k": key_id},
+            ).fetchall()
     finally:
-        conn.close()
+        engine.dispose()
     return [str(r[0]) for r in rows]

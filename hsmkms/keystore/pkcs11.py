@@ -738,7 +738,9 @@ class Pkcs11Keystore:
         name = MaterialName.service_key(KEK_NAME)
         label = name.label(ObjectRole.ENCRYPT)
         query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
-        found = sorted((bytes(o.id), o) for o in conn.session.get_objects(query))
+        found = sorted(
+            ((bytes(o.id), o) for o in conn.session.get_objects(query)), key=lambda f: f[0]
+        )
         if found:
             raw, kek = found[0]
         else:
