@@ -39,7 +39,7 @@ from sqlalchemy.exc import ArgumentError
 
 from hsmkms import softhsm
 from hsmkms.errors import ClientError
-from hsmkms.keystore.config import KeystoreConfig
+from hsmkms.keystore.config import KeyPlacement, KeystoreConfig
 from hsmkms.profiles import MechanismProfile
 
 __all__ = [
@@ -460,6 +460,9 @@ class Settings(_EnvironmentSettings):
     pin_file: Path | None = None
     pin_env: str | None = None
     profile: Literal["auto", "AES_256_GCM", "AES_256_CBC_HMAC_SHA_256"] = "auto"
+    key_placement: Literal["token", "wrapped"] = "token"
+    """Where new symmetric and HMAC key versions live: ``token`` (one token object each) or
+    ``wrapped`` (wrapped under the token's KEK, in the database; ``docs/keystore.md``)."""
     region: str = "us-east-1"
     account_id: str = "111122223333"
     database_url: str | None = None
@@ -910,6 +913,7 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         token_serial=_check_token_field(serial, "the token serial", 16),
         slot_id=slot_id,
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
+        placement=KeyPlacement(settings.key_placement),
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
         write_lock=str(settings.token_write_lock) if settings.is_embedded else None,
     )

@@ -29,6 +29,7 @@ from hsmkms.config import (
     resolve_pin_source,
 )
 from hsmkms.errors import ClientError
+from hsmkms.keystore.config import KeyPlacement
 from hsmkms.profiles import MechanismProfile
 
 PIN = "s3cr3t-PIN-4711"
@@ -551,6 +552,7 @@ def test_bad_account_id_is_a_config_error_naming_the_variable(
     ("variable", "value"),
     [
         ("HSMKMS_PROFILE", "AES_128_GCM"),
+        ("HSMKMS_KEY_PLACEMENT", "both"),
         ("HSMKMS_SLOT_ID", "one"),
         ("HSMKMS_SLOT_ID", "-1"),
         ("HSMKMS_REGION", "us:east"),
@@ -858,8 +860,18 @@ def test_embedded_default_resolves_softhsm_token_pin_and_conf(
     assert resolved.slot_id is None
     assert resolved.pin == PIN
     assert resolved.profile is None
+    assert resolved.placement is KeyPlacement.TOKEN
     assert resolved.softhsm2_conf == str(data / "softhsm2.conf")
     assert PIN not in repr(resolved)
+
+
+@pytest.mark.parametrize("placement", list(KeyPlacement))
+def test_key_placement_reaches_the_keystore_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, placement: KeyPlacement
+) -> None:
+    _pin_file(tmp_path, name="user.pin")
+    settings = _settings(monkeypatch, data_dir=str(tmp_path), key_placement=placement.value)
+    assert keystore_config(settings).placement is placement
 
 
 @pytest.mark.parametrize("profile", list(MechanismProfile))

@@ -114,6 +114,7 @@ from hsmkms.errors import (
     ValidationException,
 )
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
+from hsmkms.keystore.config import KeyPlacement
 from hsmkms.keystore.errors import DecryptionFailed
 from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.policy import parse_identity_policy
@@ -561,8 +562,11 @@ class CredentialStore:
         with self._read() as conn:
             stored = self._read_wrapping(conn)
         if stored is None:
+            # Always a token object: a service key, whatever the placement of key versions.
             ref = self._keystore.create(
-                KeyMaterialSpec.SYMMETRIC_DEFAULT, MaterialName.key_version(IDENTITY_KEY_ID, 1)
+                KeyMaterialSpec.SYMMETRIC_DEFAULT,
+                MaterialName.key_version(IDENTITY_KEY_ID, 1),
+                placement=KeyPlacement.TOKEN,
             )
             try:
                 with self._write() as conn:

@@ -16,12 +16,15 @@ does).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from hsmkms.keystore.config import KeyPlacement
 from hsmkms.keystore.specs import (
     SPECS,
     AsymmetricEncryption,
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_STORE",
+    "KEK_NAME",
     "LABEL_PREFIX",
     "CallObserver",
     "Capabilities",
@@ -60,6 +64,10 @@ DEFAULT_STORE: Final = "default"
 LABEL_PREFIX: Final = "hsmkms:"
 """Every token object this project creates has a label starting with this."""
 
+KEK_NAME: Final = "kek"
+"""The service key name of the key encryption key that wraps key versions kept wrapped
+(``HSMKMS_KEY_PLACEMENT=wrapped``): labelled ``hsmkms:kek``."""
+
 CallObserver = Callable[[str, float], None]
 """``(operation, seconds)``: called by a backend after each of its operations (failures
 included), with the time it took (the wait for the process lock included). Operation names are
@@ -69,7 +77,14 @@ asymmetric specs) or ``create_mac_key`` (HMAC specs). Must not raise."""
 _STORE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _HEX_ID = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _V2 = "v2"
+_V3 = "v3"
+_WRAPPED = "wrapped"
 _NO_PROFILE = "-"
+# Hard maxima of a wrapped reference: RFC 5649 output of at most a 64-byte HMAC_512 key is 72
+# bytes; far more is refused when parsing.
+_MAX_WRAPPED = 256
+_MIN_WRAPPED = 16
+_LOCAL = {"1": True, "0": False}
 # The forms stored before references named their store (still read, never written).
 _LEGACY_MAC_PREFIX = "HMAC_SHA_256"
 _KEY_VERSION_LABEL = re.compile(
@@ -93,6 +108,18 @@ class KeyMaterialRef:
         v2:default:SYMMETRIC_DEFAULT:AES_256_GCM:5f0c...
         v2:default:HMAC_256:-:9a41...
 
+    Wrapped material (``HSMKMS_KEY_PLACEMENT=wrapped``) has no token object of its own: the
+    reference carries the id of the key encryption key (KEK) on the token and, per role, the
+    material wrapped under it inside the token (``CKM_AES_KEY_WRAP_PAD``, RFC 5649; standard
+    base64), and whether the token reported the generated object as ``CKA_LOCAL`` (1 or 0).
+    Version 3::
+
+        v3:<store id>:<spec>:<profile or ->:wrapped:<KEK id>:<local>:<b64>[,<b64>...]
+        v3:default:SYMMETRIC_DEFAULT:AES_256_GCM:wrapped:77c1...:1:q3Jv...
+
+    The wrapped bytes are no secret without the KEK, which never leaves the token; the row
+    holding the reference is covered by the metadata store's integrity MAC all the same.
+
     :meth:`from_str` also reads the forms written before (``AES_256_GCM:<id>``,
     ``AES_256_CBC_HMAC_SHA_256:<id>,<id>``, ``HMAC_SHA_256:<id>``: the default store), and a
     parsed reference keeps the exact text it was read from (:attr:`text`), so stored rows
@@ -103,8 +130,16 @@ class KeyMaterialRef:
     profile: MechanismProfile | None
     """The mechanism profile (symmetric material); ``None`` for every other spec."""
     object_ids: tuple[str, ...]
+    """Empty for wrapped material."""
     store: str = DEFAULT_STORE
     """The id of the key store holding the objects (:class:`~hsmkms.keystore.stores.KeyStores`)."""
+    kek_id: str | None = dataclasses.field(default=None, repr=False)
+    """Wrapped material: the object id (hex) of the KEK it is wrapped under; else None."""
+    wrapped: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
+    """Wrapped material: per role, the material wrapped under the KEK (RFC 5649)."""
+    local: bool = dataclasses.field(default=True, repr=False)
+    """Wrapped material: whether the token reported ``CKA_LOCAL`` true on the object it
+    generated (before wrapping it); always True for token objects (not recorded)."""
     text: str = dataclasses.field(init=False, compare=False, repr=False)
     """The stored text form: as read by :meth:`from_str`, else the version 2 form."""
 
@@ -115,13 +150,44 @@ class KeyMaterialRef:
             raise TypeError("profile must be a MechanismProfile or None")
         self.check_store_id(self.store)
         roles = SPECS.facts(self.spec).roles(self.profile)  # ValueError: profile mismatch
-        if len(self.object_ids) != len(roles):
-            raise ValueError("wrong number of object ids for the spec and profile")
-        if not all(isinstance(i, str) and _HEX_ID.fullmatch(i) for i in self.object_ids):
-            raise ValueError("object ids must be hex")
         profile = _NO_PROFILE if self.profile is None else self.profile.value
-        text = f"{_V2}:{self.store}:{self.spec.value}:{profile}:{','.join(self.object_ids)}"
+        if self.kek_id is not None:
+            if self.object_ids:
+                raise ValueError("wrapped material has no object ids")
+            if not isinstance(self.kek_id, str) or not _HEX_ID.fullmatch(self.kek_id):
+                raise ValueError("the KEK id must be hex")
+            if len(self.wrapped) != len(roles):
+                raise ValueError("wrong number of wrapped keys for the spec and profile")
+            if not all(
+                isinstance(w, bytes) and _MIN_WRAPPED <= len(w) <= _MAX_WRAPPED and len(w) % 8 == 0
+                for w in self.wrapped
+            ):
+                raise ValueError("malformed wrapped key")
+            blobs = ",".join(base64.b64encode(w).decode("ascii") for w in self.wrapped)
+            local = "1" if self.local else "0"
+            text = (
+                f"{_V3}:{self.store}:{self.spec.value}:{profile}:{_WRAPPED}:{self.kek_id}:"
+                f"{local}:{blobs}"
+            )
+        else:
+            if self.wrapped or not self.local:
+                raise ValueError("only wrapped material carries wrapped keys")
+            if len(self.object_ids) != len(roles):
+                raise ValueError("wrong number of object ids for the spec and profile")
+            if not all(isinstance(i, str) and _HEX_ID.fullmatch(i) for i in self.object_ids):
+                raise ValueError("object ids must be hex")
+            text = f"{_V2}:{self.store}:{self.spec.value}:{profile}:{','.join(self.object_ids)}"
         object.__setattr__(self, "text", text)
+
+    @property
+    def is_wrapped(self) -> bool:
+        """Whether the material is kept wrapped under a KEK (no token object of its own)."""
+        return self.kek_id is not None
+
+    @property
+    def token_object_ids(self) -> tuple[str, ...]:
+        """The ids of the token objects the material needs: its own, or its KEK's."""
+        return self.object_ids if self.kek_id is None else (self.kek_id,)
 
     @staticmethod
     def check_store_id(store_id: str) -> None:
@@ -155,6 +221,8 @@ class KeyMaterialRef:
     def from_str(cls, value: str) -> KeyMaterialRef:
         """Parse a stored text form, current or old; ``ValueError`` when malformed. The number
         of object ids must be the spec's (and profile's)."""
+        if value.startswith(_V3 + ":"):
+            return cls._parse_wrapped(value)
         if value.startswith(_V2 + ":"):
             parts = value.split(":")
             if len(parts) != 5:
@@ -171,6 +239,27 @@ class KeyMaterialRef:
                 spec, profile = KeyMaterialSpec.SYMMETRIC_DEFAULT, MechanismProfile(prefix)
         ref = cls(spec, profile, tuple(ids.split(",")), store)
         object.__setattr__(ref, "text", value)
+        return ref
+
+    @classmethod
+    def _parse_wrapped(cls, value: str) -> KeyMaterialRef:
+        parts = value.split(":")
+        if len(parts) != 8 or parts[4] != _WRAPPED or parts[6] not in _LOCAL:
+            raise ValueError("malformed key material reference")
+        _, store, spec_name, profile_name, _, kek_id, local, blobs = parts
+        profile = None if profile_name == _NO_PROFILE else MechanismProfile(profile_name)
+        try:
+            wrapped = tuple(
+                base64.b64decode(b, validate=True) for b in blobs.split(",") if len(b) <= 512
+            )
+        except binascii.Error:
+            raise ValueError("malformed wrapped key") from None
+        ref = cls(
+            KeyMaterialSpec(spec_name), profile, (), store,
+            kek_id=kek_id, wrapped=wrapped, local=_LOCAL[local],
+        )  # fmt: skip
+        if ref.text != value:  # one text per reference: no second spelling of the same bytes
+            raise ValueError("malformed key material reference")
         return ref
 
 
@@ -299,15 +388,24 @@ class KeyBackend(Protocol):
         *,
         profile: MechanismProfile | None = None,
         usage: MaterialUsage | None = None,
+        placement: KeyPlacement | None = None,
     ) -> KeyMaterialRef:
         """Generate the token object(s) of new material: token, private, sensitive,
         non-extractable, not modifiable, only the capabilities the spec and ``usage`` need.
         Symmetric material gets ``profile``, or :attr:`profile` when None; ``usage`` defaults
-        to the spec's first. On failure, objects created so far are destroyed."""
+        to the spec's first. On failure, objects created so far are destroyed.
+
+        ``placement`` (None: the store's configured one): with ``wrapped``, a key version of
+        secret keys only (SYMMETRIC_DEFAULT, HMAC_*) is generated inside the token, wrapped
+        there under the token's KEK and returned wrapped in the reference (no token object of
+        its own; :attr:`KeyMaterialRef.is_wrapped`). Service keys and key pairs are always
+        token objects."""
         ...
 
     def destroy(self, ref: KeyMaterialRef) -> None:
-        """Destroy the token object(s); objects already gone are not an error."""
+        """Destroy the token object(s); objects already gone are not an error. Wrapped
+        material has none (the row holding its reference is the material): a no-op on the
+        token, beyond this process's unwrapped copy."""
         ...
 
     def encrypt(self, ref: KeyMaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
@@ -439,7 +537,8 @@ class KeyInventory(Protocol):
         ...
 
     def exists(self, ref: KeyMaterialRef) -> bool:
-        """Whether every object of ``ref`` is on the token (asks the token, not a cache)."""
+        """Whether every object of ``ref`` is on the token (asks the token, not a cache); for
+        wrapped material, its KEK."""
         ...
 
     def attributes(

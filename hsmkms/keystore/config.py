@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 from hsmkms.profiles import MechanismProfile
+
+
+class KeyPlacement(enum.StrEnum):
+    """Where new key versions' material lives (``HSMKMS_KEY_PLACEMENT``)."""
+
+    TOKEN = "token"  # noqa: S105 - a placement, not a secret
+    """Each key version is its own token object(s)."""
+    WRAPPED = "wrapped"
+    """Symmetric and HMAC key versions are generated in the token, wrapped there under the
+    token's key encryption key and kept wrapped in their key material reference (no token
+    object of their own); key pairs stay token objects."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,3 +43,7 @@ class KeystoreConfig:
     # How long to retry token discovery at start (SoftHSM2 can briefly hide a token that
     # another process is writing; reference/pkcs11-facts.md §2.5).
     discovery_timeout: float = 3.0
+    # Where new key versions of symmetric and HMAC specs live (existing ones stay where they are).
+    placement: KeyPlacement = KeyPlacement.TOKEN
+    # How many wrapped key versions a process keeps unwrapped (session objects, per connection).
+    unwrapped_cache: int = 1024

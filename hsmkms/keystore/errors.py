@@ -15,6 +15,7 @@ not load ``pkcs11``.)
     ├── TokenUnavailable         the device, token or session went away (reconnect is attempted
     │                            first): 503 with the PKCS#11 reason (``shows_cause``)
     ├── KeyMaterialMissing       the token object of a key version is not on the token
+    │   └── WrappedMaterialInvalid  wrapped key material does not unwrap under its KEK
     ├── UnknownKeyStore          a key material reference names a key store not registered
     ├── IncompatibleMaterial     the operation does not apply to the referenced material
     ├── DecryptionFailed         authentication failed: wrong key, AAD, IV or ciphertext
@@ -83,6 +84,11 @@ class KeyMaterialMissing(KeystoreError):
     """A key version's token object is not on the token."""
 
     code = KeyUnavailableException.code
+
+
+class WrappedMaterialInvalid(KeyMaterialMissing):
+    """Wrapped key material (``HSMKMS_KEY_PLACEMENT=wrapped``) does not unwrap under the KEK
+    its reference names: the wrapped bytes were changed, or name another KEK."""
 
 
 class UnknownKeyStore(KeystoreError):

@@ -48,6 +48,7 @@ project's objects.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -64,6 +65,7 @@ import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from hsmkms.keystore.base import (
+    KEK_NAME,
     LABEL_PREFIX,
     CallObserver,
     Capabilities,
@@ -72,7 +74,7 @@ from hsmkms.keystore.base import (
     TokenInfo,
     TokenObject,
 )
-from hsmkms.keystore.config import KeystoreConfig
+from hsmkms.keystore.config import KeyPlacement, KeystoreConfig
 from hsmkms.keystore.errors import (
     DecryptionFailed,
     DeviceFailure,
@@ -89,6 +91,7 @@ from hsmkms.keystore.errors import (
     TokenRejected,
     TokenUnavailable,
     UnsupportedByToken,
+    WrappedMaterialInvalid,
 )
 from hsmkms.keystore.imports import (
     WRAPPING_LABEL_PREFIX,
@@ -115,10 +118,14 @@ from hsmkms.keystore.pkcs11_mechanisms import (
     KeyPairMaterial,
     ProbeRefused,
     RsaMaterial,
+    SecretObject,
     Unwrapper,
+    generate_kek,
     generate_secrets,
+    generate_wrapped,
     generate_wrapping_key,
     probe_wrapping,
+    unwrap_secrets,
 )
 from hsmkms.keystore.specs import (
     AsymmetricEncryption,
@@ -150,6 +157,12 @@ _TRANSIENT_OPEN_ERRORS: tuple[type[Exception], ...] = (
     p11e.KeyHandleInvalid,
 )
 _T = TypeVar("_T")
+# A cached KEK handle that went stale (after a logout, the token answers with these).
+_KEK_STALE: tuple[type[Exception], ...] = (
+    *STALE_HANDLE_ERRORS,
+    p11e.WrappingKeyHandleInvalid,
+    p11e.UnwrappingKeyHandleInvalid,
+)
 
 # The process-wide lock. Re-created in a forked child: a thread of the parent may have held it
 # at fork time, and that thread does not exist in the child.
@@ -207,6 +220,12 @@ class _Connection:
     short_ids: bool
     generation: int = 0  # the module's re-initialization count when this connection opened
     anchor_objects: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> data obj
+    # Wrapped key versions unwrapped into session objects of this connection's work session,
+    # least recently used first: reference text -> keys. Handles belong to the session, so a
+    # new connection starts empty.
+    unwrapped: collections.OrderedDict[str, list[Any]] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
 
 
 class Pkcs11Keystore:
@@ -239,6 +258,7 @@ class Pkcs11Keystore:
         # left an object (the token away): destroyed by the next creation or settle_abandoned().
         self._abandoned: set[bytes] = set()
         self._closed = False
+        self._kek_id: str | None = None  # the KEK new wrapped material goes under (hex id)
         self._ever_open = False  # the token has been open in this process
         self._outage: tuple[float, str] | None = None  # (when, PKCS#11 reason) of the last failure
 
@@ -461,6 +481,8 @@ class Pkcs11Keystore:
                         raise map_pkcs11_error(exc, action, decrypting=decrypting) from exc
                     # Sessions and handles are stale: the next _connection() reopens and logs in.
                     self._drop_connection()
+                except WrappedMaterialInvalid:
+                    raise  # the wrapped bytes are wrong: reconnecting changes nothing
                 except KeyMaterialMissing:
                     # After a logout (another session of the process closed, a device reset)
                     # private objects are invisible rather than reported: log in again and
@@ -638,15 +660,99 @@ class Pkcs11Keystore:
         *,
         profile: MechanismProfile | None = None,
         usage: MaterialUsage | None = None,
+        placement: KeyPlacement | None = None,
     ) -> KeyMaterialRef:
         """Generate the token object(s) of new ``spec`` material named ``name`` (see the module
         docstring). Objects are hardened: token, private, sensitive, non-extractable, not
         modifiable, and only the capabilities the spec and usage need. Symmetric material gets
-        ``profile`` or :attr:`profile`. On failure, objects created so far are destroyed."""
+        ``profile`` or :attr:`profile`. On failure, objects created so far are destroyed.
+
+        With ``placement`` (default: the configured one) ``wrapped``, a key version of secret
+        keys only (SYMMETRIC_DEFAULT, HMAC_*) is instead generated as session objects, wrapped
+        under the KEK inside the token and destroyed (:meth:`_create_wrapped`); service keys
+        (a name that is not per role) and key pairs are always token objects."""
         material = MATERIALS[spec]
+        chosen = placement or self._config.placement
+        if chosen is KeyPlacement.WRAPPED and name.per_role:
+            resolved = profile
+            if material.facts.takes_profile and resolved is None:
+                resolved = self.profile
+            objects = material.secret_objects(resolved)
+            if objects is not None:
+                return self._observed(
+                    material.create_call,
+                    lambda: self._create_wrapped(spec, name, resolved, usage, objects),
+                )
         return self._observed(
             material.create_call, lambda: self._create(spec, name, profile, usage)
         )
+
+    def _create_wrapped(
+        self,
+        spec: KeyMaterialSpec,
+        name: MaterialName,
+        profile: MechanismProfile | None,
+        usage: MaterialUsage | None,
+        objects: tuple[SecretObject, ...],
+    ) -> KeyMaterialRef:
+        """Generate the material's secret keys as session objects (sensitive; extractable,
+        since only the SO could make the KEK trusted: ``docs/keystore.md``), wrap them under the
+        KEK with ``CKM_AES_KEY_WRAP_PAD`` inside the token and destroy them: the reference
+        carries the wrapped bytes. Nothing is left on the token."""
+        material = MATERIALS[spec]
+        try:
+            chosen_usage = material.facts.usage(usage)
+            material.facts.roles(profile)
+        except ValueError as exc:
+            raise IncompatibleMaterial(str(exc)) from None
+
+        def work(conn: _Connection) -> KeyMaterialRef:
+            missing = (material.mechanisms(chosen_usage) | {Mechanism.AES_KEY_WRAP_PAD}) - (
+                self._listed
+            )
+            if missing:
+                names = ", ".join(sorted(f"CKM_{_mech_name(m)}" for m in missing))
+                raise UnsupportedByToken(f"the token lacks {names}")
+            kek_id, kek = self._kek(conn)
+            try:
+                wrapped, local = generate_wrapped(conn.session, kek, objects, name)
+            except _KEK_STALE:
+                conn.handles.pop(bytes.fromhex(kek_id), None)
+                kek_id, kek = self._kek(conn)
+                wrapped, local = generate_wrapped(conn.session, kek, objects, name)
+            return KeyMaterialRef(
+                spec, profile, (), kek_id=kek_id, wrapped=tuple(wrapped), local=local
+            )
+
+        if self._kek_id is not None:
+            return self._call("creating a wrapped key", work)
+        with self._token_writes():  # the KEK may be created
+            return self._call("creating a wrapped key", work)
+
+    def _kek(self, conn: _Connection) -> tuple[str, Any]:
+        """The KEK new material is wrapped under: the one this keystore chose, else the token's
+        (the lowest id when a race between two processes made two: both keep working, since a
+        reference names its KEK), else a new one."""
+        if self._kek_id is not None:
+            return self._kek_id, self._key(conn, self._kek_id, ObjectClass.SECRET_KEY)
+        name = MaterialName.service_key(KEK_NAME)
+        label = name.label(ObjectRole.ENCRYPT)
+        query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+        found = sorted(
+            ((bytes(o.id), o) for o in conn.session.get_objects(query)), key=lambda f: f[0]
+        )
+        if found:
+            raw, kek = found[0]
+        else:
+            raw = self._new_object_id(conn)
+            try:
+                kek = generate_kek(conn.session, name, raw)
+            except BaseException:
+                self._abandon(conn, [raw])
+                raise
+        conn.handles[raw] = kek
+        self._kek_id = raw.hex()
+        return self._kek_id, kek
 
     def _create(
         self,
@@ -704,7 +810,12 @@ class Pkcs11Keystore:
             return self._call("creating a key", work)
 
     def destroy(self, ref: KeyMaterialRef) -> None:
-        """Destroy the token object(s) of ``ref``; objects already gone are not an error."""
+        """Destroy the token object(s) of ``ref``; objects already gone are not an error.
+        Wrapped material has none: only this process's unwrapped copy (a session object) is
+        destroyed, and forgetting the reference (deleting its row) destroys the material."""
+        if ref.is_wrapped:
+            self._observed("destroy", lambda: self._forget_unwrapped(ref))
+            return
 
         def work(conn: _Connection) -> None:
             for raw in ref.raw_ids:
@@ -716,6 +827,12 @@ class Pkcs11Keystore:
 
         with self._token_writes():
             self._observed("destroy", lambda: self._call("destroying a key", work))
+
+    def _forget_unwrapped(self, ref: KeyMaterialRef) -> None:
+        with _LOCK:
+            conn = self._conn
+            if conn is not None and self._live(conn):
+                _destroy_all(conn.unwrapped.pop(ref.text, []))
 
     def settle_abandoned(self) -> int:
         """Destroy what creations that failed while the token was away may have left on it
@@ -876,12 +993,14 @@ class Pkcs11Keystore:
         *, decrypting: bool = False,
     ) -> _T:  # fmt: skip
         """Run ``fn`` with the ref's key objects. The fast path uses cached handles; on a miss
-        or a stale handle it looks the objects up, reconnecting if the session went away."""
+        or a stale handle it looks the objects up (wrapped material: unwraps it), reconnecting
+        if the session went away."""
         with _LOCK:
             conn = self._conn
             if conn is not None and self._live(conn):
-                keys = [conn.handles.get(raw) for raw in ref.raw_ids]
-                if None not in keys:
+                cached = _cached_keys(conn, ref)
+                if cached is not None:
+                    keys: list[Any] = cached
                     try:
                         return fn(conn, keys)
                     except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
@@ -896,6 +1015,8 @@ class Pkcs11Keystore:
             classes = [OBJECT_CLASSES[role] for role in ref.roles]
 
             def lookup(conn: _Connection) -> list[Any]:
+                if ref.is_wrapped:
+                    return self._unwrapped(conn, ref)
                 return [self._key(conn, i, c) for i, c in zip(ref.object_ids, classes, strict=True)]
 
             def work(conn: _Connection) -> _T:
@@ -904,9 +1025,44 @@ class Pkcs11Keystore:
                 except STALE_HANDLE_ERRORS:
                     for raw in ref.raw_ids:
                         conn.handles.pop(raw, None)
+                    conn.unwrapped.pop(ref.text, None)
+                    if ref.kek_id is not None:
+                        conn.handles.pop(bytes.fromhex(ref.kek_id), None)
                     return fn(conn, lookup(conn))
 
             return self._call(action, work, decrypting=decrypting)
+
+    def _unwrapped(self, conn: _Connection, ref: KeyMaterialRef) -> list[Any]:
+        """The session objects of wrapped material: from this connection's LRU, else unwrapped
+        under the KEK the reference names (the least recently used entry beyond
+        ``KeystoreConfig.unwrapped_cache`` is destroyed). Called with the lock held."""
+        keys = conn.unwrapped.get(ref.text)
+        if keys is not None:
+            conn.unwrapped.move_to_end(ref.text)
+            return keys
+        assert ref.kek_id is not None
+        objects = MATERIALS[ref.spec].secret_objects(ref.profile)
+        if objects is None:
+            raise IncompatibleMaterial(f"{ref.spec.value} material cannot be wrapped")
+        kek = self._key(conn, ref.kek_id, ObjectClass.SECRET_KEY)
+        observer = self._observer
+        start = perf_counter() if observer is not None else 0.0
+        try:
+            try:
+                keys = unwrap_secrets(conn.session, kek, objects, ref.wrapped)
+            except _KEK_STALE:
+                # Looked up again; after a logout it is not found, and _call logs in again.
+                conn.handles.pop(bytes.fromhex(ref.kek_id), None)
+                kek = self._key(conn, ref.kek_id, ObjectClass.SECRET_KEY)
+                keys = unwrap_secrets(conn.session, kek, objects, ref.wrapped)
+        finally:
+            if observer is not None:
+                observer("unwrap", perf_counter() - start)
+        conn.unwrapped[ref.text] = keys
+        while len(conn.unwrapped) > self._config.unwrapped_cache:
+            _, evicted = conn.unwrapped.popitem(last=False)
+            _destroy_all(evicted)
+        return keys
 
     def _with_public(
         self, action: str, ref: KeyMaterialRef, fn: Callable[[Any], _T], *, decrypting: bool = False
@@ -977,10 +1133,10 @@ class Pkcs11Keystore:
                 conn = self._conn
                 # Fast path (GenerateMac's): one cached handle, no closure, no retry.
                 if conn is not None and conn.pid == _PID:
-                    key = conn.handles.get(ref.raw_ids[0])
-                    if key is not None:
+                    keys = _cached_keys(conn, ref)
+                    if keys is not None:
                         try:
-                            return bytes(key.sign(data, mechanism=material.mechanism))
+                            return bytes(keys[0].sign(data, mechanism=material.mechanism))
                         except (*RECONNECT_ERRORS, *STALE_HANDLE_ERRORS):
                             pass  # the slow path below evicts, reconnects and retries
                         except p11e.PKCS11Error as exc:
@@ -1204,7 +1360,10 @@ class Pkcs11Keystore:
         """Whether every object of ``ref`` is on the token (asks the token, not the cache)."""
 
         def work(conn: _Connection) -> bool:
-            found = all(list(conn.session.get_objects({Attribute.ID: raw})) for raw in ref.raw_ids)
+            found = all(
+                list(conn.session.get_objects({Attribute.ID: bytes.fromhex(i)}))
+                for i in ref.token_object_ids
+            )
             if not found:
                 _confirm_present(conn)
             return found
@@ -1338,6 +1497,25 @@ def _project_objects(session: Any) -> list[tuple[bytes, str, Any]]:
             if attempt == _ENUMERATION_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cached_keys(conn: _Connection, ref: KeyMaterialRef) -> list[Any] | None:
+    """The ref's key objects if this connection has them all at hand (cached handles, or the
+    unwrapped copy of wrapped material, marked as just used), else None."""
+    if ref.kek_id is not None:
+        keys = conn.unwrapped.get(ref.text)
+        if keys is not None:
+            conn.unwrapped.move_to_end(ref.text)
+        return keys
+    handles = conn.handles
+    found = [handles.get(raw) for raw in ref.raw_ids]
+    return None if None in found else found
+
+
+def _destroy_all(objects: Sequence[Any]) -> None:
+    for obj in objects:
+        with contextlib.suppress(p11e.PKCS11Error):
+            obj.destroy()
 
 
 def _confirm_present(conn: _Connection) -> None:

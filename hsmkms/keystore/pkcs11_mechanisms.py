@@ -45,6 +45,7 @@ from hsmkms.keystore.errors import (
     MaterialRejected,
     TokenRejected,
     UnsupportedByToken,
+    WrappedMaterialInvalid,
 )
 from hsmkms.keystore.imports import (
     CHECK_BLOCK,
@@ -79,10 +80,13 @@ __all__ = [
     "ProfileMechanisms",
     "RsaMaterial",
     "Unwrapper",
+    "generate_kek",
     "generate_secrets",
+    "generate_wrapped",
     "generate_wrapping_key",
     "oaep_decode",
     "probe_wrapping",
+    "unwrap_secrets",
 ]
 
 HARDENED: Final[Mapping[Any, Any]] = {
@@ -399,6 +403,86 @@ _MATERIAL_FAILURES: Final = (
     p11e.DomainParamsInvalid,
 )
 
+
+# -- wrapped key versions (HSMKMS_KEY_PLACEMENT=wrapped) --------------------------------------
+
+KEK_OBJECT: Final = SecretObject(
+    ObjectRole.ENCRYPT, KeyType.AES, 256, MechanismFlag.WRAP | MechanismFlag.UNWRAP
+)
+"""The key encryption key: an AES-256 token object that can only wrap and unwrap."""
+
+# The short-lived session object a wrapped key version is generated as. CKA_EXTRACTABLE must be
+# true for C_WrapKey; CKA_WRAP_WITH_TRUSTED true would confine it to a CKA_TRUSTED wrapping key,
+# but only the SO can set CKA_TRUSTED (SoftHSM 2.6.1, measured: CKR_ATTRIBUTE_READ_ONLY for the
+# user; the wrap of such a key under an untrusted KEK is CKR_KEY_NOT_WRAPPABLE), and an SO
+# session can only make public objects, which any session could use without the PIN. So:
+# sensitive (never readable in plaintext), extractable, and destroyed right after the wrap.
+_WRAPPABLE: Final[Mapping[Any, Any]] = {
+    **HARDENED,
+    Attribute.TOKEN: False,
+    Attribute.EXTRACTABLE: True,
+}
+# A wrapped key version unwrapped for use: a hardened session object (never extractable).
+_UNWRAPPED: Final[Mapping[Any, Any]] = {**HARDENED, Attribute.TOKEN: False}
+
+
+def generate_kek(session: Any, name: MaterialName, raw_id: bytes) -> Any:
+    """Generate the KEK token object (hardened: sensitive, never extractable, not modifiable;
+    wrap and unwrap only)."""
+    (kek,) = generate_secrets(session, (KEK_OBJECT,), name, [raw_id], store=True)
+    return kek
+
+
+def generate_wrapped(
+    session: Any, kek: Any, objects: Sequence[SecretObject], name: MaterialName
+) -> tuple[list[bytes], bool]:
+    """Generate ``objects`` inside the token as session objects, wrap each under ``kek``
+    (``CKM_AES_KEY_WRAP_PAD``, RFC 5649) and destroy them. Returns the wrapped bytes and
+    whether the token reported every generated object as ``CKA_LOCAL``."""
+    made: list[Any] = []
+    try:
+        for spec in objects:
+            made.append(
+                session.generate_key(
+                    spec.key_type, spec.bits, id=b"", label=name.label(spec.role), store=False,
+                    mechanism=spec.mechanism, capabilities=spec.capabilities,
+                    template=dict(_WRAPPABLE),
+                )
+            )  # fmt: skip
+        local = all(bool(obj[Attribute.LOCAL]) for obj in made)
+        wrapped = [bytes(kek.wrap_key(obj, mechanism=Mechanism.AES_KEY_WRAP_PAD)) for obj in made]
+    finally:
+        _destroy_all(made)
+    return wrapped, local
+
+
+def unwrap_secrets(
+    session: Any, kek: Any, objects: Sequence[SecretObject], wrapped: Sequence[bytes]
+) -> list[Any]:
+    """Unwrap ``wrapped`` under ``kek`` into hardened session objects shaped as ``objects``.
+    :class:`WrappedMaterialInvalid` when the token refuses a blob (RFC 5649's integrity check;
+    SoftHSM 2.6.1 answers CKR_GENERAL_ERROR, measured). On failure nothing is left behind."""
+    made: list[Any] = []
+    try:
+        for spec, blob in zip(objects, wrapped, strict=True):
+            try:
+                made.append(
+                    kek.unwrap_key(
+                        ObjectClass.SECRET_KEY, spec.key_type, blob, store=False,
+                        mechanism=Mechanism.AES_KEY_WRAP_PAD, capabilities=spec.capabilities,
+                        template=dict(_UNWRAPPED),
+                    )
+                )  # fmt: skip
+            except _UNWRAP_FAILURES:
+                raise WrappedMaterialInvalid(
+                    "wrapped key material does not unwrap under its KEK"
+                ) from None
+    except BaseException:
+        _destroy_all(made)
+        raise
+    return made
+
+
 IMPORT_PROFILE: Final = MechanismProfile.AES_256_GCM
 """Imported symmetric material is one AES key: the profile with one AES object. (The portable
 profile needs a second, independent MAC key; deriving one from imported material needs a KDF
@@ -648,6 +732,11 @@ class Material(abc.ABC):
         the token will not make temporary objects."""
         ...
 
+    def secret_objects(self, profile: MechanismProfile | None) -> tuple[SecretObject, ...] | None:
+        """The secret objects of the material (one per role), which can be kept wrapped; None
+        for material that is not secret keys only (key pairs stay token objects)."""
+        return None
+
     @abc.abstractmethod
     def unwrap(
         self,
@@ -715,6 +804,10 @@ class SymmetricMaterial(Material):
     def probe(self, session: Any, usage: MaterialUsage) -> bool:
         return any(impl.probe(session) for impl in PROFILE_MECHANISMS.values())
 
+    def secret_objects(self, profile: MechanismProfile | None) -> tuple[SecretObject, ...] | None:
+        assert profile is not None
+        return PROFILE_MECHANISMS[profile].objects
+
     def unwrap(
         self,
         session: Any,
@@ -778,6 +871,9 @@ class HmacMaterial(Material):
     ) -> Generated:
         objects = generate_secrets(session, (self._object,), name, ids, store=store)
         return Generated(objects, [None])
+
+    def secret_objects(self, profile: MechanismProfile | None) -> tuple[SecretObject, ...] | None:
+        return (self._object,)
 
     def mac(self, key: Any, data: bytes) -> bytes:
         """The HMAC of ``data`` under ``key``."""

@@ -243,7 +243,7 @@ class ReportContext:
             "rotationType": version.rotation_type,
             "profile": ref.profile.value if ref.profile is not None else None,
             "keyStore": ref.store,
-            "placement": Placement.TOKEN_OBJECT.value,
+            "placement": (Placement.WRAPPED if ref.is_wrapped else Placement.TOKEN_OBJECT).value,
             "materialSpec": ref.spec.value,
             "objects": objects,
             "custody": _custody_dict(custody),
@@ -263,6 +263,8 @@ class ReportContext:
                     "could not be read"
                 ),
             )
+        if ref.kek_id is not None:
+            return self._wrapped_custody(key, ref, keystore, ref.kek_id)
         try:
             for object_id, role in zip(ref.object_ids, ref.roles, strict=True):
                 readings.append(self._reading(keystore, object_id, role, public=False))
@@ -277,6 +279,27 @@ class ReportContext:
                 ),
             )
         return _objects(readings), judge(readings, origin=key.origin)
+
+    def _wrapped_custody(
+        self, key: KeyRecord, ref: KeyMaterialRef, keystore: Keystore, kek_id: str
+    ) -> tuple[list[dict[str, Any]], Custody]:
+        """Wrapped material: the KEK's attributes are the evidence (role ``kek``)."""
+        try:
+            reading = self._reading(keystore, kek_id, ObjectRole.ENCRYPT, public=False)
+            reading = dataclasses.replace(reading, role="kek")
+        except KeystoreError as exc:
+            return [], judge(
+                (),
+                origin=key.origin,
+                placement=Placement.WRAPPED,
+                unavailable=(
+                    f"the token of key store {ref.store!r} did not answer ({type(exc).__name__})"
+                ),
+            )
+        custody = judge(
+            [reading], origin=key.origin, placement=Placement.WRAPPED, wrapped_local=ref.local
+        )
+        return _objects([reading]), custody
 
     @staticmethod
     def _reading(

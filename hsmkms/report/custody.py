@@ -105,8 +105,9 @@ class Placement(enum.StrEnum):
     TOKEN_OBJECT = "TOKEN_OBJECT"  # noqa: S105 - a placement, not a secret
     """One or more objects on a PKCS#11 token (every version today)."""
     WRAPPED = "WRAPPED"
-    """Wrapped by a domain key on the token and stored outside it (a later step: more keys
-    than a token holds). The domain key's attributes are the evidence."""
+    """Generated in the token, wrapped there under the token's key encryption key (KEK) and
+    stored wrapped in the database (``HSMKMS_KEY_PLACEMENT=wrapped``). The KEK's attributes
+    are the evidence."""
     EXTERNAL = "EXTERNAL"
     """Held by an external key manager (XKS): no token attributes to read here."""
 
@@ -158,6 +159,7 @@ def judge(
     placement: Placement = Placement.TOKEN_OBJECT,
     expected_operations: frozenset[str] | None = None,
     unavailable: str | None = None,
+    wrapped_local: bool | None = None,
 ) -> Custody:
     """The custody verdict of one key version from the readings of its token objects.
 
@@ -166,7 +168,18 @@ def judge(
     ...). ``expected_operations``: the capabilities its usage needs (a note names any other
     wrapping capability). ``unavailable``: why the objects could not be read at all (a key
     store that is not connected).
+
+    With ``placement`` WRAPPED, ``objects`` is the reading of the KEK the material is wrapped
+    under and ``wrapped_local`` whether the token reported the generated material as
+    ``CKA_LOCAL``: a KEK that is itself generated in the token and never extractable gives
+    :attr:`Verdict.NOT_EXTRACTABLE` ("wrapped under KEK <id>, LOCAL=true (generated in the
+    HSM, stored wrapped)"): the material was extractable, wrapped, at its generation (only
+    the SO can make a KEK trusted: ``docs/keystore.md``). A worse KEK verdict is the version's.
     """
+    if placement is Placement.WRAPPED:
+        return _judge_wrapped(
+            objects, origin=origin, unavailable=unavailable, local=wrapped_local is not False
+        )
     if placement is Placement.EXTERNAL:
         return Custody(
             Verdict.UNVERIFIED,
@@ -269,4 +282,35 @@ def judge(
         _TEXT[Verdict.GENERATED_NEVER_EXTRACTABLE],
         (),
         tuple(notes),
+    )
+
+
+def _judge_wrapped(
+    objects: Sequence[ObjectReading], *, origin: str, unavailable: str | None, local: bool
+) -> Custody:
+    kek = judge(
+        objects, origin=origin, expected_operations=frozenset(_WRAPPING), unavailable=unavailable
+    )
+    kek_ids = [o.object_id for o in objects if o.object_class != "PUBLIC_KEY"]
+    kek_id = kek_ids[0] if kek_ids else "?"
+    if kek.verdict is not Verdict.GENERATED_NEVER_EXTRACTABLE:
+        return Custody(
+            kek.verdict,
+            kek.text,
+            tuple(f"the KEK {kek_id} the material is wrapped under: {r}" for r in kek.reasons),
+            kek.notes,
+        )
+    flag = "true" if local else "false"
+    origin_text = "generated in the HSM, stored wrapped" if local else "stored wrapped"
+    return Custody(
+        Verdict.NOT_EXTRACTABLE,
+        f"wrapped under KEK {kek_id}, LOCAL={flag} ({origin_text})",
+        (
+            "generated in the token as a session object (CKA_SENSITIVE true, CKA_EXTRACTABLE "
+            f"true), wrapped there under KEK {kek_id} (CKM_AES_KEY_WRAP_PAD) and destroyed: it "
+            "exists outside the token only wrapped, and can be used only through a token "
+            "holding the KEK (generated in the HSM, never extractable). CKA_WRAP_WITH_TRUSTED "
+            "could not confine it to the KEK: only the SO can set CKA_TRUSTED",
+        ),
+        kek.notes,
     )

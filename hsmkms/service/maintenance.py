@@ -45,6 +45,7 @@ class Inconsistencies:
 
     orphans: list[TokenObject]
     missing: list[tuple[str, int]]
+    """(A wrapped key version is missing when its KEK is.)"""
     orphan_stores: dict[str, str] = dataclasses.field(default_factory=dict)
     """The key store holding each orphan (by object id)."""
 
@@ -149,6 +150,8 @@ class Maintenance(ServiceCore):
     def purge_due(self) -> list[str]:
         """Destroy keys whose deletion date has passed: every token object of every version
         (``C_DestroyObject``), then their rows, aliases and tags. Returns the purged key ids.
+        A wrapped version has no token object (``destroy`` leaves the token alone): deleting
+        its row, the only copy of its wrapped material, destroys it.
 
         Crash-safe: the key is first marked Deleting (gone for callers), then its objects are
         destroyed (destroying an absent object is not an error), then its rows deleted; a purge
@@ -197,9 +200,11 @@ class Maintenance(ServiceCore):
         missing: list[tuple[str, int]] = []
         for version, state in self._store.all_versions():
             ref = KeyMaterialRef.from_str(version.material_ref)
-            referenced.setdefault(ref.store, set()).update(ref.object_ids)
+            # Wrapped material has no object of its own: it needs its KEK.
+            needed = ref.token_object_ids
+            referenced.setdefault(ref.store, set()).update(needed)
             in_store = present.get(ref.store, set())  # an unregistered store: all missing
-            if state != DELETING and not all(oid in in_store for oid in ref.object_ids):
+            if state != DELETING and not all(oid in in_store for oid in needed):
                 missing.append((version.key_id, version.version))
         # Service keys (audit seal, credentials) are not key versions and never orphans here.
         orphans = []
