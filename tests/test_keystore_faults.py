@@ -144,6 +144,31 @@ def test_a_token_that_went_away_fails_with_the_pkcs11_reason_and_comes_back(
     assert own.outage() is None
 
 
+def test_an_anchor_read_while_the_token_is_away_is_unavailable_not_missing(
+    own: Pkcs11Keystore, token_dir: Path
+) -> None:
+    """A cached anchor object whose token went away reports its handle invalid: that is the
+    token away (503), never a missing object (500) or no anchor at all (which would let the
+    credential store anchor whatever set the database holds)."""
+    new_key_version(own, KEY_ID)
+    own.write_anchor("identity:test", "1:a")
+    assert own.read_anchor("identity:test") == "1:a"  # the handle is cached now
+    away, home = _move_token_away(token_dir)
+    with pytest.raises(TokenUnavailable):
+        own.read_anchor("identity:test")
+    with pytest.raises(TokenUnavailable):
+        own.write_anchor("identity:test", "1:b")
+    shutil.move(str(away), str(home))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert own.read_anchor("identity:test") == "1:a"
+            break
+        except TokenUnavailable:
+            assert time.monotonic() < deadline, "no reconnect once the token came back"
+            time.sleep(0.05)
+
+
 class _GoneAfterGenerating(SymmetricMaterial):
     """A token whose directory goes away right after it wrote a new object and before it
     answered: the real generation, then the token moved away and its error."""

@@ -488,6 +488,12 @@ class Pkcs11Keystore:
                     # private objects are invisible rather than reported: log in again and
                     # look once more before saying the object is gone.
                     if attempt:
+                        if self._conn is not None and not _shows_token_objects(self._conn):
+                            # A token whose storage went away finds nothing rather than failing
+                            # (SoftHSM2's directory moved away); ours always holds service keys.
+                            self._drop_connection()
+                            detail = f"the token shows no objects while {action}"
+                            raise self._went_away(detail) from None
                         raise
                     self._drop_connection()
                 except p11e.PKCS11Error as exc:
@@ -1423,11 +1429,22 @@ class Pkcs11Keystore:
         a value another process wrote is seen), or None when there is none."""
 
         def work(conn: _Connection) -> str | None:
-            obj = self._anchor_object(conn, name)
-            if obj is None:
-                _confirm_present(conn)
-                return None
-            return str(obj[Attribute.LABEL])
+            for attempt in (0, 1):
+                obj = self._anchor_object(conn, name)
+                if obj is None:
+                    _confirm_present(conn)
+                    if not _shows_token_objects(conn):
+                        raise p11e.TokenNotPresent()  # its storage away: no answer from it
+                    return None
+                try:
+                    return str(obj[Attribute.LABEL])
+                except STALE_HANDLE_ERRORS:
+                    # The cached handle went stale (the token reopened, or went away): look
+                    # the object up again once; _call reconnects if the token is away.
+                    conn.anchor_objects.pop(name, None)
+                    if attempt:
+                        raise p11e.TokenNotPresent() from None
+            raise AssertionError("unreachable")  # pragma: no cover
 
         return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
 
@@ -1460,8 +1477,9 @@ class Pkcs11Keystore:
                     f"the token does not let anchor {name!r} change ({ckr_name(exc)})"
                 ) from exc
             except STALE_HANDLE_ERRORS:
+                # As in read_anchor: _call reconnects, and the next write looks it up again.
                 conn.anchor_objects.pop(name, None)
-                raise
+                raise p11e.TokenNotPresent() from None
 
         # SoftHSM2 rewrites the object's file: a backup copying the token waits, as for keys.
         with self._token_writes():
@@ -1538,6 +1556,17 @@ def _confirm_present(conn: _Connection) -> None:
             continue
         return
     raise p11e.TokenNotPresent()
+
+
+def _shows_token_objects(conn: _Connection) -> bool:
+    """Whether the token lists at least one token object (or cannot be asked: the caller's
+    error stands). A token serving hsmkms always holds its service keys, so none at all means
+    its storage is away, not that one key's material is missing."""
+    try:
+        with contextlib.closing(conn.session.get_objects({Attribute.TOKEN: True})) as found:
+            return next(found, None) is not None  # closing ends the search at once
+    except p11e.PKCS11Error:
+        return True
 
 
 def _anchor_app(name: str) -> str:
