@@ -67,6 +67,7 @@ from pydantic import BaseModel
 from hsmkms.api import protocol, sigv4
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
 from hsmkms.api.unauthenticated import UnauthenticatedRecords
+from hsmkms.api.xks import XKS_PATH, XksFrontDoor
 from hsmkms.audit import (
     AuditRecord,
     PreparedRecord,
@@ -82,6 +83,7 @@ from hsmkms.errors import (
     UnsupportedOperationException,
     caller_error_fields,
 )
+from hsmkms.identity.xks import XksCredentialStore
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
 from hsmkms.service.operations import ALL_OPERATIONS, REPLAYABLE_OPERATIONS
@@ -202,6 +204,14 @@ class Backend(Protocol):
     def check_audit(self) -> None:
         """Raise at once (503 naming the cause) while the audit trail cannot be written."""
 
+    @property
+    def keystore(self) -> Any:
+        """The default keystore (the XKS health check reads its token's description)."""
+
+    @property
+    def xks_credentials(self) -> XksCredentialStore:
+        """The XKS proxy credentials (the XKS front door's SigV4 lookup and routing)."""
+
     def warm_up(self) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
@@ -297,6 +307,7 @@ class KmsApp:
         self._summaries: asyncio.Task[None] | None = None
         self._summary_interval = unauthenticated_interval
         self._refuse_replays = refuse_replays
+        self._xks = XksFrontDoor(self)
         self._console: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
         if console:  # the read-only web console at /console/ (hsmkms serve --console)
             from hsmkms.api.console import ConsoleApp
@@ -459,6 +470,13 @@ class KmsApp:
 
             await self._console(scope, receive, sending)
             _access_line(logging.INFO, scope, request_id, answered[0], began, path=path)
+            return
+        xks = XKS_PATH.fullmatch(path) if path != "/" else None
+        if xks is not None:  # the XKS proxy API (hsmkms.api.xks)
+            began = time.perf_counter()
+            status = await self._xks.handle(scope, receive, send, request_id, xks)
+            if _ROOT.isEnabledFor(logging.INFO):
+                _access_line(logging.INFO, scope, request_id, status, began, path=path)
             return
         if path != "/" or method != "POST":
             began = time.perf_counter()

@@ -25,6 +25,7 @@ from hsmkms.api.sigv4 import Credential
 from hsmkms.audit import AuditRecord, PreparedRecord
 from hsmkms.config import Settings
 from hsmkms.errors import KMSError
+from hsmkms.identity.xks import XksCredentialStore
 from hsmkms.keystore.errors import TokenUnavailable
 from hsmkms.service import DueTaskReport
 from hsmkms.system import System
@@ -112,6 +113,11 @@ class Runtime:
         """The SigV4 lookup: the credentials store's answer."""
         return self._lookup(access_key_id)
 
+    @property
+    def xks_credentials(self) -> XksCredentialStore:
+        """The XKS proxy credentials store (opened on first use)."""
+        return self.system.xks_credentials
+
     def first_use(self, signature: str) -> bool:
         """The replay check of a request that changes state (``replay.db`` in the data
         directory, shared by the node's workers); always a first use where replays are not
@@ -139,6 +145,7 @@ class Runtime:
         """Initialize PKCS#11 and log in now rather than on the first request, and start the
         background token self-test the health check reports."""
         self.keystore.info()
+        _ = self.system.xks_credentials  # its tables migrated before the first request
         if self._monitor is None:
             self._monitor = threading.Thread(
                 target=self._self_tests, name="hsmkms-health", daemon=True

@@ -317,6 +317,18 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "UserName": _str,
     "AccessKeyId": _str,
     "PolicyDocument": _str,
+    # the XKS proxy API (``hsmkms xks credentials``; a call's requestMetadata, flattened, and
+    # what names its key: never plaintext, ciphertext, IV, tag or AAD)
+    "Prefix": _str,
+    "ExternalKeyId": _str,
+    "KmsRequestId": _str,
+    "KmsOperation": _str,
+    "AwsPrincipalArn": _str,
+    "KmsKeyArn": _str,
+    "KmsViaService": _str,
+    "AwsSourceVpc": _str,
+    "AwsSourceVpce": _str,
+    "CiphertextDataIntegrityValueAlgorithm": _str,
 }
 """Request members that may be copied into ``requestParameters``, with their shapes.
 
@@ -364,6 +376,8 @@ RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
     "PendingWindowInDays": _int,
     "GrantId": _str,
     "KeyMaterialId": _str,
+    "AccessKeyId": _str,  # an XKS proxy credential created (never its secret)
+    "UriPath": _str,
 }
 """Response members that may be copied into ``responseElements`` (non-read-only operations).
 ``GrantToken`` is absent on purpose: it is a bearer token."""

@@ -26,6 +26,7 @@ from hsmkms.cli import (
     report,
     seed,
     serve,
+    xks,
 )
 from hsmkms.cli.errors import (
     EXIT_FAILURE,
@@ -43,7 +44,7 @@ from hsmkms.system.datadir import NoDataDirectory
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
-COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report, seed, backup)
+COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report, seed, backup, xks)
 
 
 def build_parser() -> argparse.ArgumentParser:

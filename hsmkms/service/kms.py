@@ -25,6 +25,7 @@ from hsmkms.service.maintenance import Maintenance
 from hsmkms.service.multi_region import MultiRegionOperations
 from hsmkms.service.policies import PolicyOperations
 from hsmkms.service.rotation import RotationOperations
+from hsmkms.service.xks import XksOperations
 
 
 class KmsService(
@@ -40,6 +41,7 @@ class KmsService(
     RotationOperations,
     PolicyOperations,
     GrantOperations,
+    XksOperations,
     Maintenance,
 ):
     """The KMS facade. Thread-safe (the keystore serializes token calls; the store pools

@@ -33,6 +33,7 @@ from hsmkms.system.operator import (
     LOCAL_SOURCE,
     OperatorCredentials,
     OperatorService,
+    OperatorXksCredentials,
     local_operator_identity,
 )
 from hsmkms.system.root import (
@@ -56,6 +57,7 @@ __all__ = [
     "NoDataDirectory",
     "OperatorCredentials",
     "OperatorService",
+    "OperatorXksCredentials",
     "System",
     "check_data_directory",
     "data_directory_exists",

@@ -36,6 +36,7 @@ from hsmkms.audit import UserIdentity, prepare_api_call
 from hsmkms.ciphertext import CiphertextBlob
 from hsmkms.errors import KMSError, caller_error_fields
 from hsmkms.identity import CredentialInfo, IssuedCredential
+from hsmkms.identity.xks import IssuedXksCredential, XksCredentialInfo
 from hsmkms.models.crypto import (
     DecryptRequest,
     DecryptResponse,
@@ -55,6 +56,7 @@ __all__ = [
     "LOCAL_SOURCE",
     "OperatorCredentials",
     "OperatorService",
+    "OperatorXksCredentials",
     "keys_used",
     "local_operator_identity",
 ]
@@ -66,6 +68,10 @@ principal made the call, and the record says so rather than borrow ``Root``)."""
 LOCAL_SOURCE = "hsmkms-cli"
 """``sourceIPAddress`` of a local operator's call: no network address was involved, so it
 names the origin, as CloudTrail names a service (``kms.amazonaws.com``) there."""
+
+XKS_EVENT_SOURCE = "kms-xks-proxy.hsmkms"
+"""``eventSource`` of the records of XKS proxy credential changes and XKS proxy API calls (no
+AWS service makes them: hsmkms is the external key manager there)."""
 
 IAM_EVENT_SOURCE = "iam.amazonaws.com"
 """``eventSource`` of the records of credential changes (hsmkms's credentials are its IAM)."""
@@ -355,4 +361,80 @@ class OperatorCredentials:
             raise
         request.update({"UserName": info.name, "AccessKeyId": info.access_key_id})
         self._record(event, request, None, None)
+        return info
+
+
+class OperatorXksCredentials:
+    """The XKS proxy credentials as the local operator changes them (``hsmkms xks
+    credentials``), every change — successful or failed — recorded in the audit trail before
+    its result is used (no record, no result), as :class:`OperatorCredentials` does.
+
+    Records (``eventSource`` :data:`XKS_EVENT_SOURCE`, ``userIdentity`` ``LocalOperator``):
+    ``CreateXksCredential`` (``prefix``; the response's access key id and URI path, never the
+    secret) and ``DeleteXksCredential`` (``accessKeyId``, ``prefix``)."""
+
+    def __init__(self, system: System, *, command: str) -> None:
+        self._system = system
+        self._store = system.xks_credentials
+        self._identity = local_operator_identity(system.settings.account_id)
+        self._user_agent = f"hsmkms-cli/{__version__} ({command})"
+
+    def __repr__(self) -> str:
+        return f"OperatorXksCredentials(user_agent={self._user_agent!r})"
+
+    def _record(
+        self,
+        event: str,
+        request: dict[str, Any],
+        response: dict[str, Any] | None,
+        failure: Exception | None,
+    ) -> None:
+        error_code = error_message = None
+        if failure is not None:
+            error_code, error_message = caller_error_fields(failure)
+        settings = self._system.settings
+        self._system.audit(
+            prepare_api_call(
+                event,
+                read_only=False,
+                identity=self._identity,
+                account_id=settings.account_id,
+                region=settings.region,
+                request_id=str(uuid.uuid4()),
+                request=request,
+                response=response,
+                source_ip=LOCAL_SOURCE,
+                user_agent=self._user_agent,
+                error_code=error_code,
+                error_message=error_message,
+                event_source=XKS_EVENT_SOURCE,
+            )
+        )
+
+    def create(self, prefix: str) -> IssuedXksCredential:
+        """:meth:`XksCredentialStore.create`, recorded as ``CreateXksCredential``."""
+        request: dict[str, Any] = {"Prefix": prefix}
+        try:
+            issued = self._store.create(prefix)
+        except Exception as exc:
+            self._record("CreateXksCredential", request, None, exc)
+            raise
+        response = {"AccessKeyId": issued.access_key_id, "UriPath": issued.uri_path}
+        self._record("CreateXksCredential", request, response, None)
+        return issued
+
+    def list(self, prefix: str | None = None) -> list[XksCredentialInfo]:
+        """:meth:`XksCredentialStore.list` (a read: not recorded)."""
+        return self._store.list(prefix)
+
+    def delete(self, access_key_id: str) -> XksCredentialInfo:
+        """:meth:`XksCredentialStore.delete`, recorded as ``DeleteXksCredential``."""
+        request: dict[str, Any] = {"AccessKeyId": access_key_id}
+        try:
+            info = self._store.delete(access_key_id)
+        except Exception as exc:
+            self._record("DeleteXksCredential", request, None, exc)
+            raise
+        request["Prefix"] = info.prefix
+        self._record("DeleteXksCredential", request, None, None)
         return info

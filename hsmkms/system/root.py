@@ -36,6 +36,7 @@ from hsmkms.config import ConfigError, Settings, keystore_config
 from hsmkms.db import Database, database_exists, database_location
 from hsmkms.errors import ClientError, KMSError, KMSInternalException
 from hsmkms.identity import CredentialStore, root_account
+from hsmkms.identity.xks import XksCredentialStore
 from hsmkms.keystore.base import CallObserver, Keystore
 from hsmkms.service import EventSink, KmsService, ServiceEvent
 from hsmkms.service.last_usage import KeyUsageHistory, KeyUse
@@ -192,6 +193,8 @@ class System:
         self.store = store
         self._database: Database | None = None
         self._credentials: CredentialStore | None = None
+        self._xks_credentials: XksCredentialStore | None = None
+        self._xks_lock = threading.Lock()
         self.trail: AuditTrail | None = None  # with audit="writer"
         self.writer: AuditWriter | None = None
         self._audit_mode = audit
@@ -288,6 +291,16 @@ class System:
             raise KMSInternalException("This hsmkms process was opened without the identities.")
         return self._credentials
 
+    @property
+    def xks_credentials(self) -> XksCredentialStore:
+        """The XKS proxy credentials store, opened (and its tables migrated) on first use."""
+        with self._xks_lock:
+            if self._xks_credentials is None:
+                if self._database is None:
+                    raise KMSInternalException("This hsmkms process has no database.")
+                self._xks_credentials = XksCredentialStore(self._database, self.keystore)
+            return self._xks_credentials
+
     # -- audit --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -359,6 +372,8 @@ class System:
             try:
                 if self._credentials is not None:
                     self._credentials.close()
+                if self._xks_credentials is not None:
+                    self._xks_credentials.close()
                 self.store.close()
                 if self._database is not None:
                     self._database.close()

@@ -1,0 +1,142 @@
+"""``hsmkms xks credentials create|list|delete``: the SigV4 credentials of the XKS proxy API
+(hsmkms as an external key manager for AWS KMS; ``docs/key-stores.md``).
+
+Each credential belongs to a URI path prefix: the proxy answers at ``/<prefix>/kms/xks/v1``
+for the prefixes that hold a credential. A prefix holds at most two credentials, so that they
+can be rotated: create the second, give it to KMS (UpdateCustomKeyStore), delete the first.
+Secrets are sealed by a key in the token and printed once, at creation. Every change is
+recorded in the audit trail (:class:`hsmkms.system.OperatorXksCredentials`) before it is
+reported. Changes take effect at once in a running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+
+from hsmkms.cli.errors import UsageError
+from hsmkms.config import Settings
+from hsmkms.identity.xks import PREFIX
+from hsmkms.system import OperatorXksCredentials, System, require_data_directory
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from hsmkms.cli.main import add_data_dir
+
+    parser = sub.add_parser(
+        "xks",
+        help="hsmkms as an XKS proxy: the credentials AWS KMS signs its requests with",
+        description="hsmkms answers the XKS proxy API (AWS KMS external key stores) at "
+        "/<prefix>/kms/xks/v1 for each prefix that holds a credential.",
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    credentials = groups.add_parser(
+        "credentials",
+        help="create, list and delete XKS proxy credentials",
+        description="Manage the SigV4 credentials (service kms-xks-proxy) of the XKS proxy "
+        "API. Secrets are stored sealed by a key in the token and shown only once.",
+    )
+    actions = credentials.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    create = actions.add_parser(
+        "create",
+        help="add a credential for a URI path prefix",
+        description="Add a credential for PREFIX and print its access key id, secret (once) "
+        "and URI path /<prefix>/kms/xks/v1. A prefix holds at most two credentials (rotation).",
+    )
+    add_data_dir(create)
+    create.add_argument(
+        "--prefix", required=True, help="URI path prefix (1-128 of A-Za-z0-9/_-, no empty segment)"
+    )
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    create.set_defaults(run=run_create)
+
+    listing = actions.add_parser("list", help="list XKS proxy credentials (never secrets)")
+    add_data_dir(listing)
+    listing.add_argument("--prefix", default=None, help="only those of this prefix")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(run=run_list)
+
+    remove = actions.add_parser(
+        "delete", help="delete an XKS proxy credential; it stops working at once"
+    )
+    add_data_dir(remove)
+    remove.add_argument("access_key_id", metavar="ACCESS_KEY_ID")
+    remove.add_argument("--json", action="store_true", help="print one JSON object")
+    remove.set_defaults(run=run_delete)
+
+
+@contextlib.contextmanager
+def _changes(args: argparse.Namespace, command: str) -> Iterator[OperatorXksCredentials]:
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit="direct", prepare=False) as system:
+        yield OperatorXksCredentials(system, command=f"xks credentials {command}")
+
+
+def _check_prefix(prefix: str) -> None:
+    if not PREFIX.fullmatch(prefix):
+        raise UsageError(
+            f"--prefix {prefix[:140]!r}: a prefix is 1-128 characters of letters, digits and "
+            "/_- without a leading, trailing or double slash"
+        )
+
+
+def run_create(args: argparse.Namespace) -> int:
+    _check_prefix(args.prefix)
+    with _changes(args, "create") as store:
+        issued = store.create(args.prefix)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "AccessKeyId": issued.access_key_id,
+                    "SecretAccessKey": issued.secret_access_key,
+                    "UriPath": issued.uri_path,
+                }
+            )
+        )
+        return 0
+    print(f"UriPath:         {issued.uri_path}")
+    print(f"AccessKeyId:     {issued.access_key_id}")
+    print(f"SecretAccessKey: {issued.secret_access_key}")
+    print("The secret is shown only now; store it safely.")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    if args.prefix is not None:
+        _check_prefix(args.prefix)
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit=None, prepare=False) as system:
+        entries = system.xks_credentials.list(args.prefix)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "AccessKeyId": e.access_key_id,
+                        "UriPath": e.uri_path,
+                        "CreatedAt": e.created_at,
+                    }
+                    for e in entries
+                ]
+            )
+        )
+        return 0
+    for e in entries:
+        print(f"{e.access_key_id:<30} {e.created_at:<34} {e.uri_path}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    with _changes(args, "delete") as store:
+        removed = store.delete(args.access_key_id)
+    if args.json:
+        print(json.dumps({"Deleted": removed.access_key_id, "UriPath": removed.uri_path}))
+    else:
+        print(f"deleted {removed.access_key_id} ({removed.uri_path})")
+    return 0
