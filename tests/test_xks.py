@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from server import Response, RunningServer, running_server
 
 from hsmkms.api.sigv4 import Credential, SignedRequest, sign
@@ -268,6 +271,34 @@ def test_round_trip_with_4300_bytes_and_8192_bytes_of_aad(xks: Xks, key_id: str)
     assert (
         base64.b64decode(xks.decrypt(key_id, without.json(), None).json()["plaintext"]) == b"short"
     )
+
+
+def test_a_request_signed_as_aws_kms_signs_it_is_served(
+    server: RunningServer, xks: Xks, key_id: str
+) -> None:
+    """Signed by botocore's own SigV4 signer (not hsmkms's), with only ``host`` and
+    ``x-amz-date`` signed as AWS KMS does, and the content type added after signing."""
+    route = f"{PATH}/keys/{key_id}/encrypt"
+    body = json.dumps(
+        {
+            "requestMetadata": _metadata("Encrypt", f"arn:aws:kms:us-east-1:1:key/{key_id}"),
+            "plaintext": _b64(b"signed by botocore"),
+            "encryptionAlgorithm": "AES_GCM",
+        }
+    ).encode()
+    request = AWSRequest(
+        "POST", f"http://{server.host}{route}", data=body, headers={"Host": server.host}
+    )
+    credentials = Credentials(xks.credential.access_key_id, xks.credential.secret)
+    SigV4Auth(credentials, "kms-xks-proxy", server.region).add_auth(request)
+    assert "SignedHeaders=host;x-amz-date," in request.headers["Authorization"]
+    headers = {**dict(request.headers), "Content-Type": "application/json"}
+    resp = server.raw("POST", route, body, headers)
+    assert resp.status == 200, resp.body
+    opened = xks.decrypt(key_id, resp.json(), None)
+    assert base64.b64decode(opened.json()["plaintext"]) == b"signed by botocore"
+    SigV4Auth(credentials, "kms", server.region).add_auth(request)  # the KMS API's service
+    assert server.raw("POST", route, body, dict(request.headers)).status == 401
 
 
 def test_tampering_is_invalid_ciphertext(xks: Xks, key_id: str) -> None:
