@@ -266,6 +266,9 @@ def test_round_trip_with_4300_bytes_and_8192_bytes_of_aad(xks: Xks, key_id: str)
     opened = xks.decrypt(key_id, sealed, AAD)
     assert opened.status == 200, opened.body
     assert base64.b64decode(opened.json()["plaintext"]) == PLAINTEXT
+    metrics = xks.server.raw("GET", "/metrics").body.decode()
+    assert 'hsmkms_requests_total{code="OK",operation="xks:Encrypt"}' in metrics
+    assert 'hsmkms_request_duration_seconds_count{operation="xks:Decrypt"}' in metrics
     without = xks.encrypt(key_id, b"short", None)
     assert "ciphertextDataIntegrityValue" not in without.json()
     assert (
@@ -483,3 +486,141 @@ def test_the_data_directory_holds_no_secret_in_the_clear(
     for path in Path(server.data_dir).rglob("*"):
         if path.is_file() and "softhsm" not in str(path).lower():
             assert secret not in path.read_bytes(), path
+
+
+# -- secondary authorization -------------------------------------------------------------------
+
+APP_ROLE = "arn:aws:iam::111122223333:role/app"
+
+
+def test_a_prefix_policy_decides_each_request_by_its_request_metadata(
+    server: RunningServer, key_id: str, tmp_path: Path
+) -> None:
+    """``hsmkms xks policy put``: a key policy's form decided against requestMetadata
+    (kms:<kmsOperation> by awsPrincipalArn on kmsKeyArn, conditions on kms:ViaService...);
+    refused requests are 403 AccessDeniedException and audited; health is exempt; delete
+    serves everything again; the changes are audited."""
+    prefix = "guarded"
+    path = f"/{prefix}/kms/xks/v1"
+    made = json.loads(
+        server.cli("xks", "credentials", "create", "--prefix", prefix, "--json").stdout
+    )
+    client = Xks(server, Credential(made["AccessKeyId"], made["SecretAccessKey"], "x"))
+    key_arn = f"arn:aws:kms:us-east-1:111122223333:key/{key_id}"
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "AppThroughEbs",
+                "Effect": "Allow",
+                "Principal": {"AWS": APP_ROLE},
+                "Action": ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey*"],
+                "Resource": key_arn,
+                "Condition": {"StringEquals": {"kms:ViaService": "ec2.us-east-1.amazonaws.com"}},
+            },
+            {
+                "Sid": "AccountDescribes",
+                "Effect": "Allow",
+                "Principal": {"AWS": "111122223333"},
+                "Action": ["kms:DescribeKey", "kms:CreateKey"],
+                "Resource": "*",
+            },
+        ],
+    }
+    policy_file = tmp_path / "xks-policy.json"
+    policy_file.write_text(json.dumps(policy))
+    put = server.cli("xks", "policy", "put", "--prefix", prefix, "--policy-file", str(policy_file))
+    assert put.returncode == 0, put.stderr
+    shown = server.cli("xks", "policy", "get", "--prefix", prefix)
+    assert json.loads(shown.stdout) == policy
+    as_json = json.loads(server.cli("xks", "policy", "get", "--prefix", prefix, "--json").stdout)
+    assert as_json["UriPath"] == path
+    assert json.loads(as_json["Policy"]) == policy
+
+    def encrypt(principal: str, operation: str, via: str | None, arn: str = key_arn) -> Response:
+        metadata = {"awsPrincipalArn": principal, "kmsOperation": operation,
+                    "kmsRequestId": str(uuid.uuid4()), "kmsKeyArn": arn}  # fmt: skip
+        if via is not None:
+            metadata["kmsViaService"] = via
+        body = {
+            "requestMetadata": metadata,
+            "plaintext": _b64(b"x"),
+            "encryptionAlgorithm": "AES_GCM",
+        }
+        return client.post(f"/keys/{key_id}/encrypt", body, path=path)
+
+    ebs = "ec2.us-east-1.amazonaws.com"
+    assert encrypt(APP_ROLE, "GenerateDataKeyWithoutPlaintext", ebs).status == 200
+    assert encrypt(APP_ROLE, "Encrypt", ebs).status == 200
+    _error(encrypt(APP_ROLE, "Encrypt", None), 403, "AccessDeniedException")  # no ViaService
+    _error(
+        encrypt(APP_ROLE, "Encrypt", "rds.us-east-1.amazonaws.com"), 403, "AccessDeniedException"
+    )
+    _error(encrypt("arn:aws:iam::111122223333:role/other", "Encrypt", ebs), 403,
+           "AccessDeniedException")  # fmt: skip
+    _error(encrypt(APP_ROLE, "ReEncrypt", ebs), 403, "AccessDeniedException")
+    _error(encrypt(APP_ROLE, "Encrypt", ebs, arn=key_arn + "0"), 403, "AccessDeniedException")
+    ops = "arn:aws:iam::111122223333:user/ops"
+    describe = {
+        "requestMetadata": {
+            "awsPrincipalArn": ops,
+            "kmsOperation": "DescribeKey",
+            "kmsRequestId": "d",
+        }
+    }
+    assert client.post(f"/keys/{key_id}/metadata", describe, path=path).status == 200
+    other_account = "arn:aws:iam::999999999999:root"
+    stranger = {
+        "requestMetadata": {**describe["requestMetadata"], "awsPrincipalArn": other_account}
+    }
+    _error(client.post(f"/keys/{key_id}/metadata", stranger, path=path), 403,
+           "AccessDeniedException")  # fmt: skip
+    health = {"requestMetadata": {"kmsRequestId": "h-1", "kmsOperation": "KmsHealthCheck"}}
+    assert client.post("/health", health, path=path).status == 200  # exempt
+
+    gone = server.cli("xks", "policy", "delete", "--prefix", prefix)
+    assert gone.returncode == 0, gone.stderr
+    assert encrypt("arn:aws:iam::111122223333:role/other", "Encrypt", None).status == 200
+    again = server.cli("xks", "policy", "delete", "--prefix", prefix)
+    assert again.returncode == 1
+    assert again.stderr.count("\n") == 1
+    assert server.cli("xks", "policy", "get", "--prefix", prefix).returncode == 1
+
+    records = [r for r in _audit(server) if r["eventSource"] == "kms-xks-proxy.hsmkms"]
+    assert [r["eventName"] for r in records if r["eventName"].endswith("XksPolicy")][-3:] == [
+        "PutXksPolicy",
+        "DeleteXksPolicy",
+        "DeleteXksPolicy",
+    ]
+    denied = [r for r in records if r.get("errorCode") == "AccessDeniedException"]
+    assert len(denied) >= 6
+    assert all(r["userIdentity"]["accessKeyId"] == made["AccessKeyId"] for r in denied)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{", "not valid JSON"),
+        ('{"Statement": []}', "non-empty list"),
+        (
+            '{"Statement": [{"Effect": "Allow", "Action": "kms:Encrypt", "Resource": "*"}]}',
+            "has no Principal",
+        ),
+    ],
+)
+def test_a_bad_policy_file_is_a_one_line_usage_error(
+    server: RunningServer, tmp_path: Path, content: str, problem: str
+) -> None:
+    policy_file = tmp_path / "bad.json"
+    policy_file.write_text(content)
+    proc = server.cli(
+        "xks", "policy", "put", "--prefix", "guarded", "--policy-file", str(policy_file)
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "bad.json" in proc.stderr
+    assert problem in proc.stderr
+    missing = server.cli("xks", "policy", "put", "--prefix", "guarded", "--policy-file",
+                         str(tmp_path / "absent.json"))  # fmt: skip
+    assert missing.returncode == 2
+    assert "cannot read policy file" in missing.stderr

@@ -14,7 +14,9 @@ are SigV4-signed for the service ``kms-xks-proxy`` and the server's region, veri
 same :func:`hsmkms.api.sigv4.verify` as the KMS API with the XKS rule (``host`` and
 ``x-amz-date`` signed, whatever else the request's SignedHeaders name is honoured), by a
 credential of the path's prefix; anything else is 401 ``AuthenticationFailedException``.
-The external key id is an hsmkms key id; the operations are
+When the prefix has a secondary authorization policy (``hsmkms xks policy put``), a request
+it does not allow is 403 ``AccessDeniedException`` (health is exempt). The external key id is
+an hsmkms key id; the operations are
 :class:`hsmkms.service.xks.XksOperations`.
 
 Answers are compact one-line JSON; errors ``{"errorName": ..., "errorMessage": ...}`` with
@@ -22,7 +24,8 @@ the spec's HTTP status (:func:`xks_error`). Every authenticated call is recorded
 trail (``eventSource`` ``kms-xks-proxy.hsmkms``; the XKS access key id as the identity;
 ``requestMetadata`` flattened into ``requestParameters``; never plaintext, ciphertext or AAD)
 before its answer leaves, as for the KMS API. A request that did not authenticate is recorded
-within its source's budget, as there.
+within its source's budget, as there. Answered calls are counted in ``/metrics`` like the KMS
+API's, with the operation label ``xks:<operation>`` (``xks:Encrypt``, ``xks:GetHealthStatus``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import structlog
 
 from hsmkms import __version__
 from hsmkms.api import sigv4
+from hsmkms.api.metrics import observe_request
 from hsmkms.audit import PreparedRecord, UserIdentity, prepare_api_call
 from hsmkms.errors import (
     AccessDeniedException,
@@ -242,6 +246,7 @@ class XksFrontDoor:
             ).encode()
             await app._respond(send, 405, body, request_id, [*_JSON, (b"allow", b"POST")])
             return 405
+        began = time.perf_counter()
         operation = "GetHealthStatus" if route is None else _OPERATIONS[route.group("op")]
         key_id = None if route is None else route.group("key")
         caller: Caller | None = None
@@ -266,6 +271,8 @@ class XksFrontDoor:
                 raise ValidationException("The request body must be a JSON object.")
             metadata = _metadata(request, operation)
             params.update({k[0].upper() + k[1:]: v for k, v in metadata.items()})
+            if operation != "GetHealthStatus":  # spec: health is exempt
+                runtime.xks_credentials.authorize(prefix, operation, metadata)
             answer, version = self._run(operation, key_id, request, caller, params)
             if version is not None:
                 extra = {"keyVersion": version}
@@ -287,6 +294,7 @@ class XksFrontDoor:
             log.error("audit_failed", operation=operation, request_id=request_id,
                       error=type(exc).__name__)  # fmt: skip
             failure = exc
+        observe_request(f"xks:{operation}", _code(failure), time.perf_counter() - began)
         if failure is not None:
             return await self._answer(send, request_id, failure)
         payload = json.dumps(answer, separators=(",", ":")).encode()

@@ -28,7 +28,7 @@ import codecs
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
@@ -158,9 +158,10 @@ def add_policy_file(
     parser.add_argument("--policy-file", metavar="FILE", default=None, help=help_text)
 
 
-def read_policy_file(path: str) -> str:
-    """The identity policy in ``path`` (``-``: stdin), exactly as written (less a UTF-8 byte
-    order mark), checked with the same grammar and size limit as the store applies.
+def read_policy_file(path: str, parse: Callable[[str], object] = parse_identity_policy) -> str:
+    """The identity policy (or with ``parse``, another kind) in ``path`` (``-``: stdin),
+    exactly as written (less a UTF-8 byte order mark), checked with the same grammar and size
+    limit as the store applies.
 
     Raises PolicyFileError naming the file and what is wrong with it.
     """
@@ -185,7 +186,7 @@ def read_policy_file(path: str) -> str:
     except UnicodeDecodeError as exc:
         raise PolicyFileError(f"policy file {shown} is not UTF-8 text (byte {exc.start})") from None
     try:
-        parse_identity_policy(policy)
+        parse(policy)
     except (MalformedPolicyDocumentException, LimitExceededException) as exc:
         raise PolicyFileError(f"policy file {shown}: {exc.message}") from None
     return policy

@@ -1,5 +1,6 @@
 """``hsmkms xks credentials create|list|delete``: the SigV4 credentials of the XKS proxy API
-(hsmkms as an external key manager for AWS KMS; ``docs/key-stores.md``).
+(hsmkms as an external key manager for AWS KMS; ``docs/key-stores.md``); ``hsmkms xks policy
+put|get|delete``: a prefix's optional secondary authorization policy.
 
 Each credential belongs to a URI path prefix: the proxy answers at ``/<prefix>/kms/xks/v1``
 for the prefixes that hold a credential. A prefix holds at most two credentials, so that they
@@ -16,9 +17,12 @@ import contextlib
 import json
 from collections.abc import Iterator
 
+from hsmkms.cli.credentials import PolicyFileError, read_policy_file
 from hsmkms.cli.errors import UsageError
 from hsmkms.config import Settings
-from hsmkms.identity.xks import PREFIX
+from hsmkms.errors import NotFoundException
+from hsmkms.identity.xks import PREFIX, uri_path
+from hsmkms.policy.document import parse_policy
 from hsmkms.system import OperatorXksCredentials, System, require_data_directory
 
 
@@ -67,13 +71,44 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     remove.add_argument("--json", action="store_true", help="print one JSON object")
     remove.set_defaults(run=run_delete)
 
+    policy = groups.add_parser(
+        "policy",
+        help="set, show and delete a prefix's secondary authorization policy",
+        description="An optional policy per prefix, in a key policy's form, decided against "
+        "each request's requestMetadata: kms:<kmsOperation> by awsPrincipalArn on kmsKeyArn "
+        "(docs/key-stores.md). Without one, every authenticated request is served.",
+    )
+    policy_actions = policy.add_subparsers(dest="action", required=True, metavar="ACTION")
+    put = policy_actions.add_parser(
+        "put", help="set the policy of a prefix (replacing any); takes effect at once"
+    )
+    add_data_dir(put)
+    put.add_argument("--prefix", required=True, help="URI path prefix")
+    put.add_argument(
+        "--policy-file", required=True, metavar="FILE", help="the policy (JSON; - for stdin)"
+    )
+    put.add_argument("--json", action="store_true", help="print one JSON object")
+    put.set_defaults(run=run_policy_put)
+    get = policy_actions.add_parser("get", help="print the policy of a prefix")
+    add_data_dir(get)
+    get.add_argument("--prefix", required=True, help="URI path prefix")
+    get.add_argument("--json", action="store_true", help="print one JSON object")
+    get.set_defaults(run=run_policy_get)
+    drop = policy_actions.add_parser(
+        "delete", help="remove the policy of a prefix: every authenticated request is served"
+    )
+    add_data_dir(drop)
+    drop.add_argument("--prefix", required=True, help="URI path prefix")
+    drop.add_argument("--json", action="store_true", help="print one JSON object")
+    drop.set_defaults(run=run_policy_delete)
+
 
 @contextlib.contextmanager
 def _changes(args: argparse.Namespace, command: str) -> Iterator[OperatorXksCredentials]:
     settings = Settings.load(args.data_dir)
     require_data_directory(settings)
     with System.open(settings, audit="direct", prepare=False) as system:
-        yield OperatorXksCredentials(system, command=f"xks credentials {command}")
+        yield OperatorXksCredentials(system, command=f"xks {command}")
 
 
 def _check_prefix(prefix: str) -> None:
@@ -86,7 +121,7 @@ def _check_prefix(prefix: str) -> None:
 
 def run_create(args: argparse.Namespace) -> int:
     _check_prefix(args.prefix)
-    with _changes(args, "create") as store:
+    with _changes(args, "credentials create") as store:
         issued = store.create(args.prefix)
     if args.json:
         print(
@@ -133,10 +168,53 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    with _changes(args, "delete") as store:
+    with _changes(args, "credentials delete") as store:
         removed = store.delete(args.access_key_id)
     if args.json:
         print(json.dumps({"Deleted": removed.access_key_id, "UriPath": removed.uri_path}))
     else:
         print(f"deleted {removed.access_key_id} ({removed.uri_path})")
+    return 0
+
+
+def run_policy_put(args: argparse.Namespace) -> int:
+    _check_prefix(args.prefix)
+    try:
+        text = read_policy_file(args.policy_file, parse=parse_policy)
+    except PolicyFileError as exc:
+        raise UsageError(str(exc)) from None
+    with _changes(args, "policy put") as store:
+        store.put_policy(args.prefix, text)
+    if args.json:
+        print(json.dumps({"UriPath": uri_path(args.prefix), "PolicySet": True}))
+    else:
+        print(f"policy set for {uri_path(args.prefix)}")
+    return 0
+
+
+def run_policy_get(args: argparse.Namespace) -> int:
+    _check_prefix(args.prefix)
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit=None, prepare=False) as system:
+        text = system.xks_credentials.policy(args.prefix)
+    if text is None:
+        raise NotFoundException(f"no policy for {uri_path(args.prefix)}")
+    if args.json:
+        print(json.dumps({"UriPath": uri_path(args.prefix), "Policy": text}))
+    else:
+        print(text)
+    return 0
+
+
+def run_policy_delete(args: argparse.Namespace) -> int:
+    _check_prefix(args.prefix)
+    with _changes(args, "policy delete") as store:
+        removed = store.delete_policy(args.prefix)
+    if not removed:
+        raise NotFoundException(f"no policy for {uri_path(args.prefix)}")
+    if args.json:
+        print(json.dumps({"UriPath": uri_path(args.prefix), "PolicyDeleted": True}))
+    else:
+        print(f"policy removed from {uri_path(args.prefix)}")
     return 0

@@ -33,6 +33,7 @@ import re
 import secrets
 import string
 import threading
+from collections.abc import Mapping
 from typing import Any, Final
 
 import structlog
@@ -54,6 +55,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hsmkms.db import Component, Database, ErrorMessages, Migration, migrate
 from hsmkms.errors import (
+    AccessDeniedException,
     KMSInternalException,
     LimitExceededException,
     NotFoundException,
@@ -63,6 +65,9 @@ from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.config import KeyPlacement
 from hsmkms.keystore.errors import DecryptionFailed
 from hsmkms.keystore.specs import KeyMaterialSpec
+from hsmkms.policy.context import ContextInput, request_context
+from hsmkms.policy.document import PolicyDocument, account_of, parse_policy
+from hsmkms.policy.evaluate import AccessRequest, Outcome, evaluate
 from hsmkms.types import Clock, Credential, utc_now
 
 __all__ = [
@@ -76,6 +81,7 @@ __all__ = [
     "XksCredentialInfo",
     "XksCredentialStore",
     "check_prefix",
+    "secondary_request",
     "uri_path",
 ]
 
@@ -127,12 +133,30 @@ xks_credentials = Table(
 _X = xks_credentials
 
 
+xks_policies = Table(
+    "xks_policies",
+    metadata,
+    Column("prefix", String(128), primary_key=True),
+    Column("policy", Text, nullable=False),
+    Column("updated_at", String(40), nullable=False),
+)
+_P = xks_policies
+
+
 def _v1_initial(conn: Connection) -> None:
-    metadata.create_all(conn, checkfirst=True)
+    metadata.create_all(conn, checkfirst=True, tables=[xks_meta, xks_credentials])
+
+
+def _v2_policies(conn: Connection) -> None:
+    metadata.create_all(conn, checkfirst=True, tables=[xks_policies])
 
 
 COMPONENT: Final = Component(
-    "xks_credentials", [Migration(1, "xks_meta, xks_credentials", _v1_initial)]
+    "xks_credentials",
+    [
+        Migration(1, "xks_meta, xks_credentials", _v1_initial),
+        Migration(2, "xks_policies", _v2_policies),
+    ],
 )
 
 
@@ -199,9 +223,10 @@ class XksCredentialStore:
 
     ``database`` is the metadata store's :class:`~hsmkms.db.Database` (shared; not closed
     here). Tables are created when missing; the wrapping key is created on the first
-    credential. Lookups read the row every time (one indexed read) and unseal only when the
-    row's sealed contents changed, so a credential created or deleted in another process takes
-    effect on the next request.
+    credential. What every request reads (the prefix, its policy, the credential's row) is
+    kept in a read cache while the database's change signal says nothing was committed, and a
+    secret is unsealed again only when its row's sealed contents changed, so a credential or
+    policy created or deleted in another process takes effect on the next request.
     """
 
     def __init__(self, database: Database, keystore: Keystore, *, clock: Clock = utc_now) -> None:
@@ -212,6 +237,12 @@ class XksCredentialStore:
         self._wrapping_key: KeyMaterialRef | None = None
         # access key id -> (the row's sealed contents, what they opened to)
         self._unsealed: dict[str, tuple[tuple[Any, ...], XksCredential]] = {}
+        # prefix -> (the policy's text, the document parsed)
+        self._policies: dict[str, tuple[str, PolicyDocument]] = {}
+        # What every request reads (a prefix's existence and policy, a credential's row),
+        # kept while the database's change signal says nothing was committed: a change by any
+        # process applies to the next request.
+        self._reads = self._db.read_cache(check_interval=0, max_entries=4096, keep_none=True)
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
             migrate(conn, COMPONENT, clock)
 
@@ -315,32 +346,106 @@ class XksCredentialStore:
         log.info("xks_credential_deleted", access_key_id=access_key_id, prefix=str(row[1]))
         return XksCredentialInfo(str(row[0]), str(row[1]), str(row[2]))
 
+    # -- secondary authorization ------------------------------------------------------------
+
+    def put_policy(self, prefix: str, text: str) -> None:
+        """Set the secondary authorization policy of ``prefix`` (replacing any): a key
+        policy's shape (:func:`~hsmkms.policy.document.parse_policy`), decided against each
+        request's ``requestMetadata`` (:meth:`authorize`). MalformedPolicyDocumentException
+        or LimitExceededException for a document that is not one; ValidationException for a
+        malformed prefix. Takes effect at the next request, in every process."""
+        check_prefix(prefix)
+        parse_policy(text)
+        stamp = self._clock().astimezone(dt.UTC).isoformat(timespec="microseconds")
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            conn.execute(delete(_P).where(_P.c.prefix == prefix))
+            conn.execute(insert(_P).values(prefix=prefix, policy=text, updated_at=stamp))
+        log.info("xks_policy_put", prefix=prefix)
+
+    def policy(self, prefix: str) -> str | None:
+        """The secondary authorization policy of ``prefix`` as given, or None."""
+
+        def load() -> str | None:
+            with self._db.read(_ERRORS) as conn:
+                found = conn.execute(select(_P.c.policy).where(_P.c.prefix == prefix)).scalar()
+            return None if found is None else str(found)
+
+        text: str | None = self._reads.get(("policy", prefix), load)
+        return text
+
+    def delete_policy(self, prefix: str) -> bool:
+        """Remove the secondary authorization of ``prefix``; whether it had one."""
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            removed = conn.execute(delete(_P).where(_P.c.prefix == prefix)).rowcount
+        log.info("xks_policy_deleted", prefix=prefix, removed=bool(removed))
+        return bool(removed)
+
+    def authorize(self, prefix: str, operation: str, request_metadata: Mapping[str, str]) -> None:
+        """The optional secondary authorization (spec: XKS proxy API): when ``prefix`` has a
+        policy, the request is allowed only if the policy allows ``kms:<kmsOperation>`` to
+        ``awsPrincipalArn`` on ``kmsKeyArn`` (see :func:`secondary_request`); otherwise
+        AccessDeniedException. Without a policy every authenticated request passes. The
+        document is read through the read cache (a change in any process applies to the next
+        request) and parsed once per text."""
+        text = self.policy(prefix)
+        if text is None:
+            return
+        with self._lock:
+            cached = self._policies.get(prefix)
+        if cached is None or cached[0] != text:
+            cached = (text, parse_policy(text))
+            with self._lock:
+                self._policies[prefix] = cached
+        decision = evaluate(cached[1], secondary_request(operation, request_metadata))
+        if decision.outcome is not Outcome.ALLOW and not decision.delegated:
+            raise AccessDeniedException(
+                f"The XKS proxy's policy for {uri_path(prefix)} does not allow "
+                f"{_shown(request_metadata.get('kmsOperation', ''))} by "
+                f"{_shown(request_metadata.get('awsPrincipalArn', ''))}."
+            )
+
     # -- every request ----------------------------------------------------------------------
 
     def has_prefix(self, prefix: str) -> bool:
         """Whether some credential names ``prefix`` (the XKS front door's routing)."""
         if not PREFIX.fullmatch(prefix):
             return False
-        with self._db.read(_ERRORS) as conn:
-            found = conn.execute(
-                select(_X.c.access_key_id).where(_X.c.prefix == prefix).limit(1)
-            ).first()
-        return found is not None
+
+        def load() -> bool:
+            with self._db.read(_ERRORS) as conn:
+                found = conn.execute(
+                    select(_X.c.access_key_id).where(_X.c.prefix == prefix).limit(1)
+                ).first()
+            return found is not None
+
+        held: bool = self._reads.get(("prefix", prefix), load)
+        return held
 
     def lookup(self, access_key_id: str) -> XksCredential | None:
         """The credential of ``access_key_id`` with its prefix, or None when unknown or when its
         row does not open (altered in the database)."""
         if not _ACCESS_KEY_ID.fullmatch(access_key_id):
             return None
-        with self._db.read(_ERRORS) as conn:
-            row = conn.execute(select(_X).where(_X.c.access_key_id == access_key_id)).first()
-        if row is None:
+
+        def load() -> tuple[str, bytes, bytes, str] | None:
+            with self._db.read(_ERRORS) as conn:
+                row = conn.execute(select(_X).where(_X.c.access_key_id == access_key_id)).first()
+            if row is None:
+                return None
+            m = row._mapping
+            return (
+                str(m["prefix"]),
+                bytes(m["secret_iv"]),
+                bytes(m["secret_sealed"]),
+                str(m["wrapping_key"]),
+            )
+
+        sealed: tuple[str, bytes, bytes, str] | None = self._reads.get(("row", access_key_id), load)
+        if sealed is None:
             with self._lock:
                 self._unsealed.pop(access_key_id, None)
             return None
-        m = row._mapping
-        prefix = str(m["prefix"])
-        sealed = (prefix, bytes(m["secret_iv"]), bytes(m["secret_sealed"]), str(m["wrapping_key"]))
+        prefix = sealed[0]
         with self._lock:
             cached = self._unsealed.get(access_key_id)
         if cached is not None and cached[0] == sealed:
@@ -375,6 +480,37 @@ class XksCredentialStore:
         """Forget every unsealed secret."""
         with self._lock:
             self._unsealed.clear()
+
+
+def secondary_request(operation: str, request_metadata: Mapping[str, str]) -> AccessRequest:
+    """The question a prefix's secondary policy answers for one XKS request: may
+    ``awsPrincipalArn`` do ``kms:<kmsOperation>`` on ``kmsKeyArn`` (the AWS KMS key; empty
+    when the request names none)? Condition keys: ``aws:PrincipalArn``, ``kms:CallerAccount``,
+    ``kms:ViaService``, ``aws:SourceVpc``, ``aws:SourceVpce`` (when the metadata carries
+    them) and ``xks:Operation`` (GetKeyMetadata, Encrypt or Decrypt)."""
+    principal = request_metadata.get("awsPrincipalArn", "")
+    account = account_of(principal)
+    extra: dict[str, ContextInput] = {"xks:Operation": operation}
+    for member, key in _CONTEXT_KEYS:
+        value = request_metadata.get(member)
+        if value:
+            extra[key] = value
+    return AccessRequest(
+        principal_arn=principal,
+        principal_account=account,
+        action=f"kms:{request_metadata.get('kmsOperation', '')}",
+        resource=request_metadata.get("kmsKeyArn", ""),
+        context=request_context(
+            principal_arn=principal or None, caller_account=account or None, extra=extra
+        ),
+    )
+
+
+_CONTEXT_KEYS: Final = (
+    ("kmsViaService", "kms:ViaService"),
+    ("awsSourceVpc", "aws:SourceVpc"),
+    ("awsSourceVpce", "aws:SourceVpce"),
+)
 
 
 def _shown(value: str) -> str:

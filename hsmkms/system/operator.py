@@ -371,7 +371,8 @@ class OperatorXksCredentials:
 
     Records (``eventSource`` :data:`XKS_EVENT_SOURCE`, ``userIdentity`` ``LocalOperator``):
     ``CreateXksCredential`` (``prefix``; the response's access key id and URI path, never the
-    secret) and ``DeleteXksCredential`` (``accessKeyId``, ``prefix``)."""
+    secret), ``DeleteXksCredential`` (``accessKeyId``, ``prefix``), ``PutXksPolicy`` and
+    ``DeleteXksPolicy`` (a prefix's secondary authorization)."""
 
     def __init__(self, system: System, *, command: str) -> None:
         self._system = system
@@ -438,3 +439,29 @@ class OperatorXksCredentials:
         request["Prefix"] = info.prefix
         self._record("DeleteXksCredential", request, None, None)
         return info
+
+    def put_policy(self, prefix: str, policy: str) -> None:
+        """:meth:`XksCredentialStore.put_policy`, recorded as ``PutXksPolicy`` (the prefix
+        and the document)."""
+        request: dict[str, Any] = {"Prefix": prefix, "PolicyDocument": policy}
+        try:
+            self._store.put_policy(prefix, policy)
+        except Exception as exc:
+            self._record("PutXksPolicy", request, None, exc)
+            raise
+        self._record("PutXksPolicy", request, None, None)
+
+    def policy(self, prefix: str) -> str | None:
+        """:meth:`XksCredentialStore.policy` (a read: not recorded)."""
+        return self._store.policy(prefix)
+
+    def delete_policy(self, prefix: str) -> bool:
+        """:meth:`XksCredentialStore.delete_policy`, recorded as ``DeleteXksPolicy``."""
+        request: dict[str, Any] = {"Prefix": prefix}
+        try:
+            removed = self._store.delete_policy(prefix)
+        except Exception as exc:
+            self._record("DeleteXksPolicy", request, None, exc)
+            raise
+        self._record("DeleteXksPolicy", request, None, None)
+        return removed
