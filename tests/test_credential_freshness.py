@@ -15,7 +15,7 @@ from server import run_cli
 from sqlalchemy import Engine, create_engine, delete, insert, text
 
 from hsmkms.identity import CredentialStore
-from hsmkms.identity.store import CredentialsStale, _anchor_names, identity_credentials
+from hsmkms.identity.store import CredentialsStale, identity_credentials
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 
 pytestmark = [pytest.mark.hsm, pytest.mark.database]
@@ -127,7 +127,10 @@ def test_a_change_whose_anchor_was_not_written_after_its_commit_still_verifies(
     first = store.create("heidi")
     ref = store.wrapping_key_ref()
     assert ref is not None
-    anchor, pending = _anchor_names(ref)
+    anchor, pending = (
+        f"identity:{ref.object_ids[0][:16]}",
+        f"identity-pending:{ref.object_ids[0][:16]}",
+    )
     before = keystore.read_anchor(anchor)
     real = keystore.write_anchor
 

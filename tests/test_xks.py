@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from server import Response, RunningServer, running_server
+from server import Response, RunningServer, run_cli, running_server
 
 from hsmkms.api.sigv4 import Credential, SignedRequest, sign
 
@@ -486,6 +487,48 @@ def test_the_data_directory_holds_no_secret_in_the_clear(
     for path in Path(server.data_dir).rglob("*"):
         if path.is_file() and "softhsm" not in str(path).lower():
             assert secret not in path.read_bytes(), path
+
+
+def test_an_older_copy_of_the_database_does_not_bring_a_deleted_credential_back(
+    tmp_path: Path,
+) -> None:
+    """The token anchors the XKS credential set: a deleted credential put back with an older
+    copy of the database is not accepted, no change is built on that copy, and ``hsmkms xks
+    credentials trust`` (audited) vouches for it."""
+    data_dir = tmp_path / "data"
+    assert run_cli("init", "--data-dir", str(data_dir)).returncode == 0
+    made = run_cli("xks", "credentials", "create", "--prefix", "p", "--json",
+                   "--data-dir", str(data_dir))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    issued = json.loads(made.stdout)
+    db = data_dir / "hsmkms.db"
+    if not db.exists():
+        pytest.skip("the data directory's database is not a SQLite file in this run")
+    old_copy = tmp_path / "old.db"
+    shutil.copy(db, old_copy)
+    gone = run_cli(
+        "xks", "credentials", "delete", issued["AccessKeyId"], "--data-dir", str(data_dir)
+    )
+    assert gone.returncode == 0, gone.stderr
+    shutil.copy(old_copy, db)
+    health = {"requestMetadata": {"kmsRequestId": "r", "kmsOperation": "KmsHealthCheck"}}
+    credential = Credential(issued["AccessKeyId"], issued["SecretAccessKey"], "x")
+    with running_server(data_dir) as server:
+        client = Xks(server, credential)
+        _error(client.post("/health", health, path="/p/kms/xks/v1"), 401,
+               "AuthenticationFailedException")  # fmt: skip
+        assert "xks_credentials_stale" in server.log()
+        refused = server.cli("xks", "credentials", "create", "--prefix", "q")
+        assert refused.returncode == 1
+        assert "hsmkms xks credentials trust" in refused.stderr
+        assert refused.stderr.splitlines()[-1].startswith("hsmkms xks: the XKS credentials")
+        assert "Traceback" not in refused.stderr
+        trusted = server.cli("xks", "credentials", "trust", "--json")
+        assert trusted.returncode == 0, trusted.stderr
+        assert json.loads(trusted.stdout) == {"AccessKeys": 1}
+        assert client.post("/health", health, path="/p/kms/xks/v1").status == 200
+        records = [r for r in _audit(server) if r["eventName"] == "TrustXksCredentials"]
+        assert [r["responseElements"] for r in records] == [{"accessKeys": 1}]
 
 
 # -- secondary authorization -------------------------------------------------------------------

@@ -378,6 +378,7 @@ RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
     "KeyMaterialId": _str,
     "AccessKeyId": _str,  # an XKS proxy credential created (never its secret)
     "UriPath": _str,
+    "AccessKeys": _int,  # how many a vouched-for set holds (TrustCredentials, TrustXksCredentials)
 }
 """Response members that may be copied into ``responseElements`` (non-read-only operations).
 ``GrantToken`` is absent on purpose: it is a bearer token."""

@@ -1,4 +1,4 @@
-"""``hsmkms xks credentials create|list|delete``: the SigV4 credentials of the XKS proxy API
+"""``hsmkms xks credentials create|list|delete|trust``: the SigV4 credentials of the XKS proxy API
 (hsmkms as an external key manager for AWS KMS; ``docs/key-stores.md``); ``hsmkms xks policy
 put|get|delete``: a prefix's optional secondary authorization policy.
 
@@ -70,6 +70,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     remove.add_argument("access_key_id", metavar="ACCESS_KEY_ID")
     remove.add_argument("--json", action="store_true", help="print one JSON object")
     remove.set_defaults(run=run_delete)
+
+    trust = actions.add_parser(
+        "trust",
+        help="accept the XKS credentials now in the database after restoring an older copy",
+        description="The token remembers the set of XKS credentials it last saw; after an "
+        "older copy of the database was put back, none of them is accepted, so that a deleted "
+        "credential cannot come back. Check them with 'hsmkms xks credentials list', then run "
+        "this to make the set now in the database the one accepted. Recorded in the audit "
+        "trail.",
+    )
+    add_data_dir(trust)
+    trust.add_argument("--json", action="store_true", help="print one JSON object")
+    trust.set_defaults(run=run_trust)
 
     policy = groups.add_parser(
         "policy",
@@ -217,4 +230,14 @@ def run_policy_delete(args: argparse.Namespace) -> int:
         print(json.dumps({"UriPath": uri_path(args.prefix), "PolicyDeleted": True}))
     else:
         print(f"policy removed from {uri_path(args.prefix)}")
+    return 0
+
+
+def run_trust(args: argparse.Namespace) -> int:
+    with _changes(args, "credentials trust") as store:
+        count = store.trust()
+    if args.json:
+        print(json.dumps({"AccessKeys": count}))
+    else:
+        print(f"the {count} XKS credentials now in the database are accepted")
     return 0

@@ -52,8 +52,8 @@ its sealed secret and IV, which change at every sealing), anchored under
 follows the wrapping key, so two databases sharing a token keep apart). Every change writes
 the new digest as ``identity-pending:<id>`` before its commit and as the anchor after it, so a
 crash between the two leaves a set that still verifies. A lookup that reads a row accepts it
-only as a row of the anchored set (:meth:`CredentialStore._anchored`); a set matching neither
-anchor is an older copy, and no credential of it is accepted (``credentials_stale`` in the
+only as a row of the anchored set (:class:`hsmkms.identity.anchor.SetAnchor`); a set matching
+neither anchor is an older copy, and no credential of it is accepted (``credentials_stale`` in the
 log) until the operator vouches for it with ``hsmkms credentials trust``. A database without
 an anchor yet (made before this check existed) is anchored as it is on first use. What still
 replays: key, grant, alias and tag rows (docs/metadata-store.md).
@@ -63,7 +63,6 @@ Security contract: no secret appears in a ``repr``, a log line or an exception m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -71,7 +70,6 @@ import re
 import secrets
 import string
 import threading
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
@@ -113,6 +111,7 @@ from hsmkms.errors import (
     NotFoundException,
     ValidationException,
 )
+from hsmkms.identity.anchor import SetAnchor
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.config import KeyPlacement
 from hsmkms.keystore.errors import DecryptionFailed
@@ -152,8 +151,6 @@ _WRITE_LOCK: Final = 0x68736D6B6D7349
 IDENTITY_KEY_ID = "identity-credentials"
 """The ``key_id`` of the wrapping key (token label ``hsmkms:identitycredentials:1``)."""
 
-_ANCHOR = "identity:"
-_PENDING = "identity-pending:"
 _DIGEST_PREFIX = b"hsmkms:identity-set:v1"
 _AAD_PREFIX = b"hsmkms:identity:v1"
 _AAD_POLICY = b"\x00policy\x00"
@@ -370,30 +367,12 @@ def _info(row: Any) -> CredentialInfo:
     )
 
 
-_Sealings = dict[str, tuple[bytes, bytes]]
-"""Access key id -> (IV, sealed secret): a credential set as its digest covers it."""
-
-
-def _credential_set(conn: Connection) -> tuple[str, _Sealings]:
-    """The credential set as this transaction sees it: its digest (40 hex characters, an
-    anchor's size) over every access key id with its IV and sealed secret in key id order, and
-    those sealings."""
-    digest = hashlib.sha256(_DIGEST_PREFIX)
-    sealings: _Sealings = {}
-    rows = conn.execute(
-        select(_C.c.access_key_id, _C.c.secret_iv, _C.c.secret_sealed).order_by(_C.c.access_key_id)
+def _stale() -> CredentialsStale:
+    return CredentialsStale(
+        "the credentials in the database are not those the token last saw (an older copy of "
+        "the database?): check them with 'hsmkms credentials list', then vouch for them with "
+        "'hsmkms credentials trust'"
     )
-    for access_key_id, iv, sealed in rows:
-        sealings[str(access_key_id)] = (bytes(iv), bytes(sealed))
-        for field in (str(access_key_id).encode(), bytes(iv), bytes(sealed)):
-            digest.update(len(field).to_bytes(4, "big") + field)
-    return digest.hexdigest()[:40], sealings
-
-
-def _anchor_names(ref: KeyMaterialRef) -> tuple[str, str]:
-    """(anchor, pending anchor) of the credential set sealed under the wrapping key ``ref``."""
-    object_id = ref.object_ids[0][:16]
-    return f"{_ANCHOR}{object_id}", f"{_PENDING}{object_id}"
 
 
 class CredentialStore:
@@ -433,9 +412,10 @@ class CredentialStore:
             check_interval=0, max_entries=_MAX_NEGATIVE, keep_none=True
         )
         self._wrapping_key: KeyMaterialRef | None = None
-        # The set last found anchored: its digest and sealings (one tuple, replaced whole).
-        self._verified: tuple[str, _Sealings] | None = None
-        self._stale: str | None = None  # the set digest last refused (logged once)
+        self._anchor = SetAnchor(
+            keystore, _C, id_column="access_key_id", domain=_DIGEST_PREFIX, name="identity",
+            event="credentials",
+        )  # fmt: skip
         try:
             with self._write() as conn:
                 migrate(conn, COMPONENT, clock)
@@ -467,68 +447,16 @@ class CredentialStore:
         """One write transaction (the write lock taken first, so read-then-write is atomic)."""
         return self._db.write(_ERRORS, lock=_WRITE_LOCK)
 
-    @contextlib.contextmanager
-    def _changing(self) -> Iterator[Connection]:
-        """A write transaction that changes the credential set, kept anchored in the token:
-        the set must verify first (:class:`CredentialsStale` otherwise: an old copy is not
-        built on), the new digest is written as the pending anchor before the commit and as
-        the anchor after it."""
-        ref = self._wrapping()
-        anchor, pending = _anchor_names(ref)
-        with self._write() as conn:
-            if not self._anchored(conn, ref):
-                raise CredentialsStale(
-                    "the credentials in the database are not those the token last saw (an "
-                    "older copy of the database?): check them with 'hsmkms credentials list', "
-                    "then vouch for them with 'hsmkms credentials trust'"
-                )
-            yield conn
-            verified = _credential_set(conn)
-            self._keystore.write_anchor(pending, verified[0])
-        self._keystore.write_anchor(anchor, verified[0])
-        self._verified = verified
-
-    def _anchored(self, conn: Connection, ref: KeyMaterialRef, row: Any = None) -> bool:
-        """Whether the credential set ``conn`` sees is the one anchored in the token (or the
-        pending one, then made the anchor); a set with no anchor yet is anchored as it is.
-
-        With ``row`` (a credential row read in ``conn``): one token read when the anchor is the
-        set last verified here and ``row`` is that set's row for its key id (then the row is
-        current, whatever else changed); otherwise the whole set is read and checked."""
-        anchor, pending = _anchor_names(ref)
-        found = self._keystore.read_anchor(anchor)
-        verified = self._verified
-        if row is not None and verified is not None and found == verified[0]:
-            sealing = (bytes(row["secret_iv"]), bytes(row["secret_sealed"]))
-            if verified[1].get(str(row["access_key_id"])) == sealing:
-                return True
-        current = _credential_set(conn)
-        digest = current[0]
-        if found is None:
-            self._keystore.write_anchor(anchor, digest)
-            log.info("credentials_anchored")
-        elif found != digest:
-            if self._keystore.read_anchor(pending) != digest:
-                if self._stale != digest:
-                    self._stale = digest
-                    log.warning("credentials_stale")
-                return False
-            self._keystore.write_anchor(anchor, digest)  # the change committed; its anchor
-        self._verified = current
-        return True
+    def _changing(self) -> AbstractContextManager[Connection]:
+        """A write transaction that changes the credential set, kept anchored in the token
+        (:meth:`SetAnchor.changing`): an older copy of the set is not built on."""
+        return self._anchor.changing(self._write(), self._wrapping(), _stale)
 
     def trust(self) -> int:
         """Vouch for the credential set now in the database (``hsmkms credentials trust``,
         after restoring an older copy on purpose): it becomes the anchored set. Returns how
         many access keys it holds."""
-        ref = self._wrapping()
-        anchor, pending = _anchor_names(ref)
-        with self._write() as conn:
-            verified = _credential_set(conn)
-            self._keystore.write_anchor(pending, verified[0])
-            self._keystore.write_anchor(anchor, verified[0])
-        self._verified = verified
-        count = len(verified[1])
+        count = self._anchor.trust(self._write(), self._wrapping(), identity_meta)
         self._confirmed.invalidate()
         log.warning("credentials_trusted", access_keys=count)
         return count
@@ -956,8 +884,14 @@ class CredentialStore:
             row = conn.execute(select(_C).where(_C.c.access_key_id == access_key_id)).first()
             if row is not None:
                 # A row is accepted only from the set the token last saw (module docstring).
-                ref = KeyMaterialRef.from_str(str(row._mapping["wrapping_key"]))
-                if not self._anchored(conn, ref, row._mapping):
+                m = row._mapping
+                ref = KeyMaterialRef.from_str(str(m["wrapping_key"]))
+                sealing = (
+                    str(m["access_key_id"]),
+                    bytes(m["secret_iv"]),
+                    bytes(m["secret_sealed"]),
+                )
+                if not self._anchor.holds(conn, ref, sealing):
                     row = None
         credential = None if row is None else self._unseal_row(row._mapping)
         if credential is None:

@@ -19,8 +19,12 @@ Sealing: ``(iv, sealed) = keystore.encrypt(wrapping_key, secret, aad)`` with::
 so a sealed secret copied onto another row (another key id or prefix) does not open: such a row
 is treated as an unknown access key (fail closed; logged as ``xks_credential_integrity_failed``).
 
-Not done here (unlike the KMS API credentials): no anchor of the credential set in the token,
-so an older copy of the database put back brings deleted XKS credentials back.
+Freshness, as for the KMS API's credentials (:class:`hsmkms.identity.anchor.SetAnchor`): the
+token anchors a digest of the credential set (``xks:<wrapping key id>``), each change writes it
+pending before its commit and as the anchor after it, and a lookup accepts a row only from the
+anchored set, so an older copy of the database put back does not bring deleted credentials
+back (``xks_credentials_stale`` in the log; ``hsmkms xks credentials trust`` vouches for a set
+restored on purpose).
 
 Security contract: no secret appears in a ``repr``, a log line or an exception message.
 """
@@ -34,6 +38,7 @@ import secrets
 import string
 import threading
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Final
 
 import structlog
@@ -61,6 +66,7 @@ from hsmkms.errors import (
     NotFoundException,
     ValidationException,
 )
+from hsmkms.identity.anchor import SetAnchor
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.config import KeyPlacement
 from hsmkms.keystore.errors import DecryptionFailed
@@ -80,6 +86,7 @@ __all__ = [
     "XksCredential",
     "XksCredentialInfo",
     "XksCredentialStore",
+    "XksCredentialsStale",
     "check_prefix",
     "secondary_request",
     "uri_path",
@@ -103,6 +110,7 @@ _SECRET_ALPHABET: Final = string.ascii_letters + string.digits + "+/"
 _ID_LENGTH: Final = 24
 _SECRET_LENGTH: Final = 48
 _AAD_PREFIX: Final = b"hsmkms:xks:v1"
+_DIGEST_PREFIX: Final = b"hsmkms:xks-set:v1"
 # Writers take turns (PostgreSQL advisory lock), so "at most two per prefix" holds. "hsmkmsX"
 _WRITE_LOCK: Final = 0x68736D6B6D7358
 _ERRORS = ErrorMessages(
@@ -167,6 +175,19 @@ def uri_path(prefix: str) -> str:
 
 class UnknownXksCredential(NotFoundException):
     """No XKS credential has this access key id."""
+
+
+class XksCredentialsStale(KMSInternalException):
+    """The XKS credential set is not the one the token last saw (an older copy of the
+    database): nothing was changed."""
+
+
+def _stale() -> XksCredentialsStale:
+    return XksCredentialsStale(
+        "the XKS credentials in the database are not those the token last saw (an older copy "
+        "of the database?): check them with 'hsmkms xks credentials list', then vouch for them "
+        "with 'hsmkms xks credentials trust'"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +264,10 @@ class XksCredentialStore:
         # kept while the database's change signal says nothing was committed: a change by any
         # process applies to the next request.
         self._reads = self._db.read_cache(check_interval=0, max_entries=4096, keep_none=True)
+        self._anchor = SetAnchor(
+            keystore, _X, id_column="access_key_id", domain=_DIGEST_PREFIX, name="xks",
+            event="xks_credentials",
+        )  # fmt: skip
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
             migrate(conn, COMPONENT, clock)
 
@@ -303,7 +328,7 @@ class XksCredentialStore:
             "wrapping_key": ref.to_str(),
             "created_at": self._clock().astimezone(dt.UTC).isoformat(timespec="microseconds"),
         }
-        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+        with self._changing(ref) as conn:
             held = conn.execute(
                 select(func.count()).select_from(_X).where(_X.c.prefix == prefix)
             ).scalar_one()
@@ -330,7 +355,7 @@ class XksCredentialStore:
     def delete(self, access_key_id: str) -> XksCredentialInfo:
         """Delete a credential; it stops working at once. UnknownXksCredential when none has
         this id."""
-        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+        with self._changing(self._wrapping()) as conn:
             row = conn.execute(
                 select(_X.c.access_key_id, _X.c.prefix, _X.c.created_at).where(
                     _X.c.access_key_id == access_key_id
@@ -345,6 +370,22 @@ class XksCredentialStore:
             self._unsealed.pop(access_key_id, None)
         log.info("xks_credential_deleted", access_key_id=access_key_id, prefix=str(row[1]))
         return XksCredentialInfo(str(row[0]), str(row[1]), str(row[2]))
+
+    def _changing(self, ref: KeyMaterialRef) -> AbstractContextManager[Connection]:
+        """A write transaction that changes the credential set, kept anchored in the token:
+        an older copy of the set is not built on (XksCredentialsStale)."""
+        return self._anchor.changing(self._db.write(_ERRORS, lock=_WRITE_LOCK), ref, _stale)
+
+    def trust(self) -> int:
+        """Vouch for the XKS credential set now in the database (``hsmkms xks credentials
+        trust``, after restoring an older copy on purpose): it becomes the anchored set.
+        Returns how many credentials it holds."""
+        count = self._anchor.trust(
+            self._db.write(_ERRORS, lock=_WRITE_LOCK), self._wrapping(), xks_meta
+        )
+        self._reads.invalidate()
+        log.warning("xks_credentials_trusted", credentials=count)
+        return count
 
     # -- secondary authorization ------------------------------------------------------------
 
@@ -430,9 +471,14 @@ class XksCredentialStore:
         def load() -> tuple[str, bytes, bytes, str] | None:
             with self._db.read(_ERRORS) as conn:
                 row = conn.execute(select(_X).where(_X.c.access_key_id == access_key_id)).first()
-            if row is None:
-                return None
-            m = row._mapping
+                if row is None:
+                    return None
+                m = row._mapping
+                # A row is accepted only from the set the token last saw (module docstring).
+                ref = KeyMaterialRef.from_str(str(m["wrapping_key"]))
+                sealing = (access_key_id, bytes(m["secret_iv"]), bytes(m["secret_sealed"]))
+                if not self._anchor.holds(conn, ref, sealing):
+                    return None
             return (
                 str(m["prefix"]),
                 bytes(m["secret_iv"]),

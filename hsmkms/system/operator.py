@@ -371,7 +371,8 @@ class OperatorXksCredentials:
 
     Records (``eventSource`` :data:`XKS_EVENT_SOURCE`, ``userIdentity`` ``LocalOperator``):
     ``CreateXksCredential`` (``prefix``; the response's access key id and URI path, never the
-    secret), ``DeleteXksCredential`` (``accessKeyId``, ``prefix``), ``PutXksPolicy`` and
+    secret), ``DeleteXksCredential`` (``accessKeyId``, ``prefix``), ``TrustXksCredentials``
+    (the operator vouched for the set in the database), ``PutXksPolicy`` and
     ``DeleteXksPolicy`` (a prefix's secondary authorization)."""
 
     def __init__(self, system: System, *, command: str) -> None:
@@ -439,6 +440,17 @@ class OperatorXksCredentials:
         request["Prefix"] = info.prefix
         self._record("DeleteXksCredential", request, None, None)
         return info
+
+    def trust(self) -> int:
+        """:meth:`XksCredentialStore.trust`, recorded as ``TrustXksCredentials`` with the
+        count."""
+        try:
+            count = self._store.trust()
+        except Exception as exc:
+            self._record("TrustXksCredentials", {}, None, exc)
+            raise
+        self._record("TrustXksCredentials", {}, {"AccessKeys": count}, None)
+        return count
 
     def put_policy(self, prefix: str, policy: str) -> None:
         """:meth:`XksCredentialStore.put_policy`, recorded as ``PutXksPolicy`` (the prefix
