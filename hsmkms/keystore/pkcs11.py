@@ -58,7 +58,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
@@ -257,6 +257,11 @@ class Pkcs11Keystore:
         # Object ids of creations that failed while the token could not be asked whether they
         # left an object (the token away): destroyed by the next creation or settle_abandoned().
         self._abandoned: set[bytes] = set()
+        # Anchors this process read or wrote, and ids of objects it found or made and did not
+        # destroy: when one of them is not found later, a token that lists no object at all
+        # is away (SoftHSM2's directory moved), not missing that one.
+        self._anchors_seen: set[str] = set()
+        self._known: set[bytes] = set()
         self._closed = False
         self._kek_id: str | None = None  # the KEK new wrapped material goes under (hex id)
         self._ever_open = False  # the token has been open in this process
@@ -488,7 +493,8 @@ class Pkcs11Keystore:
                     # private objects are invisible rather than reported: log in again and
                     # look once more before saying the object is gone.
                     if attempt:
-                        if self._conn is not None and not _shows_token_objects(self._conn):
+                        conn = self._conn
+                        if conn is not None and self._known and not _shows_token_objects(conn):
                             # A token whose storage went away finds nothing rather than failing
                             # (SoftHSM2's directory moved away); ours always holds service keys.
                             self._drop_connection()
@@ -757,6 +763,7 @@ class Pkcs11Keystore:
                 self._abandon(conn, [raw])
                 raise
         conn.handles[raw] = kek
+        self._known.add(raw)
         self._kek_id = raw.hex()
         return self._kek_id, kek
 
@@ -808,6 +815,7 @@ class Pkcs11Keystore:
                     raise
             for raw, obj, public in zip(ids, made.objects, made.public, strict=True):
                 conn.handles[raw] = obj
+                self._known.add(raw)
                 if public is not None:
                     conn.public[raw] = public
             return KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
@@ -826,6 +834,7 @@ class Pkcs11Keystore:
         def work(conn: _Connection) -> None:
             for raw in ref.raw_ids:
                 conn.handles.pop(raw, None)
+                self._known.discard(raw)
                 conn.public.pop(raw, None)
                 self._public_keys.pop(raw, None)
                 for obj in list(conn.session.get_objects({Attribute.ID: raw})):
@@ -891,6 +900,7 @@ class Pkcs11Keystore:
                         raise
                     self._sleep(0.005 * (attempt + 1))
             conn.handles[raw] = private
+            self._known.add(raw)
             return WrappingKeyRef(spec, raw.hex()), der
 
         return self._observed(
@@ -903,6 +913,7 @@ class Pkcs11Keystore:
         def work(conn: _Connection) -> None:
             raw = ref.raw_id
             conn.handles.pop(raw, None)
+            self._known.discard(raw)
             for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                 obj.destroy()
 
@@ -955,6 +966,7 @@ class Pkcs11Keystore:
             made = imported.made
             for raw, obj, public in zip(ids, made.objects, made.public, strict=True):
                 conn.handles[raw] = obj
+                self._known.add(raw)
                 if public is not None:
                     conn.public[raw] = public
             ref = KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
@@ -979,6 +991,7 @@ class Pkcs11Keystore:
             except p11e.MultipleObjectsReturned:
                 raise KeyMaterialMissing(f"token object id {object_id} is ambiguous") from None
             conn.handles[raw] = key
+            self._known.add(raw)
         return key
 
     def _public_key(self, conn: _Connection, raw: bytes) -> Any:
@@ -992,6 +1005,7 @@ class Pkcs11Keystore:
             except p11e.MultipleObjectsReturned:
                 raise KeyMaterialMissing(f"public key id {raw.hex()} is ambiguous") from None
             conn.public[raw] = key
+            self._known.add(raw)
         return key
 
     def _with_keys(
@@ -1433,11 +1447,15 @@ class Pkcs11Keystore:
                 obj = self._anchor_object(conn, name)
                 if obj is None:
                     _confirm_present(conn)
-                    if not _shows_token_objects(conn):
-                        raise p11e.TokenNotPresent()  # its storage away: no answer from it
+                    if name in self._anchors_seen and not _shows_token_objects(conn):
+                        # An anchor this process saw, on a token that now lists no object at
+                        # all: its storage went away (SoftHSM2's directory), not the anchor.
+                        raise p11e.TokenNotPresent()
                     return None
                 try:
-                    return str(obj[Attribute.LABEL])
+                    value = str(obj[Attribute.LABEL])
+                    self._anchors_seen.add(name)
+                    return value
                 except STALE_HANDLE_ERRORS:
                     # The cached handle went stale (the token reopened, or went away): look
                     # the object up again once; _call reconnects if the token is away.
@@ -1459,16 +1477,23 @@ class Pkcs11Keystore:
         def work(conn: _Connection) -> None:
             obj = self._anchor_object(conn, name)
             if obj is None:
-                conn.anchor_objects[name] = conn.session.create_object(
-                    {
-                        Attribute.CLASS: ObjectClass.DATA,
-                        Attribute.TOKEN: True,
-                        Attribute.PRIVATE: True,
-                        Attribute.MODIFIABLE: True,
-                        Attribute.APPLICATION: _anchor_app(name),
-                        Attribute.LABEL: value,
-                    }
-                )
+                try:
+                    conn.anchor_objects[name] = conn.session.create_object(
+                        {
+                            Attribute.CLASS: ObjectClass.DATA,
+                            Attribute.TOKEN: True,
+                            Attribute.PRIVATE: True,
+                            Attribute.MODIFIABLE: True,
+                            Attribute.APPLICATION: _anchor_app(name),
+                            Attribute.LABEL: value,
+                        }
+                    )
+                except _NO_DATA_OBJECTS as exc:
+                    # NSS softokn keeps no token data objects (CKR_ATTRIBUTE_VALUE_INVALID).
+                    raise UnsupportedByToken(
+                        f"the token does not keep private data objects ({ckr_name(exc)}), where "
+                        "hsmkms keeps its anchors (docs/keystore.md)"
+                    ) from exc
                 return
             try:
                 obj[Attribute.LABEL] = value
@@ -1484,6 +1509,7 @@ class Pkcs11Keystore:
         # SoftHSM2 rewrites the object's file: a backup copying the token waits, as for keys.
         with self._token_writes():
             self._observed("write_anchor", lambda: self._call("writing an anchor", work))
+        self._anchors_seen.add(name)
 
     def close(self) -> None:
         """Close the work and anchor sessions (the latter logs the process out)."""
@@ -1556,6 +1582,15 @@ def _confirm_present(conn: _Connection) -> None:
             continue
         return
     raise p11e.TokenNotPresent()
+
+
+_NO_DATA_OBJECTS: Final = (
+    p11e.AttributeValueInvalid,
+    p11e.AttributeTypeInvalid,
+    p11e.TemplateInconsistent,
+    p11e.TemplateIncomplete,
+)
+"""How a token that keeps no private token data objects refuses to create one."""
 
 
 def _shows_token_objects(conn: _Connection) -> bool:
