@@ -6,6 +6,8 @@
 #   - a container engine for the container smoke test (tests/test_container.py): when neither
 #     docker nor podman can run a container, Debian's podman, runc and debootstrap
 #     (HSMKMS_CONTAINER_TESTS=0 skips this, and the test then says why it is skipped),
+#   - libnss3-tools and p11-kit-modules, and an NSS softokn module file for p11-kit (the second
+#     PKCS#11 vendor of tests/test_nss_token.py; HSMKMS_NSS_TESTS=0 skips this),
 #   - node and npm (Debian's, when there is no node), then the JavaScript SDK's locked packages
 #     (tests/js/package-lock.json) with `npm ci`,
 #   - uv (pinned) into .cache/uv-venv, then the locked Python dependencies into .venv, and the
@@ -59,6 +61,36 @@ if [ "${HSMKMS_CONTAINER_TESTS:-1}" != 0 ] \
             || missing+=("$tool")
     done
     if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+fi
+
+# A second PKCS#11 vendor for tests/test_nss_token.py: NSS softokn through p11-kit-proxy (it
+# cannot be loaded directly: its C_Initialize needs its configuration string). p11-kit reads a
+# module file from /etc/pkcs11/modules only; its NSS database lives in NSS_DIR, which the test
+# makes afresh in each run. SoftHSM2 is kept out of the proxy (hsmkms loads it directly).
+NSS_DIR=/var/lib/hsmkms-ci/nss
+if [ "${HSMKMS_NSS_TESTS:-1}" != 0 ]; then
+    missing=()
+    command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
+    [ -e /usr/lib/x86_64-linux-gnu/p11-kit-proxy.so ] || compgen -G "/usr/lib/*/p11-kit-proxy.so" \
+        >/dev/null || missing+=(p11-kit-modules)
+    compgen -G "/usr/lib/*/libsoftokn3.so" >/dev/null || missing+=(libnss3)
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+    softokn=$(compgen -G "/usr/lib/*/libsoftokn3.so" | head -n 1 || true)
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo -n"; fi
+    if [ -n "$softokn" ] && [ ! -f /etc/pkcs11/modules/hsmkms-nss-ci.module ] \
+       && $sudo mkdir -p /etc/pkcs11/modules "$NSS_DIR" 2>/dev/null; then
+        echo "bootstrap: registering the NSS softokn test token with p11-kit" >&2
+        printf '%s\n' "# hsmkms tests: the NSS softokn token (ci/bootstrap.sh)" \
+            "module: $softokn" \
+            "x-init-reserved: configdir='sql:$NSS_DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags=" \
+            | $sudo tee /etc/pkcs11/modules/hsmkms-nss-ci.module >/dev/null
+        printf '%s\n' "# hsmkms: SoftHSM2 is loaded directly, not through p11-kit-proxy (ci/bootstrap.sh)" \
+            "module: $(compgen -G '/usr/lib/*/softhsm/libsofthsm2.so' | head -n 1 || echo libsofthsm2.so)" \
+            "disable-in: p11-kit-proxy" \
+            | $sudo tee /etc/pkcs11/modules/softhsm2.module >/dev/null
+        $sudo chmod 0777 "$NSS_DIR"
+    fi
 fi
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

@@ -52,6 +52,7 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import itertools
 import os
 import threading
@@ -311,6 +312,19 @@ class Pkcs11Keystore:
         self._outage = None
         return conn
 
+    def _answers(self) -> bool:
+        """Whether the open connection's token still performs an operation (a one-byte random
+        draw): tells a token that reported a device error for a failed check from one that
+        went away. Called with the process lock held."""
+        conn = self._conn
+        if conn is None or not self._live(conn):
+            return False
+        try:
+            conn.session.generate_random(8)
+        except p11e.PKCS11Error:
+            return False
+        return True
+
     def _live(self, conn: _Connection) -> bool:
         """Whether ``conn`` belongs to this process and to the module's current
         initialization."""
@@ -474,6 +488,10 @@ class Pkcs11Keystore:
                 try:
                     return fn(self._connection())
                 except RECONNECT_ERRORS as exc:
+                    if decrypting and isinstance(exc, p11e.DeviceError) and self._answers():
+                        # NSS softokn answers a failed HMAC or signature check with
+                        # CKR_DEVICE_ERROR and stays up: a check that failed, not a device.
+                        raise DecryptionFailed("decryption failed") from exc
                     if attempt:
                         raise self._went_away(f"{ckr_name(exc)} while {action}") from exc
                     # Sessions and handles are stale: the next _connection() reopens and logs in.
@@ -1426,11 +1444,15 @@ class Pkcs11Keystore:
     # -- anchors -----------------------------------------------------------------------------
 
     def _anchor_object(self, conn: _Connection, name: str) -> Any | None:
-        """The data object of anchor ``name`` (cached handle, else looked up), or None."""
+        """The object of anchor ``name`` (cached handle, else looked up: the data object, else
+        the secret key that carries it on a token without data objects), or None."""
         obj = conn.anchor_objects.get(name)
         if obj is None:
             query = {Attribute.CLASS: ObjectClass.DATA, Attribute.APPLICATION: _anchor_app(name)}
             found = list(conn.session.get_objects(query))
+            if not found:
+                carrier = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: _anchor_id(name)}
+                found = list(conn.session.get_objects(carrier))
             if len(found) > 1:
                 raise DeviceFailure(f"several token objects hold anchor {name!r}")
             obj = found[0] if found else None
@@ -1489,11 +1511,9 @@ class Pkcs11Keystore:
                         }
                     )
                 except _NO_DATA_OBJECTS as exc:
-                    # NSS softokn keeps no token data objects (CKR_ATTRIBUTE_VALUE_INVALID).
-                    raise UnsupportedByToken(
-                        f"the token does not keep private data objects ({ckr_name(exc)}), where "
-                        "hsmkms keeps its anchors (docs/keystore.md)"
-                    ) from exc
+                    # NSS softokn keeps no token data objects (CKR_ATTRIBUTE_VALUE_INVALID):
+                    # a secret key that can do nothing carries the value in its label.
+                    conn.anchor_objects[name] = _anchor_carrier(conn, name, value, exc)
                 return
             try:
                 obj[Attribute.LABEL] = value
@@ -1602,6 +1622,39 @@ def _shows_token_objects(conn: _Connection) -> bool:
             return next(found, None) is not None  # closing ends the search at once
     except p11e.PKCS11Error:
         return True
+
+
+def _anchor_id(name: str) -> bytes:
+    """The ``CKA_ID`` of the secret key that carries anchor ``name`` on a token that keeps no
+    data objects."""
+    return b"hsmkms-anchor:" + hashlib.sha256(name.encode()).digest()[:16]
+
+
+def _anchor_carrier(conn: _Connection, name: str, value: str, refused: Exception) -> Any:
+    """A private, sensitive, never extractable token secret key with no capability at all,
+    whose modifiable ``CKA_LABEL`` carries anchor ``name``'s value (for a token that refused
+    the data object: ``refused``). UnsupportedByToken when the token refuses this too."""
+    try:
+        return conn.session.generate_key(
+            pkcs11.KeyType.GENERIC_SECRET,
+            128,
+            id=_anchor_id(name),
+            label=value,
+            store=True,
+            capabilities=0,
+            mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+            template={
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.MODIFIABLE: True,
+            },
+        )
+    except p11e.PKCS11Error as exc:
+        raise UnsupportedByToken(
+            f"the token keeps no private data objects ({ckr_name(refused)}) nor a modifiable "
+            f"secret key ({ckr_name(exc)}), where hsmkms keeps its anchors (docs/keystore.md)"
+        ) from exc
 
 
 def _anchor_app(name: str) -> str:

@@ -120,6 +120,7 @@ _TEMPLATE_REFUSALS: Final = (
     p11e.TemplateIncomplete,
     p11e.AttributeValueInvalid,
     p11e.AttributeTypeInvalid,
+    p11e.KeyTypeInconsistent,  # NSS softokn, for a temporary (session) RSA key pair
 )
 
 _PROBE_DATA: Final = b"hsmkms capability probe"
@@ -1137,11 +1138,14 @@ class KeyPairMaterial(Material):
 
     def probe(self, session: Any, usage: MaterialUsage) -> bool:
         with _temporary([]) as objects:
-            with _refusal_is_probe_refused():
-                generated = self.generate(
-                    session, MaterialName("hsmkms-probe"), [b""], profile=None, usage=usage,
-                    store=False,
-                )  # fmt: skip
+            try:
+                with _refusal_is_probe_refused():
+                    generated = self.generate(
+                        session, MaterialName("hsmkms-probe"), [b""], profile=None, usage=usage,
+                        store=False,
+                    )  # fmt: skip
+            except p11e.DomainParamsInvalid:
+                return False  # the curve is not one the token knows (NSS softokn: secp256k1)
             objects += [*generated.objects, *generated.public]
             private, public = generated.objects[0], generated.public[0]
             try:

@@ -1,0 +1,154 @@
+"""hsmkms on a second PKCS#11 vendor: the NSS softokn (Mozilla's software token), reached through
+p11-kit-proxy, through the real server and boto3.
+
+NSS differs from SoftHSM2 where it matters: it keeps no token data objects (the anchors ride
+on a secret key's label instead), its single-part AES-GCM fails (the portable CBC+HMAC profile
+is chosen by the probe), and it answers a failed HMAC or signature check with CKR_DEVICE_ERROR
+(a failed check, not a device away: InvalidCiphertextException, KMSInvalidMacException,
+KMSInvalidSignatureException, and the service stays up).
+
+The token is registered with p11-kit by ``ci/bootstrap.sh`` (``/etc/pkcs11/modules/
+hsmkms-nss-ci.module``, database in :data:`NSS_DIR`); this module makes a fresh NSS database
+there, with a random PIN, for each test run. Without the module file the tests are skipped
+and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+from server import RunningServer, run_cli, running_server
+
+pytestmark = [pytest.mark.server, pytest.mark.nss, pytest.mark.slow]
+
+NSS_DIR = Path("/var/lib/hsmkms-ci/nss")
+MODULE_FILE = Path("/etc/pkcs11/modules/hsmkms-nss-ci.module")
+TOKEN = "NSS%20Certificate%20DB"
+
+
+def _proxy() -> Path | None:
+    found = sorted(Path("/usr/lib").glob("*/p11-kit-proxy.so"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def nss_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh NSS token (its database made anew in NSS_DIR) and the PKCS#11 URI naming it."""
+    proxy = _proxy()
+    if not MODULE_FILE.exists() or proxy is None or shutil.which("certutil") is None:
+        pytest.skip(
+            f"no NSS softokn test token: {MODULE_FILE} or p11-kit-proxy or certutil is missing "
+            "(ci/bootstrap.sh installs them when it runs as root or with sudo)"
+        )
+    if not NSS_DIR.is_dir() or not NSS_DIR.stat().st_mode & 0o200:
+        pytest.skip(f"{NSS_DIR} is not a writable directory (ci/bootstrap.sh makes it)")
+    for old in NSS_DIR.iterdir():
+        old.unlink()
+    pin = tmp_path_factory.mktemp("nss") / "user.pin"
+    pin.write_text(secrets.token_hex(12))
+    pin.chmod(0o600)
+    subprocess.run(
+        ["certutil", "-N", "-d", f"sql:{NSS_DIR}", "-f", str(pin)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return f"pkcs11:token={TOKEN}?module-path={proxy}&pin-source=file:{pin}"
+
+
+@pytest.fixture(scope="module")
+def nss_server(nss_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    data_dir = tmp_path_factory.mktemp("nss-server") / "data"
+    with running_server(data_dir, workers=2, env={"HSMKMS_PKCS11_URI": nss_uri}) as server:
+        yield server
+
+
+def _code(call: object) -> str:
+    with pytest.raises(ClientError) as failed:
+        call()  # type: ignore[operator]
+    return str(failed.value.response["Error"]["Code"])
+
+
+def test_symmetric_keys_on_nss_with_aws_errors_for_bad_ciphertexts(
+    nss_server: RunningServer,
+) -> None:
+    kms = nss_server.client()
+    key_id = kms.create_key(Description="on NSS")["KeyMetadata"]["KeyId"]
+    context = {"purpose": "nss"}
+    blob = kms.encrypt(KeyId=key_id, Plaintext=b"hello nss", EncryptionContext=context)[
+        "CiphertextBlob"
+    ]
+    assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"hello nss"
+    tampered = bytearray(blob)
+    tampered[-5] ^= 1
+    assert _code(
+        lambda: kms.decrypt(CiphertextBlob=bytes(tampered), EncryptionContext=context)
+    ) == ("InvalidCiphertextException")
+    assert _code(lambda: kms.decrypt(CiphertextBlob=blob, EncryptionContext={"purpose": "x"})) == (
+        "InvalidCiphertextException"
+    )
+    # The service is still up after the failed checks (NSS said CKR_DEVICE_ERROR for them).
+    data_key = kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")
+    assert len(data_key["Plaintext"]) == 32
+    assert (
+        kms.decrypt(CiphertextBlob=data_key["CiphertextBlob"])["Plaintext"]
+        == (data_key["Plaintext"])
+    )
+    kms.rotate_key_on_demand(KeyId=key_id)
+    assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"hello nss"
+    assert len(kms.generate_random(NumberOfBytes=64)["Plaintext"]) == 64
+
+
+def test_mac_and_signing_keys_on_nss(nss_server: RunningServer) -> None:
+    kms = nss_server.client()
+    mac_key = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
+    mac = kms.generate_mac(KeyId=mac_key["KeyId"], Message=b"m", MacAlgorithm="HMAC_SHA_256")
+    assert kms.verify_mac(
+        KeyId=mac_key["KeyId"], Message=b"m", MacAlgorithm="HMAC_SHA_256", Mac=mac["Mac"]
+    )["MacValid"]
+    assert (
+        _code(
+            lambda: kms.verify_mac(
+                KeyId=mac_key["KeyId"], Message=b"n", MacAlgorithm="HMAC_SHA_256", Mac=mac["Mac"]
+            )
+        )
+        == "KMSInvalidMacException"
+    )
+    for spec, algorithm in (("RSA_2048", "RSASSA_PSS_SHA_256"), ("ECC_NIST_P256", "ECDSA_SHA_256")):
+        key_id = kms.create_key(KeySpec=spec, KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+        signature = kms.sign(KeyId=key_id, Message=b"m", SigningAlgorithm=algorithm)["Signature"]
+        assert kms.verify(
+            KeyId=key_id, Message=b"m", Signature=signature, SigningAlgorithm=algorithm
+        )["SignatureValid"]
+        assert (
+            _code(
+                lambda key_id=key_id, signature=signature, algorithm=algorithm: kms.verify(
+                    KeyId=key_id, Message=b"n", Signature=signature, SigningAlgorithm=algorithm
+                )
+            )
+            == "KMSInvalidSignatureException"
+        )
+
+
+def test_doctor_report_and_audit_on_nss(nss_server: RunningServer, nss_uri: str) -> None:
+    """The anchors live on NSS (no data objects there): the audit trail verifies, doctor finds
+    the keys in the token and says which profile the probe chose."""
+    kms = nss_server.client()
+    kms.create_key(Description="doctor on NSS")
+    env = {"HSMKMS_PKCS11_URI": nss_uri}
+    where = ("--data-dir", str(nss_server.data_dir))
+    doctor = run_cli("doctor", "--json", *where, env=env)
+    assert doctor.returncode == 0, doctor.stderr
+    found = json.loads(doctor.stdout)
+    assert found["token_label"] == "NSS Certificate DB"
+    assert found["profile"] == "AES_256_CBC_HMAC_SHA_256"
+    verify = run_cli("audit", "verify", *where, env=env)
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stdout.startswith("audit trail intact")
