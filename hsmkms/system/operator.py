@@ -226,29 +226,21 @@ def _looks_like_key_id(value: str) -> bool:
     return len(value) == 20 and value.startswith("AKIA") and value.isalnum() and value.isupper()
 
 
-class OperatorCredentials:
-    """The credentials store as the local operator changes it (``hsmkms credentials``), every
-    change — successful or failed — recorded in the audit trail through
-    :meth:`System.audit <hsmkms.system.System.audit>` before its result is used. No record, no
-    result: when the record cannot be written, its error is raised instead (a credential
-    created meanwhile exists, but its secret is never shown: delete it).
+class _OperatorChanges:
+    """What the operator classes share: who the local operator is, and recording one change
+    (successful or failed) in the audit trail through :meth:`System.audit
+    <hsmkms.system.System.audit>` before its result is used — no record, no result."""
 
-    Records (``eventSource`` ``iam.amazonaws.com``, ``userIdentity`` ``LocalOperator``):
-    ``CreateAccessKey`` (``userName``; the response's ``accessKey`` without the secret),
-    ``DeleteAccessKey`` (``userName``, ``accessKeyId``), ``PutUserPolicy`` (``userName``,
-    ``policyDocument``: identity policies are not secret, as IAM logs them) and
-    ``DeleteUserPolicy``; ``TrustCredentials`` (``hsmkms credentials trust``). The root
-    credential set from ``HSMKMS_ROOT_*`` at a start is a ``CreateAccessKey`` of ``root``.
-    """
+    EVENT_SOURCE: str | None = None
+    """The records' ``eventSource`` (None: the KMS one)."""
 
     def __init__(self, system: System, *, command: str) -> None:
         self._system = system
-        self._store = system.credentials
         self._identity = local_operator_identity(system.settings.account_id)
         self._user_agent = f"hsmkms-cli/{__version__} ({command})"
 
     def __repr__(self) -> str:
-        return f"OperatorCredentials(user_agent={self._user_agent!r})"
+        return f"{type(self).__name__}(user_agent={self._user_agent!r})"
 
     def _record(
         self,
@@ -261,6 +253,9 @@ class OperatorCredentials:
         if failure is not None:
             error_code, error_message = caller_error_fields(failure)
         settings = self._system.settings
+        extra: dict[str, Any] = {}
+        if self.EVENT_SOURCE is not None:
+            extra["event_source"] = self.EVENT_SOURCE
         self._system.audit(
             prepare_api_call(
                 event,
@@ -275,9 +270,31 @@ class OperatorCredentials:
                 user_agent=self._user_agent,
                 error_code=error_code,
                 error_message=error_message,
-                event_source=IAM_EVENT_SOURCE,
+                **extra,
             )
         )
+
+
+class OperatorCredentials(_OperatorChanges):
+    """The credentials store as the local operator changes it (``hsmkms credentials``), every
+    change — successful or failed — recorded in the audit trail through
+    :meth:`System.audit <hsmkms.system.System.audit>` before its result is used. No record, no
+    result: when the record cannot be written, its error is raised instead (a credential
+    created meanwhile exists, but its secret is never shown: delete it).
+
+    Records (``eventSource`` ``iam.amazonaws.com``, ``userIdentity`` ``LocalOperator``):
+    ``CreateAccessKey`` (``userName``; the response's ``accessKey`` without the secret),
+    ``DeleteAccessKey`` (``userName``, ``accessKeyId``), ``PutUserPolicy`` (``userName``,
+    ``policyDocument``: identity policies are not secret, as IAM logs them) and
+    ``DeleteUserPolicy``; ``TrustCredentials`` (``hsmkms credentials trust``). The root
+    credential set from ``HSMKMS_ROOT_*`` at a start is a ``CreateAccessKey`` of ``root``.
+    """
+
+    EVENT_SOURCE = IAM_EVENT_SOURCE
+
+    def __init__(self, system: System, *, command: str) -> None:
+        super().__init__(system, command=command)
+        self._store = system.credentials
 
     @staticmethod
     def _named(name_or_key_id: str) -> dict[str, Any]:
@@ -364,7 +381,7 @@ class OperatorCredentials:
         return info
 
 
-class OperatorXksCredentials:
+class OperatorXksCredentials(_OperatorChanges):
     """The XKS proxy credentials as the local operator changes them (``hsmkms xks
     credentials``), every change — successful or failed — recorded in the audit trail before
     its result is used (no record, no result), as :class:`OperatorCredentials` does.
@@ -375,43 +392,11 @@ class OperatorXksCredentials:
     (the operator vouched for the set in the database), ``PutXksPolicy`` and
     ``DeleteXksPolicy`` (a prefix's secondary authorization)."""
 
+    EVENT_SOURCE = XKS_EVENT_SOURCE
+
     def __init__(self, system: System, *, command: str) -> None:
-        self._system = system
+        super().__init__(system, command=command)
         self._store = system.xks_credentials
-        self._identity = local_operator_identity(system.settings.account_id)
-        self._user_agent = f"hsmkms-cli/{__version__} ({command})"
-
-    def __repr__(self) -> str:
-        return f"OperatorXksCredentials(user_agent={self._user_agent!r})"
-
-    def _record(
-        self,
-        event: str,
-        request: dict[str, Any],
-        response: dict[str, Any] | None,
-        failure: Exception | None,
-    ) -> None:
-        error_code = error_message = None
-        if failure is not None:
-            error_code, error_message = caller_error_fields(failure)
-        settings = self._system.settings
-        self._system.audit(
-            prepare_api_call(
-                event,
-                read_only=False,
-                identity=self._identity,
-                account_id=settings.account_id,
-                region=settings.region,
-                request_id=str(uuid.uuid4()),
-                request=request,
-                response=response,
-                source_ip=LOCAL_SOURCE,
-                user_agent=self._user_agent,
-                error_code=error_code,
-                error_message=error_message,
-                event_source=XKS_EVENT_SOURCE,
-            )
-        )
 
     def create(self, prefix: str) -> IssuedXksCredential:
         """:meth:`XksCredentialStore.create`, recorded as ``CreateXksCredential``."""
