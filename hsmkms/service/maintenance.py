@@ -198,8 +198,13 @@ class Maintenance(ServiceCore):
         present = {s: {o.object_id for o in listed} for s, listed in objects.items()}
         referenced: dict[str, set[str]] = {store_id: set() for store_id in objects}
         missing: list[tuple[str, int]] = []
+        unchecked: set[str] = set()  # custom key stores not connected: their keys not checked
         for version, state in self._store.all_versions():
             ref = KeyMaterialRef.from_str(version.material_ref)
+            if ref.store not in objects and not self._list_custom_store(
+                ref.store, objects, present, referenced, unchecked
+            ):
+                continue
             # Wrapped material has no object of its own: it needs its KEK.
             needed = ref.token_object_ids
             referenced.setdefault(ref.store, set()).update(needed)
@@ -215,6 +220,31 @@ class Maintenance(ServiceCore):
                     orphans.append(o)
                     stores[o.object_id] = store_id
         return Inconsistencies(orphans=orphans, missing=missing, orphan_stores=stores)
+
+    def _list_custom_store(
+        self,
+        store_id: str,
+        objects: dict[str, list[TokenObject]],
+        present: dict[str, set[str]],
+        referenced: dict[str, set[str]],
+        unchecked: set[str],
+    ) -> bool:
+        """List a custom key store's token into the consistency check's maps; False when it
+        is not connected (or not a custom key store): its versions are not checked."""
+        if store_id in unchecked:
+            return False
+        custom = self._custom
+        if custom is None or custom.table.get(store_id) is None:
+            return True  # an unregistered store: all missing
+        try:
+            listed = custom.backend(store_id).list_objects()
+        except Exception:
+            unchecked.add(store_id)
+            return False
+        objects[store_id] = listed
+        present[store_id] = {o.object_id for o in listed}
+        referenced[store_id] = set()
+        return True
 
     def remove_orphans(
         self, *, grace: float = 15.0, sleep: Callable[[float], None] = time.sleep
@@ -274,4 +304,5 @@ class Maintenance(ServiceCore):
         """Stop background work, close the store and log the keystore out (end of process)."""
         self.stop()
         self._store.close()
+        self.close_custom_key_stores()
         self._stores.close()

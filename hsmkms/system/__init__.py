@@ -39,6 +39,7 @@ from hsmkms.system.operator import (
 from hsmkms.system.root import (
     AuditMode,
     System,
+    cluster_identity,
     database_device,
     open_audit_reader,
     open_audit_resumer,
@@ -60,6 +61,7 @@ __all__ = [
     "OperatorXksCredentials",
     "System",
     "check_data_directory",
+    "cluster_identity",
     "data_directory_exists",
     "database_device",
     "initialize",
