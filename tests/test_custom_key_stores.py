@@ -18,6 +18,7 @@ from local_system import open_system, settings_for
 from server import RunningServer, running_server
 
 from hsmkms import models as m
+from hsmkms.errors import CustomKeyStoreHasCMKsException, NotFoundException
 from hsmkms.keystore.config import KeystoreConfig
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service.testing import ManualClock
@@ -461,6 +462,12 @@ def test_purge_destroys_the_material_in_the_store_token(tmp_path: Path) -> None:
         clock.advance(days=8)
         assert service.purge_due() == []  # the token is not connected: tried again later
         assert any(compact in label for label in token_objects(data_dir, "purge-tok", PIN))
+        with pytest.raises(NotFoundException):  # gone for callers, as in AWS
+            service.describe_key(m.DescribeKeyRequest(KeyId=key_id))
+        with pytest.raises(CustomKeyStoreHasCMKsException):
+            service.delete_custom_key_store(
+                m.DeleteCustomKeyStoreRequest(CustomKeyStoreId=store_id)
+            )
         service.connect_custom_key_store(m.ConnectCustomKeyStoreRequest(CustomKeyStoreId=store_id))
         stores.wait()
         assert service.purge_due() == [key_id]

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hsmkms.errors import KMSInvalidStateException
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, TokenObject
 from hsmkms.keystore.imports import WrappingKeyRef, WrappingKeySpec, wrapping_key_end
 from hsmkms.keystore.specs import KeyMaterialSpec
@@ -170,6 +171,11 @@ class Maintenance(ServiceCore):
                     wrapping = WrappingKeyRef.from_str(token.wrapping_key)
                     self._stores.get(wrapping.store).destroy_wrapping_key(wrapping)
                 self._store.delete_key(key.key_id)
+            except KMSInvalidStateException as exc:
+                # Its custom key store is not connected: its material stays in that token
+                # (and the key Deleting) until the store is connected again.
+                log.warning("purge_waits_for_key_store", key_id=key.key_id, reason=exc.message)
+                continue
             except Exception:
                 log.exception("purge_failed", key_id=key.key_id)
                 continue
