@@ -253,6 +253,24 @@ def test_lifecycle_of_a_custom_key_store(server: RunningServer, kms: Any) -> Non
         (r.get("additionalEventData") or {}).get("customKeyStoreId") == store_id for r in records
     )
 
+    # The operator's cluster changes are recorded, failures included.
+    added = json.loads(
+        server.cli("audit", "search", "--event-name", "AddCloudHsmCluster", "--json").stdout
+    )
+    assert any(
+        r["requestParameters"]["cloudHsmClusterId"] == "cluster-lifecycleaaa"
+        and r["userIdentity"]["type"] == "LocalOperator"
+        and r.get("errorCode") is None
+        for r in added
+    )
+    removals = json.loads(
+        server.cli("audit", "search", "--event-name", "RemoveCloudHsmCluster", "--json").stdout
+    )
+    assert any(
+        r["requestParameters"]["cloudHsmClusterId"] == "cluster-lifecycleaaa" and r.get("errorCode")
+        for r in removals
+    )
+
     # The password is in no file of the data directory (database, audit trail) nor in the log.
     for path in server.data_dir.rglob("*"):
         if path.is_file():

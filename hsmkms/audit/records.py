@@ -297,6 +297,7 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "CustomKeyStoreType": _str,
     "CloudHsmClusterId": _str,
     "TrustAnchorCertificate": _str,
+    "Pkcs11Uri": _str,  # hsmkms clusters add (a cluster's URI carries no PIN)
     "XksProxyUriEndpoint": _str,
     "XksProxyUriPath": _str,
     "XksProxyVpcEndpointServiceName": _str,
@@ -393,6 +394,7 @@ RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
     "AccessKeyId": _str,  # an XKS proxy credential created (never its secret)
     "UriPath": _str,
     "CustomKeyStoreId": _str,  # CreateCustomKeyStore
+    "CloudHsmClusterId": _str,  # hsmkms clusters add
 }
 """Response members that may be copied into ``responseElements`` (non-read-only operations).
 ``GrantToken`` is absent on purpose: it is a bearer token."""

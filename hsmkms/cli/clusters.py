@@ -5,7 +5,8 @@ A cluster is a further PKCS#11 token named by a URI (module and token, never a P
 operator registers one: an API caller can never make the server load a library. ``add`` opens
 the token (without logging in) and prints the cluster id and the trust anchor
 (``TrustAnchorCertificate``) CreateCustomKeyStore must be given. A running server sees a
-change at once (it reads the table on every use).
+change at once (it reads the table on every use). Every change is recorded in the audit trail
+(:class:`hsmkms.system.OperatorClusters`) before it is reported.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hsmkms.errors import AlreadyExistsException, CloudHsmClusterNotFoundExcepti
 from hsmkms.keystore.base import TokenIdentity
 from hsmkms.keystore.errors import KeystoreError
 from hsmkms.store.key_stores import CLUSTER_ID, ClusterInUse, trust_anchor_of
-from hsmkms.system import System, cluster_identity, require_data_directory
+from hsmkms.system import OperatorClusters, System, cluster_identity, require_data_directory
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,11 +93,11 @@ def run_add(args: argparse.Namespace) -> int:
     except KeystoreError as exc:
         raise UsageError(f"--pkcs11-uri: the token cannot be opened: {exc.message}") from None
     anchor = trust_anchor_of(identity)
-    with System.open(settings, audit=None, prepare=False) as system:
+    with System.open(settings, audit="direct", prepare=False) as system:
         if identity == TokenIdentity.of(system.keystore.info()):
             raise UsageError("--pkcs11-uri names the default token: name another token")
         try:
-            record = system.service.custom_key_stores.table.add_cluster(
+            record = OperatorClusters(system, command="clusters add").add(
                 args.cluster_id, args.pkcs11_uri, anchor
             )
         except AlreadyExistsException as exc:
@@ -145,9 +146,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     _check_cluster_id(args.cluster_id)
-    with _open(args) as system:
+    settings = Settings.load(args.data_dir)
+    require_data_directory(settings)
+    with System.open(settings, audit="direct", prepare=False) as system:
         try:
-            removed = system.service.custom_key_stores.table.remove_cluster(args.cluster_id)
+            removed = OperatorClusters(system, command="clusters remove").remove(args.cluster_id)
         except (ClusterInUse, CloudHsmClusterNotFoundException) as exc:
             raise UsageError(exc.message) from None
     if args.json:

@@ -61,7 +61,6 @@ from sqlalchemy.exc import IntegrityError
 from hsmkms.db import Component, Database, ErrorMessages, Migration, UTCDateTime, migrate
 from hsmkms.errors import (
     AlreadyExistsException,
-    ClientError,
     CloudHsmClusterInUseException,
     CloudHsmClusterNotFoundException,
     CustomKeyStoreNameInUseException,
@@ -166,7 +165,7 @@ def trust_anchor_of(identity: TokenIdentity) -> str:
     return "\n".join([f"-----BEGIN {_ANCHOR_LABEL}-----", *lines, f"-----END {_ANCHOR_LABEL}-----"])
 
 
-class ClusterInUse(ClientError):
+class ClusterInUse(CloudHsmClusterInUseException):
     """A custom key store uses the cluster: it cannot be removed."""
 
 

@@ -31,6 +31,7 @@ from hsmkms.system.datadir import (
 from hsmkms.system.operator import (
     LOCAL_OPERATOR_TYPE,
     LOCAL_SOURCE,
+    OperatorClusters,
     OperatorCredentials,
     OperatorService,
     OperatorXksCredentials,
@@ -56,6 +57,7 @@ __all__ = [
     "AuditMode",
     "InitReport",
     "NoDataDirectory",
+    "OperatorClusters",
     "OperatorCredentials",
     "OperatorService",
     "OperatorXksCredentials",

@@ -47,6 +47,7 @@ from hsmkms.models.crypto import (
 )
 from hsmkms.service import OPERATIONS
 from hsmkms.service.identifiers import Arns
+from hsmkms.store.key_stores import ClusterRecord
 from hsmkms.system.root import System
 from hsmkms.types import Caller
 
@@ -54,6 +55,7 @@ __all__ = [
     "IAM_EVENT_SOURCE",
     "LOCAL_OPERATOR_TYPE",
     "LOCAL_SOURCE",
+    "OperatorClusters",
     "OperatorCredentials",
     "OperatorService",
     "OperatorXksCredentials",
@@ -438,3 +440,72 @@ class OperatorXksCredentials:
         request["Prefix"] = info.prefix
         self._record("DeleteXksCredential", request, None, None)
         return info
+
+
+class OperatorClusters:
+    """The clusters of custom key stores (further tokens) as the local operator changes them
+    (``hsmkms clusters``), every change — successful or failed — recorded in the audit trail
+    before its result is used, as :class:`OperatorXksCredentials` does.
+
+    Records (``eventSource`` ``kms.amazonaws.com``, ``userIdentity`` ``LocalOperator``):
+    ``AddCloudHsmCluster`` (``CloudHsmClusterId``, ``Pkcs11Uri``, which carries no PIN) and
+    ``RemoveCloudHsmCluster`` (``CloudHsmClusterId``)."""
+
+    def __init__(self, system: System, *, command: str) -> None:
+        self._system = system
+        self._table = system.service.custom_key_stores.table
+        self._identity = local_operator_identity(system.settings.account_id)
+        self._user_agent = f"hsmkms-cli/{__version__} ({command})"
+
+    def __repr__(self) -> str:
+        return f"OperatorClusters(user_agent={self._user_agent!r})"
+
+    def _record(
+        self,
+        event: str,
+        request: dict[str, Any],
+        response: dict[str, Any] | None,
+        failure: Exception | None,
+    ) -> None:
+        error_code = error_message = None
+        if failure is not None:
+            error_code, error_message = caller_error_fields(failure)
+        settings = self._system.settings
+        self._system.audit(
+            prepare_api_call(
+                event,
+                read_only=False,
+                identity=self._identity,
+                account_id=settings.account_id,
+                region=settings.region,
+                request_id=str(uuid.uuid4()),
+                request=request,
+                response=response,
+                source_ip=LOCAL_SOURCE,
+                user_agent=self._user_agent,
+                error_code=error_code,
+                error_message=error_message,
+            )
+        )
+
+    def add(self, cluster_id: str, pkcs11_uri: str, trust_anchor: str) -> ClusterRecord:
+        """:meth:`CustomKeyStoreTable.add_cluster`, recorded as ``AddCloudHsmCluster``."""
+        request: dict[str, Any] = {"CloudHsmClusterId": cluster_id, "Pkcs11Uri": pkcs11_uri}
+        try:
+            record = self._table.add_cluster(cluster_id, pkcs11_uri, trust_anchor)
+        except Exception as exc:
+            self._record("AddCloudHsmCluster", request, None, exc)
+            raise
+        self._record("AddCloudHsmCluster", request, {"CloudHsmClusterId": cluster_id}, None)
+        return record
+
+    def remove(self, cluster_id: str) -> ClusterRecord:
+        """:meth:`CustomKeyStoreTable.remove_cluster`, recorded as ``RemoveCloudHsmCluster``."""
+        request: dict[str, Any] = {"CloudHsmClusterId": cluster_id}
+        try:
+            record = self._table.remove_cluster(cluster_id)
+        except Exception as exc:
+            self._record("RemoveCloudHsmCluster", request, None, exc)
+            raise
+        self._record("RemoveCloudHsmCluster", request, None, None)
+        return record
