@@ -226,8 +226,9 @@ _STORE_COLUMNS = (
 
 class CustomKeyStoreTable:
     """Clusters and custom key stores in SQL, passwords sealed by a key in the default token.
-    Thread-safe. Every read goes to the database (one indexed read), so a change made by
-    another process (``hsmkms clusters add``, another worker's Connect) is seen at once.
+    Thread-safe. Every read goes to the database (a store's row through a read cache kept
+    while the database's change signal shows no commit), so a change made by another process
+    (``hsmkms clusters add``, another worker's Connect) is seen at once.
 
     ``database`` is the metadata store's :class:`~hsmkms.db.Database` (shared; not closed
     here); ``keystore`` the default token (seals passwords). Tables are created when missing;
@@ -242,6 +243,10 @@ class CustomKeyStoreTable:
         self._wrapping_key: KeyMaterialRef | None = None
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
             migrate(conn, COMPONENT, clock)
+        # Every use of a store's key reads its row: answered from memory while the database's
+        # change signal says nothing was committed since (asked on every read, so a change by
+        # another process is seen at once).
+        self._cache = self._db.read_cache(check_interval=0.0, max_entries=1024)
 
     def __repr__(self) -> str:
         return "CustomKeyStoreTable()"
@@ -392,9 +397,13 @@ class CustomKeyStoreTable:
 
     def get(self, store_id: str) -> CustomKeyStoreRecord | None:
         """The store ``store_id``, or None."""
-        with self._db.read(_ERRORS) as conn:
-            row = conn.execute(select(*_STORE_COLUMNS).where(_S.c.store_id == store_id)).first()
-        return None if row is None else _store_from(row._mapping)
+
+        def load() -> CustomKeyStoreRecord | None:
+            with self._db.read(_ERRORS) as conn:
+                row = conn.execute(select(*_STORE_COLUMNS).where(_S.c.store_id == store_id)).first()
+            return None if row is None else _store_from(row._mapping)
+
+        return self._cache.get(("store", store_id), load)
 
     def require(self, store_id: str) -> CustomKeyStoreRecord:
         """The store ``store_id``; CustomKeyStoreNotFoundException when none."""
