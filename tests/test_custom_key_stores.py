@@ -539,3 +539,46 @@ def test_every_worker_connects_the_store_itself(tmp_path: Path) -> None:
             ]
             == "KMSInvalidStateException"
         )
+
+
+def test_connection_error_codes(tmp_path: Path) -> None:
+    """FAILED with NETWORK_ERRORS when the module or the token cannot be reached, and with
+    CLUSTER_NOT_FOUND when the token reached is not the one registered (another trust anchor)."""
+    data_dir = tmp_path / "data"
+    with open_system(data_dir, audit=None) as system:
+        init_token(data_dir, "codes-a", PIN)
+        init_token(data_dir, "codes-b", PIN)
+        settings = settings_for(data_dir)
+        anchor_b = trust_anchor_of(cluster_identity(settings, cluster_uri("codes-b")))
+        service = system.service
+        table = service.custom_key_stores.table
+        # Registered as the table would hold them had the token changed since (the CLI checks
+        # a URI when it adds it).
+        table.add_cluster(
+            "cluster-nomoduleaaaa", "pkcs11:token=codes-a?module-path=/nonexistent/lib.so", "x"
+        )
+        table.add_cluster("cluster-notokenaaaaa", cluster_uri("codes-gone"), "y")
+        table.add_cluster("cluster-othertokenaa", cluster_uri("codes-a"), anchor_b)
+        expected = {
+            "cluster-nomoduleaaaa": ("x", "NETWORK_ERRORS"),
+            "cluster-notokenaaaaa": ("y", "NETWORK_ERRORS"),
+            "cluster-othertokenaa": (anchor_b, "CLUSTER_NOT_FOUND"),
+        }
+        for cluster_id, (anchor, code) in expected.items():
+            store_id = service.create_custom_key_store(
+                m.CreateCustomKeyStoreRequest(
+                    CustomKeyStoreName=cluster_id,
+                    CloudHsmClusterId=cluster_id,
+                    TrustAnchorCertificate=anchor,
+                    KeyStorePassword=PIN,
+                )
+            ).CustomKeyStoreId
+            service.connect_custom_key_store(
+                m.ConnectCustomKeyStoreRequest(CustomKeyStoreId=store_id)
+            )
+            service.custom_key_stores.wait(30)
+            (entry,) = service.describe_custom_key_stores(
+                m.DescribeCustomKeyStoresRequest(CustomKeyStoreId=store_id)
+            ).CustomKeyStores
+            assert entry.ConnectionState == "FAILED", cluster_id
+            assert entry.ConnectionErrorCode == code, cluster_id

@@ -212,7 +212,9 @@ class CustomKeyStores:
             thread.join(timeout)
 
     def close(self) -> None:
-        """Close every connection of this process (end of process)."""
+        """Close every connection of this process (end of process), after the connection
+        attempts under way (for a few seconds at most)."""
+        self.wait(5.0)
         with self._lock:
             held, self._held = self._held, {}
         for _generation, keystore in held.values():
