@@ -582,3 +582,51 @@ def test_connection_error_codes(tmp_path: Path) -> None:
             ).CustomKeyStores
             assert entry.ConnectionState == "FAILED", cluster_id
             assert entry.ConnectionErrorCode == code, cluster_id
+
+
+def test_key_store_actions_are_decided_by_identity_policies(
+    server: RunningServer, kms: Any, tmp_path: Path
+) -> None:
+    """kms:*CustomKeyStore* are account-level: a user without an identity policy allowing them
+    is refused (AccessDeniedException); one whose policy allows DescribeCustomKeyStores may
+    describe but not create; the root may do everything (the other tests)."""
+    path = tmp_path / "policy.json"
+    path.write_text(
+        json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": "kms:DescribeCustomKeyStores", "Resource": "*"}
+                ],
+            }
+        )
+    )
+    made = {}
+    for name, extra in (("nobody", []), ("reader", ["--policy-file", str(path)])):
+        proc = server.cli("credentials", "create", "--name", name, "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        made[name] = json.loads(proc.stdout)
+    nobody = server.client(made["nobody"]["AccessKeyId"], made["nobody"]["SecretAccessKey"])
+    reader = server.client(made["reader"]["AccessKeyId"], made["reader"]["SecretAccessKey"])
+    raises("AccessDeniedException", nobody.describe_custom_key_stores)
+    request = {
+        "CustomKeyStoreName": "denied",
+        "CloudHsmClusterId": "cluster-nosuchclusters",
+        "TrustAnchorCertificate": "x",
+        "KeyStorePassword": PIN,
+    }
+    raises("AccessDeniedException", nobody.create_custom_key_store, **request)
+    raises("AccessDeniedException", reader.create_custom_key_store, **request)
+    assert "CustomKeyStores" in reader.describe_custom_key_stores()
+    raises("CloudHsmClusterNotFoundException", kms.create_custom_key_store, **request)
+
+
+def test_no_password_in_any_file_or_log(server: RunningServer) -> None:
+    """Last of the module's server tests: after every call above (created, updated, refused,
+    denied), no key store password is in any file of the data directory (databases, audit
+    trail, token files) nor in the server's log."""
+    for pin in (PIN, OTHER_PIN, "not-the-pin"):
+        for path in server.data_dir.rglob("*"):
+            if path.is_file():
+                assert pin.encode() not in path.read_bytes(), path
+        assert pin not in server.log()
