@@ -621,6 +621,44 @@ def test_key_store_actions_are_decided_by_identity_policies(
     raises("CloudHsmClusterNotFoundException", kms.create_custom_key_store, **request)
 
 
+def test_an_abandoned_connection_attempt_is_settled(tmp_path: Path) -> None:
+    """A store left CONNECTING (the process trying it ended) is set FAILED with INTERNAL_ERROR
+    by the periodic work once five minutes have passed, so it can be disconnected and tried
+    again; a recent CONNECTING is left alone."""
+    data_dir = tmp_path / "data"
+    clock = ManualClock()
+    with open_system(data_dir, clock=clock, audit=None) as system:
+        init_token(data_dir, "stale-tok", PIN)
+        anchor = trust_anchor_of(cluster_identity(settings_for(data_dir), cluster_uri("stale-tok")))
+        service = system.service
+        table = service.custom_key_stores.table
+        table.add_cluster("cluster-staleaaaaaaa", cluster_uri("stale-tok"), anchor)
+        store_id = service.create_custom_key_store(
+            m.CreateCustomKeyStoreRequest(
+                CustomKeyStoreName="stale",
+                CloudHsmClusterId="cluster-staleaaaaaaa",
+                TrustAnchorCertificate=anchor,
+                KeyStorePassword=PIN,
+            )
+        ).CustomKeyStoreId
+        # What ConnectCustomKeyStore leaves when its process dies before the attempt ends.
+        assert table.set_state(store_id, "CONNECTING", expect=("DISCONNECTED",))
+        clock.advance(minutes=1)
+        service.run_due_tasks()
+        assert table.require(store_id).connection_state == "CONNECTING"
+        clock.advance(minutes=5)
+        service.run_due_tasks()
+        record = table.require(store_id)
+        assert record.connection_state == "FAILED"
+        assert record.connection_error_code == "INTERNAL_ERROR"
+        service.disconnect_custom_key_store(
+            m.DisconnectCustomKeyStoreRequest(CustomKeyStoreId=store_id)
+        )
+        service.connect_custom_key_store(m.ConnectCustomKeyStoreRequest(CustomKeyStoreId=store_id))
+        service.custom_key_stores.wait()
+        assert table.require(store_id).connection_state == "CONNECTED"
+
+
 def test_no_password_in_any_file_or_log(server: RunningServer) -> None:
     """Last of the module's server tests: after every call above (created, updated, refused,
     denied), no key store password is in any file of the data directory (databases, audit

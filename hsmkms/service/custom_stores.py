@@ -13,6 +13,7 @@ it (after fork, each worker its own: the keystore is fork-aware and lazy).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 from collections.abc import Callable
 from typing import Final
@@ -36,6 +37,8 @@ TokenOpener = Callable[[str, str, str], Keystore]
 yet), whose new material references name the store. Built by the composition root (only it
 knows how a URI becomes a keystore); None where custom key stores are not available."""
 
+STALE_CONNECTING: Final = dt.timedelta(minutes=5)
+"""A store CONNECTING for longer was abandoned (an attempt takes seconds)."""
 CONNECTED: Final = ConnectionStateType.CONNECTED.value
 CONNECTING: Final = ConnectionStateType.CONNECTING.value
 DISCONNECTED: Final = ConnectionStateType.DISCONNECTED.value
@@ -203,6 +206,26 @@ class CustomKeyStores:
         )
         log.warning("custom_key_store_connection_failed", store_id=store_id, code=code.value)
         return FAILED
+
+    def settle_stale(self, now: dt.datetime) -> list[str]:
+        """Stores left CONNECTING for longer than :data:`STALE_CONNECTING` (the process trying
+        them ended before it could tell): FAILED with INTERNAL_ERROR, so that they can be
+        disconnected and connected again rather than hang. The ids settled."""
+        settled = []
+        for record in self.table.stores():
+            if record.connection_state != CONNECTING:
+                continue
+            if self.table.set_state(
+                record.store_id,
+                FAILED,
+                expect=(CONNECTING,),
+                error_code=_E.INTERNAL_ERROR.value,
+                generation=record.generation,
+                changed_before=now - STALE_CONNECTING,
+            ):
+                log.warning("custom_key_store_connect_abandoned", store_id=record.store_id)
+                settled.append(record.store_id)
+        return settled
 
     def wait(self, timeout: float = 10.0) -> None:
         """Wait for the connection attempts this process started (tests, shutdown)."""

@@ -186,7 +186,13 @@ class Maintenance(ServiceCore):
 
     def run_due_tasks(self) -> DueTaskReport:
         """One pass of the periodic work: due automatic rotations, due deletions, expired
-        imported key material, expired import tokens."""
+        imported key material, expired import tokens; custom key stores whose connection
+        attempt was abandoned are set FAILED."""
+        if self._custom is not None:
+            try:
+                self._custom.settle_stale(self._clock())
+            except Exception:
+                log.exception("custom_key_store_settle_failed")
         return DueTaskReport(
             rotated=self.rotate_due(),
             purged=self.purge_due(),

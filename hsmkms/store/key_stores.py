@@ -14,7 +14,8 @@ Tables (migrated by the database layer's runner as component ``custom_key_stores
     cloudhsm_clusters  cluster_id (PK), pkcs11_uri, trust_anchor, created_at
     custom_key_stores  store_id (PK), name (unique), store_type, cluster_id (unique),
                        password_iv, password_sealed, wrapping_key, created_at,
-                       connection_state, connection_error_code, generation
+                       connection_state, connection_error_code, state_changed_at,
+                       generation
 
 ``generation`` grows with every change of the password or the cluster, so a process holding a
 connection made with the old ones opens a new one.
@@ -128,6 +129,7 @@ custom_key_stores = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("connection_state", String(16), nullable=False),
     Column("connection_error_code", String(64), nullable=True),
+    Column("state_changed_at", UTCDateTime, nullable=False),
     Column("generation", Integer, nullable=False),
 )
 _C = cloudhsm_clusters
@@ -191,6 +193,7 @@ class CustomKeyStoreRecord:
     connection_state: str
     connection_error_code: str | None
     generation: int
+    state_changed_at: dt.datetime | None = None
 
 
 def _store_from(m: Any) -> CustomKeyStoreRecord:
@@ -205,6 +208,7 @@ def _store_from(m: Any) -> CustomKeyStoreRecord:
             None if m["connection_error_code"] is None else str(m["connection_error_code"])
         ),
         generation=int(m["generation"]),
+        state_changed_at=m["state_changed_at"],
     )
 
 
@@ -220,7 +224,7 @@ def _aad(store_id: str) -> bytes:
 
 _STORE_COLUMNS = (
     _S.c.store_id, _S.c.name, _S.c.store_type, _S.c.cluster_id, _S.c.created_at,
-    _S.c.connection_state, _S.c.connection_error_code, _S.c.generation,
+    _S.c.connection_state, _S.c.connection_error_code, _S.c.generation, _S.c.state_changed_at,
 )  # fmt: skip
 
 
@@ -352,6 +356,7 @@ class CustomKeyStoreTable:
             "created_at": self._clock(),
             "connection_state": "DISCONNECTED",
             "connection_error_code": None,
+            "state_changed_at": self._clock(),
             "generation": 1,
             **sealed,
         }
@@ -452,20 +457,27 @@ class CustomKeyStoreTable:
         expect: Collection[str] | None = None,
         error_code: str | None = None,
         generation: int | None = None,
+        changed_before: dt.datetime | None = None,
     ) -> bool:
         """Compare and set the connection state: only when the current one is in ``expect``
-        (any when None) and, when given, the generation is ``generation``. Whether it was
-        set."""
+        (any when None) and, when given, the generation is ``generation`` and the state was
+        set before ``changed_before``. Whether it was set."""
         condition = _S.c.store_id == store_id
         if expect is not None:
             condition = condition & _S.c.connection_state.in_(list(expect))
         if generation is not None:
             condition = condition & (_S.c.generation == generation)
+        if changed_before is not None:
+            condition = condition & (_S.c.state_changed_at < changed_before)
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
             done = conn.execute(
                 update(_S)
                 .where(condition)
-                .values(connection_state=state, connection_error_code=error_code)
+                .values(
+                    connection_state=state,
+                    connection_error_code=error_code,
+                    state_changed_at=self._clock(),
+                )
             ).rowcount
         return bool(done)
 
