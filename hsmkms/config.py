@@ -54,6 +54,7 @@ __all__ = [
     "Pkcs11Uri",
     "ServeSettings",
     "Settings",
+    "cluster_keystore_config",
     "embedded_module_path",
     "find_module_by_name",
     "format_pkcs11_uri",
@@ -916,4 +917,49 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         placement=KeyPlacement(settings.key_placement),
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
         write_lock=str(settings.token_write_lock) if settings.is_embedded else None,
+    )
+
+
+def cluster_keystore_config(
+    settings: Settings, pkcs11_uri: str, pin: str, store_id: str
+) -> KeystoreConfig:
+    """The :class:`KeystoreConfig` of a custom key store's token (a cluster of ``hsmkms
+    clusters``): module and token from ``pkcs11_uri`` (``module-path`` or ``module-name``, and
+    ``token``, ``serial`` or ``slot-id``), the PIN given (the store's password; a URI carrying
+    a PIN is refused), new material named by ``store_id``, always token objects.
+
+    On the same module as the default token the token must be in the same SoftHSM2
+    configuration: a process loads a module once, and SoftHSM2 reads its configuration only
+    when initialized, so the cluster's keystore shares the default token's (the embedded data
+    directory's ``softhsm2.conf`` and token write lock). Raises :class:`ConfigError`.
+    """
+    uri = parse_pkcs11_uri(pkcs11_uri)
+    if uri.pin_source is not None or uri.pin_value is not None:
+        raise ConfigError(
+            "PKCS#11 URI: a cluster's URI carries no PIN (the key store password is its PIN)"
+        )
+    if uri.module_path is None and uri.module_name is None:
+        raise ConfigError("PKCS#11 URI: a cluster's URI must name its module (module-path)")
+    if uri.token is None and uri.serial is None and uri.slot_id is None:
+        raise ConfigError("PKCS#11 URI: a cluster's URI must name its token (token=<label>)")
+    if uri.module_path is not None and not Path(uri.module_path).is_dir():
+        module_path = uri.module_path
+    else:
+        # module-name alone, or a directory with module-name (as for the default token).
+        module_path = _resolve_module(settings.model_copy(update={"module_path": None}), uri)
+    default_module = _resolve_module(settings, settings.parsed_uri)
+    shared = settings.is_embedded and os.path.realpath(module_path) == os.path.realpath(
+        default_module
+    )
+    return KeystoreConfig(
+        module_path=module_path,
+        pin=pin,
+        token_label=_check_token_field(uri.token, "the token label", 32),
+        token_serial=_check_token_field(uri.serial, "the token serial", 16),
+        slot_id=uri.slot_id,
+        profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
+        placement=KeyPlacement.TOKEN,
+        softhsm2_conf=str(settings.softhsm2_conf) if shared else None,
+        write_lock=str(settings.token_write_lock) if shared else None,
+        store_id=store_id,
     )

@@ -28,6 +28,11 @@
     │   ├── InvalidGrantTokenException, InvalidGrantIdException
     │   ├── ExpiredImportTokenException, InvalidImportTokenException,
     │   │   IncorrectKeyMaterialException   importing key material
+    │   ├── CustomKeyStoreNotFoundException, CustomKeyStoreNameInUseException,
+    │   │   CustomKeyStoreInvalidStateException, CustomKeyStoreHasCMKsException,
+    │   │   CloudHsmClusterNotFoundException, CloudHsmClusterInUseException,
+    │   │   CloudHsmClusterNotRelatedException, IncorrectTrustAnchorException
+    │   │                                   custom key stores (AWS_CLOUDHSM)
     │   ├── UnknownOperationException, SerializationException
     │   └── UnrecognizedClientException, InvalidSignatureException,
     │       IncompleteSignatureException, MissingAuthenticationTokenException
@@ -268,6 +273,54 @@ class IncorrectKeyMaterialException(ClientError):
     before, or not new when new material was asked for."""
 
     code = "IncorrectKeyMaterialException"
+
+
+class CustomKeyStoreNotFoundException(ClientError):
+    """No custom key store has this id (or name)."""
+
+    code = "CustomKeyStoreNotFoundException"
+
+
+class CustomKeyStoreNameInUseException(ClientError):
+    """Another custom key store of the account has this name."""
+
+    code = "CustomKeyStoreNameInUseException"
+
+
+class CustomKeyStoreInvalidStateException(ClientError):
+    """The custom key store's connection state does not allow the operation."""
+
+    code = "CustomKeyStoreInvalidStateException"
+
+
+class CustomKeyStoreHasCMKsException(ClientError):
+    """The custom key store still holds KMS keys (pending deletion included)."""
+
+    code = "CustomKeyStoreHasCMKsException"
+
+
+class CloudHsmClusterNotFoundException(ClientError):
+    """No cluster (token registered by the operator) has this id."""
+
+    code = "CloudHsmClusterNotFoundException"
+
+
+class CloudHsmClusterInUseException(ClientError):
+    """Another custom key store uses this cluster."""
+
+    code = "CloudHsmClusterInUseException"
+
+
+class CloudHsmClusterNotRelatedException(ClientError):
+    """The cluster is not the same token as the custom key store's (another trust anchor)."""
+
+    code = "CloudHsmClusterNotRelatedException"
+
+
+class IncorrectTrustAnchorException(ClientError):
+    """The trust anchor certificate is not the cluster's."""
+
+    code = "IncorrectTrustAnchorException"
 
 
 class UnknownOperationException(ClientError):

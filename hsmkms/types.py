@@ -53,6 +53,8 @@ class Caller:
     secure_transport: bool = False
     user_agent: str | None = None
     keys_used: dict[str, int | None] = field(default_factory=dict)
+    custom_key_store_id: str | None = None
+    """The custom key store the call used (its audit record's ``customKeyStoreId``)."""
 
     def note_key(self, key_arn: str, version: int | None = None) -> None:
         """Record that the call named or used ``key_arn`` (and which version)."""

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
+from clusters import add_cluster, init_token
 from server import RunningServer, clean_env, running_server
 from test_api_key_types import KEY_TYPE_OPERATIONS
 
@@ -391,6 +393,28 @@ def test_aws_encryption_sdk_10_mb(
     plaintext, header = client.decrypt(source=ciphertext, key_provider=provider)
     assert plaintext == data
     assert header.encryption_context["test"] == "esdk"
+
+
+def test_custom_key_store_operations(server: RunningServer, kms: Any) -> None:
+    """Every custom key store operation once (the full story: tests/test_custom_key_stores.py)."""
+    init_token(server.data_dir, "kms-cks", "kms-cks-pin")
+    anchor = add_cluster(server, "cluster-apikmsaaaaaa", "kms-cks")
+    store_id = kms.create_custom_key_store(
+        CustomKeyStoreName="api-kms",
+        CloudHsmClusterId="cluster-apikmsaaaaaa",
+        TrustAnchorCertificate=anchor,
+        KeyStorePassword="kms-cks-pin",
+    )["CustomKeyStoreId"]
+    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+    for _ in range(300):
+        (entry,) = kms.describe_custom_key_stores(CustomKeyStoreId=store_id)["CustomKeyStores"]
+        if entry["ConnectionState"] != "CONNECTING":
+            break
+        time.sleep(0.1)
+    assert entry["ConnectionState"] == "CONNECTED"
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    kms.update_custom_key_store(CustomKeyStoreId=store_id, NewCustomKeyStoreName="api-kms-2")
+    kms.delete_custom_key_store(CustomKeyStoreId=store_id)
 
 
 def test_body_limit_leaves_room_for_every_request() -> None:

@@ -52,6 +52,8 @@ NOT_LOGGED = frozenset(
         "SharedSecretCiphertextBlob",
         "EncryptedKeyMaterial",
         "ImportToken",
+        "KeyStorePassword",
+        "XksProxyAuthenticationCredential",
     }
 )
 

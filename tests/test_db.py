@@ -45,6 +45,7 @@ from hsmkms.identity import CredentialStore
 from hsmkms.identity.store import COMPONENT as IDENTITY
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.store import KeyRecord, KeyVersionRecord, MetadataStore
+from hsmkms.store.key_stores import COMPONENT as CUSTOM_KEY_STORES
 from hsmkms.store.migrations import COMPONENT as METADATA
 from hsmkms.store.uses import COMPONENT as USES
 
@@ -472,7 +473,9 @@ def test_a_legacy_marker_adopts_that_many_migrations(path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("component", [METADATA, IDENTITY, AUDIT, USES], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "component", [METADATA, IDENTITY, AUDIT, USES, CUSTOM_KEY_STORES], ids=lambda c: c.name
+)
 def test_a_version_this_code_does_not_know_is_refused(path: Path, component: Component) -> None:
     database = Database(file_url(path))
     with database.write(WORDING) as conn:

@@ -110,7 +110,17 @@ def test_create_key_with_description_tags_and_policy(service: KmsService) -> Non
             {"KeySpec": "HMAC_256", "KeyUsage": "ENCRYPT_DECRYPT", "Origin": "EXTERNAL"},
             ValidationException,
         ),
-        ({"Origin": "AWS_CLOUDHSM"}, UnsupportedOperationException),
+        ({"Origin": "AWS_CLOUDHSM"}, ValidationException),
+        (
+            {
+                "Origin": "AWS_CLOUDHSM",
+                "CustomKeyStoreId": "cks-1234567890abcdef0",
+                "KeySpec": "RSA_2048",
+                "KeyUsage": "ENCRYPT_DECRYPT",
+            },
+            UnsupportedOperationException,
+        ),
+        ({"Origin": "EXTERNAL_KEY_STORE"}, UnsupportedOperationException),
         ({"CustomKeyStoreId": "cks-1234567890abcdef0"}, UnsupportedOperationException),
         ({"MultiRegion": True}, UnsupportedOperationException),
         (

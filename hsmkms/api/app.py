@@ -618,6 +618,8 @@ class KmsApp:
                 versions = [v for v in used.values() if v is not None]
                 if len(versions) == 1:
                     extra = {"keyVersion": versions[0]}
+            if caller.custom_key_store_id is not None:
+                extra = {**(extra or {}), "customKeyStoreId": caller.custom_key_store_id}
         else:
             identity = _unknown_identity(scope)
             source_ip = _peer(scope)

@@ -291,6 +291,18 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
     "Origin": _str,
     "CustomKeyStoreId": _str,
     "XksKeyId": _str,
+    # custom key stores (never KeyStorePassword nor XksProxyAuthenticationCredential)
+    "CustomKeyStoreName": _str,
+    "NewCustomKeyStoreName": _str,
+    "CustomKeyStoreType": _str,
+    "CloudHsmClusterId": _str,
+    "TrustAnchorCertificate": _str,
+    "Pkcs11Uri": _str,  # hsmkms clusters add (a cluster's URI carries no PIN)
+    "XksProxyUriEndpoint": _str,
+    "XksProxyUriPath": _str,
+    "XksProxyVpcEndpointServiceName": _str,
+    "XksProxyVpcEndpointServiceOwner": _str,
+    "XksProxyConnectivity": _str,
     "MultiRegion": _bool,
     "BypassPolicyLockoutSafetyCheck": _bool,
     "Policy": _str,
@@ -334,7 +346,8 @@ REQUEST_FIELDS: Final[Mapping[str, _Shape]] = {
 
 ``Plaintext``, ``CiphertextBlob``, ``Message``, ``Mac``, ``Signature``, ``GrantTokens``,
 ``GrantToken``, ``PublicKey`` (a peer's key: DeriveSharedSecret), ``SharedSecretCiphertextBlob``,
-import material and any unknown member are absent on purpose.
+import material, ``KeyStorePassword``, ``XksProxyAuthenticationCredential`` and any unknown
+member are absent on purpose.
 """
 
 _KEY_METADATA = _structure(
@@ -362,6 +375,8 @@ _KEY_METADATA = _structure(
         "MultiRegion": _bool,
         "PendingDeletionWindowInDays": _int,
         "CurrentKeyMaterialId": _str,
+        "CustomKeyStoreId": _str,
+        "CloudHsmClusterId": _str,
     }
 )
 
@@ -379,6 +394,8 @@ RESPONSE_FIELDS: Final[Mapping[str, _Shape]] = {
     "AccessKeyId": _str,  # an XKS proxy credential created (never its secret)
     "UriPath": _str,
     "AccessKeys": _int,  # how many a vouched-for set holds (TrustCredentials, TrustXksCredentials)
+    "CustomKeyStoreId": _str,  # CreateCustomKeyStore
+    "CloudHsmClusterId": _str,  # hsmkms clusters add
 }
 """Response members that may be copied into ``responseElements`` (non-read-only operations).
 ``GrantToken`` is absent on purpose: it is a bearer token."""

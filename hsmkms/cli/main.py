@@ -18,6 +18,7 @@ from hsmkms import __version__
 from hsmkms.cli import (
     audit,
     backup,
+    clusters,
     credentials,
     doctor,
     envelope,
@@ -44,7 +45,9 @@ from hsmkms.system.datadir import NoDataDirectory
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
 # is called with the parsed arguments and returns the exit code.
-COMMANDS = (init, doctor, serve, purge, credentials, envelope, audit, report, seed, backup, xks)
+COMMANDS = (
+    init, doctor, serve, purge, credentials, envelope, audit, report, seed, backup, xks, clusters,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

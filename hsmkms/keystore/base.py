@@ -53,6 +53,7 @@ __all__ = [
     "KeyMaterialRef",
     "Keystore",
     "MaterialName",
+    "TokenIdentity",
     "TokenInfo",
     "TokenObject",
     "checked_mac_key",
@@ -313,6 +314,25 @@ class TokenObject:
     def is_wrapping_key(self) -> bool:
         """Whether the object is the private key of an import wrapping key pair."""
         return self.label.startswith(LABEL_PREFIX + "import:")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIdentity:
+    """What a token says it is, readable without logging in: its manufacturer, model, serial
+    number and label (``CK_TOKEN_INFO``). A SoftHSM2 token gets a random serial when it is
+    initialized, so a re-initialized token (or another one given the same label) differs."""
+
+    manufacturer: str
+    model: str
+    serial: str
+    label: str
+
+    @classmethod
+    def of(cls, info: TokenInfo) -> TokenIdentity:
+        """The identity part of a logged-in token's :class:`TokenInfo`."""
+        return cls(
+            info.manufacturer.strip(), info.model.strip(), info.serial.strip(), info.label.strip()
+        )
 
 
 @dataclasses.dataclass(frozen=True)

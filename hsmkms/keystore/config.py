@@ -45,5 +45,7 @@ class KeystoreConfig:
     discovery_timeout: float = 3.0
     # Where new key versions of symmetric and HMAC specs live (existing ones stay where they are).
     placement: KeyPlacement = KeyPlacement.TOKEN
+    # The key store id the references of new material name (a custom key store's cks-... id).
+    store_id: str = "default"
     # How many wrapped key versions a process keeps unwrapped (session objects, per connection).
     unwrapped_cache: int = 1024

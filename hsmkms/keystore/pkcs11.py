@@ -72,6 +72,7 @@ from hsmkms.keystore.base import (
     Capabilities,
     KeyMaterialRef,
     MaterialName,
+    TokenIdentity,
     TokenInfo,
     TokenObject,
 )
@@ -651,6 +652,37 @@ class Pkcs11Keystore:
 
     # -- creating and destroying -------------------------------------------------------------
 
+    def identify(self) -> TokenIdentity:
+        """Open the token without logging in (a public session, closed again) and say what it
+        is: proves the module loads and the token is there; needs no PIN. Retries discovery
+        for the configured timeout, re-initializing the module in between (SoftHSM2 shows a
+        token created after ``C_Initialize`` only then). Raises
+        :class:`~hsmkms.keystore.errors.KeystoreError` subclasses (``ModuleLoadError``,
+        ``TokenConfigError``, ``TokenNotFound``, ``MultipleTokens``...)."""
+        with _LOCK:
+            lib = self._load_lib()
+            deadline = time.monotonic() + self._config.discovery_timeout
+            while True:
+                try:
+                    token = self._find_token(lib)
+                    session = token.open()
+                    session.close()
+                    return TokenIdentity(
+                        manufacturer=str(token.manufacturer_id).strip(),
+                        model=str(token.model).strip(),
+                        serial=bytes(token.serial).decode("ascii", "replace").strip(),
+                        label=str(token.label).strip(),
+                    )
+                except _TRANSIENT_OPEN_ERRORS as exc:
+                    if time.monotonic() >= deadline:
+                        if isinstance(exc, KeystoreError):
+                            raise
+                        raise map_pkcs11_error(exc, "opening the token") from exc
+                    self._sleep(0.1)
+                    _reinitialize(lib, self._config.module_path)
+                except p11e.PKCS11Error as exc:
+                    raise map_pkcs11_error(exc, "opening the token") from exc
+
     def info(self) -> TokenInfo:
         """Module, token and mechanism information."""
 
@@ -751,8 +783,9 @@ class Pkcs11Keystore:
                 kek_id, kek = self._kek(conn)
                 wrapped, local = generate_wrapped(conn.session, kek, objects, name)
             return KeyMaterialRef(
-                spec, profile, (), kek_id=kek_id, wrapped=tuple(wrapped), local=local
-            )
+                spec, profile, (), self._config.store_id,
+                kek_id=kek_id, wrapped=tuple(wrapped), local=local,
+            )  # fmt: skip
 
         if self._kek_id is not None:
             return self._call("creating a wrapped key", work)
@@ -836,7 +869,9 @@ class Pkcs11Keystore:
                 self._known.add(raw)
                 if public is not None:
                     conn.public[raw] = public
-            return KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
+            return KeyMaterialRef(
+                spec, profile, tuple(raw.hex() for raw in ids), self._config.store_id
+            )
 
         with self._token_writes():
             return self._call("creating a key", work)
@@ -987,7 +1022,9 @@ class Pkcs11Keystore:
                 self._known.add(raw)
                 if public is not None:
                     conn.public[raw] = public
-            ref = KeyMaterialRef(spec, profile, tuple(raw.hex() for raw in ids))
+            ref = KeyMaterialRef(
+                spec, profile, tuple(raw.hex() for raw in ids), self._config.store_id
+            )
             return ImportedMaterial(ref, imported.check_value)
 
         return self._observed(

@@ -3,16 +3,18 @@ that store's key material.
 
 The default store (id ``default``) is the configured token; it is where new keys are created.
 Custom key stores (further tokens, external key managers) are registered under their own ids
-by the composition root from the operator's configuration, never by an API caller. A key
-material reference names its store (:attr:`KeyMaterialRef.store`), and :meth:`backend_for`
-picks the store that holds it.
+by the composition root from the operator's configuration, never by an API caller; those that
+come and go while the process runs (AWS_CLOUDHSM custom key stores, connected and disconnected
+through the API) are found through a ``resolve`` callable the service gives
+(:meth:`KeyStores.with_resolver`). A key material reference names its store
+(:attr:`KeyMaterialRef.store`), and :meth:`backend_for` picks the store that holds it.
 
 Pure: no ``pkcs11`` here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from hsmkms.keystore.base import DEFAULT_STORE, KeyMaterialRef, Keystore
 from hsmkms.keystore.errors import UnknownKeyStore
@@ -23,8 +25,15 @@ __all__ = ["KeyStores", "key_stores"]
 class KeyStores:
     """Key stores by id; the default store always present. Immutable; thread-safe."""
 
-    def __init__(self, default: Keystore, others: Mapping[str, Keystore] | None = None) -> None:
+    def __init__(
+        self,
+        default: Keystore,
+        others: Mapping[str, Keystore] | None = None,
+        *,
+        resolve: Callable[[str], Keystore] | None = None,
+    ) -> None:
         self._default = default
+        self._resolve = resolve
         self._stores: dict[str, Keystore] = {DEFAULT_STORE: default}
         for store_id, store in (others or {}).items():
             if store_id in self._stores:
@@ -36,6 +45,12 @@ class KeyStores:
     def __repr__(self) -> str:
         return f"KeyStores({sorted(self._stores)})"
 
+    def with_resolver(self, resolve: Callable[[str], Keystore]) -> KeyStores:
+        """The same stores, and ``resolve(store_id)`` for an id none of them has (it returns
+        the store or raises the caller's error: a custom key store not connected)."""
+        others = {k: v for k, v in self._stores.items() if k != DEFAULT_STORE}
+        return KeyStores(self._default, others, resolve=resolve)
+
     @property
     def default(self) -> Keystore:
         """The default store: the configured token, where new keys are created."""
@@ -45,6 +60,8 @@ class KeyStores:
         """The store ``store_id``; :class:`UnknownKeyStore` when none is registered."""
         store = self._stores.get(store_id)
         if store is None:
+            if self._resolve is not None:
+                return self._resolve(store_id)
             raise UnknownKeyStore(f"no key store {store_id!r} is registered")
         return store
 
@@ -53,6 +70,8 @@ class KeyStores:
         store is not registered."""
         store = self._stores.get(ref.store)
         if store is None:
+            if self._resolve is not None:
+                return self._resolve(ref.store)
             raise UnknownKeyStore(f"no key store {ref.store!r} is registered")
         return store
 

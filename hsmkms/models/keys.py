@@ -43,6 +43,8 @@ class KeyMetadata(KmsModel):
     MultiRegion: bool = False
     PendingDeletionWindowInDays: int | None = None
     CurrentKeyMaterialId: str | None = None
+    CustomKeyStoreId: str | None = None
+    CloudHsmClusterId: str | None = None
 
 
 KeyMetadataShape = KeyMetadata

@@ -26,7 +26,7 @@ from hsmkms import __version__
 from hsmkms.audit import AuditRecord
 from hsmkms.audit.records import format_event_time, key_id_of
 from hsmkms.audit.trail import AuditTrail, VerifyResult
-from hsmkms.errors import ClientError, KMSError
+from hsmkms.errors import ClientError, KMSError, KMSInvalidStateException
 from hsmkms.keystore.base import KeyMaterialRef, Keystore
 from hsmkms.keystore.errors import KeyMaterialMissing, KeystoreError, TokenRejected
 from hsmkms.keystore.specs import KeyMaterialSpec
@@ -253,7 +253,7 @@ class ReportContext:
         readings: list[ObjectReading] = []
         try:
             keystore = self.key_stores.backend_for(ref)
-        except KeystoreError:
+        except (KeystoreError, KMSInvalidStateException):  # a custom key store disconnected
             return [], judge(
                 (),
                 origin=key.origin,

@@ -38,6 +38,7 @@ from hsmkms.errors import (
     KMSInvalidStateException,
     NotFoundException,
     ServerError,
+    UnsupportedOperationException,
 )
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName
 from hsmkms.keystore.errors import DecryptionFailed
@@ -48,6 +49,7 @@ from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, OriginType, R
 from hsmkms.policy import ContextInput
 from hsmkms.profiles import MechanismProfile
 from hsmkms.service.authorize import Authorizer, GrantCheck
+from hsmkms.service.custom_stores import CustomKeyStores, TokenOpener
 from hsmkms.service.identifiers import Arns, key_material_id, parse_grant_token
 from hsmkms.service.operations import OPERATIONS, Operation, Resolution
 from hsmkms.service.states import Access, check_state
@@ -71,6 +73,7 @@ log = structlog.get_logger(__name__)
 SYMMETRIC_DEFAULT = EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT.value
 _ENABLED = KeyState.Enabled.value
 _EXTERNAL = OriginType.EXTERNAL.value
+_CLOUDHSM = OriginType.AWS_CLOUDHSM.value
 
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
@@ -249,10 +252,19 @@ class ServiceCore:
         on_event: EventSink | None = None,
         usage_history: KeyUsageHistory | None = None,
         uses: KeyVersionUses | None = None,
+        token_opener: TokenOpener | None = None,
     ) -> None:
         # A single keystore is the default store of a registry of one.
         self._stores = key_stores(keystore)
         self._keystore = self._stores.default
+        # Custom key stores (AWS_CLOUDHSM): only where the composition root says how a
+        # cluster's token is opened. Their material is found through the registry's resolver.
+        self._custom: CustomKeyStores | None = None
+        if token_opener is not None:
+            self._custom = CustomKeyStores(
+                store.database, self._keystore, token_opener, clock=clock
+            )
+            self._stores = self._stores.with_resolver(self._custom.backend)
         self._on_event = on_event
         # Where GetKeyLastUsage reads (the audit trail); None: not available in this process.
         self._usage_history = usage_history
@@ -298,6 +310,26 @@ class ServiceCore:
     def key_stores(self) -> KeyStores:
         """Every key store, by id."""
         return self._stores
+
+    @property
+    def custom_key_stores(self) -> CustomKeyStores:
+        """The custom key stores (AWS_CLOUDHSM); UnsupportedOperationException where this
+        service was built without a way to open their tokens."""
+        if self._custom is None:
+            raise UnsupportedOperationException("Custom key stores are not supported.")
+        return self._custom
+
+    def close_custom_key_stores(self) -> None:
+        """Close this process's connections to custom key stores (end of process: before
+        the default keystore logs out)."""
+        if self._custom is not None:
+            self._custom.close()
+
+    def _note_custom_store(self, caller: Caller | None, key: KeyRecord, ref_text: str) -> None:
+        """Name the custom key store a key's material is in on the caller (its audit record's
+        ``additionalEventData.customKeyStoreId``)."""
+        if caller is not None and key.origin == _CLOUDHSM:
+            caller.custom_key_store_id = material_ref(ref_text).store
 
     # -- the template -------------------------------------------------------------------------
 
@@ -454,6 +486,7 @@ class ServiceCore:
             raise self._not_found(key_id)
         if caller is not None:
             caller.note_key(key.arn, version.version)
+            self._note_custom_store(caller, key, version.material_ref)
         return key, version
 
     def _resolve_current(
@@ -506,6 +539,7 @@ class ServiceCore:
             raise self._not_found(key_id)
         if caller is not None:
             caller.note_key(key.arn, version.version)
+            self._note_custom_store(caller, key, version.material_ref)
         return key, version
 
     @staticmethod
@@ -595,6 +629,7 @@ class ServiceCore:
         self._check_usage(op, key)
         if version is None:
             raise InvalidCiphertextException()
+        self._note_custom_store(caller, key, version.material_ref)
         ref = material_ref(version.material_ref)
         if ref.profile is not blob.profile:
             raise InvalidCiphertextException()

@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import Final
 
 from hsmkms.errors import (
+    CustomKeyStoreInvalidStateException,
     IncorrectKeyException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
+    KMSInvalidStateException,
     UnsupportedOperationException,
     ValidationException,
 )
@@ -40,6 +42,7 @@ from hsmkms.models import (
 from hsmkms.models.constraints import validation_exception
 from hsmkms.models.enums import DataKeySpec, EncryptionAlgorithmSpec, KeySpec
 from hsmkms.service.core import Call, ServiceCore, check_algorithm, material_ref, operation
+from hsmkms.service.custom_stores import CONNECTED
 from hsmkms.service.key_types import KEY_TYPES
 from hsmkms.service.operations import OPERATIONS, Operation
 from hsmkms.service.states import Access
@@ -410,8 +413,23 @@ class CryptoOperations(ServiceCore):
     def generate_random(self, call: Call[GenerateRandomRequest]) -> GenerateRandomResponse:
         """GenerateRandom: 1-1024 bytes from the token's random generator."""
         request = call.request
-        if request.CustomKeyStoreId is not None:
-            raise UnsupportedOperationException("Custom key stores are not supported.")
         _no_recipient(request.Recipient)
         assert request.NumberOfBytes is not None  # checked by the prepare hook
-        return GenerateRandomResponse(Plaintext=self._keystore.random(request.NumberOfBytes))
+        source = self._keystore
+        if request.CustomKeyStoreId is not None:
+            # spec: AWS KMS GenerateRandom — from the custom key store's cluster (AWS_CLOUDHSM
+            # stores only), which must be CONNECTED.
+            stores = self.custom_key_stores
+            record = stores.table.require(request.CustomKeyStoreId)
+            if call.caller is not None:
+                call.caller.custom_key_store_id = record.store_id
+            if record.connection_state != CONNECTED:
+                raise CustomKeyStoreInvalidStateException(
+                    f"The custom key store {record.store_id} is {record.connection_state}: "
+                    "GenerateRandom needs it CONNECTED."
+                )
+            try:
+                source = stores.backend(record.store_id)
+            except KMSInvalidStateException as exc:
+                raise CustomKeyStoreInvalidStateException(exc.message) from None
+        return GenerateRandomResponse(Plaintext=source.random(request.NumberOfBytes))

@@ -8,11 +8,13 @@ import uuid
 
 from hsmkms.errors import (
     AlreadyExistsException,
+    CustomKeyStoreInvalidStateException,
     KMSInvalidStateException,
     UnsupportedOperationException,
     ValidationException,
 )
-from hsmkms.keystore.base import MaterialName
+from hsmkms.keystore.base import Keystore, MaterialName
+from hsmkms.keystore.config import KeyPlacement
 from hsmkms.keystore.errors import UnsupportedByToken
 from hsmkms.models import (
     CancelKeyDeletionRequest,
@@ -45,7 +47,16 @@ from hsmkms.models.enums import (
 from hsmkms.policy import ContextInput, default_key_policy, parse_policy
 from hsmkms.service.aliases import check_tags, tag_conditions
 from hsmkms.service.authorize import key_policy
-from hsmkms.service.core import Call, Prepared, ServiceCore, log, operation, page_limit
+from hsmkms.service.core import (
+    Call,
+    Prepared,
+    ServiceCore,
+    log,
+    material_ref,
+    operation,
+    page_limit,
+)
+from hsmkms.service.custom_stores import CONNECTED
 from hsmkms.service.key_types import KEY_TYPES, customer_master_key_spec
 from hsmkms.service.states import Access
 from hsmkms.store import IMPORTED, ImportedMaterialRecord, KeyRecord, KeyVersionRecord
@@ -80,6 +91,23 @@ def _key_type(request: CreateKeyRequest) -> tuple[KeySpec, KeyUsage, OriginType]
             "PKCS#11 token holds it."
         )
     origin = request.Origin or OriginType.AWS_KMS
+    if origin is OriginType.AWS_CLOUDHSM:
+        # spec: AWS KMS CreateKey — a key in an AWS CloudHSM key store is a symmetric
+        # encryption key, single-Region, named by CustomKeyStoreId.
+        if request.CustomKeyStoreId is None:
+            raise ValidationException("CustomKeyStoreId is required when Origin is AWS_CLOUDHSM.")
+        if spec is not KeySpec.SYMMETRIC_DEFAULT or usage is not KeyUsage.ENCRYPT_DECRYPT:
+            raise UnsupportedOperationException(
+                f"KeySpec {spec} with KeyUsage {usage} is not supported in a custom key store: "
+                "only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys are."
+            )
+        if request.XksKeyId is not None:
+            raise ValidationException("XksKeyId is valid only with Origin EXTERNAL_KEY_STORE.")
+        if request.MultiRegion:
+            raise UnsupportedOperationException(
+                "Multi-Region keys cannot be created in a custom key store."
+            )
+        return spec, usage, origin
     if origin not in (OriginType.AWS_KMS, OriginType.EXTERNAL):
         raise UnsupportedOperationException(f"Origin {origin} is not supported.")
     if origin is OriginType.EXTERNAL and spec is KeySpec.ECC_NIST_EDWARDS25519:
@@ -168,8 +196,41 @@ class KeyOperations(ServiceCore):
                 "CurrentKeyMaterialId": (
                     self._key_material_id(key, key.current_version) if key_type.symmetric else None
                 ),
+                **self._custom_store_members(key),
             }
         )
+
+    def _custom_store_members(self, key: KeyRecord) -> dict[str, str | None]:
+        """KeyMetadata's CustomKeyStoreId and CloudHsmClusterId (a key in a custom key
+        store: the store its current material is in)."""
+        if key.origin != OriginType.AWS_CLOUDHSM or self._custom is None:
+            return {}
+        version = self._store.get_version(key.key_id, key.current_version)
+        if version is None:
+            return {}
+        store_id = material_ref(version.material_ref).store
+        record = self._custom.table.get(store_id)
+        return {
+            "CustomKeyStoreId": store_id,
+            "CloudHsmClusterId": None if record is None else record.cluster_id,
+        }
+
+    def _custom_store_backend(self, store_id: str, caller: Caller | None) -> Keystore:
+        """The keystore of the CONNECTED custom key store new material goes to
+        (CustomKeyStoreNotFoundException, CustomKeyStoreInvalidStateException)."""
+        stores = self.custom_key_stores
+        record = stores.table.require(store_id)
+        if caller is not None:
+            caller.custom_key_store_id = record.store_id
+        if record.connection_state != CONNECTED:
+            raise CustomKeyStoreInvalidStateException(
+                f"The custom key store {record.store_id} is {record.connection_state}: keys "
+                "can be created only in a CONNECTED custom key store."
+            )
+        try:
+            return stores.backend(record.store_id)
+        except KMSInvalidStateException as exc:
+            raise CustomKeyStoreInvalidStateException(exc.message) from None
 
     def _new_key_id(self, request: CreateKeyRequest, caller: Caller | None) -> str:
         """A fresh UUID; the local operator (a seed file) may choose it instead."""
@@ -199,7 +260,12 @@ class KeyOperations(ServiceCore):
         assert key_type.material is not None  # checked by _key_type
         name = MaterialName.key_version(key_id, 1)
         try:
-            if key_type.symmetric:
+            if origin is OriginType.AWS_CLOUDHSM:
+                assert request.CustomKeyStoreId is not None  # checked by _key_type
+                ref = self._custom_store_backend(request.CustomKeyStoreId, caller).create(
+                    key_type.material, name, placement=KeyPlacement.TOKEN
+                )
+            elif key_type.symmetric:
                 ref = self._stores.default.create(key_type.material, name)
             else:
                 material_usage = key_type.material_usage(usage)

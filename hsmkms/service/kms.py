@@ -18,6 +18,7 @@ from hsmkms.service.crypto import CryptoOperations
 from hsmkms.service.data_key_pairs import DataKeyPairOperations
 from hsmkms.service.grants import GrantOperations
 from hsmkms.service.imports import ImportOperations
+from hsmkms.service.key_stores import KeyStoreOperations
 from hsmkms.service.keys import KeyOperations
 from hsmkms.service.last_usage import LastUsageOperations
 from hsmkms.service.mac import MacOperations
@@ -42,6 +43,7 @@ class KmsService(
     PolicyOperations,
     GrantOperations,
     XksOperations,
+    KeyStoreOperations,
     Maintenance,
 ):
     """The KMS facade. Thread-safe (the keystore serializes token calls; the store pools

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hsmkms.errors import KMSInvalidStateException
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, TokenObject
 from hsmkms.keystore.imports import WrappingKeyRef, WrappingKeySpec, wrapping_key_end
 from hsmkms.keystore.specs import KeyMaterialSpec
@@ -170,6 +171,11 @@ class Maintenance(ServiceCore):
                     wrapping = WrappingKeyRef.from_str(token.wrapping_key)
                     self._stores.get(wrapping.store).destroy_wrapping_key(wrapping)
                 self._store.delete_key(key.key_id)
+            except KMSInvalidStateException as exc:
+                # Its custom key store is not connected: its material stays in that token
+                # (and the key Deleting) until the store is connected again.
+                log.warning("purge_waits_for_key_store", key_id=key.key_id, reason=exc.message)
+                continue
             except Exception:
                 log.exception("purge_failed", key_id=key.key_id)
                 continue
@@ -180,7 +186,13 @@ class Maintenance(ServiceCore):
 
     def run_due_tasks(self) -> DueTaskReport:
         """One pass of the periodic work: due automatic rotations, due deletions, expired
-        imported key material, expired import tokens."""
+        imported key material, expired import tokens; custom key stores whose connection
+        attempt was abandoned are set FAILED."""
+        if self._custom is not None:
+            try:
+                self._custom.settle_stale(self._clock())
+            except Exception:
+                log.exception("custom_key_store_settle_failed")
         return DueTaskReport(
             rotated=self.rotate_due(),
             purged=self.purge_due(),
@@ -198,8 +210,13 @@ class Maintenance(ServiceCore):
         present = {s: {o.object_id for o in listed} for s, listed in objects.items()}
         referenced: dict[str, set[str]] = {store_id: set() for store_id in objects}
         missing: list[tuple[str, int]] = []
+        unchecked: set[str] = set()  # custom key stores not connected: their keys not checked
         for version, state in self._store.all_versions():
             ref = KeyMaterialRef.from_str(version.material_ref)
+            if ref.store not in objects and not self._list_custom_store(
+                ref.store, objects, present, referenced, unchecked
+            ):
+                continue
             # Wrapped material has no object of its own: it needs its KEK.
             needed = ref.token_object_ids
             referenced.setdefault(ref.store, set()).update(needed)
@@ -215,6 +232,31 @@ class Maintenance(ServiceCore):
                     orphans.append(o)
                     stores[o.object_id] = store_id
         return Inconsistencies(orphans=orphans, missing=missing, orphan_stores=stores)
+
+    def _list_custom_store(
+        self,
+        store_id: str,
+        objects: dict[str, list[TokenObject]],
+        present: dict[str, set[str]],
+        referenced: dict[str, set[str]],
+        unchecked: set[str],
+    ) -> bool:
+        """List a custom key store's token into the consistency check's maps; False when it
+        is not connected (or not a custom key store): its versions are not checked."""
+        if store_id in unchecked:
+            return False
+        custom = self._custom
+        if custom is None or custom.table.get(store_id) is None:
+            return True  # an unregistered store: all missing
+        try:
+            listed = custom.backend(store_id).list_objects()
+        except Exception:
+            unchecked.add(store_id)
+            return False
+        objects[store_id] = listed
+        present[store_id] = {o.object_id for o in listed}
+        referenced[store_id] = set()
+        return True
 
     def remove_orphans(
         self, *, grace: float = 15.0, sleep: Callable[[float], None] = time.sleep
@@ -274,4 +316,5 @@ class Maintenance(ServiceCore):
         """Stop background work, close the store and log the keystore out (end of process)."""
         self.stop()
         self._store.close()
+        self.close_custom_key_stores()
         self._stores.close()

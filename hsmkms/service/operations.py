@@ -480,12 +480,28 @@ ALL_OPERATIONS: Final[dict[str, Operation]] = {
         ),
         _op("RevokeGrant", m.RevokeGrantRequest, m.EmptyResponse),
         # -- custom key stores (account-level) --------------------------------------------------
-        _op("CreateCustomKeyStore", None, None, _ACCOUNT),
-        _op("ConnectCustomKeyStore", None, None, _ACCOUNT),
-        _op("DescribeCustomKeyStores", None, None, _ACCOUNT, read_only=True),
-        _op("DisconnectCustomKeyStore", None, None, _ACCOUNT),
-        _op("UpdateCustomKeyStore", None, None, _ACCOUNT),
-        _op("DeleteCustomKeyStore", None, None, _ACCOUNT),
+        _op(
+            "CreateCustomKeyStore",
+            m.CreateCustomKeyStoreRequest,
+            m.CreateCustomKeyStoreResponse,
+            _ACCOUNT,
+        ),
+        _op("ConnectCustomKeyStore", m.ConnectCustomKeyStoreRequest, m.EmptyResponse, _ACCOUNT),
+        _op(
+            "DescribeCustomKeyStores",
+            m.DescribeCustomKeyStoresRequest,
+            m.DescribeCustomKeyStoresResponse,
+            _ACCOUNT,
+            read_only=True,
+        ),
+        _op(
+            "DisconnectCustomKeyStore",
+            m.DisconnectCustomKeyStoreRequest,
+            m.EmptyResponse,
+            _ACCOUNT,
+        ),
+        _op("UpdateCustomKeyStore", m.UpdateCustomKeyStoreRequest, m.EmptyResponse, _ACCOUNT),
+        _op("DeleteCustomKeyStore", m.DeleteCustomKeyStoreRequest, m.EmptyResponse, _ACCOUNT),
     )
 }
 """Every AWS KMS operation (and the one IAM action without an operation), by name."""

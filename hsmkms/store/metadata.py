@@ -904,6 +904,17 @@ class MetadataStore:
             self._verify(_V, m)
         return [(_version_from_row(r), r._mapping["k_state"]) for r in rows]
 
+    def count_keys_in_store(self, store_id: str) -> int:
+        """How many keys (pending deletion included) have material in key store ``store_id``
+        (their versions' references name it)."""
+        refs = or_(
+            _V.c.material_ref.startswith(f"v2:{store_id}:", autoescape=True),
+            _V.c.material_ref.startswith(f"v3:{store_id}:", autoescape=True),
+        )
+        with self._read() as conn:
+            found = conn.execute(select(func.count(func.distinct(_V.c.key_id))).where(refs))
+            return int(found.scalar_one())
+
     # -- rotation and deletion schedules ---------------------------------------------------------
 
     def keys_due_for_rotation(self, now: dt.datetime) -> list[KeyRecord]:

@@ -47,6 +47,7 @@ from hsmkms.models.crypto import (
 )
 from hsmkms.service import OPERATIONS
 from hsmkms.service.identifiers import Arns
+from hsmkms.store.key_stores import ClusterRecord
 from hsmkms.system.root import System
 from hsmkms.types import Caller
 
@@ -54,6 +55,7 @@ __all__ = [
     "IAM_EVENT_SOURCE",
     "LOCAL_OPERATOR_TYPE",
     "LOCAL_SOURCE",
+    "OperatorClusters",
     "OperatorCredentials",
     "OperatorService",
     "OperatorXksCredentials",
@@ -462,3 +464,39 @@ class OperatorXksCredentials(_OperatorChanges):
             raise
         self._record("DeleteXksPolicy", request, None, None)
         return removed
+
+
+class OperatorClusters(_OperatorChanges):
+    """The clusters of custom key stores (further tokens) as the local operator changes them
+    (``hsmkms clusters``), every change — successful or failed — recorded in the audit trail
+    before its result is used, as :class:`OperatorXksCredentials` does.
+
+    Records (``eventSource`` ``kms.amazonaws.com``, ``userIdentity`` ``LocalOperator``):
+    ``AddCloudHsmCluster`` (``CloudHsmClusterId``, ``Pkcs11Uri``, which carries no PIN) and
+    ``RemoveCloudHsmCluster`` (``CloudHsmClusterId``)."""
+
+    def __init__(self, system: System, *, command: str) -> None:
+        super().__init__(system, command=command)
+        self._table = system.service.custom_key_stores.table
+
+    def add(self, cluster_id: str, pkcs11_uri: str, trust_anchor: str) -> ClusterRecord:
+        """:meth:`CustomKeyStoreTable.add_cluster`, recorded as ``AddCloudHsmCluster``."""
+        request: dict[str, Any] = {"CloudHsmClusterId": cluster_id, "Pkcs11Uri": pkcs11_uri}
+        try:
+            record = self._table.add_cluster(cluster_id, pkcs11_uri, trust_anchor)
+        except Exception as exc:
+            self._record("AddCloudHsmCluster", request, None, exc)
+            raise
+        self._record("AddCloudHsmCluster", request, {"CloudHsmClusterId": cluster_id}, None)
+        return record
+
+    def remove(self, cluster_id: str) -> ClusterRecord:
+        """:meth:`CustomKeyStoreTable.remove_cluster`, recorded as ``RemoveCloudHsmCluster``."""
+        request: dict[str, Any] = {"CloudHsmClusterId": cluster_id}
+        try:
+            record = self._table.remove_cluster(cluster_id)
+        except Exception as exc:
+            self._record("RemoveCloudHsmCluster", request, None, exc)
+            raise
+        self._record("RemoveCloudHsmCluster", request, None, None)
+        return record

@@ -32,13 +32,14 @@ import structlog
 
 from hsmkms.audit import AuditRecord, AuditTrail, AuditWriter, PreparedRecord, service_event_record
 from hsmkms.audit.records import key_id_of
-from hsmkms.config import ConfigError, Settings, keystore_config
+from hsmkms.config import ConfigError, Settings, cluster_keystore_config, keystore_config
 from hsmkms.db import Database, database_exists, database_location
 from hsmkms.errors import ClientError, KMSError, KMSInternalException
 from hsmkms.identity import CredentialStore, root_account
 from hsmkms.identity.xks import XksCredentialStore
-from hsmkms.keystore.base import CallObserver, Keystore
+from hsmkms.keystore.base import CallObserver, Keystore, TokenIdentity
 from hsmkms.service import EventSink, KmsService, ServiceEvent
+from hsmkms.service.custom_stores import TokenOpener
 from hsmkms.service.last_usage import KeyUsageHistory, KeyUse
 from hsmkms.softhsm import ensure_token, relocate_conf
 from hsmkms.store import MetadataStore
@@ -50,6 +51,7 @@ log = structlog.get_logger(__name__)
 __all__ = [
     "AuditMode",
     "System",
+    "cluster_identity",
     "database_device",
     "open_audit_reader",
     "open_audit_resumer",
@@ -144,6 +146,31 @@ def _token(settings: Settings, observer: CallObserver | None) -> Keystore:
     return Pkcs11Keystore(keystore_config(settings), observer=observer)
 
 
+def _token_opener(settings: Settings, observer: CallObserver | None) -> TokenOpener:
+    """How the service opens a custom key store's token (a cluster registered with ``hsmkms
+    clusters add``): a lazy, fork-aware PKCS#11 keystore on the cluster's URI with the store's
+    password as its PIN."""
+
+    def open_token(pkcs11_uri: str, pin: str, store_id: str) -> Keystore:
+        from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+
+        config = cluster_keystore_config(settings, pkcs11_uri, pin, store_id)
+        return Pkcs11Keystore(config, observer=observer)
+
+    return open_token
+
+
+def cluster_identity(settings: Settings, pkcs11_uri: str) -> TokenIdentity:
+    """What the token a cluster's ``pkcs11_uri`` names says it is, asked without logging in
+    (``hsmkms clusters add``): proves the module loads and the token is there. Raises
+    :class:`~hsmkms.config.ConfigError` for a bad URI and the keystore's errors for a token
+    that cannot be reached."""
+    from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+
+    probe = Pkcs11Keystore(cluster_keystore_config(settings, pkcs11_uri, "", "default"))
+    return probe.identify()
+
+
 def _check_deployment(settings: Settings, store: MetadataStore) -> None:
     """Refuse settings whose account or region differ from those the database's keys were made
     for (recorded by :meth:`MetadataStore.claim_deployment`): the ARNs this process would mint
@@ -187,6 +214,7 @@ class System:
         *,
         audit: AuditMode | None,
         clock: Clock,
+        token_opener: TokenOpener | None = None,
     ) -> None:
         self.settings = settings
         self.keystore = keystore
@@ -227,6 +255,7 @@ class System:
             clock=clock,
             on_event=on_event,
             usage_history=usage_history,
+            token_opener=token_opener,
         )
 
     @classmethod
@@ -266,7 +295,14 @@ class System:
             store = MetadataStore(database, sealer=TokenRowSealer(keystore))
             opened.append(store.close)
             _check_deployment(settings, store)
-            system = cls(settings, keystore, store, audit=audit, clock=clock)
+            system = cls(
+                settings,
+                keystore,
+                store,
+                audit=audit,
+                clock=clock,
+                token_opener=_token_opener(settings, observer),
+            )
             system._database = database
             if identity:
                 system._credentials = CredentialStore(
@@ -378,7 +414,10 @@ class System:
                 if self._database is not None:
                     self._database.close()
             finally:
-                self.keystore.close()
+                try:
+                    self.service.close_custom_key_stores()
+                finally:
+                    self.keystore.close()
 
     def __enter__(self) -> System:
         return self

@@ -1,0 +1,354 @@
+"""Custom key stores of type AWS_CLOUDHSM (``docs/key-stores.md``, "Custom key stores"):
+CreateCustomKeyStore, DescribeCustomKeyStores, ConnectCustomKeyStore,
+DisconnectCustomKeyStore, UpdateCustomKeyStore, DeleteCustomKeyStore.
+
+A store is backed by one cluster: a further PKCS#11 token the operator registered
+(``hsmkms clusters add``), never the API. Its password is the token's user PIN, kept sealed by
+a key in the default token. The state rules are AWS's (botocore model and developer guide):
+
+- Connect: DISCONNECTED -> CONNECTING, then CONNECTED or FAILED (asynchronous; callers poll
+  DescribeCustomKeyStores); CONNECTED or CONNECTING: nothing to do; FAILED or DISCONNECTING:
+  CustomKeyStoreInvalidStateException (disconnect first).
+- Disconnect: CONNECTED, CONNECTING or FAILED -> DISCONNECTED; otherwise
+  CustomKeyStoreInvalidStateException.
+- Update and Delete: only DISCONNECTED. Delete: CustomKeyStoreHasCMKsException while keys
+  (pending deletion included) remain.
+
+External key stores (EXTERNAL_KEY_STORE) are not made here: UnsupportedOperationException.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from typing import Final
+
+import structlog
+
+from hsmkms.errors import (
+    CloudHsmClusterNotFoundException,
+    CloudHsmClusterNotRelatedException,
+    CustomKeyStoreHasCMKsException,
+    CustomKeyStoreInvalidStateException,
+    CustomKeyStoreNotFoundException,
+    IncorrectTrustAnchorException,
+    InvalidMarkerException,
+    UnsupportedOperationException,
+    ValidationException,
+)
+from hsmkms.models import (
+    ConnectCustomKeyStoreRequest,
+    CreateCustomKeyStoreRequest,
+    CreateCustomKeyStoreResponse,
+    CustomKeyStoresListEntry,
+    DeleteCustomKeyStoreRequest,
+    DescribeCustomKeyStoresRequest,
+    DescribeCustomKeyStoresResponse,
+    DisconnectCustomKeyStoreRequest,
+    EmptyResponse,
+    UpdateCustomKeyStoreRequest,
+)
+from hsmkms.models.enums import CustomKeyStoreType
+from hsmkms.service.core import Call, ServiceCore, operation, page_limit
+from hsmkms.service.custom_stores import CONNECTED, CONNECTING, DISCONNECTED, FAILED
+from hsmkms.store.key_stores import CustomKeyStoreRecord
+
+__all__ = ["KeyStoreOperations"]
+
+log = structlog.get_logger(__name__)
+
+_CLOUDHSM: Final = CustomKeyStoreType.AWS_CLOUDHSM.value
+_PASSWORD_MIN: Final = 7
+_PASSWORD_MAX: Final = 32
+_XKS_MEMBERS: Final = (
+    "XksProxyUriEndpoint",
+    "XksProxyUriPath",
+    "XksProxyVpcEndpointServiceName",
+    "XksProxyVpcEndpointServiceOwner",
+    "XksProxyAuthenticationCredential",
+    "XksProxyConnectivity",
+)
+_MARKER_PREFIX: Final = "cks:"
+
+
+def _check_password(password: str | None, *, required: bool) -> None:
+    """KeyStorePassword's constraints (botocore: 7-32 characters), worded as AWS words a
+    sensitive member: without its value."""
+    if password is None:
+        if required:
+            raise ValidationException(
+                "1 validation error detected: Value null at 'keyStorePassword' failed to satisfy "
+                "constraint: Member must not be null"
+            )
+        return
+    if len(password) < _PASSWORD_MIN:
+        bound = f"greater than or equal to {_PASSWORD_MIN}"
+    elif len(password) > _PASSWORD_MAX:
+        bound = f"less than or equal to {_PASSWORD_MAX}"
+    else:
+        return
+    raise ValidationException(
+        "1 validation error detected: Value at 'keyStorePassword' failed to satisfy constraint: "
+        f"Member must have length {bound}"
+    )
+
+
+def _no_xks_members(request: CreateCustomKeyStoreRequest | UpdateCustomKeyStoreRequest) -> None:
+    given = [name for name in _XKS_MEMBERS if getattr(request, name) is not None]
+    if given:
+        raise ValidationException(
+            f"{given[0]} is not valid for a custom key store of type AWS_CLOUDHSM."
+        )
+
+
+def _prepare_create(request: CreateCustomKeyStoreRequest) -> None:
+    kind = request.CustomKeyStoreType or CustomKeyStoreType.AWS_CLOUDHSM
+    if kind is not CustomKeyStoreType.AWS_CLOUDHSM:
+        raise UnsupportedOperationException(
+            "Custom key stores of type EXTERNAL_KEY_STORE are not supported (hsmkms is an XKS "
+            "proxy itself: docs/key-stores.md)."
+        )
+    _no_xks_members(request)
+    if request.CloudHsmClusterId is None:
+        raise ValidationException("CloudHsmClusterId is required for an AWS_CLOUDHSM key store.")
+    if request.TrustAnchorCertificate is None:
+        raise ValidationException(
+            "TrustAnchorCertificate is required for an AWS_CLOUDHSM key store."
+        )
+    _check_password(request.KeyStorePassword, required=True)
+
+
+def _prepare_update(request: UpdateCustomKeyStoreRequest) -> None:
+    _no_xks_members(request)
+    _check_password(request.KeyStorePassword, required=False)
+    if (
+        request.NewCustomKeyStoreName is None
+        and request.KeyStorePassword is None
+        and request.CloudHsmClusterId is None
+    ):
+        raise ValidationException(
+            "Specify NewCustomKeyStoreName, KeyStorePassword or CloudHsmClusterId."
+        )
+
+
+def _new_store_id() -> str:
+    """``cks-`` and 17 hex digits, as AWS's ids look."""
+    return "cks-" + secrets.token_hex(9)[:17]
+
+
+def _encode_marker(store_id: str) -> str:
+    return base64.urlsafe_b64encode((_MARKER_PREFIX + store_id).encode()).decode("ascii")
+
+
+def _decode_marker(marker: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(marker.encode("ascii")).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidMarkerException("The marker is not valid.") from None
+    if not text.startswith(_MARKER_PREFIX):
+        raise InvalidMarkerException("The marker is not valid.")
+    return text[len(_MARKER_PREFIX) :]
+
+
+def _invalid_state(
+    record: CustomKeyStoreRecord, wanted: str
+) -> CustomKeyStoreInvalidStateException:
+    return CustomKeyStoreInvalidStateException(
+        f"The custom key store {record.store_id} is {record.connection_state}; this operation "
+        f"requires it to be {wanted}."
+    )
+
+
+def _require_disconnected(record: CustomKeyStoreRecord) -> None:
+    if record.connection_state != DISCONNECTED:
+        raise _invalid_state(record, DISCONNECTED)
+
+
+class KeyStoreOperations(ServiceCore):
+    """The custom key store operations of :class:`~hsmkms.service.KmsService`."""
+
+    def _store_entry(self, record: CustomKeyStoreRecord) -> CustomKeyStoresListEntry:
+        cluster = (
+            None
+            if record.cluster_id is None
+            else self.custom_key_stores.table.cluster(record.cluster_id)
+        )
+        failed = record.connection_state == FAILED
+        return CustomKeyStoresListEntry.model_validate(
+            {
+                "CustomKeyStoreId": record.store_id,
+                "CustomKeyStoreName": record.name,
+                "CloudHsmClusterId": record.cluster_id,
+                "TrustAnchorCertificate": None if cluster is None else cluster.trust_anchor,
+                "ConnectionState": record.connection_state,
+                "ConnectionErrorCode": record.connection_error_code if failed else None,
+                "CreationDate": record.created_at,
+                "CustomKeyStoreType": record.store_type,
+            }
+        )
+
+    @operation("CreateCustomKeyStore", prepare=_prepare_create)
+    def create_custom_key_store(
+        self, call: Call[CreateCustomKeyStoreRequest]
+    ) -> CreateCustomKeyStoreResponse:
+        """CreateCustomKeyStore (AWS_CLOUDHSM): a DISCONNECTED store on a registered cluster
+        whose trust anchor the caller names; the password is sealed, never checked here (AWS
+        checks it on connecting)."""
+        request = call.request
+        assert request.CloudHsmClusterId is not None  # checked by the prepare hook
+        assert request.KeyStorePassword is not None
+        table = self.custom_key_stores.table
+        cluster = table.cluster(request.CloudHsmClusterId)
+        if cluster is None:
+            raise CloudHsmClusterNotFoundException(
+                f"Cluster '{request.CloudHsmClusterId}' does not exist."
+            )
+        if (request.TrustAnchorCertificate or "").strip() != cluster.trust_anchor.strip():
+            raise IncorrectTrustAnchorException(
+                f"The trust anchor certificate does not match cluster {cluster.cluster_id}'s."
+            )
+        store_id = _new_store_id()
+        table.create(
+            store_id,
+            request.CustomKeyStoreName,
+            _CLOUDHSM,
+            cluster.cluster_id,
+            request.KeyStorePassword,
+        )
+        if call.caller is not None:
+            call.caller.custom_key_store_id = store_id
+        return CreateCustomKeyStoreResponse(CustomKeyStoreId=store_id)
+
+    @operation("DescribeCustomKeyStores")
+    def describe_custom_key_stores(
+        self, call: Call[DescribeCustomKeyStoresRequest]
+    ) -> DescribeCustomKeyStoresResponse:
+        """DescribeCustomKeyStores: one store by id or name (CustomKeyStoreNotFoundException
+        when none), or every store, oldest first, Limit/Marker paginated."""
+        request = call.request
+        table = self.custom_key_stores.table
+        if request.CustomKeyStoreId is not None and request.CustomKeyStoreName is not None:
+            raise ValidationException(
+                "Specify either CustomKeyStoreId or CustomKeyStoreName, not both."
+            )
+        if request.CustomKeyStoreId is not None:
+            records = [table.require(request.CustomKeyStoreId)]
+        else:
+            records = table.stores()
+            if request.CustomKeyStoreName is not None:
+                records = [r for r in records if r.name == request.CustomKeyStoreName]
+                if not records:
+                    raise CustomKeyStoreNotFoundException(
+                        f"Custom key store '{request.CustomKeyStoreName}' does not exist."
+                    )
+        if request.Marker is not None:
+            after = _decode_marker(request.Marker)
+            ids = [r.store_id for r in records]
+            if after not in ids:
+                raise InvalidMarkerException("The marker is not valid.")
+            records = records[ids.index(after) + 1 :]
+        limit = page_limit(request.Limit, 1000)
+        page, rest = records[:limit], records[limit:]
+        return DescribeCustomKeyStoresResponse(
+            CustomKeyStores=[self._store_entry(r) for r in page],
+            NextMarker=_encode_marker(page[-1].store_id) if rest else None,
+            Truncated=bool(rest),
+        )
+
+    @operation("ConnectCustomKeyStore")
+    def connect_custom_key_store(self, call: Call[ConnectCustomKeyStoreRequest]) -> EmptyResponse:
+        """ConnectCustomKeyStore: CONNECTING now, CONNECTED or FAILED once the token was tried
+        (in the background)."""
+        stores = self.custom_key_stores
+        record = stores.table.require(call.request.CustomKeyStoreId)
+        if call.caller is not None:
+            call.caller.custom_key_store_id = record.store_id
+        state = record.connection_state
+        if state in (CONNECTED, CONNECTING):
+            return EmptyResponse()
+        if state != DISCONNECTED:
+            # spec: AWS KMS ConnectCustomKeyStore — a FAILED store must be disconnected first.
+            raise _invalid_state(record, DISCONNECTED)
+        if not stores.table.set_state(
+            record.store_id, CONNECTING, expect=(DISCONNECTED,), generation=record.generation
+        ):
+            raise _invalid_state(stores.table.require(record.store_id), DISCONNECTED)
+        stores.start_connecting(record)
+        return EmptyResponse()
+
+    @operation("DisconnectCustomKeyStore")
+    def disconnect_custom_key_store(
+        self, call: Call[DisconnectCustomKeyStoreRequest]
+    ) -> EmptyResponse:
+        """DisconnectCustomKeyStore: DISCONNECTED; the store's keys cannot be used until it is
+        connected again (every process notices on its next use)."""
+        stores = self.custom_key_stores
+        record = stores.table.require(call.request.CustomKeyStoreId)
+        if call.caller is not None:
+            call.caller.custom_key_store_id = record.store_id
+        connected = (CONNECTED, CONNECTING, FAILED)
+        if record.connection_state not in connected or not stores.table.set_state(
+            record.store_id, DISCONNECTED, expect=connected
+        ):
+            current = stores.table.require(record.store_id)
+            raise CustomKeyStoreInvalidStateException(
+                f"The custom key store {current.store_id} is {current.connection_state}: it "
+                "cannot be disconnected."
+            )
+        stores.drop(record.store_id)
+        return EmptyResponse()
+
+    @operation("UpdateCustomKeyStore", prepare=_prepare_update)
+    def update_custom_key_store(self, call: Call[UpdateCustomKeyStoreRequest]) -> EmptyResponse:
+        """UpdateCustomKeyStore: a new name, password, or cluster — the same token registered
+        under another cluster id (CloudHsmClusterNotRelatedException otherwise); only while
+        DISCONNECTED."""
+        request = call.request
+        table = self.custom_key_stores.table
+        record = table.require(request.CustomKeyStoreId)
+        if call.caller is not None:
+            call.caller.custom_key_store_id = record.store_id
+        _require_disconnected(record)
+        new_cluster = None
+        if request.CloudHsmClusterId is not None and request.CloudHsmClusterId != record.cluster_id:
+            new_cluster = table.cluster(request.CloudHsmClusterId)
+            if new_cluster is None:
+                raise CloudHsmClusterNotFoundException(
+                    f"Cluster '{request.CloudHsmClusterId}' does not exist."
+                )
+            old = None if record.cluster_id is None else table.cluster(record.cluster_id)
+            if old is None or old.trust_anchor != new_cluster.trust_anchor:
+                raise CloudHsmClusterNotRelatedException(
+                    f"Cluster '{new_cluster.cluster_id}' is not related to the custom key "
+                    f"store's cluster '{record.cluster_id}'."
+                )
+        table.update(
+            record.store_id,
+            check=_require_disconnected,
+            name=request.NewCustomKeyStoreName,
+            password=request.KeyStorePassword,
+            cluster_id=None if new_cluster is None else new_cluster.cluster_id,
+        )
+        return EmptyResponse()
+
+    @operation("DeleteCustomKeyStore")
+    def delete_custom_key_store(self, call: Call[DeleteCustomKeyStoreRequest]) -> EmptyResponse:
+        """DeleteCustomKeyStore: only DISCONNECTED, and only once no key (pending deletion
+        included) has material in it."""
+        table = self.custom_key_stores.table
+        store_id = call.request.CustomKeyStoreId
+        if call.caller is not None:
+            call.caller.custom_key_store_id = store_id
+
+        def check(record: CustomKeyStoreRecord) -> None:
+            _require_disconnected(record)
+            if self._store.count_keys_in_store(record.store_id):
+                raise CustomKeyStoreHasCMKsException(
+                    f"Custom key store {record.store_id} contains KMS keys: schedule their "
+                    "deletion and wait until they are deleted."
+                )
+
+        table.delete(store_id, check=check)
+        self.custom_key_stores.drop(store_id)
+        return EmptyResponse()
