@@ -19,6 +19,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def _proxy() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def nss_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A fresh NSS token (its database made anew in NSS_DIR) and the PKCS#11 URI naming it."""
+def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A fresh NSS token (its database made anew in NSS_DIR): the PKCS#11 URI naming it
+    without a PIN, and its PIN."""
     proxy = _proxy()
     if not MODULE_FILE.exists() or proxy is None or shutil.which("certutil") is None:
         pytest.skip(
@@ -52,7 +54,7 @@ def nss_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     for old in NSS_DIR.iterdir():
         old.unlink()
     pin = tmp_path_factory.mktemp("nss") / "user.pin"
-    pin.write_text(secrets.token_hex(12))
+    pin.write_text(secrets.token_hex(12))  # 24 characters: also a custom key store password
     pin.chmod(0o600)
     subprocess.run(
         ["certutil", "-N", "-d", f"sql:{NSS_DIR}", "-f", str(pin)],
@@ -60,7 +62,16 @@ def nss_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
         capture_output=True,
         timeout=60,
     )
-    return f"pkcs11:token={TOKEN}?module-path={proxy}&pin-source=file:{pin}"
+    return f"pkcs11:token={TOKEN}?module-path={proxy}", pin.read_text()
+
+
+@pytest.fixture(scope="module")
+def nss_uri(nss_token: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The URI of the NSS token with its PIN's file: for a server whose default token it is."""
+    pin = tmp_path_factory.mktemp("nss-pin") / "user.pin"
+    pin.write_text(nss_token[1])
+    pin.chmod(0o600)
+    return f"{nss_token[0]}&pin-source=file:{pin}"
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +163,46 @@ def test_doctor_report_and_audit_on_nss(nss_server: RunningServer, nss_uri: str)
     verify = run_cli("audit", "verify", *where, env=env)
     assert verify.returncode == 0, verify.stderr
     assert verify.stdout.startswith("audit trail intact")
+
+
+def test_a_custom_key_store_on_nss_beside_a_softhsm_default_token(
+    nss_token: tuple[str, str], tmp_path: Path
+) -> None:
+    """The other direction: the default token is SoftHSM2, and the NSS token is registered as
+    the cluster of an AWS_CLOUDHSM custom key store (both modules in one process)."""
+    uri, pin = nss_token
+    with running_server(tmp_path / "data") as server:
+        added = server.cli(
+            "clusters", "add", "--cluster-id", "cluster-nsssoftokn22", "--pkcs11-uri", uri, "--json"
+        )
+        assert added.returncode == 0, added.stderr
+        anchor = json.loads(added.stdout)["TrustAnchorCertificate"]
+        kms = server.client()
+        store_id = kms.create_custom_key_store(
+            CustomKeyStoreName="on-nss",
+            CloudHsmClusterId="cluster-nsssoftokn22",
+            TrustAnchorCertificate=anchor,
+            KeyStorePassword=pin,
+        )["CustomKeyStoreId"]
+        kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+        deadline = time.monotonic() + 30
+        while True:
+            (entry,) = kms.describe_custom_key_stores(CustomKeyStoreId=store_id)["CustomKeyStores"]
+            if entry["ConnectionState"] != "CONNECTING":
+                break
+            assert time.monotonic() < deadline, "still CONNECTING"
+            time.sleep(0.1)
+        assert entry["ConnectionState"] == "CONNECTED", entry
+        key_id = kms.create_key(Origin="AWS_CLOUDHSM", CustomKeyStoreId=store_id)["KeyMetadata"][
+            "KeyId"
+        ]
+        blob = kms.encrypt(KeyId=key_id, Plaintext=b"in NSS")["CiphertextBlob"]
+        assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"in NSS"
+        tampered = bytearray(blob)
+        tampered[-3] ^= 1
+        assert _code(lambda: kms.decrypt(CiphertextBlob=bytes(tampered))) == (
+            "InvalidCiphertextException"
+        )
+        random = kms.generate_random(NumberOfBytes=16, CustomKeyStoreId=store_id)["Plaintext"]
+        assert len(random) == 16
+        assert pin not in server.log()
