@@ -32,7 +32,8 @@
     │   │   CustomKeyStoreInvalidStateException, CustomKeyStoreHasCMKsException,
     │   │   CloudHsmClusterNotFoundException, CloudHsmClusterInUseException,
     │   │   CloudHsmClusterNotRelatedException, IncorrectTrustAnchorException
-    │   │                                   custom key stores (AWS_CLOUDHSM)
+    │   │   XksProxyUriInUseException, XksProxyInvalidConfigurationException
+    │   │                                   custom key stores
     │   ├── UnknownOperationException, SerializationException
     │   └── UnrecognizedClientException, InvalidSignatureException,
     │       IncompleteSignatureException, MissingAuthenticationTokenException
@@ -321,6 +322,19 @@ class IncorrectTrustAnchorException(ClientError):
     """The trust anchor certificate is not the cluster's."""
 
     code = "IncorrectTrustAnchorException"
+
+
+class XksProxyUriInUseException(ClientError):
+    """Another external key store uses this XKS proxy endpoint and path."""
+
+    code = "XksProxyUriInUseException"
+
+
+class XksProxyInvalidConfigurationException(ClientError):
+    """The XKS proxy configuration is not valid (an ``http://`` endpoint refused, a
+    connectivity hsmkms does not offer)."""
+
+    code = "XksProxyInvalidConfigurationException"
 
 
 class UnknownOperationException(ClientError):

@@ -53,6 +53,7 @@ from hsmkms.service.custom_stores import CustomKeyStores, TokenOpener
 from hsmkms.service.identifiers import Arns, key_material_id, parse_grant_token
 from hsmkms.service.operations import OPERATIONS, Operation, Resolution
 from hsmkms.service.states import Access, check_state
+from hsmkms.service.xks_client import XksClientSettings
 from hsmkms.store import (
     DELETING,
     IMPORTED,
@@ -253,6 +254,7 @@ class ServiceCore:
         usage_history: KeyUsageHistory | None = None,
         uses: KeyVersionUses | None = None,
         token_opener: TokenOpener | None = None,
+        xks: XksClientSettings | None = None,
     ) -> None:
         # A single keystore is the default store of a registry of one.
         self._stores = key_stores(keystore)
@@ -262,7 +264,7 @@ class ServiceCore:
         self._custom: CustomKeyStores | None = None
         if token_opener is not None:
             self._custom = CustomKeyStores(
-                store.database, self._keystore, token_opener, clock=clock
+                store.database, self._keystore, token_opener, clock=clock, region=region, xks=xks
             )
             self._stores = self._stores.with_resolver(self._custom.backend)
         self._on_event = on_event

@@ -222,6 +222,12 @@ class KeyOperations(ServiceCore):
         record = stores.table.require(store_id)
         if caller is not None:
             caller.custom_key_store_id = record.store_id
+        if record.store_type != "AWS_CLOUDHSM":
+            raise UnsupportedOperationException(
+                f"The custom key store {record.store_id} is an EXTERNAL_KEY_STORE: Origin "
+                "AWS_CLOUDHSM names an AWS_CLOUDHSM key store (keys in external key stores are "
+                "not supported yet)."
+            )
         if record.connection_state != CONNECTED:
             raise CustomKeyStoreInvalidStateException(
                 f"The custom key store {record.store_id} is {record.connection_state}: keys "

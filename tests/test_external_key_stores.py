@@ -1,0 +1,296 @@
+"""External key stores end to end, hsmkms as the XKS client: two real servers on loopback,
+server B the XKS proxy (a key and an XKS credential made on it), server A the KMS whose
+EXTERNAL_KEY_STORE points at B; boto3 against A."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import pytest
+from server import RunningServer, running_server
+from test_api_server import self_signed
+
+pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
+
+PREFIX = "tenant-x"
+HTTP_ENV = {"HSMKMS_XKS_ALLOW_HTTP": "1"}
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Server B: the XKS proxy, over http."""
+    with running_server(tmp_path_factory.mktemp("xks-b") / "data") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def credential(proxy: RunningServer) -> dict[str, str]:
+    made = proxy.cli("xks", "credentials", "create", "--prefix", PREFIX, "--json")
+    assert made.returncode == 0, made.stderr
+    found: dict[str, str] = json.loads(made.stdout)
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Server A: the KMS with external key stores, http allowed."""
+    with running_server(tmp_path_factory.mktemp("xks-a") / "data", env=HTTP_ENV) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def kms(server: RunningServer) -> Any:
+    return server.client()
+
+
+def raises(code: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """``call(*args, **kwargs)`` fails with botocore's ClientError of ``code`` (HTTP 400)."""
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        call(*args, **kwargs)
+    error = info.value.response["Error"]
+    assert error["Code"] == code, error
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    return str(error["Message"])
+
+
+def describe(kms: Any, store_id: str) -> dict[str, Any]:
+    stores = kms.describe_custom_key_stores(CustomKeyStoreId=store_id)["CustomKeyStores"]
+    assert len(stores) == 1
+    found: dict[str, Any] = stores[0]
+    return found
+
+
+def wait_state(kms: Any, store_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll DescribeCustomKeyStores until the store is no longer CONNECTING."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = describe(kms, store_id)
+        if entry["ConnectionState"] != "CONNECTING":
+            return entry
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def create(
+    kms: Any,
+    name: str,
+    endpoint: str,
+    credential: dict[str, str],
+    path: str = f"/{PREFIX}/kms/xks/v1",
+    **extra: Any,
+) -> str:
+    store_id: str = kms.create_custom_key_store(
+        CustomKeyStoreName=name,
+        CustomKeyStoreType="EXTERNAL_KEY_STORE",
+        XksProxyUriEndpoint=endpoint,
+        XksProxyUriPath=path,
+        XksProxyConnectivity="PUBLIC_ENDPOINT",
+        XksProxyAuthenticationCredential={
+            "AccessKeyId": credential["AccessKeyId"],
+            "RawSecretAccessKey": credential["SecretAccessKey"],
+        },
+        **extra,
+    )["CustomKeyStoreId"]
+    return store_id
+
+
+def connect(kms: Any, store_id: str) -> dict[str, Any]:
+    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+    return wait_state(kms, store_id)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_lifecycle_of_an_external_key_store(
+    proxy: RunningServer, credential: dict[str, str], server: RunningServer, kms: Any
+) -> None:
+    """Create -> Describe (no secret) -> Connect (B's health) -> CONNECTED -> Disconnect ->
+    Delete."""
+    store_id = create(kms, "ext-one", proxy.endpoint, credential)
+    entry = describe(kms, store_id)
+    assert entry["CustomKeyStoreType"] == "EXTERNAL_KEY_STORE"
+    assert entry["ConnectionState"] == "DISCONNECTED"
+    assert entry["XksProxyConfiguration"] == {
+        "Connectivity": "PUBLIC_ENDPOINT",
+        "AccessKeyId": credential["AccessKeyId"],
+        "UriEndpoint": proxy.endpoint,
+        "UriPath": f"/{PREFIX}/kms/xks/v1",
+    }
+    assert "CloudHsmClusterId" not in entry
+    assert credential["SecretAccessKey"] not in json.dumps(entry, default=str)
+
+    # The same endpoint and path for a second store (boto3's typed exception); the same name.
+    with pytest.raises(kms.exceptions.XksProxyUriInUseException):
+        create(kms, "ext-dup", proxy.endpoint, credential)
+    raises("XksProxyUriInUseException", create, kms, "ext-dup", proxy.endpoint, credential)
+    raises(
+        "CustomKeyStoreNameInUseException",
+        create,
+        kms,
+        "ext-one",
+        proxy.endpoint,
+        credential,
+        path="/other/kms/xks/v1",
+    )
+
+    entry = connect(kms, store_id)
+    assert entry["ConnectionState"] == "CONNECTED", entry
+    assert "ConnectionErrorCode" not in entry
+    # B recorded the signed health call of A's store.
+    health = json.loads(
+        proxy.cli("audit", "search", "--event-name", "GetHealthStatus", "--json").stdout
+    )
+    assert any(r["userIdentity"]["accessKeyId"] == credential["AccessKeyId"] for r in health)
+
+    # Keys in external key stores are not made yet; GenerateRandom never works there.
+    raises(
+        "UnsupportedOperationException",
+        kms.create_key,
+        Origin="AWS_CLOUDHSM",
+        CustomKeyStoreId=store_id,
+    )
+    raises("UnsupportedOperationException", kms.generate_random, NumberOfBytes=8,
+           CustomKeyStoreId=store_id)  # fmt: skip
+
+    raises("CustomKeyStoreInvalidStateException", kms.delete_custom_key_store,
+           CustomKeyStoreId=store_id)  # fmt: skip
+    raises("CustomKeyStoreInvalidStateException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, NewCustomKeyStoreName="ext-renamed")  # fmt: skip
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    assert describe(kms, store_id)["ConnectionState"] == "DISCONNECTED"
+    kms.update_custom_key_store(CustomKeyStoreId=store_id, NewCustomKeyStoreName="ext-renamed")
+    assert describe(kms, store_id)["CustomKeyStoreName"] == "ext-renamed"
+    kms.delete_custom_key_store(CustomKeyStoreId=store_id)
+    raises("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores,
+           CustomKeyStoreId=store_id)  # fmt: skip
+
+
+def test_connection_failures_have_the_aws_error_codes(
+    proxy: RunningServer, credential: dict[str, str], kms: Any
+) -> None:
+    wrong = dict(credential, SecretAccessKey="A" * 48)
+    cases = [
+        ("ext-denied", proxy.endpoint, wrong, f"/{PREFIX}/kms/xks/v1", "XKS_PROXY_ACCESS_DENIED"),
+        (
+            "ext-unreachable",
+            f"http://127.0.0.1:{free_port()}",
+            credential,
+            f"/{PREFIX}/kms/xks/v1",
+            "XKS_PROXY_NOT_REACHABLE",
+        ),
+        (
+            "ext-badpath",
+            proxy.endpoint,
+            credential,
+            "/nobody/kms/xks/v1",
+            "XKS_PROXY_INVALID_CONFIGURATION",
+        ),
+    ]
+    for name, endpoint, cred, path, code in cases:
+        store_id = create(kms, name, endpoint, cred, path=path)
+        entry = connect(kms, store_id)
+        assert entry["ConnectionState"] == "FAILED", (name, entry)
+        assert entry["ConnectionErrorCode"] == code, (name, entry)
+        # spec: AWS KMS ConnectCustomKeyStore — a FAILED store must be disconnected first.
+        raises("CustomKeyStoreInvalidStateException", kms.connect_custom_key_store,
+               CustomKeyStoreId=store_id)  # fmt: skip
+        kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+        kms.delete_custom_key_store(CustomKeyStoreId=store_id)
+
+
+def test_bad_requests_are_refused_with_aws_errors(
+    proxy: RunningServer, credential: dict[str, str], kms: Any
+) -> None:
+    base: dict[str, Any] = {
+        "CustomKeyStoreName": "ext-bad",
+        "CustomKeyStoreType": "EXTERNAL_KEY_STORE",
+        "XksProxyUriEndpoint": proxy.endpoint,
+        "XksProxyUriPath": f"/{PREFIX}/kms/xks/v1",
+        "XksProxyConnectivity": "PUBLIC_ENDPOINT",
+        "XksProxyAuthenticationCredential": {
+            "AccessKeyId": credential["AccessKeyId"],
+            "RawSecretAccessKey": credential["SecretAccessKey"],
+        },
+    }
+    short_secret = {"AccessKeyId": credential["AccessKeyId"], "RawSecretAccessKey": "!" * 43}
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("ValidationException", {"XksProxyUriEndpoint": proxy.endpoint + "/path"}),
+        ("ValidationException", {"XksProxyUriEndpoint": "ftp://example.com"}),
+        ("ValidationException", {"XksProxyUriPath": "/tenant-x/kms/xks/v1/extra"}),
+        ("ValidationException", {"XksProxyUriPath": "/tenant-x/kms/other"}),
+        ("ValidationException", {"XksProxyConnectivity": "SOMETHING"}),
+        ("UnsupportedOperationException", {"XksProxyConnectivity": "VPC_ENDPOINT_SERVICE"}),
+        (
+            "ValidationException",
+            {"XksProxyAuthenticationCredential": dict(short_secret, AccessKeyId="lowercase1" * 3)},
+        ),
+        ("ValidationException", {"XksProxyAuthenticationCredential": short_secret}),
+        ("ValidationException", {"KeyStorePassword": "some-password"}),
+        ("ValidationException", {"CloudHsmClusterId": "cluster-abcdefghijk"}),
+    ]
+    for code, change in cases:
+        raises(code, kms.create_custom_key_store, **{**base, **change})
+    assert not [
+        s
+        for s in kms.describe_custom_key_stores()["CustomKeyStores"]
+        if s["CustomKeyStoreName"] == "ext-bad"
+    ]
+
+
+def test_http_needs_the_opt_in(
+    tmp_path: Path, proxy: RunningServer, credential: dict[str, str]
+) -> None:
+    """Without HSMKMS_XKS_ALLOW_HTTP an http:// endpoint is refused (AWS: https only)."""
+    with running_server(tmp_path / "data") as strict:
+        kms = strict.client()
+        message = raises(
+            "XksProxyInvalidConfigurationException", create, kms, "ext-http", proxy.endpoint,
+            credential,
+        )  # fmt: skip
+        assert "HSMKMS_XKS_ALLOW_HTTP" in message
+        kms.close()
+
+
+def test_tls_is_verified_against_the_ca_bundle(tmp_path: Path) -> None:
+    """B over https: A connects when given B's certificate as HSMKMS_XKS_CA_BUNDLE, and fails
+    with XKS_PROXY_INVALID_TLS_CONFIGURATION without it."""
+    cert, key = self_signed(tmp_path)
+    args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    with running_server(tmp_path / "b", args=args, ca_file=cert) as tls_proxy:
+        made = tls_proxy.cli("xks", "credentials", "create", "--prefix", PREFIX, "--json")
+        cred = json.loads(made.stdout)
+        endpoint = tls_proxy.endpoint
+        assert endpoint.startswith("https://")
+        with running_server(tmp_path / "a", env={"HSMKMS_XKS_CA_BUNDLE": str(cert)}) as good:
+            kms = good.client()
+            store_id = create(kms, "ext-tls", endpoint, cred)
+            assert connect(kms, store_id)["ConnectionState"] == "CONNECTED"
+            kms.close()
+        with running_server(tmp_path / "c") as plain:
+            kms = plain.client()
+            store_id = create(kms, "ext-tls", endpoint, cred)
+            entry = connect(kms, store_id)
+            assert entry["ConnectionState"] == "FAILED"
+            assert entry["ConnectionErrorCode"] == "XKS_PROXY_INVALID_TLS_CONFIGURATION"
+            kms.close()
+
+
+def test_the_secret_is_in_no_file_or_log(server: RunningServer, credential: dict[str, str]) -> None:
+    """Last of the module's server tests: A's database, audit trail and log never hold B's
+    secret access key (nor its base64)."""
+    secret = credential["SecretAccessKey"].encode()
+    for path in server.data_dir.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+    assert credential["SecretAccessKey"] not in server.log()
