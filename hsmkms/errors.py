@@ -32,7 +32,9 @@
     │   │   CustomKeyStoreInvalidStateException, CustomKeyStoreHasCMKsException,
     │   │   CloudHsmClusterNotFoundException, CloudHsmClusterInUseException,
     │   │   CloudHsmClusterNotRelatedException, IncorrectTrustAnchorException
-    │   │   XksProxyUriInUseException, XksProxyInvalidConfigurationException
+    │   │   XksProxyUriInUseException, XksProxyInvalidConfigurationException,
+    │   │   XksKeyAlreadyInUseException, XksKeyNotFoundException,
+    │   │   XksKeyInvalidConfigurationException
     │   │                                   custom key stores
     │   ├── UnknownOperationException, SerializationException
     │   └── UnrecognizedClientException, InvalidSignatureException,
@@ -328,6 +330,24 @@ class XksProxyUriInUseException(ClientError):
     """Another external key store uses this XKS proxy endpoint and path."""
 
     code = "XksProxyUriInUseException"
+
+
+class XksKeyAlreadyInUseException(ClientError):
+    """Another KMS key of the external key store uses this XksKeyId."""
+
+    code = "XksKeyAlreadyInUseException"
+
+
+class XksKeyNotFoundException(ClientError):
+    """The external key store's proxy does not know this XksKeyId."""
+
+    code = "XksKeyNotFoundException"
+
+
+class XksKeyInvalidConfigurationException(ClientError):
+    """The external key is not an enabled AES_256 key for ENCRYPT and DECRYPT."""
+
+    code = "XksKeyInvalidConfigurationException"
 
 
 class XksProxyInvalidConfigurationException(ClientError):

@@ -153,7 +153,7 @@ def test_lifecycle_of_an_external_key_store(
     )
     assert any(r["userIdentity"]["accessKeyId"] == credential["AccessKeyId"] for r in health)
 
-    # Keys in external key stores are not made yet; GenerateRandom never works there.
+    # Origin AWS_CLOUDHSM names a CloudHSM store; GenerateRandom never works here.
     raises(
         "UnsupportedOperationException",
         kms.create_key,
@@ -174,6 +174,85 @@ def test_lifecycle_of_an_external_key_store(
     kms.delete_custom_key_store(CustomKeyStoreId=store_id)
     raises("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores,
            CustomKeyStoreId=store_id)  # fmt: skip
+
+
+def test_keys_in_an_external_key_store_are_double_encrypted(
+    proxy: RunningServer, credential: dict[str, str], kms: Any
+) -> None:
+    """CreateKey with XksKeyId = a key of B; Encrypt/Decrypt/GenerateDataKey/ReEncrypt on A;
+    B's key disabled -> A's Decrypt fails; B alone cannot decrypt A's blob."""
+    kms_b = proxy.client()
+    b_key = kms_b.create_key()["KeyMetadata"]["KeyId"]
+    # A prefix of its own: this store keeps its key (and so its URI) to the end.
+    made = proxy.cli("xks", "credentials", "create", "--prefix", "tenant-keys", "--json")
+    own = json.loads(made.stdout)
+    store_id = create(kms, "ext-keys", proxy.endpoint, own, path=own["UriPath"])
+    # Not connected yet.
+    raises("CustomKeyStoreInvalidStateException", kms.create_key, Origin="EXTERNAL_KEY_STORE",
+           CustomKeyStoreId=store_id, XksKeyId=b_key)  # fmt: skip
+    assert connect(kms, store_id)["ConnectionState"] == "CONNECTED"
+    raises("ValidationException", kms.create_key, Origin="EXTERNAL_KEY_STORE",
+           CustomKeyStoreId=store_id)  # fmt: skip
+    raises("ValidationException", kms.create_key, Origin="EXTERNAL_KEY_STORE",
+           CustomKeyStoreId=store_id, XksKeyId="bad key id")  # fmt: skip
+    raises("XksKeyNotFoundException", kms.create_key, Origin="EXTERNAL_KEY_STORE",
+           CustomKeyStoreId=store_id, XksKeyId="no-such-key")  # fmt: skip
+    raises("UnsupportedOperationException", kms.create_key, Origin="EXTERNAL_KEY_STORE",
+           CustomKeyStoreId=store_id, XksKeyId=b_key, KeySpec="HMAC_256",
+           KeyUsage="GENERATE_VERIFY_MAC")  # fmt: skip
+
+    meta = kms.create_key(Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store_id, XksKeyId=b_key)[
+        "KeyMetadata"
+    ]
+    assert meta["Origin"] == "EXTERNAL_KEY_STORE"
+    assert meta["CustomKeyStoreId"] == store_id
+    assert meta["XksKeyConfiguration"] == {"Id": b_key}
+    key_id = meta["KeyId"]
+    raises("XksKeyAlreadyInUseException", kms.create_key, Origin="EXTERNAL_KEY_STORE",
+           CustomKeyStoreId=store_id, XksKeyId=b_key)  # fmt: skip
+    raises("UnsupportedOperationException", kms.enable_key_rotation, KeyId=key_id)
+
+    context = {"purpose": "xks-test"}
+    blob = kms.encrypt(KeyId=key_id, Plaintext=b"double", EncryptionContext=context)[
+        "CiphertextBlob"
+    ]
+    assert blob[0] == 2
+    assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"double"
+    raises("InvalidCiphertextException", kms.decrypt, CiphertextBlob=blob,
+           EncryptionContext={"purpose": "other"})  # fmt: skip
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    raises("InvalidCiphertextException", kms.decrypt, CiphertextBlob=tampered,
+           EncryptionContext=context)  # fmt: skip
+    data_key = kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")
+    assert (
+        kms.decrypt(CiphertextBlob=data_key["CiphertextBlob"])["Plaintext"] == data_key["Plaintext"]
+    )
+    plain_key = kms.create_key()["KeyMetadata"]["KeyId"]
+    moved = kms.re_encrypt(
+        CiphertextBlob=blob,
+        SourceEncryptionContext=context,
+        DestinationKeyId=plain_key,
+    )["CiphertextBlob"]
+    assert kms.decrypt(CiphertextBlob=moved)["Plaintext"] == b"double"
+    back = kms.re_encrypt(CiphertextBlob=moved, DestinationKeyId=key_id)["CiphertextBlob"]
+    assert kms.decrypt(CiphertextBlob=back)["Plaintext"] == b"double"
+
+    # B alone cannot decrypt A's blob.
+    raises("InvalidCiphertextException", kms_b.decrypt, CiphertextBlob=blob,
+           EncryptionContext=context)  # fmt: skip
+    # B's key disabled: A's key cannot decrypt nor encrypt.
+    kms_b.disable_key(KeyId=b_key)
+    raises("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob, EncryptionContext=context)
+    raises("KMSInvalidStateException", kms.encrypt, KeyId=key_id, Plaintext=b"x")
+    kms_b.enable_key(KeyId=b_key)
+    assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"double"
+
+    # Disconnected: KMSInvalidStateException; the store keeps its key.
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    raises("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob, EncryptionContext=context)
+    raises("CustomKeyStoreHasCMKsException", kms.delete_custom_key_store,
+           CustomKeyStoreId=store_id)  # fmt: skip
+    kms_b.close()
 
 
 def test_connection_failures_have_the_aws_error_codes(

@@ -470,7 +470,12 @@ class KeyStoreOperations(ServiceCore):
 
         def check(record: CustomKeyStoreRecord) -> None:
             _require_disconnected(record)
-            if self._store.count_keys_in_store(record.store_id):
+            external = [
+                key_id
+                for key_id in self.custom_key_stores.table.xks_keys_of(record.store_id)
+                if self._store.get_key(key_id) is not None
+            ]
+            if self._store.count_keys_in_store(record.store_id) or external:
                 raise CustomKeyStoreHasCMKsException(
                     f"Custom key store {record.store_id} contains KMS keys: schedule their "
                     "deletion and wait until they are deleted."

@@ -28,6 +28,8 @@ Security contract: the secret access key is used to sign and is never logged, pu
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import http.client
 import json
@@ -49,6 +51,11 @@ __all__ = [
     "XksProxyClient",
     "XksProxyFailure",
     "XksProxyLocation",
+    "XksRequestMetadata",
+    "XksSealed",
+    "decrypt",
+    "encrypt",
+    "key_metadata",
 ]
 
 log = structlog.get_logger(__name__)
@@ -204,3 +211,113 @@ def _answer(status: int, data: bytes) -> dict[str, Any]:
     raise XksProxyFailure(
         code, f"the proxy answered {status} {name}".strip(), status=status, error_name=name
     )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(answer: dict[str, Any], member: str) -> bytes:
+    value = answer.get(member)
+    if not isinstance(value, str):
+        raise XksProxyFailure("XKS_PROXY_INVALID_RESPONSE", f"the answer lacks {member}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise XksProxyFailure("XKS_PROXY_INVALID_RESPONSE", f"{member} is not base64") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class XksRequestMetadata:
+    """``requestMetadata`` of an XKS call: who asked AWS KMS (here: hsmkms) for what."""
+
+    principal_arn: str
+    operation: str
+    request_id: str
+    key_arn: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        found = {
+            "awsPrincipalArn": self.principal_arn,
+            "kmsOperation": self.operation,
+            "kmsRequestId": self.request_id,
+        }
+        if self.key_arn:
+            found["kmsKeyArn"] = self.key_arn
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class XksSealed:
+    """What the proxy's encrypt returned."""
+
+    ciphertext: bytes = dataclasses.field(repr=False)
+    iv: bytes
+    tag: bytes
+    metadata: bytes
+
+
+def _path_key(xks_key_id: str) -> str:
+    return "/keys/" + urllib.parse.quote(xks_key_id, safe="")
+
+
+def key_metadata(
+    client: XksProxyClient, location: XksProxyLocation, xks_key_id: str, meta: XksRequestMetadata
+) -> dict[str, Any]:
+    """GetKeyMetadata of an external key."""
+    return client.call(
+        location, _path_key(xks_key_id) + "/metadata", {"requestMetadata": meta.to_json()}
+    )
+
+
+def encrypt(
+    client: XksProxyClient,
+    location: XksProxyLocation,
+    xks_key_id: str,
+    plaintext: bytes,
+    aad: bytes,
+    meta: XksRequestMetadata,
+) -> XksSealed:
+    """Encrypt with an external key (AES_GCM, ``aad`` authenticated)."""
+    answer = client.call(
+        location,
+        _path_key(xks_key_id) + "/encrypt",
+        {
+            "requestMetadata": meta.to_json(),
+            "plaintext": _b64(plaintext),
+            "encryptionAlgorithm": "AES_GCM",
+            "additionalAuthenticatedData": _b64(aad),
+        },
+    )
+    ciphertext = _unb64(answer, "ciphertext")
+    iv = _unb64(answer, "initializationVector")
+    tag = _unb64(answer, "authenticationTag")
+    metadata = _unb64(answer, "ciphertextMetadata") if "ciphertextMetadata" in answer else b""
+    if len(ciphertext) != len(plaintext) or len(iv) not in (12, 16) or len(tag) != 16:
+        raise XksProxyFailure("XKS_PROXY_INVALID_RESPONSE", "the encrypt answer is malformed")
+    if len(metadata) > 20:
+        raise XksProxyFailure("XKS_PROXY_INVALID_RESPONSE", "ciphertextMetadata is too long")
+    return XksSealed(ciphertext, iv, tag, metadata)
+
+
+def decrypt(
+    client: XksProxyClient,
+    location: XksProxyLocation,
+    xks_key_id: str,
+    sealed: XksSealed,
+    aad: bytes,
+    meta: XksRequestMetadata,
+) -> bytes:
+    """Decrypt with an external key; the plaintext."""
+    body: dict[str, Any] = {
+        "requestMetadata": meta.to_json(),
+        "ciphertext": _b64(sealed.ciphertext),
+        "initializationVector": _b64(sealed.iv),
+        "authenticationTag": _b64(sealed.tag),
+        "encryptionAlgorithm": "AES_GCM",
+        "additionalAuthenticatedData": _b64(aad),
+    }
+    if sealed.metadata:
+        body["ciphertextMetadata"] = _b64(sealed.metadata)
+    answer = client.call(location, _path_key(xks_key_id) + "/decrypt", body)
+    return _unb64(answer, "plaintext")

@@ -18,6 +18,8 @@ Tables (migrated by the database layer's runner as component ``custom_key_stores
                        generation
     xks_proxies        store_id (PK), uri_endpoint, uri_path, access_key_id,
                        connectivity; unique (uri_endpoint, uri_path)   (migration 2)
+    xks_keys           key_id (PK), store_id, xks_key_id; unique (store_id, xks_key_id)
+                       (migration 2): the external key of each KMS key in an external store
 
 An EXTERNAL_KEY_STORE has no cluster; its proxy is its ``xks_proxies`` row and the secret
 access key of its XKS proxy authentication credential is sealed in the store's password
@@ -74,6 +76,7 @@ from hsmkms.errors import (
     CustomKeyStoreNameInUseException,
     CustomKeyStoreNotFoundException,
     KMSInternalException,
+    XksKeyAlreadyInUseException,
     XksProxyUriInUseException,
 )
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName, TokenIdentity
@@ -151,9 +154,18 @@ xks_proxies = Table(
     Column("connectivity", String(32), nullable=False),
     UniqueConstraint("uri_endpoint", "uri_path", name="xks_proxies_uri"),
 )
+xks_keys = Table(
+    "xks_keys",
+    metadata,
+    Column("key_id", String(36), primary_key=True),
+    Column("store_id", String(64), nullable=False),
+    Column("xks_key_id", String(128), nullable=False),
+    UniqueConstraint("store_id", "xks_key_id", name="xks_keys_in_store"),
+)
 _C = cloudhsm_clusters
 _S = custom_key_stores
 _X = xks_proxies
+_K = xks_keys
 
 
 def _v1_initial(conn: Connection) -> None:
@@ -161,14 +173,14 @@ def _v1_initial(conn: Connection) -> None:
 
 
 def _v2_xks_proxies(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[_X], checkfirst=True)
+    metadata.create_all(conn, tables=[_X, xks_keys], checkfirst=True)
 
 
 COMPONENT: Final = Component(
     "custom_key_stores",
     [
         Migration(1, "cks_meta, cloudhsm_clusters, custom_key_stores", _v1_initial),
-        Migration(2, "xks_proxies", _v2_xks_proxies),
+        Migration(2, "xks_proxies, xks_keys", _v2_xks_proxies),
     ],
 )
 
@@ -465,6 +477,45 @@ class CustomKeyStoreTable:
             row = conn.execute(_select_stores().where(_S.c.store_id == store_id)).one()
         log.info("external_key_store_created", store_id=store_id)
         return _store_from(row._mapping)
+
+    def add_xks_key(self, key_id: str, store_id: str, xks_key_id: str) -> None:
+        """Bind KMS key ``key_id`` to the external key ``xks_key_id`` of ``store_id``;
+        XksKeyAlreadyInUseException when another KMS key of the store has it."""
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            used = conn.execute(
+                select(_K.c.key_id).where(
+                    (_K.c.store_id == store_id) & (_K.c.xks_key_id == xks_key_id)
+                )
+            ).first()
+            if used is not None:
+                raise XksKeyAlreadyInUseException(
+                    f"The external key {xks_key_id} is used by KMS key {used[0]} of custom key "
+                    f"store {store_id}."
+                )
+            conn.execute(insert(_K).values(key_id=key_id, store_id=store_id, xks_key_id=xks_key_id))
+
+    def remove_xks_key(self, key_id: str) -> None:
+        """Forget a KMS key's external key (the key is gone, or was never made)."""
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            conn.execute(delete(_K).where(_K.c.key_id == key_id))
+
+    def xks_key(self, key_id: str) -> tuple[str, str] | None:
+        """``(store id, XksKeyId)`` of a KMS key in an external key store, or None."""
+
+        def load() -> tuple[str, str] | None:
+            with self._db.read(_ERRORS) as conn:
+                row = conn.execute(
+                    select(_K.c.store_id, _K.c.xks_key_id).where(_K.c.key_id == key_id)
+                ).first()
+            return None if row is None else (str(row[0]), str(row[1]))
+
+        return self._cache.get(("xks_key", key_id), load)
+
+    def xks_keys_of(self, store_id: str) -> list[str]:
+        """The KMS key ids bound to external keys of ``store_id``."""
+        with self._db.read(_ERRORS) as conn:
+            rows = conn.execute(select(_K.c.key_id).where(_K.c.store_id == store_id)).all()
+        return [str(r[0]) for r in rows]
 
     @staticmethod
     def _check_unique(
