@@ -255,6 +255,29 @@ def test_keys_in_an_external_key_store_are_double_encrypted(
     kms_b.close()
 
 
+def test_a_proxy_gone_makes_the_keys_unavailable(tmp_path: Path, kms: Any) -> None:
+    """A CONNECTED store whose proxy stops: its key's calls fail with a typed error
+    (KeyUnavailableException), never a traceback; the proxy back, they work again."""
+    data = tmp_path / "b2"
+    with running_server(data) as gone:
+        made = json.loads(
+            gone.cli("xks", "credentials", "create", "--prefix", "gone", "--json").stdout
+        )
+        b_key = gone.client().create_key()["KeyMetadata"]["KeyId"]
+        store_id = create(kms, "ext-gone", gone.endpoint, made, path=made["UriPath"])
+        assert connect(kms, store_id)["ConnectionState"] == "CONNECTED"
+        key_id = kms.create_key(
+            Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store_id, XksKeyId=b_key
+        )["KeyMetadata"]["KeyId"]
+        blob = kms.encrypt(KeyId=key_id, Plaintext=b"soon gone")["CiphertextBlob"]
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        kms.decrypt(CiphertextBlob=blob)
+    assert info.value.response["Error"]["Code"] == "KeyUnavailableException"
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        kms.encrypt(KeyId=key_id, Plaintext=b"x")
+    assert info.value.response["Error"]["Code"] == "KeyUnavailableException"
+
+
 def test_connection_failures_have_the_aws_error_codes(
     proxy: RunningServer, credential: dict[str, str], kms: Any
 ) -> None:
