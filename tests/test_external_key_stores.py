@@ -171,6 +171,34 @@ def test_lifecycle_of_an_external_key_store(
     assert describe(kms, store_id)["ConnectionState"] == "DISCONNECTED"
     kms.update_custom_key_store(CustomKeyStoreId=store_id, NewCustomKeyStoreName="ext-renamed")
     assert describe(kms, store_id)["CustomKeyStoreName"] == "ext-renamed"
+
+    # Rotate the credential (a second one of the prefix on B) while DISCONNECTED.
+    second = json.loads(
+        proxy.cli("xks", "credentials", "create", "--prefix", PREFIX, "--json").stdout
+    )
+    kms.update_custom_key_store(
+        CustomKeyStoreId=store_id,
+        XksProxyAuthenticationCredential={
+            "AccessKeyId": second["AccessKeyId"],
+            "RawSecretAccessKey": second["SecretAccessKey"],
+        },
+    )
+    entry = describe(kms, store_id)
+    assert entry["XksProxyConfiguration"]["AccessKeyId"] == second["AccessKeyId"]
+    assert entry["XksProxyConfiguration"]["UriPath"] == f"/{PREFIX}/kms/xks/v1"
+    assert connect(kms, store_id)["ConnectionState"] == "CONNECTED"
+    raises("CustomKeyStoreInvalidStateException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, XksProxyUriPath="/other/kms/xks/v1")  # fmt: skip
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    raises("ValidationException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, XksProxyUriPath="/kms/xks/other")  # fmt: skip
+    raises("ValidationException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, KeyStorePassword="some-password")  # fmt: skip
+    kms.update_custom_key_store(CustomKeyStoreId=store_id, XksProxyUriPath="/nobody/kms/xks/v1")
+    entry = connect(kms, store_id)
+    assert entry["ConnectionErrorCode"] == "XKS_PROXY_INVALID_CONFIGURATION", entry
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    proxy.cli("xks", "credentials", "delete", second["AccessKeyId"])
     kms.delete_custom_key_store(CustomKeyStoreId=store_id)
     raises("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores,
            CustomKeyStoreId=store_id)  # fmt: skip
@@ -396,3 +424,6 @@ def test_the_secret_is_in_no_file_or_log(server: RunningServer, credential: dict
         if path.is_file():
             assert secret not in path.read_bytes(), path
     assert credential["SecretAccessKey"] not in server.log()
+    assert b"RawSecretAccessKey" not in b"".join(
+        p.read_bytes() for p in server.data_dir.rglob("*") if p.is_file()
+    )

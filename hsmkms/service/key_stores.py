@@ -146,10 +146,14 @@ def _xks_credential(value: dict[str, object] | None) -> tuple[str, str]:
     return key_id, secret
 
 
-def _xks_proxy(request: CreateCustomKeyStoreRequest) -> XksProxyConfig:
-    """The proxy an EXTERNAL_KEY_STORE request names (patterns and connectivity checked)."""
-    connectivity = request.XksProxyConnectivity
-    if connectivity is None:
+def _xks_proxy(
+    request: CreateCustomKeyStoreRequest | UpdateCustomKeyStoreRequest,
+    current: XksProxyConfig | None = None,
+) -> XksProxyConfig:
+    """The proxy an EXTERNAL_KEY_STORE request names (patterns and connectivity checked); for
+    an update, the members not given are ``current``'s."""
+    connectivity = request.XksProxyConnectivity or (current and current.connectivity)
+    if not connectivity:
         raise ValidationException(
             "XksProxyConnectivity is required for an EXTERNAL_KEY_STORE key store."
         )
@@ -163,8 +167,9 @@ def _xks_proxy(request: CreateCustomKeyStoreRequest) -> XksProxyConfig:
             "xksProxyConnectivity",
             "Member must satisfy enum value set: [PUBLIC_ENDPOINT, VPC_ENDPOINT_SERVICE]",
         )
-    endpoint, path = request.XksProxyUriEndpoint, request.XksProxyUriPath
-    if endpoint is None or path is None:
+    endpoint = request.XksProxyUriEndpoint or (current and current.uri_endpoint)
+    path = request.XksProxyUriPath or (current and current.uri_path)
+    if not endpoint or not path:
         raise ValidationException(
             "XksProxyUriEndpoint and XksProxyUriPath are required for an EXTERNAL_KEY_STORE "
             "key store."
@@ -180,7 +185,10 @@ def _xks_proxy(request: CreateCustomKeyStoreRequest) -> XksProxyConfig:
             "Member must satisfy regular expression pattern: "
             "^(/[a-zA-Z0-9\\/_-]+/kms/xks/v\\d{1,2})$|^(/kms/xks/v\\d{1,2})$",
         )
-    key_id, _secret = _xks_credential(request.XksProxyAuthenticationCredential)
+    if current is not None and request.XksProxyAuthenticationCredential is None:
+        key_id = current.access_key_id
+    else:
+        key_id, _secret = _xks_credential(request.XksProxyAuthenticationCredential)
     return XksProxyConfig(endpoint, path, key_id, connectivity)
 
 
@@ -205,15 +213,17 @@ def _prepare_create(request: CreateCustomKeyStoreRequest) -> None:
 
 
 def _prepare_update(request: UpdateCustomKeyStoreRequest) -> None:
-    _no_xks_members(request)
     _check_password(request.KeyStorePassword, required=False)
+    xks_given = any(getattr(request, name) is not None for name in _XKS_MEMBERS)
     if (
         request.NewCustomKeyStoreName is None
         and request.KeyStorePassword is None
         and request.CloudHsmClusterId is None
+        and not xks_given
     ):
         raise ValidationException(
-            "Specify NewCustomKeyStoreName, KeyStorePassword or CloudHsmClusterId."
+            "Specify NewCustomKeyStoreName, KeyStorePassword, CloudHsmClusterId or an XKS "
+            "proxy member."
         )
 
 
@@ -430,13 +440,9 @@ class KeyStoreOperations(ServiceCore):
         if call.caller is not None:
             call.caller.custom_key_store_id = record.store_id
         _require_disconnected(record)
-        if record.store_type == EXTERNAL and (
-            request.KeyStorePassword is not None or request.CloudHsmClusterId is not None
-        ):
-            raise ValidationException(
-                "KeyStorePassword and CloudHsmClusterId are not valid for a custom key store of "
-                "type EXTERNAL_KEY_STORE."
-            )
+        if record.store_type == EXTERNAL:
+            return self._update_external_key_store(call, record)
+        _no_xks_members(request)
         new_cluster = None
         if request.CloudHsmClusterId is not None and request.CloudHsmClusterId != record.cluster_id:
             new_cluster = table.cluster(request.CloudHsmClusterId)
@@ -456,6 +462,40 @@ class KeyStoreOperations(ServiceCore):
             name=request.NewCustomKeyStoreName,
             password=request.KeyStorePassword,
             cluster_id=None if new_cluster is None else new_cluster.cluster_id,
+        )
+        return EmptyResponse()
+
+    def _update_external_key_store(
+        self, call: Call[UpdateCustomKeyStoreRequest], record: CustomKeyStoreRecord
+    ) -> EmptyResponse:
+        """UpdateCustomKeyStore of an EXTERNAL_KEY_STORE (DISCONNECTED): a new name, proxy
+        endpoint, path, connectivity or credential (the secret sealed anew)."""
+        request = call.request
+        if request.KeyStorePassword is not None or request.CloudHsmClusterId is not None:
+            raise ValidationException(
+                "KeyStorePassword and CloudHsmClusterId are not valid for a custom key store of "
+                "type EXTERNAL_KEY_STORE."
+            )
+        xks_given = any(getattr(request, name) is not None for name in _XKS_MEMBERS)
+        proxy = _xks_proxy(request, record.xks) if xks_given else None
+        if (
+            proxy is not None
+            and proxy.uri_endpoint.startswith("http://")
+            and not self.custom_key_stores.xks.settings.allow_http
+        ):
+            raise XksProxyInvalidConfigurationException(
+                "XksProxyUriEndpoint must use https:// (http:// is accepted only where the "
+                "server runs with HSMKMS_XKS_ALLOW_HTTP=1)."
+            )
+        secret = None
+        if request.XksProxyAuthenticationCredential is not None:
+            _key_id, secret = _xks_credential(request.XksProxyAuthenticationCredential)
+        self.custom_key_stores.table.update(
+            record.store_id,
+            check=_require_disconnected,
+            name=request.NewCustomKeyStoreName,
+            password=secret,
+            xks=proxy,
         )
         return EmptyResponse()
 

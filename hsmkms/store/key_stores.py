@@ -632,9 +632,11 @@ class CustomKeyStoreTable:
         name: str | None = None,
         password: str | None = None,
         cluster_id: str | None = None,
+        xks: XksProxyConfig | None = None,
     ) -> None:
-        """Change a store's name, password or cluster, after ``check(current row)`` passed in
-        the same transaction (its state). Uniqueness as :meth:`create`."""
+        """Change a store's name, password (an external store's secret), cluster or proxy,
+        after ``check(current row)`` passed in the same transaction (its state). Uniqueness
+        as :meth:`create` and :meth:`create_external`."""
         values: dict[str, Any] = {}
         if password is not None:
             values.update(self._seal(store_id, password))
@@ -651,7 +653,23 @@ class CustomKeyStoreTable:
             current = _store_from(row._mapping)
             check(current)
             self._check_unique(conn, store_id, name=name, cluster_id=cluster_id)
-            if password is not None or cluster_id is not None:
+            if xks is not None:
+                used = conn.execute(
+                    select(_X.c.store_id).where(
+                        (_X.c.uri_endpoint == xks.uri_endpoint)
+                        & (_X.c.uri_path == xks.uri_path)
+                        & (_X.c.store_id != store_id)
+                    )
+                ).first()
+                if used is not None:
+                    raise XksProxyUriInUseException(
+                        f"The XKS proxy URI {xks.uri_endpoint}{xks.uri_path} is used by custom "
+                        f"key store {used[0]}."
+                    )
+                conn.execute(
+                    update(_X).where(_X.c.store_id == store_id).values(**dataclasses.asdict(xks))
+                )
+            if password is not None or cluster_id is not None or xks is not None:
                 values["generation"] = current.generation + 1
             if values:
                 conn.execute(update(_S).where(_S.c.store_id == store_id).values(**values))
