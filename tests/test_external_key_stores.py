@@ -205,7 +205,7 @@ def test_lifecycle_of_an_external_key_store(
 
 
 def test_keys_in_an_external_key_store_are_double_encrypted(
-    proxy: RunningServer, credential: dict[str, str], kms: Any
+    proxy: RunningServer, credential: dict[str, str], server: RunningServer, kms: Any
 ) -> None:
     """CreateKey with XksKeyId = a key of B; Encrypt/Decrypt/GenerateDataKey/ReEncrypt on A;
     B's key disabled -> A's Decrypt fails; B alone cannot decrypt A's blob."""
@@ -264,6 +264,23 @@ def test_keys_in_an_external_key_store_are_double_encrypted(
     assert kms.decrypt(CiphertextBlob=moved)["Plaintext"] == b"double"
     back = kms.re_encrypt(CiphertextBlob=moved, DestinationKeyId=key_id)["CiphertextBlob"]
     assert kms.decrypt(CiphertextBlob=back)["Plaintext"] == b"double"
+
+    # A's audit trail names the key store; B's records name A's caller and key.
+    for name in ("Encrypt", "Decrypt"):
+        search = server.cli("audit", "search", "--event-name", name, "--json")
+        assert search.returncode == 0, search.stderr
+        assert any(
+            (r.get("additionalEventData") or {}).get("customKeyStoreId") == store_id
+            for r in json.loads(search.stdout)
+            if r.get("errorCode") is None
+        ), name
+    on_b = json.loads(proxy.cli("audit", "search", "--event-name", "Encrypt", "--json").stdout)
+    assert any(
+        r["requestParameters"].get("kmsKeyArn") == meta["Arn"]
+        and r["requestParameters"].get("kmsOperation") == "Encrypt"
+        and r["requestParameters"].get("awsPrincipalArn", "").startswith("arn:aws:iam::")
+        for r in on_b
+    ), on_b[-1:]
 
     # B alone cannot decrypt A's blob.
     raises("InvalidCiphertextException", kms_b.decrypt, CiphertextBlob=blob,

@@ -348,6 +348,10 @@ class ServiceCore:
         ``additionalEventData.customKeyStoreId``)."""
         if caller is not None and key.origin == _CLOUDHSM:
             caller.custom_key_store_id = material_ref(ref_text).store
+        elif caller is not None and key.origin == _EXTERNAL_KEY_STORE and self._custom:
+            binding = self._custom.table.xks_key(key.key_id)
+            if binding is not None:
+                caller.custom_key_store_id = binding[0]
 
     # -- the template -------------------------------------------------------------------------
 

@@ -280,7 +280,12 @@ class KeyOperations(ServiceCore):
                 f"The external key {request.XksKeyId} must be an ENABLED AES_256 key for "
                 "ENCRYPT and DECRYPT."
             )
-        stores.table.add_xks_key(key_id, record.store_id, request.XksKeyId)
+        stores.table.add_xks_key(
+            key_id,
+            record.store_id,
+            request.XksKeyId,
+            exists=lambda other: self._store.get_key(other) is not None,
+        )
         return record.store_id
 
     def _custom_store_members(self, key: KeyRecord) -> dict[str, Any]:

@@ -478,15 +478,26 @@ class CustomKeyStoreTable:
         log.info("external_key_store_created", store_id=store_id)
         return _store_from(row._mapping)
 
-    def add_xks_key(self, key_id: str, store_id: str, xks_key_id: str) -> None:
+    def add_xks_key(
+        self,
+        key_id: str,
+        store_id: str,
+        xks_key_id: str,
+        *,
+        exists: Callable[[str], bool] = lambda _key_id: True,
+    ) -> None:
         """Bind KMS key ``key_id`` to the external key ``xks_key_id`` of ``store_id``;
-        XksKeyAlreadyInUseException when another KMS key of the store has it."""
+        XksKeyAlreadyInUseException when another KMS key of the store has it (a binding of a
+        key that no longer ``exists`` is dropped instead)."""
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
             used = conn.execute(
                 select(_K.c.key_id).where(
                     (_K.c.store_id == store_id) & (_K.c.xks_key_id == xks_key_id)
                 )
             ).first()
+            if used is not None and not exists(str(used[0])):
+                conn.execute(delete(_K).where(_K.c.key_id == used[0]))
+                used = None
             if used is not None:
                 raise XksKeyAlreadyInUseException(
                     f"The external key {xks_key_id} is used by KMS key {used[0]} of custom key "
