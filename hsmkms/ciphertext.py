@@ -51,10 +51,13 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_CIPHERTEXT_BLOB",
     "MAX_PLAINTEXT",
+    "XKS_FORMAT_VERSION",
     "CiphertextBlob",
+    "XksCiphertext",
     "aad_for",
     "blob_bytes",
     "blob_prefix",
+    "blob_version",
     "encode_encryption_context",
 ]
 
@@ -296,3 +299,98 @@ class CiphertextBlob:
         setattr_(blob, "iv", data[_PREFIX.size : body_start])
         setattr_(blob, "body", body)
         return blob
+
+
+XKS_FORMAT_VERSION: Final = 0x02
+"""The version byte of an external-key-store ciphertext (:class:`XksCiphertext`)."""
+_XKS_HEAD: Final = struct.Struct(">B16sB")
+_XKS_AAD_LABEL: Final = b"hsmkms:xks:v1\x00"
+_XKS_MAX_METADATA: Final = 20
+_XKS_TAG: Final = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class XksCiphertext:
+    """The ciphertext of a key in an external key store (format version 2): a version-1 blob
+    made in our token (``inner``), encrypted again by the external key through the XKS
+    proxy. Layout (big-endian)::
+
+        0x02 ‖ key id (16) ‖ u8 len(iv) ‖ iv (12 or 16) ‖ tag (16)
+             ‖ u8 len(metadata) ‖ metadata (0-20) ‖ outer ciphertext (rest, 1 ..)
+
+    The outer ciphertext is the proxy's AES-GCM of the inner blob (same length). The proxy
+    authenticates :meth:`proxy_aad`, which binds the key ARN and the encryption context, so
+    the outer layer cannot be moved to another key or context; IV, tag and metadata are
+    authenticated by the proxy. Parsing refuses anything else with a bare
+    ``InvalidCiphertextException``."""
+
+    key_id: str
+    iv: bytes
+    tag: bytes
+    metadata: bytes
+    outer: bytes = dataclasses.field(repr=False)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(
+            (
+                _XKS_HEAD.pack(XKS_FORMAT_VERSION, _key_id_bytes(self.key_id), len(self.iv)),
+                self.iv,
+                self.tag,
+                bytes([len(self.metadata)]),
+                self.metadata,
+                self.outer,
+            )
+        )
+
+    @staticmethod
+    def proxy_aad(key_arn: str, encryption_context: Mapping[str, str]) -> bytes:
+        """What the proxy authenticates: a label, the KMS key ARN and the canonical context."""
+        return (
+            _XKS_AAD_LABEL
+            + key_arn.encode()
+            + b"\x00"
+            + encode_encryption_context(encryption_context)
+        )
+
+    @classmethod
+    def parse(cls, data: bytes) -> XksCiphertext:
+        """Parse strictly; any failure is a bare ``InvalidCiphertextException``."""
+        found: XksCiphertext | None
+        try:
+            found = cls._parse(data)
+        except ValueError:
+            found = None
+        if found is None:
+            raise InvalidCiphertextException() from None
+        return found
+
+    @classmethod
+    def _parse(cls, data: bytes) -> XksCiphertext:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise _Malformed
+        data = bytes(data)
+        if not 1 <= len(data) <= MAX_CIPHERTEXT_BLOB or len(data) < _XKS_HEAD.size:
+            raise _Malformed
+        version, raw_key_id, iv_length = _XKS_HEAD.unpack_from(data)
+        if version != XKS_FORMAT_VERSION or iv_length not in (12, 16):
+            raise _Malformed
+        at = _XKS_HEAD.size
+        iv, at = data[at : at + iv_length], at + iv_length
+        tag, at = data[at : at + _XKS_TAG], at + _XKS_TAG
+        if len(data) < at + 1:
+            raise _Malformed
+        md_length, at = data[at], at + 1
+        if md_length > _XKS_MAX_METADATA:
+            raise _Malformed
+        metadata, at = data[at : at + md_length], at + md_length
+        outer = data[at:]
+        if not outer:
+            raise _Malformed
+        return cls(_key_id_str(raw_key_id), iv, tag, metadata, outer)
+
+
+def blob_version(data: bytes) -> int:
+    """The format version byte of a ciphertext blob (0 when empty or not bytes)."""
+    if isinstance(data, bytes | bytearray) and data:
+        return int(data[0])
+    return 0

@@ -473,6 +473,12 @@ class Settings(_EnvironmentSettings):
     """Refuse a second request with the signature of a state-changing request this node
     accepted (``docs/authentication.md``, "Replays"): off by default, because the AWS SDKs
     sign two identical calls made within one second identically."""
+    xks_allow_http: bool = False
+    """Accept ``http://`` XKS proxy endpoints for external key stores (HSMKMS_XKS_ALLOW_HTTP;
+    AWS accepts only https)."""
+    xks_ca_bundle: Path | None = None
+    """PEM file of the CAs an XKS proxy's certificate is verified against
+    (HSMKMS_XKS_CA_BUNDLE); the system's CAs when unset."""
     audit_seal_interval: float = Field(default=10.0, gt=0, le=3600)
     """Seconds between a server writer session's seals (its heartbeat; a session silent for
     twice this long has stopped without a clean shutdown)."""

@@ -32,7 +32,10 @@
     │   │   CustomKeyStoreInvalidStateException, CustomKeyStoreHasCMKsException,
     │   │   CloudHsmClusterNotFoundException, CloudHsmClusterInUseException,
     │   │   CloudHsmClusterNotRelatedException, IncorrectTrustAnchorException
-    │   │                                   custom key stores (AWS_CLOUDHSM)
+    │   │   XksProxyUriInUseException, XksProxyInvalidConfigurationException,
+    │   │   XksKeyAlreadyInUseException, XksKeyNotFoundException,
+    │   │   XksKeyInvalidConfigurationException
+    │   │                                   custom key stores
     │   ├── UnknownOperationException, SerializationException
     │   └── UnrecognizedClientException, InvalidSignatureException,
     │       IncompleteSignatureException, MissingAuthenticationTokenException
@@ -321,6 +324,37 @@ class IncorrectTrustAnchorException(ClientError):
     """The trust anchor certificate is not the cluster's."""
 
     code = "IncorrectTrustAnchorException"
+
+
+class XksProxyUriInUseException(ClientError):
+    """Another external key store uses this XKS proxy endpoint and path."""
+
+    code = "XksProxyUriInUseException"
+
+
+class XksKeyAlreadyInUseException(ClientError):
+    """Another KMS key of the external key store uses this XksKeyId."""
+
+    code = "XksKeyAlreadyInUseException"
+
+
+class XksKeyNotFoundException(ClientError):
+    """The external key store's proxy does not know this XksKeyId."""
+
+    code = "XksKeyNotFoundException"
+
+
+class XksKeyInvalidConfigurationException(ClientError):
+    """The external key is not an enabled AES_256 key for ENCRYPT and DECRYPT."""
+
+    code = "XksKeyInvalidConfigurationException"
+
+
+class XksProxyInvalidConfigurationException(ClientError):
+    """The XKS proxy configuration is not valid (an ``http://`` endpoint refused, a
+    connectivity hsmkms does not offer)."""
+
+    code = "XksProxyInvalidConfigurationException"
 
 
 class UnknownOperationException(ClientError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import struct
 import uuid
@@ -17,7 +18,9 @@ from hsmkms.ciphertext import (
     FORMAT_VERSION,
     MAX_CIPHERTEXT_BLOB,
     MAX_PLAINTEXT,
+    XKS_FORMAT_VERSION,
     CiphertextBlob,
+    XksCiphertext,
     aad_for,
     encode_encryption_context,
 )
@@ -545,3 +548,54 @@ def test_bad_context_fails_aad_with_validation_not_invalid_ciphertext() -> None:
     """A malformed context is the caller's request error, raised before any decryption."""
     with pytest.raises(ValidationException):
         valid().aad({"": "v"})
+
+
+# -- version 2: the ciphertext of a key in an external key store -----------------------------
+
+xks_ciphertexts = st.builds(
+    XksCiphertext,
+    key_id=st.uuids().map(str),
+    iv=st.sampled_from([12, 16]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    tag=st.binary(min_size=16, max_size=16),
+    metadata=st.binary(max_size=20),
+    outer=st.binary(min_size=1, max_size=4146),
+)
+
+
+@given(blob=xks_ciphertexts)
+def test_xks_ciphertext_round_trips(blob: XksCiphertext) -> None:
+    data = blob.to_bytes()
+    assert data[0] == XKS_FORMAT_VERSION
+    assert XksCiphertext.parse(data) == blob
+    assert XksCiphertext.parse(data).to_bytes() == data
+    # The version-1 parser refuses it.
+    with pytest.raises(InvalidCiphertextException):
+        CiphertextBlob.parse(data)
+
+
+@given(blob=xks_ciphertexts, cut=st.integers(min_value=0, max_value=60))
+def test_xks_ciphertext_refuses_truncation_inside_its_header(blob: XksCiphertext, cut: int) -> None:
+    data = blob.to_bytes()
+    header = 1 + 16 + 1 + len(blob.iv) + 16 + 1 + len(blob.metadata)
+    if cut < header + 1:
+        with pytest.raises(InvalidCiphertextException) as info:
+            XksCiphertext.parse(data[:cut])
+        assert info.value.__cause__ is None
+        assert info.value.__context__ is None
+
+
+@given(data=st.binary(max_size=200))
+def test_xks_parser_never_fails_otherwise(data: bytes) -> None:
+    with contextlib.suppress(InvalidCiphertextException):
+        XksCiphertext.parse(data)
+
+
+def test_xks_proxy_aad_binds_key_and_context() -> None:
+    arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    aad = XksCiphertext.proxy_aad(arn, {"b": "2", "a": "1"})
+    assert aad == (
+        b"hsmkms:xks:v1\x00" + arn.encode() + b"\x00"
+        + bytes.fromhex("0002 0001 61 0001 31 0001 62 0001 32")
+    )  # fmt: skip
+    assert aad != XksCiphertext.proxy_aad(arn, {"a": "1"})
+    assert aad != XksCiphertext.proxy_aad(arn.replace("1234abcd", "1234abce"), {"b": "2", "a": "1"})

@@ -346,11 +346,8 @@ def test_custom_key_store_errors(server: RunningServer, kms: Any) -> None:
     raises(
         "IncorrectTrustAnchorException", create, **{**good, "TrustAnchorCertificate": other_anchor}
     )
-    raises(
-        "UnsupportedOperationException",
-        create,
-        **{**good, "CustomKeyStoreType": "EXTERNAL_KEY_STORE"},
-    )
+    # An external key store takes no CloudHSM members (tests/test_external_key_stores.py).
+    raises("ValidationException", create, **{**good, "CustomKeyStoreType": "EXTERNAL_KEY_STORE"})
     raises("ValidationException", create, **{**good, "CloudHsmClusterId": "cluster-1111111111!"})
     raises("ValidationException", create, **{**good, "CustomKeyStoreType": "NOPE"})
     short = raises("ValidationException", create, **{**good, "KeyStorePassword": "s" * 40})

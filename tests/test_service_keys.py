@@ -120,7 +120,8 @@ def test_create_key_with_description_tags_and_policy(service: KmsService) -> Non
             },
             UnsupportedOperationException,
         ),
-        ({"Origin": "EXTERNAL_KEY_STORE"}, UnsupportedOperationException),
+        # Without CustomKeyStoreId and XksKeyId (tests/test_external_key_stores.py: with them).
+        ({"Origin": "EXTERNAL_KEY_STORE"}, ValidationException),
         ({"CustomKeyStoreId": "cks-1234567890abcdef0"}, UnsupportedOperationException),
         ({"MultiRegion": True}, UnsupportedOperationException),
         (

@@ -32,7 +32,7 @@ class CreateCustomKeyStoreRequest(KmsModel):
     TrustAnchorCertificate: TrustAnchorCertificateType | None = None
     KeyStorePassword: str | None = Field(default=None, repr=False)
     CustomKeyStoreType: enums.CustomKeyStoreType | None = None
-    # The external key store members: recognised so that they can be refused.
+    # The external key store members (EXTERNAL_KEY_STORE).
     XksProxyUriEndpoint: Annotated[str | None, Length(10, 128)] = None
     XksProxyUriPath: Annotated[str | None, Length(10, 128)] = None
     XksProxyVpcEndpointServiceName: Annotated[str | None, Length(20, 64)] = None
@@ -52,6 +52,17 @@ class DescribeCustomKeyStoresRequest(KmsModel):
     Marker: MarkerType | None = None
 
 
+class XksProxyConfigurationType(KmsModel):
+    """An external key store's proxy as DescribeCustomKeyStores shows it (never the secret)."""
+
+    Connectivity: str | None = None
+    AccessKeyId: str | None = None
+    UriEndpoint: str | None = None
+    UriPath: str | None = None
+    VpcEndpointServiceName: str | None = None
+    VpcEndpointServiceOwner: str | None = None
+
+
 class CustomKeyStoresListEntry(KmsModel):
     CustomKeyStoreId: str
     CustomKeyStoreName: str
@@ -61,6 +72,7 @@ class CustomKeyStoresListEntry(KmsModel):
     ConnectionErrorCode: enums.ConnectionErrorCodeType | None = None
     CreationDate: dt.datetime
     CustomKeyStoreType: enums.CustomKeyStoreType
+    XksProxyConfiguration: XksProxyConfigurationType | None = None
 
 
 class DescribeCustomKeyStoresResponse(KmsModel):

@@ -45,6 +45,7 @@ class KeyMetadata(KmsModel):
     CurrentKeyMaterialId: str | None = None
     CustomKeyStoreId: str | None = None
     CloudHsmClusterId: str | None = None
+    XksKeyConfiguration: dict[str, str] | None = None
 
 
 KeyMetadataShape = KeyMetadata

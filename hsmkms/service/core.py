@@ -15,10 +15,12 @@ holds only what is specific to its operation.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
@@ -26,15 +28,20 @@ import structlog
 from pydantic import BaseModel
 
 from hsmkms.ciphertext import (
+    XKS_FORMAT_VERSION,
     CiphertextBlob,
+    XksCiphertext,
     blob_bytes,
     blob_prefix,
+    blob_version,
     encode_encryption_context,
 )
 from hsmkms.errors import (
+    DependencyTimeoutException,
     DryRunOperationException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
+    KeyUnavailableException,
     KMSInvalidStateException,
     NotFoundException,
     ServerError,
@@ -48,11 +55,14 @@ from hsmkms.models import validate_request
 from hsmkms.models.enums import EncryptionAlgorithmSpec, KeyState, OriginType, RotationType
 from hsmkms.policy import ContextInput
 from hsmkms.profiles import MechanismProfile
+from hsmkms.service import xks_client
 from hsmkms.service.authorize import Authorizer, GrantCheck
-from hsmkms.service.custom_stores import CustomKeyStores, TokenOpener
+from hsmkms.service.custom_stores import CONNECTED as CONNECTED_STATE
+from hsmkms.service.custom_stores import CustomKeyStores, TokenOpener, not_connected
 from hsmkms.service.identifiers import Arns, key_material_id, parse_grant_token
 from hsmkms.service.operations import OPERATIONS, Operation, Resolution
 from hsmkms.service.states import Access, check_state
+from hsmkms.service.xks_client import XksClientSettings
 from hsmkms.store import (
     DELETING,
     IMPORTED,
@@ -74,6 +84,12 @@ SYMMETRIC_DEFAULT = EncryptionAlgorithmSpec.SYMMETRIC_DEFAULT.value
 _ENABLED = KeyState.Enabled.value
 _EXTERNAL = OriginType.EXTERNAL.value
 _CLOUDHSM = OriginType.AWS_CLOUDHSM.value
+_EXTERNAL_KEY_STORE = OriginType.EXTERNAL_KEY_STORE.value
+_CURRENT_CALL: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "hsmkms_current_call", default=("", "")
+)
+"""(caller's principal ARN, operation name) of the operation this thread runs: an XKS call's
+``requestMetadata``."""
 
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
@@ -121,6 +137,7 @@ class RotationNotDue(Exception):
 _Req = TypeVar("_Req", bound=BaseModel)
 _Resp = TypeVar("_Resp", bound=BaseModel)
 _Svc = TypeVar("_Svc", bound="ServiceCore")
+_T = TypeVar("_T")
 _ReqIn = TypeVar("_ReqIn", bound=BaseModel, contravariant=True)
 _RespOut = TypeVar("_RespOut", bound=BaseModel, covariant=True)
 
@@ -253,6 +270,7 @@ class ServiceCore:
         usage_history: KeyUsageHistory | None = None,
         uses: KeyVersionUses | None = None,
         token_opener: TokenOpener | None = None,
+        xks: XksClientSettings | None = None,
     ) -> None:
         # A single keystore is the default store of a registry of one.
         self._stores = key_stores(keystore)
@@ -262,7 +280,7 @@ class ServiceCore:
         self._custom: CustomKeyStores | None = None
         if token_opener is not None:
             self._custom = CustomKeyStores(
-                store.database, self._keystore, token_opener, clock=clock
+                store.database, self._keystore, token_opener, clock=clock, region=region, xks=xks
             )
             self._stores = self._stores.with_resolver(self._custom.backend)
         self._on_event = on_event
@@ -330,6 +348,10 @@ class ServiceCore:
         ``additionalEventData.customKeyStoreId``)."""
         if caller is not None and key.origin == _CLOUDHSM:
             caller.custom_key_store_id = material_ref(ref_text).store
+        elif caller is not None and key.origin == _EXTERNAL_KEY_STORE and self._custom:
+            binding = self._custom.table.xks_key(key.key_id)
+            if binding is not None:
+                caller.custom_key_store_id = binding[0]
 
     # -- the template -------------------------------------------------------------------------
 
@@ -342,6 +364,22 @@ class ServiceCore:
         """Run one operation: validate -> grant tokens -> prepare -> resolve, authorize and
         check the key (per the descriptor's :class:`Resolution`) -> the worker. ``caller=None``
         is the local operator: not authorized."""
+        op = method.op
+        principal = (
+            caller.principal_arn if caller is not None else f"arn:aws:iam::{self.account_id}:root"
+        )
+        token = _CURRENT_CALL.set((principal, op.name))
+        try:
+            return self._execute_op(method, request, caller)
+        finally:
+            _CURRENT_CALL.reset(token)
+
+    def _execute_op(
+        self,
+        method: OperationMethod[Any, _Req, _Resp],
+        request: _Req,
+        caller: Caller | None,
+    ) -> _Resp:
         op = method.op
         validate_request(request)
         if op.grant_tokens:
@@ -590,7 +628,72 @@ class ServiceCore:
                     "key (RotateKeyOnDemand) to encrypt with it again"
                 ) from None
         iv, body = self._stores.backend_for(ref).encrypt(ref, plaintext, aad)
-        return blob_bytes(prefix, profile, iv, body)
+        inner = blob_bytes(prefix, profile, iv, body)
+        if key.origin != _EXTERNAL_KEY_STORE:
+            return inner
+        # spec: AWS KMS external key stores — double encryption: our key first, then the
+        # external key through the XKS proxy (docs/ciphertext.md, version 2).
+        location, xks_key_id = self._xks_binding(key)
+        sealed = self._xks_call(
+            key,
+            lambda meta: xks_client.encrypt(
+                self.custom_key_stores.xks,
+                location,
+                xks_key_id,
+                inner,
+                XksCiphertext.proxy_aad(key.arn, context),
+                meta,
+            ),
+        )
+        return XksCiphertext(
+            key.key_id, sealed.iv, sealed.tag, sealed.metadata, sealed.ciphertext
+        ).to_bytes()
+
+    def _xks_binding(self, key: KeyRecord) -> tuple[xks_client.XksProxyLocation, str]:
+        """The proxy and external key of a key in an external key store, which must be
+        CONNECTED (KMSInvalidStateException)."""
+        stores = self.custom_key_stores
+        binding = stores.table.xks_key(key.key_id)
+        if binding is None:
+            raise KMSInvalidStateException(f"{key.arn} has no external key.")
+        store_id, xks_key_id = binding
+        record = stores.table.get(store_id)
+        if record is None or record.connection_state != CONNECTED_STATE:
+            raise not_connected(store_id, "unknown" if record is None else record.connection_state)
+        return stores.location(record), xks_key_id
+
+    def _xks_call(self, key: KeyRecord, do: Callable[[xks_client.XksRequestMetadata], _T]) -> _T:
+        """Run one XKS call for ``key``, its failures as AWS's errors."""
+        principal, operation_name = _CURRENT_CALL.get()
+        meta = xks_client.XksRequestMetadata(
+            principal, operation_name or "Encrypt", str(uuid.uuid4()), key.arn
+        )
+        failure: xks_client.XksProxyFailure | None = None
+        try:
+            return do(meta)
+        except xks_client.XksProxyFailure as exc:
+            failure = exc
+        log.warning(
+            "xks_call_failed",
+            key_id=key.key_id,
+            code=failure.code,
+            status=failure.status,
+            error_name=failure.error_name,
+        )
+        name = failure.error_name
+        if name == "InvalidCiphertextException":
+            raise InvalidCiphertextException()
+        if name in ("InvalidStateException", "KeyNotFoundException", "InvalidKeyUsageException"):
+            raise KMSInvalidStateException(
+                f"{key.arn}: the external key store's proxy refused the external key ({name})."
+            )
+        if failure.code == "XKS_PROXY_TIMED_OUT":
+            raise DependencyTimeoutException(
+                f"{key.arn}: the external key store's proxy did not answer in time."
+            )
+        raise KeyUnavailableException(
+            f"{key.arn}: the external key store's proxy failed ({failure.code})."
+        )
 
     def _open(
         self,
@@ -608,6 +711,17 @@ class ServiceCore:
         blob is one InvalidCiphertextException; a known key in a refusing state gives its state
         error, as AWS. ``caller`` is authorized for ``action`` on the key the blob names, with
         ``given_context`` (the context as the request carried it, None when absent)."""
+        if blob_version(data) == XKS_FORMAT_VERSION:
+            data = self._xks_open(
+                data,
+                context,
+                expected_key_id,
+                incorrect_key,
+                op=op,
+                caller=caller,
+                action=action,
+                given_context=given_context,
+            )
         blob = CiphertextBlob.parse(data)
         if expected_key_id is not None and expected_key_id != blob.key_id:
             # spec: AWS KMS Decrypt — IncorrectKeyException when KeyId does not match.
@@ -643,6 +757,53 @@ class ServiceCore:
             # Raised outside the handler: no cause or context reaches the caller.
             raise InvalidCiphertextException()
         return key, version, plaintext
+
+    def _xks_open(
+        self,
+        data: bytes,
+        context: Mapping[str, str],
+        expected_key_id: str | None,
+        incorrect_key: Callable[[], Exception],
+        *,
+        op: Operation,
+        caller: Caller | None,
+        action: str,
+        given_context: Mapping[str, str] | None,
+    ) -> bytes:
+        """The outer layer of a version-2 blob removed by the external key (after the caller
+        was authorized on the key it names): the inner version-1 blob."""
+        outer = XksCiphertext.parse(data)
+        if expected_key_id is not None and expected_key_id != outer.key_id:
+            raise incorrect_key()
+        key = self._store.get_key(outer.key_id)
+        if key is None or self._gone(key, self._clock()) or key.origin != _EXTERNAL_KEY_STORE:
+            raise InvalidCiphertextException()
+        if caller is not None:
+            self._authz.check_key(
+                caller,
+                action,
+                key,
+                encryption_context=given_context,
+                encryption_algorithm=SYMMETRIC_DEFAULT,
+            )
+        check_state(Access.USE, key)
+        self._check_usage(op, key)
+        location, xks_key_id = self._xks_binding(key)
+        sealed = xks_client.XksSealed(outer.outer, outer.iv, outer.tag, outer.metadata)
+        inner = self._xks_call(
+            key,
+            lambda meta: xks_client.decrypt(
+                self.custom_key_stores.xks,
+                location,
+                xks_key_id,
+                sealed,
+                XksCiphertext.proxy_aad(key.arn, context),
+                meta,
+            ),
+        )
+        if blob_version(inner) != 1:
+            raise InvalidCiphertextException()
+        return inner
 
     # -- imported key material ------------------------------------------------------------------
 

@@ -423,6 +423,11 @@ class CryptoOperations(ServiceCore):
             record = stores.table.require(request.CustomKeyStoreId)
             if call.caller is not None:
                 call.caller.custom_key_store_id = record.store_id
+            if record.store_type != "AWS_CLOUDHSM":
+                # spec: AWS KMS GenerateRandom — external key stores are not supported.
+                raise UnsupportedOperationException(
+                    "GenerateRandom with an EXTERNAL_KEY_STORE key store is not supported."
+                )
             if record.connection_state != CONNECTED:
                 raise CustomKeyStoreInvalidStateException(
                     f"The custom key store {record.store_id} is {record.connection_state}: "

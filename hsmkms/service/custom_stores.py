@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Final
 
@@ -24,7 +25,13 @@ from hsmkms.db import Database
 from hsmkms.errors import KMSInvalidStateException
 from hsmkms.keystore.base import Keystore, TokenIdentity
 from hsmkms.keystore.errors import KeystoreError, PinIncorrect, PinLocked
-from hsmkms.models.enums import ConnectionErrorCodeType, ConnectionStateType
+from hsmkms.models.enums import ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoreType
+from hsmkms.service.xks_client import (
+    XksClientSettings,
+    XksProxyClient,
+    XksProxyFailure,
+    XksProxyLocation,
+)
 from hsmkms.store.key_stores import CustomKeyStoreRecord, CustomKeyStoreTable, trust_anchor_of
 from hsmkms.types import Clock, utc_now
 
@@ -43,6 +50,7 @@ CONNECTED: Final = ConnectionStateType.CONNECTED.value
 CONNECTING: Final = ConnectionStateType.CONNECTING.value
 DISCONNECTED: Final = ConnectionStateType.DISCONNECTED.value
 FAILED: Final = ConnectionStateType.FAILED.value
+EXTERNAL: Final = CustomKeyStoreType.EXTERNAL_KEY_STORE.value
 _E = ConnectionErrorCodeType
 
 
@@ -63,7 +71,10 @@ class CustomKeyStores:
         opener: TokenOpener,
         *,
         clock: Clock = utc_now,
+        region: str = "us-east-1",
+        xks: XksClientSettings | None = None,
     ) -> None:
+        self.xks = XksProxyClient(xks or XksClientSettings(), region=region, clock=clock)
         self._database = database
         self._keystore = keystore
         self._opener = opener
@@ -158,6 +169,8 @@ class CustomKeyStores:
         record = table.get(store_id)
         if record is None or record.connection_state != CONNECTING:
             return "" if record is None else record.connection_state
+        if record.store_type == EXTERNAL:
+            return self._attempt_external(record, generation)
         cluster = None if record.cluster_id is None else table.cluster(record.cluster_id)
         if cluster is None:
             return self._failed(store_id, generation, _E.CLUSTER_NOT_FOUND)
@@ -197,6 +210,48 @@ class CustomKeyStores:
         if old is not None:
             with contextlib.suppress(Exception):
                 old[1].close()
+        log.info("custom_key_store_connected", store_id=store_id)
+        return CONNECTED
+
+    def location(self, record: CustomKeyStoreRecord) -> XksProxyLocation:
+        """An external store's proxy and credential, its secret unsealed in memory."""
+        if record.xks is None:
+            raise not_connected(record.store_id, "without its proxy")
+        return XksProxyLocation(
+            record.xks.uri_endpoint,
+            record.xks.uri_path,
+            record.xks.access_key_id,
+            self.table.password(record.store_id),
+        )
+
+    def _attempt_external(self, record: CustomKeyStoreRecord, generation: int) -> str:
+        """An external store connects when its proxy answers GetHealthStatus, signed with the
+        store's credential (``http://`` only where allowed)."""
+        store_id = record.store_id
+        try:
+            location = self.location(record)
+            if location.uri_endpoint.startswith("http://") and not self.xks.settings.allow_http:
+                raise XksProxyFailure(
+                    _E.XKS_PROXY_INVALID_CONFIGURATION.value, "http:// is not allowed"
+                )
+            self.xks.health(location, str(uuid.uuid4()))
+        except XksProxyFailure as exc:
+            log.warning(
+                "external_key_store_health_failed",
+                store_id=store_id,
+                code=exc.code,
+                status=exc.status,
+                error_name=exc.error_name,
+            )
+            return self._failed(store_id, generation, ConnectionErrorCodeType(exc.code))
+        except Exception:
+            log.exception("external_key_store_connect_failed", store_id=store_id)
+            return self._failed(store_id, generation, _E.INTERNAL_ERROR)
+        if not self.table.set_state(
+            store_id, CONNECTED, expect=(CONNECTING,), generation=generation
+        ):
+            current = self.table.get(store_id)
+            return "" if current is None else current.connection_state
         log.info("custom_key_store_connected", store_id=store_id)
         return CONNECTED
 

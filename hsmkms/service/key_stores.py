@@ -14,13 +14,17 @@ a key in the default token. The state rules are AWS's (botocore model and develo
 - Update and Delete: only DISCONNECTED. Delete: CustomKeyStoreHasCMKsException while keys
   (pending deletion included) remain.
 
-External key stores (EXTERNAL_KEY_STORE) are not made here: UnsupportedOperationException.
+External key stores (EXTERNAL_KEY_STORE, ``docs/key-stores.md``, "External key stores"):
+hsmkms is the XKS client. A store names its proxy (endpoint, path, PUBLIC_ENDPOINT
+connectivity) and the credential it signs with; the secret access key is sealed like a
+password. Connect calls the proxy's health route (``hsmkms.service.xks_client``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from typing import Final
 
@@ -36,6 +40,7 @@ from hsmkms.errors import (
     InvalidMarkerException,
     UnsupportedOperationException,
     ValidationException,
+    XksProxyInvalidConfigurationException,
 )
 from hsmkms.models import (
     ConnectCustomKeyStoreRequest,
@@ -51,8 +56,8 @@ from hsmkms.models import (
 )
 from hsmkms.models.enums import CustomKeyStoreType
 from hsmkms.service.core import Call, ServiceCore, operation, page_limit
-from hsmkms.service.custom_stores import CONNECTED, CONNECTING, DISCONNECTED, FAILED
-from hsmkms.store.key_stores import CustomKeyStoreRecord
+from hsmkms.service.custom_stores import CONNECTED, CONNECTING, DISCONNECTED, EXTERNAL, FAILED
+from hsmkms.store.key_stores import CustomKeyStoreRecord, XksProxyConfig
 
 __all__ = ["KeyStoreOperations"]
 
@@ -70,6 +75,15 @@ _XKS_MEMBERS: Final = (
     "XksProxyConnectivity",
 )
 _MARKER_PREFIX: Final = "cks:"
+_CLOUDHSM_MEMBERS: Final = ("CloudHsmClusterId", "TrustAnchorCertificate", "KeyStorePassword")
+# botocore: XksProxyUriEndpointType (https only; http:// where HSMKMS_XKS_ALLOW_HTTP allows,
+# and a port, which AWS's pattern leaves out), XksProxyUriPathType, the credential's members.
+_URI_ENDPOINT: Final = re.compile(r"(https?)://[a-zA-Z0-9.-]+(:[0-9]{1,5})?")
+_URI_PATH: Final = re.compile(r"(/[a-zA-Z0-9/_-]+/kms/xks/v\d{1,2})|(/kms/xks/v\d{1,2})")
+_ACCESS_KEY_ID: Final = re.compile(r"[A-Z2-7]{20,30}")
+_SECRET: Final = re.compile(r"[a-zA-Z0-9/+=]{43,64}")
+_PUBLIC_ENDPOINT: Final = "PUBLIC_ENDPOINT"
+_VPC_ENDPOINT_SERVICE: Final = "VPC_ENDPOINT_SERVICE"
 
 
 def _check_password(password: str | None, *, required: bool) -> None:
@@ -102,13 +116,92 @@ def _no_xks_members(request: CreateCustomKeyStoreRequest | UpdateCustomKeyStoreR
         )
 
 
+def _invalid(member: str, constraint: str) -> ValidationException:
+    """A member's value refused, without its value (some are secret)."""
+    return ValidationException(
+        f"1 validation error detected: Value at '{member}' failed to satisfy constraint: "
+        f"{constraint}"
+    )
+
+
+def _xks_credential(value: dict[str, object] | None) -> tuple[str, str]:
+    """XksProxyAuthenticationCredential's (AccessKeyId, RawSecretAccessKey), checked against
+    botocore's patterns; the secret never echoed."""
+    if value is None:
+        raise ValidationException(
+            "XksProxyAuthenticationCredential is required for an EXTERNAL_KEY_STORE key store."
+        )
+    key_id = value.get("AccessKeyId")
+    secret = value.get("RawSecretAccessKey")
+    if not isinstance(key_id, str) or _ACCESS_KEY_ID.fullmatch(key_id) is None:
+        raise _invalid(
+            "xksProxyAuthenticationCredential.accessKeyId",
+            "Member must satisfy regular expression pattern: ^[A-Z2-7]{20,30}$",
+        )
+    if not isinstance(secret, str) or _SECRET.fullmatch(secret) is None:
+        raise _invalid(
+            "xksProxyAuthenticationCredential.rawSecretAccessKey",
+            "Member must satisfy regular expression pattern: ^[a-zA-Z0-9/+=]{43,64}$",
+        )
+    return key_id, secret
+
+
+def _xks_proxy(
+    request: CreateCustomKeyStoreRequest | UpdateCustomKeyStoreRequest,
+    current: XksProxyConfig | None = None,
+) -> XksProxyConfig:
+    """The proxy an EXTERNAL_KEY_STORE request names (patterns and connectivity checked); for
+    an update, the members not given are ``current``'s."""
+    connectivity = request.XksProxyConnectivity or (current and current.connectivity)
+    if not connectivity:
+        raise ValidationException(
+            "XksProxyConnectivity is required for an EXTERNAL_KEY_STORE key store."
+        )
+    if connectivity == _VPC_ENDPOINT_SERVICE or request.XksProxyVpcEndpointServiceName:
+        raise UnsupportedOperationException(
+            "XksProxyConnectivity VPC_ENDPOINT_SERVICE is not supported: hsmkms reaches XKS "
+            "proxies over PUBLIC_ENDPOINT only."
+        )
+    if connectivity != _PUBLIC_ENDPOINT:
+        raise _invalid(
+            "xksProxyConnectivity",
+            "Member must satisfy enum value set: [PUBLIC_ENDPOINT, VPC_ENDPOINT_SERVICE]",
+        )
+    endpoint = request.XksProxyUriEndpoint or (current and current.uri_endpoint)
+    path = request.XksProxyUriPath or (current and current.uri_path)
+    if not endpoint or not path:
+        raise ValidationException(
+            "XksProxyUriEndpoint and XksProxyUriPath are required for an EXTERNAL_KEY_STORE "
+            "key store."
+        )
+    if _URI_ENDPOINT.fullmatch(endpoint) is None:
+        raise _invalid(
+            "xksProxyUriEndpoint",
+            "Member must satisfy regular expression pattern: ^https://[a-zA-Z0-9.-]+$",
+        )
+    if _URI_PATH.fullmatch(path) is None:
+        raise _invalid(
+            "xksProxyUriPath",
+            "Member must satisfy regular expression pattern: "
+            "^(/[a-zA-Z0-9\\/_-]+/kms/xks/v\\d{1,2})$|^(/kms/xks/v\\d{1,2})$",
+        )
+    if current is not None and request.XksProxyAuthenticationCredential is None:
+        key_id = current.access_key_id
+    else:
+        key_id, _secret = _xks_credential(request.XksProxyAuthenticationCredential)
+    return XksProxyConfig(endpoint, path, key_id, connectivity)
+
+
 def _prepare_create(request: CreateCustomKeyStoreRequest) -> None:
     kind = request.CustomKeyStoreType or CustomKeyStoreType.AWS_CLOUDHSM
-    if kind is not CustomKeyStoreType.AWS_CLOUDHSM:
-        raise UnsupportedOperationException(
-            "Custom key stores of type EXTERNAL_KEY_STORE are not supported (hsmkms is an XKS "
-            "proxy itself: docs/key-stores.md)."
-        )
+    if kind is CustomKeyStoreType.EXTERNAL_KEY_STORE:
+        given = [name for name in _CLOUDHSM_MEMBERS if getattr(request, name) is not None]
+        if given:
+            raise ValidationException(
+                f"{given[0]} is not valid for a custom key store of type EXTERNAL_KEY_STORE."
+            )
+        _xks_proxy(request)
+        return
     _no_xks_members(request)
     if request.CloudHsmClusterId is None:
         raise ValidationException("CloudHsmClusterId is required for an AWS_CLOUDHSM key store.")
@@ -120,15 +213,17 @@ def _prepare_create(request: CreateCustomKeyStoreRequest) -> None:
 
 
 def _prepare_update(request: UpdateCustomKeyStoreRequest) -> None:
-    _no_xks_members(request)
     _check_password(request.KeyStorePassword, required=False)
+    xks_given = any(getattr(request, name) is not None for name in _XKS_MEMBERS)
     if (
         request.NewCustomKeyStoreName is None
         and request.KeyStorePassword is None
         and request.CloudHsmClusterId is None
+        and not xks_given
     ):
         raise ValidationException(
-            "Specify NewCustomKeyStoreName, KeyStorePassword or CloudHsmClusterId."
+            "Specify NewCustomKeyStoreName, KeyStorePassword, CloudHsmClusterId or an XKS "
+            "proxy member."
         )
 
 
@@ -169,6 +264,14 @@ class KeyStoreOperations(ServiceCore):
     """The custom key store operations of :class:`~hsmkms.service.KmsService`."""
 
     def _store_entry(self, record: CustomKeyStoreRecord) -> CustomKeyStoresListEntry:
+        xks = None
+        if record.xks is not None:
+            xks = {
+                "Connectivity": record.xks.connectivity,
+                "AccessKeyId": record.xks.access_key_id,
+                "UriEndpoint": record.xks.uri_endpoint,
+                "UriPath": record.xks.uri_path,
+            }
         cluster = (
             None
             if record.cluster_id is None
@@ -185,6 +288,7 @@ class KeyStoreOperations(ServiceCore):
                 "ConnectionErrorCode": record.connection_error_code if failed else None,
                 "CreationDate": record.created_at,
                 "CustomKeyStoreType": record.store_type,
+                "XksProxyConfiguration": xks,
             }
         )
 
@@ -196,6 +300,8 @@ class KeyStoreOperations(ServiceCore):
         whose trust anchor the caller names; the password is sealed, never checked here (AWS
         checks it on connecting)."""
         request = call.request
+        if request.CustomKeyStoreType is CustomKeyStoreType.EXTERNAL_KEY_STORE:
+            return self._create_external_key_store(call)
         assert request.CloudHsmClusterId is not None  # checked by the prepare hook
         assert request.KeyStorePassword is not None
         table = self.custom_key_stores.table
@@ -215,6 +321,30 @@ class KeyStoreOperations(ServiceCore):
             _CLOUDHSM,
             cluster.cluster_id,
             request.KeyStorePassword,
+        )
+        if call.caller is not None:
+            call.caller.custom_key_store_id = store_id
+        return CreateCustomKeyStoreResponse(CustomKeyStoreId=store_id)
+
+    def _create_external_key_store(
+        self, call: Call[CreateCustomKeyStoreRequest]
+    ) -> CreateCustomKeyStoreResponse:
+        """CreateCustomKeyStore (EXTERNAL_KEY_STORE): a DISCONNECTED store naming its XKS proxy;
+        the credential's secret is sealed, the proxy first called on connecting."""
+        request = call.request
+        proxy = _xks_proxy(request)
+        if (
+            proxy.uri_endpoint.startswith("http://")
+            and not self.custom_key_stores.xks.settings.allow_http
+        ):
+            raise XksProxyInvalidConfigurationException(
+                "XksProxyUriEndpoint must use https:// (http:// is accepted only where the "
+                "server runs with HSMKMS_XKS_ALLOW_HTTP=1)."
+            )
+        _key_id, secret = _xks_credential(request.XksProxyAuthenticationCredential)
+        store_id = _new_store_id()
+        self.custom_key_stores.table.create_external(
+            store_id, request.CustomKeyStoreName, proxy, secret
         )
         if call.caller is not None:
             call.caller.custom_key_store_id = store_id
@@ -310,6 +440,9 @@ class KeyStoreOperations(ServiceCore):
         if call.caller is not None:
             call.caller.custom_key_store_id = record.store_id
         _require_disconnected(record)
+        if record.store_type == EXTERNAL:
+            return self._update_external_key_store(call, record)
+        _no_xks_members(request)
         new_cluster = None
         if request.CloudHsmClusterId is not None and request.CloudHsmClusterId != record.cluster_id:
             new_cluster = table.cluster(request.CloudHsmClusterId)
@@ -332,6 +465,40 @@ class KeyStoreOperations(ServiceCore):
         )
         return EmptyResponse()
 
+    def _update_external_key_store(
+        self, call: Call[UpdateCustomKeyStoreRequest], record: CustomKeyStoreRecord
+    ) -> EmptyResponse:
+        """UpdateCustomKeyStore of an EXTERNAL_KEY_STORE (DISCONNECTED): a new name, proxy
+        endpoint, path, connectivity or credential (the secret sealed anew)."""
+        request = call.request
+        if request.KeyStorePassword is not None or request.CloudHsmClusterId is not None:
+            raise ValidationException(
+                "KeyStorePassword and CloudHsmClusterId are not valid for a custom key store of "
+                "type EXTERNAL_KEY_STORE."
+            )
+        xks_given = any(getattr(request, name) is not None for name in _XKS_MEMBERS)
+        proxy = _xks_proxy(request, record.xks) if xks_given else None
+        if (
+            proxy is not None
+            and proxy.uri_endpoint.startswith("http://")
+            and not self.custom_key_stores.xks.settings.allow_http
+        ):
+            raise XksProxyInvalidConfigurationException(
+                "XksProxyUriEndpoint must use https:// (http:// is accepted only where the "
+                "server runs with HSMKMS_XKS_ALLOW_HTTP=1)."
+            )
+        secret = None
+        if request.XksProxyAuthenticationCredential is not None:
+            _key_id, secret = _xks_credential(request.XksProxyAuthenticationCredential)
+        self.custom_key_stores.table.update(
+            record.store_id,
+            check=_require_disconnected,
+            name=request.NewCustomKeyStoreName,
+            password=secret,
+            xks=proxy,
+        )
+        return EmptyResponse()
+
     @operation("DeleteCustomKeyStore")
     def delete_custom_key_store(self, call: Call[DeleteCustomKeyStoreRequest]) -> EmptyResponse:
         """DeleteCustomKeyStore: only DISCONNECTED, and only once no key (pending deletion
@@ -343,7 +510,12 @@ class KeyStoreOperations(ServiceCore):
 
         def check(record: CustomKeyStoreRecord) -> None:
             _require_disconnected(record)
-            if self._store.count_keys_in_store(record.store_id):
+            external = [
+                key_id
+                for key_id in self.custom_key_stores.table.xks_keys_of(record.store_id)
+                if self._store.get_key(key_id) is not None
+            ]
+            if self._store.count_keys_in_store(record.store_id) or external:
                 raise CustomKeyStoreHasCMKsException(
                     f"Custom key store {record.store_id} contains KMS keys: schedule their "
                     "deletion and wait until they are deleted."

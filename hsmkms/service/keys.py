@@ -4,7 +4,9 @@ DisableKey, ScheduleKeyDeletion, CancelKeyDeletion."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
+from typing import Any, Final
 
 from hsmkms.errors import (
     AlreadyExistsException,
@@ -12,6 +14,8 @@ from hsmkms.errors import (
     KMSInvalidStateException,
     UnsupportedOperationException,
     ValidationException,
+    XksKeyInvalidConfigurationException,
+    XksKeyNotFoundException,
 )
 from hsmkms.keystore.base import Keystore, MaterialName
 from hsmkms.keystore.config import KeyPlacement
@@ -45,6 +49,7 @@ from hsmkms.models.enums import (
     RotationType,
 )
 from hsmkms.policy import ContextInput, default_key_policy, parse_policy
+from hsmkms.service import xks_client
 from hsmkms.service.aliases import check_tags, tag_conditions
 from hsmkms.service.authorize import key_policy
 from hsmkms.service.core import (
@@ -57,12 +62,15 @@ from hsmkms.service.core import (
     page_limit,
 )
 from hsmkms.service.custom_stores import CONNECTED
+from hsmkms.service.custom_stores import EXTERNAL as EXTERNAL_STORE_TYPE
 from hsmkms.service.key_types import KEY_TYPES, customer_master_key_spec
 from hsmkms.service.states import Access
 from hsmkms.store import IMPORTED, ImportedMaterialRecord, KeyRecord, KeyVersionRecord
 from hsmkms.types import Caller
 
 DEFAULT_PENDING_WINDOW_DAYS = 30
+_XKS_KEY_ID: Final = re.compile(r"[a-zA-Z0-9._-]{1,128}")
+"""botocore's XksKeyIdType."""
 
 
 def _key_type(request: CreateKeyRequest) -> tuple[KeySpec, KeyUsage, OriginType]:
@@ -103,6 +111,28 @@ def _key_type(request: CreateKeyRequest) -> tuple[KeySpec, KeyUsage, OriginType]
             )
         if request.XksKeyId is not None:
             raise ValidationException("XksKeyId is valid only with Origin EXTERNAL_KEY_STORE.")
+        if request.MultiRegion:
+            raise UnsupportedOperationException(
+                "Multi-Region keys cannot be created in a custom key store."
+            )
+        return spec, usage, origin
+    if origin is OriginType.EXTERNAL_KEY_STORE:
+        # spec: AWS KMS CreateKey — a key in an external key store: SYMMETRIC_DEFAULT,
+        # single-Region, CustomKeyStoreId and XksKeyId required.
+        if request.CustomKeyStoreId is None or request.XksKeyId is None:
+            raise ValidationException(
+                "CustomKeyStoreId and XksKeyId are required when Origin is EXTERNAL_KEY_STORE."
+            )
+        if _XKS_KEY_ID.fullmatch(request.XksKeyId) is None:
+            raise ValidationException(
+                "1 validation error detected: Value at 'xksKeyId' failed to satisfy constraint: "
+                "Member must satisfy regular expression pattern: ^[a-zA-Z0-9-_.]+$"
+            )
+        if spec is not KeySpec.SYMMETRIC_DEFAULT or usage is not KeyUsage.ENCRYPT_DECRYPT:
+            raise UnsupportedOperationException(
+                f"KeySpec {spec} with KeyUsage {usage} is not supported in an external key "
+                "store: only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys are."
+            )
         if request.MultiRegion:
             raise UnsupportedOperationException(
                 "Multi-Region keys cannot be created in a custom key store."
@@ -200,9 +230,75 @@ class KeyOperations(ServiceCore):
             }
         )
 
-    def _custom_store_members(self, key: KeyRecord) -> dict[str, str | None]:
+    def _check_xks_key(self, call: Call[CreateKeyRequest], key_id: str) -> str:
+        """CreateKey in an external key store: the store is an EXTERNAL_KEY_STORE and CONNECTED,
+        the proxy says the external key is an enabled AES_256 key for ENCRYPT and DECRYPT, and
+        no other key of the store uses it (then bound to ``key_id``). The store's id."""
+        request, caller = call.request, call.caller
+        assert request.CustomKeyStoreId is not None
+        assert request.XksKeyId is not None
+        stores = self.custom_key_stores
+        record = stores.table.require(request.CustomKeyStoreId)
+        if caller is not None:
+            caller.custom_key_store_id = record.store_id
+        if record.store_type != EXTERNAL_STORE_TYPE:
+            raise UnsupportedOperationException(
+                f"The custom key store {record.store_id} is not an EXTERNAL_KEY_STORE."
+            )
+        if record.connection_state != CONNECTED:
+            raise CustomKeyStoreInvalidStateException(
+                f"The custom key store {record.store_id} is {record.connection_state}: keys "
+                "can be created only in a CONNECTED custom key store."
+            )
+        principal = caller.principal_arn if caller is not None else ""
+        meta = xks_client.XksRequestMetadata(principal, "CreateKey", str(uuid.uuid4()))
+        failure: xks_client.XksProxyFailure | None = None
+        answer: dict[str, Any] = {}
+        try:
+            answer = xks_client.key_metadata(
+                stores.xks, stores.location(record), request.XksKeyId, meta
+            )
+        except xks_client.XksProxyFailure as exc:
+            failure = exc
+        if failure is not None:
+            log.warning("xks_key_metadata_failed", code=failure.code, status=failure.status)
+            if failure.error_name == "KeyNotFoundException":
+                raise XksKeyNotFoundException(
+                    f"The external key {request.XksKeyId} was not found by the proxy."
+                )
+            raise CustomKeyStoreInvalidStateException(
+                f"The external key store's proxy failed ({failure.code})."
+            )
+        usages = answer.get("keyUsage")
+        if (
+            answer.get("keySpec") != "AES_256"
+            or not isinstance(usages, list)
+            or not {"ENCRYPT", "DECRYPT"} <= set(usages)
+            or answer.get("keyStatus") != "ENABLED"
+        ):
+            raise XksKeyInvalidConfigurationException(
+                f"The external key {request.XksKeyId} must be an ENABLED AES_256 key for "
+                "ENCRYPT and DECRYPT."
+            )
+        stores.table.add_xks_key(
+            key_id,
+            record.store_id,
+            request.XksKeyId,
+            exists=lambda other: self._store.get_key(other) is not None,
+        )
+        return record.store_id
+
+    def _custom_store_members(self, key: KeyRecord) -> dict[str, Any]:
         """KeyMetadata's CustomKeyStoreId and CloudHsmClusterId (a key in a custom key
         store: the store its current material is in)."""
+        if key.origin == OriginType.EXTERNAL_KEY_STORE and self._custom is not None:
+            binding = self._custom.table.xks_key(key.key_id)
+            if binding is None:
+                return {}
+            return {
+                "CustomKeyStoreId": binding[0],
+                "XksKeyConfiguration": {"Id": binding[1]},
+            }
         if key.origin != OriginType.AWS_CLOUDHSM or self._custom is None:
             return {}
         version = self._store.get_version(key.key_id, key.current_version)
@@ -222,6 +318,11 @@ class KeyOperations(ServiceCore):
         record = stores.table.require(store_id)
         if caller is not None:
             caller.custom_key_store_id = record.store_id
+        if record.store_type != "AWS_CLOUDHSM":
+            raise UnsupportedOperationException(
+                f"The custom key store {record.store_id} is an EXTERNAL_KEY_STORE: Origin "
+                "AWS_CLOUDHSM names an AWS_CLOUDHSM key store (use Origin EXTERNAL_KEY_STORE)."
+            )
         if record.connection_state != CONNECTED:
             raise CustomKeyStoreInvalidStateException(
                 f"The custom key store {record.store_id} is {record.connection_state}: keys "
@@ -256,6 +357,9 @@ class KeyOperations(ServiceCore):
             self._authz.check_lockout(caller, key_policy(request.Policy), self.arns.key(key_id))
         if origin is OriginType.EXTERNAL:
             return self._create_external_key(call, key_id, spec, usage, now)
+        xks_store: str | None = None
+        if origin is OriginType.EXTERNAL_KEY_STORE:
+            xks_store = self._check_xks_key(call, key_id)
         key_type = KEY_TYPES[spec]
         assert key_type.material is not None  # checked by _key_type
         name = MaterialName.key_version(key_id, 1)
@@ -294,6 +398,8 @@ class KeyOperations(ServiceCore):
             self._store.create_key(key, version, check_tags(request.Tags or []))
         except BaseException:
             self._discard_uncommitted(ref, key_id, 1)
+            if xks_store is not None:
+                self.custom_key_stores.table.remove_xks_key(key_id)
             raise
         log.info("key_created", key_id=key_id, profile=profile)
         if caller is not None:

@@ -56,10 +56,10 @@ def _check_rotatable(key: KeyRecord) -> None:
     rotate (asymmetric and HMAC keys have one key material for life)."""
     if key.key_spec != "SYMMETRIC_DEFAULT" or key.key_usage != "ENCRYPT_DECRYPT":
         raise UnsupportedOperationException(NOT_ROTATABLE_MESSAGE)
-    if key.origin == OriginType.AWS_CLOUDHSM:
+    if key.origin in (OriginType.AWS_CLOUDHSM, OriginType.EXTERNAL_KEY_STORE):
         # spec: AWS KMS — keys in a custom key store cannot be rotated.
         raise UnsupportedOperationException(
-            f"{key.arn} origin is AWS_CLOUDHSM which is not valid for this operation."
+            f"{key.arn} origin is {key.origin} which is not valid for this operation."
         )
 
 
@@ -72,7 +72,11 @@ def _automatic_rotation_allowed(key: KeyRecord) -> None:
     """The state check of Enable/DisableKeyRotation, after the origin's: a key with imported
     material cannot rotate automatically, whatever its state (spec: §3.5 note 6); nor can a
     key in a custom key store."""
-    if key.origin in (OriginType.EXTERNAL, OriginType.AWS_CLOUDHSM):
+    if key.origin in (
+        OriginType.EXTERNAL,
+        OriginType.AWS_CLOUDHSM,
+        OriginType.EXTERNAL_KEY_STORE,
+    ):
         raise UnsupportedOperationException(
             f"{key.arn} origin is {key.origin} which is not valid for this operation."
         )

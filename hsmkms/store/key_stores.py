@@ -16,6 +16,14 @@ Tables (migrated by the database layer's runner as component ``custom_key_stores
                        password_iv, password_sealed, wrapping_key, created_at,
                        connection_state, connection_error_code, state_changed_at,
                        generation
+    xks_proxies        store_id (PK), uri_endpoint, uri_path, access_key_id,
+                       connectivity; unique (uri_endpoint, uri_path)   (migration 2)
+    xks_keys           key_id (PK), store_id, xks_key_id; unique (store_id, xks_key_id)
+                       (migration 2): the external key of each KMS key in an external store
+
+An EXTERNAL_KEY_STORE has no cluster; its proxy is its ``xks_proxies`` row and the secret
+access key of its XKS proxy authentication credential is sealed in the store's password
+columns (the same sealing, bound to the store id).
 
 ``generation`` grows with every change of the password or the cluster, so a process holding a
 connection made with the old ones opens a new one.
@@ -52,6 +60,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     delete,
     insert,
     select,
@@ -67,6 +76,8 @@ from hsmkms.errors import (
     CustomKeyStoreNameInUseException,
     CustomKeyStoreNotFoundException,
     KMSInternalException,
+    XksKeyAlreadyInUseException,
+    XksProxyUriInUseException,
 )
 from hsmkms.keystore.base import KeyMaterialRef, Keystore, MaterialName, TokenIdentity
 from hsmkms.keystore.config import KeyPlacement
@@ -81,6 +92,7 @@ __all__ = [
     "ClusterRecord",
     "CustomKeyStoreRecord",
     "CustomKeyStoreTable",
+    "XksProxyConfig",
     "trust_anchor_of",
 ]
 
@@ -132,17 +144,44 @@ custom_key_stores = Table(
     Column("state_changed_at", UTCDateTime, nullable=False),
     Column("generation", Integer, nullable=False),
 )
+xks_proxies = Table(
+    "xks_proxies",
+    metadata,
+    Column("store_id", String(64), primary_key=True),
+    Column("uri_endpoint", String(128), nullable=False),
+    Column("uri_path", String(128), nullable=False),
+    Column("access_key_id", String(30), nullable=False),
+    Column("connectivity", String(32), nullable=False),
+    UniqueConstraint("uri_endpoint", "uri_path", name="xks_proxies_uri"),
+)
+xks_keys = Table(
+    "xks_keys",
+    metadata,
+    Column("key_id", String(36), primary_key=True),
+    Column("store_id", String(64), nullable=False),
+    Column("xks_key_id", String(128), nullable=False),
+    UniqueConstraint("store_id", "xks_key_id", name="xks_keys_in_store"),
+)
 _C = cloudhsm_clusters
 _S = custom_key_stores
+_X = xks_proxies
+_K = xks_keys
 
 
 def _v1_initial(conn: Connection) -> None:
-    metadata.create_all(conn, checkfirst=True)
+    metadata.create_all(conn, tables=[cks_meta, _C, _S], checkfirst=True)
+
+
+def _v2_xks_proxies(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[_X, xks_keys], checkfirst=True)
 
 
 COMPONENT: Final = Component(
     "custom_key_stores",
-    [Migration(1, "cks_meta, cloudhsm_clusters, custom_key_stores", _v1_initial)],
+    [
+        Migration(1, "cks_meta, cloudhsm_clusters, custom_key_stores", _v1_initial),
+        Migration(2, "xks_proxies, xks_keys", _v2_xks_proxies),
+    ],
 )
 
 
@@ -194,9 +233,29 @@ class CustomKeyStoreRecord:
     connection_error_code: str | None
     generation: int
     state_changed_at: dt.datetime | None = None
+    xks: XksProxyConfig | None = None
+    """An external key store's proxy (None for AWS_CLOUDHSM)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class XksProxyConfig:
+    """An external key store's proxy, without the secret access key."""
+
+    uri_endpoint: str
+    uri_path: str
+    access_key_id: str
+    connectivity: str
 
 
 def _store_from(m: Any) -> CustomKeyStoreRecord:
+    xks = None
+    if m["uri_endpoint"] is not None:
+        xks = XksProxyConfig(
+            str(m["uri_endpoint"]),
+            str(m["uri_path"]),
+            str(m["access_key_id"]),
+            str(m["connectivity"]),
+        )
     return CustomKeyStoreRecord(
         store_id=str(m["store_id"]),
         name=str(m["name"]),
@@ -209,6 +268,7 @@ def _store_from(m: Any) -> CustomKeyStoreRecord:
         ),
         generation=int(m["generation"]),
         state_changed_at=m["state_changed_at"],
+        xks=xks,
     )
 
 
@@ -225,7 +285,13 @@ def _aad(store_id: str) -> bytes:
 _STORE_COLUMNS = (
     _S.c.store_id, _S.c.name, _S.c.store_type, _S.c.cluster_id, _S.c.created_at,
     _S.c.connection_state, _S.c.connection_error_code, _S.c.generation, _S.c.state_changed_at,
+    _X.c.uri_endpoint, _X.c.uri_path, _X.c.access_key_id, _X.c.connectivity,
 )  # fmt: skip
+
+
+def _select_stores() -> Any:
+    """A store's row with its proxy's, when it has one."""
+    return select(*_STORE_COLUMNS).select_from(_S.outerjoin(_X, _X.c.store_id == _S.c.store_id))
 
 
 class CustomKeyStoreTable:
@@ -368,9 +434,99 @@ class CustomKeyStoreTable:
                 raise CloudHsmClusterNotFoundException(f"Cluster '{cluster_id}' does not exist.")
             self._check_unique(conn, store_id, name=name, cluster_id=cluster_id)
             conn.execute(insert(_S).values(**values))
-            row = conn.execute(select(*_STORE_COLUMNS).where(_S.c.store_id == store_id)).one()
+            row = conn.execute(_select_stores().where(_S.c.store_id == store_id)).one()
         log.info("custom_key_store_created", store_id=store_id, cluster_id=cluster_id)
         return _store_from(row._mapping)
+
+    def create_external(
+        self, store_id: str, name: str, proxy: XksProxyConfig, secret: str
+    ) -> CustomKeyStoreRecord:
+        """Add a DISCONNECTED EXTERNAL_KEY_STORE whose proxy is ``proxy`` and whose credential's
+        secret is ``secret`` (sealed). CustomKeyStoreNameInUseException;
+        XksProxyUriInUseException when another store uses the same endpoint and path."""
+        sealed = self._seal(store_id, secret)
+        now = self._clock()
+        values = {
+            "store_id": store_id,
+            "name": name,
+            "store_type": "EXTERNAL_KEY_STORE",
+            "cluster_id": None,
+            "created_at": now,
+            "connection_state": "DISCONNECTED",
+            "connection_error_code": None,
+            "state_changed_at": now,
+            "generation": 1,
+            **sealed,
+        }
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            self._check_unique(conn, store_id, name=name, cluster_id=None)
+            used = conn.execute(
+                select(_X.c.store_id).where(
+                    (_X.c.uri_endpoint == proxy.uri_endpoint) & (_X.c.uri_path == proxy.uri_path)
+                )
+            ).first()
+            if used is not None:
+                # spec: AWS KMS CreateCustomKeyStore — XksProxyUriInUseException when the
+                # endpoint and path are associated with another external key store.
+                raise XksProxyUriInUseException(
+                    f"The XKS proxy URI {proxy.uri_endpoint}{proxy.uri_path} is used by custom "
+                    f"key store {used[0]}."
+                )
+            conn.execute(insert(_S).values(**values))
+            conn.execute(insert(_X).values(store_id=store_id, **dataclasses.asdict(proxy)))
+            row = conn.execute(_select_stores().where(_S.c.store_id == store_id)).one()
+        log.info("external_key_store_created", store_id=store_id)
+        return _store_from(row._mapping)
+
+    def add_xks_key(
+        self,
+        key_id: str,
+        store_id: str,
+        xks_key_id: str,
+        *,
+        exists: Callable[[str], bool] = lambda _key_id: True,
+    ) -> None:
+        """Bind KMS key ``key_id`` to the external key ``xks_key_id`` of ``store_id``;
+        XksKeyAlreadyInUseException when another KMS key of the store has it (a binding of a
+        key that no longer ``exists`` is dropped instead)."""
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            used = conn.execute(
+                select(_K.c.key_id).where(
+                    (_K.c.store_id == store_id) & (_K.c.xks_key_id == xks_key_id)
+                )
+            ).first()
+            if used is not None and not exists(str(used[0])):
+                conn.execute(delete(_K).where(_K.c.key_id == used[0]))
+                used = None
+            if used is not None:
+                raise XksKeyAlreadyInUseException(
+                    f"The external key {xks_key_id} is used by KMS key {used[0]} of custom key "
+                    f"store {store_id}."
+                )
+            conn.execute(insert(_K).values(key_id=key_id, store_id=store_id, xks_key_id=xks_key_id))
+
+    def remove_xks_key(self, key_id: str) -> None:
+        """Forget a KMS key's external key (the key is gone, or was never made)."""
+        with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
+            conn.execute(delete(_K).where(_K.c.key_id == key_id))
+
+    def xks_key(self, key_id: str) -> tuple[str, str] | None:
+        """``(store id, XksKeyId)`` of a KMS key in an external key store, or None."""
+
+        def load() -> tuple[str, str] | None:
+            with self._db.read(_ERRORS) as conn:
+                row = conn.execute(
+                    select(_K.c.store_id, _K.c.xks_key_id).where(_K.c.key_id == key_id)
+                ).first()
+            return None if row is None else (str(row[0]), str(row[1]))
+
+        return self._cache.get(("xks_key", key_id), load)
+
+    def xks_keys_of(self, store_id: str) -> list[str]:
+        """The KMS key ids bound to external keys of ``store_id``."""
+        with self._db.read(_ERRORS) as conn:
+            rows = conn.execute(select(_K.c.key_id).where(_K.c.store_id == store_id)).all()
+        return [str(r[0]) for r in rows]
 
     @staticmethod
     def _check_unique(
@@ -405,7 +561,7 @@ class CustomKeyStoreTable:
 
         def load() -> CustomKeyStoreRecord | None:
             with self._db.read(_ERRORS) as conn:
-                row = conn.execute(select(*_STORE_COLUMNS).where(_S.c.store_id == store_id)).first()
+                row = conn.execute(_select_stores().where(_S.c.store_id == store_id)).first()
             return None if row is None else _store_from(row._mapping)
 
         return self._cache.get(("store", store_id), load)
@@ -422,9 +578,7 @@ class CustomKeyStoreTable:
     def stores(self) -> list[CustomKeyStoreRecord]:
         """Every store, oldest first (ties by id)."""
         with self._db.read(_ERRORS) as conn:
-            rows = conn.execute(
-                select(*_STORE_COLUMNS).order_by(_S.c.created_at, _S.c.store_id)
-            ).all()
+            rows = conn.execute(_select_stores().order_by(_S.c.created_at, _S.c.store_id)).all()
         return [_store_from(r._mapping) for r in rows]
 
     def password(self, store_id: str) -> str:
@@ -489,9 +643,11 @@ class CustomKeyStoreTable:
         name: str | None = None,
         password: str | None = None,
         cluster_id: str | None = None,
+        xks: XksProxyConfig | None = None,
     ) -> None:
-        """Change a store's name, password or cluster, after ``check(current row)`` passed in
-        the same transaction (its state). Uniqueness as :meth:`create`."""
+        """Change a store's name, password (an external store's secret), cluster or proxy,
+        after ``check(current row)`` passed in the same transaction (its state). Uniqueness
+        as :meth:`create` and :meth:`create_external`."""
         values: dict[str, Any] = {}
         if password is not None:
             values.update(self._seal(store_id, password))
@@ -500,7 +656,7 @@ class CustomKeyStoreTable:
         if cluster_id is not None:
             values["cluster_id"] = cluster_id
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
-            row = conn.execute(select(*_STORE_COLUMNS).where(_S.c.store_id == store_id)).first()
+            row = conn.execute(_select_stores().where(_S.c.store_id == store_id)).first()
             if row is None:
                 raise CustomKeyStoreNotFoundException(
                     f"Custom key store '{store_id}' does not exist."
@@ -508,7 +664,23 @@ class CustomKeyStoreTable:
             current = _store_from(row._mapping)
             check(current)
             self._check_unique(conn, store_id, name=name, cluster_id=cluster_id)
-            if password is not None or cluster_id is not None:
+            if xks is not None:
+                used = conn.execute(
+                    select(_X.c.store_id).where(
+                        (_X.c.uri_endpoint == xks.uri_endpoint)
+                        & (_X.c.uri_path == xks.uri_path)
+                        & (_X.c.store_id != store_id)
+                    )
+                ).first()
+                if used is not None:
+                    raise XksProxyUriInUseException(
+                        f"The XKS proxy URI {xks.uri_endpoint}{xks.uri_path} is used by custom "
+                        f"key store {used[0]}."
+                    )
+                conn.execute(
+                    update(_X).where(_X.c.store_id == store_id).values(**dataclasses.asdict(xks))
+                )
+            if password is not None or cluster_id is not None or xks is not None:
                 values["generation"] = current.generation + 1
             if values:
                 conn.execute(update(_S).where(_S.c.store_id == store_id).values(**values))
@@ -517,11 +689,12 @@ class CustomKeyStoreTable:
     def delete(self, store_id: str, *, check: Callable[[CustomKeyStoreRecord], None]) -> None:
         """Delete a store after ``check(current row)`` passed in the same transaction."""
         with self._db.write(_ERRORS, lock=_WRITE_LOCK) as conn:
-            row = conn.execute(select(*_STORE_COLUMNS).where(_S.c.store_id == store_id)).first()
+            row = conn.execute(_select_stores().where(_S.c.store_id == store_id)).first()
             if row is None:
                 raise CustomKeyStoreNotFoundException(
                     f"Custom key store '{store_id}' does not exist."
                 )
             check(_store_from(row._mapping))
+            conn.execute(delete(_X).where(_X.c.store_id == store_id))
             conn.execute(delete(_S).where(_S.c.store_id == store_id))
         log.info("custom_key_store_deleted", store_id=store_id)

@@ -41,6 +41,7 @@ from hsmkms.keystore.base import CallObserver, Keystore, TokenIdentity
 from hsmkms.service import EventSink, KmsService, ServiceEvent
 from hsmkms.service.custom_stores import TokenOpener
 from hsmkms.service.last_usage import KeyUsageHistory, KeyUse
+from hsmkms.service.xks_client import XksClientSettings
 from hsmkms.softhsm import ensure_token, relocate_conf
 from hsmkms.store import MetadataStore
 from hsmkms.store.integrity import TokenRowSealer
@@ -256,6 +257,9 @@ class System:
             on_event=on_event,
             usage_history=usage_history,
             token_opener=token_opener,
+            xks=XksClientSettings(
+                allow_http=settings.xks_allow_http, ca_bundle=settings.xks_ca_bundle
+            ),
         )
 
     @classmethod
