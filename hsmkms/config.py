@@ -479,6 +479,9 @@ class Settings(_EnvironmentSettings):
     xks_ca_bundle: Path | None = None
     """PEM file of the CAs an XKS proxy's certificate is verified against
     (HSMKMS_XKS_CA_BUNDLE); the system's CAs when unset."""
+    xks_timeout: float = Field(default=0.25, gt=0, le=10)
+    """Seconds a call to an external key store's XKS proxy (GetKeyMetadata, Encrypt, Decrypt)
+    may take (HSMKMS_XKS_TIMEOUT); AWS KMS gives up after 250 ms."""
     audit_seal_interval: float = Field(default=10.0, gt=0, le=3600)
     """Seconds between a server writer session's seals (its heartbeat; a session silent for
     twice this long has stopped without a clean shutdown)."""

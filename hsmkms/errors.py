@@ -357,6 +357,25 @@ class XksProxyInvalidConfigurationException(ClientError):
     code = "XksProxyInvalidConfigurationException"
 
 
+class XksProxyIncorrectAuthenticationCredentialException(ClientError):
+    """The XKS proxy refused the authentication credential (checked before an update)."""
+
+    code = "XksProxyIncorrectAuthenticationCredentialException"
+
+
+class XksProxyUriUnreachableException(ClientError):
+    """The XKS proxy could not be reached, or did not answer in time (checked before an
+    update)."""
+
+    code = "XksProxyUriUnreachableException"
+
+
+class XksProxyInvalidResponseException(ClientError):
+    """The XKS proxy's answer is not what the XKS API specifies."""
+
+    code = "XksProxyInvalidResponseException"
+
+
 class UnknownOperationException(ClientError):
     """The X-Amz-Target names no operation this service knows."""
 

@@ -55,6 +55,9 @@ class Caller:
     keys_used: dict[str, int | None] = field(default_factory=dict)
     custom_key_store_id: str | None = None
     """The custom key store the call used (its audit record's ``customKeyStoreId``)."""
+    request_id: str | None = None
+    """The API request's id (``x-amzn-RequestId``): an XKS call made for it carries it as
+    ``kmsRequestId``."""
 
     def note_key(self, key_arn: str, version: int | None = None) -> None:
         """Record that the call named or used ``key_arn`` (and which version)."""

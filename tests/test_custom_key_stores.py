@@ -202,12 +202,23 @@ def test_lifecycle_of_a_custom_key_store(server: RunningServer, kms: Any) -> Non
         kms.delete_custom_key_store,
         CustomKeyStoreId=store_id,
     )
+    # botocore: the name may change while connected; the password and cluster may not.
+    kms.update_custom_key_store(CustomKeyStoreId=store_id, NewCustomKeyStoreName="renamed")
+    assert describe(kms, store_id)["CustomKeyStoreName"] == "renamed"
     raises(
         "CustomKeyStoreInvalidStateException",
         kms.update_custom_key_store,
         CustomKeyStoreId=store_id,
-        NewCustomKeyStoreName="renamed",
+        KeyStorePassword="another-password",
     )
+    raises(
+        "CustomKeyStoreInvalidStateException",
+        kms.update_custom_key_store,
+        CustomKeyStoreId=store_id,
+        NewCustomKeyStoreName="renamed-again",
+        CloudHsmClusterId="cluster-lifecycleaaa",
+    )
+    assert describe(kms, store_id)["CustomKeyStoreName"] == "renamed"
     in_use = server.cli("clusters", "remove", "cluster-lifecycleaaa")
     assert in_use.returncode == 2
     assert store_id in in_use.stderr

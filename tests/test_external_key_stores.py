@@ -19,7 +19,9 @@ from test_api_server import self_signed
 pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
 PREFIX = "tenant-x"
-HTTP_ENV = {"HSMKMS_XKS_ALLOW_HTTP": "1"}
+# A generous proxy timeout: the tests' servers share 2 busy cores with the rest of the suite
+# (HSMKMS_XKS_TIMEOUT; the default is AWS's 250 ms).
+HTTP_ENV = {"HSMKMS_XKS_ALLOW_HTTP": "1", "HSMKMS_XKS_TIMEOUT": "5"}
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +167,24 @@ def test_lifecycle_of_an_external_key_store(
 
     raises("CustomKeyStoreInvalidStateException", kms.delete_custom_key_store,
            CustomKeyStoreId=store_id)  # fmt: skip
-    raises("CustomKeyStoreInvalidStateException", kms.update_custom_key_store,
-           CustomKeyStoreId=store_id, NewCustomKeyStoreName="ext-renamed")  # fmt: skip
-    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
-    assert describe(kms, store_id)["ConnectionState"] == "DISCONNECTED"
+    # botocore: a connected external store may change its name, path and credential (checked
+    # with the proxy first), not its endpoint or connectivity.
     kms.update_custom_key_store(CustomKeyStoreId=store_id, NewCustomKeyStoreName="ext-renamed")
     assert describe(kms, store_id)["CustomKeyStoreName"] == "ext-renamed"
+    raises("CustomKeyStoreInvalidStateException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, XksProxyUriEndpoint=proxy.endpoint)  # fmt: skip
+    raises("CustomKeyStoreInvalidStateException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, XksProxyConnectivity="PUBLIC_ENDPOINT")  # fmt: skip
+    wrong = {"AccessKeyId": credential["AccessKeyId"], "RawSecretAccessKey": "B" * 48}
+    raises("XksProxyIncorrectAuthenticationCredentialException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, XksProxyAuthenticationCredential=wrong)  # fmt: skip
+    raises("XksProxyInvalidConfigurationException", kms.update_custom_key_store,
+           CustomKeyStoreId=store_id, XksProxyUriPath="/nobody/kms/xks/v1")  # fmt: skip
+    entry = describe(kms, store_id)
+    assert entry["ConnectionState"] == "CONNECTED", entry
+    assert entry["XksProxyConfiguration"]["UriPath"] == f"/{PREFIX}/kms/xks/v1"
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    assert describe(kms, store_id)["ConnectionState"] == "DISCONNECTED"
 
     # Rotate the credential (a second one of the prefix on B) while DISCONNECTED.
     second = json.loads(
@@ -187,8 +201,17 @@ def test_lifecycle_of_an_external_key_store(
     assert entry["XksProxyConfiguration"]["AccessKeyId"] == second["AccessKeyId"]
     assert entry["XksProxyConfiguration"]["UriPath"] == f"/{PREFIX}/kms/xks/v1"
     assert connect(kms, store_id)["ConnectionState"] == "CONNECTED"
-    raises("CustomKeyStoreInvalidStateException", kms.update_custom_key_store,
-           CustomKeyStoreId=store_id, XksProxyUriPath="/other/kms/xks/v1")  # fmt: skip
+    # Back to the first credential while CONNECTED: the proxy accepts it, so the update does.
+    kms.update_custom_key_store(
+        CustomKeyStoreId=store_id,
+        XksProxyAuthenticationCredential={
+            "AccessKeyId": credential["AccessKeyId"],
+            "RawSecretAccessKey": credential["SecretAccessKey"],
+        },
+    )
+    entry = describe(kms, store_id)
+    assert entry["XksProxyConfiguration"]["AccessKeyId"] == credential["AccessKeyId"]
+    assert entry["ConnectionState"] == "CONNECTED"
     kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
     raises("ValidationException", kms.update_custom_key_store,
            CustomKeyStoreId=store_id, XksProxyUriPath="/kms/xks/other")  # fmt: skip
@@ -241,9 +264,9 @@ def test_keys_in_an_external_key_store_are_double_encrypted(
     raises("UnsupportedOperationException", kms.enable_key_rotation, KeyId=key_id)
 
     context = {"purpose": "xks-test"}
-    blob = kms.encrypt(KeyId=key_id, Plaintext=b"double", EncryptionContext=context)[
-        "CiphertextBlob"
-    ]
+    encrypted = kms.encrypt(KeyId=key_id, Plaintext=b"double", EncryptionContext=context)
+    blob = encrypted["CiphertextBlob"]
+    encrypt_request_id = encrypted["ResponseMetadata"]["RequestId"]
     assert blob[0] == 2
     assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"double"
     raises("InvalidCiphertextException", kms.decrypt, CiphertextBlob=blob,
@@ -274,13 +297,30 @@ def test_keys_in_an_external_key_store_are_double_encrypted(
             for r in json.loads(search.stdout)
             if r.get("errorCode") is None
         ), name
+    # B's record of A's Encrypt carries the request id A answered with (kmsRequestId).
     on_b = json.loads(proxy.cli("audit", "search", "--event-name", "Encrypt", "--json").stdout)
     assert any(
         r["requestParameters"].get("kmsKeyArn") == meta["Arn"]
         and r["requestParameters"].get("kmsOperation") == "Encrypt"
+        and r["requestParameters"].get("kmsRequestId") == encrypt_request_id
         and r["requestParameters"].get("awsPrincipalArn", "").startswith("arn:aws:iam::")
         for r in on_b
     ), on_b[-1:]
+
+    # The credential rotated while CONNECTED (no downtime): B's old credential deleted, A's
+    # keys still work, so A signs with the new one.
+    newer = json.loads(
+        proxy.cli("xks", "credentials", "create", "--prefix", "tenant-keys", "--json").stdout
+    )
+    kms.update_custom_key_store(
+        CustomKeyStoreId=store_id,
+        XksProxyAuthenticationCredential={
+            "AccessKeyId": newer["AccessKeyId"],
+            "RawSecretAccessKey": newer["SecretAccessKey"],
+        },
+    )
+    assert proxy.cli("xks", "credentials", "delete", own["AccessKeyId"]).returncode == 0
+    assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=context)["Plaintext"] == b"double"
 
     # B alone cannot decrypt A's blob.
     raises("InvalidCiphertextException", kms_b.decrypt, CiphertextBlob=blob,

@@ -514,7 +514,7 @@ class KmsApp:
             except KMSError:
                 refused = True
                 raise
-            caller, signature = self._authenticate(scope, body)
+            caller, signature = self._authenticate(scope, body, request_id)
             operation = protocol.operation_name(target, _API_OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
             op = OPERATIONS.get(operation)
@@ -654,7 +654,9 @@ class KmsApp:
             raise _Replayed
         return run()
 
-    def _authenticate(self, scope: Scope, body: bytes) -> tuple[Caller, str | None]:
+    def _authenticate(
+        self, scope: Scope, body: bytes, request_id: str
+    ) -> tuple[Caller, str | None]:
         """SigV4-verify the request; the caller (identity, identity policy, origin) and the
         request's signature."""
         raw_path = scope.get("raw_path")
@@ -681,6 +683,7 @@ class KmsApp:
             source_ip=_peer(scope),
             secure_transport=scope.get("scheme") == "https",
             user_agent=_header(scope, b"user-agent"),
+            request_id=request_id,
         )
         return caller, sigv4.signature_of(request)
 

@@ -85,11 +85,11 @@ _ENABLED = KeyState.Enabled.value
 _EXTERNAL = OriginType.EXTERNAL.value
 _CLOUDHSM = OriginType.AWS_CLOUDHSM.value
 _EXTERNAL_KEY_STORE = OriginType.EXTERNAL_KEY_STORE.value
-_CURRENT_CALL: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
-    "hsmkms_current_call", default=("", "")
+_CURRENT_CALL: contextvars.ContextVar[tuple[str, str, str | None]] = contextvars.ContextVar(
+    "hsmkms_current_call", default=("", "", None)
 )
-"""(caller's principal ARN, operation name) of the operation this thread runs: an XKS call's
-``requestMetadata``."""
+"""(caller's principal ARN, operation name, API request id) of the operation this thread runs:
+an XKS call's ``requestMetadata``."""
 
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
@@ -368,7 +368,8 @@ class ServiceCore:
         principal = (
             caller.principal_arn if caller is not None else f"arn:aws:iam::{self.account_id}:root"
         )
-        token = _CURRENT_CALL.set((principal, op.name))
+        request_id = caller.request_id if caller is not None else None
+        token = _CURRENT_CALL.set((principal, op.name, request_id))
         try:
             return self._execute_op(method, request, caller)
         finally:
@@ -664,9 +665,9 @@ class ServiceCore:
 
     def _xks_call(self, key: KeyRecord, do: Callable[[xks_client.XksRequestMetadata], _T]) -> _T:
         """Run one XKS call for ``key``, its failures as AWS's errors."""
-        principal, operation_name = _CURRENT_CALL.get()
+        principal, operation_name, request_id = _CURRENT_CALL.get()
         meta = xks_client.XksRequestMetadata(
-            principal, operation_name or "Encrypt", str(uuid.uuid4()), key.arn
+            principal, operation_name or "Encrypt", request_id or str(uuid.uuid4()), key.arn
         )
         failure: xks_client.XksProxyFailure | None = None
         try:

@@ -26,11 +26,14 @@ import base64
 import binascii
 import re
 import secrets
+import uuid
+from collections.abc import Callable
 from typing import Final
 
 import structlog
 
 from hsmkms.errors import (
+    ClientError,
     CloudHsmClusterNotFoundException,
     CloudHsmClusterNotRelatedException,
     CustomKeyStoreHasCMKsException,
@@ -40,7 +43,10 @@ from hsmkms.errors import (
     InvalidMarkerException,
     UnsupportedOperationException,
     ValidationException,
+    XksProxyIncorrectAuthenticationCredentialException,
     XksProxyInvalidConfigurationException,
+    XksProxyInvalidResponseException,
+    XksProxyUriUnreachableException,
 )
 from hsmkms.models import (
     ConnectCustomKeyStoreRequest,
@@ -57,6 +63,7 @@ from hsmkms.models import (
 from hsmkms.models.enums import CustomKeyStoreType
 from hsmkms.service.core import Call, ServiceCore, operation, page_limit
 from hsmkms.service.custom_stores import CONNECTED, CONNECTING, DISCONNECTED, EXTERNAL, FAILED
+from hsmkms.service.xks_client import XksProxyFailure, XksProxyLocation
 from hsmkms.store.key_stores import CustomKeyStoreRecord, XksProxyConfig
 
 __all__ = ["KeyStoreOperations"]
@@ -260,6 +267,34 @@ def _require_disconnected(record: CustomKeyStoreRecord) -> None:
         raise _invalid_state(record, DISCONNECTED)
 
 
+def _require_settled(record: CustomKeyStoreRecord) -> None:
+    """botocore: the name, and an external store's path and credential, may change while the
+    store is connected or disconnected (not while it is connecting, failed or disconnecting)."""
+    if record.connection_state not in (CONNECTED, DISCONNECTED):
+        raise _invalid_state(record, f"{CONNECTED} or {DISCONNECTED}")
+
+
+# botocore UpdateCustomKeyStoreRequest: the members that need a DISCONNECTED store; the name,
+# XksProxyUriPath and XksProxyAuthenticationCredential do not.
+_NEED_DISCONNECTED: Final = (
+    "KeyStorePassword",
+    "CloudHsmClusterId",
+    "XksProxyUriEndpoint",
+    "XksProxyVpcEndpointServiceName",
+    "XksProxyVpcEndpointServiceOwner",
+    "XksProxyConnectivity",
+)
+
+# A proxy's health check failing before an update of a connected store: AWS's exception for
+# each ConnectionErrorCode (XKS_PROXY_INVALID_CONFIGURATION and TLS: the configuration).
+_UPDATE_REFUSALS: Final[dict[str, type[ClientError]]] = {
+    "XKS_PROXY_ACCESS_DENIED": XksProxyIncorrectAuthenticationCredentialException,
+    "XKS_PROXY_NOT_REACHABLE": XksProxyUriUnreachableException,
+    "XKS_PROXY_TIMED_OUT": XksProxyUriUnreachableException,
+    "XKS_PROXY_INVALID_RESPONSE": XksProxyInvalidResponseException,
+}
+
+
 class KeyStoreOperations(ServiceCore):
     """The custom key store operations of :class:`~hsmkms.service.KmsService`."""
 
@@ -439,9 +474,14 @@ class KeyStoreOperations(ServiceCore):
         record = table.require(request.CustomKeyStoreId)
         if call.caller is not None:
             call.caller.custom_key_store_id = record.store_id
-        _require_disconnected(record)
+        check = (
+            _require_disconnected
+            if any(getattr(request, name) is not None for name in _NEED_DISCONNECTED)
+            else _require_settled
+        )
+        check(record)
         if record.store_type == EXTERNAL:
-            return self._update_external_key_store(call, record)
+            return self._update_external_key_store(call, record, check)
         _no_xks_members(request)
         new_cluster = None
         if request.CloudHsmClusterId is not None and request.CloudHsmClusterId != record.cluster_id:
@@ -458,7 +498,7 @@ class KeyStoreOperations(ServiceCore):
                 )
         table.update(
             record.store_id,
-            check=_require_disconnected,
+            check=check,
             name=request.NewCustomKeyStoreName,
             password=request.KeyStorePassword,
             cluster_id=None if new_cluster is None else new_cluster.cluster_id,
@@ -466,10 +506,15 @@ class KeyStoreOperations(ServiceCore):
         return EmptyResponse()
 
     def _update_external_key_store(
-        self, call: Call[UpdateCustomKeyStoreRequest], record: CustomKeyStoreRecord
+        self,
+        call: Call[UpdateCustomKeyStoreRequest],
+        record: CustomKeyStoreRecord,
+        check: Callable[[CustomKeyStoreRecord], None],
     ) -> EmptyResponse:
-        """UpdateCustomKeyStore of an EXTERNAL_KEY_STORE (DISCONNECTED): a new name, proxy
-        endpoint, path, connectivity or credential (the secret sealed anew)."""
+        """UpdateCustomKeyStore of an EXTERNAL_KEY_STORE: a new name, path or credential (the
+        secret sealed anew) in any settled state — a CONNECTED store's proxy must first answer
+        GetHealthStatus with the new values, as AWS asks it; the endpoint and connectivity
+        only while DISCONNECTED."""
         request = call.request
         if request.KeyStorePassword is not None or request.CloudHsmClusterId is not None:
             raise ValidationException(
@@ -490,14 +535,45 @@ class KeyStoreOperations(ServiceCore):
         secret = None
         if request.XksProxyAuthenticationCredential is not None:
             _key_id, secret = _xks_credential(request.XksProxyAuthenticationCredential)
+        if proxy is not None and record.connection_state == CONNECTED:
+            self._check_new_proxy(record, proxy, secret)
         self.custom_key_stores.table.update(
             record.store_id,
-            check=_require_disconnected,
+            check=check,
             name=request.NewCustomKeyStoreName,
             password=secret,
             xks=proxy,
         )
         return EmptyResponse()
+
+    def _check_new_proxy(
+        self, record: CustomKeyStoreRecord, proxy: XksProxyConfig, secret: str | None
+    ) -> None:
+        """The proxy answers GetHealthStatus with a connected store's new path or credential
+        before they replace the ones its keys use now; AWS's exception otherwise."""
+        stores = self.custom_key_stores
+        current = stores.location(record)
+        location = XksProxyLocation(
+            proxy.uri_endpoint,
+            proxy.uri_path,
+            proxy.access_key_id,
+            current.secret if secret is None else secret,
+        )
+        try:
+            stores.xks.health(location, str(uuid.uuid4()))
+        except XksProxyFailure as exc:
+            log.warning(
+                "external_key_store_update_refused",
+                store_id=record.store_id,
+                code=exc.code,
+                status=exc.status,
+                error_name=exc.error_name,
+            )
+            refusal = _UPDATE_REFUSALS.get(exc.code, XksProxyInvalidConfigurationException)
+            raise refusal(
+                f"The XKS proxy did not accept the new settings of custom key store "
+                f"{record.store_id} ({exc.code}); nothing was changed."
+            ) from None
 
     @operation("DeleteCustomKeyStore")
     def delete_custom_key_store(self, call: Call[DeleteCustomKeyStoreRequest]) -> EmptyResponse:

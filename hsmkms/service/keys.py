@@ -251,7 +251,10 @@ class KeyOperations(ServiceCore):
                 "can be created only in a CONNECTED custom key store."
             )
         principal = caller.principal_arn if caller is not None else ""
-        meta = xks_client.XksRequestMetadata(principal, "CreateKey", str(uuid.uuid4()))
+        request_id = caller.request_id if caller is not None else None
+        meta = xks_client.XksRequestMetadata(
+            principal, "CreateKey", request_id or str(uuid.uuid4())
+        )
         failure: xks_client.XksProxyFailure | None = None
         answer: dict[str, Any] = {}
         try:

@@ -62,7 +62,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE: Final = "kms-xks-proxy"
 CALL_TIMEOUT: Final = 0.25
-"""Seconds an XKS call may take (AWS KMS gives up after 250 ms)."""
+"""Seconds an XKS key call may take by default (AWS KMS gives up after 250 ms)."""
 HEALTH_TIMEOUT: Final = 2.0
 """Seconds the health check at ConnectCustomKeyStore may take (a first TLS handshake)."""
 _MAX_RESPONSE: Final = 1 << 20
@@ -72,10 +72,13 @@ _MAX_RESPONSE: Final = 1 << 20
 class XksClientSettings:
     """How this server reaches XKS proxies: ``allow_http`` (HSMKMS_XKS_ALLOW_HTTP) accepts
     ``http://`` endpoints (tests, a proxy on loopback); ``ca_bundle`` (HSMKMS_XKS_CA_BUNDLE)
-    the CAs HTTPS is verified against, else the system's."""
+    the CAs HTTPS is verified against, else the system's; ``timeout`` (HSMKMS_XKS_TIMEOUT) how
+    long a key call may take."""
 
     allow_http: bool = False
     ca_bundle: Path | None = None
+    timeout: float = CALL_TIMEOUT
+    """Seconds a key call may take (HSMKMS_XKS_TIMEOUT)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +141,12 @@ class XksProxyClient:
         route: str,
         body: dict[str, Any],
         *,
-        timeout: float = CALL_TIMEOUT,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """POST ``body`` to ``route`` of the proxy; its JSON answer (an object) on 200, else
-        :class:`XksProxyFailure`."""
+        """POST ``body`` to ``route`` of the proxy within ``timeout`` seconds (the settings'
+        when None); its JSON answer (an object) on 200, else :class:`XksProxyFailure`."""
+        if timeout is None:
+            timeout = self.settings.timeout
         parts = urllib.parse.urlsplit(location.uri_endpoint)
         host = parts.hostname or ""
         path = location.uri_path + route

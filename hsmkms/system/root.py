@@ -258,7 +258,9 @@ class System:
             usage_history=usage_history,
             token_opener=token_opener,
             xks=XksClientSettings(
-                allow_http=settings.xks_allow_http, ca_bundle=settings.xks_ca_bundle
+                allow_http=settings.xks_allow_http,
+                ca_bundle=settings.xks_ca_bundle,
+                timeout=settings.xks_timeout,
             ),
         )
 
