@@ -71,6 +71,8 @@ class RunningServer:
     log_path: Path
     region: str = REGION
     ca_file: Path | None = None  # the certificate to trust when serving HTTPS
+    token_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The server's token settings (HSMKMS_PKCS11_*), which its CLI commands need too."""
 
     @property
     def host(self) -> str:
@@ -162,8 +164,10 @@ class RunningServer:
     def cli(
         self, *args: str, env: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``hsmkms ARGS --data-dir <this server's data dir>``."""
-        return run_cli(*args, "--data-dir", str(self.data_dir), env=env)
+        """Run ``hsmkms ARGS --data-dir <this server's data dir>`` on the server's token."""
+        return run_cli(
+            *args, "--data-dir", str(self.data_dir), env={**self.token_env, **(env or {})}
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the server and wait for it; its exit code. SIGKILL (and a server that does
@@ -269,7 +273,10 @@ def start_server(
     else:
         key = (env or {})["HSMKMS_ROOT_ACCESS_KEY_ID"]
         secret = (env or {})["HSMKMS_ROOT_SECRET_ACCESS_KEY"]
-    server = RunningServer(endpoint, data_dir, key, secret, process, log_path, ca_file=ca_file)
+    token_env = {k: v for k, v in (env or {}).items() if k.startswith("HSMKMS_PKCS11_")}
+    server = RunningServer(
+        endpoint, data_dir, key, secret, process, log_path, ca_file=ca_file, token_env=token_env
+    )
     # Healthy means every worker has answered /healthz (each request on a new connection).
     healthy: set[str] = set()
     while len(healthy) < workers:

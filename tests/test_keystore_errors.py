@@ -71,3 +71,10 @@ def test_general_error_is_a_device_fault_except_while_decrypting() -> None:
 def test_authentication_failures_map_to_decryption_failed(cls: type[Exception]) -> None:
     assert type(map_pkcs11_error(cls(), "x")) is DecryptionFailed
     assert map_pkcs11_error(cls(), "x", decrypting=True).message == "decryption failed"
+
+
+def test_arguments_bad_is_a_failed_check_only_while_verifying() -> None:
+    """NSS softokn answers a failed HMAC comparison with its thread's stale error, e.g.
+    CKR_ARGUMENTS_BAD (seen in tests/test_nss_authorization.py: doctor on a tampered row)."""
+    assert type(map_pkcs11_error(p11e.ArgumentsBad(), "x", decrypting=True)) is DecryptionFailed
+    assert type(map_pkcs11_error(p11e.ArgumentsBad(), "x")) is not DecryptionFailed

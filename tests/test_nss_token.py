@@ -7,78 +7,27 @@ is chosen by the probe), and it answers a failed HMAC or signature check with CK
 (a failed check, not a device away: InvalidCiphertextException, KMSInvalidMacException,
 KMSInvalidSignatureException, and the service stays up).
 
-The token is registered with p11-kit by ``ci/bootstrap.sh`` (``/etc/pkcs11/modules/
-hsmkms-nss-ci.module``, database in :data:`NSS_DIR`); this module makes a fresh NSS database
-there, with a random PIN, for each test run. Without the module file the tests are skipped
-and say why.
+The token and its fixtures: tests/nss.py (a fresh NSS database per module; skipped, saying
+why, where ci/bootstrap.sh could not register it).
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+import nss
 import pytest
 from botocore.exceptions import ClientError
 from server import RunningServer, run_cli, running_server
 
 pytestmark = [pytest.mark.server, pytest.mark.nss, pytest.mark.slow]
 
-NSS_DIR = Path("/var/lib/hsmkms-ci/nss")
-MODULE_FILE = Path("/etc/pkcs11/modules/hsmkms-nss-ci.module")
-TOKEN = "NSS%20Certificate%20DB"
-
-
-def _proxy() -> Path | None:
-    found = sorted(Path("/usr/lib").glob("*/p11-kit-proxy.so"))
-    return found[0] if found else None
-
-
-@pytest.fixture(scope="module")
-def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A fresh NSS token (its database made anew in NSS_DIR): the PKCS#11 URI naming it
-    without a PIN, and its PIN."""
-    proxy = _proxy()
-    if not MODULE_FILE.exists() or proxy is None or shutil.which("certutil") is None:
-        pytest.skip(
-            f"no NSS softokn test token: {MODULE_FILE} or p11-kit-proxy or certutil is missing "
-            "(ci/bootstrap.sh installs them when it runs as root or with sudo)"
-        )
-    if not NSS_DIR.is_dir() or not NSS_DIR.stat().st_mode & 0o200:
-        pytest.skip(f"{NSS_DIR} is not a writable directory (ci/bootstrap.sh makes it)")
-    for old in NSS_DIR.iterdir():
-        old.unlink()
-    pin = tmp_path_factory.mktemp("nss") / "user.pin"
-    pin.write_text(secrets.token_hex(12))  # 24 characters: also a custom key store password
-    pin.chmod(0o600)
-    subprocess.run(
-        ["certutil", "-N", "-d", f"sql:{NSS_DIR}", "-f", str(pin)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return f"pkcs11:token={TOKEN}?module-path={proxy}", pin.read_text()
-
-
-@pytest.fixture(scope="module")
-def nss_uri(nss_token: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The URI of the NSS token with its PIN's file: for a server whose default token it is."""
-    pin = tmp_path_factory.mktemp("nss-pin") / "user.pin"
-    pin.write_text(nss_token[1])
-    pin.chmod(0o600)
-    return f"{nss_token[0]}&pin-source=file:{pin}"
-
-
-@pytest.fixture(scope="module")
-def nss_server(nss_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    data_dir = tmp_path_factory.mktemp("nss-server") / "data"
-    with running_server(data_dir, workers=2, env={"HSMKMS_PKCS11_URI": nss_uri}) as server:
-        yield server
+# The fixtures of tests/nss.py, used here.
+nss_token = nss.nss_token
+nss_uri = nss.nss_uri
+nss_server = nss.nss_server
 
 
 def _code(call: object) -> str:

@@ -170,11 +170,15 @@ def map_pkcs11_error(exc: Exception, action: str, *, decrypting: bool = False) -
 
     ``decrypting``: SoftHSM 2.6.1 answers a failed GCM tag check with CKR_GENERAL_ERROR
     (reference/pkcs11-facts.md §2.2), and a CBC padding failure can surface as data errors;
-    during a decryption those mean "authentication failed", not a device fault.
+    during a decryption those mean "authentication failed", not a device fault. NSS softokn
+    answers a failed HMAC or signature comparison with whatever its thread's last NSS error maps
+    to (seen: CKR_DEVICE_ERROR, handled by the caller, and CKR_ARGUMENTS_BAD for a row MAC of
+    the right length): a failed check too.
     """
     if decrypting and isinstance(
         exc,
         p11e.GeneralError
+        | p11e.ArgumentsBad
         | p11e.EncryptedDataInvalid
         | p11e.EncryptedDataLenRange
         | p11e.DataInvalid
