@@ -109,13 +109,20 @@ class XksProxyClient:
         self.settings = settings
         self._region = region
         self._clock = clock
+        self._tls: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"XksProxyClient(region={self._region!r})"
 
     def _context(self) -> ssl.SSLContext:
-        ca = self.settings.ca_bundle
-        return ssl.create_default_context(cafile=None if ca is None else str(ca))
+        """The TLS context, made once: loading the CA certificates takes milliseconds, and an
+        SSLContext may be shared by threads."""
+        context = self._tls
+        if context is None:
+            ca = self.settings.ca_bundle
+            context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+            self._tls = context
+        return context
 
     def health(self, location: XksProxyLocation, request_id: str) -> dict[str, Any]:
         """GetHealthStatus; the answer checked against the spec's shape."""
