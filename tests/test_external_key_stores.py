@@ -4,12 +4,16 @@ EXTERNAL_KEY_STORE points at B; boto3 against A."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import botocore.exceptions
 import pytest
@@ -21,7 +25,7 @@ pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 PREFIX = "tenant-x"
 # A generous proxy timeout: the tests' servers share 2 busy cores with the rest of the suite
 # (HSMKMS_XKS_TIMEOUT; the default is AWS's 250 ms).
-HTTP_ENV = {"HSMKMS_XKS_ALLOW_HTTP": "1", "HSMKMS_XKS_TIMEOUT": "5"}
+HTTP_ENV = {"HSMKMS_XKS_ALLOW_HTTP": "1", "HSMKMS_XKS_TIMEOUT": "10"}
 
 
 @pytest.fixture(scope="module")
@@ -471,6 +475,98 @@ def test_tls_is_verified_against_the_ca_bundle(tmp_path: Path) -> None:
             assert entry["ConnectionState"] == "FAILED"
             assert entry["ConnectionErrorCode"] == "XKS_PROXY_INVALID_TLS_CONFIGURATION"
             kms.close()
+
+
+class _GatedRelay:
+    """An HTTP relay in front of B that holds the XKS encrypt calls while ``gate`` is closed
+    (``arrived`` says one is held): a proxy as slow as the test wants."""
+
+    def __init__(self, target: str) -> None:
+        self.arrived = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        relay = self
+        target_port = urlsplit(target).port
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.endswith("/encrypt") and not relay.gate.is_set():
+                    relay.arrived.set()
+                    relay.gate.wait(30)
+                conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                conn.request("POST", self.path, body=body, headers=dict(self.headers.items()))
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_slow_proxy_does_not_hold_the_other_requests(
+    proxy: RunningServer, server: RunningServer, kms: Any
+) -> None:
+    """An Encrypt waiting on an external key store's proxy waits on a thread, not on the
+    worker's event loop: an Encrypt with a key of the default token, sent to the same (single)
+    worker meanwhile, is answered while the proxy still holds the first one; then the first
+    one completes."""
+    relay = _GatedRelay(proxy.endpoint)
+    try:
+        b_key = proxy.client().create_key()["KeyMetadata"]["KeyId"]
+        own = json.loads(
+            proxy.cli("xks", "credentials", "create", "--prefix", "tenant-gate", "--json").stdout
+        )
+        store_id = create(kms, "ext-gated", relay.endpoint, own, path=own["UriPath"])
+        assert connect(kms, store_id)["ConnectionState"] == "CONNECTED"
+        key_id = kms.create_key(
+            Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store_id, XksKeyId=b_key
+        )["KeyMetadata"]["KeyId"]
+        local_key = kms.create_key()["KeyMetadata"]["KeyId"]
+
+        relay.gate.clear()
+        held: dict[str, Any] = {}
+        slow = threading.Thread(
+            target=lambda: held.update(kms.encrypt(KeyId=key_id, Plaintext=b"slow")), daemon=True
+        )
+        slow.start()
+        assert relay.arrived.wait(30), "the external Encrypt never reached the proxy"
+        other = server.client()  # a client (connection) of its own
+        quick: dict[str, Any] = {}
+        fast = threading.Thread(
+            target=lambda: quick.update(other.encrypt(KeyId=local_key, Plaintext=b"quick")),
+            daemon=True,
+        )
+        fast.start()
+        # A liveness bound far above an Encrypt's latency and below the proxy timeout (10 s):
+        # with the call on the loop, the quick Encrypt could not be answered before the gate
+        # opens.
+        fast.join(8)
+        answered_while_held = "CiphertextBlob" in quick and not relay.gate.is_set()
+        relay.gate.set()
+        slow.join(30)
+        fast.join(30)
+        assert answered_while_held
+        assert held["CiphertextBlob"][0] == 2
+        assert kms.decrypt(CiphertextBlob=held["CiphertextBlob"])["Plaintext"] == b"slow"
+        kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+        kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    finally:
+        relay.close()
 
 
 def test_the_secret_is_in_no_file_or_log(server: RunningServer, credential: dict[str, str]) -> None:

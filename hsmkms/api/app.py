@@ -86,6 +86,7 @@ from hsmkms.errors import (
 from hsmkms.identity.xks import XksCredentialStore
 from hsmkms.policy import account_of
 from hsmkms.service import OPERATIONS
+from hsmkms.service.blocking import MustLeaveTheEventLoop, on_event_loop
 from hsmkms.service.operations import ALL_OPERATIONS, REPLAYABLE_OPERATIONS
 from hsmkms.types import Caller
 
@@ -296,6 +297,10 @@ class KmsApp:
         self._max_body = max_body
         self._task_interval = task_interval
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hsmkms")
+        # Inline operations that must not block the loop (hsmkms.service.blocking).
+        self._blocking_executor = concurrent.futures.ThreadPoolExecutor(
+            8, thread_name_prefix="hsmkms-blocking"
+        )
         # /healthz and /metrics: never behind admin operations or the token.
         self._internal_executor = concurrent.futures.ThreadPoolExecutor(
             2, thread_name_prefix="hsmkms-internal"
@@ -345,6 +350,7 @@ class KmsApp:
                 if self._summaries is not None:
                     self._summaries.cancel()
                 loop = asyncio.get_running_loop()
+                self._blocking_executor.shutdown(wait=True)
                 if self._runtime is not None:
                     await self._audit_summaries(self._unauthenticated.drain())
                     await loop.run_in_executor(self._executor, self._runtime.close)
@@ -525,7 +531,15 @@ class KmsApp:
             method_fn = getattr(self.runtime.service, op.worker)
             once = self._refuse_replays and op.name not in REPLAYABLE_OPERATIONS
             if op.inline and not once:
-                result = method_fn(request, caller=caller)
+                try:
+                    with on_event_loop():
+                        result = method_fn(request, caller=caller)
+                except MustLeaveTheEventLoop:
+                    # An XKS proxy call or a custom key store's token to open: again, on a
+                    # thread of their own, neither behind admin operations nor on the loop.
+                    loop = asyncio.get_running_loop()
+                    run = functools.partial(method_fn, request, caller=caller)
+                    result = await loop.run_in_executor(self._blocking_executor, run)
             else:
                 loop = asyncio.get_running_loop()
                 run = functools.partial(method_fn, request, caller=caller)

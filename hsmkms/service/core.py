@@ -57,6 +57,7 @@ from hsmkms.policy import ContextInput
 from hsmkms.profiles import MechanismProfile
 from hsmkms.service import xks_client
 from hsmkms.service.authorize import Authorizer, GrantCheck
+from hsmkms.service.blocking import leave_the_event_loop
 from hsmkms.service.custom_stores import CONNECTED as CONNECTED_STATE
 from hsmkms.service.custom_stores import CustomKeyStores, TokenOpener, not_connected
 from hsmkms.service.identifiers import Arns, key_material_id, parse_grant_token
@@ -665,6 +666,7 @@ class ServiceCore:
 
     def _xks_call(self, key: KeyRecord, do: Callable[[xks_client.XksRequestMetadata], _T]) -> _T:
         """Run one XKS call for ``key``, its failures as AWS's errors."""
+        leave_the_event_loop("an XKS proxy call")
         principal, operation_name, request_id = _CURRENT_CALL.get()
         meta = xks_client.XksRequestMetadata(
             principal, operation_name or "Encrypt", request_id or str(uuid.uuid4()), key.arn

@@ -26,6 +26,7 @@ from hsmkms.errors import KMSInvalidStateException
 from hsmkms.keystore.base import Keystore, TokenIdentity
 from hsmkms.keystore.errors import KeystoreError, PinIncorrect, PinLocked
 from hsmkms.models.enums import ConnectionErrorCodeType, ConnectionStateType, CustomKeyStoreType
+from hsmkms.service.blocking import leave_the_event_loop
 from hsmkms.service.xks_client import (
     XksClientSettings,
     XksProxyClient,
@@ -115,6 +116,7 @@ class CustomKeyStores:
             held = self._held.get(record.store_id)
         if held is not None and held[0] == record.generation:
             return held[1]
+        leave_the_event_loop("opening a custom key store's token")
         keystore = self._open(record)
         extra: Keystore | None
         with self._lock:
