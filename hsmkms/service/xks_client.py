@@ -33,8 +33,10 @@ import binascii
 import dataclasses
 import http.client
 import json
+import os
 import socket
 import ssl
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any, Final
@@ -110,6 +112,8 @@ class XksProxyClient:
         self._region = region
         self._clock = clock
         self._tls: ssl.SSLContext | None = None
+        # Per thread: the pid that made the pool, and (scheme, netloc) -> a kept-alive connection.
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"XksProxyClient(region={self._region!r})"
@@ -155,7 +159,6 @@ class XksProxyClient:
         if timeout is None:
             timeout = self.settings.timeout
         parts = urllib.parse.urlsplit(location.uri_endpoint)
-        host = parts.hostname or ""
         path = location.uri_path + route
         payload = json.dumps(body, separators=(",", ":")).encode()
         signed = sign(
@@ -167,35 +170,72 @@ class XksProxyClient:
         )
         headers = dict(signed.headers)
         headers["Content-Type"] = "application/json"  # not signed, as AWS KMS does
-        conn: http.client.HTTPConnection
+        try:
+            status, data = self._exchange(parts, path, payload, headers, timeout)
+        except ssl.SSLCertVerificationError:
+            raise XksProxyFailure(
+                "XKS_PROXY_INVALID_TLS_CONFIGURATION", "the proxy's certificate does not verify"
+            ) from None
+        except ssl.SSLError:
+            raise XksProxyFailure(
+                "XKS_PROXY_INVALID_TLS_CONFIGURATION", "the TLS handshake failed"
+            ) from None
+        except TimeoutError:
+            raise XksProxyFailure("XKS_PROXY_TIMED_OUT", "the proxy did not answer") from None
+        except (ConnectionError, socket.gaierror, OSError, http.client.HTTPException):
+            raise XksProxyFailure(
+                "XKS_PROXY_NOT_REACHABLE", "the proxy cannot be reached"
+            ) from None
+        return _answer(status, data)
+
+    def _exchange(
+        self,
+        parts: urllib.parse.SplitResult,
+        path: str,
+        payload: bytes,
+        headers: dict[str, str],
+        timeout: float,
+    ) -> tuple[int, bytes]:
+        """One POST on a kept-alive connection of this thread to the proxy (a new one when
+        there is none, or when the kept one turns out closed by the proxy: then once more)."""
+        pool: dict[tuple[str, str], http.client.HTTPConnection]
+        if getattr(self._local, "pid", None) != os.getpid():
+            self._local.pid = os.getpid()  # a forked child never shares its parent's sockets
+            self._local.pool = {}
+        pool = self._local.pool
+        where = (parts.scheme, parts.netloc)
+        kept = pool.pop(where, None)
+        conn = kept or self._connect(parts, timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        try:
+            conn.request("POST", path, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = response.read(_MAX_RESPONSE)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            conn.close()
+            if kept is None:
+                raise
+            return self._exchange(parts, path, payload, headers, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if response.will_close or not response.isclosed():
+            conn.close()  # the proxy closes it, or more than _MAX_RESPONSE was sent
+        else:
+            pool[where] = conn
+        return response.status, data
+
+    def _connect(
+        self, parts: urllib.parse.SplitResult, timeout: float
+    ) -> http.client.HTTPConnection:
+        host = parts.hostname or ""
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
+            return http.client.HTTPSConnection(
                 host, parts.port, timeout=timeout, context=self._context()
             )
-        else:
-            conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
-        try:
-            try:
-                conn.request("POST", path, body=payload, headers=headers)
-                response = conn.getresponse()
-                data = response.read(_MAX_RESPONSE)
-            except ssl.SSLCertVerificationError:
-                raise XksProxyFailure(
-                    "XKS_PROXY_INVALID_TLS_CONFIGURATION", "the proxy's certificate does not verify"
-                ) from None
-            except ssl.SSLError:
-                raise XksProxyFailure(
-                    "XKS_PROXY_INVALID_TLS_CONFIGURATION", "the TLS handshake failed"
-                ) from None
-            except TimeoutError:
-                raise XksProxyFailure("XKS_PROXY_TIMED_OUT", "the proxy did not answer") from None
-            except (ConnectionError, socket.gaierror, OSError, http.client.HTTPException):
-                raise XksProxyFailure(
-                    "XKS_PROXY_NOT_REACHABLE", "the proxy cannot be reached"
-                ) from None
-        finally:
-            conn.close()
-        return _answer(response.status, data)
+        return http.client.HTTPConnection(host, parts.port, timeout=timeout)
 
 
 def _answer(status: int, data: bytes) -> dict[str, Any]:
