@@ -1,7 +1,9 @@
 # The two commands of the README: `make run` and `make test`.
 # Both install what they need first (SoftHSM2 and PostgreSQL through apt-get, Python dependencies
-# into .venv). `make test` runs the suite on SQLite, then the tests marked `database` (service,
-# API, stores, credentials, audit) again on a throwaway PostgreSQL server (tests/postgres.py).
+# into .venv). `make test` runs the suite on SQLite, then the service tests marked `vendors`
+# again on the NSS softokn (the second PKCS#11 vendor, tests/nss.py), then the tests marked
+# `database` (service, API, stores, credentials, audit) again on a throwaway PostgreSQL server
+# (tests/postgres.py).
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin

@@ -6,10 +6,13 @@ Tokens are created before any keystore opens: SoftHSM2 only sees tokens that exi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import nss
 import pytest
 import structlog
 from postgres import Cluster, cluster, on_postgresql, stop_cluster
@@ -95,20 +98,48 @@ def new_mac_key(ks: Keystore, name: str) -> KeyMaterialRef:
     return ks.create(KeyMaterialSpec.HMAC_256, MaterialName.service_key(name))
 
 
+ON_NSS = os.environ.get("HSMKMS_TEST_TOKEN") == "nss"
+"""``HSMKMS_TEST_TOKEN=nss`` (the third pass of ``make test``, tests marked ``vendors``): the
+keystore fixtures open the NSS softokn (tests/nss.py) instead of SoftHSM2 tokens."""
+
+
 @pytest.fixture(scope="session")
-def keystore(softhsm_dir: Path) -> Iterator[Pkcs11Keystore]:
-    """The keystore on the GCM token (profile probed: AES_256_GCM on SoftHSM2)."""
-    ks = Pkcs11Keystore(token_config(softhsm_dir, GCM_LABEL))
+def nss_config(tmp_path_factory: pytest.TempPathFactory) -> KeystoreConfig:
+    """The NSS softokn, made fresh for the session (on an NSS pass only)."""
+    uri, pin = nss.fresh_token(tmp_path_factory.mktemp("nss-session"))
+    del uri
+    return KeystoreConfig(
+        module_path=str(nss.proxy_module()), pin=pin, token_label=nss.TOKEN.replace("%20", " ")
+    )
+
+
+@pytest.fixture(scope="session")
+def keystore(softhsm_dir: Path, request: pytest.FixtureRequest) -> Iterator[Pkcs11Keystore]:
+    """The keystore on the GCM token (profile probed: AES_256_GCM on SoftHSM2); on an NSS
+    pass, on the NSS softokn (the portable profile, probed)."""
+    if ON_NSS:
+        ks = Pkcs11Keystore(request.getfixturevalue("nss_config"))
+    else:
+        ks = Pkcs11Keystore(token_config(softhsm_dir, GCM_LABEL))
     yield ks
     ks.close()
 
 
 @pytest.fixture(scope="session")
-def portable_keystore(softhsm_dir: Path) -> Iterator[Pkcs11Keystore]:
-    """A keystore on its own token with the portable AES_256_CBC_HMAC_SHA_256 profile forced."""
-    ks = Pkcs11Keystore(
-        token_config(softhsm_dir, PORTABLE_LABEL, MechanismProfile.AES_256_CBC_HMAC_SHA_256)
-    )
+def portable_keystore(
+    softhsm_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Pkcs11Keystore]:
+    """A keystore on its own token with the portable AES_256_CBC_HMAC_SHA_256 profile forced
+    (on an NSS pass: the NSS softokn, the same token as :func:`keystore`)."""
+    if ON_NSS:
+        config = request.getfixturevalue("nss_config")
+        ks = Pkcs11Keystore(
+            dataclasses.replace(config, profile=MechanismProfile.AES_256_CBC_HMAC_SHA_256)
+        )
+    else:
+        ks = Pkcs11Keystore(
+            token_config(softhsm_dir, PORTABLE_LABEL, MechanismProfile.AES_256_CBC_HMAC_SHA_256)
+        )
     yield ks
     ks.close()
 

@@ -32,10 +32,10 @@ def _proxy() -> Path | None:
     return found[0] if found else None
 
 
-@pytest.fixture(scope="module")
-def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A fresh NSS token (its database made anew in NSS_DIR): the PKCS#11 URI naming it
-    without a PIN, and its PIN."""
+def fresh_token(pin_dir: Path) -> tuple[str, str]:
+    """A fresh NSS token (its database made anew in NSS_DIR, its PIN in ``pin_dir``): the
+    PKCS#11 URI naming it without a PIN, and its PIN. Skips the test where the bootstrap could
+    not register the token."""
     proxy = _proxy()
     if not MODULE_FILE.exists() or proxy is None or shutil.which("certutil") is None:
         pytest.skip(
@@ -46,7 +46,7 @@ def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         pytest.skip(f"{NSS_DIR} is not a writable directory (ci/bootstrap.sh makes it)")
     for old in NSS_DIR.iterdir():
         old.unlink()
-    pin = tmp_path_factory.mktemp("nss") / "user.pin"
+    pin = pin_dir / "user.pin"
     pin.write_text(secrets.token_hex(12))  # 24 characters: also a custom key store password
     pin.chmod(0o600)
     subprocess.run(
@@ -56,6 +56,19 @@ def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         timeout=60,
     )
     return f"pkcs11:token={TOKEN}?module-path={proxy}", pin.read_text()
+
+
+def proxy_module() -> Path:
+    """p11-kit-proxy, the module NSS is reached through."""
+    proxy = _proxy()
+    assert proxy is not None
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A fresh NSS token for the module: its URI without a PIN, and its PIN."""
+    return fresh_token(tmp_path_factory.mktemp("nss"))
 
 
 @pytest.fixture(scope="module")

@@ -78,3 +78,7 @@ def test_arguments_bad_is_a_failed_check_only_while_verifying() -> None:
     CKR_ARGUMENTS_BAD (seen in tests/test_nss_authorization.py: doctor on a tampered row)."""
     assert type(map_pkcs11_error(p11e.ArgumentsBad(), "x", decrypting=True)) is DecryptionFailed
     assert type(map_pkcs11_error(p11e.ArgumentsBad(), "x")) is not DecryptionFailed
+    # CKR_BUFFER_TOO_SMALL (tests/test_service_crypto.py on NSS: another encryption context).
+    unmapped = p11e.PKCS11Error("Buffer was too small. Should never see this.")
+    assert type(map_pkcs11_error(unmapped, "x", decrypting=True)) is DecryptionFailed
+    assert type(map_pkcs11_error(unmapped, "x")) is DeviceFailure

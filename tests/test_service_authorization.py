@@ -33,7 +33,7 @@ from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore, TokenRowSealer
 from hsmkms.types import Caller
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = [pytest.mark.hsm, pytest.mark.database, pytest.mark.vendors]
 
 REGION = "us-east-2"
 ACCOUNT = "111122223333"

@@ -34,7 +34,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = [pytest.mark.hsm, pytest.mark.database, pytest.mark.vendors]
 
 REGION = "us-east-2"
 ACCOUNT = "111122223333"
@@ -343,13 +343,13 @@ def test_blob_naming_an_unknown_key_or_version(service: KmsService, key: m.KeyMe
 
 def test_blob_with_another_profile_is_refused(service: KmsService, key: m.KeyMetadata) -> None:
     blob = CiphertextBlob.parse(_encrypt(service, key.KeyId, b"0123456789abcdef"))
-    # Same key and version, but claiming the other profile (valid shape for CBC-HMAC).
-    forged = CiphertextBlob(
-        key.KeyId, 1, MechanismProfile.AES_256_CBC_HMAC_SHA_256, b"\x00" * 16, b"\x00" * 48
-    )
+    # Same key and version, but claiming the other profile (a valid shape for it).
+    gcm, cbc = MechanismProfile.AES_256_GCM, MechanismProfile.AES_256_CBC_HMAC_SHA_256
+    other = cbc if blob.profile is gcm else gcm
+    iv = b"\x00" * (16 if other is cbc else 12)
+    forged = CiphertextBlob(key.KeyId, 1, other, iv, b"\x00" * 48)
     with pytest.raises(InvalidCiphertextException):
         _decrypt(service, forged.to_bytes())
-    assert blob.profile is MechanismProfile.AES_256_GCM
 
 
 def test_known_key_in_wrong_state_gives_its_state_error(

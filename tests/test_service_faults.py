@@ -17,7 +17,7 @@ from hsmkms.keystore.base import TokenObject
 from hsmkms.keystore.errors import TokenUnavailable
 from hsmkms.system import System
 
-pytestmark = pytest.mark.hsm
+pytestmark = [pytest.mark.hsm, pytest.mark.vendors]
 
 
 def listing(system: System) -> list[TokenObject]:

@@ -35,7 +35,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = [pytest.mark.hsm, pytest.mark.database, pytest.mark.vendors]
 
 REGION = "eu-west-1"
 ACCOUNT = "111122223333"

@@ -28,7 +28,7 @@ from hsmkms.service import KmsService
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import MetadataStore, schema
 
-pytestmark = [pytest.mark.hsm, pytest.mark.database]
+pytestmark = [pytest.mark.hsm, pytest.mark.database, pytest.mark.vendors]
 
 REGION = "ap-southeast-2"
 ACCOUNT = "111122223333"

@@ -172,9 +172,12 @@ def map_pkcs11_error(exc: Exception, action: str, *, decrypting: bool = False) -
     (reference/pkcs11-facts.md §2.2), and a CBC padding failure can surface as data errors;
     during a decryption those mean "authentication failed", not a device fault. NSS softokn
     answers a failed HMAC or signature comparison with whatever its thread's last NSS error maps
-    to (seen: CKR_DEVICE_ERROR, handled by the caller, and CKR_ARGUMENTS_BAD for a row MAC of
-    the right length): a failed check too.
+    to (seen: CKR_DEVICE_ERROR, handled by the caller; CKR_ARGUMENTS_BAD for a row MAC of the
+    right length; CKR_BUFFER_TOO_SMALL, which python-pkcs11 raises as a bare PKCS11Error, for a
+    ciphertext's HMAC under another encryption context): a failed check too.
     """
+    if decrypting and type(exc) is p11e.PKCS11Error:
+        return DecryptionFailed("decryption failed")
     if decrypting and isinstance(
         exc,
         p11e.GeneralError
