@@ -676,13 +676,7 @@ class ServiceCore:
             return do(meta)
         except xks_client.XksProxyFailure as exc:
             failure = exc
-        log.warning(
-            "xks_call_failed",
-            key_id=key.key_id,
-            code=failure.code,
-            status=failure.status,
-            error_name=failure.error_name,
-        )
+        log.warning("xks_call_failed", key_id=key.key_id, **failure.facts())
         name = failure.error_name
         if name == "InvalidCiphertextException":
             raise InvalidCiphertextException()
@@ -735,15 +729,7 @@ class ServiceCore:
         key, version = found
         if caller is not None:
             caller.note_key(key.arn, blob.key_version)
-            self._authz.check_key(
-                caller,
-                action,
-                key,
-                encryption_context=given_context,
-                encryption_algorithm=SYMMETRIC_DEFAULT,
-            )
-        check_state(Access.USE, key)
-        self._check_usage(op, key)
+        self._may_decrypt(op, caller, action, key, given_context)
         if version is None:
             raise InvalidCiphertextException()
         self._note_custom_store(caller, key, version.material_ref)
@@ -760,6 +746,27 @@ class ServiceCore:
             # Raised outside the handler: no cause or context reaches the caller.
             raise InvalidCiphertextException()
         return key, version, plaintext
+
+    def _may_decrypt(
+        self,
+        op: Operation,
+        caller: Caller | None,
+        action: str,
+        key: KeyRecord,
+        given_context: Mapping[str, str] | None,
+    ) -> None:
+        """The caller may ``action`` with ``key`` (symmetric), whose state and usage allow
+        ``op``."""
+        if caller is not None:
+            self._authz.check_key(
+                caller,
+                action,
+                key,
+                encryption_context=given_context,
+                encryption_algorithm=SYMMETRIC_DEFAULT,
+            )
+        check_state(Access.USE, key)
+        self._check_usage(op, key)
 
     def _xks_open(
         self,
@@ -781,16 +788,7 @@ class ServiceCore:
         key = self._store.get_key(outer.key_id)
         if key is None or self._gone(key, self._clock()) or key.origin != _EXTERNAL_KEY_STORE:
             raise InvalidCiphertextException()
-        if caller is not None:
-            self._authz.check_key(
-                caller,
-                action,
-                key,
-                encryption_context=given_context,
-                encryption_algorithm=SYMMETRIC_DEFAULT,
-            )
-        check_state(Access.USE, key)
-        self._check_usage(op, key)
+        self._may_decrypt(op, caller, action, key, given_context)
         location, xks_key_id = self._xks_binding(key)
         sealed = xks_client.XksSealed(outer.outer, outer.iv, outer.tag, outer.metadata)
         inner = self._xks_call(

@@ -238,13 +238,7 @@ class CustomKeyStores:
                 )
             self.xks.health(location, str(uuid.uuid4()))
         except XksProxyFailure as exc:
-            log.warning(
-                "external_key_store_health_failed",
-                store_id=store_id,
-                code=exc.code,
-                status=exc.status,
-                error_name=exc.error_name,
-            )
+            log.warning("external_key_store_health_failed", store_id=store_id, **exc.facts())
             return self._failed(store_id, generation, ConnectionErrorCodeType(exc.code))
         except Exception:
             log.exception("external_key_store_connect_failed", store_id=store_id)

@@ -563,11 +563,7 @@ class KeyStoreOperations(ServiceCore):
             stores.xks.health(location, str(uuid.uuid4()))
         except XksProxyFailure as exc:
             log.warning(
-                "external_key_store_update_refused",
-                store_id=record.store_id,
-                code=exc.code,
-                status=exc.status,
-                error_name=exc.error_name,
+                "external_key_store_update_refused", store_id=record.store_id, **exc.facts()
             )
             refusal = _UPDATE_REFUSALS.get(exc.code, XksProxyInvalidConfigurationException)
             raise refusal(

@@ -103,6 +103,11 @@ class XksProxyFailure(Exception):
         self.status = status
         self.error_name = error_name
 
+    def facts(self) -> dict[str, str | int]:
+        """What a log line says of the failure (never a secret: the proxy's words are not in
+        it)."""
+        return {"code": self.code, "status": self.status, "error_name": self.error_name}
+
 
 class XksProxyClient:
     """Calls to XKS proxies, signed for ``region``."""
