@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -464,6 +465,31 @@ def test_a_writer_that_stopped_sealing_is_an_unclean_stop_and_shutdown_ends_the_
     result = trail.verify()
     assert result.ok, result.problem
     assert (result.unclean, result.live, result.unsealed) == ((), (), 0)
+
+
+def test_a_restored_copy_records_the_end_of_the_sessions_it_copied(
+    trail: AuditTrail, db: Path, keystore: Pkcs11Keystore, clock: FakeClock
+) -> None:
+    """A copy of the database taken while a writer runs (a backup, restored): a command trail
+    on it ends the copied session with a recover seal at once, so verify finds it noted, not
+    stopped uncleanly, however long after; the original writer's next seal is its own."""
+    copy = db.with_name("restored.db")
+    shutil.copyfile(db, copy)
+    for suffix in ("-wal", "-shm"):  # the writer's seals may still be in the WAL
+        if db.with_name(db.name + suffix).exists():
+            shutil.copyfile(db.with_name(db.name + suffix), copy.with_name(copy.name + suffix))
+    restored = AuditTrail(f"sqlite:///{copy}", keystore, clock=clock, command=True)
+    try:
+        assert restored.end_copied_sessions() == (trail.writer_id,)
+        assert restored.end_copied_sessions() == ()  # nothing open any more: no seal
+        clock.advance(30 * 24 * 3600)
+        result = restored.verify()
+        assert result.status is not VerifyStatus.UNCLEAN, result.problem
+        (stop,) = result.unclean
+        assert stop.writer == trail.writer_id
+        assert stop.noted_by is not None
+    finally:
+        restored.close()
 
 
 def test_seal_gap_is_reported_as_warning(trail: AuditTrail, clock: FakeClock) -> None:

@@ -940,6 +940,21 @@ class AuditTrail:
             conn.execute(_SET.delete().where(_SET.c.name == "probe"))
             conn.execute(_SET.insert().values(name="probe", value=_seal_time(self._clock())))
 
+    def end_copied_sessions(self) -> tuple[str, ...]:
+        """In a restored copy of a data directory: the writer sessions its trail shows open
+        belonged to the processes of the original, which will never seal here. A ``recover``
+        seal names them now, so the copy's trail records their end instead of reporting them
+        stopped uncleanly once their promise runs out. The writers ended (none: no seal)."""
+        self.start_without_session()
+        while not self._sessions.catch_up(self._read, limit=_SESSION_PAGE):
+            pass
+        with self._write() as conn:
+            self._sessions.catch_up(lambda: contextlib.nullcontext(conn))
+            ended = tuple(sorted(self._sessions.open_sessions()))
+            if ended:
+                self._seal(conn, SealReason.RECOVER, ended=ended)
+        return ended
+
     def start_without_session(self) -> None:
         """Open the trail for writing without a session (``hsmkms audit resume``)."""
         self._command = True

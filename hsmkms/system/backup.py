@@ -540,6 +540,7 @@ def restore_data_directory(
     if settings.is_embedded:
         write_conf(target)
     with System.open(settings, audit="direct", prepare=False) as system:
+        system.end_copied_sessions()
         system.audit(
             operator_event_record(
                 "RestoreDataDirectory",

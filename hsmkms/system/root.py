@@ -367,20 +367,32 @@ class System:
         if self.writer is not None:
             self.writer.append(record)
             return
-        if self._audit_mode != "direct":
-            raise KMSInternalException("This hsmkms process was opened without an audit trail.")
         with self._trail_lock:
-            trail = self._command_trail
-            if trail is None:
-                url = self.settings.audit_database_url
-                trail = AuditTrail(
-                    url, self.keystore, command=True, device=database_device(self.settings, url)
-                )
-                self._command_trail = trail
+            trail = self._direct_trail()
             if isinstance(record, PreparedRecord):
                 trail.append_prepared((record,))
             else:
                 trail.append(record)
+
+    def end_copied_sessions(self) -> tuple[str, ...]:
+        """A restored copy's trail records the end of the original's writer sessions
+        (:meth:`AuditTrail.end_copied_sessions`); with ``audit="direct"`` only."""
+        with self._trail_lock:
+            return self._direct_trail().end_copied_sessions()
+
+    def _direct_trail(self) -> AuditTrail:
+        """The trail a command appends to (``audit="direct"``), opened on first use. Trail
+        lock held."""
+        if self._audit_mode != "direct":
+            raise KMSInternalException("This hsmkms process was opened without an audit trail.")
+        trail = self._command_trail
+        if trail is None:
+            url = self.settings.audit_database_url
+            trail = AuditTrail(
+                url, self.keystore, command=True, device=database_device(self.settings, url)
+            )
+            self._command_trail = trail
+        return trail
 
     @contextlib.contextmanager
     def audit_reader(self) -> Iterator[AuditTrail]:
