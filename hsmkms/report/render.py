@@ -549,7 +549,7 @@ def _markdown(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> 
         token = store["token"]
         if token is not None:
             add(
-                "\n"
+                ("\n" if cluster is not None or proxy is not None else "")
                 + _md_table(
                     [
                         "token manufacturer",
