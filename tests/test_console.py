@@ -18,10 +18,12 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
+from clusters import XKS_ENV, KeyStoreSet, make_key_stores
 from postgres import outside_sql
 from server import RunningServer, running_server, start_server
 
 from conftest import ARTIFACTS
+from hsmkms.store.key_stores import token_identity_of
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 
@@ -57,6 +59,8 @@ class Deployment:
     payments: str
     ops: str
     retired: str
+    stores: KeyStoreSet
+    """Custom key stores: AWS_CLOUDHSM (CONNECTED, with a key; FAILED) and external."""
 
     @property
     def base(self) -> str:
@@ -92,9 +96,16 @@ def _prime_workers(server: RunningServer, key_ids: tuple[str, ...]) -> None:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    data = tmp_path_factory.mktemp("console") / "data"
-    server = start_server(data, workers=2, args=["--console", "--task-interval", "0"], env=ENV)
+    base = tmp_path_factory.mktemp("console")
+    proxy = start_server(base / "proxy")
+    server = start_server(
+        base / "data",
+        workers=2,
+        args=["--console", "--task-interval", "0"],
+        env={**ENV, **XKS_ENV},
+    )
     try:
+        stores = make_key_stores(server, proxy, "console")
         kms = server.client()
         alice = _user(server, "alice")
         nobody = _user(server, "nobody")
@@ -130,14 +141,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         ops = kms.create_key(Description="operations")["KeyMetadata"]["KeyId"]
         kms.create_alias(AliasName="alias/ops", TargetKeyId=ops)
         retired = kms.create_key(Description="retired")["KeyMetadata"]["KeyId"]
-        _prime_workers(server, (payments, ops, retired))
+        _prime_workers(server, (payments, ops, retired, stores.cloudhsm_key, stores.external_key))
         kms.disable_key(KeyId=retired)
         root = Login(
             "root", f"arn:aws:iam::{ACCOUNT}:root", server.access_key_id, server.secret_access_key
         )
-        yield Deployment(server, root, alice, nobody, payments, ops, retired)
+        yield Deployment(server, root, alice, nobody, payments, ops, retired, stores)
     finally:
         server.stop()
+        proxy.stop()
 
 
 # -- HTTP level ------------------------------------------------------------------------------
@@ -447,7 +459,7 @@ def test_root_sees_every_page_of_the_console(browser: Any, d: Deployment) -> Non
     assert "alias/payments" in text
     assert "alias/ops" in text
     assert d.retired in text
-    assert text.count(VERDICT) == 3, text
+    assert text.count(VERDICT) == 5, text  # the keys of both connected custom key stores too
     _shot(page, "keys-root")
 
     page.fill("input[name=tag]", "team=blue")
@@ -500,6 +512,126 @@ def test_root_sees_every_page_of_the_console(browser: Any, d: Deployment) -> Non
     page.context.close()
 
 
+def _fact(page: Any, name: str) -> str:
+    """The value of the first fact ``name`` of the page's cards."""
+    value: str = page.locator(f'main dl.facts dt:text-is("{name}") + dd').first.inner_text()
+    return value.strip()
+
+
+def _row_of(page: Any, table: str, text: str) -> list[str]:
+    """The cells of the one row of ``table`` that contains ``text``."""
+    rows = page.locator(f"{table} tbody tr").filter(has_text=text)
+    assert rows.count() == 1, (text, rows.all_inner_texts())
+    cells: list[str] = rows.first.locator("td").all_inner_texts()
+    return cells
+
+
+@pytest.mark.slow
+def test_root_sees_every_key_store_with_its_state_token_and_keys(
+    browser: Any, d: Deployment
+) -> None:
+    s = d.stores
+    recorded = token_identity_of(s.anchor)
+    assert recorded is not None
+    page = _browser_sign_in(browser, d, d.root)
+    page.click("header >> text=Key stores")
+    text = page.inner_text("main")
+    assert "4 key store(s)" in text
+    # The overview: id, name, type, connection (and error code), where it lives, keys.
+    default = _row_of(page, "table.stores", "default token")
+    assert default[-1] == "3"  # payments, ops, retired
+    vault = _row_of(page, "table.stores", s.cloudhsm)
+    assert vault[1:4] == ["console vault", "AWS_CLOUDHSM", "CONNECTED"]
+    assert s.cluster_id in vault[4]
+    assert f"{s.label} (serial {recorded.serial})" in vault[4]
+    assert vault[5] == "1"
+    broken = _row_of(page, "table.stores", s.failed)
+    assert broken[3] == "FAILED (INVALID_CREDENTIALS)"
+    assert s.failed_cluster_id in broken[4]
+    assert broken[5] == "0"
+    outside = _row_of(page, "table.stores", s.external)
+    assert outside[1:4] == ["console outside", "EXTERNAL_KEY_STORE", "CONNECTED"]
+    assert outside[4] == f"XKS proxy {s.proxy_endpoint}{s.proxy_path}"
+    assert outside[5] == "1"
+    # Each store's card: the token identity `clusters add` recorded, the token read now.
+    card = page.locator(f"#store-{s.cloudhsm} + .card").inner_text()
+    for fact in (s.cluster_id, recorded.manufacturer, recorded.model, recorded.serial, s.label):
+        assert fact in card, fact
+    assert "matches the trust anchor" in card
+    assert "firmware" in card
+    card = page.locator(f"#store-{s.failed} + .card").inner_text()
+    assert "not read (the store is not connected)" in card
+    card = page.locator(f"#store-{s.external} + .card").inner_text()
+    assert s.xks_access_key_id in card
+    assert "never shown" in card
+    _shot(page, "stores-custom-root")
+
+    # A store's key count leads to its keys; each names its store and cluster or XKS key.
+    page.locator(f"#store-{s.cloudhsm} + .card").get_by_role("link", name="1", exact=True).click()
+    page.wait_for_url("**/console/keys?store=*")
+    assert page.locator("tbody tr").count() == 1
+    row = page.locator("tbody tr").first.inner_text()
+    assert s.cloudhsm in row
+    assert s.cluster_id in row
+    page.click(f"text={s.cloudhsm_key}")
+    text = page.inner_text("main")
+    assert _fact(page, "custom key store id") == s.cloudhsm
+    assert _fact(page, "CloudHSM cluster id") == s.cluster_id
+    assert "AWS_CLOUDHSM" in text
+    assert VERDICT in text  # read from the second token
+    _shot(page, "key-detail-cloudhsm")
+    page.click(f'main a[href="/console/stores#store-{s.cloudhsm}"]')
+    page.wait_for_url(f"**/console/stores#store-{s.cloudhsm}")
+
+    page.goto(f"{d.base}/keys?store={s.external}")
+    row = page.locator("tbody tr").first.inner_text()
+    assert f"XKS key {s.xks_key_id}" in row
+    page.goto(f"{d.base}/keys/{s.external_key}")
+    text = page.inner_text("main")
+    assert _fact(page, "custom key store id") == s.external
+    assert _fact(page, "XKS key id") == s.xks_key_id
+    assert _fact(page, "inner layer") == "key store default (double encryption)"
+    _shot(page, "key-detail-external")
+    page.context.close()
+
+
+def test_no_store_password_or_xks_secret_is_on_any_page(d: Deployment) -> None:
+    s = d.stores
+    session = _session(d, d.root)
+    cookie = {"Cookie": f"hsmkms_session={session}"}
+    for path in (
+        "/console/stores",
+        "/console/keys",
+        f"/console/keys?store={s.cloudhsm}",
+        f"/console/keys/{s.cloudhsm_key}",
+        f"/console/keys/{s.external_key}",
+        "/console/audit",
+        "/console/audit?event=CreateCustomKeyStore",
+        "/console/audit?event=ConnectCustomKeyStore",
+    ):
+        status, _, body = _request(d, "GET", path, headers=cookie)
+        assert status == 200, (path, body[:300])
+        for secret in s.secrets:
+            assert secret not in body, path
+    status, _, body = _request(d, "GET", "/console/stores", headers=cookie)
+    assert s.xks_access_key_id in body  # the id is shown, its secret never
+
+
+def test_a_key_user_sees_no_key_store_and_no_key_of_one(d: Deployment) -> None:
+    session = _session(d, d.alice)
+    cookie = {"Cookie": f"hsmkms_session={session}"}
+    status, _, body = _request(d, "GET", "/console/stores", headers=cookie)
+    assert status == 403
+    assert d.stores.cloudhsm not in body
+    for key_id in (d.stores.cloudhsm_key, d.stores.external_key):
+        status, _, body = _request(d, "GET", f"/console/keys/{key_id}", headers=cookie)
+        assert status == 404
+        assert d.stores.cluster_id not in body
+    status, _, body = _request(d, "GET", f"/console/keys?store={d.stores.cloudhsm}", headers=cookie)
+    assert status == 200
+    assert d.stores.cloudhsm_key not in body
+
+
 @pytest.mark.slow
 def test_the_pages_fit_a_phone(browser: Any, d: Deployment) -> None:
     page = _browser_sign_in(browser, d, d.root, width=390)
@@ -508,6 +640,7 @@ def test_the_pages_fit_a_phone(browser: Any, d: Deployment) -> None:
         ("key-detail", f"/keys/{d.payments}"),
         ("audit", "/audit"),
         ("stores", "/stores"),
+        ("key-detail-cloudhsm", f"/keys/{d.stores.cloudhsm_key}"),
     ):
         page.goto(d.base + path)
         # Nothing but the tables' own scrolling boxes is wider than the screen.

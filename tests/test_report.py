@@ -6,9 +6,11 @@ summary decided by the policy engine."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,13 +19,16 @@ from typing import Any
 
 import jsonschema
 import pytest
+from clusters import XKS_ENV, KeyStoreSet, make_key_stores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from local_system import open_system, settings_for
 from policy_docs import separation_of_duties
-from server import database_env
+from server import RunningServer, database_env, running_server
 
+from conftest import ARTIFACTS
 from hsmkms import models as m
+from hsmkms.keystore.base import TokenIdentity
 from hsmkms.report import ReportFormat, UnsignedDocument, schema, verify_document
 from hsmkms.report.access import ActionGroup, Principal, group_actions, summarize_access
 from hsmkms.report.custody import (
@@ -35,9 +40,11 @@ from hsmkms.report.custody import (
 from hsmkms.report.signing import InvalidReportSignature
 from hsmkms.service.testing import ManualClock
 from hsmkms.store import GrantRecord
+from hsmkms.store.key_stores import token_identity_of, trust_anchor_of
 from hsmkms.system import OperatorService
 
 pytestmark = [pytest.mark.hsm, pytest.mark.database]
+# (the custom key store tests below also start servers: marked ``server`` one by one)
 
 ACCOUNT = "111122223333"
 ROOT = f"arn:aws:iam::{ACCOUNT}:root"
@@ -560,3 +567,248 @@ def test_a_condition_makes_a_decision_conditional_and_another_account_is_flagged
     assert ctx.conditional == ("kms:Decrypt",)
     assert use.other_accounts is True
     assert any("other accounts" in f for f in access.findings)
+
+
+# -- custom key stores ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreReports:
+    server: RunningServer
+    stores: KeyStoreSet
+    default_key: str
+    files: dict[str, Path]
+    disconnected: dict[str, Any]
+    """The JSON report once the AWS_CLOUDHSM store was disconnected."""
+
+
+def _server_report(server: RunningServer, path: Path, fmt: str) -> None:
+    result = server.cli("report", "--format", fmt, "--out", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def store_reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreReports]:
+    """A server with a CONNECTED AWS_CLOUDHSM store on a second SoftHSM2 token, a FAILED one
+    (wrong password), a CONNECTED EXTERNAL_KEY_STORE (another server its XKS proxy), a key in
+    each connected store and one in the default token; its reports in every format, and one
+    more after the AWS_CLOUDHSM store was disconnected. The reports are kept in
+    ``.artifacts/report/``."""
+    base = tmp_path_factory.mktemp("report-stores")
+    with (
+        running_server(base / "proxy") as proxy,
+        running_server(base / "data", env=XKS_ENV) as server,
+    ):
+        stores = make_key_stores(server, proxy, "audit")
+        default_key = server.client().create_key(Description="at home")["KeyMetadata"]["KeyId"]
+        files = {}
+        for fmt in ReportFormat.ALL:
+            files[fmt] = base / f"stores.{fmt}"
+            _server_report(server, files[fmt], fmt)
+        kept = ARTIFACTS / "report"  # for a person to look at
+        kept.mkdir(parents=True, exist_ok=True)
+        for fmt, path in files.items():
+            shutil.copyfile(path, kept / f"custom-key-stores.{fmt}")
+        server.client().disconnect_custom_key_store(CustomKeyStoreId=stores.cloudhsm)
+        _server_report(server, base / "disconnected.json", "json")
+        disconnected = json.loads((base / "disconnected.json").read_bytes())["report"]
+        yield StoreReports(server, stores, default_key, files, disconnected)
+
+
+def _stores_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["id"]: s for s in report["deployment"]["keyStores"]}
+
+
+@pytest.mark.server
+def test_the_report_with_custom_key_stores_validates_against_its_schema(
+    store_reports: StoreReports,
+) -> None:
+    validator = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
+    for path in (store_reports.files["json"],):
+        document = json.loads(path.read_bytes())
+        assert document["report"]["formatVersion"] == 2
+        errors = sorted(validator.iter_errors(document), key=lambda e: e.json_path)
+        assert [f"{e.json_path}: {e.message}" for e in errors] == []
+    wrapped = {"report": store_reports.disconnected, "signature": document["signature"]}
+    assert [e.message for e in validator.iter_errors(wrapped)] == []
+
+
+@pytest.mark.server
+def test_every_key_store_is_listed_with_its_state_token_and_key_count(
+    store_reports: StoreReports,
+) -> None:
+    s = store_reports.stores
+    stores = _stores_of(_report(store_reports.files))
+    assert set(stores) == {"default", s.cloudhsm, s.failed, s.external}
+
+    default = stores["default"]
+    assert (default["default"], default["type"], default["connectionState"]) == (True, None, None)
+    assert default["connected"] is True
+    assert default["keys"] == 1  # the external store's key is counted there
+    assert default["token"]["label"] == "hsmkms"
+
+    vault = stores[s.cloudhsm]
+    assert vault["name"] == "audit vault"
+    assert vault["type"] == "AWS_CLOUDHSM"
+    assert vault["kind"] == "PKCS11_TOKEN"
+    assert (vault["connectionState"], vault["connectionErrorCode"]) == ("CONNECTED", None)
+    assert vault["connected"] is True
+    assert vault["keys"] == 1
+    assert vault["createdAt"]
+    assert vault["xksProxy"] is None
+    cluster = vault["cluster"]
+    assert cluster["cloudHsmClusterId"] == s.cluster_id
+    assert cluster["registered"] is True
+    assert cluster["pkcs11Uri"].startswith(f"pkcs11:token={s.label}?")
+    recorded = token_identity_of(s.anchor)
+    assert recorded is not None
+    assert cluster["trustAnchor"] == dataclasses.asdict(recorded)
+    assert cluster["trustAnchor"]["label"] == s.label
+    assert cluster["tokenMatchesTrustAnchor"] is True
+    # Its own token, read now: another serial than the default token's.
+    assert vault["token"]["serial"] == recorded.serial != default["token"]["serial"]
+    assert vault["token"]["label"] == s.label
+
+    broken = stores[s.failed]
+    assert (broken["connectionState"], broken["connectionErrorCode"]) == (
+        "FAILED",
+        "INVALID_CREDENTIALS",
+    )
+    assert broken["connected"] is False
+    assert broken["token"] is None
+    assert broken["keys"] == 0
+    assert broken["cluster"]["cloudHsmClusterId"] == s.failed_cluster_id
+    assert broken["cluster"]["tokenMatchesTrustAnchor"] is None
+
+    outside = stores[s.external]
+    assert outside["type"] == outside["kind"] == "EXTERNAL_KEY_STORE"
+    assert (outside["connectionState"], outside["connected"]) == ("CONNECTED", True)
+    assert outside["cluster"] is None
+    assert outside["token"] is None
+    assert outside["keys"] == 1
+    assert outside["xksProxy"] == {
+        "uriEndpoint": s.proxy_endpoint,
+        "uriPath": s.proxy_path,
+        "accessKeyId": s.xks_access_key_id,
+        "connectivity": "PUBLIC_ENDPOINT",
+    }
+
+
+@pytest.mark.server
+def test_each_key_names_its_store_cluster_or_external_key(store_reports: StoreReports) -> None:
+    s = store_reports.stores
+    keys = {k["keyId"]: k for k in _report(store_reports.files)["keys"]}
+    vault = keys[s.cloudhsm_key]
+    assert (vault["customKeyStoreId"], vault["cloudHsmClusterId"], vault["xksKeyId"]) == (
+        s.cloudhsm,
+        s.cluster_id,
+        None,
+    )
+    assert vault["origin"] == "AWS_CLOUDHSM"
+    assert vault["keyStore"] == s.cloudhsm
+    # Its attributes were read from the second token.
+    assert vault["custody"]["verdict"] == "GENERATED_IN_HSM_NEVER_EXTRACTABLE"
+    assert vault["versions"][0]["objects"]
+    outside = keys[s.external_key]
+    assert (outside["customKeyStoreId"], outside["cloudHsmClusterId"], outside["xksKeyId"]) == (
+        s.external,
+        None,
+        s.xks_key_id,
+    )
+    assert outside["keyStore"] == "default"  # the inner layer
+    home = keys[store_reports.default_key]
+    assert (home["customKeyStoreId"], home["cloudHsmClusterId"], home["xksKeyId"]) == (
+        None,
+        None,
+        None,
+    )
+
+
+@pytest.mark.server
+def test_the_html_and_markdown_reports_show_the_stores(store_reports: StoreReports) -> None:
+    s = store_reports.stores
+    for fmt in ("html", "md"):
+        text = store_reports.files[fmt].read_text()
+        for fact in (
+            s.cloudhsm,
+            s.failed,
+            s.external,
+            s.cluster_id,
+            s.failed_cluster_id,
+            "INVALID_CREDENTIALS",
+            s.xks_access_key_id,
+            s.xks_key_id,
+            "AWS_CLOUDHSM",
+            s.proxy_endpoint + s.proxy_path,
+        ):
+            shown = fact.replace("_", "\\_") if fmt == "md" else fact  # Markdown escapes _
+            assert shown in text, (fmt, fact)
+        recorded = token_identity_of(s.anchor)
+        assert recorded is not None
+        assert recorded.serial in text
+
+
+@pytest.mark.server
+def test_no_store_password_or_xks_secret_is_in_any_report(store_reports: StoreReports) -> None:
+    assert len(store_reports.stores.secrets) == 3
+    for path in (*store_reports.files.values(),):
+        data = path.read_bytes()
+        for secret in store_reports.stores.secrets:
+            assert secret.encode() not in data, path.name
+            assert base64.b64encode(secret.encode()) not in data, path.name
+    text = json.dumps(store_reports.disconnected)
+    assert not any(secret in text for secret in store_reports.stores.secrets)
+
+
+@pytest.mark.server
+def test_a_disconnected_store_reads_as_such_and_its_keys_unverified(
+    store_reports: StoreReports,
+) -> None:
+    s = store_reports.stores
+    vault = _stores_of(store_reports.disconnected)[s.cloudhsm]
+    assert (vault["connectionState"], vault["connected"], vault["token"]) == (
+        "DISCONNECTED",
+        False,
+        None,
+    )
+    assert vault["keys"] == 1
+    assert vault["cluster"]["trustAnchor"]["label"] == s.label
+    key = next(k for k in store_reports.disconnected["keys"] if k["keyId"] == s.cloudhsm_key)
+    assert key["customKeyStoreId"] == s.cloudhsm
+    assert key["custody"]["verdict"] == "UNVERIFIED"
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("fmt", ReportFormat.ALL)
+def test_an_edit_of_a_key_store_fails_verification(
+    store_reports: StoreReports, fmt: str, tmp_path: Path
+) -> None:
+    s = store_reports.stores
+    data = store_reports.files[fmt].read_bytes()
+    assert (
+        store_reports.server.cli("report", "verify", str(store_reports.files[fmt])).returncode == 0
+    )
+    for before, after in (
+        (b"FAILED", b"PASSED"),
+        (s.cluster_id.encode(), s.cluster_id[:-1].encode() + b"z"),
+        (s.proxy_path.encode(), b"/elsewhere/kms/xks/v1"),
+    ):
+        assert before in data, before
+        edited = tmp_path / f"edited.{fmt}"
+        edited.write_bytes(data.replace(before, after, 1))
+        result = store_reports.server.cli("report", "verify", str(edited))
+        assert result.returncode == 1, before
+        assert "edited after signing" in result.stderr
+
+
+def test_a_trust_anchor_is_read_back_only_when_unaltered() -> None:
+    identity = TokenIdentity("SoftHSM project", "SoftHSM v2", "1c0b5e3d9a7f2b44", "store-a")
+    anchor = trust_anchor_of(identity)
+    assert token_identity_of(anchor) == identity
+    lines = anchor.splitlines()
+    body = json.loads(base64.b64decode("".join(lines[1:-1])))
+    body["serial"] = "0000000000000000"  # the token's facts changed, the digest not
+    forged = base64.b64encode(json.dumps(body).encode()).decode()
+    assert token_identity_of("\n".join([lines[0], forged, lines[-1]])) is None
+    assert token_identity_of("not an anchor") is None
+    assert token_identity_of(anchor.replace("TOKEN IDENTITY", "CERTIFICATE")) is None

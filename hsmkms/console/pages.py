@@ -25,7 +25,6 @@ from urllib.parse import quote, urlencode
 from hsmkms.audit import AuditRecord
 from hsmkms.audit.records import key_id_of
 from hsmkms.errors import AccessDeniedException
-from hsmkms.keystore.base import KeyMaterialRef
 from hsmkms.models.enums import KeyState
 from hsmkms.report.build import ReportContext, audit_section, scan_trail
 from hsmkms.report.html import (
@@ -33,6 +32,7 @@ from hsmkms.report.html import (
     badge,
     esc,
     key_detail,
+    key_store_cell,
     key_title,
     state_badge,
     table,
@@ -209,7 +209,8 @@ class Console:
             aliases = self._store.alias_names_of(key.key_id)
             tags = dict(self._store.tags_of(key.key_id))
             current = self._store.get_version(key.key_id, key.current_version)
-            store_id = KeyMaterialRef.from_str(current.material_ref).store if current else "?"
+            place = context.place_of(key, [current] if current is not None else [])
+            store_id = place.store or "?"
             stores.add(store_id)
             if filters.alias and not any(filters.alias.lower() in a.lower() for a in aliases):
                 continue
@@ -228,7 +229,13 @@ class Console:
                     + (f'<br><span class="na mono">{esc(key.key_id)}</span>' if aliases else ""),
                     state_badge(key.state),
                     esc(f"{key.key_spec} / {key.key_usage}"),
-                    esc(store_id),
+                    key_store_cell(
+                        {
+                            "keyStore": store_id,
+                            "cloudHsmClusterId": place.cloud_hsm_cluster_id,
+                            "xksKeyId": place.xks_key_id,
+                        }
+                    ),
                     esc(", ".join(f"{k}={v}" for k, v in tags.items()) or None),
                     verdict_badge(custody) if custody else esc(None),
                 ]
@@ -274,7 +281,7 @@ class Console:
         body = [
             f"<h1>{esc(key_title(section))}</h1>",
             f'<p class="sub"><a href="/console/keys">Keys</a> / {esc(key.key_id)}</p>',
-            key_detail(section, sections=sections),
+            key_detail(section, sections=sections, store_href="/console/stores#store-"),
         ]
         if "access" not in sections:
             body.append(
@@ -322,9 +329,19 @@ class Console:
         )
 
     def stores_page(self) -> str:
-        """The key stores and their tokens."""
+        """The key stores: the default token and every custom key store, with their
+        connection state, cluster and recorded token or XKS proxy, and key counts (never a
+        password or a secret)."""
         context = self._context()
-        return "<h1>Key stores and tokens</h1>" + key_stores_html(context.key_stores_section())
+        stores = context.key_stores_section()
+        return (
+            "<h1>Key stores and tokens</h1>"
+            f'<p class="sub">{len(stores)} key store(s). Key counts include every key, '
+            "pending deletion too; the keys page lists those you may describe.</p>"
+            + key_stores_html(
+                stores, keys_href=lambda store_id: "/console/keys?" + urlencode({"store": store_id})
+            )
+        )
 
 
 def _not_permitted(action: str) -> str:

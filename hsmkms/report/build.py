@@ -27,7 +27,7 @@ from hsmkms.audit import AuditRecord
 from hsmkms.audit.records import format_event_time, key_id_of
 from hsmkms.audit.trail import AuditTrail, VerifyResult
 from hsmkms.errors import ClientError, KMSError, KMSInvalidStateException
-from hsmkms.keystore.base import KeyMaterialRef, Keystore
+from hsmkms.keystore.base import DEFAULT_STORE, KeyMaterialRef, Keystore, TokenIdentity
 from hsmkms.keystore.errors import KeyMaterialMissing, KeystoreError, TokenRejected
 from hsmkms.keystore.specs import KeyMaterialSpec
 from hsmkms.keystore.stores import KeyStores
@@ -50,9 +50,16 @@ from hsmkms.service.maintenance import Inconsistencies
 from hsmkms.service.operations import ALL_OPERATIONS
 from hsmkms.service.states import Access
 from hsmkms.store import GrantRecord, KeyRecord, KeyVersionRecord, MetadataStore
+from hsmkms.store.key_stores import (
+    ClusterRecord,
+    CustomKeyStoreRecord,
+    CustomKeyStoreTable,
+    token_identity_of,
+)
 
 if TYPE_CHECKING:
     from hsmkms.identity import CredentialStore
+    from hsmkms.service.custom_stores import CustomKeyStores
     from hsmkms.system import System
 
 log = structlog.get_logger(__name__)
@@ -61,12 +68,15 @@ __all__ = [
     "FORMAT_VERSION",
     "ROTATION_GRACE",
     "Deployment",
+    "KeyPlace",
     "ReportContext",
     "build_report",
     "iso",
 ]
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""2: key stores with their type, connection state, cluster or XKS proxy and key count;
+keys naming their custom key store. 1: the default token only."""
 ROTATION_GRACE: Final = dt.timedelta(days=1)
 """How late an automatic rotation may be before the report calls it overdue (the server runs
 due rotations every minute, but may have been stopped for a while)."""
@@ -76,6 +86,7 @@ _USE_EVENTS: Final = frozenset(
 )
 """Operations that use key material: what "last used" looks for."""
 _ROTATABLE: Final = frozenset({KeySpec.SYMMETRIC_DEFAULT.value})
+_EXTERNAL_KEY_STORE: Final = "EXTERNAL_KEY_STORE"
 
 
 def iso(when: dt.datetime | None) -> str | None:
@@ -91,6 +102,18 @@ class Deployment:
     database: str
     audit_database: str
     warnings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPlace:
+    """Which key store a key is in: ``store`` is the custom key store's id for a key in one
+    (AWS_CLOUDHSM: the store of its material; EXTERNAL_KEY_STORE: the store of its external
+    key, whose inner layer is in the default token), else the store of its current version."""
+
+    store: str | None
+    custom_key_store_id: str | None = None
+    cloud_hsm_cluster_id: str | None = None
+    xks_key_id: str | None = None
 
 
 def _object_class(role: ObjectRole) -> str:
@@ -118,6 +141,7 @@ class ReportContext:
     ``credentials``: the credentials store, for the known principals (None: only the account
     root and the principals the keys' policies and grants name). ``now``: the report's time.
     ``find_inconsistencies``: the service's comparison of the token with the store (doctor's).
+    ``custom_key_stores``: the service's custom key stores (None where they are not available).
     """
 
     def __init__(
@@ -130,8 +154,10 @@ class ReportContext:
         credentials: CredentialStore | None,
         now: dt.datetime,
         find_inconsistencies: Callable[[], Inconsistencies],
+        custom_key_stores: CustomKeyStores | None = None,
     ) -> None:
         self._find_inconsistencies = find_inconsistencies
+        self._custom = custom_key_stores
         self.store = store
         self.key_stores = key_stores
         self.account_id = account_id
@@ -154,6 +180,10 @@ class ReportContext:
             credentials: CredentialStore | None = system.credentials
         except KMSError:
             credentials = None
+        try:
+            custom: CustomKeyStores | None = system.service.custom_key_stores
+        except KMSError:  # built without a way to open their tokens
+            custom = None
         return cls(
             store=system.store,
             key_stores=system.service.key_stores,
@@ -162,7 +192,12 @@ class ReportContext:
             credentials=credentials,
             now=now or dt.datetime.now(dt.UTC),
             find_inconsistencies=system.service.find_inconsistencies,
+            custom_key_stores=custom,
         )
+
+    @functools.cached_property
+    def _custom_table(self) -> CustomKeyStoreTable | None:
+        return None if self._custom is None else self._custom.table
 
     # -- principals ---------------------------------------------------------------------------
 
@@ -382,11 +417,35 @@ class ReportContext:
                 return found
             marker = page.next_marker
 
+    def place_of(
+        self, key: KeyRecord, versions: Sequence[KeyVersionRecord] | None = None
+    ) -> KeyPlace:
+        """The key store ``key`` is in (``versions``: its versions, when already read)."""
+        table = self._custom_table
+        if key.origin == _EXTERNAL_KEY_STORE and table is not None:
+            binding = table.xks_key(key.key_id)
+            if binding is not None:
+                return KeyPlace(binding[0], binding[0], None, binding[1])
+        if versions is None:
+            current = self.store.get_version(key.key_id, key.current_version)
+        else:
+            current = next((v for v in versions if v.version == key.current_version), None)
+        if current is None:
+            return KeyPlace(None)
+        store_id = KeyMaterialRef.from_str(current.material_ref).store
+        record = None
+        if store_id != DEFAULT_STORE and table is not None:
+            record = table.get(store_id)
+        if record is None:
+            return KeyPlace(store_id)
+        return KeyPlace(store_id, store_id, record.cluster_id)
+
     def key_section(
         self, key: KeyRecord, *, last_used: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """Everything the report says about one key."""
         versions = self.store.list_versions(key.key_id).items
+        place = self.place_of(key, versions)
         grants = self.grants(key)
         version_sections = [self.version_section(key, v) for v in versions]
         worst = max(
@@ -405,6 +464,9 @@ class ReportContext:
             "keyUsage": key.key_usage,
             "origin": key.origin,
             "keyStore": current["keyStore"] if current is not None else None,
+            "customKeyStoreId": place.custom_key_store_id,
+            "cloudHsmClusterId": place.cloud_hsm_cluster_id,
+            "xksKeyId": place.xks_key_id,
             "state": key.state,
             "createdAt": iso(key.created_at),
             "deletionDate": iso(key.deletion_date),
@@ -428,48 +490,113 @@ class ReportContext:
 
     # -- the deployment -----------------------------------------------------------------------
 
+    def key_counts(self) -> dict[str, int]:
+        """How many keys (every key not being purged, pending deletion included) each key
+        store holds, by :meth:`place_of`."""
+        counts: dict[str, int] = {}
+        for key in self.keys():
+            store_id = self.place_of(key).store
+            if store_id is not None:
+                counts[store_id] = counts.get(store_id, 0) + 1
+        return counts
+
     def key_stores_section(self) -> list[dict[str, Any]]:
-        """Each key store and its token: what it says about itself and what it hosts."""
+        """Each key store — the default token, custom key stores of both types — with its
+        connection state, where it lives (its token, cluster or XKS proxy; never a password
+        or a secret) and how many keys it holds."""
+        counts = self.key_counts()
         sections = []
         for store_id, keystore in self.key_stores.items():
-            entry: dict[str, Any] = {
-                "id": store_id,
-                "default": store_id == "default",
-                "kind": "PKCS11_TOKEN",
-                "connected": True,
-                "error": None,
-                "token": None,
-            }
-            try:
-                info = keystore.info()
-                capabilities = keystore.capabilities()
-            except KMSError as exc:
-                entry.update(connected=False, error=f"{type(exc).__name__}: {exc.message}")
-                sections.append(entry)
-                continue
-            entry["token"] = {
-                "manufacturer": info.manufacturer,
-                "model": info.model,
-                "serial": info.serial,
-                "label": info.label,
-                "firmwareVersion": info.firmware_version or None,
-                "hardwareVersion": info.hardware_version or None,
-                "module": info.module,
-                "libraryDescription": info.library_description,
-                "profile": info.profile.value,
-                "mechanisms": list(info.mechanisms),
-                "capabilities": {
-                    "specs": {
-                        spec.value: sorted(u.value for u in capabilities.usages[spec])
-                        for spec in KeyMaterialSpec
-                        if spec in capabilities.usages
-                    },
-                    "profiles": [p.value for p in capabilities.profiles],
-                    "unverified": sorted(s.value for s in capabilities.unverified),
-                },
-            }
+            entry = _store_entry(store_id, counts.get(store_id, 0))
+            entry.update(default=store_id == DEFAULT_STORE, connected=True)
+            self._read_token(entry, keystore)
             sections.append(entry)
+        table = self._custom_table
+        if table is None:
+            return sections
+        for record in table.stores():
+            if record.store_id not in self.key_stores:
+                sections.append(self._custom_store_section(table, record, counts))
         return sections
+
+    def _custom_store_section(
+        self, table: CustomKeyStoreTable, record: CustomKeyStoreRecord, counts: Mapping[str, int]
+    ) -> dict[str, Any]:
+        external = record.store_type == _EXTERNAL_KEY_STORE
+        entry = _store_entry(record.store_id, counts.get(record.store_id, 0))
+        failed = record.connection_state == "FAILED"
+        entry.update(
+            name=record.name,
+            type=record.store_type,
+            kind=_EXTERNAL_KEY_STORE if external else "PKCS11_TOKEN",
+            createdAt=iso(record.created_at),
+            connectionState=record.connection_state,
+            connectionErrorCode=record.connection_error_code if failed else None,
+        )
+        connected = record.connection_state == "CONNECTED"
+        if record.xks is not None:
+            # The access key id only: the secret stays sealed in the database.
+            entry["xksProxy"] = {
+                "uriEndpoint": record.xks.uri_endpoint,
+                "uriPath": record.xks.uri_path,
+                "accessKeyId": record.xks.access_key_id,
+                "connectivity": record.xks.connectivity,
+            }
+        if external:
+            entry["connected"] = connected  # the report does not call the proxy
+            return entry
+        cluster = None if record.cluster_id is None else table.cluster(record.cluster_id)
+        anchor = None if cluster is None else token_identity_of(cluster.trust_anchor)
+        entry["cluster"] = _cluster_dict(record.cluster_id, cluster, anchor)
+        if not connected:
+            return entry
+        try:
+            keystore = self.key_stores.get(record.store_id)
+        except KMSError as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc.message}"
+            return entry
+        if self._read_token(entry, keystore):
+            entry["connected"] = True
+            token = entry["token"]
+            found = TokenIdentity(
+                token["manufacturer"], token["model"], token["serial"], token["label"]
+            )
+            entry["cluster"]["tokenMatchesTrustAnchor"] = found == anchor
+        return entry
+
+    @staticmethod
+    def _read_token(entry: dict[str, Any], keystore: Keystore) -> bool:
+        """Put what the token says about itself into ``entry``; False (and the error) when it
+        cannot be read."""
+        try:
+            info = keystore.info()
+            capabilities = keystore.capabilities()
+        except KMSError as exc:
+            entry.update(connected=False, error=f"{type(exc).__name__}: {exc.message}")
+            return False
+        identity = TokenIdentity.of(info)
+        entry["token"] = {
+            "manufacturer": identity.manufacturer,
+            "model": identity.model,
+            "serial": identity.serial,
+            "label": identity.label,
+            "firmwareVersion": info.firmware_version or None,
+            "hardwareVersion": info.hardware_version or None,
+            "module": info.module,
+            "libraryDescription": info.library_description,
+            "profile": info.profile.value,
+            "mechanisms": list(info.mechanisms),
+            "capabilities": {
+                "specs": {
+                    spec.value: sorted(u.value for u in capabilities.usages[spec])
+                    for spec in KeyMaterialSpec
+                    if spec in capabilities.usages
+                },
+                "profiles": [p.value for p in capabilities.profiles],
+                "unverified": sorted(s.value for s in capabilities.unverified),
+            },
+        }
+        return True
 
     def integrity_section(self, deployment: Deployment | None = None) -> dict[str, Any]:
         """``hsmkms doctor``'s findings: rows failing their token MAC, token objects no key
@@ -492,6 +619,48 @@ class ReportContext:
             section["rowsFailing"] or section["orphanObjects"] or section["missingObjects"]
         )
         return section
+
+
+def _store_entry(store_id: str, keys: int) -> dict[str, Any]:
+    """A key store's section with nothing known yet (the members every store has)."""
+    return {
+        "id": store_id,
+        "default": False,
+        "name": None,
+        "type": None,
+        "kind": "PKCS11_TOKEN",
+        "createdAt": None,
+        "connectionState": None,
+        "connectionErrorCode": None,
+        "connected": False,
+        "error": None,
+        "keys": keys,
+        "cluster": None,
+        "xksProxy": None,
+        "token": None,
+    }
+
+
+def _cluster_dict(
+    cluster_id: str | None, cluster: ClusterRecord | None, anchor: TokenIdentity | None
+) -> dict[str, Any]:
+    """An AWS_CLOUDHSM store's cluster: its registration and the token identity its trust
+    anchor records (``hsmkms clusters add``)."""
+    return {
+        "cloudHsmClusterId": cluster_id,
+        "registered": cluster is not None,
+        "pkcs11Uri": None if cluster is None else cluster.pkcs11_uri,
+        "registeredAt": None if cluster is None else iso(cluster.created_at),
+        "trustAnchor": None
+        if anchor is None
+        else {
+            "manufacturer": anchor.manufacturer,
+            "model": anchor.model,
+            "serial": anchor.serial,
+            "label": anchor.label,
+        },
+        "tokenMatchesTrustAnchor": None,
+    }
 
 
 def _objects(readings: Iterable[ObjectReading]) -> list[dict[str, Any]]:

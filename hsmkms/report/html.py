@@ -19,6 +19,8 @@ __all__ = [
     "esc",
     "facts",
     "key_detail",
+    "key_store_cell",
+    "key_store_of",
     "table",
     "verdict_badge",
 ]
@@ -293,9 +295,46 @@ def key_title(key: Mapping[str, Any]) -> str:
     return str(aliases[0]) if aliases else str(key["keyId"])
 
 
-def key_detail(key: Mapping[str, Any], *, sections: Mapping[str, str] | None = None) -> str:
+def key_store_of(key: Mapping[str, Any]) -> str | None:
+    """The key store a key is in: its custom key store, else the store of its material."""
+    return key.get("customKeyStoreId") or key.get("keyStore")
+
+
+def key_store_cell(key: Mapping[str, Any]) -> str:
+    """A key's store for a table cell: the store id, and its cluster id or XKS key id."""
+    store = esc(key_store_of(key))
+    if key.get("cloudHsmClusterId"):
+        return f'{store}<br><span class="na mono">{esc(key["cloudHsmClusterId"])}</span>'
+    if key.get("xksKeyId"):
+        return f'{store}<br><span class="na mono">XKS key {esc(key["xksKeyId"])}</span>'
+    return store
+
+
+def _store_facts(key: Mapping[str, Any], store_href: str) -> list[tuple[str, str]]:
+    store = key_store_of(key)
+    link = (
+        f'<a href="{esc(store_href)}{esc(store)}"><code>{esc(store)}</code></a>'
+        if store is not None
+        else esc(None)
+    )
+    pairs = [("custom key store id" if key.get("customKeyStoreId") else "key store", link)]
+    if key.get("cloudHsmClusterId"):
+        pairs.append(("CloudHSM cluster id", f"<code>{esc(key['cloudHsmClusterId'])}</code>"))
+    if key.get("xksKeyId"):
+        pairs.append(("XKS key id", f"<code>{esc(key['xksKeyId'])}</code>"))
+        pairs.append(("inner layer", esc(f"key store {key['keyStore']} (double encryption)")))
+    return pairs
+
+
+def key_detail(
+    key: Mapping[str, Any],
+    *,
+    sections: Mapping[str, str] | None = None,
+    store_href: str = "#store-",
+) -> str:
     """One key as the report shows it. ``sections`` replaces a part (``access``, ``grants``)
-    with other HTML (the console's "not permitted" notes)."""
+    with other HTML (the console's "not permitted" notes). ``store_href``: the link to a key
+    store's section, before its id."""
     sections = sections or {}
     last = key.get("lastUsed")
     last_text = (
@@ -325,7 +364,7 @@ def key_detail(key: Mapping[str, Any], *, sections: Mapping[str, str] | None = N
                 ("tags", esc(tags)),
                 ("spec / usage", esc(f"{key['keySpec']} / {key['keyUsage']}")),
                 ("origin", esc(key["origin"])),
-                ("key store", esc(key["keyStore"])),
+                *_store_facts(key, store_href),
                 ("created", esc(key["createdAt"])),
                 ("last used", last_text),
             ]

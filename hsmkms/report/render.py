@@ -9,16 +9,19 @@ is, without re-rendering.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from hsmkms.audit.records import canonical_json
 from hsmkms.keystore.base import Keystore
 from hsmkms.report.html import (
     STYLE,
+    badge,
     esc,
     facts,
     key_detail,
+    key_store_cell,
+    key_store_of,
     key_title,
     table,
     verdict_badge,
@@ -30,7 +33,16 @@ from hsmkms.report.signing import (
     html_trailer_prefix,
 )
 
-__all__ = ["audit_html", "integrity_html", "key_stores_html", "render", "signature_block"]
+__all__ = [
+    "audit_html",
+    "connection_badge",
+    "integrity_html",
+    "key_stores_html",
+    "render",
+    "signature_block",
+    "store_location",
+    "store_type",
+]
 
 _TITLE: Final = "Key custody report"
 
@@ -103,46 +115,172 @@ def _summary_cards(report: Mapping[str, Any]) -> str:
     )
 
 
-def key_stores_html(stores: Sequence[Mapping[str, Any]]) -> str:
-    """The key stores and their tokens."""
-    parts = []
-    for store in stores:
-        token = store.get("token")
-        title = f"Key store {store['id']}" + (" (default)" if store["default"] else "")
-        parts.append(f'<h3>{esc(title)}</h3><div class="card">')
-        if token is None:
-            parts.append(f'<p class="notice bad">Not connected: {esc(store["error"])}</p></div>')
-            continue
-        specs = token["capabilities"]["specs"]
-        parts.append(
-            facts(
-                [
-                    ("kind", esc(store["kind"])),
-                    ("manufacturer", esc(token["manufacturer"])),
-                    ("model", esc(token["model"])),
-                    ("serial", f"<code>{esc(token['serial'])}</code>"),
-                    ("label", esc(token["label"])),
-                    (
-                        "firmware / hardware",
-                        esc(
-                            f"{token['firmwareVersion'] or '?'} / {token['hardwareVersion'] or '?'}"
-                        ),
-                    ),
-                    ("module", f"<code>{esc(token['module'])}</code>"),
-                    ("library", esc(token["libraryDescription"])),
-                    ("profile", esc(token["profile"])),
-                    (
-                        "hosts",
-                        esc(", ".join(f"{s} ({', '.join(u)})" for s, u in specs.items()) or None),
-                    ),
-                    (
-                        "mechanisms",
-                        f"<details><summary>{len(token['mechanisms'])} mechanisms</summary>"
-                        f'<p class="mono">{esc(", ".join(token["mechanisms"]))}</p></details>',
-                    ),
-                ]
-            )
+_STATE_CLASS: Final = {
+    "CONNECTED": "ok",
+    "CONNECTING": "",
+    "DISCONNECTED": "warn",
+    "DISCONNECTING": "warn",
+    "FAILED": "bad",
+}
+
+
+def store_type(store: Mapping[str, Any]) -> str:
+    """A key store's type as a reader says it."""
+    if store["default"]:
+        return "default token"
+    return str(store["type"] or store["kind"])
+
+
+def connection_badge(store: Mapping[str, Any]) -> str:
+    """The connection state (and error code) of a key store, as a badge."""
+    state = store["connectionState"]
+    if state is None:  # the default token (or a store the configuration registers)
+        return badge("in use", "ok") if store["connected"] else badge("not readable", "bad")
+    text = state + (f" ({store['connectionErrorCode']})" if store["connectionErrorCode"] else "")
+    return badge(text, _STATE_CLASS.get(state, ""))
+
+
+def store_location(store: Mapping[str, Any]) -> str:
+    """Where a key store lives, in one line of text: its cluster and recorded token, its
+    XKS proxy, or its token."""
+    cluster, proxy, token = store["cluster"], store["xksProxy"], store["token"]
+    if proxy is not None:
+        return f"XKS proxy {proxy['uriEndpoint']}{proxy['uriPath']}"
+    if cluster is not None:
+        anchor = cluster["trustAnchor"]
+        recorded = (
+            f"token {anchor['label']} (serial {anchor['serial']})"
+            if anchor
+            else "no readable trust anchor"
         )
+        return f"cluster {cluster['cloudHsmClusterId']}, {recorded}"
+    if token is not None:
+        return f"token {token['label']} (serial {token['serial']})"
+    return "unknown"
+
+
+def _token_facts(token: Mapping[str, Any]) -> list[tuple[str, str]]:
+    specs = token["capabilities"]["specs"]
+    return [
+        ("manufacturer", esc(token["manufacturer"])),
+        ("model", esc(token["model"])),
+        ("serial", f"<code>{esc(token['serial'])}</code>"),
+        ("label", esc(token["label"])),
+        (
+            "firmware / hardware",
+            esc(f"{token['firmwareVersion'] or '?'} / {token['hardwareVersion'] or '?'}"),
+        ),
+        ("module", f"<code>{esc(token['module'])}</code>"),
+        ("library", esc(token["libraryDescription"])),
+        ("profile", esc(token["profile"])),
+        ("hosts", esc(", ".join(f"{s} ({', '.join(u)})" for s, u in specs.items()) or None)),
+        (
+            "mechanisms",
+            f"<details><summary>{len(token['mechanisms'])} mechanisms</summary>"
+            f'<p class="mono">{esc(", ".join(token["mechanisms"]))}</p></details>',
+        ),
+    ]
+
+
+def _cluster_facts(cluster: Mapping[str, Any]) -> list[tuple[str, str]]:
+    anchor = cluster["trustAnchor"]
+    matches = cluster["tokenMatchesTrustAnchor"]
+    pairs = [
+        ("CloudHSM cluster id", f"<code>{esc(cluster['cloudHsmClusterId'])}</code>"),
+        (
+            "cluster registered",
+            esc(cluster["registeredAt"])
+            if cluster["registered"]
+            else badge("not registered (removed)", "bad"),
+        ),
+        ("PKCS#11 URI", f"<code>{esc(cluster['pkcs11Uri'])}</code>"),
+    ]
+    if anchor is None:
+        pairs.append(("trust anchor", badge("unreadable (not a token identity)", "bad")))
+    else:
+        pairs += [
+            ("recorded manufacturer", esc(anchor["manufacturer"])),
+            ("recorded model", esc(anchor["model"])),
+            ("recorded serial", f"<code>{esc(anchor['serial'])}</code>"),
+            ("recorded label", esc(anchor["label"])),
+        ]
+    pairs.append(
+        (
+            "token now",
+            esc("not read (the store is not connected)")
+            if matches is None
+            else badge("matches the trust anchor", "ok")
+            if matches
+            else badge("differs from the trust anchor", "bad"),
+        )
+    )
+    return pairs
+
+
+def _proxy_facts(proxy: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("XKS proxy endpoint", f"<code>{esc(proxy['uriEndpoint'])}</code>"),
+        ("XKS proxy path", f"<code>{esc(proxy['uriPath'])}</code>"),
+        ("connectivity", esc(proxy["connectivity"])),
+        ("access key id", f"<code>{esc(proxy['accessKeyId'])}</code>"),
+        ("secret access key", '<span class="na">sealed in the default token; never shown</span>'),
+    ]
+
+
+def key_stores_html(
+    stores: Sequence[Mapping[str, Any]], *, keys_href: Callable[[str], str] | None = None
+) -> str:
+    """The key stores: an overview table, then each store's facts — its connection, its
+    cluster and the token identity recorded for it, or its XKS proxy, and its token as read
+    now. ``keys_href(store id)``: a link for a store's key count (the console's keys page)."""
+
+    def count(store: Mapping[str, Any]) -> str:
+        text = esc(store["keys"])
+        return f'<a href="{esc(keys_href(store["id"]))}">{text}</a>' if keys_href else text
+
+    overview = table(
+        ["key store", "name", "type", "connection", "lives in", "keys"],
+        [
+            [
+                f'<a href="#store-{esc(s["id"])}"><code>{esc(s["id"])}</code></a>',
+                esc(s["name"]),
+                esc(store_type(s)),
+                connection_badge(s),
+                esc(store_location(s)),
+                count(s),
+            ]
+            for s in stores
+        ],
+        cls="stores",
+    )
+    parts = [overview]
+    for store in stores:
+        title = f"Key store {store['id']}" + (" (default)" if store["default"] else "")
+        parts.append(f'<h3 id="store-{esc(store["id"])}">{esc(title)}</h3><div class="card">')
+        pairs = [
+            ("id", f"<code>{esc(store['id'])}</code>"),
+            ("name", esc(store["name"])),
+            ("type", esc(store_type(store))),
+            ("kind", esc(store["kind"])),
+            ("created", esc(store["createdAt"])),
+            ("connection", connection_badge(store)),
+            ("keys", count(store)),
+        ]
+        if store["cluster"] is not None:
+            pairs += _cluster_facts(store["cluster"])
+        if store["xksProxy"] is not None:
+            pairs += _proxy_facts(store["xksProxy"])
+        parts.append(facts(pairs))
+        token = store["token"]
+        if token is not None:
+            parts.append("<h4>Its token, as read now</h4>" + facts(_token_facts(token)))
+        elif store["error"]:
+            parts.append(f'<p class="notice bad">Token not read: {esc(store["error"])}</p>')
+        elif store["kind"] == "PKCS11_TOKEN":
+            parts.append(
+                '<p class="notice">Token not read: the store is not connected, so this hsmkms '
+                "does not open its token.</p>"
+            )
         parts.append("</div>")
     return "\n".join(parts)
 
@@ -218,7 +356,7 @@ def _html(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> str:
                 f'<a href="#key-{esc(k["keyId"])}">{esc(key_title(k))}</a>',
                 esc(k["state"]),
                 esc(k["keySpec"]),
-                esc(k["keyStore"]),
+                key_store_cell(k),
                 esc(k["rotation"]["status"]),
                 verdict_badge(k["custody"]),
             ]
@@ -347,36 +485,96 @@ def _markdown(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> 
         )
     )
     add("\n## Key stores\n")
-    for store in report["deployment"]["keyStores"]:
-        token = store.get("token") or {}
-        add(
-            _md_table(
+    stores = report["deployment"]["keyStores"]
+    add(
+        _md_table(
+            ["store", "name", "type", "connection", "error code", "lives in", "keys"],
+            [
                 [
-                    "store",
-                    "manufacturer",
-                    "model",
-                    "serial",
-                    "firmware",
-                    "label",
-                    "profile",
-                    "mechanisms",
-                ],
-                [
-                    [
-                        store["id"],
-                        token.get("manufacturer"),
-                        token.get("model"),
-                        token.get("serial"),
-                        token.get("firmwareVersion"),
-                        token.get("label"),
-                        token.get("profile"),
-                        len(token.get("mechanisms", [])),
-                    ]
-                ],
-            )
+                    s["id"],
+                    s["name"],
+                    store_type(s),
+                    s["connectionState"] or ("in use" if s["connected"] else "not readable"),
+                    s["connectionErrorCode"],
+                    store_location(s),
+                    s["keys"],
+                ]
+                for s in stores
+            ],
         )
-        if store.get("error"):
-            add(f"\nNot connected: {_md(store['error'])}")
+    )
+    for store in stores:
+        add(f"\n### Key store {_md(store['id'])}\n")
+        cluster, proxy = store["cluster"], store["xksProxy"]
+        if cluster is not None:
+            anchor = cluster["trustAnchor"] or {}
+            matches = cluster["tokenMatchesTrustAnchor"]
+            add(
+                _md_table(
+                    ["cluster", "PKCS#11 URI", "registered", "recorded token", "token now"],
+                    [
+                        [
+                            cluster["cloudHsmClusterId"],
+                            cluster["pkcs11Uri"],
+                            cluster["registeredAt"] if cluster["registered"] else "not registered",
+                            (
+                                f"{anchor['manufacturer']} / {anchor['model']} / serial "
+                                f"{anchor['serial']} / label {anchor['label']}"
+                            )
+                            if anchor
+                            else "unreadable trust anchor",
+                            "not read"
+                            if matches is None
+                            else "matches the trust anchor"
+                            if matches
+                            else "differs from the trust anchor",
+                        ]
+                    ],
+                )
+            )
+        if proxy is not None:
+            add(
+                _md_table(
+                    ["XKS proxy endpoint", "path", "connectivity", "access key id"],
+                    [
+                        [
+                            proxy["uriEndpoint"],
+                            proxy["uriPath"],
+                            proxy["connectivity"],
+                            proxy["accessKeyId"],
+                        ]
+                    ],
+                )
+            )
+        token = store["token"]
+        if token is not None:
+            add(
+                ("\n" if cluster is not None or proxy is not None else "")
+                + _md_table(
+                    [
+                        "token manufacturer",
+                        "model",
+                        "serial",
+                        "firmware",
+                        "label",
+                        "profile",
+                        "mechanisms",
+                    ],
+                    [
+                        [
+                            token["manufacturer"],
+                            token["model"],
+                            token["serial"],
+                            token["firmwareVersion"],
+                            token["label"],
+                            token["profile"],
+                            len(token["mechanisms"]),
+                        ]
+                    ],
+                )
+            )
+        if store["error"]:
+            add(f"\nToken not read: {_md(store['error'])}")
     audit = report["auditTrail"]
     seal = audit["newestSeal"]
     add("\n## Audit trail\n")
@@ -426,6 +624,7 @@ def _markdown(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> 
                     "usage",
                     "origin",
                     "key store",
+                    "cluster / XKS key",
                     "created",
                     "custody",
                     "last used",
@@ -437,7 +636,8 @@ def _markdown(report: Mapping[str, Any], key: SigningKey, token_serial: str) -> 
                         k["keySpec"],
                         k["keyUsage"],
                         k["origin"],
-                        k["keyStore"],
+                        key_store_of(k),
+                        k["cloudHsmClusterId"] or k["xksKeyId"],
                         k["createdAt"],
                         k["custody"]["text"],
                         (k["lastUsed"] or {}).get("eventTime", "never"),

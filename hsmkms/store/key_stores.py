@@ -93,6 +93,7 @@ __all__ = [
     "CustomKeyStoreRecord",
     "CustomKeyStoreTable",
     "XksProxyConfig",
+    "token_identity_of",
     "trust_anchor_of",
 ]
 
@@ -204,6 +205,33 @@ def trust_anchor_of(identity: TokenIdentity) -> str:
     text = data.decode("ascii")
     lines = [text[i : i + 64] for i in range(0, len(text), 64)]
     return "\n".join([f"-----BEGIN {_ANCHOR_LABEL}-----", *lines, f"-----END {_ANCHOR_LABEL}-----"])
+
+
+def token_identity_of(trust_anchor: str) -> TokenIdentity | None:
+    """The token identity a trust anchor (:func:`trust_anchor_of`) records: what the token
+    said it was when ``hsmkms clusters add`` registered it. None when the text is not such a
+    block or its SHA-256 does not match its facts (altered)."""
+    lines = [line.strip() for line in trust_anchor.strip().splitlines()]
+    if (
+        len(lines) < 3
+        or lines[0] != f"-----BEGIN {_ANCHOR_LABEL}-----"
+        or lines[-1] != f"-----END {_ANCHOR_LABEL}-----"
+    ):
+        return None
+    try:
+        facts = json.loads(base64.b64decode("".join(lines[1:-1]), validate=True))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(facts, dict) or facts.get("v") != 1:
+        return None
+    names = ("manufacturer", "model", "serial", "label")
+    if not all(isinstance(facts.get(n), str) for n in names):
+        return None
+    body = {"v": 1, **{n: facts[n] for n in names}}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    if facts.get("sha256") != digest.hexdigest():
+        return None
+    return TokenIdentity(*(str(facts[n]) for n in names))
 
 
 class ClusterInUse(CloudHsmClusterInUseException):
