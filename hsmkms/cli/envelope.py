@@ -26,12 +26,10 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from hsmkms.audit.records import key_id_of
 from hsmkms.cli.errors import UsageError
-from hsmkms.config import Settings
-from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
+from hsmkms.envelope.client import EnvelopeClient
 from hsmkms.envelope.errors import DecryptionFailed
 from hsmkms.envelope.files import atomic_output
 from hsmkms.envelope.format import (
@@ -42,10 +40,16 @@ from hsmkms.envelope.format import (
     header_problem,
     payload_length_fits,
 )
+from hsmkms.envelope.providers import Boto3Provider
 from hsmkms.envelope.stream import Progress
 from hsmkms.errors import ClientError, NotFoundException, ValidationException
-from hsmkms.service import KmsService
-from hsmkms.system import OperatorService, System, require_data_directory
+
+if TYPE_CHECKING:
+    from hsmkms.service import KmsService
+    from hsmkms.system import System
+
+# The local data directory's modules (the service, the store, the token) are imported where
+# they are used, so that --endpoint-url does not pay for them at start-up.
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -170,6 +174,9 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
         args.endpoint_url = endpoint
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
+    from hsmkms.envelope.providers import ServiceProvider
+    from hsmkms.system import OperatorService
+
     with _local_system(args.data_dir) as system:
         # The local operator's GenerateDataKey, Decrypt and ReEncrypt calls are recorded in
         # the audit trail like the server's (docs/audit.md, "Local operator records").
@@ -179,7 +186,9 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
 
 def _boto3_client(args: argparse.Namespace) -> Any:
     try:
-        import boto3
+        # botocore's session is what boto3.client uses (the same credential and region
+        # chain); importing boto3 itself would add s3transfer and its resources to start-up.
+        import botocore.session
         from botocore import exceptions as boto_errors
     except ImportError:
         raise ValidationException(
@@ -188,7 +197,8 @@ def _boto3_client(args: argparse.Namespace) -> Any:
     from hsmkms.envelope.providers import map_boto_error
 
     try:
-        return boto3.client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
+        session = botocore.session.get_session()
+        return session.create_client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
     except (boto_errors.BotoCoreError, ValueError) as exc:
         if isinstance(exc, ValueError):
             raise UsageError(f"invalid --endpoint-url: {args.endpoint_url}") from None
@@ -199,6 +209,9 @@ def _boto3_client(args: argparse.Namespace) -> Any:
 def _local_system(data_dir: Path | None, *, create: bool = False) -> Iterator[System]:
     """The system on an existing data directory (``create``: made when missing, for tests and
     benchmarks), its audit records appended to the trail as they are made."""
+    from hsmkms.config import Settings
+    from hsmkms.system import System, require_data_directory
+
     settings = Settings.load(data_dir)
     if not create:
         require_data_directory(settings)
@@ -383,6 +396,8 @@ def _why_not(args: argparse.Namespace, context: dict[str, str]) -> str | None:
             prefix = source.read(MAX_HEADER_LENGTH)
     except OSError:
         return None
+    from hsmkms.audit.records import key_id_of
+
     problem = header_problem(prefix)
     if problem == "not-envelope":
         return f"{args.input} is not a file made by hsmkms encrypt-file"
@@ -415,6 +430,9 @@ def _why_not(args: argparse.Namespace, context: dict[str, str]) -> str | None:
 
 def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
     """That the key ``arn`` is not where the command looked, when that is so."""
+    from hsmkms.config import Settings
+    from hsmkms.system import System
+
     parts = arn.split(":")
     if len(parts) < 6 or not parts[5].startswith("key/"):
         return None
