@@ -69,7 +69,8 @@ def test_the_command_table_names_every_command() -> None:
 _IMPORTS_OF_A_REMOTE_RUN = """
 import sys
 from hsmkms.cli.main import main
-code = main(["decrypt-file", sys.argv[1], sys.argv[2], "--endpoint-url", "http://127.0.0.1:9"])
+code = main(["encrypt-file", sys.argv[1], sys.argv[2], "--key-id", "alias/k",
+             "--endpoint-url", "http://127.0.0.1:9"])
 print(code)
 print(" ".join(sorted(sys.modules)))
 """
@@ -79,17 +80,20 @@ def test_endpoint_url_runs_import_no_local_service(tmp_path: Path) -> None:
     """``encrypt-file`` / ``decrypt-file --endpoint-url`` start fast: they import neither the
     other commands nor what only the local data directory needs (the service, the store,
     the token, SQLAlchemy, pydantic), nor boto3 over botocore."""
+    (tmp_path / "plain").write_bytes(b"x")
     done = subprocess.run(
-        [sys.executable, "-c", _IMPORTS_OF_A_REMOTE_RUN, str(tmp_path / "missing"),
+        [sys.executable, "-c", _IMPORTS_OF_A_REMOTE_RUN, str(tmp_path / "plain"),
          str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, check=True,
         env=clean_env(
-            AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1"
+            AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1",
+            AWS_MAX_ATTEMPTS="1",
         ),
     )  # fmt: skip
     code, modules = done.stdout.splitlines()[-2:]
-    assert code == "1"  # the missing input, after the client was made
-    assert "missing does not exist" in done.stderr
+    assert code == "1"  # nothing listens there
+    assert "KMS endpoint error" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
     loaded = set(modules.split())
     assert "botocore.session" in loaded
     for heavy in (

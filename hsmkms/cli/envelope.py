@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import select
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,13 +37,14 @@ from hsmkms.envelope.files import atomic_output
 from hsmkms.envelope.format import (
     DEFAULT_SEGMENT_SIZE,
     MAX_HEADER_LENGTH,
+    TAG_LENGTH,
     EnvelopeHeader,
     Readable,
     header_problem,
     payload_length_fits,
 )
 from hsmkms.envelope.providers import Boto3Provider
-from hsmkms.envelope.stream import Progress
+from hsmkms.envelope.stream import Progress, Writable
 from hsmkms.errors import ClientError, NotFoundException, ValidationException
 
 if TYPE_CHECKING:
@@ -293,6 +296,20 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """The command's few objects are freed by reference counting (the segment loop makes no
+    cycles); the cyclic collector would only walk the modules imported at start-up (botocore
+    or the local service) again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _InterruptibleInput:
     """Reads a pipe or terminal with one ``read`` per call, after ``poll`` says data is there.
 
@@ -325,13 +342,59 @@ def _open_input(path: str) -> Iterator[tuple[Readable, int | None]]:
         return
     with open(path, "rb", buffering=0) as source:
         info = os.fstat(source.fileno())
-        yield source, info.st_size if stat.S_ISREG(info.st_mode) else None
+        if not stat.S_ISREG(info.st_mode):
+            yield source, None
+            return
+        # Read once, front to back (as cp says): a larger read-ahead on disks.
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(source.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        yield source, info.st_size
+
+
+class _Preallocated:
+    """An output file whose blocks are allocated (``posix_fallocate``) on a helper thread
+    while the command starts up and asks KMS for the key, so that writing the data later
+    only copies it: on tmpfs, allocating the pages costs as much as writing them.
+
+    The allocation finishes before the first write (so glibc's emulation on file systems
+    without ``fallocate``, which writes a zero into each block, never races a write), and
+    before the file is closed. It is only a hint: a failure (no space, a file size limit) is
+    ignored and left to the writes to report. :meth:`finish` cuts the file to what was
+    written (``size`` is an upper bound)."""
+
+    def __init__(self, sink: BinaryIO, size: int) -> None:
+        self._sink = sink
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._allocate, args=(sink.fileno(), size), daemon=True
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _allocate(fd: int, size: int) -> None:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, size)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def write(self, data: memoryview, /) -> int | None:
+        self.wait()
+        return self._sink.write(data)
+
+    def finish(self) -> None:
+        self.wait()
+        os.ftruncate(self._sink.fileno(), self._sink.tell())
 
 
 @contextlib.contextmanager
-def _open_output(path: str, mode: int, fsync: bool) -> Iterator[tuple[BinaryIO, bool]]:
+def _open_output(
+    path: str, mode: int, fsync: bool, *, size_bound: int | None = None
+) -> Iterator[tuple[Writable, bool]]:
     """The sink, and whether it is atomic (a regular file, linked into place on success).
-    stdout, ``/dev/null`` or a FIFO are written in place."""
+    stdout, ``/dev/null`` or a FIFO are written in place. ``size_bound``: at most this many
+    bytes will be written (the output file is preallocated while the command starts)."""
     if path == STDIO:
         yield sys.stdout.buffer, False
         sys.stdout.buffer.flush()
@@ -343,17 +406,38 @@ def _open_output(path: str, mode: int, fsync: bool) -> Iterator[tuple[BinaryIO, 
                 yield sink, False
             return
     with atomic_output(target, mode=mode, fsync=fsync) as sink:
-        yield sink, True
+        if not size_bound or not hasattr(os, "posix_fallocate"):
+            yield sink, True
+            return
+        preallocated = _Preallocated(sink, size_bound)
+        try:
+            yield preallocated, True
+            preallocated.finish()
+        finally:
+            preallocated.wait()  # before the file is closed
+
+
+def _ciphertext_bound(length: int | None, args: argparse.Namespace) -> int | None:
+    """The most bytes ``encrypt-file`` writes for a plaintext of ``length`` bytes."""
+    if length is None:
+        return None
+    segment_size = max(int(args.segment_size), 1)
+    segments = max(1, -(-length // segment_size))
+    return MAX_HEADER_LENGTH + length + TAG_LENGTH * segments
 
 
 def run_encrypt(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
+    # The files are opened first: the output is preallocated while the KMS client starts.
     with (
         _terminate_as_interrupt(),
+        _without_cyclic_gc(),
+        _open_input(args.input) as (source, length),
+        _open_output(
+            args.output, 0o666, args.fsync, size_bound=_ciphertext_bound(length, args)
+        ) as (sink, _),
         _client(args) as client,
         _progress(args.input) as progress,
-        _open_input(args.input) as (source, length),
-        _open_output(args.output, 0o666, args.fsync) as (sink, _),
     ):
         client.encrypt(
             source, sink, args.key_id, context, plaintext_length=length, progress=progress
@@ -464,12 +548,14 @@ def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
 
 
 def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
+    # The files are opened first: the output is preallocated while the KMS client starts.
     with (
         _terminate_as_interrupt(),
+        _without_cyclic_gc(),
+        _open_input(args.input) as (source, length),
+        _open_output(args.output, 0o600, args.fsync, size_bound=length) as (sink, atomic),
         _client(args) as client,
         _progress(args.input) as progress,
-        _open_input(args.input) as (source, _),
-        _open_output(args.output, 0o600, args.fsync) as (sink, atomic),
     ):
         # An atomic output is never seen unless complete; any other must not receive a byte
         # before the whole input has authenticated.
@@ -487,6 +573,6 @@ def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
 def run_rewrap(args: argparse.Namespace) -> int:
     if args.file == STDIO:
         raise UsageError("rewrap needs a file, not -")
-    with _terminate_as_interrupt(), _client(args) as client:
+    with _terminate_as_interrupt(), _without_cyclic_gc(), _client(args) as client:
         client.rewrap_file(args.file, args.key_id, fsync=args.fsync)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import importlib
 import os
 import sys
@@ -110,8 +111,14 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    # Start-up makes many long-lived objects (modules, classes, the parser) and no garbage:
+    # the cyclic collector would only walk them again and again.
+    gc.disable()
+    try:
+        parser = build_parser(argv[0] if argv else None)
+        args = parser.parse_args(argv)
+    finally:
+        gc.enable()
     try:
         # stdout may carry command output (a decrypted file, JSON): logs go to stderr.
         configure_logging(args.log_level, fmt=args.log_format)
