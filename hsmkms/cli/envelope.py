@@ -4,8 +4,9 @@ streams (:mod:`hsmkms.envelope`).
 Data keys come from the local data directory (the KMS service in this process; each call is
 recorded in the audit trail as the local operator's) or, with ``--endpoint-url`` — or
 ``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL`` in the environment, as every AWS tool reads them,
-unless ``--data-dir`` is given — from any KMS endpoint through boto3 (credentials and region
-from the usual AWS environment variables or profile). ``-`` means stdin or stdout.
+unless ``--data-dir`` is given — from any KMS endpoint through botocore, boto3's core
+(credentials and region from the usual AWS environment variables or profile). ``-`` means
+stdin or stdout.
 
 Output files are written atomically: nothing appears under the output name unless the whole
 operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import select
@@ -25,7 +27,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -426,21 +428,52 @@ def _ciphertext_bound(length: int | None, args: argparse.Namespace) -> int | Non
     return MAX_HEADER_LENGTH + length + TAG_LENGTH * segments
 
 
+@dataclasses.dataclass
+class _Run:
+    """What an encrypt-file or decrypt-file run works with."""
+
+    client: EnvelopeClient
+    source: Readable
+    length: int | None
+    sink: Writable
+    atomic: bool
+    progress: Progress | None
+
+
+@contextlib.contextmanager
+def _running(
+    args: argparse.Namespace, mode: int, output_bound: Callable[[int | None], int | None]
+) -> Iterator[_Run]:
+    """The client, the input, the output (at most ``output_bound(input length)`` bytes) and
+    the progress bar of one run. With a KMS endpoint the files are opened first, so that the
+    output is preallocated while the client starts (imports botocore, reads its models); on
+    the local data directory the client comes first, so that a missing data directory is
+    the usage error it is before anything else is looked at."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_terminate_as_interrupt())
+        stack.enter_context(_without_cyclic_gc())
+        local = configured_endpoint(args) is None
+        client = stack.enter_context(_client(args)) if local else None
+        source, length = stack.enter_context(_open_input(args.input))
+        sink, atomic = stack.enter_context(
+            _open_output(args.output, mode, args.fsync, size_bound=output_bound(length))
+        )
+        if client is None:
+            client = stack.enter_context(_client(args))
+        progress = stack.enter_context(_progress(args.input))
+        yield _Run(client, source, length, sink, atomic, progress)
+
+
 def run_encrypt(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
-    # The files are opened first: the output is preallocated while the KMS client starts.
-    with (
-        _terminate_as_interrupt(),
-        _without_cyclic_gc(),
-        _open_input(args.input) as (source, length),
-        _open_output(
-            args.output, 0o666, args.fsync, size_bound=_ciphertext_bound(length, args)
-        ) as (sink, _),
-        _client(args) as client,
-        _progress(args.input) as progress,
-    ):
-        client.encrypt(
-            source, sink, args.key_id, context, plaintext_length=length, progress=progress
+    with _running(args, 0o666, lambda length: _ciphertext_bound(length, args)) as run:
+        run.client.encrypt(
+            run.source,
+            run.sink,
+            args.key_id,
+            context,
+            plaintext_length=run.length,
+            progress=run.progress,
         )
     return 0
 
@@ -548,24 +581,17 @@ def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
 
 
 def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
-    # The files are opened first: the output is preallocated while the KMS client starts.
-    with (
-        _terminate_as_interrupt(),
-        _without_cyclic_gc(),
-        _open_input(args.input) as (source, length),
-        _open_output(args.output, 0o600, args.fsync, size_bound=length) as (sink, atomic),
-        _client(args) as client,
-        _progress(args.input) as progress,
-    ):
+    # The plaintext is at most as long as the input.
+    with _running(args, 0o600, lambda length: length) as run:
         # An atomic output is never seen unless complete; any other must not receive a byte
         # before the whole input has authenticated.
-        client.decrypt(
-            source,
-            sink,
+        run.client.decrypt(
+            run.source,
+            run.sink,
             context,
             key_id=args.key_id,
-            authenticate_first=not atomic and not args.stream_unverified,
-            progress=progress,
+            authenticate_first=not run.atomic and not args.stream_unverified,
+            progress=run.progress,
         )
     return 0
 
