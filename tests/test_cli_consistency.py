@@ -53,8 +53,18 @@ def test_version() -> None:
 def test_the_command_table_names_every_command() -> None:
     """main builds the parser of the command being run from COMMANDS alone (importing only
     its module): the table must hold every command, and that parser must be the full one's."""
+    import importlib
+    import pkgutil
+
+    import hsmkms.cli
     from hsmkms.cli.main import COMMANDS
 
+    command_modules = {
+        info.name
+        for info in pkgutil.iter_modules(hsmkms.cli.__path__)
+        if hasattr(importlib.import_module(f"hsmkms.cli.{info.name}"), "add_parser")
+    }
+    assert command_modules == set(COMMANDS.values()), "a command module missing from COMMANDS"
     full = _leaf_parsers()
     assert {prog.split()[1] for prog in full} == set(COMMANDS)
     for command in COMMANDS:
