@@ -37,7 +37,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from hsmkms import softhsm
+from hsmkms import log, softhsm
 from hsmkms.errors import ClientError
 from hsmkms.keystore.config import KeyPlacement, KeystoreConfig
 from hsmkms.profiles import MechanismProfile
@@ -632,8 +632,8 @@ class Settings(_EnvironmentSettings):
         return f"sqlite:///{(self.data_dir / 'audit.db').as_posix()}"
 
 
-LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
-LOG_FORMATS: tuple[str, ...] = ("json", "console")
+# Defined with the logging set-up, which the command line reads without this module.
+LOG_LEVELS, LOG_FORMATS = log.LOG_LEVELS, log.LOG_FORMATS
 
 
 class ServeSettings(_EnvironmentSettings):

@@ -109,7 +109,8 @@ def _scrub_stdlib_arguments(
     return event_dict
 
 
-LOG_FORMATS = ("json", "console")
+LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS: tuple[str, ...] = ("json", "console")
 
 
 def default_format(stream: Any) -> str:

@@ -50,6 +50,69 @@ def test_version() -> None:
     assert proc.stdout == f"hsmkms {__version__}\n"
 
 
+def test_the_command_table_names_every_command() -> None:
+    """main builds the parser of the command being run from COMMANDS alone (importing only
+    its module): the table must hold every command, and that parser must be the full one's."""
+    import importlib
+    import pkgutil
+
+    import hsmkms.cli
+    from hsmkms.cli.main import COMMANDS
+
+    command_modules = {
+        info.name
+        for info in pkgutil.iter_modules(hsmkms.cli.__path__)
+        if hasattr(importlib.import_module(f"hsmkms.cli.{info.name}"), "add_parser")
+    }
+    assert command_modules == set(COMMANDS.values()), "a command module missing from COMMANDS"
+    full = _leaf_parsers()
+    assert {prog.split()[1] for prog in full} == set(COMMANDS)
+    for command in COMMANDS:
+        alone = {leaf.prog: leaf for leaf in _leaves(build_parser(command))}
+        assert {p for p in alone if p.split()[1] == command} == {
+            p for p in full if p.split()[1] == command
+        }
+        for prog, leaf in alone.items():
+            assert _options(leaf) == _options(full[prog]), prog
+
+
+_IMPORTS_OF_A_REMOTE_RUN = """
+import sys
+from hsmkms.cli.main import main
+code = main(["encrypt-file", sys.argv[1], sys.argv[2], "--key-id", "alias/k",
+             "--endpoint-url", "http://127.0.0.1:9"])
+print(code)
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_endpoint_url_runs_import_no_local_service(tmp_path: Path) -> None:
+    """``encrypt-file`` / ``decrypt-file --endpoint-url`` start fast: they import neither the
+    other commands nor what only the local data directory needs (the service, the store,
+    the token, SQLAlchemy, pydantic), nor boto3 over botocore."""
+    (tmp_path / "plain").write_bytes(b"x")
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_OF_A_REMOTE_RUN, str(tmp_path / "plain"),
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60, check=True,
+        env=clean_env(
+            AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1",
+            AWS_MAX_ATTEMPTS="1",
+        ),
+    )  # fmt: skip
+    code, modules = done.stdout.splitlines()[-2:]
+    assert code == "1"  # nothing listens there
+    assert "KMS endpoint error" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+    loaded = set(modules.split())
+    assert "botocore.session" in loaded
+    for heavy in (
+        "hsmkms.service", "hsmkms.system", "hsmkms.store", "hsmkms.keystore.pkcs11",
+        "hsmkms.cli.audit", "hsmkms.cli.serve", "sqlalchemy", "pydantic", "boto3", "pkcs11",
+    ):  # fmt: skip
+        assert heavy not in loaded
+
+
 @pytest.mark.parametrize("prog", sorted(_leaf_parsers()))
 def test_every_command_takes_the_common_options(prog: str) -> None:
     options = _options(_leaf_parsers()[prog])

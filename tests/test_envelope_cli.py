@@ -166,6 +166,40 @@ def test_tampered_file_to_stdout_writes_nothing(
     assert len(done.stdout) == 10 * SEGMENT
 
 
+def test_tampered_last_segment_fails_and_leaves_the_target_as_it_was(
+    data_dir: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """Default 1 MiB segments (the threaded engine, outputs preallocated to a size bound and
+    cut to the exact length): the files have exactly their format's sizes, and a flipped
+    byte in the last segment — found only after every earlier segment was decrypted into the
+    unnamed output — fails in one line, with no file made and an existing target unchanged."""
+    data, (arn, _) = data_dir
+    plaintext = os.urandom((5 << 20) // 2)  # 2.5 segments
+    (tmp_path / "plain").write_bytes(plaintext)
+    done = hsmkms(data, "encrypt-file", str(tmp_path / "plain"), str(tmp_path / "ct"),
+                  "--key-id", arn)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    message = (tmp_path / "ct").read_bytes()
+    header_length = EnvelopeHeader.parse(message)[1]
+    assert len(message) == header_length + len(plaintext) + 3 * 16
+    done = hsmkms(data, "decrypt-file", str(tmp_path / "ct"), str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out").read_bytes() == plaintext
+    (tmp_path / "out").unlink()
+
+    tampered = bytearray(message)
+    tampered[-20] ^= 0x01  # inside the last segment's ciphertext
+    (tmp_path / "bad").write_bytes(tampered)
+    done = hsmkms(data, "decrypt-file", str(tmp_path / "bad"), str(tmp_path / "out"))
+    assert "decryption failed" in _one_line_error(done, "decrypt-file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "ct", "plain"]
+    (tmp_path / "out").write_bytes(b"old")
+    done = hsmkms(data, "decrypt-file", str(tmp_path / "bad"), str(tmp_path / "out"))
+    _one_line_error(done, "decrypt-file")
+    assert (tmp_path / "out").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "ct", "out", "plain"]
+
+
 def test_truncated_input_stream_leaves_no_output(
     data_dir: tuple[Path, list[str]], small_ciphertext: bytes, work: Path
 ) -> None:

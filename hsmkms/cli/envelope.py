@@ -4,8 +4,9 @@ streams (:mod:`hsmkms.envelope`).
 Data keys come from the local data directory (the KMS service in this process; each call is
 recorded in the audit trail as the local operator's) or, with ``--endpoint-url`` — or
 ``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL`` in the environment, as every AWS tool reads them,
-unless ``--data-dir`` is given — from any KMS endpoint through boto3 (credentials and region
-from the usual AWS environment variables or profile). ``-`` means stdin or stdout.
+unless ``--data-dir`` is given — from any KMS endpoint through botocore, boto3's core
+(credentials and region from the usual AWS environment variables or profile). ``-`` means
+stdin or stdout.
 
 Output files are written atomically: nothing appears under the output name unless the whole
 operation succeeded (an interrupted or failed run, even ``kill -9``, leaves no partial file).
@@ -17,35 +18,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import gc
 import os
 import select
 import signal
 import stat
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from hsmkms.audit.records import key_id_of
 from hsmkms.cli.errors import UsageError
-from hsmkms.config import Settings
-from hsmkms.envelope import Boto3Provider, EnvelopeClient, ServiceProvider
+from hsmkms.envelope.client import EnvelopeClient
 from hsmkms.envelope.errors import DecryptionFailed
 from hsmkms.envelope.files import atomic_output
 from hsmkms.envelope.format import (
     DEFAULT_SEGMENT_SIZE,
     MAX_HEADER_LENGTH,
+    TAG_LENGTH,
     EnvelopeHeader,
     Readable,
     header_problem,
     payload_length_fits,
 )
-from hsmkms.envelope.stream import Progress
+from hsmkms.envelope.providers import Boto3Provider
+from hsmkms.envelope.stream import Progress, Writable
 from hsmkms.errors import ClientError, NotFoundException, ValidationException
-from hsmkms.service import KmsService
-from hsmkms.system import OperatorService, System, require_data_directory
+
+if TYPE_CHECKING:
+    from hsmkms.service import KmsService
+    from hsmkms.system import System
+
+# The local data directory's modules (the service, the store, the token) are imported where
+# they are used, so that --endpoint-url does not pay for them at start-up.
 
 STDIO = "-"
 PROGRESS_MIN_BYTES = 64 << 20
@@ -170,6 +179,9 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
         args.endpoint_url = endpoint
         yield EnvelopeClient(Boto3Provider(_boto3_client(args)), segment_size=segment_size)
         return
+    from hsmkms.envelope.providers import ServiceProvider
+    from hsmkms.system import OperatorService
+
     with _local_system(args.data_dir) as system:
         # The local operator's GenerateDataKey, Decrypt and ReEncrypt calls are recorded in
         # the audit trail like the server's (docs/audit.md, "Local operator records").
@@ -179,7 +191,9 @@ def _client(args: argparse.Namespace) -> Iterator[EnvelopeClient]:
 
 def _boto3_client(args: argparse.Namespace) -> Any:
     try:
-        import boto3
+        # botocore's session is what boto3.client uses (the same credential and region
+        # chain); importing boto3 itself would add s3transfer and its resources to start-up.
+        import botocore.session
         from botocore import exceptions as boto_errors
     except ImportError:
         raise ValidationException(
@@ -188,7 +202,8 @@ def _boto3_client(args: argparse.Namespace) -> Any:
     from hsmkms.envelope.providers import map_boto_error
 
     try:
-        return boto3.client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
+        session = botocore.session.get_session()
+        return session.create_client("kms", endpoint_url=args.endpoint_url, region_name=args.region)
     except (boto_errors.BotoCoreError, ValueError) as exc:
         if isinstance(exc, ValueError):
             raise UsageError(f"invalid --endpoint-url: {args.endpoint_url}") from None
@@ -199,6 +214,9 @@ def _boto3_client(args: argparse.Namespace) -> Any:
 def _local_system(data_dir: Path | None, *, create: bool = False) -> Iterator[System]:
     """The system on an existing data directory (``create``: made when missing, for tests and
     benchmarks), its audit records appended to the trail as they are made."""
+    from hsmkms.config import Settings
+    from hsmkms.system import System, require_data_directory
+
     settings = Settings.load(data_dir)
     if not create:
         require_data_directory(settings)
@@ -280,6 +298,20 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """The command's few objects are freed by reference counting (the segment loop makes no
+    cycles); the cyclic collector would only walk the modules imported at start-up (botocore
+    or the local service) again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _InterruptibleInput:
     """Reads a pipe or terminal with one ``read`` per call, after ``poll`` says data is there.
 
@@ -312,13 +344,59 @@ def _open_input(path: str) -> Iterator[tuple[Readable, int | None]]:
         return
     with open(path, "rb", buffering=0) as source:
         info = os.fstat(source.fileno())
-        yield source, info.st_size if stat.S_ISREG(info.st_mode) else None
+        if not stat.S_ISREG(info.st_mode):
+            yield source, None
+            return
+        # Read once, front to back (as cp says): a larger read-ahead on disks.
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(source.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        yield source, info.st_size
+
+
+class _Preallocated:
+    """An output file whose blocks are allocated (``posix_fallocate``) on a helper thread
+    while the command starts up and asks KMS for the key, so that writing the data later
+    only copies it: on tmpfs, allocating the pages costs as much as writing them.
+
+    The allocation finishes before the first write (so glibc's emulation on file systems
+    without ``fallocate``, which writes a zero into each block, never races a write), and
+    before the file is closed. It is only a hint: a failure (no space, a file size limit) is
+    ignored and left to the writes to report. :meth:`finish` cuts the file to what was
+    written (``size`` is an upper bound)."""
+
+    def __init__(self, sink: BinaryIO, size: int) -> None:
+        self._sink = sink
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._allocate, args=(sink.fileno(), size), daemon=True
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _allocate(fd: int, size: int) -> None:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, size)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def write(self, data: memoryview, /) -> int | None:
+        self.wait()
+        return self._sink.write(data)
+
+    def finish(self) -> None:
+        self.wait()
+        os.ftruncate(self._sink.fileno(), self._sink.tell())
 
 
 @contextlib.contextmanager
-def _open_output(path: str, mode: int, fsync: bool) -> Iterator[tuple[BinaryIO, bool]]:
+def _open_output(
+    path: str, mode: int, fsync: bool, *, size_bound: int | None = None
+) -> Iterator[tuple[Writable, bool]]:
     """The sink, and whether it is atomic (a regular file, linked into place on success).
-    stdout, ``/dev/null`` or a FIFO are written in place."""
+    stdout, ``/dev/null`` or a FIFO are written in place. ``size_bound``: at most this many
+    bytes will be written (the output file is preallocated while the command starts)."""
     if path == STDIO:
         yield sys.stdout.buffer, False
         sys.stdout.buffer.flush()
@@ -330,20 +408,72 @@ def _open_output(path: str, mode: int, fsync: bool) -> Iterator[tuple[BinaryIO, 
                 yield sink, False
             return
     with atomic_output(target, mode=mode, fsync=fsync) as sink:
-        yield sink, True
+        if not size_bound or not hasattr(os, "posix_fallocate"):
+            yield sink, True
+            return
+        preallocated = _Preallocated(sink, size_bound)
+        try:
+            yield preallocated, True
+            preallocated.finish()
+        finally:
+            preallocated.wait()  # before the file is closed
+
+
+def _ciphertext_bound(length: int | None, args: argparse.Namespace) -> int | None:
+    """The most bytes ``encrypt-file`` writes for a plaintext of ``length`` bytes."""
+    if length is None:
+        return None
+    segment_size = max(int(args.segment_size), 1)
+    segments = max(1, -(-length // segment_size))
+    return MAX_HEADER_LENGTH + length + TAG_LENGTH * segments
+
+
+@dataclasses.dataclass
+class _Run:
+    """What an encrypt-file or decrypt-file run works with."""
+
+    client: EnvelopeClient
+    source: Readable
+    length: int | None
+    sink: Writable
+    atomic: bool
+    progress: Progress | None
+
+
+@contextlib.contextmanager
+def _running(
+    args: argparse.Namespace, mode: int, output_bound: Callable[[int | None], int | None]
+) -> Iterator[_Run]:
+    """The client, the input, the output (at most ``output_bound(input length)`` bytes) and
+    the progress bar of one run. With a KMS endpoint the files are opened first, so that the
+    output is preallocated while the client starts (imports botocore, reads its models); on
+    the local data directory the client comes first, so that a missing data directory is
+    the usage error it is before anything else is looked at."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_terminate_as_interrupt())
+        stack.enter_context(_without_cyclic_gc())
+        local = configured_endpoint(args) is None
+        client = stack.enter_context(_client(args)) if local else None
+        source, length = stack.enter_context(_open_input(args.input))
+        sink, atomic = stack.enter_context(
+            _open_output(args.output, mode, args.fsync, size_bound=output_bound(length))
+        )
+        if client is None:
+            client = stack.enter_context(_client(args))
+        progress = stack.enter_context(_progress(args.input))
+        yield _Run(client, source, length, sink, atomic, progress)
 
 
 def run_encrypt(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
-    with (
-        _terminate_as_interrupt(),
-        _client(args) as client,
-        _progress(args.input) as progress,
-        _open_input(args.input) as (source, length),
-        _open_output(args.output, 0o666, args.fsync) as (sink, _),
-    ):
-        client.encrypt(
-            source, sink, args.key_id, context, plaintext_length=length, progress=progress
+    with _running(args, 0o666, lambda length: _ciphertext_bound(length, args)) as run:
+        run.client.encrypt(
+            run.source,
+            run.sink,
+            args.key_id,
+            context,
+            plaintext_length=run.length,
+            progress=run.progress,
         )
     return 0
 
@@ -383,6 +513,8 @@ def _why_not(args: argparse.Namespace, context: dict[str, str]) -> str | None:
             prefix = source.read(MAX_HEADER_LENGTH)
     except OSError:
         return None
+    from hsmkms.audit.records import key_id_of
+
     problem = header_problem(prefix)
     if problem == "not-envelope":
         return f"{args.input} is not a file made by hsmkms encrypt-file"
@@ -415,6 +547,9 @@ def _why_not(args: argparse.Namespace, context: dict[str, str]) -> str | None:
 
 def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
     """That the key ``arn`` is not where the command looked, when that is so."""
+    from hsmkms.config import Settings
+    from hsmkms.system import System
+
     parts = arn.split(":")
     if len(parts) < 6 or not parts[5].startswith("key/"):
         return None
@@ -446,22 +581,17 @@ def _missing_key(args: argparse.Namespace, arn: str) -> str | None:
 
 
 def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
-    with (
-        _terminate_as_interrupt(),
-        _client(args) as client,
-        _progress(args.input) as progress,
-        _open_input(args.input) as (source, _),
-        _open_output(args.output, 0o600, args.fsync) as (sink, atomic),
-    ):
+    # The plaintext is at most as long as the input.
+    with _running(args, 0o600, lambda length: length) as run:
         # An atomic output is never seen unless complete; any other must not receive a byte
         # before the whole input has authenticated.
-        client.decrypt(
-            source,
-            sink,
+        run.client.decrypt(
+            run.source,
+            run.sink,
             context,
             key_id=args.key_id,
-            authenticate_first=not atomic and not args.stream_unverified,
-            progress=progress,
+            authenticate_first=not run.atomic and not args.stream_unverified,
+            progress=run.progress,
         )
     return 0
 
@@ -469,6 +599,6 @@ def _decrypt(args: argparse.Namespace, context: dict[str, str]) -> int:
 def run_rewrap(args: argparse.Namespace) -> int:
     if args.file == STDIO:
         raise UsageError("rewrap needs a file, not -")
-    with _terminate_as_interrupt(), _client(args) as client:
+    with _terminate_as_interrupt(), _without_cyclic_gc(), _client(args) as client:
         client.rewrap_file(args.file, args.key_id, fsync=args.fsync)
     return 0

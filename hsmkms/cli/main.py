@@ -9,26 +9,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from hsmkms import __version__
-from hsmkms.cli import (
-    audit,
-    backup,
-    clusters,
-    credentials,
-    doctor,
-    envelope,
-    init,
-    purge,
-    report,
-    seed,
-    serve,
-    xks,
-)
 from hsmkms.cli.errors import (
     EXIT_FAILURE,
     EXIT_INTERNAL,
@@ -38,27 +27,38 @@ from hsmkms.cli.errors import (
     UsageError,
     describe_os_error,
 )
-from hsmkms.config import LOG_FORMATS, LOG_LEVELS
 from hsmkms.errors import KMSError
-from hsmkms.log import configure_logging
-from hsmkms.system.datadir import NoDataDirectory
+from hsmkms.log import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 # Each command module offers ``add_parser(subparsers) -> None``; the parser's ``run`` default
-# is called with the parsed arguments and returns the exit code.
-COMMANDS = (
-    init, doctor, serve, purge, credentials, envelope, audit, report, seed, backup, xks, clusters,
-)  # fmt: skip
+# is called with the parsed arguments and returns the exit code. Modules are imported by
+# name, and only the one of the command being run: importing them all (the service, the
+# database layer, the server) would cost every command about half a second of start-up.
+COMMANDS: dict[str, str] = {
+    "init": "init", "doctor": "doctor", "serve": "serve", "purge": "purge",
+    "credentials": "credentials", "encrypt-file": "envelope", "decrypt-file": "envelope",
+    "rewrap": "envelope", "audit": "audit", "report": "report", "seed": "seed",
+    "backup": "backup", "restore": "backup", "xks": "xks", "clusters": "clusters",
+}  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_module(name: str) -> ModuleType:
+    return importlib.import_module(f"hsmkms.cli.{name}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser: every command, or only ``command``'s module's (what
+    :func:`main` builds to run a command: the same parser for that command, without importing
+    the others)."""
     parser = argparse.ArgumentParser(
         prog="hsmkms",
         description="A key management service whose root keys live in a PKCS#11 token.",
     )
     parser.add_argument("--version", action="version", version=f"hsmkms {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.add_parser(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for module in modules:
+        _command_module(module).add_parser(sub)
     for leaf in _leaves(parser):
         add_log_options(leaf)
     return parser
@@ -110,8 +110,15 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Start-up makes many long-lived objects (modules, classes, the parser) and no garbage:
+    # the cyclic collector would only walk them again and again.
+    gc.disable()
+    try:
+        parser = build_parser(argv[0] if argv else None)
+        args = parser.parse_args(argv)
+    finally:
+        gc.enable()
     try:
         # stdout may carry command output (a decrypted file, JSON): logs go to stderr.
         configure_logging(args.log_level, fmt=args.log_format)
@@ -124,10 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _pipe_closed()
-    except (NoDataDirectory, UsageError) as exc:
-        print(f"hsmkms {args.command}: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE
     except KMSError as exc:
+        if _is_usage_error(exc):
+            print(f"hsmkms {args.command}: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"hsmkms {args.command}: {exc.message or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
@@ -140,6 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one line, never a traceback
         print(f"hsmkms {args.command}: internal error ({type(exc).__name__})", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _is_usage_error(exc: KMSError) -> bool:
+    """A usage error (exit 2): :class:`UsageError`, or no data directory where the command
+    was pointed (which only a command that imported :mod:`hsmkms.system` can raise)."""
+    if isinstance(exc, UsageError):
+        return True
+    datadir = sys.modules.get("hsmkms.system.datadir")
+    return datadir is not None and isinstance(exc, datadir.NoDataDirectory)
 
 
 def _pipe_closed() -> int:

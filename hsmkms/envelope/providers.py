@@ -14,20 +14,24 @@ dropped, which is as far as Python allows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hsmkms import errors
 from hsmkms.envelope.format import DATA_KEY_LENGTH
-from hsmkms.models.crypto import (
-    DecryptRequest,
-    DecryptResponse,
-    GenerateDataKeyRequest,
-    GenerateDataKeyResponse,
-    ReEncryptRequest,
-    ReEncryptResponse,
-)
-from hsmkms.models.enums import DataKeySpec
 from hsmkms.types import Caller, EncryptionContext
+
+if TYPE_CHECKING:
+    from hsmkms.models.crypto import (
+        DecryptRequest,
+        DecryptResponse,
+        GenerateDataKeyRequest,
+        GenerateDataKeyResponse,
+        ReEncryptRequest,
+        ReEncryptResponse,
+    )
+
+# The request models (pydantic) are imported by ServiceProvider when it is used: a client of a
+# remote KMS (Boto3Provider) does not pay for them at start-up.
 
 __all__ = [
     "Boto3Provider",
@@ -135,6 +139,9 @@ class ServiceProvider:
         return "ServiceProvider()"
 
     def generate_data_key(self, key_id: str, context: EncryptionContext) -> DataKey:
+        from hsmkms.models.crypto import GenerateDataKeyRequest
+        from hsmkms.models.enums import DataKeySpec
+
         response = self._service.generate_data_key(
             GenerateDataKeyRequest(
                 KeyId=key_id, EncryptionContext=dict(context), KeySpec=DataKeySpec.AES_256
@@ -146,6 +153,8 @@ class ServiceProvider:
     def decrypt_data_key(
         self, encrypted: bytes, context: EncryptionContext, key_id: str | None
     ) -> DataKey:
+        from hsmkms.models.crypto import DecryptRequest
+
         response = self._service.decrypt(
             DecryptRequest(CiphertextBlob=encrypted, EncryptionContext=dict(context), KeyId=key_id),
             self._caller,
@@ -155,6 +164,8 @@ class ServiceProvider:
     def re_encrypt(
         self, encrypted: bytes, context: EncryptionContext, new_key_id: str
     ) -> WrappedKey:
+        from hsmkms.models.crypto import ReEncryptRequest
+
         response = self._service.re_encrypt(
             ReEncryptRequest(
                 CiphertextBlob=encrypted,
