@@ -19,7 +19,13 @@ directory must hold (``docs/seed-file.md`` is the user's view)::
         access_key_id: AKIAAPPEXAMPLE000001
         secret_access_key_env: APP_SECRET          # or secret_access_key / _file
         policy: {...}                              # identity policy
-    custom_key_stores: []
+    custom_key_stores:
+      - name: second-token                       # CreateCustomKeyStore's members
+        cluster_id: cluster-seedoneaaaaa         # (AWS_CLOUDHSM, or EXTERNAL_KEY_STORE with
+        trust_anchor_certificate_file: t.pem     # xks_proxy_*); secrets from the environment
+        key_store_password_env: SECOND_TOKEN_PIN # or a file only
+
+Keys name a store with ``custom_key_store`` (and ``xks_key_id`` in an external one).
 
 Reading is strict: unknown fields, duplicate mapping keys, YAML aliases and wrongly typed
 values (``tags: {build: 42}`` without quotes) are errors naming the entry, and no check here

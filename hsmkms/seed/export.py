@@ -1,7 +1,10 @@
 """``hsmkms seed export``: a data directory's definitions as a seed file, never its secrets.
 
-Keys (their ids, aliases, description, spec and usage, key policy when it is not the default
-one, tags, rotation, disabled state) and credentials (name, access key id, identity policy);
+Custom key stores (name, type, cluster id and trust anchor, or the proxy's endpoint, path,
+connectivity and access key id — never the password or the proxy's secret), keys (their ids,
+aliases, description, spec and usage, key policy when it is not the default one, tags,
+rotation, disabled state, custom key store by name, XksKeyId) and credentials (name, access
+key id, identity policy);
 keys pending deletion are left out, and said so in the header. Applying the export to the same
 data directory changes nothing; applying it elsewhere needs each credential's secret added
 (``secret_access_key_env`` or ``secret_access_key_file``).

@@ -12,6 +12,12 @@ each step is a ``LocalOperator`` record of the audit trail (user agent ``hsmkms-
 (seed)``), like any other local key operation. Credentials go to the credentials store as
 ``hsmkms credentials create`` puts them there.
 
+Custom key stores come first: each declared store is compared with the one of its name, or
+created; then connected (ConnectCustomKeyStore is asynchronous: the outcome is awaited). A
+store that does not connect undoes this run's store steps (the stores it created are deleted
+again) before the error, so a wrong password or an unreachable proxy leaves the data directory
+as it was.
+
 Only the attributes an entry gives are compared with an existing key (``spec`` and ``usage``
 always): a CI job may rotate or tag a seeded key without breaking the next start, unless the
 seed file declares that attribute.
