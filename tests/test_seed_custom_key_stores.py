@@ -385,3 +385,46 @@ def test_an_external_key_store_that_does_not_connect_changes_nothing(
     assert "deleted again" in line
     assert stores_named(kms, "ext-refused") == []
     assert exported(server) == before
+
+
+def test_serve_with_a_seed_connects_an_external_key_store_before_it_answers(
+    proxy: RunningServer, credential: dict[str, str], tmp_path: Path
+) -> None:
+    """``hsmkms serve --seed``: the store is CONNECTED and its key usable from the first
+    request; the proxy's secret is in no file of the data directory nor in the log."""
+    secret = credential["SecretAccessKey"]
+    b_key = proxy.client().create_key()["KeyMetadata"]["KeyId"]
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "custom_key_stores": [xks_store("served-xks", proxy.endpoint, credential)],
+        "keys": [{"aliases": ["alias/served"], "custom_key_store": "served-xks",
+                  "xks_key_id": b_key}],
+    }))  # fmt: skip
+    env = {**HTTP_ENV, "SEED_XKS_SECRET": secret}
+    with running_server(tmp_path / "data", args=["--seed", str(path)], env=env) as srv:
+        kms = srv.client()
+        [store] = stores_named(kms, "served-xks")
+        assert store["ConnectionState"] == "CONNECTED"
+        blob = kms.encrypt(KeyId="alias/served", Plaintext=b"first request")["CiphertextBlob"]
+        assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"first request"
+        for found in srv.data_dir.rglob("*"):
+            if found.is_file():
+                assert secret.encode() not in found.read_bytes(), found
+        assert secret not in srv.log_path.read_text()
+
+
+def test_no_secret_of_a_seed_is_in_a_file_or_the_log(
+    server: RunningServer, credential: dict[str, str]
+) -> None:
+    """Last of the module's tests on A: the tokens' PINs (right and wrong) and the proxy's
+    secret, given to the seeds above, are in no file of A's data directory nor in its log."""
+    secrets = [PIN, WRONG_PIN, credential["SecretAccessKey"]]
+    for found in server.data_dir.rglob("*"):
+        if found.is_file():
+            data = found.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in data, found
+    log = server.log()
+    for secret in secrets:
+        assert secret not in log
