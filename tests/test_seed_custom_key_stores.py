@@ -414,6 +414,36 @@ def test_serve_with_a_seed_connects_an_external_key_store_before_it_answers(
         assert secret not in srv.log_path.read_text()
 
 
+def test_a_key_in_an_undeclared_store_needs_it_connected(
+    credential: dict[str, str], server: RunningServer, kms: Any, tmp_path: Path
+) -> None:
+    """``custom_key_store: cks-...`` names a store the file does not declare: the seed does
+    not connect it, so a DISCONNECTED one is an error before anything is changed."""
+    store_id = kms.create_custom_key_store(
+        CustomKeyStoreName="undeclared",
+        CustomKeyStoreType="EXTERNAL_KEY_STORE",
+        XksProxyUriEndpoint="http://127.0.0.1:9",
+        XksProxyUriPath="/undeclared/kms/xks/v1",
+        XksProxyConnectivity="PUBLIC_ENDPOINT",
+        XksProxyAuthenticationCredential={
+            "AccessKeyId": credential["AccessKeyId"],
+            "RawSecretAccessKey": credential["SecretAccessKey"],
+        },
+    )["CustomKeyStoreId"]
+    document = {
+        "keys": [{"aliases": ["alias/undeclared"], "custom_key_store": store_id,
+                  "xks_key_id": "any-key"}],
+    }  # fmt: skip
+    before = exported(server)
+    line = fails(seed(server, tmp_path, document, "apply"))
+    assert f"keys[0] (alias/undeclared): custom_key_store: the custom key store {store_id} " in (
+        line
+    )
+    assert "is DISCONNECTED: connect it, or declare it in custom_key_stores" in line
+    assert exported(server) == before
+    kms.delete_custom_key_store(CustomKeyStoreId=store_id)
+
+
 def test_no_secret_of_a_seed_is_in_a_file_or_the_log(
     server: RunningServer, credential: dict[str, str]
 ) -> None:

@@ -244,6 +244,9 @@ class _StoreRef:
     name: str
     store_type: str
     store_id: str | None
+    state: str | None = None
+    """The connection state of a store the file does not declare (None: the seed connects
+    it)."""
 
 
 def _same_secret(stored: str, declared: str) -> bool:
@@ -449,7 +452,7 @@ class _Planner:
         record = self.directory.store(name)  # a cks- id, not declared in this file
         if record is None:
             raise self.document.error(f"{label}: custom key store {name} does not exist")
-        return _StoreRef(record.name, record.store_type, record.store_id)
+        return _StoreRef(record.name, record.store_type, record.store_id, record.connection_state)
 
     def conflict(self, label: str, message: str) -> SeedError:
         return self.document.error(f"{label}: {message}; the data directory is left unchanged")
@@ -515,6 +518,11 @@ class _Planner:
 
         existing = self._find(label, entry)
         if existing is None:
+            if store is not None and store.state not in (None, "CONNECTED"):
+                raise document.error(
+                    f"{label}: custom_key_store: the custom key store {store.store_id} is "
+                    f"{store.state}: connect it, or declare it in custom_key_stores"
+                )
             self._create_key(label, entry, create, rotation, store)
             return
         self._compare(label, entry, existing, spec, usage, policy)
