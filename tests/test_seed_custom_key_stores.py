@@ -346,7 +346,7 @@ def test_an_external_key_store_and_its_key_are_created_connected_and_exported(
     assert reapplied.returncode == 0, reapplied.stderr
 
 
-@pytest.mark.parametrize("case", ["unreachable", "wrong-secret", "wrong-path"])
+@pytest.mark.parametrize("case", ["unreachable", "wrong-secret", "wrong-path", "unknown-key"])
 def test_an_external_key_store_that_does_not_connect_changes_nothing(
     proxy: RunningServer,
     credential: dict[str, str],
@@ -362,9 +362,12 @@ def test_an_external_key_store_that_does_not_connect_changes_nothing(
     elif case == "wrong-path":
         entry["xks_proxy_uri_path"] = "/nobody/kms/xks/v1"
     else:  # a prefix the proxy serves, that no other store uses
-        made = proxy.cli("xks", "credentials", "create", "--prefix", "seed-wrong", "--json")
+        made = proxy.cli("xks", "credentials", "create", "--prefix", f"seed-{case}", "--json")
         assert made.returncode == 0, made.stderr
-        entry["xks_proxy_uri_path"] = "/seed-wrong/kms/xks/v1"
+        entry["xks_proxy_uri_path"] = f"/seed-{case}/kms/xks/v1"
+        if case == "unknown-key":  # a store that connects, a key the proxy does not have
+            secret = json.loads(made.stdout)["SecretAccessKey"]
+            entry["xks_proxy_access_key_id"] = json.loads(made.stdout)["AccessKeyId"]
     env = {"SEED_XKS_SECRET": secret if case != "wrong-secret" else "W" * 43}
     document = {
         "custom_key_stores": [entry],
@@ -373,6 +376,14 @@ def test_an_external_key_store_that_does_not_connect_changes_nothing(
     }  # fmt: skip
     before = exported(server)
     line = fails(seed(server, tmp_path, document, "apply", env=env), secret, "W" * 43)
+    if case == "unknown-key":
+        assert "keys[0] (alias/ext-refused): xks_key_id any-key: the proxy does not know it" in (
+            line
+        )
+        assert "deleted again" in line
+        assert stores_named(kms, "ext-refused") == []
+        assert exported(server) == before
+        return
     assert "custom_key_stores[0] (ext-refused): connect custom key store ext-refused failed" in (
         line
     )

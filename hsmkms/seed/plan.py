@@ -61,7 +61,7 @@ from hsmkms.seed.document import (
     policy_text,
     policy_value,
 )
-from hsmkms.service import OPERATIONS, KmsService
+from hsmkms.service import OPERATIONS, KmsService, xks_client
 from hsmkms.store import DELETING, KeyRecord
 from hsmkms.store.key_stores import ClusterRecord, CustomKeyStoreRecord
 from hsmkms.system import OperatorService, System
@@ -783,6 +783,13 @@ class _StoreFailed(Exception):
         self.message = message
 
 
+class _KeyRefused(Exception):
+    def __init__(self, step: Step, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.message = message
+
+
 class _Applier:
     """The custom key store steps of a plan: the ids of the stores created, each connection
     awaited, and the undoing of the store steps when one store cannot be connected."""
@@ -838,6 +845,51 @@ class _Applier:
             stores.wait(0.5)
             time.sleep(0.05)
 
+    def check_external_keys(self, steps: Sequence[Step]) -> None:
+        """Before any key is created: each external key a CreateKey step names is known to its
+        (connected) store's proxy as an enabled AES_256 key for ENCRYPT and DECRYPT, as
+        CreateKey will require, so that an unknown ``xks_key_id`` stops the seed while only
+        store steps were applied (and can be undone). Raises :class:`_KeyRefused`."""
+        stores = self.system.service.custom_key_stores
+        principal = f"arn:aws:iam::{self.system.settings.account_id}:root"
+        for step in steps:
+            request = self.request(step)
+            if (
+                step.operation != "CreateKey"
+                or not isinstance(request, OperatorCreateKeyRequest)
+                or request.Origin is not OriginType.EXTERNAL_KEY_STORE
+                or request.CustomKeyStoreId is None
+                or request.XksKeyId is None
+            ):
+                continue
+            record = stores.table.get(request.CustomKeyStoreId)
+            if record is None or record.connection_state != "CONNECTED":
+                continue  # CreateKey says why
+            meta = xks_client.XksRequestMetadata(principal, "CreateKey", str(uuid.uuid4()))
+            try:
+                answer = xks_client.key_metadata(
+                    stores.xks, stores.location(record), request.XksKeyId, meta
+                )
+            except xks_client.XksProxyFailure as exc:
+                reason = (
+                    "the proxy does not know it"
+                    if exc.error_name == "KeyNotFoundException"
+                    else f"the proxy failed ({exc.code})"
+                )
+                raise _KeyRefused(step, f"xks_key_id {request.XksKeyId}: {reason}") from None
+            usages = answer.get("keyUsage")
+            if (
+                answer.get("keySpec") != "AES_256"
+                or not isinstance(usages, list)
+                or not {"ENCRYPT", "DECRYPT"} <= set(usages)
+                or answer.get("keyStatus") != "ENABLED"
+            ):
+                raise _KeyRefused(
+                    step,
+                    f"xks_key_id {request.XksKeyId}: the proxy's key is not an ENABLED AES_256 "
+                    "key for ENCRYPT and DECRYPT",
+                )
+
     def undo(self) -> str:
         """Undo this run's store steps (no key was made in a store yet): the stores it created
         are disconnected and deleted, the existing ones it connected disconnected. What was
@@ -877,7 +929,15 @@ def _apply(document: SeedDocument, system: System, plan: SeedPlan) -> SeedReport
     operator = OperatorService(system, command="seed")
     stores = _Applier(system, operator, plan)
     applied: list[str] = []
-    for step in plan.steps:
+    checked = False
+    for index, step in enumerate(plan.steps):
+        if not checked and step.operation not in _STORE_OPERATIONS:
+            checked = True
+            try:
+                stores.check_external_keys(plan.steps[index:])
+            except (KMSError, _KeyRefused) as exc:
+                label = exc.step.entry if isinstance(exc, _KeyRefused) else step.entry
+                raise document.error(f"{label}: {exc.message}; {stores.undo()}") from None
         try:
             request = stores.request(step)
             if step.operation in _STORE_OPERATIONS and request is not None:
