@@ -372,10 +372,26 @@ def test_an_existing_credential_needs_no_secret_and_another_name_cannot_take_its
             {"key0_usage": "SIGN_VERIFY", "key0_rotation": None},
             "KeyUsage SIGN_VERIFY is not compatible with KeySpec SYMMETRIC_DEFAULT",
         ),
-        ({"key0_custom_key_store": "cks-1234567890abcdef0"}, "custom key stores are not available"),
         (
-            {"custom_key_stores": [{"name": "hsm2", "cluster_id": "cluster-abc"}]},
-            "custom_key_stores[0] (hsm2): custom key stores are not available",
+            {"key0_custom_key_store": "cks-1234567890abcdef0"},
+            "custom key store cks-1234567890abcdef0 does not exist",
+        ),
+        (
+            {"custom_key_stores": [{"name": "hsm2", "cluster_id": "cluster-abcdefghijk"}]},
+            "custom_key_stores[0] (hsm2): no secret to create it with",
+        ),
+        (
+            {
+                "custom_key_stores": [
+                    {
+                        "name": "hsm2",
+                        "cluster_id": "cluster-abcdefghijk",
+                        "trust_anchor_certificate": "-----BEGIN X-----",
+                        "key_store_password_file": "missing-pin-file",
+                    }
+                ]
+            },
+            "custom_key_stores[0] (hsm2): key_store_password_file missing-pin-file cannot be read",
         ),
         (
             {"credentials": [{"name": "root", "access_key_id": "K", "secret_access_key": SECRET}]},

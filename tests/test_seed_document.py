@@ -177,8 +177,50 @@ def test_yaml_that_would_hide_a_mistake_is_refused_with_its_line(text: str, expe
             "give one of secret_access_key, secret_access_key_env, not several",
         ),
         (
-            "custom_key_stores:\n  - {name: s}\n  - {name: s}\n",
+            "custom_key_stores:\n  - {name: s, cluster_id: cluster-aaaaaaaaaaa}\n"
+            "  - {name: s, cluster_id: cluster-bbbbbbbbbbb}\n",
             "custom_key_stores[1] (s): the name is also custom_key_stores[0] (s)",
+        ),
+        (
+            "custom_key_stores:\n  - {name: s, cluster_id: cluster-aaaaaaaaaaa}\n"
+            "  - {name: t, cluster_id: cluster-aaaaaaaaaaa}\n",
+            "custom_key_stores[1] (t): cluster_id cluster-aaaaaaaaaaa is also custom_key_stores[0]",
+        ),
+        ("custom_key_stores:\n  - {name: s}\n", "custom_key_stores[0] (s).cluster_id: required"),
+        (
+            "custom_key_stores:\n  - {name: s, type: EXTERNAL_KEY_STORE, cluster_id: c}\n",
+            "(s).cluster_id: not a field of a store of type EXTERNAL_KEY_STORE",
+        ),
+        (
+            "custom_key_stores:\n  - {name: s, type: EXTERNAL_KEY_STORE, "
+            "xks_proxy_uri_endpoint: 'https://p', xks_proxy_uri_path: /kms/xks/v1}\n",
+            "custom_key_stores[0] (s).xks_proxy_access_key_id: required",
+        ),
+        (
+            "custom_key_stores:\n  - {name: s, cluster_id: c, key_store_password_env: A, "
+            "key_store_password_file: b}\n",
+            "give one of key_store_password_env, key_store_password_file, not several",
+        ),
+        (
+            "custom_key_stores:\n  - {name: s, cluster_id: c, trust_anchor_certificate: x, "
+            "trust_anchor_certificate_file: y}\n",
+            "give one of trust_anchor_certificate, trust_anchor_certificate_file, not both",
+        ),
+        (
+            "custom_key_stores:\n  - {name: x, type: EXTERNAL_KEY_STORE, "
+            "xks_proxy_uri_endpoint: 'https://p', xks_proxy_uri_path: /kms/xks/v1, "
+            "xks_proxy_access_key_id: K}\n"
+            "keys:\n  - {aliases: [alias/a], custom_key_store: x}\n",
+            "keys[0] (alias/a): a key in the external key store 'x' needs xks_key_id",
+        ),
+        (
+            "custom_key_stores:\n  - {name: h, cluster_id: c}\n"
+            "keys:\n  - {aliases: [alias/a], custom_key_store: h, xks_key_id: k}\n",
+            "keys[0] (alias/a): xks_key_id is only for keys in an EXTERNAL_KEY_STORE",
+        ),
+        (
+            "keys:\n  - {aliases: [alias/a], xks_key_id: k}\n",
+            "keys[0] (alias/a): xks_key_id is given for a key in an external key store",
         ),
     ],
 )

@@ -1,8 +1,9 @@
 """``hsmkms seed export|check|apply``: seed files (``docs/seed-file.md``).
 
-``export`` writes a data directory's keys, aliases and credentials as a seed file (never a
-secret); ``check FILE`` says what applying it would do, changing nothing; ``apply FILE`` applies
-it, as ``hsmkms serve --seed FILE`` does at every start (:func:`apply_seed_file`).
+``export`` writes a data directory's custom key stores, keys, aliases and credentials as a seed
+file (never a secret); ``check FILE`` says what applying it would do, changing nothing;
+``apply FILE`` applies it, as ``hsmkms serve --seed FILE`` does at every start
+(:func:`apply_seed_file`).
 """
 
 from __future__ import annotations
@@ -30,20 +31,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     parser = sub.add_parser(
         "seed",
-        help="export, check or apply a seed file (keys, aliases, credentials)",
-        description="Seed files declare the keys, aliases and credentials a data directory "
-        "must hold (docs/seed-file.md). hsmkms serve --seed FILE (or HSMKMS_SEED) applies one "
-        "at every start.",
+        help="export, check or apply a seed file (key stores, keys, aliases, credentials)",
+        description="Seed files declare the custom key stores, keys, aliases and credentials a "
+        "data directory must hold (docs/seed-file.md). hsmkms serve --seed FILE (or "
+        "HSMKMS_SEED) applies one at every start.",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     export = actions.add_parser(
         "export",
         help="write the data directory's definitions as a seed file (never secrets)",
-        description="Write the keys (ids, aliases, description, spec, usage, policy, tags, "
-        "rotation, state) and credentials (name, access key id, identity policy) of the data "
-        "directory as a seed file. Secrets are never exported. Keys pending deletion are left "
-        "out.",
+        description="Write the custom key stores, the keys (ids, aliases, description, spec, "
+        "usage, policy, tags, rotation, state, key store) and credentials (name, access key "
+        "id, identity policy) of the data directory as a seed file. Secrets are never "
+        "exported. Keys pending deletion are left out.",
     )
     add_data_dir(export)
     export.add_argument(

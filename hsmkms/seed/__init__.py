@@ -1,5 +1,6 @@
-"""Seed files: the keys, aliases and credentials a data directory must hold, declared in YAML
-and applied idempotently (``hsmkms serve --seed FILE``, ``HSMKMS_SEED``, ``hsmkms seed``).
+"""Seed files: the custom key stores, keys, aliases and credentials a data directory must hold,
+declared in YAML and applied idempotently (``hsmkms serve --seed FILE``, ``HSMKMS_SEED``,
+``hsmkms seed``).
 
 * :mod:`hsmkms.seed.document` — the schema and reading it (:func:`load_seed`), with every
   check that needs no data directory;

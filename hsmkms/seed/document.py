@@ -19,7 +19,13 @@ directory must hold (``docs/seed-file.md`` is the user's view)::
         access_key_id: AKIAAPPEXAMPLE000001
         secret_access_key_env: APP_SECRET          # or secret_access_key / _file
         policy: {...}                              # identity policy
-    custom_key_stores: []
+    custom_key_stores:
+      - name: second-token                       # CreateCustomKeyStore's members
+        cluster_id: cluster-seedoneaaaaa         # (AWS_CLOUDHSM, or EXTERNAL_KEY_STORE with
+        trust_anchor_certificate_file: t.pem     # xks_proxy_*); secrets from the environment
+        key_store_password_env: SECOND_TOKEN_PIN # or a file only
+
+Keys name a store with ``custom_key_store`` (and ``xks_key_id`` in an external one).
 
 Reading is strict: unknown fields, duplicate mapping keys, YAML aliases and wrongly typed
 values (``tags: {build: 42}`` without quotes) are errors naming the entry, and no check here
@@ -127,6 +133,7 @@ class KeyEntry(_Entry):
     rotation: RotationEntry | None = None
     enabled: StrictBool | None = None
     custom_key_store: StrictStr | None = None
+    xks_key_id: StrictStr | None = None
 
     @field_validator("id")
     @classmethod
@@ -177,11 +184,13 @@ class CredentialEntry(_Entry):
 class CustomKeyStoreEntry(_Entry):
     """A custom key store, in the members of AWS's CreateCustomKeyStore (snake case). Secrets
     (the token's user PIN, the XKS proxy's secret) come from an environment variable or a
-    file, never from the seed file."""
+    file, never from the seed file; they may be left out for a store that exists (then they
+    are not compared)."""
 
     name: StrictStr
     type: Literal["AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"] = "AWS_CLOUDHSM"
     cluster_id: StrictStr | None = None
+    trust_anchor_certificate: StrictStr | None = None
     trust_anchor_certificate_file: StrictStr | None = None
     key_store_password_env: StrictStr | None = None
     key_store_password_file: StrictStr | None = None
@@ -195,6 +204,19 @@ class CustomKeyStoreEntry(_Entry):
 
     def label(self, index: int) -> str:
         return f"custom_key_stores[{index}] ({self.name})"
+
+    @property
+    def external(self) -> bool:
+        return self.type == "EXTERNAL_KEY_STORE"
+
+    def secret_sources(self) -> list[str]:
+        """The fields giving this store's secret (the password, or the proxy's secret)."""
+        names = (
+            ("xks_proxy_secret_access_key_env", "xks_proxy_secret_access_key_file")
+            if self.external
+            else ("key_store_password_env", "key_store_password_file")
+        )
+        return [name for name in names if getattr(self, name) is not None]
 
 
 class SeedDocument(_Entry):
@@ -252,6 +274,41 @@ class SeedDocument(_Entry):
                 f"(it has {len(secret)})"
             )
         return secret
+
+    def read_store_secret(self, entry: CustomKeyStoreEntry, index: int) -> str | None:
+        """A custom key store's secret (its password, or its proxy's secret access key) from
+        the environment variable or file the entry names; None when it names none. An unset
+        variable or an unreadable file is an error naming the entry (never the secret)."""
+        label = entry.label(index)
+        sources = entry.secret_sources()
+        if not sources:
+            return None
+        field = sources[0]
+        value = getattr(entry, field)
+        if field.endswith("_env"):
+            secret = os.environ.get(value)
+            if not secret:
+                raise self.error(f"{label}: environment variable {value} ({field}) is not set")
+            return secret
+        return self._read_file(label, field, value).rstrip("\r\n")
+
+    def read_trust_anchor(self, entry: CustomKeyStoreEntry, index: int) -> str | None:
+        """The store's trust anchor, given inline or as a file; None when neither is given."""
+        if entry.trust_anchor_certificate is not None:
+            return entry.trust_anchor_certificate
+        if entry.trust_anchor_certificate_file is None:
+            return None
+        return self._read_file(
+            entry.label(index), "trust_anchor_certificate_file", entry.trust_anchor_certificate_file
+        )
+
+    def _read_file(self, label: str, field: str, name: str) -> str:
+        path = self.base_dir / name
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise self.error(f"{label}: {field} {path} cannot be read ({reason})") from None
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -395,7 +452,7 @@ def _check_document(document: SeedDocument) -> None:
     reference resolvable, one secret source per credential."""
     key_ids: dict[str, str] = {}
     alias_owner: dict[str, str] = {}
-    store_names = {store.name for store in document.custom_key_stores}
+    store_types = {store.name: store.type for store in document.custom_key_stores}
     for index, key in enumerate(document.keys):
         label = key.label(index)
         if key.id is None and not key.aliases:
@@ -413,12 +470,28 @@ def _check_document(document: SeedDocument) -> None:
             alias_owner[alias] = label
         if (
             key.custom_key_store is not None
-            and key.custom_key_store not in store_names
+            and key.custom_key_store not in store_types
             and not key.custom_key_store.startswith("cks-")
         ):
             raise document.error(
                 f"{label}: custom_key_store {key.custom_key_store!r} names no entry of "
                 "custom_key_stores (nor a custom key store id cks-...)"
+            )
+        if key.xks_key_id is not None and key.custom_key_store is None:
+            raise document.error(
+                f"{label}: xks_key_id is given for a key in an external key store: give its "
+                "custom_key_store too"
+            )
+        store_type = store_types.get(key.custom_key_store or "")
+        if store_type == "EXTERNAL_KEY_STORE" and key.xks_key_id is None:
+            raise document.error(
+                f"{label}: a key in the external key store {key.custom_key_store!r} needs "
+                "xks_key_id (the proxy's key, AWS's XksKeyId)"
+            )
+        if store_type == "AWS_CLOUDHSM" and key.xks_key_id is not None:
+            raise document.error(
+                f"{label}: xks_key_id is only for keys in an EXTERNAL_KEY_STORE; "
+                f"{key.custom_key_store!r} is an AWS_CLOUDHSM store"
             )
     names: dict[str, str] = {}
     access_keys: dict[str, str] = {}
@@ -437,8 +510,63 @@ def _check_document(document: SeedDocument) -> None:
         if len(sources) > 1:
             raise document.error(f"{label}: give one of {', '.join(sources)}, not several")
     seen_stores: dict[str, str] = {}
+    places: dict[str, str] = {}
     for index, store in enumerate(document.custom_key_stores):
         label = store.label(index)
         if store.name in seen_stores:
             raise document.error(f"{label}: the name is also {seen_stores[store.name]}")
         seen_stores[store.name] = label
+        _check_store(document, label, store)
+        place = (
+            f"the proxy {store.xks_proxy_uri_endpoint}{store.xks_proxy_uri_path}"
+            if store.external
+            else f"cluster_id {store.cluster_id}"
+        )
+        if place in places:
+            raise document.error(f"{label}: {place} is also {places[place]}")
+        places[place] = label
+
+
+_CLOUDHSM_FIELDS = (
+    "cluster_id",
+    "trust_anchor_certificate",
+    "trust_anchor_certificate_file",
+    "key_store_password_env",
+    "key_store_password_file",
+)
+_XKS_FIELDS = (
+    "xks_proxy_uri_endpoint",
+    "xks_proxy_uri_path",
+    "xks_proxy_connectivity",
+    "xks_proxy_vpc_endpoint_service_name",
+    "xks_proxy_access_key_id",
+    "xks_proxy_secret_access_key_env",
+    "xks_proxy_secret_access_key_file",
+)
+
+
+def _check_store(document: SeedDocument, label: str, store: CustomKeyStoreEntry) -> None:
+    """A store entry gives the members of its type (and none of the other's), and at most one
+    source of each value."""
+    required, foreign = (
+        (
+            ("xks_proxy_uri_endpoint", "xks_proxy_uri_path", "xks_proxy_access_key_id"),
+            _CLOUDHSM_FIELDS,
+        )
+        if store.external
+        else (("cluster_id",), _XKS_FIELDS)
+    )
+    for name in foreign:
+        if getattr(store, name) is not None:
+            raise document.error(f"{label}.{name}: not a field of a store of type {store.type}")
+    for name in required:
+        if getattr(store, name) is None:
+            raise document.error(f"{label}.{name}: required for a store of type {store.type}")
+    sources = store.secret_sources()
+    if len(sources) > 1:
+        raise document.error(f"{label}: give one of {', '.join(sources)}, not several")
+    if store.trust_anchor_certificate is not None and store.trust_anchor_certificate_file:
+        raise document.error(
+            f"{label}: give one of trust_anchor_certificate, trust_anchor_certificate_file, "
+            "not both"
+        )

@@ -250,7 +250,10 @@ class KeyOperations(ServiceCore):
                 f"The custom key store {record.store_id} is {record.connection_state}: keys "
                 "can be created only in a CONNECTED custom key store."
             )
-        principal = caller.principal_arn if caller is not None else ""
+        # The local operator (a seed file) as the template names it: the account's root.
+        principal = (
+            caller.principal_arn if caller is not None else f"arn:aws:iam::{self.account_id}:root"
+        )
         request_id = caller.request_id if caller is not None else None
         meta = xks_client.XksRequestMetadata(
             principal, "CreateKey", request_id or str(uuid.uuid4())
