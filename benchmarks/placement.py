@@ -4,6 +4,8 @@ KmsService in process.
     .venv/bin/python benchmarks/placement.py [--keys 1000] [--seconds 2] [--first-uses 200]
         [--start-keys 20000] [--workers 2]
 
+(``--keys 0``: only the server start; ``--start-keys 0``: no server start.)
+
 For each placement, in a process of its own on a fresh SoftHSM2 token (a temporary directory)
 and a SQLite metadata store sealed by the token (as served), measures:
 
@@ -250,21 +252,8 @@ def serve_start(keys: int, workers: int) -> dict[str, float]:
         }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--keys", type=int, default=1000, help="keys created per placement")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per Encrypt measurement")
-    parser.add_argument("--first-uses", type=int, default=200, help="keys used for the first time")
-    parser.add_argument(
-        "--start-keys",
-        type=int,
-        default=20_000,
-        help="keys when starting (0: skip)",
-    )
-    parser.add_argument("--workers", type=int, default=2, help="hsmkms serve --workers")
-    args = parser.parse_args(argv)
-    if args.keys < 10 + args.first_uses:
-        parser.error("--keys must be at least 10 + --first-uses")
+def compare_placements(keys: int, seconds: float, first: int) -> None:
+    """The in-process measurements of both placements, printed side by side."""
     found: dict[str, dict[str, float]] = {}
     ctx = multiprocessing.get_context("spawn")
     for placement in ("token", "wrapped"):
@@ -273,25 +262,25 @@ def main(argv: list[str] | None = None) -> int:
             ensure_token(data_dir, LABEL)
             with ctx.Pool(1) as pool:
                 found[placement], ids = pool.apply(
-                    worker, (data_dir, placement, args.keys, args.seconds, args.first_uses)
+                    worker, (data_dir, placement, keys, seconds, first)
                 )
             # Keys the first process made but never used: those after the first-use run.
-            unused = ids[10 + args.first_uses :][: args.first_uses + 1]
+            unused = ids[10 + first :][: first + 1]
             with ctx.Pool(1) as pool:
                 found[placement].update(pool.apply(elsewhere, (data_dir, placement, unused)))
             base = (found[placement]["encrypt_10"] + found[placement]["encrypt_10_after"]) / 2
             found[placement]["cold_ratio"] = found[placement]["encrypt_random"] / base
     print(
         f"SoftHSM2 ({find_module()}), KmsService in process, SQLite store sealed by the token, "
-        f"{args.keys} SYMMETRIC_DEFAULT keys per placement, Encrypt of 32 B"
+        f"{keys} SYMMETRIC_DEFAULT keys per placement, Encrypt of 32 B"
     )
     print(f"{'measurement':<46}{'token':>12}{'wrapped':>12}{'wrapped/token':>16}")
     rows = [
         ("CreateKey (keys/s)", "create_key", ".0f"),
         ("Encrypt, cycling over 10 keys (ops/s)", "encrypt_10", ".0f"),
-        (f"Encrypt, first use of {args.first_uses} keys (ops/s)", "encrypt_first_use", ".0f"),
-        (f"Encrypt, random among {args.keys}, cold (ops/s)", "encrypt_random", ".0f"),
-        (f"Encrypt, random among {args.keys}, spread (ops/s)", "encrypt_spread", ".0f"),
+        (f"Encrypt, first use of {first} keys (ops/s)", "encrypt_first_use", ".0f"),
+        (f"Encrypt, random among {keys}, cold (ops/s)", "encrypt_random", ".0f"),
+        (f"Encrypt, random among {keys}, spread (ops/s)", "encrypt_spread", ".0f"),
         ("Encrypt, 10 keys, alternating with spread (ops/s)", "encrypt_10_after", ".0f"),
         ("spread / 10 keys (median of 10 alternations)", "spread_ratio", ".2f"),
         ("cold / 10 keys (mean of both 10-key rates)", "cold_ratio", ".2f"),
@@ -304,6 +293,27 @@ def main(argv: list[str] | None = None) -> int:
         token, wrapped = found["token"][op], found["wrapped"][op]
         ratio = f"{wrapped / token:>16.2f}" if token else f"{'-':>16}"
         print(f"{name:<46}{token:>12{fmt}}{wrapped:>12{fmt}}{ratio}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--keys", type=int, default=1000, help="keys created per placement (0: skip)"
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per Encrypt measurement")
+    parser.add_argument("--first-uses", type=int, default=200, help="keys used for the first time")
+    parser.add_argument(
+        "--start-keys",
+        type=int,
+        default=20_000,
+        help="keys when starting (0: skip)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="hsmkms serve --workers")
+    args = parser.parse_args(argv)
+    if args.keys and args.keys < 10 + args.first_uses:
+        parser.error("--keys must be at least 10 + --first-uses (or 0: only the start)")
+    if args.keys:
+        compare_placements(args.keys, args.seconds, args.first_uses)
     if args.start_keys:
         empty = serve_start(0, args.workers)
         full = serve_start(args.start_keys, args.workers)
