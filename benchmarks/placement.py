@@ -2,6 +2,9 @@
 KmsService in process.
 
     .venv/bin/python benchmarks/placement.py [--keys 1000] [--seconds 2] [--first-uses 200]
+        [--start-keys 20000] [--workers 2]
+
+(``--keys 0``: only the server start; ``--start-keys 0``: no server start.)
 
 For each placement, in a process of its own on a fresh SoftHSM2 token (a temporary directory)
 and a SQLite metadata store sealed by the token (as served), measures:
@@ -12,12 +15,28 @@ and a SQLite metadata store sealed by the token (as served), measures:
 - Encrypt (32 B, an encryption context) cycling over 10 keys;
 - Encrypt of a key never used in this process (the first use: with ``wrapped``, one
   ``C_UnwrapKey``), over ``--first-uses`` keys;
-- Encrypt of a random key among all ``--keys`` (with ``wrapped``: the 1,024 most recently used
-  stay unwrapped; more keys than that unwrap on a miss);
+- Encrypt of a random key among all ``--keys`` right after they were made ("cold": most
+  requests are a key's first use in the process), then again once every key was used once
+  ("spread": the steady state of a long-running worker; with ``wrapped``, the 1,024 most
+  recently used stay unwrapped and more keys than that unwrap on a miss), in ten slices
+  alternating with Encrypt cycling over 10 keys: the spread ratio is the median of the ten
+  slices' spread/10-key ratios (the shared machine's load moves between measurements; the
+  alternation cancels most of it);
+- the process's resident memory (RSS) after that;
+- in a second process (another worker: its own token session, handle cache and read caches),
+  the first Encrypt with ``--first-uses`` keys the first process made (with ``token``, a
+  ``C_FindObjects`` by id over every object of the token; with ``wrapped``, a ``C_UnwrapKey``;
+  both: a read of the key's row and a reservation of a block of encryptions), in ms per key,
+  and the second Encrypt with the same keys;
 - the token's object count afterwards.
 
-Prints ops/s per placement and the wrapped/token ratio. No assertions: the numbers are for
-``docs/keystore.md``.
+Then, unless ``--start-keys 0``: ``hsmkms serve --workers N`` started on a data directory holding
+``--start-keys`` keys (made in process through the running system, ``wrapped`` placement: ~700
+keys/s) against one holding none, in the same run: seconds until ``/healthz`` answers, and each
+worker's RSS then.
+
+Prints the numbers per placement and ratios against the baseline of the same run. No
+assertions: the numbers are for ``docs/keystore.md``.
 """
 
 from __future__ import annotations
@@ -25,11 +44,15 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import random
+import signal
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,13 +64,18 @@ LABEL = "hsmkms"
 CONTEXT = {"purpose": "benchmark"}
 
 
-def worker(
-    data_dir: Path, placement: str, keys: int, seconds: float, first: int
-) -> dict[str, float]:
-    """Every measurement of one placement, in this (fresh) process."""
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident memory of process ``pid`` in MiB (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_service(data_dir: Path, placement: str) -> tuple[Any, Any, Any]:
+    """(keystore, store, service) on the benchmark's token and database, in this process."""
     import structlog
 
-    from hsmkms import models as m
     from hsmkms.keystore.config import KeyPlacement, KeystoreConfig
     from hsmkms.keystore.pkcs11 import Pkcs11Keystore
     from hsmkms.service import KmsService
@@ -66,17 +94,35 @@ def worker(
     )
     store = MetadataStore.open_sqlite(data_dir / "bench.db", sealer=TokenRowSealer(keystore))
     service = KmsService(keystore, store, region="us-east-1", account_id="111122223333")
+    return keystore, store, service
+
+
+def encryptor(service: Any) -> Any:
+    from hsmkms import models as m
+
     plaintext = b"p" * 32
+
+    def encrypt(key_id: str) -> object:
+        request = m.EncryptRequest(KeyId=key_id, Plaintext=plaintext, EncryptionContext=CONTEXT)
+        return service.encrypt(request)
+
+    return encrypt
+
+
+def worker(
+    data_dir: Path, placement: str, keys: int, seconds: float, first: int
+) -> tuple[dict[str, float], list[str]]:
+    """Every in-process measurement of one placement, in this (fresh) process; and the key
+    ids."""
+    from hsmkms import models as m
+
+    keystore, store, service = open_service(data_dir, placement)
+    encrypt = encryptor(service)
     try:
         objects_before = len(keystore.list_objects())
         start = time.perf_counter()
         ids = [service.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId for _ in range(keys)]
         create = keys / (time.perf_counter() - start)
-
-        def encrypt(key_id: str) -> object:
-            request = m.EncryptRequest(KeyId=key_id, Plaintext=plaintext, EncryptionContext=CONTEXT)
-            return service.encrypt(request)
-
         ten = ids[:10]
         turn = iter(range(1 << 62))
 
@@ -93,21 +139,121 @@ def worker(
         results["encrypt_first_use"] = len(fresh) / (time.perf_counter() - start)
         chooser = random.Random(7)
         results["encrypt_random"] = rate(lambda: encrypt(chooser.choice(ids)), seconds)
+        for key_id in ids:  # every key used once in this process: the steady state
+            encrypt(key_id)
+        # The machine's load changes from second to second: the spread and 10-key rates are
+        # taken in alternating slices of 1/10 of --seconds, and the ratio is the median of the
+        # slices' ratios.
+        spread, tens = [], []
+        for _ in range(10):
+            tens.append(rate(cycle_ten, seconds / 10))
+            spread.append(rate(lambda: encrypt(chooser.choice(ids)), seconds / 10))
+        results["encrypt_spread"] = sum(spread) / len(spread)
+        results["encrypt_10_after"] = sum(tens) / len(tens)
+        results["spread_ratio"] = statistics.median(
+            s / t for s, t in zip(spread, tens, strict=True)
+        )
+        results["rss_mib"] = rss_mib()
         results["objects_added"] = float(len(keystore.list_objects()) - objects_before)
-        return results
+        return results, ids
     finally:
         store.close()
         keystore.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--keys", type=int, default=1000, help="keys created per placement")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time per Encrypt measurement")
-    parser.add_argument("--first-uses", type=int, default=200, help="keys used for the first time")
-    args = parser.parse_args(argv)
-    if args.keys < 10 + args.first_uses:
-        parser.error("--keys must be at least 10 + --first-uses")
+def elsewhere(data_dir: Path, placement: str, ids: list[str]) -> dict[str, float]:
+    """In another process (another worker): the first and second Encrypt with each of
+    ``ids``, which this process never used."""
+    keystore, store, service = open_service(data_dir, placement)
+    encrypt = encryptor(service)
+    try:
+        encrypt(ids[0])  # the process's own first call (token session, caches)
+        rest = ids[1:]
+        start = time.perf_counter()
+        for key_id in rest:
+            encrypt(key_id)
+        first_ms = (time.perf_counter() - start) / len(rest) * 1000
+        start = time.perf_counter()
+        for key_id in rest:
+            encrypt(key_id)
+        second_ms = (time.perf_counter() - start) / len(rest) * 1000
+        return {"other_first_ms": first_ms, "other_second_ms": second_ms}
+    finally:
+        store.close()
+        keystore.close()
+
+
+def make_keys(data_dir: Path, keys: int) -> float:
+    """``keys`` SYMMETRIC_DEFAULT keys (wrapped placement) in ``data_dir`` through the running
+    system, as ``hsmkms serve`` opens it; keys/s."""
+    import structlog
+
+    from hsmkms import models as m
+    from hsmkms.config import Settings
+    from hsmkms.system import System
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    settings = Settings.load(data_dir).model_copy(update={"key_placement": "wrapped"})
+    with System.open(settings, audit=None) as system:
+        start = time.perf_counter()
+        for _ in range(keys):
+            system.service.create_key(m.CreateKeyRequest())
+        return keys / (time.perf_counter() - start) if keys else 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of process ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def serve_start(keys: int, workers: int) -> dict[str, float]:
+    """Seconds from ``hsmkms serve`` to its first ``/healthz`` answer on a data directory with
+    ``keys`` keys, and the mean and largest RSS of its processes (MiB)."""
+    from scale import start_node
+
+    # scale.py's import of http_api.py takes this directory off sys.path; spawned children
+    # (make_keys) import this script again and need _timing.
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.append(here)
+    with tempfile.TemporaryDirectory(prefix="hsmkms-bench-start-") as tmp:
+        data_dir = Path(tmp)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            created = pool.apply(make_keys, (data_dir, keys))
+        env = {"HSMKMS_KEY_PLACEMENT": "wrapped"}
+        start = time.perf_counter()
+        proc, _endpoint = start_node(data_dir, workers, env)
+        seconds = time.perf_counter() - start
+        try:
+            rss = [rss_mib(pid) for pid in descendants(proc.pid)] + [rss_mib(proc.pid)]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        return {
+            "start_s": seconds,
+            "create_key": created,
+            "rss_max_mib": max(rss),
+            "rss_mean_mib": sum(rss) / len(rss),
+            "processes": float(len(rss)),
+        }
+
+
+def compare_placements(keys: int, seconds: float, first: int) -> None:
+    """The in-process measurements of both placements, printed side by side."""
     found: dict[str, dict[str, float]] = {}
     ctx = multiprocessing.get_context("spawn")
     for placement in ("token", "wrapped"):
@@ -115,25 +261,75 @@ def main(argv: list[str] | None = None) -> int:
             data_dir = Path(tmp)
             ensure_token(data_dir, LABEL)
             with ctx.Pool(1) as pool:
-                found[placement] = pool.apply(
-                    worker, (data_dir, placement, args.keys, args.seconds, args.first_uses)
+                found[placement], ids = pool.apply(
+                    worker, (data_dir, placement, keys, seconds, first)
                 )
+            # Keys the first process made but never used: those after the first-use run.
+            unused = ids[10 + first :][: first + 1]
+            with ctx.Pool(1) as pool:
+                found[placement].update(pool.apply(elsewhere, (data_dir, placement, unused)))
+            base = (found[placement]["encrypt_10"] + found[placement]["encrypt_10_after"]) / 2
+            found[placement]["cold_ratio"] = found[placement]["encrypt_random"] / base
     print(
         f"SoftHSM2 ({find_module()}), KmsService in process, SQLite store sealed by the token, "
-        f"{args.keys} SYMMETRIC_DEFAULT keys per placement, Encrypt of 32 B"
+        f"{keys} SYMMETRIC_DEFAULT keys per placement, Encrypt of 32 B"
     )
-    print(f"{'measurement':<44}{'token':>12}{'wrapped':>12}{'wrapped/token':>16}")
+    print(f"{'measurement':<46}{'token':>12}{'wrapped':>12}{'wrapped/token':>16}")
     rows = [
-        ("CreateKey (keys/s)", "create_key"),
-        ("Encrypt, cycling over 10 keys (ops/s)", "encrypt_10"),
-        (f"Encrypt, first use of {args.first_uses} keys (ops/s)", "encrypt_first_use"),
-        (f"Encrypt, random key among {args.keys} (ops/s)", "encrypt_random"),
-        ("token objects added", "objects_added"),
+        ("CreateKey (keys/s)", "create_key", ".0f"),
+        ("Encrypt, cycling over 10 keys (ops/s)", "encrypt_10", ".0f"),
+        (f"Encrypt, first use of {first} keys (ops/s)", "encrypt_first_use", ".0f"),
+        (f"Encrypt, random among {keys}, cold (ops/s)", "encrypt_random", ".0f"),
+        (f"Encrypt, random among {keys}, spread (ops/s)", "encrypt_spread", ".0f"),
+        ("Encrypt, 10 keys, alternating with spread (ops/s)", "encrypt_10_after", ".0f"),
+        ("spread / 10 keys (median of 10 alternations)", "spread_ratio", ".2f"),
+        ("cold / 10 keys (mean of both 10-key rates)", "cold_ratio", ".2f"),
+        ("other process: first Encrypt of a key (ms)", "other_first_ms", ".3f"),
+        ("other process: second Encrypt (ms)", "other_second_ms", ".3f"),
+        ("RSS after the spread run (MiB)", "rss_mib", ".0f"),
+        ("token objects added", "objects_added", ".0f"),
     ]
-    for name, op in rows:
+    for name, op, fmt in rows:
         token, wrapped = found["token"][op], found["wrapped"][op]
         ratio = f"{wrapped / token:>16.2f}" if token else f"{'-':>16}"
-        print(f"{name:<44}{token:>12.0f}{wrapped:>12.0f}{ratio}")
+        print(f"{name:<46}{token:>12{fmt}}{wrapped:>12{fmt}}{ratio}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--keys", type=int, default=1000, help="keys created per placement (0: skip)"
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per Encrypt measurement")
+    parser.add_argument("--first-uses", type=int, default=200, help="keys used for the first time")
+    parser.add_argument(
+        "--start-keys",
+        type=int,
+        default=20_000,
+        help="keys when starting (0: skip)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="hsmkms serve --workers")
+    args = parser.parse_args(argv)
+    if args.keys and args.keys < 10 + args.first_uses:
+        parser.error("--keys must be at least 10 + --first-uses (or 0: only the start)")
+    if args.keys:
+        compare_placements(args.keys, args.seconds, args.first_uses)
+    if args.start_keys:
+        empty = serve_start(0, args.workers)
+        full = serve_start(args.start_keys, args.workers)
+        print(
+            f"\nhsmkms serve --workers {args.workers}, wrapped placement: "
+            f"{args.start_keys} keys made in process at {full['create_key']:.0f} keys/s"
+        )
+        print(f"{'measurement':<46}{'no keys':>12}{args.start_keys:>12}{'ratio':>16}")
+        for name, op, fmt in (
+            ("start until /healthz answers (s)", "start_s", ".2f"),
+            ("RSS per process, mean (MiB)", "rss_mean_mib", ".0f"),
+            ("RSS per process, largest (MiB)", "rss_max_mib", ".0f"),
+            ("processes (server + workers)", "processes", ".0f"),
+        ):
+            factor = full[op] / empty[op] if empty[op] else 0.0
+            print(f"{name:<46}{empty[op]:>12{fmt}}{full[op]:>12{fmt}}{factor:>16.2f}")
     return 0
 
 

@@ -625,8 +625,9 @@ class Settings(_EnvironmentSettings):
     def audit_database_url(self) -> str:
         """Where the audit trail lives: ``database_url`` if set, else its own SQLite file
         ``<data_dir>/audit.db``. A separate file keeps the trail's frequent commits from
-        invalidating the metadata and credential caches (which watch SQLite's
-        ``data_version``, a per-file counter), and lets the trail be shipped on its own."""
+        making the metadata and credential caches read their change counter (which they do
+        whenever SQLite's per-file ``data_version`` moves), and lets the trail be shipped on
+        its own."""
         if self.database_url is not None:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'audit.db').as_posix()}"

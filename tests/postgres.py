@@ -283,13 +283,22 @@ def _driver_url(url: str) -> str:
 def outside_sql(path: Path, statement: str, *params: object) -> int:
     """Run one statement on the test database of ``path`` (see :func:`store_url`) on a
     connection of its own, as someone editing the database outside hsmkms; its row count.
-    ``?`` placeholders on both databases. On PostgreSQL the edit also bumps the change counter,
-    as any later write through hsmkms would (SQLite's change signal sees every commit)."""
+    ``?`` placeholders on both databases. The edit also bumps the change counter (on both: the
+    read caches watch it), as any later write through hsmkms would."""
     url = database_url_for(path)
     if url is None:
         conn = sqlite3.connect(path, isolation_level=None)
         try:
-            return conn.execute(statement, params).rowcount
+            conn.execute("BEGIN IMMEDIATE")
+            count = conn.execute(statement, params).rowcount
+            if conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'change_counter'"
+            ).fetchone():
+                conn.execute(
+                    "UPDATE change_counter SET counter = counter + 1, nonce = randomblob(8)"
+                )
+            conn.execute("COMMIT")
+            return int(count)
         finally:
             conn.close()
     with psycopg.connect(_driver_url(url), autocommit=True) as pg, pg.transaction():

@@ -439,7 +439,9 @@ def test_a_database_from_before_the_layer_is_adopted_unchanged(
         == old_rows
     )
     after = _dump(path)
-    del before["schema_migrations"], after["schema_migrations"]
+    # The write transaction announced itself (the layer's change counter moved).
+    for dump in (before, after):
+        del dump["schema_migrations"], dump["change_counter"]
     assert after == before
 
     _open_all(path, keystore)  # and the components open it as usual
@@ -563,8 +565,14 @@ class Loads:
         return self.value
 
 
-def _commit_elsewhere(path: Path) -> None:
-    _sql(path, "UPDATE things SET name = name || 'x' WHERE id = 0")
+def _commit_elsewhere(path: Path, *, cached: bool = True) -> None:
+    """A commit through a database of its own (another process's, as far as ``db`` can tell)."""
+    other = Database(file_url(path), busy_timeout_ms=50)
+    try:
+        with other.write(WORDING, cached=cached) as conn:
+            conn.execute(things.update().values(name=things.c.name + "x").where(things.c.id == 0))
+    finally:
+        other.close()
 
 
 def test_the_change_signal_moves_on_every_commit_by_another_connection(
@@ -575,6 +583,59 @@ def test_the_change_signal_moves_on_every_commit_by_another_connection(
     assert db.change_token() == first
     _commit_elsewhere(path)
     assert db.change_token() != first
+
+
+def test_a_commit_that_changes_no_cache_leaves_every_cache_alone(db: Database, path: Path) -> None:
+    """A ``cached=False`` write elsewhere (the encryption counters' block reservations, the
+    audit trail) does not move the signal, so no cache starts over; the next announced write
+    does."""
+    cache = db.read_cache(check_interval=0, max_entries=10)
+    load = Loads()
+    cache.get("k", load)
+    first = db.change_token()
+    _commit_elsewhere(path, cached=False)
+    assert db.change_token() == first
+    cache.get("k", load)
+    assert load.calls == 1
+    _commit_elsewhere(path)
+    cache.get("k", load)
+    assert load.calls == 2
+
+
+def test_without_its_counter_table_the_signal_moves_on_every_commit(tmp_path: Path) -> None:
+    """A database no hsmkms write has announced itself in yet has no change counter: then any
+    commit counts as a change."""
+    path = tmp_path / "bare.db"
+    _sql(path, "CREATE TABLE t (x INTEGER)")
+    database = Database(file_url(path))
+    try:
+        first = database.change_token()
+        assert first is not None
+        _sql(path, "INSERT INTO t VALUES (1)")
+        assert database.change_token() != first
+    finally:
+        database.close()
+
+
+def test_a_restored_copy_does_not_look_unchanged(db: Database, path: Path, tmp_path: Path) -> None:
+    """The counter of a copy restored over the file can equal what a cache saw; its nonce
+    cannot."""
+    copy = tmp_path / "copy.db"
+    _backup(path, copy)
+    _commit_elsewhere(path)
+    seen = db.change_token()
+    _backup(copy, path)  # back to the copy's counter ...
+    _commit_elsewhere(path)  # ... and one write on: the counter the cache saw, another nonce
+    assert db.change_token() != seen
+
+
+def _backup(source: Path, target: Path) -> None:
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
 
 
 def test_a_cache_answers_until_the_database_changes(db: Database, path: Path) -> None:

@@ -14,7 +14,7 @@ from postgres import store_url
 
 from hsmkms import models as m
 from hsmkms.db import Database
-from hsmkms.errors import KMSInvalidStateException
+from hsmkms.errors import DisabledException, KMSInvalidStateException
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.service import KmsService
 from hsmkms.store import MetadataStore
@@ -141,3 +141,40 @@ def test_a_forked_child_does_not_use_its_parent_s_block(database: Database) -> N
     child.join(30)
     assert child.exitcode == 0
     assert counter.reserved(KEY, 1) == 8  # the child reserved [4, 8)
+
+
+def test_another_process_s_block_reservation_keeps_our_key_cache_but_its_key_change_is_seen(
+    keystore: Pkcs11Keystore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes (two stores on one database): the other's first Encrypt reserves a block
+    (a write no read cache depends on), which leaves our cached key record in place; its
+    DisableKey is a change that decides our very next request."""
+    url = store_url(tmp_path / "kms.db")
+    ours_store = MetadataStore(url, cache_check_interval=0)
+    theirs_store = MetadataStore(url, cache_check_interval=0)
+    try:
+        ours = KmsService(keystore, ours_store, region=REGION, account_id=ACCOUNT)
+        theirs = KmsService(keystore, theirs_store, region=REGION, account_id=ACCOUNT)
+        key_id = ours.create_key(m.CreateKeyRequest()).KeyMetadata.KeyId
+        _encrypt(ours, key_id)
+        reads: list[str] = []
+        load = ours_store._get_key_and_version
+
+        def counted(key: str, version: int | None) -> object:
+            reads.append(key)
+            return load(key, version)
+
+        monkeypatch.setattr(ours_store, "_get_key_and_version", counted)
+        _encrypt(ours, key_id)
+        assert reads == []  # cached
+        _encrypt(theirs, key_id)  # their first use: a block of their own
+        assert KeyVersionUses(theirs_store.database).reserved(key_id, 1) == 2 * BLOCK
+        _encrypt(ours, key_id)
+        assert reads == []  # still cached: the reservation changed nothing we hold
+        theirs.disable_key(m.DisableKeyRequest(KeyId=key_id))
+        with pytest.raises(DisabledException):
+            _encrypt(ours, key_id)
+        assert reads == [key_id]
+    finally:
+        theirs_store.close()
+        ours_store.close()

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from hsmkms.audit import trail
 from hsmkms.audit.trail import AuditTrail
 from hsmkms.db import migrations as versions
+from hsmkms.db.dialects import sqlite_change_counter
 from hsmkms.db.postgresql import change_counter
 from hsmkms.errors import DependencyTimeoutException, InvalidMarkerException, KMSInternalException
 from hsmkms.identity import CredentialStore
@@ -103,8 +104,8 @@ def test_migrated_database_matches_declared_schema(
         for tables in (schema.metadata, identity_store.metadata, trail.metadata, versions.metadata)
         for table in tables.sorted_tables
     ]
-    if on_postgresql():
-        declared.append(change_counter)  # the database layer's change signal (hsmkms.db.postgresql)
+    # The database layer's change signal (hsmkms.db.postgresql, hsmkms.db.dialects).
+    declared.append(change_counter if on_postgresql() else sqlite_change_counter)
     insp = inspect(store.engine)
     assert sorted(insp.get_table_names()) == sorted(t.name for t in declared)
     for table in declared:

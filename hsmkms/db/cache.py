@@ -1,13 +1,15 @@
 """Read caches that stay right across processes: answers are kept only while a change signal
-says nothing was committed to the database since they were read.
+says nothing a cache holds was committed to the database since they were read.
 
 A :class:`ChangeSignal` answers one question, "has anything been committed since token X?",
-as an opaque token that moves on every commit by any connection, process or node. Each
-dialect provides its own (:mod:`hsmkms.db.dialects`): SQLite reads ``PRAGMA data_version`` on a
-connection that never writes; a dialect without one gets :class:`NoChangeSignal`, which makes
-every cache miss. PostgreSQL's is a change counter that every write transaction of a
-component with caches bumps as its last statement, read in one primary-key lookup
-(:mod:`hsmkms.db.postgresql`).
+as an opaque token that moves on every commit, by any connection, process or node, of a write
+transaction that may change what a cache holds (``Database.write(cached=True)``, the default;
+writes of tables no cache reads, such as the audit trail's appends and the encryption
+counters' block reservations, pass ``cached=False`` and move nothing). Each dialect provides
+its own (:mod:`hsmkms.db.dialects`): both SQLite and PostgreSQL keep a change counter that
+every such write transaction bumps as its last statement, read in one primary-key lookup
+(on SQLite only after ``PRAGMA data_version`` says that something was committed); a dialect
+without one gets :class:`NoChangeSignal`, which makes every cache miss.
 """
 
 from __future__ import annotations

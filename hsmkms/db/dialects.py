@@ -23,7 +23,17 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    event,
+)
 from sqlalchemy.engine import URL
 
 from hsmkms.db.cache import ChangeSignal, NoChangeSignal
@@ -34,6 +44,7 @@ __all__ = [
     "SQLiteDialect",
     "check_database_file",
     "dialect_for",
+    "sqlite_change_counter",
 ]
 
 WRITE_OPTION = "hsmkms_write"
@@ -174,16 +185,49 @@ def _use_wal(cur: Any, busy_timeout_ms: int) -> None:
             time.sleep(0.01)
 
 
-class _DataVersion:
-    """SQLite's change signal: ``PRAGMA data_version`` on a connection of its own that never
-    writes, whose value changes whenever any other connection, of this process or another,
-    commits to the file. Opened on first use; one lock serializes its users."""
+sqlite_change_counter = Table(
+    "change_counter",
+    MetaData(),
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("counter", BigInteger, nullable=False),
+    Column("nonce", LargeBinary, nullable=False),
+)
+"""SQLite's change signal's one row (:class:`_CounterSignal`); made by :data:`_COUNTER_TABLE`."""
+
+_COUNTER_TABLE = (
+    "CREATE TABLE IF NOT EXISTS change_counter "
+    "(id INTEGER PRIMARY KEY, counter BIGINT NOT NULL, nonce BLOB NOT NULL)"
+)
+# One row; the nonce is new on every bump, so a copy of the database restored over the file
+# (whose counter may come back to a value a cache saw) does not look unchanged.
+_BUMP = (
+    "INSERT INTO change_counter (id, counter, nonce) VALUES (1, 1, randomblob(8)) "
+    "ON CONFLICT (id) DO UPDATE SET counter = counter + 1, nonce = randomblob(8)"
+)
+_READ_COUNTER = "SELECT counter, nonce FROM change_counter WHERE id = 1"
+
+
+class _CounterSignal:
+    """SQLite's change signal: the ``change_counter`` row that every write transaction of a
+    component with read caches bumps last (:meth:`SQLiteDialect.announce`), as on PostgreSQL.
+
+    Read on a connection of its own that never writes, in autocommit (each read sees every
+    commit before it), and only when ``PRAGMA data_version`` on that connection moved: that
+    pragma changes on any commit by another connection, of this process or another, so the
+    unchanged case costs one pragma. Commits that announce nothing (the audit trail's appends,
+    the encryption counters' block reservations: ``cached=False`` writes) then leave every read
+    cache alone, where ``data_version`` alone would empty them all. A database whose counter
+    table does not exist yet (nothing announced a write since it was made) answers with
+    ``data_version`` itself: any commit empties the caches. Opened on first use; one lock
+    serializes its users."""
 
     def __init__(self, path: str) -> None:
         self._path = path
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._version: int | None = None
+        self._token: Hashable | None = None
 
     def token(self) -> Hashable | None:
         with self._lock:
@@ -194,9 +238,19 @@ class _DataVersion:
                     self._conn = sqlite3.connect(
                         self._path, check_same_thread=False, isolation_level=None
                     )
-                return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+                version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+                if version == self._version:
+                    return self._token
+                try:
+                    row = self._conn.execute(_READ_COUNTER).fetchone()
+                except sqlite3.OperationalError:  # no counter table yet
+                    row = None
             except sqlite3.Error:
+                self._version = self._token = None
                 return None
+            self._version = version
+            self._token = ("commit", version) if row is None else (int(row[0]), bytes(row[1]))
+            return self._token
 
     def close(self) -> None:
         with self._lock:
@@ -210,7 +264,10 @@ class SQLiteDialect(Dialect):
     """The embedded default: every connection gets a busy timeout, ``foreign_keys``, WAL and
     ``synchronous``; the driver's implicit transactions are turned off so that a write
     transaction begins with ``BEGIN IMMEDIATE`` (the write lock up front: a read-check-write
-    sequence is atomic across processes) and a read with ``BEGIN``."""
+    sequence is atomic across processes) and a read with ``BEGIN``. The change signal is a
+    counter row bumped by announced writes (:class:`_CounterSignal`)."""
+
+    _ready = False  # whether this database's change_counter table is known to exist
 
     def configure(self, engine: Engine, options: ConnectionOptions) -> None:
         super().configure(engine, options)
@@ -252,7 +309,20 @@ class SQLiteDialect(Dialect):
     def change_signal(self, engine: Engine) -> ChangeSignal:
         path = _file(engine.url)
         # An in-memory database is one per connection: nothing to watch.
-        return NoChangeSignal() if path is None else _DataVersion(path)
+        return NoChangeSignal() if path is None else _CounterSignal(path)
+
+    def prepare(self, conn: Connection) -> None:
+        """Create the change counter's table (the caller holds the migration runner's lock)."""
+        conn.exec_driver_sql(_COUNTER_TABLE)
+        self._ready = True
+
+    def announce(self, conn: Connection) -> None:
+        if not self._ready:
+            # A database written before any component migrated it (or made by hand): the table
+            # may be missing; creating it here is part of this write transaction.
+            conn.exec_driver_sql(_COUNTER_TABLE)
+            self._ready = True
+        conn.exec_driver_sql(_BUMP)
 
     @contextlib.contextmanager
     def exclusive(self, engine: Engine, url: URL, key: int) -> Iterator[bool]:

@@ -22,7 +22,17 @@ from collections.abc import Callable
 from typing import Final
 
 import structlog
-from sqlalchemy import BigInteger, Column, Connection, Integer, MetaData, String, Table, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    select,
+)
 
 from hsmkms.db import Component, Database, ErrorMessages, Migration, migrate
 from hsmkms.db.forks import FORKS
@@ -52,6 +62,11 @@ key_version_uses = Table(
     Column("reserved", BigInteger, nullable=False),
 )
 _U = key_version_uses
+# Built once: each process reserves a block per version it meets (every key's first use).
+_WHERE = (_U.c.key_id == bindparam("k")) & (_U.c.version == bindparam("v"))
+_RESERVED = select(_U.c.reserved).where(_WHERE)
+_INSERT = _U.insert()
+_UPDATE = _U.update().where(_WHERE).values(reserved=bindparam("end"))
 
 
 def _v1_initial(conn: Connection) -> None:
@@ -122,9 +137,7 @@ class KeyVersionUses:
         """Uses handed out so far for the version, by every process (an upper bound of the
         encryptions made)."""
         with self._db.read(_ERRORS) as conn:
-            found = conn.execute(
-                select(_U.c.reserved).where(_U.c.key_id == key_id, _U.c.version == version)
-            ).scalar()
+            found = conn.execute(_RESERVED, {"k": key_id, "v": version}).scalar()
         return int(found or 0)
 
     def _reserve(self, key_id: str, version: int) -> tuple[int, int]:
@@ -132,16 +145,15 @@ class KeyVersionUses:
         # The write lock orders reservations (SQLite's one writer, PostgreSQL's advisory lock),
         # so the read-then-write below is atomic across processes and nodes.
         with self._db.write(_ERRORS, lock=_LOCK, cached=False) as conn:
-            where = (_U.c.key_id == key_id) & (_U.c.version == version)
-            found = conn.execute(select(_U.c.reserved).where(where)).scalar()
+            found = conn.execute(_RESERVED, {"k": key_id, "v": version}).scalar()
             start = int(found or 0)
             if start >= self._limit:
                 raise VersionExhausted(f"{key_id} version {version}")
             end = min(start + self._block, self._limit)
             if found is None:
-                conn.execute(_U.insert().values(key_id=key_id, version=version, reserved=end))
+                conn.execute(_INSERT, {"key_id": key_id, "version": version, "reserved": end})
             else:
-                conn.execute(_U.update().where(where).values(reserved=end))
+                conn.execute(_UPDATE, {"k": key_id, "v": version, "end": end})
         if start < self._limit // 2 <= end and self._on_half is not None:
             self._on_half(key_id, version)
         return start, end
