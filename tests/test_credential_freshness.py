@@ -50,10 +50,12 @@ def rows(engine: Engine) -> list[dict[str, Any]]:
 
 
 def put_back(engine: Engine, copy: list[dict[str, Any]]) -> None:
-    """Replace the credential rows by an older copy, as restoring that backup would."""
+    """Replace the credential rows by an older copy, as restoring that backup would (the
+    change counter bumped, as by any later write through hsmkms: the read caches watch it)."""
     with engine.begin() as conn:
         conn.execute(delete(identity_credentials))
         conn.execute(insert(identity_credentials), copy)
+        conn.execute(text("UPDATE change_counter SET counter = counter + 1"))
 
 
 def test_a_deleted_key_put_back_from_an_old_copy_stays_dead(
