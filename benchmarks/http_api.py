@@ -25,7 +25,9 @@ it), so no signing or client library runs in the loop. It runs in its own proces
 from nothing in particular: on a 2-core machine it competes with the server for CPU, so the
 figures are a lower bound for the server.
 
-Prints requests/s, p50 and p99 latency per target, operation and connection count, and the
+Prints requests/s, p50 and p99 latency per target, operation and connection count, the server's
+CPU time per request (all its processes and threads, from /proc: a figure that other load on
+the machine disturbs far less than requests/s), and the
 hsmkms/moto ratio of each (median of the rounds, with the range of the per-round ratios).
 hsmkms's own view of the same latencies is in its ``/metrics`` histogram
 (``hsmkms_request_duration_seconds``), which starts when the request reaches the application:
@@ -146,22 +148,43 @@ async def _load(
     return latencies, len(errors)
 
 
-def load(endpoint: str, request: bytes, connections: int, seconds: float) -> dict[str, float]:
+def load(
+    endpoint: str, request: bytes, connections: int, seconds: float, pid: int | None = None
+) -> dict[str, float]:
+    """Load ``endpoint`` with ``request``; with ``pid``, also the server's CPU time per request
+    (robust against other load on the machine, unlike requests/s)."""
+    cpu_before = _cpu_seconds(pid) if pid is not None else 0.0
     try:
         import uvloop
 
         latencies, errors = uvloop.run(_load(endpoint, request, connections, seconds))
     except ImportError:  # pragma: no cover
         latencies, errors = asyncio.run(_load(endpoint, request, connections, seconds))
+    cpu = _cpu_seconds(pid) - cpu_before if pid is not None else float("nan")
     latencies.sort()
     n = len(latencies)
     return {
+        "cpu_us": 1e6 * cpu / n if n else float("nan"),
         "requests": n,
         "errors": errors,
         "rps": n / seconds,
         "p50_ms": 1000 * statistics.median(latencies) if n else float("nan"),
         "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of ``pid`` and its descendants, from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, ValueError, IndexError):
+        return total
+    return total + sum(_cpu_seconds(int(child)) for child in children)
 
 
 def free_port() -> int:
@@ -272,6 +295,7 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.TemporaryDirectory(prefix="hsmkms-bench-")
     targets: dict[str, tuple[str, dict[str, bytes]]] = {}
+    pids: dict[str, int] = {}
     try:
         if args.endpoint:
             endpoint = args.endpoint
@@ -281,16 +305,19 @@ def main() -> int:
                 Path(tmp.name) / "data", args.workers, args.log_level, args.server_log
             )
             procs.append(proc)
+            pids["hsmkms"] = proc.pid
         targets["hsmkms"] = (endpoint, prepare_target(endpoint, credential))
         if args.baseline_tree:
             proc, base_endpoint, base_credential = start_hsmkms(
                 Path(tmp.name) / "base", args.workers, tree=args.baseline_tree.resolve()
             )
             procs.append(proc)
+            pids["base"] = proc.pid
             targets["base"] = (base_endpoint, prepare_target(base_endpoint, base_credential))
         if not args.no_moto:
             moto_proc, moto_endpoint = start_moto()
             procs.append(moto_proc)
+            pids["moto"] = moto_proc.pid
             moto = Credential("test", "test", "")
             targets["moto"] = (moto_endpoint, prepare_target(moto_endpoint, moto))
         # results[(target, op, connections)] = one dict per round
@@ -300,12 +327,13 @@ def main() -> int:
                 for op in OPERATIONS:
                     for name, (url, requests) in targets.items():
                         load(url, requests[op], connections, 1.0)  # warm-up
-                        r = load(url, requests[op], connections, args.seconds)
+                        r = load(url, requests[op], connections, args.seconds, pids.get(name))
                         results.setdefault((name, op, connections), []).append(r)
                         print(
                             f"round {round_no + 1} {name:<7} {op:<16} c={connections:<4}"
                             f"{r['rps']:>8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
-                            f"p99 {r['p99_ms']:6.2f} ms  errors {int(r['errors'])}",
+                            f"p99 {r['p99_ms']:6.2f} ms  server CPU {r['cpu_us']:5.0f} us/req  "
+                            f"errors {int(r['errors'])}",
                             flush=True,
                         )
         print("\nsummary (median of rounds; [range]):")
@@ -319,7 +347,8 @@ def main() -> int:
                         f"{name:<7} {op:<16} c={connections:<4}{_median(rps):>8.0f} req/s "
                         f"[{min(rps):.0f}-{max(rps):.0f}]  "
                         f"p50 {_median([r['p50_ms'] for r in rs]):6.2f} ms  "
-                        f"p99 {_median(p99):6.2f} ms [{min(p99):.2f}-{max(p99):.2f}]"
+                        f"p99 {_median(p99):6.2f} ms [{min(p99):.2f}-{max(p99):.2f}]  "
+                        f"CPU {_median([r['cpu_us'] for r in rs]):4.0f} us/req"
                     )
                     print(line)
                 for other in ("moto", "base"):
