@@ -22,7 +22,9 @@ With ``--postgresql`` the service is measured twice in the same run, its metadat
 SQLite (the embedded default) and on PostgreSQL (a throwaway server started like the tests',
 ``tests/postgres.py``, on loopback TCP; or the database at ``--database-url``), one column each.
 
-Prints ops/s and service/raw ratios (target: >= 0.8 of raw ``C_Encrypt``).
+Prints ops/s and service/raw ratios (target: >= 0.8 of raw ``C_Encrypt``), and
+``KmsService.encrypt`` against the raw encryption on a token key (what a key version is: the
+like-for-like baseline).
 """
 
 from __future__ import annotations
@@ -292,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if ratio >= TARGET_RATIO else "not met"
     print(
         f"target: KmsService.encrypt >= {TARGET_RATIO:.2f} x raw C_Encrypt: {verdict} ({ratio:.2f})"
+    )
+    # A KMS key version is a token object: the like-for-like baseline (issue 17's target).
+    ratio = svc["encrypt"] / raw["encrypt_token_key"]
+    verdict = "met" if ratio >= TARGET_RATIO else "not met"
+    print(
+        f"target: KmsService.encrypt >= {TARGET_RATIO:.2f} x raw C_Encrypt on a token key: "
+        f"{verdict} ({ratio:.2f})"
     )
     return 0
 

@@ -9,10 +9,14 @@ import concurrent.futures
 import datetime
 import ipaddress
 import json
+import re
+import select
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,6 +47,47 @@ def value(
     found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:
     return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def _burst(host: str, port: int, connections: int) -> set[bytes]:
+    """Open ``connections`` at once (every connect started before any completes, as a client
+    pool opens them), send one request on each; the workers that answered."""
+    conns = []
+    for _ in range(connections):
+        conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        conn.setblocking(False)
+        conn.connect_ex((host, port))
+        conns.append(conn)
+    workers = set()
+    try:
+        for conn in conns:
+            assert select.select([], [conn], [], 30)[1], "no connection"
+            conn.settimeout(30)
+            conn.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        for conn in conns:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                assert chunk, "connection closed before the answer"
+                head += chunk
+            found = re.search(rb"(?i)x-hsmkms-worker: *(\d+)", head)
+            assert found is not None, head
+            workers.add(found.group(1))
+    finally:
+        for conn in conns:
+            conn.close()
+    return workers
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(server: RunningServer) -> None:
+    """Each worker listens on a socket of its own on the one port (SO_REUSEPORT), so the kernel
+    spreads a burst of new connections over them. With one shared socket, the worker that
+    woke first took every waiting connection (all 16 in about half of the bursts). The chance
+    that 16 connections all hash to one of two sockets is 1 in 32,768 per burst."""
+    parts = urlsplit(server.endpoint)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    spread = [len(_burst(host, port, 16)) for _ in range(6)]
+    assert spread == [2] * 6
 
 
 def test_two_workers_serve_the_same_keys(server: RunningServer) -> None:
@@ -213,3 +258,21 @@ def test_zero_workers_is_one_line_error(tmp_path: Path) -> None:
     proc = run_cli("serve", "--data-dir", str(tmp_path / "d"), "--workers", "0")
     assert proc.returncode == 2  # a usage error
     assert proc.stderr.strip() == "hsmkms serve: --workers must be at least 1"
+
+
+def test_a_port_in_use_is_refused_although_the_workers_share_theirs() -> None:
+    """The workers' sockets share one port (SO_REUSEPORT), but a second server of the same
+    user cannot join it: its first bind, without SO_REUSEPORT, finds the port taken."""
+    from hsmkms.api.server import _bind_all
+    from hsmkms.config import ConfigError
+
+    first = _bind_all("127.0.0.1", 0, 2)
+    try:
+        ports = {sock.getsockname()[1] for sock in first}
+        assert len(first) == 2
+        assert len(ports) == 1
+        with pytest.raises(ConfigError, match="cannot listen"):
+            _bind_all("127.0.0.1", ports.pop(), 2)
+    finally:
+        for sock in first:
+            sock.close()

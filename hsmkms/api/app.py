@@ -520,7 +520,7 @@ class KmsApp:
             except KMSError:
                 refused = True
                 raise
-            caller, signature = self._authenticate(scope, body, request_id)
+            caller, signed = self._authenticate(scope, body, request_id)
             operation = protocol.operation_name(target, _API_OPERATIONS)
             protocol.check_content_type(_header(scope, b"content-type"))
             op = OPERATIONS.get(operation)
@@ -544,7 +544,7 @@ class KmsApp:
                 loop = asyncio.get_running_loop()
                 run = functools.partial(method_fn, request, caller=caller)
                 if once:
-                    run = functools.partial(self._once, signature, run)
+                    run = functools.partial(self._once, sigv4.signature_of(signed), run)
                 try:
                     result = await loop.run_in_executor(self._executor, run)
                 except _Replayed:
@@ -670,9 +670,9 @@ class KmsApp:
 
     def _authenticate(
         self, scope: Scope, body: bytes, request_id: str
-    ) -> tuple[Caller, str | None]:
+    ) -> tuple[Caller, sigv4.SignedRequest]:
         """SigV4-verify the request; the caller (identity, identity policy, origin) and the
-        request's signature."""
+        request as verified (its signature is taken only when the replay check needs it)."""
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         request = sigv4.SignedRequest(
@@ -699,7 +699,7 @@ class KmsApp:
             user_agent=_header(scope, b"user-agent"),
             request_id=request_id,
         )
-        return caller, sigv4.signature_of(request)
+        return caller, request
 
     async def _internal(self, path: str, method: str, send: Send, request_id: str) -> int:
         """Answer ``/healthz`` or ``/metrics``; the status sent."""

@@ -4,9 +4,11 @@ workers.
 The parent process initializes (token, database, root identity) and checks what the workers
 will open — the module, the token, the PIN, a self-test, the databases — so that a wrong PIN or
 a missing module is one line and a non-zero exit before anything else is printed. It binds the
-listening socket, then starts the workers with the *spawn* method (uvicorn's supervisor): each
-is a fresh interpreter that opens PKCS#11 itself. "serving" is printed once every worker has
-finished its start-up (each answers the supervisor's readiness ping). The parent never serves;
+listening sockets (one per worker on the one port, so that the kernel spreads connections over
+the workers: :func:`_bind_all`), then starts the workers with the *spawn* method (uvicorn's
+supervisor): each is a fresh interpreter that opens PKCS#11 itself. "serving" is printed once
+every worker has finished its start-up (each answers the supervisor's readiness ping). The
+parent never serves;
 it restarts a worker that dies — logging, at the default level, which worker died and why (its
 exit status or signal, or that it stopped answering) — and, on SIGTERM or SIGINT, asks every
 worker to finish its in-flight requests and stop. A replacement that cannot start is retried,
@@ -121,8 +123,8 @@ def _prepare_metrics_dir(data_dir: Path) -> Path:
     return directory
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket (bound here, in the parent, and inherited by every worker)."""
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket (bound here, in the parent, and inherited by a worker)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -132,6 +134,8 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as exc:
@@ -139,6 +143,32 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _bind_all(host: str, port: int, workers: int) -> list[socket.socket]:
+    """One listening socket per worker, all on one port (``SO_REUSEPORT``, where the system
+    has it): the kernel spreads new connections over them by their addresses. With one shared
+    socket, the worker that wakes first accepts every connection waiting — a client that opens
+    16 connections at once got all 16 on one worker in about half of the tries, leaving the
+    other idle.
+    The sockets are made by this process, so only its user can join the port (Linux admits
+    only sockets of the same user to a ``SO_REUSEPORT`` group)."""
+    if workers == 1 or not hasattr(socket, "SO_REUSEPORT"):
+        return [_bind(host, port)]
+    # First without SO_REUSEPORT: the port must be free — another server of this user (a
+    # second `hsmkms serve` on another data directory) must not silently share it.
+    probe = _bind(host, port)
+    bound = probe.getsockname()[1]  # port 0: the port the probe got
+    probe.close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(workers):
+            sockets.append(_bind(host, bound, reuse_port=True))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def serve(settings: Settings, options: ServeOptions) -> int:
@@ -153,14 +183,15 @@ def serve(settings: Settings, options: ServeOptions) -> int:
     token = check_data_directory(settings)
     # Before anything imports prometheus-client in a worker (and, to be safe, here).
     _prepare_metrics_dir(settings.data_dir)
-    sock = _bind(options.host, options.port)
+    sockets = _bind_all(options.host, options.port, options.workers)
     try:
-        return _run(settings, options, sock, report, token)
+        return _run(settings, options, sockets, report, token)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
 
 
-def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
+def _supervisor(config: Any, sockets: list[socket.socket], on_ready: Any) -> Any:
     """uvicorn's worker supervisor, which also waits, after starting the workers, until each
     has finished its start-up — uvicorn's own readiness ping (``Process.is_ready``: the worker's
     server has started) — and then calls ``on_ready``. A worker that exits first, or a start-up
@@ -173,8 +204,17 @@ def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
     class Supervisor(Multiprocess):
         failed: str | None = None
 
+        def sockets_of(self, idx: int) -> list[socket.socket]:
+            """Worker ``idx``'s socket when each has its own (_bind_all), else the shared one."""
+            if len(self.sockets) == self.processes_num:
+                return [self.sockets[idx]]
+            return list(self.sockets)
+
         def init_processes(self) -> None:
-            super().init_processes()
+            for idx in range(self.processes_num):
+                process = Process(self.config, self.sockets_of(idx))
+                process.start()
+                self.processes.append(process)
             self.restart_at: dict[int, float] = {}
             self.restart_delay: dict[int, float] = {}
             deadline = time.monotonic() + STARTUP_SECONDS
@@ -232,17 +272,17 @@ def _supervisor(config: Any, sock: socket.socket, on_ready: Any) -> Any:
                 self._replace(idx)
 
         def _replace(self, idx: int) -> None:
-            process = Process(self.config, self.sockets)
+            process = Process(self.config, self.sockets_of(idx))
             process.start()
             self.processes[idx] = process
 
-    return Supervisor(config, sockets=[sock])
+    return Supervisor(config, sockets=sockets)
 
 
 def _run(
     settings: Settings,
     options: ServeOptions,
-    sock: socket.socket,
+    sockets: list[socket.socket],
     report: InitReport,
     token: TokenInfo,
 ) -> int:
@@ -282,7 +322,7 @@ def _run(
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
-    port = sock.getsockname()[1]
+    port = sockets[0].getsockname()[1]
     scheme = "https" if options.tls_cert else "http"
     host = f"[{options.host}]" if ":" in options.host else options.host
 
@@ -312,7 +352,7 @@ def _run(
                 flush=True,
             )
 
-    supervisor = _supervisor(config, sock, ready)
+    supervisor = _supervisor(config, sockets, ready)
     supervisor.run()
     if supervisor.failed is not None:
         if supervisor.failed:

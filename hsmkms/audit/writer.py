@@ -90,6 +90,15 @@ class _Entry:
         return len(self.record.body)
 
 
+class _Expired(Exception):
+    """A record's commit did not come within ``commit_timeout``."""
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 def _settle_futures(futures: list[asyncio.Future[None]], error: KMSError | None) -> None:
     """On the event loop: finish each future still waiting."""
     for future in futures:
@@ -215,10 +224,14 @@ class AuditWriter:
         future: asyncio.Future[None] = loop.create_future()
         if not self._enqueue(_Entry(prepared, retain, future, loop)):
             return
+        # A timer on the future itself: asyncio.wait_for costs a task and callbacks per request.
+        expiry = loop.call_later(self._commit_timeout, _expire, future)
         try:
-            await asyncio.wait_for(future, self._commit_timeout)
-        except TimeoutError:
+            await future
+        except _Expired:
             raise self._timed_out() from None
+        finally:
+            expiry.cancel()
 
     def _timed_out(self) -> KMSError:
         failure = self._failure
