@@ -22,6 +22,7 @@ test: bootstrap
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict
 	$(BIN)/pytest --cov --cov-branch --cov-report= $(PYTEST_ARGS) $(PYTEST_RC)
+	HSMKMS_TEST_TOKEN=nss $(BIN)/pytest -m vendors --cov --cov-append --cov-branch --cov-report= $(PYTEST_ARGS) $(PYTEST_RC)
 	HSMKMS_TEST_DATABASE=postgresql $(BIN)/pytest --cov --cov-append --cov-branch --cov-report=term:skip-covered $(PYTEST_ARGS) $(PYTEST_RC)
 
 test-postgresql: bootstrap

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -185,10 +186,19 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     key = done.stdout.strip().splitlines()[-1]
     plain = path.parent / "plain.txt"
     plain.write_text("x" * 100)
-    for n in range(40):  # audited local calls: the trail grows (GenerateDataKey, Decrypt)
-        args = ["encrypt-file", str(plain), str(path.parent / f"c{n}"), "--key-id", "alias/app"]
-        assert run_cli(*args, "--data-dir", str(path)).returncode == 0
+    # Audited local calls: the trail grows (GenerateDataKey). Four processes at a time, as
+    # several shells would run them.
+    _encrypt_files(path, plain, [path.parent / f"c{n}" for n in range(40)], "alias/app")
     return path, key
+
+
+def _encrypt_files(data_dir: Path, plain: Path, outs: list[Path], key: str) -> None:
+    def one(out: Path) -> int:
+        args = ["encrypt-file", str(plain), str(out), "--key-id", key]
+        return run_cli(*args, "--data-dir", str(data_dir)).returncode
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(one, outs)) == [0] * len(outs)
 
 
 def _cli(data_dir: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -210,9 +220,8 @@ def test_a_closed_pipe_stops_a_command_quietly(
         argv = ["decrypt-file", str(tmp_path / "big.bin"), "-"]
     else:
         plain = data_dir.parent / "plain.txt"
-        for n in range(40):  # enough records to fill the pipe: ~1 KB each
-            more = ["encrypt-file", str(plain), str(tmp_path / f"m{n}"), "--key-id", key]
-            assert _cli(data_dir, *more).returncode == 0
+        # Enough records to fill the pipe: ~1 KB each.
+        _encrypt_files(data_dir, plain, [tmp_path / f"m{n}" for n in range(40)], key)
         argv = ["audit", "tail", "-n", "1000"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "hsmkms.cli.main", *argv, "--data-dir", str(data_dir)],
