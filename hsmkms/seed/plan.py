@@ -877,13 +877,7 @@ class _Applier:
                     else f"the proxy failed ({exc.code})"
                 )
                 raise _KeyRefused(step, f"xks_key_id {request.XksKeyId}: {reason}") from None
-            usages = answer.get("keyUsage")
-            if (
-                answer.get("keySpec") != "AES_256"
-                or not isinstance(usages, list)
-                or not {"ENCRYPT", "DECRYPT"} <= set(usages)
-                or answer.get("keyStatus") != "ENABLED"
-            ):
+            if not xks_client.is_usable_key(answer):
                 raise _KeyRefused(
                     step,
                     f"xks_key_id {request.XksKeyId}: the proxy's key is not an ENABLED AES_256 "

@@ -275,13 +275,7 @@ class KeyOperations(ServiceCore):
             raise CustomKeyStoreInvalidStateException(
                 f"The external key store's proxy failed ({failure.code})."
             )
-        usages = answer.get("keyUsage")
-        if (
-            answer.get("keySpec") != "AES_256"
-            or not isinstance(usages, list)
-            or not {"ENCRYPT", "DECRYPT"} <= set(usages)
-            or answer.get("keyStatus") != "ENABLED"
-        ):
+        if not xks_client.is_usable_key(answer):
             raise XksKeyInvalidConfigurationException(
                 f"The external key {request.XksKeyId} must be an ENABLED AES_256 key for "
                 "ENCRYPT and DECRYPT."

@@ -57,6 +57,7 @@ __all__ = [
     "XksSealed",
     "decrypt",
     "encrypt",
+    "is_usable_key",
     "key_metadata",
 ]
 
@@ -324,6 +325,18 @@ def key_metadata(
     """GetKeyMetadata of an external key."""
     return client.call(
         location, _path_key(xks_key_id) + "/metadata", {"requestMetadata": meta.to_json()}
+    )
+
+
+def is_usable_key(answer: dict[str, Any]) -> bool:
+    """Whether GetKeyMetadata's ``answer`` describes a key a KMS key can use: an ENABLED
+    AES_256 key for ENCRYPT and DECRYPT (AWS's rule for XksKeyId)."""
+    usages = answer.get("keyUsage")
+    return (
+        answer.get("keySpec") == "AES_256"
+        and isinstance(usages, list)
+        and {"ENCRYPT", "DECRYPT"} <= set(usages)
+        and answer.get("keyStatus") == "ENABLED"
     )
 
 
