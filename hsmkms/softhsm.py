@@ -326,6 +326,22 @@ def _read_locked(path: Path) -> tuple[bytes, os.stat_result] | None:
     return b"".join(chunks), opened
 
 
+def _read_settled(path: Path) -> bytes:
+    """A token's own file (``token.object``, ``generation``), read until two reads in a row
+    agree (``token.object`` also not empty): SoftHSM2 rewrites them in place, and a copy taken
+    while another process logged in once held an empty ``token.object`` (a token SoftHSM2 then
+    does not list). OSError when the file does not settle within about two seconds."""
+    last: bytes | None = None
+    for _ in range(400):
+        read = _read_locked(path)
+        data = None if read is None else read[0]
+        if data is not None and data == last and (data or path.name != "token.object"):
+            return data
+        last = data
+        time.sleep(0.005)
+    raise OSError(f"{path} kept changing while it was copied")
+
+
 def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -352,9 +368,10 @@ def copy_token_files(token_dir: Path, target: Path, *, since: float) -> TokenCop
     ``since`` taken after the database's write lock, before its snapshot, every object the
     snapshot names is copied.
 
-    ``token.object`` and ``generation`` are copied as read. Lock files (``*.lock``) are always
-    empty and are made anew, one per copied object and one per token: SoftHSM2 refuses to
-    destroy an object whose lock file is missing."""
+    ``token.object`` and ``generation`` are copied once two reads agree
+    (:func:`_read_settled`). Lock files (``*.lock``) are always empty and are made anew, one
+    per copied object and one per token: SoftHSM2 refuses to destroy an object whose lock file
+    is missing."""
     target.mkdir(mode=0o700)
     files: list[Path] = []
     skipped: list[str] = []
@@ -366,9 +383,12 @@ def copy_token_files(token_dir: Path, target: Path, *, since: float) -> TokenCop
         for path in sorted(token.iterdir()):
             if path.suffix == ".lock" or not path.is_file():
                 continue
-            read = _read_locked(path)
             is_object = path.suffix == ".object" and path.name != "token.object"
-            if read is None or (is_object and read[1].st_mtime_ns >= since_ns):
+            if not is_object:
+                _write_new(out / path.name, _read_settled(path))
+                continue
+            read = _read_locked(path)
+            if read is None or read[1].st_mtime_ns >= since_ns:
                 skipped.append(f"{token.name}/{path.name}")
                 continue
             _write_new(out / path.name, read[0])
