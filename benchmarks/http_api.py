@@ -62,7 +62,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from hsmkms.api.sigv4 import Credential, SignedRequest, sign
+from hsmkms.sigv4 import Credential, SignedRequest, sign
 
 REGION = "us-east-1"
 

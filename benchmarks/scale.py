@@ -40,7 +40,7 @@ from collections.abc import Mapping
 
 from http_api import call, load, presign, wait_http
 
-from hsmkms.api.sigv4 import Credential
+from hsmkms.sigv4 import Credential
 from hsmkms.softhsm import find_module
 
 ROOT = {

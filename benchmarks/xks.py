@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from http_api import REGION, call, load, presign, start_hsmkms
 
-from hsmkms.api.sigv4 import Credential, SignedRequest, sign
+from hsmkms.sigv4 import Credential, SignedRequest, sign
 
 PREFIX = "bench"
 PATH = f"/{PREFIX}/kms/xks/v1"

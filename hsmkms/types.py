@@ -26,7 +26,7 @@ class Credential:
     """An access key: its id, its secret (never shown by ``repr``) and the principal it names.
 
     Shared by the credentials store (``hsmkms.identity``) and the SigV4 verifier
-    (``hsmkms.api.sigv4``), so it lives below both."""
+    (``hsmkms.sigv4``), so it lives below both."""
 
     access_key_id: str
     secret: str = field(repr=False)

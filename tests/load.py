@@ -15,7 +15,7 @@ from typing import Any
 
 from server import RunningServer
 
-from hsmkms.api.sigv4 import SignedRequest, sign
+from hsmkms.sigv4 import SignedRequest, sign
 
 Body = Callable[[int], Mapping[str, Any]]
 RECONNECT_EVERY = 20

@@ -29,7 +29,7 @@ import boto3
 from botocore.config import Config
 from postgres import database_url_for
 
-from hsmkms.api.sigv4 import Credential, SignedRequest, sign
+from hsmkms.sigv4 import Credential, SignedRequest, sign
 
 REGION = "us-east-1"
 STARTUP_TIMEOUT = 90.0

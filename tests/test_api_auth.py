@@ -11,7 +11,7 @@ import botocore.exceptions
 import pytest
 from server import Response, RunningServer, running_server
 
-from hsmkms.api.sigv4 import Credential, SignedRequest, sign
+from hsmkms.sigv4 import Credential, SignedRequest, sign
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from hsmkms import models as m
 from hsmkms.api.app import KmsApp
-from hsmkms.api.sigv4 import Credential, SignedRequest, sign
 from hsmkms.audit import AuditRecord, PreparedRecord
+from hsmkms.sigv4 import Credential, SignedRequest, sign
 from hsmkms.types import Caller
 
 ROOT = Credential(

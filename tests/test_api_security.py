@@ -20,7 +20,7 @@ import botocore.exceptions
 import pytest
 from server import RunningServer, running_server
 
-from hsmkms.api.sigv4 import SignedRequest, sign
+from hsmkms.sigv4 import SignedRequest, sign
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm]
 

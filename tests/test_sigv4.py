@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsmkms.api import sigv4
-from hsmkms.api.sigv4 import Credential, SignedRequest
+from hsmkms import sigv4
 from hsmkms.errors import (
     IncompleteSignatureException,
     InvalidSignatureException,
@@ -23,6 +22,7 @@ from hsmkms.errors import (
     MissingAuthenticationTokenException,
     UnrecognizedClientException,
 )
+from hsmkms.sigv4 import Credential, SignedRequest
 
 # --------------------------------------------------------------------------------------------
 # The AWS SigV4 test suite (tests/data/sigv4/SOURCE.md)

@@ -19,7 +19,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from server import Response, RunningServer, run_cli, running_server
 
-from hsmkms.api.sigv4 import Credential, SignedRequest, sign
+from hsmkms.sigv4 import Credential, SignedRequest, sign
 
 pytestmark = [pytest.mark.server, pytest.mark.hsm, pytest.mark.database]
 

@@ -64,7 +64,8 @@ from typing import Any, Protocol
 import structlog
 from pydantic import BaseModel
 
-from hsmkms.api import protocol, sigv4
+from hsmkms import sigv4
+from hsmkms.api import protocol
 from hsmkms.api.metrics import NO_OPERATION, exposition, observe_request
 from hsmkms.api.unauthenticated import UnauthenticatedRecords
 from hsmkms.api.xks import XKS_PATH, XksFrontDoor

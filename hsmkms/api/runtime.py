@@ -21,13 +21,13 @@ from sqlalchemy import text
 
 from hsmkms.api.metrics import count_due_task_run, observe_hsm_call
 from hsmkms.api.replay import REPLAY_FILE, ReplayCache
-from hsmkms.api.sigv4 import Credential
 from hsmkms.audit import AuditRecord, PreparedRecord
 from hsmkms.config import Settings
 from hsmkms.errors import KMSError
 from hsmkms.identity.xks import XksCredentialStore
 from hsmkms.keystore.errors import TokenUnavailable
 from hsmkms.service import DueTaskReport
+from hsmkms.sigv4 import Credential
 from hsmkms.system import System
 
 __all__ = ["DUE_TASKS_LOCK", "Runtime"]

@@ -11,7 +11,7 @@ credential (``hsmkms xks credentials create --prefix PREFIX``)::
 
 An unknown prefix or route is 404 ``InvalidUriPathException``; another method 405. Requests
 are SigV4-signed for the service ``kms-xks-proxy`` and the server's region, verified by the
-same :func:`hsmkms.api.sigv4.verify` as the KMS API with the XKS rule (``host`` and
+same :func:`hsmkms.sigv4.verify` as the KMS API with the XKS rule (``host`` and
 ``x-amz-date`` signed, whatever else the request's SignedHeaders name is honoured), by a
 credential of the path's prefix; anything else is 401 ``AuthenticationFailedException``.
 When the prefix has a secondary authorization policy (``hsmkms xks policy put``), a request
@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from hsmkms import __version__
-from hsmkms.api import sigv4
+from hsmkms import __version__, sigv4
 from hsmkms.api.metrics import observe_request
 from hsmkms.audit import PreparedRecord, UserIdentity, prepare_api_call
 from hsmkms.errors import (

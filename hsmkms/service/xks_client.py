@@ -3,7 +3,7 @@
 Each call is one POST of compact JSON to ``<endpoint><path>/<route>``, signed with SigV4 for
 the service ``kms-xks-proxy`` and the server's region by the store's XKS proxy authentication
 credential, signing ``host`` and ``x-amz-date`` only, as AWS KMS does
-(``hsmkms.api.sigv4.sign``: a pure function over a request, shared with the server side —
+(``hsmkms.sigv4.sign``: a pure function over a request, shared with the server side —
 decision 17). HTTP is the standard library's ``http.client``; HTTPS is verified against
 :attr:`XksClientSettings.ca_bundle` when set, else the system's CAs.
 
@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import structlog
 
-from hsmkms.api.sigv4 import SignedRequest, sign
+from hsmkms.sigv4 import SignedRequest, sign
 from hsmkms.types import Clock, Credential, utc_now
 
 __all__ = [

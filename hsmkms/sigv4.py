@@ -1,4 +1,6 @@
-"""AWS Signature Version 4 (``AWS4-HMAC-SHA256``) request verification, on plain values.
+"""AWS Signature Version 4 (``AWS4-HMAC-SHA256``) request verification and signing, on plain
+values. Below both the HTTP layer (which verifies the KMS and XKS APIs' requests) and the
+service (whose XKS client signs its calls to a proxy).
 
 No web framework is imported here: the server hands :func:`verify` a :class:`SignedRequest`
 built from what it received, and gets back the authenticated :class:`Credential` or one of
