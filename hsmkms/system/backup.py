@@ -533,6 +533,14 @@ def restore_data_directory(
         # Opening runs the migrations of this hsmkms on a backup made by an older one.
         with System.open(staged, audit=None, prepare=False) as system:
             _verify_mac(system.keystore, manifest_bytes, mac_bytes)
+            if settings.is_embedded:
+                # The copied token may hold the objects of keys whose creation had not
+                # committed its row when the database was copied (a CreateKey in flight):
+                # no key of this backup uses them. Nothing else can use the staging copy, so
+                # no grace. Never on a hardware token: it is the live one, not a copy.
+                dropped = system.service.remove_orphans(grace=0)
+                if dropped:
+                    log.info("restore_dropped_in_flight_objects", count=len(dropped))
         _check_target(target)
         with contextlib.suppress(FileNotFoundError):
             target.rmdir()
