@@ -36,6 +36,7 @@ from pathlib import Path
 import structlog
 
 from hsmkms.errors import KMSInternalException
+from hsmkms.keystore.token_lock import token_write_lock
 
 DEFAULT_LABEL = "hsmkms"
 CONF_NAME = "softhsm2.conf"
@@ -408,17 +409,12 @@ def copy_token_files(token_dir: Path, target: Path, *, since: float) -> TokenCop
     return TokenCopy(tuple(sorted(files)), tuple(sorted(skipped)))
 
 
-@contextlib.contextmanager
-def hold_token_writes(data_dir: Path) -> Iterator[None]:
-    """Hold ``<data_dir>/.token-writes.lock`` exclusively: every hsmkms process holds it shared
-    while it creates or destroys token objects (``KeystoreConfig.write_lock``), so while this
-    is held no object is half written by hsmkms. Waits for the creations in flight."""
-    fd = os.open(data_dir / TOKEN_WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def hold_token_writes(data_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``<data_dir>/.token-writes.lock`` exclusively
+    (:mod:`hsmkms.keystore.token_lock`): every hsmkms process holds it shared while it
+    creates, destroys or changes token objects, and exclusively while it logs in, so while
+    this is held no object is half written by hsmkms. Waits for the creations in flight."""
+    return token_write_lock(data_dir / TOKEN_WRITE_LOCK).exclusive()
 
 
 def write_conf(data_dir: Path) -> Path:

@@ -51,13 +51,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import Any, Final, TypeVar
 
@@ -135,6 +134,7 @@ from hsmkms.keystore.specs import (
     MaterialUsage,
     SigningAlgorithm,
 )
+from hsmkms.keystore.token_lock import token_write_lock
 from hsmkms.profiles import PROFILES, MechanismProfile, ObjectRole
 
 _CREATE_ATTEMPTS = 3
@@ -412,6 +412,10 @@ class Pkcs11Keystore:
             ) from None
 
     def _open(self) -> _Connection:
+        with self._token_login():
+            return self._open_under_lock()
+
+    def _open_under_lock(self) -> _Connection:
         lib = self._load_lib()
         # SoftHSM2 can briefly hide a token, or fail a call, while another process writes it,
         # and only sees tokens created after C_Initialize once re-initialized
@@ -527,22 +531,20 @@ class Pkcs11Keystore:
 
     # -- timing ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _token_writes(self) -> Iterator[None]:
-        """Hold the token's write lock shared (``KeystoreConfig.write_lock``) while objects are
-        created or destroyed, so that a backup copying the token files, which holds it
-        exclusively, never copies an object SoftHSM2 is still writing. Taken before the
-        process lock: waiting for a backup must not stop this process's other calls."""
+    def _token_writes(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the token's write lock shared (``KeystoreConfig.write_lock``,
+        :mod:`hsmkms.keystore.token_lock`) while objects are created, destroyed or changed:
+        another process logging in, or a backup copying the token files, holds it
+        exclusively. Taken before the process lock: waiting for a backup must not stop this
+        process's other calls."""
         path = self._config.write_lock
-        if path is None:
-            yield
-            return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        return contextlib.nullcontext() if path is None else token_write_lock(path).shared()
+
+    def _token_login(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the token's write lock exclusively while this process opens the token and logs
+        in: SoftHSM2 can lose another process's object being created meanwhile."""
+        path = self._config.write_lock
+        return contextlib.nullcontext() if path is None else token_write_lock(path).exclusive()
 
     def _observed(self, operation: str, fn: Callable[[], _T]) -> _T:
         """``fn()``, timed for the observer when there is one. (The hot operations inline the

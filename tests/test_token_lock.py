@@ -1,0 +1,133 @@
+"""The token write lock between processes (hsmkms/keystore/token_lock.py): a process logging
+in waits for other processes' object creations, and loses none of them.
+
+SoftHSM2 2.6.1 can leave an object being created by one process incomplete on disk while
+another process re-initializes the module and logs in (measured: 1 object of 880 lost to 108
+such logins during continuous creation, none of 706 with the lock); the lock keeps the two
+apart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+
+from conftest import token_config
+from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.keystore.token_lock import token_write_lock
+from hsmkms.softhsm import ensure_token
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def _hold_shared(path: str, pipe: Connection) -> None:
+    """In another process: hold the lock shared until told to let go."""
+    with token_write_lock(path).shared():
+        pipe.send("held")
+        pipe.recv()
+    pipe.send("released")
+
+
+def _can_take(path: Path, how: int) -> bool:
+    """Whether another open file description could take the lock at once (``how``:
+    ``LOCK_SH`` or ``LOCK_EX``), as another process would."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_an_exclusive_holder_waits_for_another_process_holding_it_shared(tmp_path: Path) -> None:
+    path = tmp_path / "writes.lock"
+    ours, theirs = _SPAWN.Pipe()
+    child = _SPAWN.Process(target=_hold_shared, args=(str(path), theirs))
+    child.start()
+    try:
+        assert ours.recv() == "held"
+        entered = threading.Event()
+
+        def take() -> None:
+            with token_write_lock(path).exclusive():
+                entered.set()
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        taker.join(0.3)
+        assert not entered.is_set()  # still waiting for the other process
+        ours.send("go")
+        assert ours.recv() == "released"
+        taker.join(30)
+        assert entered.is_set()
+    finally:
+        child.join(30)
+
+
+def test_a_thread_going_exclusive_does_not_wait_for_its_own_process_shared_holders(
+    tmp_path: Path,
+) -> None:
+    """A thread logs in (exclusive) while another thread of the same process holds the lock
+    shared (a creation waiting for the process's PKCS#11 lock): no self-deadlock, other
+    processes are kept out meanwhile, and the shared hold is back afterwards."""
+    path = tmp_path / "writes.lock"
+    lock = token_write_lock(path)
+    holding, finish = threading.Event(), threading.Event()
+
+    def creation() -> None:
+        with lock.shared():
+            holding.set()
+            finish.wait(30)
+
+    creator = threading.Thread(target=creation)
+    creator.start()
+    try:
+        assert holding.wait(30)
+        assert _can_take(path, fcntl.LOCK_SH)  # shared: other creations go on
+        with lock.exclusive():
+            assert not _can_take(path, fcntl.LOCK_SH)
+        assert _can_take(path, fcntl.LOCK_SH)
+        assert not _can_take(path, fcntl.LOCK_EX)  # still held shared by the creation
+    finally:
+        finish.set()
+        creator.join(30)
+    assert _can_take(path, fcntl.LOCK_EX)
+
+
+@pytest.mark.hsm
+def test_opening_the_token_waits_for_another_process_writing_objects(tmp_path: Path) -> None:
+    """A keystore logs in only while no other process creates, destroys or changes objects
+    (holds the write lock shared)."""
+    ensure_token(tmp_path, "locked")
+    config = token_config(tmp_path, "locked", write_lock=str(tmp_path / "w.lock"))
+    ours, theirs = _SPAWN.Pipe()
+    child = _SPAWN.Process(target=_hold_shared, args=(config.write_lock, theirs))
+    child.start()
+    keystore = Pkcs11Keystore(config)
+    try:
+        assert ours.recv() == "held"
+        opened = threading.Event()
+
+        def use() -> None:
+            keystore.list_objects()  # opens the token and logs in
+            opened.set()
+
+        user = threading.Thread(target=use)
+        user.start()
+        user.join(0.5)
+        assert not opened.is_set()  # waiting for the other process's write
+        ours.send("go")
+        assert ours.recv() == "released"
+        user.join(60)
+        assert opened.is_set()
+    finally:
+        keystore.close()
+        child.join(30)
