@@ -74,7 +74,9 @@ debootstrap_base() {
         /etc/apt/sources.list 2>/dev/null | head -n 1)
     mirror="${mirror:-http://deb.debian.org/debian}"
     rootfs=$(mktemp -d)
-    trap 'rm -rf "$rootfs"' RETURN
+    # A RETURN trap outlives the function (it fires again when the caller returns, with this
+    # local gone): it clears itself.
+    trap 'rm -rf "$rootfs"; trap - RETURN' RETURN
     say "no registry answers: making localhost/debian:bookworm with debootstrap from $mirror"
     "$debootstrap" --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
     tar -C "$rootfs" -c . | "$engine" import - localhost/debian:bookworm >/dev/null
