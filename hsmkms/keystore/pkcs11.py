@@ -412,7 +412,7 @@ class Pkcs11Keystore:
             ) from None
 
     def _open(self) -> _Connection:
-        with self._token_login():
+        with self._token_exclusive():
             return self._open_under_lock()
 
     def _open_under_lock(self) -> _Connection:
@@ -517,7 +517,7 @@ class Pkcs11Keystore:
                     # look once more before saying the object is gone.
                     if attempt:
                         conn = self._conn
-                        if conn is not None and self._known and not _shows_token_objects(conn):
+                        if conn is not None and self._known and not self._shows_objects(conn):
                             # A token whose storage went away finds nothing rather than failing
                             # (SoftHSM2's directory moved away); ours always holds service keys.
                             self._drop_connection()
@@ -533,18 +533,28 @@ class Pkcs11Keystore:
 
     def _token_writes(self) -> contextlib.AbstractContextManager[None]:
         """Hold the token's write lock shared (``KeystoreConfig.write_lock``,
-        :mod:`hsmkms.keystore.token_lock`) while objects are created, destroyed or changed:
-        another process logging in, or a backup copying the token files, holds it
-        exclusively. Taken before the process lock: waiting for a backup must not stop this
-        process's other calls."""
+        :mod:`hsmkms.keystore.token_lock`) while objects are created or destroyed, or an
+        anchor is read: another process logging in, listing objects or changing an anchor, or
+        a backup copying the token files, holds it exclusively. Taken before the process
+        lock: waiting for a backup must not stop this process's other calls."""
         path = self._config.write_lock
         return contextlib.nullcontext() if path is None else token_write_lock(path).shared()
 
-    def _token_login(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the token's write lock exclusively while this process opens the token and logs
-        in: SoftHSM2 can lose another process's object being created meanwhile."""
+    def _token_exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the token's write lock exclusively, with the process lock held: while this
+        process opens the token and logs in (``C_Login`` rewrites ``token.object``), reads
+        attributes of objects found by anything but their ``CKA_ID`` (one may be another
+        process's object half made: SoftHSM2 2.6.1 then writes its defaults over it) or changes
+        an object another process may read (an anchor). Taken under the process lock, so no
+        thread of this process is inside a token call while the lock changes hands
+        (:mod:`hsmkms.keystore.token_lock`)."""
         path = self._config.write_lock
         return contextlib.nullcontext() if path is None else token_write_lock(path).exclusive()
+
+    def _shows_objects(self, conn: _Connection) -> bool:
+        """:func:`_shows_token_objects`, which reads an object found by class alone."""
+        with self._token_exclusive():
+            return _shows_token_objects(conn)
 
     def _observed(self, operation: str, fn: Callable[[], _T]) -> _T:
         """``fn()``, timed for the observer when there is one. (The hot operations inline the
@@ -803,18 +813,20 @@ class Pkcs11Keystore:
         name = MaterialName.service_key(KEK_NAME)
         label = name.label(ObjectRole.ENCRYPT)
         query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
-        found = sorted(
-            ((bytes(o.id), o) for o in conn.session.get_objects(query)), key=lambda f: f[0]
-        )
-        if found:
-            raw, kek = found[0]
-        else:
-            raw = self._new_object_id(conn)
-            try:
-                kek = generate_kek(conn.session, name, raw)
-            except BaseException:
-                self._abandon(conn, [raw])
-                raise
+        # Found by label: another process may be making the KEK (_token_exclusive).
+        with self._token_exclusive():
+            found = sorted(
+                ((bytes(o.id), o) for o in conn.session.get_objects(query)), key=lambda f: f[0]
+            )
+            if found:
+                raw, kek = found[0]
+            else:
+                raw = self._new_object_id(conn)
+                try:
+                    kek = generate_kek(conn.session, name, raw)
+                except BaseException:
+                    self._abandon(conn, [raw])
+                    raise
         conn.handles[raw] = kek
         self._known.add(raw)
         self._kek_id = raw.hex()
@@ -1452,10 +1464,13 @@ class Pkcs11Keystore:
         shows as its private and its public key, with one id)."""
 
         def work(conn: _Connection) -> list[TokenObject]:
-            found = [
-                TokenObject(raw.hex(), label, _key_type_name(obj.key_type), _name(obj.object_class))
-                for raw, label, obj in _project_objects(conn.session)
-            ]
+            with self._token_exclusive():  # another process may be making an object
+                found = [
+                    TokenObject(
+                        raw.hex(), label, _key_type_name(obj.key_type), _name(obj.object_class)
+                    )
+                    for raw, label, obj in _project_objects(conn.session)
+                ]
             _confirm_present(conn)  # a listing of a token that went away can be partial
             return found
 
@@ -1508,7 +1523,7 @@ class Pkcs11Keystore:
                 obj = self._anchor_object(conn, name)
                 if obj is None:
                     _confirm_present(conn)
-                    if name in self._anchors_seen and not _shows_token_objects(conn):
+                    if name in self._anchors_seen and not self._shows_objects(conn):
                         # An anchor this process saw, on a token that now lists no object at
                         # all: its storage went away (SoftHSM2's directory), not the anchor.
                         raise p11e.TokenNotPresent()
@@ -1525,7 +1540,10 @@ class Pkcs11Keystore:
                         raise p11e.TokenNotPresent() from None
             raise AssertionError("unreachable")  # pragma: no cover
 
-        return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
+        # Shared: not while another process changes an anchor (SoftHSM2 2.6.1 lets a reader see
+        # its file empty while the writer finishes it).
+        with self._token_writes():
+            return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
 
     def write_anchor(self, name: str, value: str) -> None:
         """Keep ``value`` (ASCII, at most 40 characters) under ``name``: the label of a private
@@ -1536,6 +1554,10 @@ class Pkcs11Keystore:
             raise TokenRejected("an anchor value is at most 40 ASCII characters")
 
         def work(conn: _Connection) -> None:
+            with self._token_exclusive():  # others read the anchor meanwhile
+                change(conn)
+
+        def change(conn: _Connection) -> None:
             obj = self._anchor_object(conn, name)
             if obj is None:
                 try:

@@ -1,19 +1,33 @@
 """The write lock of a token that several processes share through files (SoftHSM2; the
 embedded default): ``KeystoreConfig.write_lock``.
 
-SoftHSM2 2.6.1 keeps each object in a file of its own and finishes a new object in many
-writes. Measured on this project's machines: while one process creates objects, another
-process logging in (``C_Login`` rewrites ``token.object``) can leave a new object's file
-incomplete on disk although its ``C_GenerateKey`` answered ``CKR_OK``. The creating process
-holds the whole object in memory; every other process, and the next start, finds it without
-its ``CKA_ID`` or not at all, so the key version is lost. (A loop creating AES keys while
-``pkcs11-tool --login --list-objects`` ran in a loop: 1 of about 1,800 new objects lost in each
-of two 40-second runs.) So every hsmkms process holds this lock:
+SoftHSM2 2.6.1 keeps each object in a file of its own, finishes a new object in many
+writes, and lets every process rewrite an object's file from what it holds in memory. Two of
+its ways (read in its source, then reproduced here) lose objects across processes:
 
-- shared while it creates, destroys or changes objects (:meth:`TokenWriteLock.shared`);
-- exclusively while it opens the token and logs in (:meth:`TokenWriteLock.exclusive`);
+- ``C_GetAttributeValue`` first writes the default value of every attribute missing from the
+  calling process's copy of the object (``P11Object::init``), the whole file rewritten from
+  that copy. A process reading an object another process is still making (found by class, as
+  a listing does) writes an early state over it: the creator answered ``CKR_OK``, keeps the
+  whole object in memory, and every other process, and the next start, finds it without its
+  ``CKA_ID``. (A process listing objects in a loop while another created AES keys: 1 lost of
+  2,721 in 30 s; ``pkcs11-tool --login --list-objects`` in a loop: 1 of about 1,800, twice.)
+- A writer releases its ``fcntl`` lock before ``fclose`` writes the buffered data, after
+  truncating the file: a reader may find the file empty (an anchor, ``token.object`` while
+  another process logs in).
+
+So every hsmkms process holds this lock:
+
+- shared while it creates or destroys objects, or reads an anchor
+  (:meth:`TokenWriteLock.shared`);
+- exclusively while it opens the token and logs in, reads attributes of objects found by
+  anything but their ``CKA_ID`` (listings, the KEK by label), or changes an anchor
+  (:meth:`TokenWriteLock.exclusive`, taken with the process's PKCS#11 lock held);
 - exclusively while ``hsmkms backup`` copies the token's files, which must not hold a
   half-written object.
+
+Tools outside hsmkms do not take it: list a live token's objects with ``pkcs11-tool`` only
+while no hsmkms process creates keys.
 
 ``flock`` locks belong to an open file description, and two descriptors of one process
 conflict like two processes. So one descriptor per lock file serves every thread of a process:
@@ -41,6 +55,9 @@ class TokenWriteLock:
         self._guard = threading.Lock()
         self._fd: int | None = None
         self._shared = 0
+        # The thread in the exclusive section, and how deep: a section inside it is free.
+        self._owner: int | None = None
+        self._depth = 0
 
     def _open(self) -> int:
         return os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -48,7 +65,11 @@ class TokenWriteLock:
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         """Hold the lock shared: other processes' shared holders go on, an exclusive holder
-        (a login, a backup's copy) is waited for."""
+        (a login, a backup's copy) is waited for. Inside this thread's exclusive section,
+        the section covers it."""
+        if self._owner == threading.get_ident():
+            yield
+            return
         with self._guard:
             if self._shared == 0:
                 fd = self._open()
@@ -71,14 +92,24 @@ class TokenWriteLock:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the lock exclusively: waits for every other process's holders, shared or not.
-        Threads of this process holding it shared keep their count and get it back shared."""
+        Threads of this process holding it shared keep their count and get it back shared.
+        The thread holding it may enter it again."""
+        if self._owner == threading.get_ident():
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         with self._guard:
             fd = self._fd if self._fd is not None else self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # from shared, a conversion
+                self._owner = threading.get_ident()
                 try:
                     yield
                 finally:
+                    self._owner = None
                     if self._shared:
                         fcntl.flock(fd, fcntl.LOCK_SH)
             finally:
