@@ -104,6 +104,27 @@ def test_a_thread_going_exclusive_does_not_wait_for_its_own_process_shared_holde
     assert _can_take(path, fcntl.LOCK_EX)
 
 
+def test_a_thread_holding_it_exclusively_may_enter_it_again(tmp_path: Path) -> None:
+    """Exclusive sections nest (a listing inside the opening), and a shared one inside an
+    exclusive one is covered by it; other processes stay out until the outer one ends."""
+    path = tmp_path / "writes.lock"
+    lock = token_write_lock(path)
+    finished = threading.Event()
+
+    def nested() -> None:
+        with lock.exclusive():
+            with lock.exclusive(), lock.shared():
+                assert not _can_take(path, fcntl.LOCK_SH)
+            assert not _can_take(path, fcntl.LOCK_SH)
+        finished.set()
+
+    worker = threading.Thread(target=nested)
+    worker.start()
+    worker.join(30)
+    assert finished.is_set()  # no thread waited for itself
+    assert _can_take(path, fcntl.LOCK_EX)
+
+
 @pytest.mark.hsm
 def test_opening_the_token_waits_for_another_process_writing_objects(tmp_path: Path) -> None:
     """A keystore logs in only while no other process creates, destroys or changes objects

@@ -55,9 +55,8 @@ class TokenWriteLock:
         self._guard = threading.Lock()
         self._fd: int | None = None
         self._shared = 0
-        # The thread in the exclusive section, and how deep: a section inside it is free.
+        # The thread in the exclusive section: a section it enters inside that one is free.
         self._owner: int | None = None
-        self._depth = 0
 
     def _open(self) -> int:
         return os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -95,11 +94,7 @@ class TokenWriteLock:
         Threads of this process holding it shared keep their count and get it back shared.
         The thread holding it may enter it again."""
         if self._owner == threading.get_ident():
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
+            yield
             return
         with self._guard:
             fd = self._fd if self._fd is not None else self._open()
