@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from conftest import SCRATCH_LABEL, new_key_version, new_mac_key, token_config
+from hsmkms.keystore import pkcs11 as pkcs11_keystore
 from hsmkms.keystore.base import LABEL_PREFIX, KeyMaterialRef, MaterialName
 from hsmkms.keystore.errors import (
     DecryptionFailed,
@@ -30,6 +31,7 @@ from hsmkms.keystore.errors import (
     TokenRejected,
 )
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
+from hsmkms.keystore.pkcs11_mechanisms import RsaMaterial
 from hsmkms.keystore.specs import KeyMaterialSpec, MaterialUsage, SigningAlgorithm
 from hsmkms.profiles import MechanismProfile
 
@@ -388,6 +390,56 @@ def test_softhsm_hosts_every_spec_probed_with_real_operations(
     assert not found.hosts(KeyMaterialSpec.RSA_2048, MaterialUsage.KEY_AGREEMENT)
     assert found.unverified == frozenset()
     assert ks.capabilities() is found  # probed once
+
+
+def _rsa_generations(
+    softhsm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Pkcs11Keystore, list[int]]:
+    """A fresh keystore (capabilities not probed yet), and the RSA sizes it generates."""
+    sizes: list[int] = []
+    generate = RsaMaterial._generate_pair
+
+    def counted(self: RsaMaterial, session: Any, **kwargs: Any) -> tuple[Any, Any]:
+        sizes.append(self.facts.key_bits)
+        return generate(self, session, **kwargs)
+
+    monkeypatch.setattr(RsaMaterial, "_generate_pair", counted)
+    return Pkcs11Keystore(token_config(softhsm_dir, SCRATCH_LABEL)), sizes
+
+
+def _rsa_usages(ks: Pkcs11Keystore) -> dict[int, frozenset[MaterialUsage]]:
+    found = ks.capabilities()
+    return {size: found.usages[KeyMaterialSpec(f"RSA_{size}")] for size in (2048, 3072, 4096)}
+
+
+BOTH = frozenset({MaterialUsage.SIGN_VERIFY, MaterialUsage.ENCRYPT_DECRYPT})
+
+
+def test_larger_rsa_sizes_are_hosted_from_the_key_size_range_once_rsa_2048_passed(
+    softhsm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only RSA_2048 pairs are generated (one per usage); SoftHSM2 says 512-16384 bits for
+    CKM_RSA_PKCS_KEY_PAIR_GEN, so RSA_3072 and RSA_4096 are hosted without seconds of
+    generation each."""
+    ks, sizes = _rsa_generations(softhsm_dir, monkeypatch)
+    try:
+        assert _rsa_usages(ks) == {2048: BOTH, 3072: BOTH, 4096: BOTH}
+        assert sorted(sizes) == [2048, 2048]
+    finally:
+        ks.close()
+
+
+@pytest.mark.slow
+def test_a_token_that_gives_no_key_size_range_has_every_rsa_size_probed_for_real(
+    softhsm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ks, sizes = _rsa_generations(softhsm_dir, monkeypatch)
+    monkeypatch.setattr(pkcs11_keystore, "_key_sizes", lambda conn, mechanism: None)
+    try:
+        assert _rsa_usages(ks) == {2048: BOTH, 3072: BOTH, 4096: BOTH}
+        assert sorted(sizes) == [2048, 2048, 3072, 3072, 4096, 4096]
+    finally:
+        ks.close()
 
 
 def test_probes_leave_no_object_behind(softhsm_dir: Path) -> None:

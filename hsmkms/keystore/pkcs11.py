@@ -626,6 +626,8 @@ class Pkcs11Keystore:
                 except ProbeRefused:
                     unverified.add(KeyMaterialSpec.SYMMETRIC_DEFAULT)
             usages: dict[KeyMaterialSpec, frozenset[MaterialUsage]] = {}
+            rsa_sizes = _key_sizes(conn, Mechanism.RSA_PKCS_KEY_PAIR_GEN)
+            rsa_proven: set[MaterialUsage] = set()  # usages a smaller RSA pair passed
             for spec, material in MATERIALS.items():
                 hosted: set[MaterialUsage] = set()
                 for usage in material.facts.usages:
@@ -635,9 +637,22 @@ class Pkcs11Keystore:
                         continue
                     if not material.mechanisms(usage) <= self._listed:
                         continue
+                    if (
+                        isinstance(material, RsaMaterial)
+                        and usage in rsa_proven
+                        and rsa_sizes is not None
+                        and material.facts.key_bits in rsa_sizes
+                    ):
+                        # A larger RSA size: the round trip passed with a smaller one, and
+                        # the token's key-size range holds this one. Generating the pair
+                        # would cost seconds (RSA_4096 on SoftHSM2: 3-7 s for each usage).
+                        hosted.add(usage)
+                        continue
                     try:
                         if material.probe(conn.session, usage):
                             hosted.add(usage)
+                            if isinstance(material, RsaMaterial):
+                                rsa_proven.add(usage)
                     except ProbeRefused:
                         unverified.add(spec)
                 if hosted:
@@ -1672,6 +1687,19 @@ _NO_DATA_OBJECTS: Final = (
     p11e.TemplateIncomplete,
 )
 """How a token that keeps no private token data objects refuses to create one."""
+
+
+def _key_sizes(conn: _Connection, mechanism: Mechanism) -> range | None:
+    """The key sizes (bits) the token says ``mechanism`` makes (``C_GetMechanismInfo``), or
+    None when it does not say (no range, or an error)."""
+    try:
+        info = conn.token.slot.get_mechanism_info(mechanism)
+    except p11e.PKCS11Error:
+        return None
+    low, high = int(info.min_key_length), int(info.max_key_length)
+    if high <= 0 or high < low:
+        return None
+    return range(low, high + 1)
 
 
 def _shows_token_objects(conn: _Connection) -> bool:
