@@ -15,6 +15,7 @@ import fcntl
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -49,29 +50,44 @@ def _can_take(path: Path, how: int) -> bool:
     return True
 
 
-def test_an_exclusive_holder_waits_for_another_process_holding_it_shared(tmp_path: Path) -> None:
-    path = tmp_path / "writes.lock"
+def _waits_for_another_process_holding_it_shared(path: str, action: Callable[[], object]) -> None:
+    """Run ``action`` on a thread while another process holds the lock at ``path`` shared: it
+    must not finish while that process holds it, and must finish once it lets go."""
     ours, theirs = _SPAWN.Pipe()
-    child = _SPAWN.Process(target=_hold_shared, args=(str(path), theirs))
+    child = _SPAWN.Process(target=_hold_shared, args=(path, theirs))
     child.start()
+    released = False
     try:
         assert ours.recv() == "held"
-        entered = threading.Event()
+        done = threading.Event()
 
-        def take() -> None:
-            with token_write_lock(path).exclusive():
-                entered.set()
+        def run() -> None:
+            action()
+            done.set()
 
-        taker = threading.Thread(target=take)
-        taker.start()
-        taker.join(0.3)
-        assert not entered.is_set()  # still waiting for the other process
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join(0.5)
+        assert not done.is_set()  # waiting for the other process
         ours.send("go")
+        released = True
         assert ours.recv() == "released"
-        taker.join(30)
-        assert entered.is_set()
+        worker.join(60)
+        assert done.is_set()
     finally:
+        if not released:  # a failed assertion: let the other process go
+            ours.send("go")
         child.join(30)
+
+
+def test_an_exclusive_holder_waits_for_another_process_holding_it_shared(tmp_path: Path) -> None:
+    path = tmp_path / "writes.lock"
+
+    def take() -> None:
+        with token_write_lock(path).exclusive():
+            pass
+
+    _waits_for_another_process_holding_it_shared(str(path), take)
 
 
 def test_a_thread_going_exclusive_does_not_wait_for_its_own_process_shared_holders(
@@ -131,29 +147,13 @@ def test_opening_the_token_waits_for_another_process_writing_objects(tmp_path: P
     (holds the write lock shared)."""
     ensure_token(tmp_path, "locked")
     config = token_config(tmp_path, "locked", write_lock=str(tmp_path / "w.lock"))
-    ours, theirs = _SPAWN.Pipe()
-    child = _SPAWN.Process(target=_hold_shared, args=(config.write_lock, theirs))
-    child.start()
+    assert config.write_lock is not None
     keystore = Pkcs11Keystore(config)
     try:
-        assert ours.recv() == "held"
-        opened = threading.Event()
-
-        def use() -> None:
-            keystore.list_objects()  # opens the token and logs in
-            opened.set()
-
-        user = threading.Thread(target=use)
-        user.start()
-        user.join(0.5)
-        assert not opened.is_set()  # waiting for the other process's write
-        ours.send("go")
-        assert ours.recv() == "released"
-        user.join(60)
-        assert opened.is_set()
+        # list_objects opens the token and logs in
+        _waits_for_another_process_holding_it_shared(config.write_lock, keystore.list_objects)
     finally:
         keystore.close()
-        child.join(30)
 
 
 @pytest.mark.hsm
@@ -168,34 +168,17 @@ def test_an_open_keystore_lists_objects_and_changes_anchors_only_while_no_other_
     config = token_config(tmp_path, "open", write_lock=str(tmp_path / "w.lock"))
     keystore = Pkcs11Keystore(config)
     keystore.write_anchor("seal", "before")  # opened, logged in, the anchor made
-    ours, theirs = _SPAWN.Pipe()
-    child = _SPAWN.Process(target=_hold_shared, args=(config.write_lock, theirs))
-    child.start()
-    released = threading.Event()
+    assert config.write_lock is not None
+
+    def use() -> None:
+        if operation == "list_objects":
+            keystore.list_objects()
+        else:
+            keystore.write_anchor("seal", "after")
+
     try:
-        assert ours.recv() == "held"
-        done = threading.Event()
-
-        def use() -> None:
-            if operation == "list_objects":
-                keystore.list_objects()
-            else:
-                keystore.write_anchor("seal", "after")
-            done.set()
-
-        user = threading.Thread(target=use)
-        user.start()
-        user.join(0.5)
-        assert not done.is_set()  # waiting for the other process's creation
-        ours.send("go")
-        released.set()
-        assert ours.recv() == "released"
-        user.join(60)
-        assert done.is_set()
+        _waits_for_another_process_holding_it_shared(config.write_lock, use)
         expected = "after" if operation == "write_anchor" else "before"
         assert keystore.read_anchor("seal") == expected
     finally:
-        if not released.is_set():  # a failed assertion: let the other process go
-            ours.send("go")
         keystore.close()
-        child.join(30)
