@@ -412,8 +412,9 @@ def copy_token_files(token_dir: Path, target: Path, *, since: float) -> TokenCop
 def hold_token_writes(data_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``<data_dir>/.token-writes.lock`` exclusively
     (:mod:`hsmkms.keystore.token_lock`): every hsmkms process holds it shared while it
-    creates, destroys or changes token objects, and exclusively while it logs in, so while
-    this is held no object is half written by hsmkms. Waits for the creations in flight."""
+    creates or destroys token objects, and exclusively while it logs in, lists objects or
+    changes an anchor, so while this is held no object is half written by hsmkms. Waits for
+    the creations in flight."""
     return token_write_lock(data_dir / TOKEN_WRITE_LOCK).exclusive()
 
 

@@ -531,7 +531,7 @@ class Pkcs11Keystore:
 
     # -- timing ------------------------------------------------------------------------------
 
-    def _token_writes(self) -> contextlib.AbstractContextManager[None]:
+    def _token_shared(self) -> contextlib.AbstractContextManager[None]:
         """Hold the token's write lock shared (``KeystoreConfig.write_lock``,
         :mod:`hsmkms.keystore.token_lock`) while objects are created or destroyed, or an
         anchor is read: another process logging in, listing objects or changing an anchor, or
@@ -816,7 +816,7 @@ class Pkcs11Keystore:
 
         if self._kek_id is not None:
             return self._call("creating a wrapped key", work)
-        with self._token_writes():  # the KEK may be created
+        with self._token_shared():  # the KEK may be created
             return self._call("creating a wrapped key", work)
 
     def _kek(self, conn: _Connection) -> tuple[str, Any]:
@@ -902,7 +902,7 @@ class Pkcs11Keystore:
                 spec, profile, tuple(raw.hex() for raw in ids), self._config.store_id
             )
 
-        with self._token_writes():
+        with self._token_shared():
             return self._call("creating a key", work)
 
     def destroy(self, ref: KeyMaterialRef) -> None:
@@ -922,7 +922,7 @@ class Pkcs11Keystore:
                 for obj in list(conn.session.get_objects({Attribute.ID: raw})):
                     obj.destroy()
 
-        with self._token_writes():
+        with self._token_shared():
             self._observed("destroy", lambda: self._call("destroying a key", work))
 
     def _forget_unwrapped(self, ref: KeyMaterialRef) -> None:
@@ -937,7 +937,7 @@ class Pkcs11Keystore:
         are still unsettled (the token still away). Called by the periodic work."""
         if not self._abandoned:
             return 0
-        with self._token_writes():
+        with self._token_shared():
             self._call("destroying what failed creations left", self._settle)
         return len(self._abandoned)
 
@@ -1557,7 +1557,7 @@ class Pkcs11Keystore:
 
         # Shared: not while another process changes an anchor (SoftHSM2 2.6.1 lets a reader see
         # its file empty while the writer finishes it).
-        with self._token_writes():
+        with self._token_shared():
             return self._observed("read_anchor", lambda: self._call("reading an anchor", work))
 
     def write_anchor(self, name: str, value: str) -> None:
@@ -1603,7 +1603,7 @@ class Pkcs11Keystore:
                 raise p11e.TokenNotPresent() from None
 
         # SoftHSM2 rewrites the object's file: a backup copying the token waits, as for keys.
-        with self._token_writes():
+        with self._token_shared():
             self._observed("write_anchor", lambda: self._call("writing an anchor", work))
         self._anchors_seen.add(name)
 
