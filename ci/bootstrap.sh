@@ -11,7 +11,8 @@
 #   - node and npm (Debian's, when there is no node), then the JavaScript SDK's locked packages
 #     (tests/js/package-lock.json) with `npm ci`,
 #   - uv (pinned) into .cache/uv-venv, then the locked Python dependencies into .venv, and the
-#     AWS Encryption SDK CLI's own locked environment (tests/esdk_cli) into .cache/esdk-cli-venv.
+#     AWS Encryption SDK CLI's own locked environment (tests/esdk_cli) into .cache/esdk-cli-venv,
+#     both compiled to bytecode, and hsmkms's own modules compiled too.
 # Idempotent and non-interactive: safe in CI (no terminal, no standard input).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +118,12 @@ fi
 if [ ! -f .cache/esdk-cli-venv/.synced ] || [ tests/esdk_cli/uv.lock -nt .cache/esdk-cli-venv/.synced ]; then
     echo "bootstrap: syncing the AWS Encryption SDK CLI into .cache/esdk-cli-venv" >&2
     UV_PROJECT_ENVIRONMENT="$PWD/.cache/esdk-cli-venv" .cache/uv-venv/bin/uv sync --frozen --quiet \
-        --project tests/esdk_cli --python python3
+        --project tests/esdk_cli --python python3 --compile-bytecode
     touch .cache/esdk-cli-venv/.synced
 fi
+
+# hsmkms itself is installed editable, so nothing compiled its modules. Where
+# PYTHONDONTWRITEBYTECODE is set (CI runners, some shells), every `hsmkms` process would compile
+# all of them from source again: about 0.3 s of CPU per command or server worker on a 2-core VM,
+# paid by each of the suite's CLI and server processes. Only changed files are compiled again.
+.venv/bin/python -m compileall -q hsmkms >/dev/null
