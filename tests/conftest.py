@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,15 @@ from hsmkms.softhsm import ensure_token, find_module
 GCM_LABEL = "hsmkms"
 PORTABLE_LABEL = "hsmkms-portable"
 SCRATCH_LABEL = "hsmkms-scratch"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background by a shell without job control (``make test &`` in a
+    script, ``nohup``) starts with SIGINT ignored, and every process it starts inherits that:
+    the tests that stop a command or a server as Ctrl-C does would then wait for it forever. A
+    handler of our own is reset to the default in each child at exec."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
