@@ -7,7 +7,9 @@ parent of ``hsmkms serve`` and each of its workers (:func:`hsmkms.api.app.create
 structlog events and stdlib ``logging`` records (uvicorn's) leave through the same processors,
 :func:`redact_secrets` first, to stderr: stdout carries command output. The format is JSON
 lines (``--log-format json``, the default when stderr is not a terminal: for log shippers) or
-one readable line per event (``console``, the default on a terminal).
+one readable line per event (``console``, the default on a terminal). A line stderr cannot take
+(a full disk under the log file, a reader that went away) is dropped, never raised into the
+call that logged it.
 
 :func:`redact_secrets` replaces the value of any field whose name says it holds a secret
 (plaintext, data keys, PINs, secrets, Authorization headers, ...) with ``[secure]`` (as httpx
@@ -19,13 +21,14 @@ are not rendered at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -130,13 +133,37 @@ def _renderer(fmt: str, stream: Any) -> Any:
     raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
 
 
+class _LogStream:
+    """The stream the logs go to, which never fails the call that logged: a line it cannot
+    take (a full disk under a log file, a reader that went away) is dropped. A server whose
+    log file was on a full disk answered uvicorn's bare 500 instead of the 503 the fault
+    deserves, because writing the fault's own log line raised."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def configure_logging(level: str = "INFO", *, stream: Any = None, fmt: str | None = None) -> None:
     """Send structlog (and stdlib logging, e.g. uvicorn's) to ``stream`` (default stderr),
     through :func:`redact_secrets`, at ``level`` (a level name, any case) and above, as JSON
     lines or console lines (``fmt``; None: :func:`default_format`). Called once by each entry
     point; calling it again replaces the set-up."""
-    out = stream if stream is not None else sys.stderr
-    renderer = _renderer(fmt if fmt is not None else default_format(out), out)
+    given = stream if stream is not None else sys.stderr
+    renderer = _renderer(fmt if fmt is not None else default_format(given), given)
+    out = _LogStream(given)
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
@@ -151,7 +178,7 @@ def configure_logging(level: str = "INFO", *, stream: Any = None, fmt: str | Non
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, out)),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)

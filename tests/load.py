@@ -19,6 +19,8 @@ from hsmkms.sigv4 import SignedRequest, sign
 
 Body = Callable[[int], Mapping[str, Any]]
 RECONNECT_EVERY = 20
+NOT_JSON = "(not a JSON body)"
+"""The error of an answer whose body is not JSON: never an AWS answer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +112,10 @@ def send(
     conn.request("POST", "/", body=data, headers=dict(signed.headers))
     response = conn.getresponse()
     raw = response.read()
-    parsed = json.loads(raw) if raw else {}
+    try:
+        parsed = json.loads(raw) if raw else {}
+    except ValueError:  # not an AWS answer (uvicorn's bare 500 for an unhandled exception)
+        parsed = {"__type": NOT_JSON, "message": raw[:200].decode("utf-8", "replace")}
     error = parsed.get("__type") if response.status != 200 else None
     return Answer(
         request_id=response.getheader("x-amzn-RequestId") or "",

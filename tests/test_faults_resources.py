@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from load import Load, send
+from load import NOT_JSON, Load, send
 from server import RunningServer, start_server
 
 from hsmkms.config import Settings
@@ -115,6 +115,9 @@ def test_a_full_disk_refuses_writes_with_the_cause_and_recovers(tmp_path: Path) 
             full = load.stop()
             pids = {a.worker for a in full}
 
+            # Each answer is the service's: none is uvicorn's bare 500 for an exception that
+            # escaped (writing a log line to the full disk did that).
+            assert [a.message for a in full if a.error == NOT_JSON] == []
             refused = [a for a in full if a.status == 503]
             assert refused
             for answer in refused:

@@ -54,6 +54,28 @@ def test_stdlib_logging_goes_through_the_same_processor() -> None:
     assert json.loads(stream.getvalue())["event"] == "started"
 
 
+def test_a_line_the_stream_cannot_take_is_dropped_and_the_caller_goes_on() -> None:
+    """A full disk under the log file (/dev/full answers every write with ENOSPC; line
+    buffered, as stderr is), then a closed stream: the calls that log go on, which is what
+    keeps a server's fault an AWS answer instead of uvicorn's bare 500."""
+    full = open("/dev/full", "w", buffering=1, encoding="utf-8")  # noqa: SIM115
+    try:
+        configure_logging("INFO", stream=full)
+        get_logger("t").error("server_fault", error="DependencyTimeoutException")
+        logging.getLogger("uvicorn.error").error("Exception in ASGI application")
+    finally:
+        with contextlib.suppress(OSError):  # what it still buffers cannot be written either
+            full.close()
+    closed = io.StringIO()
+    closed.close()
+    configure_logging("INFO", stream=closed)
+    get_logger("t").warning("after the reader went away")
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    get_logger("t").info("written again")
+    assert json.loads(stream.getvalue())["event"] == "written again"
+
+
 def test_nested_structures_are_scrubbed() -> None:
     event = redact_secrets(
         None, "info", {"event": "x", "body": {"items": [{"SecretAccessKey": "s"}, b"\x00\x01"]}}
