@@ -267,6 +267,21 @@ def test_a_single_bit_anywhere_is_caught(
         verify_document(edited)
 
 
+def test_a_public_key_on_a_curve_nobody_knows_is_refused(reports: dict[str, Path]) -> None:
+    """Found by the bit-flip test above (one bit of the public key's base64): the key's DER
+    still parses but names the curve 0.38.840.10045.3.1.7, which cryptography refuses with
+    UnsupportedAlgorithm. That escaped verify_document instead of refusing the document."""
+    data = reports["json"].read_bytes()
+    public_text = json.loads(data)["signature"]["publicKey"]
+    der = base64.b64decode(public_text)
+    p256 = bytes.fromhex("2a8648ce3d030107")  # the OID 1.2.840.10045.3.1.7 (P-256)
+    assert p256 in der
+    forged = base64.b64encode(der.replace(p256, bytes.fromhex("268648ce3d030107"))).decode()
+    edited = data.replace(public_text.encode(), forged.encode())
+    with pytest.raises(UnsignedDocument, match="not a P-256 key"):
+        verify_document(edited)
+
+
 def test_a_report_re_signed_by_another_key_is_refused(
     data_dir: Path, reports: dict[str, Path], tmp_path: Path
 ) -> None:

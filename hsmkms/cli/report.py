@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from hsmkms.cli.errors import UsageError
@@ -206,7 +207,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.public_key is not None:
         try:
             pinned = serialization.load_pem_public_key(_read(args.public_key))
-        except ValueError:
+        except (ValueError, UnsupportedAlgorithm):
             raise ClientError(f"{args.public_key} is not a PEM public key") from None
         trusted = [
             pinned.public_bytes(

@@ -32,7 +32,7 @@ import re
 from collections.abc import Collection
 from typing import Any, Final
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -180,6 +180,8 @@ def _check(public_der: bytes, algorithm: str, signed: bytes, signature: bytes) -
         key = serialization.load_der_public_key(public_der)
     except ValueError:
         raise UnsignedDocument("the public key is not a DER SubjectPublicKeyInfo") from None
+    except UnsupportedAlgorithm:  # well-formed DER naming a curve or algorithm nobody knows
+        raise UnsignedDocument("the public key is not a P-256 key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise UnsignedDocument("the public key is not a P-256 key")
     try:
