@@ -1602,9 +1602,9 @@ class Pkcs11Keystore:
                 conn.anchor_objects.pop(name, None)
                 raise p11e.TokenNotPresent() from None
 
-        # SoftHSM2 rewrites the object's file: a backup copying the token waits, as for keys.
-        with self._token_shared():
-            self._observed("write_anchor", lambda: self._call("writing an anchor", work))
+        # The change holds the lock exclusively (work): readers of the anchor and a backup
+        # copying the token wait for it, as for keys.
+        self._observed("write_anchor", lambda: self._call("writing an anchor", work))
         self._anchors_seen.add(name)
 
     def close(self) -> None:
