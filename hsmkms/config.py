@@ -926,7 +926,9 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
         placement=KeyPlacement(settings.key_placement),
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
-        write_lock=str(settings.token_write_lock) if settings.is_embedded else None,
+        # Every token, not only the embedded one: an external SoftHSM2 token served by several
+        # workers loses objects to the same races (hsmkms/keystore/token_lock.py).
+        write_lock=str(settings.token_write_lock),
     )
 
 
@@ -941,7 +943,8 @@ def cluster_keystore_config(
     On the same module as the default token the token must be in the same SoftHSM2
     configuration: a process loads a module once, and SoftHSM2 reads its configuration only
     when initialized, so the cluster's keystore shares the default token's (the embedded data
-    directory's ``softhsm2.conf`` and token write lock). Raises :class:`ConfigError`.
+    directory's ``softhsm2.conf``). Every token takes the data directory's token write lock.
+    Raises :class:`ConfigError`.
     """
     uri = parse_pkcs11_uri(pkcs11_uri)
     if uri.pin_source is not None or uri.pin_value is not None:
@@ -970,6 +973,6 @@ def cluster_keystore_config(
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
         placement=KeyPlacement.TOKEN,
         softhsm2_conf=str(settings.softhsm2_conf) if shared else None,
-        write_lock=str(settings.token_write_lock) if shared else None,
+        write_lock=str(settings.token_write_lock),
         store_id=store_id,
     )

@@ -901,6 +901,8 @@ def test_uri_supplies_module_token_serial_and_slot(
     assert resolved.slot_id == 2
     assert resolved.pin == PIN
     assert resolved.softhsm2_conf is None
+    # Not only the embedded token: the workers of one data directory share its write lock.
+    assert resolved.write_lock == str(settings.data_dir / ".token-writes.lock")
 
 
 def test_explicit_settings_win_over_the_uri(

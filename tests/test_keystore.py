@@ -384,7 +384,8 @@ def test_two_softhsm_configurations_in_one_process(
 
 
 def _create_and_use(data_dir: str, count: int) -> list[str]:
-    ks = Pkcs11Keystore(token_config(Path(data_dir), SCRATCH_LABEL))
+    lock = str(Path(data_dir) / "token-writes.lock")  # as hsmkms configures every token
+    ks = Pkcs11Keystore(token_config(Path(data_dir), SCRATCH_LABEL, write_lock=lock))
     errors, refs = [], []
     try:
         for _ in range(count):
@@ -405,7 +406,13 @@ def _create_and_use(data_dir: str, count: int) -> list[str]:
 def test_processes_creating_and_using_keys_at_once(softhsm_dir: Path) -> None:
     """SoftHSM 2.6.1 fails about 1 in 1,000 key creations and uses with FunctionFailed,
     MechanismInvalid or GeneralError while other processes write the token (SoftHSMv2 #573,
-    #576, #578); the keystore retries those, so three busy processes see no error."""
+    #576, #578); the keystore retries those, so three busy processes see no error.
+
+    Each process lists the token's objects when it opens it (the handle cache). Without the
+    token write lock that listing, reading a key another process was still making, wrote the
+    key's early state over it: the key lost its CKA_ID and CKA_VALUE (the creator's next use
+    failed with KeyMaterialMissing, a fresh process found it nowhere). Measured here without
+    the lock: 3 lost keys in 120 runs of this test; the CI run of d773048 lost one."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(3) as pool:
         results = pool.starmap(_create_and_use, [(str(softhsm_dir), 40)] * 3)

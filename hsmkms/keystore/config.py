@@ -37,8 +37,10 @@ class KeystoreConfig:
     # For SoftHSM2: the config file the module must read (exported as SOFTHSM2_CONF).
     softhsm2_conf: str | None = None
     # A lock file every process of this token holds shared while it creates or destroys token
-    # objects (hsmkms backup holds it exclusively while it copies SoftHSM2's token files, which
-    # a new object takes many writes to finish); None: no such lock (a hardware token).
+    # objects and exclusively while it logs in or lists objects (hsmkms backup holds it
+    # exclusively while it copies SoftHSM2's token files, which a new object takes many writes
+    # to finish); hsmkms names its data directory's for every token. None: no such lock (one
+    # process alone on the token).
     write_lock: str | None = None
     # How long to retry token discovery at start (SoftHSM2 can briefly hide a token that
     # another process is writing; reference/pkcs11-facts.md §2.5).
