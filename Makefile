@@ -9,6 +9,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: run test test-postgresql lint bootstrap bench clean clean-data
+# Two pytest-xdist workers, one per core of the CI machine; a test module runs whole on one
+# (its module fixtures, servers and tokens, made once). The NSS pass stays in one process: all
+# its modules use the one NSS database (tests/nss.py).
+XDIST = -n 2 --dist loadfile
 PYTEST_RC = || { rc=$$?; [ $$rc -eq 5 ] && exit 1; exit $$rc; }
 
 bootstrap:
@@ -21,9 +25,9 @@ test: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict
-	$(BIN)/pytest --cov --cov-branch --cov-report= $(PYTEST_ARGS) $(PYTEST_RC)
+	$(BIN)/pytest $(XDIST) --cov --cov-branch --cov-report= $(PYTEST_ARGS) $(PYTEST_RC)
 	HSMKMS_TEST_TOKEN=nss $(BIN)/pytest -m vendors --cov --cov-append --cov-branch --cov-report= $(PYTEST_ARGS) $(PYTEST_RC)
-	HSMKMS_TEST_DATABASE=postgresql $(BIN)/pytest --cov --cov-append --cov-branch --cov-report=term:skip-covered $(PYTEST_ARGS) $(PYTEST_RC)
+	HSMKMS_TEST_DATABASE=postgresql $(BIN)/pytest $(XDIST) --cov --cov-append --cov-branch --cov-report=term:skip-covered $(PYTEST_ARGS) $(PYTEST_RC)
 
 test-postgresql: bootstrap
 	HSMKMS_TEST_DATABASE=postgresql $(BIN)/pytest $(PYTEST_ARGS) $(PYTEST_RC)

@@ -4,15 +4,20 @@ by the modules that run hsmkms on it (tests/test_nss_token.py, tests/test_nss_co
 The token is registered with p11-kit by ``ci/bootstrap.sh`` (``/etc/pkcs11/modules/
 hsmkms-nss-ci.module``, database in :data:`NSS_DIR`); :func:`nss_token` makes a fresh NSS
 database there, with a random PIN, for each module using it. Without the module file the tests
-are skipped and say why. One NSS database serves one module at a time: do not run these modules
-in parallel processes.
+are skipped and say why. One NSS database serves one module at a time: :func:`nss_token` holds
+:data:`NSS_LOCK` for its module, so modules in parallel processes (xdist workers, two test runs)
+take turns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +28,7 @@ from _pytest.fixtures import FixtureFunctionDefinition
 from server import RunningServer, running_server
 
 NSS_DIR = Path("/var/lib/hsmkms-ci/nss")
+NSS_LOCK = Path(tempfile.gettempdir()) / "hsmkms-ci-nss.lock"
 MODULE_FILE = Path("/etc/pkcs11/modules/hsmkms-nss-ci.module")
 TOKEN = "NSS%20Certificate%20DB"
 
@@ -65,10 +71,24 @@ def proxy_module() -> Path:
     return proxy
 
 
+@contextlib.contextmanager
+def _holding_the_token() -> Iterator[None]:
+    """Hold :data:`NSS_LOCK` (``flock``): one test module at a time, in any process, uses the
+    one NSS database (``make test`` runs modules on two xdist workers)."""
+    fd = os.open(NSS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="module")
-def nss_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A fresh NSS token for the module: its URI without a PIN, and its PIN."""
-    return fresh_token(tmp_path_factory.mktemp("nss"))
+def nss_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A fresh NSS token for the module, the module's alone until its end (its servers are
+    stopped first): its URI without a PIN, and its PIN."""
+    with _holding_the_token():
+        yield fresh_token(tmp_path_factory.mktemp("nss"))
 
 
 @pytest.fixture(scope="module")
