@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server import clean_env, run_cli
+from server import clean_env, database_env, run_cli
 
 from hsmkms import __version__
 from hsmkms.cli.main import _leaves, build_parser
@@ -192,13 +192,34 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return path, key
 
 
+_ENCRYPT_MANY = """
+import sys
+from hsmkms.cli.main import main
+data_dir, key, plain, *outs = sys.argv[1:]
+for out in outs:
+    code = main(["encrypt-file", plain, out, "--key-id", key, "--data-dir", data_dir])
+    if code:
+        sys.exit(code)
+"""
+
+
 def _encrypt_files(data_dir: Path, plain: Path, outs: list[Path], key: str) -> None:
-    def one(out: Path) -> int:
-        args = ["encrypt-file", str(plain), str(out), "--key-id", key]
-        return run_cli(*args, "--data-dir", str(data_dir)).returncode
+    """``hsmkms encrypt-file`` of ``plain`` to each of ``outs``: audited local calls
+    (GenerateDataKey). Four processes write the trail at once, as several shells would; each
+    runs its share of the commands in one interpreter (a process start costs about a second of
+    imports, which 40 starts per call made the slowest setup of the suite)."""
+
+    def one(share: list[Path]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _ENCRYPT_MANY, str(data_dir), key, str(plain), *map(str, share)],
+            env=clean_env(**database_env(data_dir, None)), capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        assert list(pool.map(one, outs)) == [0] * len(outs)
+        done = list(pool.map(one, [outs[n::4] for n in range(4)]))
+    assert [(d.returncode, d.stderr) for d in done] == [(0, "")] * 4
+    assert all(out.is_file() for out in outs)
 
 
 def _cli(data_dir: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
