@@ -11,9 +11,6 @@ take turns.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import secrets
 import shutil
 import subprocess
@@ -26,6 +23,8 @@ from typing import Any
 import pytest
 from _pytest.fixtures import FixtureFunctionDefinition
 from server import RunningServer, running_server
+
+from hsmkms.keystore.token_lock import token_write_lock
 
 NSS_DIR = Path("/var/lib/hsmkms-ci/nss")
 NSS_LOCK = Path(tempfile.gettempdir()) / "hsmkms-ci-nss.lock"
@@ -71,23 +70,11 @@ def proxy_module() -> Path:
     return proxy
 
 
-@contextlib.contextmanager
-def _holding_the_token() -> Iterator[None]:
-    """Hold :data:`NSS_LOCK` (``flock``): one test module at a time, in any process, uses the
-    one NSS database (``make test`` runs modules on two xdist workers)."""
-    fd = os.open(NSS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture(scope="module")
 def nss_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A fresh NSS token for the module, the module's alone until its end (its servers are
     stopped first): its URI without a PIN, and its PIN."""
-    with _holding_the_token():
+    with token_write_lock(NSS_LOCK).exclusive():  # a flock: any process, any module
         yield fresh_token(tmp_path_factory.mktemp("nss"))
 
 

@@ -29,6 +29,7 @@ from hsmkms.keystore.errors import (
 )
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.profiles import MechanismProfile
+from hsmkms.softhsm import TOKEN_WRITE_LOCK
 
 pytestmark = pytest.mark.hsm
 
@@ -384,7 +385,7 @@ def test_two_softhsm_configurations_in_one_process(
 
 
 def _create_and_use(data_dir: str, count: int) -> list[str]:
-    lock = str(Path(data_dir) / "token-writes.lock")  # as hsmkms configures every token
+    lock = str(Path(data_dir) / TOKEN_WRITE_LOCK)  # as hsmkms configures every token
     ks = Pkcs11Keystore(token_config(Path(data_dir), SCRATCH_LABEL, write_lock=lock))
     errors, refs = [], []
     try:
