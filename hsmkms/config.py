@@ -592,11 +592,6 @@ class Settings(_EnvironmentSettings):
         return self.data_dir / "softhsm2.conf"
 
     @property
-    def token_write_lock(self) -> Path:
-        """The embedded token's write lock (``hsmkms backup``; KeystoreConfig.write_lock)."""
-        return self.data_dir / softhsm.TOKEN_WRITE_LOCK
-
-    @property
     def token_dir(self) -> Path:
         """The SoftHSM2 token directory of the embedded default."""
         return self.data_dir / "tokens"
@@ -885,6 +880,30 @@ def _resolve_module(settings: Settings, uri: Pkcs11Uri | None) -> str:
     )
 
 
+def token_write_lock(settings: Settings, module_path: str) -> Path:
+    """The write lock of a token on the module at ``module_path`` (KeystoreConfig.write_lock,
+    ``hsmkms backup``; :mod:`hsmkms.keystore.token_lock`).
+
+    For SoftHSM2: ``.token-writes.lock`` in the token directory of the configuration the
+    process loads the module with (the data directory's ``softhsm2.conf`` for the embedded
+    default, which hsmkms exports; otherwise ``SOFTHSM2_CONF`` or SoftHSM2's default), so
+    every process on one token directory takes one lock, whatever its data directory: nodes
+    sharing a SoftHSM2 token directory, the tools of one node, and custom key stores' tokens
+    beside the default one. For another module, ``<data_dir>/.token-writes.lock``: the
+    processes of one data directory."""
+    if softhsm.is_softhsm2(module_path):
+        if settings.is_embedded:
+            conf = settings.softhsm2_conf
+            fallback: Path | None = settings.token_dir / softhsm.TOKEN_WRITE_LOCK
+        else:
+            conf = Path(os.environ.get("SOFTHSM2_CONF") or softhsm.DEFAULT_CONF)
+            fallback = None
+        found = softhsm.token_dir_write_lock(conf) or fallback
+        if found is not None:
+            return found
+    return settings.data_dir / softhsm.TOKEN_WRITE_LOCK
+
+
 def _check_token_field(value: str | None, what: str, limit: int) -> str | None:
     # An empty URI value ("serial=") selects nothing useful: treat it as unset.
     if not value:
@@ -927,8 +946,8 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         placement=KeyPlacement(settings.key_placement),
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
         # Every token, not only the embedded one: an external SoftHSM2 token served by several
-        # workers loses objects to the same races (hsmkms/keystore/token_lock.py).
-        write_lock=str(settings.token_write_lock),
+        # workers or nodes loses objects to the same races (hsmkms/keystore/token_lock.py).
+        write_lock=str(token_write_lock(settings, module_path)),
     )
 
 
@@ -943,8 +962,8 @@ def cluster_keystore_config(
     On the same module as the default token the token must be in the same SoftHSM2
     configuration: a process loads a module once, and SoftHSM2 reads its configuration only
     when initialized, so the cluster's keystore shares the default token's (the embedded data
-    directory's ``softhsm2.conf``). Every token takes the data directory's token write lock.
-    Raises :class:`ConfigError`.
+    directory's ``softhsm2.conf``). Every token takes its token write lock
+    (:func:`token_write_lock`). Raises :class:`ConfigError`.
     """
     uri = parse_pkcs11_uri(pkcs11_uri)
     if uri.pin_source is not None or uri.pin_value is not None:
@@ -973,6 +992,6 @@ def cluster_keystore_config(
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
         placement=KeyPlacement.TOKEN,
         softhsm2_conf=str(settings.softhsm2_conf) if shared else None,
-        write_lock=str(settings.token_write_lock),
+        write_lock=str(token_write_lock(settings, module_path)),
         store_id=store_id,
     )

@@ -42,6 +42,8 @@ DEFAULT_LABEL = "hsmkms"
 CONF_NAME = "softhsm2.conf"
 TOKEN_DIR_NAME = "tokens"  # noqa: S105 (a directory name)
 TOKEN_WRITE_LOCK = ".token-writes.lock"  # noqa: S105 (a file name)
+# SoftHSM2's configuration when SOFTHSM2_CONF is unset (Debian's package; ./configure default).
+DEFAULT_CONF = "/etc/softhsm/softhsm2.conf"
 MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -409,13 +411,38 @@ def copy_token_files(token_dir: Path, target: Path, *, since: float) -> TokenCop
     return TokenCopy(tuple(sorted(files)), tuple(sorted(skipped)))
 
 
-def hold_token_writes(data_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold ``<data_dir>/.token-writes.lock`` exclusively
-    (:mod:`hsmkms.keystore.token_lock`): every hsmkms process holds it shared while it
-    creates or destroys token objects, and exclusively while it logs in, lists objects or
-    changes an anchor, so while this is held no object is half written by hsmkms. Waits for
-    the creations in flight."""
-    return token_write_lock(data_dir / TOKEN_WRITE_LOCK).exclusive()
+def is_softhsm2(module_path: str) -> bool:
+    """Whether the PKCS#11 module at ``module_path`` is SoftHSM2's (by its file name)."""
+    return os.path.basename(os.path.realpath(module_path)).startswith("libsofthsm2")
+
+
+def conf_token_dir(conf: Path) -> Path | None:
+    """The ``directories.tokendir`` a SoftHSM2 configuration file names, or None when the file
+    cannot be read or names none."""
+    try:
+        found = _TOKENDIR_LINE.search(conf.read_text())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(found.group(2)) if found and found.group(2) else None
+
+
+def token_dir_write_lock(conf: Path) -> Path | None:
+    """The token write lock of every token in the token directory ``conf`` names
+    (``<tokendir>/.token-writes.lock``), or None when ``conf`` names none. Every process on
+    that directory finds the same file, whatever its data directory: the races it guards
+    against are between processes on one token directory (:mod:`hsmkms.keystore.token_lock`).
+    SoftHSM2 reads only the directories in its token directory, never a file there."""
+    token_dir = conf_token_dir(conf)
+    return None if token_dir is None else token_dir / TOKEN_WRITE_LOCK
+
+
+def hold_token_writes(lock: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the token write lock ``lock`` exclusively (:mod:`hsmkms.keystore.token_lock`;
+    ``Settings.token_write_lock``): every hsmkms process holds it shared while it creates or
+    destroys token objects, and exclusively while it logs in, lists objects or changes an
+    anchor, so while this is held no object is half written by hsmkms. Waits for the
+    creations in flight."""
+    return token_write_lock(lock).exclusive()
 
 
 def write_conf(data_dir: Path) -> Path:

@@ -265,7 +265,7 @@ def test_token_files_copied_while_softhsm_writes_them_hold_every_whole_object(
     pin = (data_dir / "user.pin").read_text().strip()
     writer = subprocess.Popen(
         [sys.executable, "-c", _writer_script(), find_module(), pin, str(conf),
-         str(data_dir / TOKEN_WRITE_LOCK)],
+         str(data_dir / "tokens" / TOKEN_WRITE_LOCK)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
     assert writer.stdout is not None
@@ -275,7 +275,7 @@ def test_token_files_copied_while_softhsm_writes_them_hold_every_whole_object(
         for n in range(25):
             copy = tmp_path / f"copy{n}"
             copy.mkdir()
-            with hold_token_writes(data_dir):
+            with hold_token_writes(data_dir / "tokens" / TOKEN_WRITE_LOCK):
                 began = time.time()
                 result = copy_token_files(data_dir / "tokens", copy / "tokens", since=began)
                 ended = time.time()

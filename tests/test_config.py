@@ -18,6 +18,7 @@ from hsmkms.config import (
     PinSource,
     Pkcs11Uri,
     Settings,
+    cluster_keystore_config,
     embedded_module_path,
     find_module_by_name,
     format_pkcs11_uri,
@@ -903,6 +904,65 @@ def test_uri_supplies_module_token_serial_and_slot(
     assert resolved.softhsm2_conf is None
     # Not only the embedded token: the workers of one data directory share its write lock.
     assert resolved.write_lock == str(settings.data_dir / ".token-writes.lock")
+
+
+def _softhsm2_conf(path: Path, token_dir: str | None) -> Path:
+    line = "" if token_dir is None else f"directories.tokendir = {token_dir}\n"
+    path.write_text(f"# a SoftHSM2 configuration\n{line}objectstore.backend = file\n")
+    return path
+
+
+def test_a_softhsm2_token_s_write_lock_is_in_its_token_directory_whatever_the_data_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every process on one SoftHSM2 token directory takes one write lock: the embedded
+    default's, another data directory's on that token (SOFTHSM2_CONF), and a custom key
+    store's token beside the default one."""
+    module = _fake_module(tmp_path / "lib", "libsofthsm2.so")
+    pin = _pin_file(tmp_path)
+    embedded = tmp_path / "node1"
+    embedded.mkdir()
+    _softhsm2_conf(embedded / "softhsm2.conf", str(tmp_path / "shared-tokens"))
+    _pin_file(embedded, name="user.pin")
+    monkeypatch.setattr(config, "embedded_module_path", lambda: module)
+    lock = str(tmp_path / "shared-tokens" / ".token-writes.lock")
+    first = _settings(monkeypatch, data_dir=str(embedded))
+    assert keystore_config(first).write_lock == lock
+    store = f"pkcs11:token=store?module-path={module}"
+    assert cluster_keystore_config(first, store, PIN, "cks-1").write_lock == lock
+    monkeypatch.setenv("SOFTHSM2_CONF", str(embedded / "softhsm2.conf"))
+    second = _settings(
+        monkeypatch, data_dir=str(tmp_path / "node2"), pkcs11_uri=(
+            f"pkcs11:token=hsmkms?module-path={module}&pin-source=file:{pin}"
+        ),
+    )  # fmt: skip
+    assert keystore_config(second).write_lock == lock
+
+
+def test_the_embedded_token_s_write_lock_before_its_configuration_is_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Before ``softhsm2.conf`` exists (the first start), the lock is where that file will
+    point: every process of a new data directory agrees."""
+    _pin_file(tmp_path, name="user.pin")
+    settings = _settings(monkeypatch, data_dir=str(tmp_path))
+    assert keystore_config(settings).write_lock == str(tmp_path / "tokens" / ".token-writes.lock")
+
+
+@pytest.mark.parametrize("conf", ["missing", "no tokendir line"])
+def test_a_softhsm2_configuration_naming_no_token_directory_leaves_the_data_directory_lock(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, conf: str
+) -> None:
+    module = _fake_module(tmp_path / "lib", "libsofthsm2.so")
+    path = tmp_path / "softhsm2.conf"
+    if conf != "missing":
+        _softhsm2_conf(path, None)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(path))
+    settings = _settings(
+        monkeypatch, data_dir=str(tmp_path / "d"), module_path=str(module), token_label="t",
+        pin_file=str(_pin_file(tmp_path)),
+    )  # fmt: skip
+    assert keystore_config(settings).write_lock == str(tmp_path / "d" / ".token-writes.lock")
 
 
 def test_explicit_settings_win_over_the_uri(

@@ -385,7 +385,7 @@ def test_two_softhsm_configurations_in_one_process(
 
 
 def _create_and_use(data_dir: str, count: int) -> list[str]:
-    lock = str(Path(data_dir) / TOKEN_WRITE_LOCK)  # as hsmkms configures every token
+    lock = str(Path(data_dir) / "tokens" / TOKEN_WRITE_LOCK)  # as hsmkms configures SoftHSM2
     ks = Pkcs11Keystore(token_config(Path(data_dir), SCRATCH_LABEL, write_lock=lock))
     errors, refs = [], []
     try:

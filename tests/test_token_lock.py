@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from conftest import token_config
+from hsmkms.config import Settings, keystore_config
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.keystore.token_lock import token_write_lock
-from hsmkms.softhsm import ensure_token
+from hsmkms.softhsm import ensure_token, find_module
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -180,5 +181,37 @@ def test_an_open_keystore_lists_objects_and_changes_anchors_only_while_no_other_
         _waits_for_another_process_holding_it_shared(config.write_lock, use)
         expected = "after" if operation == "write_anchor" else "before"
         assert keystore.read_anchor("seal") == expected
+    finally:
+        keystore.close()
+
+
+@pytest.mark.hsm
+def test_a_node_on_another_data_directory_waits_for_the_first_nodes_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes on one SoftHSM2 token directory (another machine's data directory, the first
+    one's token by module, label and SOFTHSM2_CONF, as docs/deployment.md lays out) take one
+    write lock: the second opens the token only while no process of the first creates
+    objects. With a lock per data directory they raced, and a key being made could be lost."""
+    first = tmp_path / "first"
+    ensure_token(first)
+    for name in list(os.environ):
+        if name.startswith("HSMKMS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(first / "softhsm2.conf"))
+    ours = keystore_config(Settings(data_dir=first))
+    other = keystore_config(
+        Settings(
+            data_dir=tmp_path / "second",
+            module_path=find_module(),
+            token_label="hsmkms",
+            pin_file=first / "user.pin",
+        )
+    )
+    assert ours.write_lock == other.write_lock == str(first / "tokens" / ".token-writes.lock")
+    keystore = Pkcs11Keystore(other)
+    try:
+        _waits_for_another_process_holding_it_shared(other.write_lock, keystore.list_objects)
+        assert keystore.info().label == "hsmkms"
     finally:
         keystore.close()

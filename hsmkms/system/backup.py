@@ -72,7 +72,7 @@ import structlog
 
 from hsmkms import __version__
 from hsmkms.audit import canonical_json, operator_event_record
-from hsmkms.config import ConfigError, Settings
+from hsmkms.config import ConfigError, Settings, embedded_module_path, token_write_lock
 from hsmkms.db import check_database_file, database_exists, snapshot_database
 from hsmkms.errors import ClientError
 from hsmkms.keystore.base import (
@@ -258,7 +258,8 @@ def backup_data_directory(settings: Settings, out: Path) -> BackupResult:
                             snapshot_database(settings.audit_database_url, staging / _AUDIT)
                         copied = None
                         if settings.is_embedded:
-                            with hold_token_writes(data_dir):
+                            lock = token_write_lock(settings, str(embedded_module_path()))
+                            with hold_token_writes(lock):
                                 copied = copy_token_files(
                                     settings.token_dir, staging / TOKEN_DIR_NAME, since=since
                                 )
