@@ -431,17 +431,18 @@ def token_dir_write_lock(conf: Path) -> Path | None:
     (``<tokendir>/.token-writes.lock``), or None when ``conf`` names none. Every process on
     that directory finds the same file, whatever its data directory: the races it guards
     against are between processes on one token directory (:mod:`hsmkms.keystore.token_lock`).
-    SoftHSM2 reads only the directories in its token directory, never a file there."""
+    SoftHSM2 takes only the directories in its token directory for tokens and leaves a file
+    there alone (every embedded token of the test suite has its lock file there)."""
     token_dir = conf_token_dir(conf)
     return None if token_dir is None else token_dir / TOKEN_WRITE_LOCK
 
 
 def hold_token_writes(lock: Path) -> contextlib.AbstractContextManager[None]:
     """Hold the token write lock ``lock`` exclusively (:mod:`hsmkms.keystore.token_lock`;
-    ``Settings.token_write_lock``): every hsmkms process holds it shared while it creates or
-    destroys token objects, and exclusively while it logs in, lists objects or changes an
-    anchor, so while this is held no object is half written by hsmkms. Waits for the
-    creations in flight."""
+    :func:`hsmkms.config.token_write_lock`): every hsmkms process holds it shared while it
+    creates or destroys token objects, and exclusively while it logs in, lists objects or
+    changes an anchor, so while this is held no object is half written by hsmkms. Waits for
+    the creations in flight."""
     return token_write_lock(lock).exclusive()
 
 
