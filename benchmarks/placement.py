@@ -2,7 +2,7 @@
 KmsService in process.
 
     .venv/bin/python benchmarks/placement.py [--keys 1000] [--seconds 2] [--first-uses 200]
-        [--start-keys 20000] [--workers 2]
+        [--start-keys 20000] [--start-placement wrapped] [--workers 2]
 
 (``--keys 0``: only the server start; ``--start-keys 0``: no server start.)
 
@@ -31,9 +31,9 @@ and a SQLite metadata store sealed by the token (as served), measures:
 - the token's object count afterwards.
 
 Then, unless ``--start-keys 0``: ``hsmkms serve --workers N`` started on a data directory holding
-``--start-keys`` keys (made in process through the running system, ``wrapped`` placement: ~700
-keys/s) against one holding none, in the same run: seconds until ``/healthz`` answers, and each
-worker's RSS then.
+``--start-keys`` keys (made in process through the running system, in ``--start-placement``:
+``wrapped`` by default, 170-700 keys/s here; ``token``, about 70) against one holding none, in
+the same run: seconds until ``/healthz`` answers, and each worker's RSS then.
 
 Prints the numbers per placement and ratios against the baseline of the same run. No
 assertions: the numbers are for ``docs/keystore.md``.
@@ -183,8 +183,8 @@ def elsewhere(data_dir: Path, placement: str, ids: list[str]) -> dict[str, float
         keystore.close()
 
 
-def make_keys(data_dir: Path, keys: int) -> float:
-    """``keys`` SYMMETRIC_DEFAULT keys (wrapped placement) in ``data_dir`` through the running
+def make_keys(data_dir: Path, keys: int, placement: str) -> float:
+    """``keys`` SYMMETRIC_DEFAULT keys (``placement``) in ``data_dir`` through the running
     system, as ``hsmkms serve`` opens it; keys/s."""
     import structlog
 
@@ -193,7 +193,7 @@ def make_keys(data_dir: Path, keys: int) -> float:
     from hsmkms.system import System
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    settings = Settings.load(data_dir).model_copy(update={"key_placement": "wrapped"})
+    settings = Settings.load(data_dir).model_copy(update={"key_placement": placement})
     with System.open(settings, audit=None) as system:
         start = time.perf_counter()
         for _ in range(keys):
@@ -219,9 +219,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def serve_start(keys: int, workers: int) -> dict[str, float]:
+def serve_start(keys: int, workers: int, placement: str) -> dict[str, float]:
     """Seconds from ``hsmkms serve`` to its first ``/healthz`` answer on a data directory with
-    ``keys`` keys, and the mean and largest RSS of its processes (MiB)."""
+    ``keys`` keys (``placement``), and the mean and largest RSS of its processes (MiB)."""
     from scale import start_node
 
     # scale.py's import of http_api.py takes this directory off sys.path; spawned children
@@ -233,8 +233,8 @@ def serve_start(keys: int, workers: int) -> dict[str, float]:
         data_dir = Path(tmp)
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(1) as pool:
-            created = pool.apply(make_keys, (data_dir, keys))
-        env = {"HSMKMS_KEY_PLACEMENT": "wrapped"}
+            created = pool.apply(make_keys, (data_dir, keys, placement))
+        env = {"HSMKMS_KEY_PLACEMENT": placement}
         start = time.perf_counter()
         proc, _endpoint = start_node(data_dir, workers, env)
         seconds = time.perf_counter() - start
@@ -309,16 +309,22 @@ def main(argv: list[str] | None = None) -> int:
         help="keys when starting (0: skip)",
     )
     parser.add_argument("--workers", type=int, default=2, help="hsmkms serve --workers")
+    parser.add_argument(
+        "--start-placement",
+        choices=("token", "wrapped"),
+        default="wrapped",
+        help="placement of the --start-keys keys",
+    )
     args = parser.parse_args(argv)
     if args.keys and args.keys < 10 + args.first_uses:
         parser.error("--keys must be at least 10 + --first-uses (or 0: only the start)")
     if args.keys:
         compare_placements(args.keys, args.seconds, args.first_uses)
     if args.start_keys:
-        empty = serve_start(0, args.workers)
-        full = serve_start(args.start_keys, args.workers)
+        empty = serve_start(0, args.workers, args.start_placement)
+        full = serve_start(args.start_keys, args.workers, args.start_placement)
         print(
-            f"\nhsmkms serve --workers {args.workers}, wrapped placement: "
+            f"\nhsmkms serve --workers {args.workers}, {args.start_placement} placement: "
             f"{args.start_keys} keys made in process at {full['create_key']:.0f} keys/s"
         )
         print(f"{'measurement':<46}{'no keys':>12}{args.start_keys:>12}{'ratio':>16}")
