@@ -146,7 +146,8 @@ def test_a_config_pointing_elsewhere_while_tokens_is_empty_is_left_alone_and_ref
     data_dir = tmp_path / "d"
     assert run_cli("init", "--data-dir", str(data_dir)).returncode == 0
     for token in (data_dir / "tokens").iterdir():
-        shutil.rmtree(token)
+        if token.is_dir():  # the token, not the token write lock beside it
+            shutil.rmtree(token)
     conf = data_dir / "softhsm2.conf"
     conf.write_text(conf.read_text().replace(str(data_dir / "tokens"), str(elsewhere)))
     assert relocate_conf(data_dir) is None

@@ -194,7 +194,7 @@ def test_the_token_away_fails_fast_with_the_pkcs11_reason_and_comes_back(tmp_pat
             threads=4,
         ).start()
         wait_for(lambda: load.count() > 20)
-        (home,) = (data_dir / "tokens").iterdir()
+        (home,) = (p for p in (data_dir / "tokens").iterdir() if p.is_dir())  # not the lock
         away = tmp_path / "token-away"
         home.rename(away)
         wait_for(lambda: sum(a.status == 503 for a in load.answers) > 20)

@@ -43,7 +43,8 @@ class TokenMover:
     def __call__(self, operation: str, seconds: float) -> None:
         if self.armed and operation == "create_key":
             self.armed = False
-            (self.home,) = (self.data_dir / "tokens").iterdir()
+            # The token's directory (beside it: the token write lock, which stays).
+            (self.home,) = (p for p in (self.data_dir / "tokens").iterdir() if p.is_dir())
             shutil.move(str(self.home), str(self.data_dir / "away"))
 
     def bring_back(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import re
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -23,6 +24,7 @@ import pytest
 
 from conftest import token_config
 from hsmkms.config import Settings, keystore_config
+from hsmkms.keystore.errors import TokenConfigError
 from hsmkms.keystore.pkcs11 import Pkcs11Keystore
 from hsmkms.keystore.token_lock import token_write_lock
 from hsmkms.softhsm import ensure_token, find_module
@@ -215,3 +217,20 @@ def test_a_node_on_another_data_directory_waits_for_the_first_nodes_writes(
         assert keystore.info().label == "hsmkms"
     finally:
         keystore.close()
+
+
+@pytest.mark.parametrize("how", ["shared", "exclusive"])
+def test_a_lock_in_a_directory_that_is_not_there_is_a_configuration_error(
+    tmp_path: Path, how: str
+) -> None:
+    """A SoftHSM2 configuration naming a token directory that does not exist fails on the lock
+    file with a message naming it (the CLI prints it on one line), not a bare OSError."""
+    path = tmp_path / "nowhere" / ".token-writes.lock"
+    lock = token_write_lock(path)
+    section = lock.shared if how == "shared" else lock.exclusive
+    expected = re.escape(f"cannot open the token write lock {path}: No such file or directory")
+    with pytest.raises(TokenConfigError, match=expected), section():
+        pass
+    (tmp_path / "nowhere").mkdir()
+    with lock.shared(), lock.exclusive():  # the same lock works once the directory is there
+        assert not _can_take(path, fcntl.LOCK_SH)

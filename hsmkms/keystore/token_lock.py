@@ -44,6 +44,8 @@ import os
 import threading
 from collections.abc import Iterator
 
+from hsmkms.keystore.errors import TokenConfigError
+
 
 class TokenWriteLock:
     """One lock file, as this process holds it (see the module docstring)."""
@@ -59,7 +61,15 @@ class TokenWriteLock:
         self._owner: int | None = None
 
     def _open(self) -> int:
-        return os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            return os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            # For SoftHSM2 the file is in the token directory (hsmkms.config.token_write_lock):
+            # a configuration naming a directory that is not there ends here, before the module.
+            raise TokenConfigError(
+                f"cannot open the token write lock {self._path}: {exc.strerror} (is "
+                f"{os.path.dirname(self._path) or '.'} the token directory, there and writable?)"
+            ) from None
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
