@@ -251,6 +251,39 @@ def test_an_interrupted_seal_write_is_superseded_and_reported(
     )
 
 
+def test_a_seal_committed_while_verify_reads_is_not_an_interrupted_write(
+    trail: AuditTrail,
+    keystore: Pkcs11Keystore,
+    db: Path,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another writer anchors and commits its next seal after verify read the trail and
+    before it read the anchor (a CI run of the PostgreSQL pass saw it, with a server
+    writing): the anchor is one seal ahead of what verify read, as after an interrupted
+    write. verify reads the trail again and finds that seal committed."""
+    other = writer(db, keystore, clock)
+    real = keystore.read_anchor
+    sealed: list[int] = []
+
+    def seal_first(name: str) -> str | None:
+        if not sealed:
+            sealed.append(0)  # the writer's own seal reads the anchor too
+            sealed[0] = other.seal().seal_seq
+        return real(name)
+
+    before = trail.verify().newest_seal
+    assert before is not None
+    monkeypatch.setattr(keystore, "read_anchor", seal_first)
+    result = trail.verify()
+    assert result.ok, result.problem
+    assert sealed == [before.seal_seq + 1]
+    assert result.newest_seal is not None
+    assert result.newest_seal.seal_seq == before.seal_seq + 1
+    assert result.anchor == result.newest_seal.anchor
+    other.engine.dispose()
+
+
 # -- writer sessions --------------------------------------------------------------------------
 
 

@@ -76,6 +76,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol
@@ -149,6 +150,10 @@ _SEAL_DOMAIN_V2: Final = b"hsmkms-audit-seal-v2\n"
 # How many hex digits of a seal's tag the token's anchor keeps (96 bits: the anchor names a
 # seal the audit key made, it does not authenticate one).
 _ANCHOR_TAG_HEX: Final = 24
+# verify reads the trail again while the anchor is one seal ahead of what it read (a writer
+# committing its next seal meanwhile): this many reads in all, this many seconds apart.
+_PENDING_READS: Final = 4
+_PENDING_PAUSE: Final = 0.2
 # A seal promises the next one within its interval; verify allows this factor of slack.
 STALE_FACTOR: Final = 2
 _PAGE: Final = 500
@@ -1190,8 +1195,30 @@ class AuditTrail:
         anchor names, and, at ``now`` (default: the clock), that every writer session either
         ended with a shutdown seal or is still sealing. ``expect_seal`` = (seal number, tag)
         kept outside the database from an earlier verify: the trail must still hold that seal
-        (else it was rolled back). Stops at the first problem. Reads one snapshot."""
+        (else it was rolled back). Stops at the first problem.
+
+        Reads one snapshot of the database, then the anchor. A live writer that anchors and
+        commits its next seal in between leaves the anchor one seal ahead of the snapshot, as
+        an interrupted seal write does: then the trail is read again, up to
+        ``_PENDING_READS`` times, ``_PENDING_PAUSE`` seconds apart, and an anchor still ahead
+        is reported."""
         now = now or self._clock()
+        for attempt in range(_PENDING_READS):
+            if attempt:
+                time.sleep(_PENDING_PAUSE)
+            read = self._verify_snapshot(expect_seal)
+            if isinstance(read, VerifyResult):
+                return read
+            seals, records, anchor = read
+            if anchor is None or _anchor_state(anchor, seals[-1]) != "pending":
+                break
+        return _judge(seals, records, anchor, now)
+
+    def _verify_snapshot(
+        self, expect_seal: tuple[int, bytes] | None
+    ) -> VerifyResult | tuple[list[Seal], int, str | None]:
+        """One snapshot's seals and record count, and the anchor read after it; or the
+        verdict on a snapshot that does not verify."""
         with self._read() as conn:
             if not self._exists(conn):
                 return VerifyResult(
@@ -1216,7 +1243,7 @@ class AuditTrail:
                     failed.problem,
                     seals[-1].time if seals else None,
                 )
-        return _judge(seals, records, anchor, now)
+        return seals, records, anchor
 
     def _verify_key(self, conn: Connection) -> KeyMaterialRef:
         settings = self._settings(conn)
