@@ -650,6 +650,28 @@ def test_the_pages_fit_a_phone(browser: Any, d: Deployment) -> None:
     page.context.close()
 
 
+def test_a_wrapped_versions_custody_wraps_on_a_phone(browser: Any) -> None:
+    """The custody of a wrapped key version ("wrapped under KEK <32 hex digits>, LOCAL=true
+    (...)", hsmkms/report/custody.py) is one badge among the key page's facts. It wraps within
+    a phone's width: as a badge that never wraps it made the page 848 px wide. (The deployment
+    above keeps its keys as token objects, whose verdict is short.)"""
+    from hsmkms.report.html import STYLE, facts, verdict_badge
+
+    text = f"wrapped under KEK {'5d' * 16}, LOCAL=true (generated in the HSM, stored wrapped)"
+    badge = verdict_badge({"verdict": "NOT_EXTRACTABLE", "text": text})
+    page = browser.new_page(viewport={"width": 390, "height": 800})
+    try:
+        page.set_content(
+            '<!doctype html><meta name="viewport" content="width=device-width">'
+            f"<style>{STYLE}</style><main>{facts([('custody', badge), ('state', 'Enabled')])}"
+            "</main>"
+        )
+        assert text in page.inner_text("main")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        page.close()
+
+
 @pytest.mark.slow
 def test_a_key_user_sees_only_its_key(browser: Any, d: Deployment) -> None:
     page = _browser_sign_in(browser, d, d.alice)

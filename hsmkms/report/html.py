@@ -59,6 +59,7 @@ dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem;marg
 dl.facts dt{color:var(--muted)}dl.facts dd{margin:0;min-width:0;overflow-wrap:anywhere}
 .badge{display:inline-block;border-radius:999px;padding:.05rem .55rem;font-size:.78rem;
 font-weight:600;white-space:nowrap;background:var(--info-bg);color:var(--accent)}
+dl.facts .badge{white-space:normal;max-width:100%;border-radius:.7rem}
 .badge.ok{background:var(--ok-bg);color:var(--ok)}.badge.warn{background:var(--warn-bg);
 color:var(--warn)}.badge.bad{background:var(--bad-bg);color:var(--bad)}
 .yes{color:var(--ok);font-weight:600}.no{color:var(--bad);font-weight:600}.na{color:var(--muted)}
