@@ -27,7 +27,7 @@ class KmsModel(BaseModel):
     know yet). Blob members are ``bytes`` (base64 on the wire: the protocol layer's business).
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 KeyIdType = Annotated[str, Length(1, 2048)]
