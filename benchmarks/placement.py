@@ -2,6 +2,7 @@
 KmsService in process.
 
     .venv/bin/python benchmarks/placement.py [--keys 1000] [--seconds 2] [--first-uses 200]
+        [--placements token,wrapped] [--unwrapped 1024]
         [--start-keys 20000] [--start-placement wrapped] [--workers 2]
 
 (``--keys 0``: only the server start; ``--start-keys 0``: no server start.)
@@ -17,8 +18,9 @@ and a SQLite metadata store sealed by the token (as served), measures:
   ``C_UnwrapKey``), over ``--first-uses`` keys;
 - Encrypt of a random key among all ``--keys`` right after they were made ("cold": most
   requests are a key's first use in the process), then again once every key was used once
-  ("spread": the steady state of a long-running worker; with ``wrapped``, the 1,024 most
-  recently used stay unwrapped and more keys than that unwrap on a miss), in ten slices
+  ("spread": the steady state of a long-running worker; with ``wrapped``, the ``--unwrapped``
+  most recently used stay unwrapped, ``HSMKMS_UNWRAPPED_KEYS``, and more keys than that unwrap
+  on a miss), in ten slices
   alternating with Encrypt cycling over 10 keys: the spread ratio is the median of the ten
   slices' spread/10-key ratios (the shared machine's load moves between measurements; the
   alternation cancels most of it);
@@ -72,8 +74,9 @@ def rss_mib(pid: int | str = "self") -> float:
     return 0.0
 
 
-def open_service(data_dir: Path, placement: str) -> tuple[Any, Any, Any]:
-    """(keystore, store, service) on the benchmark's token and database, in this process."""
+def open_service(data_dir: Path, placement: str, unwrapped: int) -> tuple[Any, Any, Any]:
+    """(keystore, store, service) on the benchmark's token and database, in this process;
+    ``unwrapped``: ``HSMKMS_UNWRAPPED_KEYS``."""
     import structlog
 
     from hsmkms.keystore.config import KeyPlacement, KeystoreConfig
@@ -90,6 +93,7 @@ def open_service(data_dir: Path, placement: str) -> tuple[Any, Any, Any]:
             token_label=LABEL,
             softhsm2_conf=str(data_dir / "softhsm2.conf"),
             placement=KeyPlacement(placement),
+            unwrapped_cache=unwrapped,
         )
     )
     store = MetadataStore.open_sqlite(data_dir / "bench.db", sealer=TokenRowSealer(keystore))
@@ -110,13 +114,13 @@ def encryptor(service: Any) -> Any:
 
 
 def worker(
-    data_dir: Path, placement: str, keys: int, seconds: float, first: int
+    data_dir: Path, placement: str, keys: int, seconds: float, first: int, unwrapped: int
 ) -> tuple[dict[str, float], list[str]]:
     """Every in-process measurement of one placement, in this (fresh) process; and the key
     ids."""
     from hsmkms import models as m
 
-    keystore, store, service = open_service(data_dir, placement)
+    keystore, store, service = open_service(data_dir, placement, unwrapped)
     encrypt = encryptor(service)
     try:
         objects_before = len(keystore.list_objects())
@@ -161,10 +165,10 @@ def worker(
         keystore.close()
 
 
-def elsewhere(data_dir: Path, placement: str, ids: list[str]) -> dict[str, float]:
+def elsewhere(data_dir: Path, placement: str, ids: list[str], unwrapped: int) -> dict[str, float]:
     """In another process (another worker): the first and second Encrypt with each of
     ``ids``, which this process never used."""
-    keystore, store, service = open_service(data_dir, placement)
+    keystore, store, service = open_service(data_dir, placement, unwrapped)
     encrypt = encryptor(service)
     try:
         encrypt(ids[0])  # the process's own first call (token session, caches)
@@ -252,29 +256,35 @@ def serve_start(keys: int, workers: int, placement: str) -> dict[str, float]:
         }
 
 
-def compare_placements(keys: int, seconds: float, first: int) -> None:
-    """The in-process measurements of both placements, printed side by side."""
+def compare_placements(
+    keys: int, seconds: float, first: int, placements: list[str], unwrapped: int
+) -> None:
+    """The in-process measurements of ``placements``, printed side by side."""
     found: dict[str, dict[str, float]] = {}
     ctx = multiprocessing.get_context("spawn")
-    for placement in ("token", "wrapped"):
+    for placement in placements:
         with tempfile.TemporaryDirectory(prefix=f"hsmkms-bench-{placement}-") as tmp:
             data_dir = Path(tmp)
             ensure_token(data_dir, LABEL)
             with ctx.Pool(1) as pool:
                 found[placement], ids = pool.apply(
-                    worker, (data_dir, placement, keys, seconds, first)
+                    worker, (data_dir, placement, keys, seconds, first, unwrapped)
                 )
             # Keys the first process made but never used: those after the first-use run.
             unused = ids[10 + first :][: first + 1]
             with ctx.Pool(1) as pool:
-                found[placement].update(pool.apply(elsewhere, (data_dir, placement, unused)))
+                found[placement].update(
+                    pool.apply(elsewhere, (data_dir, placement, unused, unwrapped))
+                )
             base = (found[placement]["encrypt_10"] + found[placement]["encrypt_10_after"]) / 2
             found[placement]["cold_ratio"] = found[placement]["encrypt_random"] / base
     print(
         f"SoftHSM2 ({find_module()}), KmsService in process, SQLite store sealed by the token, "
-        f"{keys} SYMMETRIC_DEFAULT keys per placement, Encrypt of 32 B"
+        f"{keys} SYMMETRIC_DEFAULT keys per placement, Encrypt of 32 B, "
+        f"HSMKMS_UNWRAPPED_KEYS={unwrapped}"
     )
-    print(f"{'measurement':<46}{'token':>12}{'wrapped':>12}{'wrapped/token':>16}")
+    ratio_head = "wrapped/token" if len(placements) == 2 else ""
+    print(f"{'measurement':<46}" + "".join(f"{p:>12}" for p in placements) + f"{ratio_head:>16}")
     rows = [
         ("CreateKey (keys/s)", "create_key", ".0f"),
         ("Encrypt, cycling over 10 keys (ops/s)", "encrypt_10", ".0f"),
@@ -290,9 +300,12 @@ def compare_placements(keys: int, seconds: float, first: int) -> None:
         ("token objects added", "objects_added", ".0f"),
     ]
     for name, op, fmt in rows:
-        token, wrapped = found["token"][op], found["wrapped"][op]
-        ratio = f"{wrapped / token:>16.2f}" if token else f"{'-':>16}"
-        print(f"{name:<46}{token:>12{fmt}}{wrapped:>12{fmt}}{ratio}")
+        values = [found[p][op] for p in placements]
+        line = f"{name:<46}" + "".join(f"{v:>12{fmt}}" for v in values)
+        if len(placements) == 2:
+            token, wrapped = values
+            line += f"{wrapped / token:>16.2f}" if token else f"{'-':>16}"
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="hsmkms serve --workers")
     parser.add_argument(
+        "--placements",
+        default="token,wrapped",
+        help="the placements measured in process, comma-separated (token,wrapped)",
+    )
+    parser.add_argument(
+        "--unwrapped",
+        type=int,
+        default=1024,
+        help="HSMKMS_UNWRAPPED_KEYS: wrapped versions a process keeps unwrapped",
+    )
+    parser.add_argument(
         "--start-placement",
         choices=("token", "wrapped"),
         default="wrapped",
@@ -318,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keys and args.keys < 10 + args.first_uses:
         parser.error("--keys must be at least 10 + --first-uses (or 0: only the start)")
+    placements = args.placements.split(",")
+    if not placements or any(p not in ("token", "wrapped") for p in placements):
+        parser.error("--placements: token, wrapped or token,wrapped")
     if args.keys:
-        compare_placements(args.keys, args.seconds, args.first_uses)
+        compare_placements(args.keys, args.seconds, args.first_uses, placements, args.unwrapped)
     if args.start_keys:
         empty = serve_start(0, args.workers, args.start_placement)
         full = serve_start(args.start_keys, args.workers, args.start_placement)

@@ -464,6 +464,10 @@ class Settings(_EnvironmentSettings):
     key_placement: Literal["token", "wrapped"] = "token"
     """Where new symmetric and HMAC key versions live: ``token`` (one token object each) or
     ``wrapped`` (wrapped under the token's KEK, in the database; ``docs/keystore.md``)."""
+    unwrapped_keys: int = Field(default=1024, ge=1, le=10_000_000)
+    """How many wrapped key versions each process keeps unwrapped in the token (session
+    objects; the least recently used one beyond is destroyed, and unwrapped again on its next
+    use): ``docs/keystore.md``, "Many keys"."""
     region: str = "us-east-1"
     account_id: str = "111122223333"
     database_url: str | None = None
@@ -944,6 +948,7 @@ def keystore_config(settings: Settings) -> KeystoreConfig:
         slot_id=slot_id,
         profile=None if settings.profile == "auto" else MechanismProfile(settings.profile),
         placement=KeyPlacement(settings.key_placement),
+        unwrapped_cache=settings.unwrapped_keys,
         softhsm2_conf=str(settings.softhsm2_conf) if settings.is_embedded else None,
         # Every token, not only the embedded one: an external SoftHSM2 token served by several
         # workers or nodes loses objects to the same races (hsmkms/keystore/token_lock.py).

@@ -554,6 +554,8 @@ def test_bad_account_id_is_a_config_error_naming_the_variable(
     [
         ("HSMKMS_PROFILE", "AES_128_GCM"),
         ("HSMKMS_KEY_PLACEMENT", "both"),
+        ("HSMKMS_UNWRAPPED_KEYS", "0"),
+        ("HSMKMS_UNWRAPPED_KEYS", "many"),
         ("HSMKMS_SLOT_ID", "one"),
         ("HSMKMS_SLOT_ID", "-1"),
         ("HSMKMS_REGION", "us:east"),
@@ -862,6 +864,7 @@ def test_embedded_default_resolves_softhsm_token_pin_and_conf(
     assert resolved.pin == PIN
     assert resolved.profile is None
     assert resolved.placement is KeyPlacement.TOKEN
+    assert resolved.unwrapped_cache == 1024
     assert resolved.softhsm2_conf == str(data / "softhsm2.conf")
     assert PIN not in repr(resolved)
 
@@ -873,6 +876,14 @@ def test_key_placement_reaches_the_keystore_config(
     _pin_file(tmp_path, name="user.pin")
     settings = _settings(monkeypatch, data_dir=str(tmp_path), key_placement=placement.value)
     assert keystore_config(settings).placement is placement
+
+
+def test_unwrapped_keys_reaches_the_keystore_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _pin_file(tmp_path, name="user.pin")
+    settings = _settings(monkeypatch, data_dir=str(tmp_path), unwrapped_keys="120000")
+    assert keystore_config(settings).unwrapped_cache == 120_000
 
 
 @pytest.mark.parametrize("profile", list(MechanismProfile))
