@@ -91,6 +91,15 @@ class ClientError(KMSError):
     status = 400
 
 
+class ConfigError(ClientError):
+    """The configuration (settings, PKCS#11 URI, PIN source) is invalid or incomplete.
+
+    The message is one line naming the problem; it never contains a PIN.
+    """
+
+    code = "ValidationException"
+
+
 class ServerError(KMSError):
     """hsmkms could not serve a valid request (HTTP 5xx); the caller sees no detail."""
 
