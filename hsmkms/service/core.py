@@ -95,9 +95,12 @@ an XKS call's ``requestMetadata``."""
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=250_000)
 def material_ref(value: str) -> KeyMaterialRef:
-    """The parsed :class:`KeyMaterialRef` of a stored string (immutable, so cached)."""
+    """The parsed :class:`KeyMaterialRef` of a stored string (immutable, so cached). As many
+    as the metadata store's read cache keeps answers (``hsmkms/store/metadata.py``): with
+    8,192, Encrypt spread over 20,000 wrapped keys parsed a reference on 60% of requests, at
+    about 90 µs each."""
     return KeyMaterialRef.from_str(value)
 
 
