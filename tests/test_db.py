@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
-import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from hsmkms.db import (
     file_url,
     migrate,
 )
+from hsmkms.db import cache as db_cache
 from hsmkms.db.dialects import SQLiteDialect
 from hsmkms.db.errors import RULES, Outcome, classify, map_error
 from hsmkms.db.migrations import LEGACY_COMPONENT, applied_versions, schema_migrations
@@ -648,14 +649,21 @@ def test_a_cache_answers_until_the_database_changes(db: Database, path: Path) ->
     assert load.calls == 2
 
 
-def test_another_process_commit_is_seen_after_the_check_interval(db: Database, path: Path) -> None:
+def test_another_process_commit_is_seen_after_the_check_interval(
+    db: Database, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache's clock is the test's: a slow commit on a loaded machine cannot outlast the
+    # interval (it did, with a real 50 ms one).
+    clock = [1000.0]
+    monkeypatch.setattr(db_cache, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     cache = db.read_cache(check_interval=0.05, max_entries=10)
     load = Loads()
     cache.get("k", load)
     _commit_elsewhere(path)
+    clock[0] += 0.04
     cache.get("k", load)
     assert load.calls == 1  # within the interval: not looked at yet
-    time.sleep(0.06)
+    clock[0] += 0.02
     cache.get("k", load)
     assert load.calls == 2
 
