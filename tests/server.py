@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+import cli_process
 from botocore.config import Config
 from postgres import database_url_for
 
@@ -208,7 +209,7 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Comp
     PostgreSQL test run, the database of the ``--data-dir`` it names)."""
     if "--data-dir" in args:
         env = database_env(Path(args[args.index("--data-dir") + 1]), env)
-    return subprocess.run(
+    return cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args],
         env=clean_env(**(env or {})),
         capture_output=True,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
+import cli_process
 import pytest
 from server import RunningServer, running_server
 
@@ -647,13 +648,12 @@ def test_a_short_root_secret_stops_the_server_unless_allowed(tmp_path: Path) -> 
     """``HSMKMS_ROOT_SECRET_ACCESS_KEY=test`` refuses to start with one line naming the rule;
     with ``HSMKMS_ALLOW_WEAK_ROOT_SECRET=1`` the server runs (boto3 signs with test/test) and
     says so in its log and in every /healthz answer."""
-    import subprocess
     import sys
 
     from server import clean_env
 
     weak = {"HSMKMS_ROOT_ACCESS_KEY_ID": "test", "HSMKMS_ROOT_SECRET_ACCESS_KEY": "test"}
-    refused = subprocess.run(
+    refused = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "serve", "--port", "0",
          "--data-dir", str(tmp_path / "refused")],
         env=clean_env(**weak), capture_output=True, text=True, timeout=120, check=False,

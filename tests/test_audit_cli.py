@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import cli_process
 import pytest
 
 from hsmkms.audit import AuditTrail, UserIdentity, api_call_record
@@ -47,7 +48,7 @@ def audit(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
     clean["HSMKMS_DATABASE_URL"] = f"sqlite:///{db}"
-    return subprocess.run(
+    return cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "audit", *args, "--data-dir", str(data_dir)],
         env={**clean, **(env or {})},
         capture_output=True,

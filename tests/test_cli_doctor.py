@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli_process
 import pytest
 from local_system import open_system
 from postgres import outside_fetch, outside_sql
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.hsm, pytest.mark.database]
 
 def doctor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
-    return subprocess.run(
+    return cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "doctor", "--data-dir", str(data_dir), *args],
         env={**clean, **database_env(data_dir, env)},
         capture_output=True,
@@ -42,7 +43,7 @@ def doctor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProces
 def init(data_dir: Path, **env: str) -> None:
     """``hsmkms init``: doctor checks a data directory, it does not make one."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
-    subprocess.run(
+    cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "init", "--data-dir", str(data_dir)],
         env={**clean, **env}, capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
@@ -237,7 +238,7 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
         )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HSMKMS_")}
     clean.update(database_env(tmp_path, None))
-    proc = subprocess.run(
+    proc = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "purge", "--data-dir", str(tmp_path)],
         env=clean, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -247,7 +248,7 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
         service = system.service
         assert not service.keystore.exists(material)
         assert service.store.get_key(key_id) is None
-    search = subprocess.run(
+    search = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "audit", "search", "--event-name", "DeleteKey",
          "--data-dir", str(tmp_path)],
         env=clean, capture_output=True, text=True, timeout=120, check=False,
@@ -256,7 +257,7 @@ def test_purge_deletes_keys_past_their_window(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in search.stdout.splitlines()]
     assert record["eventType"] == "AwsServiceEvent"
     assert record["serviceEventDetails"] == {"keyId": key_id}
-    verify = subprocess.run(
+    verify = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "audit", "verify", "--data-dir", str(tmp_path)],
         env=clean, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

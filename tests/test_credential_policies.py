@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import cli_process
 import pytest
 from postgres import on_postgresql, outside_fetch, outside_sql, store_url
 from server import clean_env, database_env
@@ -423,7 +424,7 @@ class Result:
 
 def cli(*args: str, data_dir: Path, stdin: bytes = b"") -> Result:
     """``hsmkms ARGS --data-dir DATA_DIR`` in a subprocess, ``stdin`` on its standard input."""
-    proc = subprocess.run(
+    proc = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args, "--data-dir", str(data_dir)],
         env=clean_env(**database_env(data_dir, None)),
         input=stdin,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli_process
 import pytest
 from server import clean_env, run_cli
 
@@ -58,7 +59,7 @@ def test_a_command_on_a_missing_data_directory_exits_2_and_creates_nothing(
 
 def test_the_default_data_directory_is_not_made_in_the_working_directory(tmp_path: Path) -> None:
     """Run in the wrong directory, a command says where it looked (./.hsmkms, made absolute)."""
-    result = subprocess.run(
+    result = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "credentials", "list"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False, env=clean_env(),
     )  # fmt: skip

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import cli_process
 import pytest
 
 from hsmkms.envelope import EnvelopeHeader
@@ -66,7 +67,7 @@ def hsmkms(
     cwd: Path | None = None,
     preexec_fn: Callable[[], object] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
+    return cli_process.run(
         _cmd(args, data),
         input=stdin,
         capture_output=True,

@@ -4,13 +4,13 @@ with ``--endpoint-url``: the same format and guarantees as in-process."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
+import cli_process
 import pytest
 from botocore.config import Config
 from server import RunningServer, clean_env, running_server
@@ -132,7 +132,7 @@ def _cli(server: RunningServer, *args: str, stdin: bytes | None = None) -> Any:
         AWS_SECRET_ACCESS_KEY=server.secret_access_key,
         AWS_DEFAULT_REGION=server.region,
     )
-    return subprocess.run(
+    return cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args, "--endpoint-url", server.endpoint],
         input=stdin,
         capture_output=True,
@@ -170,7 +170,7 @@ def test_cli_takes_the_endpoint_from_aws_endpoint_url_kms(
     )
 
     def cli(*args: str, stdin: bytes | None = None, **extra: str) -> Any:
-        return subprocess.run(
+        return cli_process.run(
             [sys.executable, "-m", "hsmkms.cli.main", *args],
             input=stdin, capture_output=True, env={**env, **extra}, timeout=120, check=False,
             cwd=tmp_path,

@@ -9,13 +9,13 @@ import base64
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
+import cli_process
 import jsonschema
 import pytest
 import sqlalchemy
@@ -391,7 +391,7 @@ def test_the_report_says_wrapped_under_the_kek(tmp_path: Path) -> None:
         assert version is not None
         kek_id = KeyMaterialRef.from_str(version.material_ref).kek_id
     env = {**os.environ, **database_env(data_dir, None)}
-    out = subprocess.run(
+    out = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "report", "--data-dir", str(data_dir),
          "--format", "json"],
         env=env, capture_output=True, text=True, timeout=120, check=False,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cli_process
 import pytest
 from local_system import open_system
 from postgres import on_postgresql
@@ -199,7 +200,7 @@ def _env(data_dir: Path) -> dict[str, str]:
 
 
 def hsmkms(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args, "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,

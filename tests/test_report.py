@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cli_process
 import jsonschema
 import pytest
 from clusters import XKS_ENV, KeyStoreSet, make_key_stores
@@ -68,7 +69,7 @@ def hsmkms(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     if "--data-dir" in args:  # on a PostgreSQL test run, the data directory's database
         env.update(database_env(Path(args[args.index("--data-dir") + 1]), None))
-    return subprocess.run(
+    return cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", *args],
         env=env,
         capture_output=True,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import botocore.exceptions
+import cli_process
 import pytest
 import yaml
 from server import clean_env, run_cli, running_server
@@ -62,7 +63,7 @@ def exported(data_dir: Path) -> str:
 
 def serve_fails(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Run ``hsmkms serve`` expecting it to stop at start; its one-line complaint."""
-    result = subprocess.run(
+    result = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "serve", "--port", "0", *args]
         + (["--data-dir", str(data_dir)] if "--ephemeral" not in args else []),
         env=clean_env(**(env or {})),
@@ -219,7 +220,7 @@ def test_an_ephemeral_server_removes_its_data_directory_at_exit(tmp_path: Path) 
 
 
 def test_ephemeral_and_a_data_directory_exclude_each_other(tmp_path: Path) -> None:
-    result = subprocess.run(
+    result = cli_process.run(
         [*HSMKMS, "serve", "--ephemeral", "--data-dir", str(tmp_path / "d")],
         env=clean_env(),
         capture_output=True,
@@ -237,7 +238,7 @@ def test_ephemeral_and_a_data_directory_exclude_each_other(tmp_path: Path) -> No
 def test_an_ephemeral_server_stopped_while_seeding_leaves_nothing(tmp_path: Path) -> None:
     """A bad seed stops an ephemeral server before it serves: its directory goes too."""
     seed = write_seed(tmp_path / "seed.yaml", {"version": 1, "keys": [{"aliases": ["bad"]}]})
-    result = subprocess.run(
+    result = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "serve", "--ephemeral", "--seed", str(seed)],
         env=clean_env(),
         capture_output=True,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cli_process
 import pytest
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -1045,7 +1046,6 @@ def test_leftover_wrapping_keys_are_destroyed_once_their_day_has_passed(env: Env
 def test_the_custody_report_tells_imported_material_apart(tmp_path: Path) -> None:
     """``hsmkms report`` on a data directory with imported material (CKA_LOCAL false) and a key
     still waiting for it: the report is made, and says where the material came from."""
-    import subprocess
     import sys
 
     from local_system import open_system
@@ -1056,7 +1056,7 @@ def test_the_custody_report_tells_imported_material_apart(tmp_path: Path) -> Non
         imported = local.create(Description="imported").KeyId
         local.import_(imported, os.urandom(32))
         waiting = local.create(Description="waiting").KeyId
-    out = subprocess.run(
+    out = cli_process.run(
         [sys.executable, "-m", "hsmkms.cli.main", "report", "--data-dir", str(data_dir),
          "--format", "json"],
         capture_output=True, text=True, timeout=120, check=False,
