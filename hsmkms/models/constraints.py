@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -256,9 +257,122 @@ def _walk(model: BaseModel, prefix: str, out: list[str]) -> None:
             _walk(value, path + ".", out)
 
 
+# -- the fast path ------------------------------------------------------------------------------
+# Nearly every request passes. A predicate per model class, made once from the same plan, says
+# so in about a third of the walk's time; only a request it does not vouch for is walked (which
+# words the clauses, or finds none). A predicate may say False where the walk finds nothing; it
+# must never say True where the walk finds something (tests/test_validation_fast_path.py).
+
+Check = typing.Callable[[Any], bool]
+
+
+def _bounds(item: Length | Range) -> tuple[float, float]:
+    return (
+        -math.inf if item.min is None else item.min,
+        math.inf if item.max is None else item.max,
+    )
+
+
+def _context_check(rules: EncryptionContextRules) -> Check:
+    limit = rules.max_bytes
+
+    def ok(value: Any) -> bool:
+        if type(value) is not dict:
+            return False
+        size = 2
+        folded = set()
+        for key, item in value.items():
+            if type(key) is not str or type(item) is not str:
+                return False
+            if not (key.isascii() and item.isascii()):
+                return False  # the walk counts UTF-8 bytes
+            size += 4 + len(key) + len(item)
+            folded.add(key.lower())
+        return size <= limit and len(folded) == len(value)
+
+    return ok
+
+
+def _item_check(item: Any) -> Check:
+    if isinstance(item, Length):
+        low, high = _bounds(item)
+        return lambda value: low <= len(value) <= high
+    if isinstance(item, Range):
+        low, high = _bounds(item)
+        return lambda value: low <= value <= high
+    if isinstance(item, Pattern):
+        fullmatch = re.compile(item.regex).fullmatch
+        return lambda value: not isinstance(value, str) or fullmatch(value) is not None
+    assert isinstance(item, EncryptionContextRules)
+    return _context_check(item)
+
+
+def _all(checks: Sequence[Check]) -> Check:
+    if len(checks) == 1:
+        return checks[0]
+    return lambda value: all(check(value) for check in checks)
+
+
+def _may_hold_model(annotation: Any) -> bool:
+    """Whether a member of this type can hold a model (which the walk descends into). Unsure
+    (``Any``, a union, a parameter) counts as yes."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return issubclass(annotation, BaseModel)
+    # The walk looks into a list's items only, and only for the list's plan.
+    return typing.get_origin(annotation) not in (list, dict, set, frozenset, tuple)
+
+
+def _member_check(plan: _MemberPlan, annotation: Any) -> Check | None:
+    """What the walk checks on a member's non-None value, as one predicate; None when it
+    checks nothing."""
+    checks = [_item_check(item) for item in plan.metadata]
+    if plan.is_list:
+        element_type, _meta = _split_annotated(typing.get_args(annotation)[0])
+        element = [_item_check(item) for item in plan.element_metadata]
+        if _may_hold_model(element_type):
+            element.append(_models_pass)
+        if element:
+            each = _all(element)
+
+            def elements(value: Any) -> bool:
+                return not isinstance(value, list) or all(each(item) for item in value)
+
+            checks.append(elements)
+    elif _may_hold_model(annotation):
+        checks.append(_models_pass)
+    return _all(checks) if checks else None
+
+
+def _models_pass(value: Any) -> bool:
+    """A nested model passes; anything else is not this check's business."""
+    return not isinstance(value, BaseModel) or _passes(type(value))(value)
+
+
+@functools.cache
+def _passes(model_type: type[BaseModel]) -> Check:
+    fields = model_type.model_fields
+    members = []
+    for plan in _plan(model_type):
+        annotation, _meta = _split_annotated(_strip_optional(fields[plan.name].annotation))
+        check = _member_check(plan, annotation)
+        if check is not None:
+            members.append((plan.name, check))
+
+    def ok(model: Any) -> bool:
+        for name, check in members:
+            value = getattr(model, name)
+            if value is not None and not check(value):
+                return False
+        return True
+
+    return ok
+
+
 def validate_request(model: BaseModel) -> None:
     """Check every declared constraint of ``model`` (recursively); raise one AWS-worded
     :class:`~hsmkms.errors.ValidationException` listing every failure."""
+    if _passes(type(model))(model):
+        return
     clauses: list[str] = []
     _walk(model, "", clauses)
     if clauses:
