@@ -168,7 +168,7 @@ class AsymmetricOperations(ServiceCore):
         except UnsupportedByToken as exc:
             raise _unsupported_algorithm(request.SigningAlgorithm, exc) from None
         # Built from trusted values: skip re-validation on the hot path.
-        return SignResponse.model_construct(
+        return SignResponse.trusted(
             KeyId=key.arn, Signature=signature, SigningAlgorithm=request.SigningAlgorithm
         )
 

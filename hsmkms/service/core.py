@@ -548,9 +548,9 @@ class ServiceCore:
         absent); the key must suit ``op``."""
         key_id, alias = self._resolve_name(identifier, aliases=True)
         found = self._store.get_key_and_version(key_id)
-        now = self._clock()
-        # The hot path: an Enabled key is never gone, and rotates only when rotation is on.
-        if found is None or (found[0].state != _ENABLED and self._gone(found[0], now)):
+        # The hot path: an Enabled key is never gone, and rotates only when rotation is on; it
+        # does not read the clock.
+        if found is None or (found[0].state != _ENABLED and self._gone(found[0], self._clock())):
             raise self._not_found(key_id)
         key, version = found
         if caller is not None:
@@ -566,7 +566,7 @@ class ServiceCore:
         check_state(Access.USE, key)
         if not op.accepts(key.key_spec, key.key_usage):
             self._check_usage(op, key)
-        if key.rotation_enabled and self._rotation_due(key, now):
+        if key.rotation_enabled and self._rotation_due(key, self._clock()):
             try:
                 self._rotate(key, RotationType.AUTOMATIC)
             except ServerError:

@@ -231,7 +231,7 @@ class CryptoOperations(ServiceCore):
         self._dry_run(request.DryRun)
         blob = self._seal(key, call.version, request.Plaintext, request.EncryptionContext or {})
         # Built from trusted values: skip re-validation on the hot path.
-        return EncryptResponse.model_construct(
+        return EncryptResponse.trusted(
             CiphertextBlob=blob,
             KeyId=key.arn,
             EncryptionAlgorithm=request.EncryptionAlgorithm or SYMMETRIC_DEFAULT,
@@ -281,7 +281,7 @@ class CryptoOperations(ServiceCore):
         )
         self._dry_run(request.DryRun)
         # Built from trusted values: skip re-validation on the hot path.
-        return DecryptResponse.model_construct(
+        return DecryptResponse.trusted(
             KeyId=key.arn,
             Plaintext=plaintext,
             EncryptionAlgorithm=request.EncryptionAlgorithm or SYMMETRIC_DEFAULT,
@@ -381,7 +381,7 @@ class CryptoOperations(ServiceCore):
         data_key = self._keystore.random(_data_key_length(request.KeySpec, request.NumberOfBytes))
         blob = self._seal(key, version, data_key, request.EncryptionContext or {})
         # Built from trusted values: skip re-validation on the hot path.
-        return GenerateDataKeyResponse.model_construct(
+        return GenerateDataKeyResponse.trusted(
             CiphertextBlob=blob,
             Plaintext=data_key,
             KeyId=key.arn,
@@ -403,7 +403,7 @@ class CryptoOperations(ServiceCore):
             key, version, self._keystore.random(length), request.EncryptionContext or {}
         )
         # Built from trusted values: skip re-validation on the hot path.
-        return GenerateDataKeyWithoutPlaintextResponse.model_construct(
+        return GenerateDataKeyWithoutPlaintextResponse.trusted(
             CiphertextBlob=blob,
             KeyId=key.arn,
             KeyMaterialId=self._key_material_id(key, version.version),
