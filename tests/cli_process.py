@@ -22,6 +22,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -204,15 +205,16 @@ def _start_helper() -> tuple[subprocess.Popen[str], str, dict[str, str]]:
         assert process.stdout is not None
         if process.stdout.readline().strip() != "ready":
             raise RuntimeError("the command line helper did not start")
-        atexit.register(_stop_helper, process)
+        atexit.register(_stop_helper, process, folder)
         _helper = (process, path, _python_env(env))
         return _helper
 
 
-def _stop_helper(process: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(OSError):
+def _stop_helper(process: subprocess.Popen[str], folder: str) -> None:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         process.kill()
         process.wait(10)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def forks(argv: Sequence[str], env: Mapping[str, str] | None, options: dict[str, Any]) -> bool:
